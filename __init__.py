@@ -1,0 +1,23 @@
+"""bitsmith: a deep-learning compiler and kernel autotuner.
+
+Submodules load lazily so that `bitsmith.runtime` can run an artifact without importing torch
+or the compiler.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {"ir", "frontend", "passes", "codegen", "autotune", "runtime", "models"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'bitsmith' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

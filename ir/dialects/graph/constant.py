@@ -1,0 +1,70 @@
+"""Ops that make tensors: named weights and inline literals, fills, ranges."""
+from __future__ import annotations
+
+import numpy as np
+
+from ...core import Operation, attr, register_op
+from ...errors import VerifyError
+from ...interpreter import EvalContext
+
+
+@register_op
+class ConstantOp(Operation):
+    """A constant tensor: a module weight referenced by name, or a small inline literal."""
+
+    name = "graph.constant"
+    ATTRS = {"weight": attr("str", None, optional=True),
+             "value": attr("dense", None, optional=True)}
+    RESULT_TYPES_GIVEN = True
+
+    def verify_(self) -> None:
+        if (self.weight is None) == (self.value is None):
+            raise VerifyError(self, "needs exactly one of 'weight' (a name) or 'value' "
+                                    "(an inline dense literal)")
+        if self.value is not None and self.value.type != self.result.type:
+            raise VerifyError(self, f"literal type {self.value.type} differs from the "
+                                    f"result type {self.result.type}")
+
+    def evaluate(self, ctx: EvalContext) -> np.ndarray:
+        if self.value is not None:
+            return self.value.array
+        return ctx.weight(self.weight)
+
+
+@register_op
+class FullOp(Operation):
+    """A tensor of the result type filled with one value."""
+
+    name = "graph.full"
+    ATTRS = {"value": attr("any")}
+    RESULT_TYPES_GIVEN = True
+
+    def verify_(self) -> None:
+        if not isinstance(self.value, (int, float, bool)):
+            raise VerifyError(self, f"value must be a number, got {self.value!r}")
+
+    def evaluate(self, ctx: EvalContext) -> np.ndarray:
+        dtype = self.result.type.dtype
+        return dtype.cast(np.full(ctx.shape(self.result.type), self.value))
+
+
+@register_op
+class ArangeOp(Operation):
+    """start, start + step, ... filling the 1-d result type."""
+
+    name = "graph.arange"
+    ATTRS = {"start": attr("any", 0), "step": attr("any", 1)}
+    RESULT_TYPES_GIVEN = True
+
+    def verify_(self) -> None:
+        if self.result.type.rank != 1:
+            raise VerifyError(self, f"result must be 1-d, got {self.result.type}")
+        for key in ("start", "step"):
+            if not isinstance(self.attributes[key], (int, float)):
+                raise VerifyError(self, f"{key} must be a number, got "
+                                        f"{self.attributes[key]!r}")
+
+    def evaluate(self, ctx: EvalContext) -> np.ndarray:
+        (n,) = ctx.shape(self.result.type)
+        values = self.start + np.arange(n, dtype=np.float64) * self.step
+        return self.result.type.dtype.cast(values)

@@ -1,0 +1,279 @@
+"""Contractions and windowed ops: matmul, linear, conv2d and 2-d pooling (NCHW)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ...core import Operation, attr, register_op
+from ...errors import VerifyError
+from ...interpreter import EvalContext
+from ...shapes import ShapeError, broadcast_shapes
+from ...types import Dim, TensorType, dims_equal, format_dim
+from .elementwise import in_float, plain_dtype
+
+
+def _same_dtype(op: Operation, *types: TensorType) -> None:
+    dtypes = {plain_dtype(op, t) for t in types}
+    if len(dtypes) > 1:
+        raise VerifyError(op, f"operand element types differ: {sorted(map(str, dtypes))}")
+
+
+@register_op
+class MatmulOp(Operation):
+    """torch.matmul semantics: batched, broadcasting, 1-d operands promoted and squeezed."""
+
+    name = "graph.matmul"
+    OPERANDS = ("lhs", "rhs")
+
+    def infer_types(self) -> list[TensorType]:
+        a, b = list(self.lhs.type.shape), list(self.rhs.type.shape)
+        if not a or not b:
+            raise VerifyError(self, "operands must have rank >= 1")
+        a1, b1 = len(a) == 1, len(b) == 1
+        a = [1] + a if a1 else a
+        b = b + [1] if b1 else b
+        if not dims_equal(a[-1], b[-2]):
+            raise VerifyError(self, f"contraction dims differ: {self.lhs.type} @ "
+                                    f"{self.rhs.type} ({format_dim(a[-1])} vs "
+                                    f"{format_dim(b[-2])})")
+        try:
+            batch = broadcast_shapes(a[:-2], b[:-2])
+        except ShapeError as exc:
+            raise VerifyError(self, str(exc)) from None
+        shape = list(batch) + ([] if a1 else [a[-2]]) + ([] if b1 else [b[-1]])
+        return [self.lhs.type.with_shape(tuple(shape))]
+
+    def verify_(self) -> None:
+        _same_dtype(self, self.lhs.type, self.rhs.type)
+
+    def evaluate(self, ctx: EvalContext, lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        dtype = self.lhs.type.dtype
+        if dtype.is_float:
+            return in_float(np.matmul, dtype, lhs, rhs)
+        return dtype.cast(np.matmul(lhs.astype(np.int64), rhs.astype(np.int64)))
+
+
+@register_op
+class LinearOp(Operation):
+    """x @ weight^T (+ bias), weight laid out [out_features, in_features] as in torch."""
+
+    name = "graph.linear"
+    OPERANDS = ("x", "weight", "bias?")
+
+    def infer_types(self) -> list[TensorType]:
+        x, w = self.x.type, self.weight.type
+        if w.rank != 2 or x.rank < 1:
+            raise VerifyError(self, f"expected x of rank >= 1 and a 2-d weight, got {x}, {w}")
+        if not dims_equal(x.shape[-1], w.shape[1]):
+            raise VerifyError(self, f"in_features differ: x {x} vs weight {w}")
+        if self.bias is not None and (self.bias.type.rank != 1
+                                      or not dims_equal(self.bias.type.shape[0], w.shape[0])):
+            raise VerifyError(self, f"bias must be [{format_dim(w.shape[0])}], "
+                                    f"got {self.bias.type}")
+        return [x.with_shape(tuple(x.shape[:-1]) + (w.shape[0],))]
+
+    def verify_(self) -> None:
+        types = [v.type for v in self.operands]
+        _same_dtype(self, *types)
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray, weight: np.ndarray,
+                 bias: np.ndarray | None = None) -> np.ndarray:
+        def fn(x: np.ndarray, w: np.ndarray, *b: np.ndarray) -> np.ndarray:
+            out = np.matmul(x, w.T)
+            return out + b[0] if b else out
+        args = (x, weight) if bias is None else (x, weight, bias)
+        return in_float(fn, self.x.type.dtype, *args)
+
+
+def _pair(op: Operation, key: str) -> tuple[int, int]:
+    value = op.attributes[key]
+    if len(value) != 2:
+        raise VerifyError(op, f"attribute '{key}' needs 2 entries (h, w), got {list(value)}")
+    return int(value[0]), int(value[1])
+
+
+def window_out(size: Dim, kernel: int, stride: int, pad: int, dilation: int,
+               ceil_mode: bool = False) -> Dim:
+    """Output length of a sliding window (torch's formula, including ceil_mode)."""
+    span = dilation * (kernel - 1) + 1
+    if not isinstance(size, int):
+        if stride == 1:
+            return size + 2 * pad - span + 1
+        raise ShapeError(f"a strided window over symbolic dim {format_dim(size)}")
+    num = size + 2 * pad - span
+    out = (-(-num // stride) if ceil_mode else num // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
+             pads: tuple[int, int, int, int], dilation: tuple[int, int],
+             fill: float) -> np.ndarray:
+    """[N, C, OH, OW, KH, KW] windows of x padded by (top, bottom, left, right)."""
+    t, b, l, r = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=fill)
+    span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    win = sliding_window_view(xp, span, axis=(2, 3))
+    return win[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
+
+
+class Window2dOp(Operation):
+    """Shared shape rule for conv2d and pooling over NCHW inputs."""
+
+    def out_hw(self, kernel: tuple[int, int], ceil_mode: bool = False) -> tuple[Dim, Dim]:
+        """Output height and width."""
+        stride, padding = _pair(self, "stride"), _pair(self, "padding")
+        dilation = _pair(self, "dilation") if "dilation" in self.ATTRS else (1, 1)
+        x = self.operands[0].type
+        if x.rank != 4:
+            raise VerifyError(self, f"expected an NCHW input of rank 4, got {x}")
+        try:
+            hw = tuple(window_out(x.shape[2 + i], kernel[i], stride[i], padding[i],
+                                  dilation[i], ceil_mode) for i in range(2))
+        except ShapeError as exc:
+            raise VerifyError(self, str(exc)) from None
+        if any(isinstance(d, int) and d <= 0 for d in hw):
+            raise VerifyError(self, f"window larger than the padded input {x}")
+        return hw  # type: ignore[return-value]
+
+    def extra_pads(self, x: np.ndarray, kernel: tuple[int, int], out: tuple[int, int]
+                   ) -> tuple[int, int, int, int]:
+        """Padding (top, bottom, left, right) so that `out` windows fit (ceil_mode)."""
+        stride, padding = _pair(self, "stride"), _pair(self, "padding")
+        dilation = _pair(self, "dilation") if "dilation" in self.ATTRS else (1, 1)
+        pads = []
+        for i in range(2):
+            need = (out[i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1
+            pads += [padding[i], max(padding[i], need - x.shape[2 + i] - padding[i])]
+        return pads[0], pads[1], pads[2], pads[3]
+
+
+@register_op
+class Conv2dOp(Window2dOp):
+    """2-d convolution, NCHW input and OIHW weight, with groups, stride, padding, dilation."""
+
+    name = "graph.conv2d"
+    OPERANDS = ("x", "weight", "bias?")
+    ATTRS = {"stride": attr("ints", (1, 1)), "padding": attr("ints", (0, 0)),
+             "dilation": attr("ints", (1, 1)), "groups": attr("int", 1)}
+
+    def infer_types(self) -> list[TensorType]:
+        x, w = self.x.type, self.weight.type
+        if w.rank != 4:
+            raise VerifyError(self, f"weight must be OIHW (rank 4), got {w}")
+        kernel = (int(w.shape[2]), int(w.shape[3]))
+        g = self.groups
+        if g < 1 or w.shape[0] % g or not dims_equal(x.shape[1], w.shape[1] * g):
+            raise VerifyError(self, f"channels do not fit groups={g}: input {x}, weight {w} "
+                                    f"(expected input channels = {w.shape[1]}*{g})")
+        oh, ow = self.out_hw(kernel)
+        return [x.with_shape((x.shape[0], w.shape[0], oh, ow))]
+
+    def verify_(self) -> None:
+        _same_dtype(self, *[v.type for v in self.operands])
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray, weight: np.ndarray,
+                 bias: np.ndarray | None = None) -> np.ndarray:
+        kernel = weight.shape[2:]
+        out_hw = ctx.shape(self.result.type)[2:]
+        pads = self.extra_pads(x, kernel, out_hw)
+        stride, dilation, g = _pair(self, "stride"), _pair(self, "dilation"), self.groups
+
+        def fn(x: np.ndarray, w: np.ndarray, *b: np.ndarray) -> np.ndarray:
+            win = _windows(x, kernel, stride, pads, dilation, 0.0)[:, :, :out_hw[0], :out_hw[1]]
+            n, c, oh, ow, kh, kw = win.shape
+            win = win.reshape(n, g, c // g, oh, ow, kh, kw)
+            wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
+            out = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True)
+            out = out.reshape(n, w.shape[0], oh, ow)
+            return out + b[0].reshape(1, -1, 1, 1) if b else out
+        args = (x, weight) if bias is None else (x, weight, bias)
+        return in_float(fn, self.x.type.dtype, *args)
+
+
+@register_op
+class MaxPool2dOp(Window2dOp):
+    """2-d max pooling (padding counts as -inf)."""
+
+    name = "graph.max_pool2d"
+    OPERANDS = ("x",)
+    ATTRS = {"kernel": attr("ints"), "stride": attr("ints"), "padding": attr("ints", (0, 0)),
+             "dilation": attr("ints", (1, 1)), "ceil_mode": attr("bool", False)}
+
+    def infer_types(self) -> list[TensorType]:
+        oh, ow = self.out_hw(_pair(self, "kernel"), self.ceil_mode)
+        x = self.x.type
+        return [x.with_shape((x.shape[0], x.shape[1], oh, ow))]
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
+        kernel, out_hw = _pair(self, "kernel"), ctx.shape(self.result.type)[2:]
+        pads = self.extra_pads(x, kernel, out_hw)
+        win = _windows(x, kernel, _pair(self, "stride"), pads, _pair(self, "dilation"),
+                       -np.inf)[:, :, :out_hw[0], :out_hw[1]]
+        return np.ascontiguousarray(win.max(axis=(4, 5))).astype(x.dtype)
+
+
+@register_op
+class AvgPool2dOp(Window2dOp):
+    """2-d average pooling with torch's count_include_pad and ceil_mode rules."""
+
+    name = "graph.avg_pool2d"
+    OPERANDS = ("x",)
+    ATTRS = {"kernel": attr("ints"), "stride": attr("ints"), "padding": attr("ints", (0, 0)),
+             "ceil_mode": attr("bool", False), "count_include_pad": attr("bool", True),
+             "divisor": attr("int", None, optional=True)}
+
+    def infer_types(self) -> list[TensorType]:
+        oh, ow = self.out_hw(_pair(self, "kernel"), self.ceil_mode)
+        x = self.x.type
+        return [x.with_shape((x.shape[0], x.shape[1], oh, ow))]
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
+        kernel, out_hw = _pair(self, "kernel"), ctx.shape(self.result.type)[2:]
+        stride, padding = _pair(self, "stride"), _pair(self, "padding")
+        pads = self.extra_pads(x, kernel, out_hw)
+        ones = np.zeros((1, 1) + x.shape[2:], np.float32)
+        ones = np.pad(ones, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2),
+                      constant_values=1.0 if self.count_include_pad else 0.0)
+        ones[:, :, padding[0]:padding[0] + x.shape[2], padding[1]:padding[1] + x.shape[3]] = 1
+        extra = (0, pads[1] - padding[0], 0, pads[3] - padding[1])
+        counts = _windows(ones, kernel, stride, extra, (1, 1), 0.0)[:, :, :out_hw[0],
+                                                                    :out_hw[1]].sum((4, 5))
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            win = _windows(x, kernel, stride, pads, (1, 1), 0.0)[:, :, :out_hw[0], :out_hw[1]]
+            total = win.sum(axis=(4, 5))
+            return total / (self.divisor if self.divisor else counts)
+        return in_float(fn, self.x.type.dtype, x)
+
+
+@register_op
+class AdaptiveAvgPool2dOp(Operation):
+    """Average over adaptive windows so that the output is `size` (torch's window bounds)."""
+
+    name = "graph.adaptive_avg_pool2d"
+    OPERANDS = ("x",)
+    ATTRS = {"size": attr("ints")}
+
+    def infer_types(self) -> list[TensorType]:
+        x = self.x.type
+        if x.rank != 4 or len(self.size) != 2:
+            raise VerifyError(self, f"expected NCHW input and a 2-entry size, got {x}, "
+                                    f"{list(self.size)}")
+        return [x.with_shape((x.shape[0], x.shape[1], self.size[0], self.size[1]))]
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
+        (h, w), (oh, ow) = x.shape[2:], self.size
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            rows = []
+            for i in range(oh):
+                h0, h1 = (i * h) // oh, math.ceil((i + 1) * h / oh)
+                cols = [x[:, :, h0:h1, (j * w) // ow:math.ceil((j + 1) * w / ow)].mean((2, 3))
+                        for j in range(ow)]
+                rows.append(np.stack(cols, axis=-1))
+            return np.stack(rows, axis=-2)
+        return in_float(fn, self.x.type.dtype, x)
