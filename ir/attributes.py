@@ -20,7 +20,7 @@ class DenseAttr:
     array: np.ndarray
 
     def __post_init__(self) -> None:
-        arr = np.ascontiguousarray(self.array, dtype=self.type.dtype.numpy_dtype)
+        arr = np.array(self.array, dtype=self.type.dtype.numpy_dtype, order="C")
         if tuple(arr.shape) != tuple(self.type.shape):
             raise ValueError(f"dense literal has shape {arr.shape}, type says {self.type}")
         arr.setflags(write=False)

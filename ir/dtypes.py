@@ -18,7 +18,8 @@ subnormals m * 2**(1-bias-M). Values are held as float32, where every one of the
 - f8e4m3 is OCP E4M3FN: no infinities, only S.1111.111 is NaN; max finite 448.
 - Every other layout is finite-only (OCP MX FP6/FP4 style): every code is a number (f4e2m1 max
   6.0, f6e3m2 max 28.0, f6e2m3 max 7.5).
-- Encoding rounds to nearest, ties to the even code (the even mantissa when M >= 1). Magnitudes
+- Encoding rounds to nearest, ties to even: to the value that is an even multiple of the spacing
+  there (the even mantissa; with M = 0 the larger power of two, as ml_dtypes' E8M0). Magnitudes
   above the largest finite value, +-inf included, saturate to +-max ("satfinite", as weight
   quantization wants). NaN maps to the NaN code where there is one, else raises `DTypeError`.
   -0.0 keeps its sign bit.
@@ -34,8 +35,7 @@ from __future__ import annotations
 import functools
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
@@ -125,52 +125,30 @@ def _first_bad(a: object, ok: np.ndarray, who: str) -> None:
                          "cast() it first")
 
 
+_DERIVED = {"init": False, "repr": False, "compare": False}
+
+
 @dataclass(frozen=True, slots=True)
 class DType(ABC):
-    """An element type; subclasses are immutable, hashable and compare by value."""
+    """An element type: immutable, hashable, equal by its defining fields; str() is its name."""
 
-    _FLOAT: ClassVar[bool] = False
-    _INT: ClassVar[bool] = False
+    # Derived facts, filled in by each subclass's __post_init__ (through `_settle`).
+    name: str = field(**_DERIVED)  # canonical text, the form parse_dtype reads
+    bits: int = field(**_DERIVED)  # bit width of one element (1 for bool)
+    is_float: bool = field(**_DERIVED)  # f32/f16/bf16 and the low-bit floats
+    is_int: bool = field(**_DERIVED)  # iN/uN, not bool
+    is_signed: bool = field(**_DERIVED)  # floats and iN
+    min_value: int | float = field(**_DERIVED)  # the range; for floats +-largest finite
+    max_value: int | float = field(**_DERIVED)
+    numpy_dtype: np.dtype = field(**_DERIVED)  # what the reference interpreter holds values in
 
-    @property
-    @abstractmethod
-    def name(self) -> str:
-        """Canonical text, the form `parse_dtype` reads."""
-
-    @property
-    @abstractmethod
-    def bits(self) -> int:
-        """Bit width of one element."""
-
-    @property
-    def is_float(self) -> bool:
-        """True for f32/f16/bf16 and the low-bit floats."""
-        return self._FLOAT
-
-    @property
-    def is_int(self) -> bool:
-        """True for iN/uN (not bool)."""
-        return self._INT
-
-    @property
-    def is_signed(self) -> bool:
-        """True for floats and iN."""
-        return self._FLOAT
-
-    @property
-    @abstractmethod
-    def min_value(self) -> int | float:
-        """Smallest representable value (for floats: minus the largest finite magnitude)."""
-
-    @property
-    @abstractmethod
-    def max_value(self) -> int | float:
-        """Largest representable finite value."""
-
-    @property
-    @abstractmethod
-    def numpy_dtype(self) -> np.dtype:
-        """The numpy dtype the reference interpreter holds values of this type in."""
+    def _settle(self, name: str, bits: int, kind: str, signed: bool, lo: int | float,
+                hi: int | float, np_dtype: np.dtype) -> None:
+        """Fill in the derived facts (kind is "float", "int" or "bool")."""
+        facts = {"name": name, "bits": bits, "is_float": kind == "float", "is_int": kind == "int",
+                 "is_signed": signed, "min_value": lo, "max_value": hi, "numpy_dtype": np_dtype}
+        for attr, value in facts.items():
+            object.__setattr__(self, attr, value)  # the dataclass is frozen
 
     @abstractmethod
     def cast(self, arr: object) -> np.ndarray:
@@ -186,18 +164,6 @@ class DType(ABC):
 
     def __str__(self) -> str:
         return self.name
-
-
-@dataclass(frozen=True, slots=True)
-class _FloatDType(DType):
-    """Shared part of the float types: symmetric range."""
-
-    _FLOAT: ClassVar[bool] = True
-
-    @property
-    def min_value(self) -> float:
-        """Minus the largest finite magnitude."""
-        return -self.max_value
 
 
 _STD_FLOATS = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
@@ -217,7 +183,7 @@ def _f64_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class FloatType(_FloatDType):
+class FloatType(DType):
     """A standard IEEE float: f32, f16 or bf16."""
 
     kind: str
@@ -225,26 +191,9 @@ class FloatType(_FloatDType):
     def __post_init__(self) -> None:
         if self.kind not in _STD_FLOATS:
             raise DTypeError(f"float kind must be one of f32, f16, bf16, got {self.kind!r}")
-
-    @property
-    def name(self) -> str:
-        """f32, f16 or bf16."""
-        return self.kind
-
-    @property
-    def bits(self) -> int:
-        """32 or 16."""
-        return self.numpy_dtype.itemsize * 8
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        """float32, float16 or ml_dtypes.bfloat16."""
-        return _STD_FLOATS[self.kind]
-
-    @property
-    def max_value(self) -> float:
-        """Largest finite value."""
-        return float(ml_dtypes.finfo(self.numpy_dtype).max)
+        np_dtype = _STD_FLOATS[self.kind]
+        top = float(ml_dtypes.finfo(np_dtype).max)
+        self._settle(self.kind, np_dtype.itemsize * 8, "float", True, -top, top, np_dtype)
 
     @property
     def smallest_subnormal(self) -> float:
@@ -283,7 +232,6 @@ class IntType(DType):
 
     width: int
     signed: bool = True
-    _INT: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         w = self.width
@@ -291,47 +239,18 @@ class IntType(DType):
             raise DTypeError(f"integer width must be 1..64, got {w!r}")
         if not isinstance(self.signed, bool):
             raise DTypeError(f"integer signedness must be a bool, got {self.signed!r}")
-
-    @property
-    def name(self) -> str:
-        """iN or uN."""
-        return f"{'i' if self.signed else 'u'}{self.width}"
-
-    @property
-    def bits(self) -> int:
-        """The width."""
-        return self.width
-
-    @property
-    def is_signed(self) -> bool:
-        """True for iN."""
-        return self.signed
-
-    @property
-    def min_value(self) -> int:
-        """-2**(N-1) for iN, 0 for uN."""
-        return -(1 << (self.width - 1)) if self.signed else 0
-
-    @property
-    def max_value(self) -> int:
-        """2**(N-1)-1 for iN, 2**N-1 for uN."""
-        return (1 << (self.width - self.signed)) - 1
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        """Smallest of int8..int64 (uint8..uint64 for uN) that holds the width."""
-        return np.dtype(_container_uint(self.width).name[1 if self.signed else 0:])
+        s = self.signed
+        lo, hi = (-(1 << (w - 1)), (1 << (w - 1)) - 1) if s else (0, (1 << w) - 1)
+        np_dtype = np.dtype(_container_uint(w).name[1 if s else 0:])  # "uint8" -> "int8"
+        self._settle(f"{'i' if s else 'u'}{w}", w, "int", s, lo, hi, np_dtype)
 
     def _from_u64(self, u: np.ndarray) -> np.ndarray:
         """Values whose low `width` bits are `u`, as `numpy_dtype`."""
-        w = self.width
-        if w == 64:
-            return np.asarray(u.view(self.numpy_dtype))
-        u = u & np.uint64((1 << w) - 1)
-        if not self.signed:
-            return np.asarray(u.astype(self.numpy_dtype))
-        v = u.astype(np.int64)
-        return np.asarray(np.where(v >= 1 << (w - 1), v - (1 << w), v).astype(self.numpy_dtype))
+        shift = 64 - self.width
+        top = np.asarray(u, np.uint64) << np.uint64(shift)
+        # Shifting back down sign-extends (int64) or zero-extends (uint64) the low bits.
+        v = top.view(np.int64) >> np.int64(shift) if self.signed else top >> np.uint64(shift)
+        return np.asarray(v.astype(self.numpy_dtype))
 
     def cast(self, arr: object) -> np.ndarray:
         """Truncate toward zero, then wrap modulo 2**width into range."""
@@ -347,7 +266,7 @@ class IntType(DType):
         if a.dtype.kind == "u":
             return a.astype(np.uint64) <= np.uint64(hi)
         f = _as_float64(a)
-        # lo and hi + 1 are powers of two (or 0), so these float comparisons are exact.
+        # lo and hi + 1 are 0 or powers of two, so these float comparisons are exact.
         return np.isfinite(f) & (np.trunc(f) == f) & (f >= float(lo)) & (f < float(hi + 1))
 
     def to_bits(self, arr: object) -> np.ndarray:
@@ -395,7 +314,7 @@ def _low_float_tables(exp_bits: int, man_bits: int) -> _LowFloatTables:
 
 
 @dataclass(frozen=True, slots=True)
-class LowFloatType(_FloatDType):
+class LowFloatType(DType):
     """A low-bit float fBeEmM with B = 1+E+M in 3..8 (semantics in the module docstring)."""
 
     exp_bits: int
@@ -409,21 +328,10 @@ class LowFloatType(_FloatDType):
             raise DTypeError(f"low-bit float needs exp_bits >= 1 and man_bits >= 0, got e{e}m{m}")
         if not 3 <= 1 + e + m <= 8:
             raise DTypeError(f"low-bit float width 1+E+M must be 3..8, got 1+{e}+{m} = {1 + e + m}")
-
-    @property
-    def name(self) -> str:
-        """fBeEmM."""
-        return f"f{self.bits}e{self.exp_bits}m{self.man_bits}"
-
-    @property
-    def bits(self) -> int:
-        """1 + E + M."""
-        return 1 + self.exp_bits + self.man_bits
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        """float32: every value of every layout is exact in it."""
-        return np.dtype(np.float32)
+        top = float(_low_float_tables(e, m).finite[-1])
+        # float32 holds every value of every layout exactly.
+        self._settle(f"f{1 + e + m}e{e}m{m}", 1 + e + m, "float", True, -top, top,
+                     np.dtype(np.float32))
 
     @property
     def has_nan(self) -> bool:
@@ -433,11 +341,6 @@ class LowFloatType(_FloatDType):
     @property
     def _tables(self) -> _LowFloatTables:
         return _low_float_tables(self.exp_bits, self.man_bits)
-
-    @property
-    def max_value(self) -> float:
-        """Largest finite value."""
-        return float(self._tables.finite[-1])
 
     @property
     def smallest_subnormal(self) -> float:
@@ -458,7 +361,10 @@ class LowFloatType(_FloatDType):
         lo = hi - 1
         # Table values have <= 7 significant bits, so the midpoint is exact in float64.
         mid = (t.finite[lo] + t.finite[hi]) * 0.5
-        code = np.where((mag > mid) | ((mag == mid) & (lo % 2 == 1)), hi, lo)
+        # Ties go to the even multiple of the spacing: the even code when M >= 1; when M = 0
+        # the larger power of two (2 = 2 * 1), except that 0 beats the smallest value.
+        lo_odd = lo % 2 == 1 if self.man_bits else lo > 0
+        code = np.where((mag > mid) | ((mag == mid) & lo_odd), hi, lo)
         nan = np.isnan(x)
         if nan.any():
             if t.nan_code is None:
@@ -490,11 +396,8 @@ class LowFloatType(_FloatDType):
 class BoolType(DType):
     """Boolean: one bit, held as numpy bool_."""
 
-    name: ClassVar[str] = "bool"
-    bits: ClassVar[int] = 1
-    min_value: ClassVar[int] = 0
-    max_value: ClassVar[int] = 1
-    numpy_dtype: ClassVar[np.dtype] = np.dtype(np.bool_)
+    def __post_init__(self) -> None:
+        self._settle("bool", 1, "bool", False, 0, 1, np.dtype(np.bool_))
 
     def cast(self, arr: object) -> np.ndarray:
         """x != 0 (NaN is True, as in torch)."""

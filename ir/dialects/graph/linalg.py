@@ -213,7 +213,7 @@ class MaxPool2dOp(Window2dOp):
         pads = self.extra_pads(x, kernel, out_hw)
         win = _windows(x, kernel, _pair(self, "stride"), pads, _pair(self, "dilation"),
                        -np.inf)[:, :, :out_hw[0], :out_hw[1]]
-        return np.ascontiguousarray(win.max(axis=(4, 5))).astype(x.dtype)
+        return np.asarray(win.max(axis=(4, 5))).astype(x.dtype, order="C")
 
 
 @register_op

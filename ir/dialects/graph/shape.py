@@ -60,7 +60,7 @@ class PermuteOp(Operation):
         return [self.x.type.with_shape(tuple(shape[p] for p in self.perm))]
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.transpose(x, self.perm))
+        return np.asarray(np.transpose(x, self.perm), order="C")
 
 
 @register_op
@@ -81,7 +81,7 @@ class ExpandOp(Operation):
                                         f"is neither 1 nor {format_dim(d)}")
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.broadcast_to(x, ctx.shape(self.result.type)))
+        return np.asarray(np.broadcast_to(x, ctx.shape(self.result.type)), order="C")
 
 
 @register_op
@@ -109,7 +109,7 @@ class SliceOp(Operation):
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         index = [slice(None)] * x.ndim
         index[self.axis % x.ndim] = slice(self.start, self.end, self.step)
-        return np.ascontiguousarray(x[tuple(index)])
+        return np.asarray(x[tuple(index)], order="C")
 
 
 @register_op
@@ -167,7 +167,7 @@ class SplitOp(Operation):
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> tuple[np.ndarray, ...]:
         bounds = np.cumsum(self.sizes)[:-1]
-        return tuple(np.ascontiguousarray(p)
+        return tuple(np.asarray(p, order="C")
                      for p in np.split(x, bounds, axis=self.axis % x.ndim))
 
 
@@ -207,7 +207,7 @@ class IndexSelectOp(Operation):
         axis = self.axis % x.ndim
         idx = index.astype(np.int64)
         _check_bounds(self, idx, x.shape[axis])
-        return np.ascontiguousarray(np.take(x, idx, axis=axis))
+        return np.asarray(np.take(x, idx, axis=axis), order="C")
 
 
 def _check_bounds(op: Operation, idx: np.ndarray, size: int) -> None:
@@ -233,7 +233,7 @@ class EmbeddingOp(Operation):
     def evaluate(self, ctx: EvalContext, weight: np.ndarray, indices: np.ndarray) -> np.ndarray:
         idx = indices.astype(np.int64)
         _check_bounds(self, idx, weight.shape[0])
-        return np.ascontiguousarray(weight[idx])
+        return np.asarray(weight[idx], order="C")
 
 
 @register_op
