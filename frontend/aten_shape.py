@@ -134,17 +134,12 @@ def convert_gather(ctx: ImportContext, x: Value, dim: int, index: Value, *args: 
 
 @converts(aten.index.Tensor)
 def convert_index(ctx: ImportContext, x: Value, indices: Sequence[Value | None]) -> Value:
-    """x[..., idx, ...] with one integer index tensor: an index_select plus a reshape."""
+    """x[..., idx, ...] with integer index tensors (numpy/torch advanced indexing)."""
     present = [(axis, i) for axis, i in enumerate(indices) if i is not None]
-    if len(present) != 1:
-        raise ConversionError(f"advanced indexing with {len(present)} index tensors")
-    axis, index = present[0]
-    if index.type.dtype == dt.boolean:
+    if any(i.type.dtype == dt.boolean for _, i in present):
         raise ConversionError("boolean-mask indexing (data-dependent shape)")
-    if index.type.rank > 1 and axis != 0:
-        raise ConversionError("multi-dimensional index tensor on an inner axis")
-    picked = ctx.value(graph.IndexSelectOp, x, index, axis=axis)
-    return ctx.reshape(picked, ctx.out_type())
+    axes = tuple(axis for axis, _ in present)
+    return ctx.value(graph.IndexOp, x, *[i for _, i in present], axes=axes)
 
 
 @converts(aten.constant_pad_nd.default)

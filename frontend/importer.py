@@ -29,7 +29,7 @@ KEEP = [
     torch.ops.aten.max_pool2d_with_indices.default, torch.ops.aten.avg_pool2d.default,
     torch.ops.aten._adaptive_avg_pool2d.default, torch.ops.aten.embedding.default,
     torch.ops.aten.hardtanh.default, torch.ops.aten.matmul.default,
-    torch.ops.aten.rms_norm.default,
+    torch.ops.aten.rms_norm.default, torch.ops.aten.scaled_dot_product_attention.default,
 ]
 
 

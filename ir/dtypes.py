@@ -103,17 +103,12 @@ def _wrap64(arr: object, who: str) -> np.ndarray:
 def _codes_u64(codes: object, bits: int, who: str) -> np.ndarray:
     """Validated bit codes (integers in 0..2**bits-1) as uint64."""
     c = np.asarray(codes)
-    if c.dtype.kind == "b":
-        c = c.astype(np.uint8)
-    if c.dtype.kind not in "iu":
+    if c.dtype.kind not in "biu":
         raise DTypeError(f"{who}.from_bits expects an integer array of codes, got dtype {c.dtype}")
-    bad = (c < 0) if c.dtype.kind == "i" else np.zeros(c.shape, bool)
     u = c.astype(np.uint64)
-    if bits < 64:
-        bad = bad | ((u >> np.uint64(bits)) != 0)
+    bad = (c < 0) | (u > np.uint64((1 << bits) - 1))
     if bad.any():
-        got = c[bad].flat[0]
-        raise DTypeError(f"{who} codes must be in 0..{(1 << bits) - 1}, got {got}")
+        raise DTypeError(f"{who} codes must be in 0..{(1 << bits) - 1}, got {c[bad].flat[0]}")
     return u
 
 

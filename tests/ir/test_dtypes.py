@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from bitsmith.ir import dtypes as dt
 from bitsmith.ir.dtypes import (
-    BoolType, DTypeError, FloatType, IntType, LowFloatType, bf16, boolean, f16, f32, from_numpy_dtype,
-    int_type, low_float, parse_dtype, promote,
+    BoolType, DTypeError, FloatType, IntType, LowFloatType, bf16, boolean, f16, f32,
+    from_numpy_dtype, int_type, low_float, parse_dtype, promote,
 )
 
 SETTINGS = settings(derandomize=True, database=None, max_examples=300, deadline=None)
@@ -37,7 +37,8 @@ ML_FORMATS = [
 def oracle_decode(code: int, e_bits: int, m_bits: int) -> float:
     """Value of a low-bit float code from the closed formula, one code at a time."""
     bits = 1 + e_bits + m_bits
-    sign, e, m = code >> (bits - 1), (code >> m_bits) & ((1 << e_bits) - 1), code & ((1 << m_bits) - 1)
+    sign = code >> (bits - 1)
+    e, m = (code >> m_bits) & ((1 << e_bits) - 1), code & ((1 << m_bits) - 1)
     bias = 2 ** (e_bits - 1) - 1
     if (e_bits, m_bits) == (5, 2) and e == 31:
         v = math.inf if m == 0 else math.nan
@@ -425,7 +426,8 @@ ALL_NAMES = (["f32", "f16", "bf16", "bool"] + [f"{p}{w}" for p in "iu" for w in 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_parse_round_trips_every_name(name):
     t = parse_dtype(name)
-    assert t.name == str(t) == name and parse_dtype(str(t)) == t and hash(t) == hash(parse_dtype(name))
+    assert t.name == str(t) == name and parse_dtype(str(t)) == t
+    assert hash(t) == hash(parse_dtype(name))
 
 
 def test_named_constants():

@@ -7,8 +7,8 @@ from .linalg import (AdaptiveAvgPool2dOp, AvgPool2dOp, Conv2dOp, LinearOp, Matmu
 from .nn import AttentionOp, BatchNormOp, LayerNormOp, LogSoftmaxOp, RmsNormOp, SoftmaxOp
 from .reduce import (ArgMaxOp, ArgMinOp, CumsumOp, ReduceAllOp, ReduceAnyOp, ReduceMaxOp,
                      ReduceMeanOp, ReduceMinOp, ReduceProdOp, ReduceSumOp)
-from .shape import (ConcatOp, EmbeddingOp, ExpandOp, GatherOp, IndexSelectOp, PadOp,
-                    PermuteOp, ReshapeOp, SliceOp, SplitOp)
+from .shape import (ConcatOp, EmbeddingOp, ExpandOp, GatherOp, IndexOp, IndexSelectOp,
+                    PadOp, PermuteOp, ReshapeOp, SliceOp, SplitOp)
 
 __all__ = [
     "ArangeOp", "ConstantOp", "FullOp", "BINARY_OPS", "UNARY_OPS", "CastOp", "ClampOp",
@@ -17,5 +17,5 @@ __all__ = [
     "RmsNormOp", "SoftmaxOp", "ArgMaxOp", "ArgMinOp", "CumsumOp", "ReduceAllOp",
     "ReduceAnyOp", "ReduceMaxOp", "ReduceMeanOp", "ReduceMinOp", "ReduceProdOp",
     "ReduceSumOp", "ConcatOp", "EmbeddingOp", "ExpandOp", "GatherOp", "IndexSelectOp",
-    "PadOp", "PermuteOp", "ReshapeOp", "SliceOp", "SplitOp",
+    "IndexOp", "PadOp", "PermuteOp", "ReshapeOp", "SliceOp", "SplitOp",
 ]

@@ -7,7 +7,7 @@ from ...core import Operation, attr, register_op
 from ...dtypes import DType
 from ...errors import VerifyError
 from ...interpreter import EvalContext
-from ...shapes import ShapeError, normalize_axis, product
+from ...shapes import ShapeError, broadcast_shapes, normalize_axis, product
 from ...types import TensorType, dims_equal, format_dim
 
 
@@ -234,6 +234,44 @@ class EmbeddingOp(Operation):
         idx = indices.astype(np.int64)
         _check_bounds(self, idx, weight.shape[0])
         return np.asarray(weight[idx], order="C")
+
+
+@register_op
+class IndexOp(Operation):
+    """Advanced indexing x[..., i0, i1, ...] at `axes` (numpy/torch rules): the index tensors
+    broadcast together; their shape replaces the indexed dims in place when the axes are
+    adjacent, else it goes first."""
+
+    name = "graph.index"
+    OPERANDS = ("x", "*indices")
+    ATTRS = {"axes": attr("ints")}
+
+    def infer_types(self) -> list[TensorType]:
+        x, indices = self.x.type, self.operands[1:]
+        axes = [_axis(self, a, x.rank) for a in self.axes]
+        if len(axes) != len(indices) or not axes or axes != sorted(set(axes)):
+            raise VerifyError(self, f"axes {list(self.axes)} must be increasing, one per index "
+                                    f"tensor ({len(indices)})")
+        for value in indices:
+            _index_type(self, value.type, "index")
+        try:
+            picked = broadcast_shapes(*[v.type.shape for v in indices])
+        except ShapeError as exc:
+            raise VerifyError(self, str(exc)) from None
+        rest = [d for i, d in enumerate(x.shape) if i not in axes]
+        if axes == list(range(axes[0], axes[-1] + 1)):
+            shape = list(x.shape[:axes[0]]) + list(picked) + list(x.shape[axes[-1] + 1:])
+        else:
+            shape = list(picked) + rest
+        return [x.with_shape(tuple(shape))]
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray, *indices: np.ndarray) -> np.ndarray:
+        key: list[object] = [slice(None)] * x.ndim
+        for axis, idx in zip(self.axes, indices):
+            idx = idx.astype(np.int64)
+            _check_bounds(self, idx, x.shape[axis % x.ndim])
+            key[axis % x.ndim] = idx
+        return np.asarray(x[tuple(key)], order="C")
 
 
 @register_op

@@ -1,0 +1,123 @@
+"""The `bitsmith` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from typing import Sequence
+
+import numpy as np
+from rich.console import Console
+
+from . import __version__
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `bitsmith` console script and `python -m bitsmith`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CliError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per verb."""
+    parser = argparse.ArgumentParser(prog="bitsmith", description="bitsmith: a deep-learning "
+                                     "compiler and kernel autotuner")
+    parser.add_argument("--version", action="version", version=f"bitsmith {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    ir_cmd = sub.add_parser("ir", help="import a model and print its IR")
+    ir_cmd.add_argument("model", help="zoo name, 'minilm', file.py:ClassOrFunction, or a "
+                                      "local Hugging Face model directory")
+    ir_cmd.add_argument("--dynamic-batch", action="store_true",
+                        help="make dim 0 of every input a symbolic batch dim B")
+    ir_cmd.add_argument("--batch", type=int, default=1, help="batch size of the example inputs")
+    ir_cmd.add_argument("--check", action="store_true",
+                        help="also run the interpreter and compare with torch")
+    ir_cmd.add_argument("-o", "--output", help="write the IR to this file instead of stdout")
+    ir_cmd.set_defaults(func=cmd_ir)
+    return parser
+
+
+def cmd_ir(args: argparse.Namespace) -> int:
+    """`bitsmith ir MODEL`: print the imported module (and optionally check it)."""
+    from .frontend import ModelLoadError, UnsupportedOpError, from_torch, load_model  # noqa: PLC0415 - torch is heavy; keep `bitsmith --help` fast
+
+    if args.batch < 1:
+        raise CliError(f"--batch must be >= 1, got {args.batch}")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with err.status(f"loading {args.model}"):
+        try:
+            loaded = load_model(args.model)
+        except ModelLoadError as exc:
+            raise CliError(str(exc)) from None
+    inputs = loaded.inputs(args.batch)
+    start = time.perf_counter()
+    with err.status(f"importing {loaded.name} with torch.export"):
+        try:
+            module = from_torch(loaded.module, inputs, dynamic_batch=args.dynamic_batch,
+                                name=loaded.name)
+        except UnsupportedOpError as exc:
+            raise CliError(str(exc)) from None
+    text = str(module)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    err.print(f"imported {loaded.name}: {len(module.ops)} ops, {len(module.weights)} weights "
+              f"in {time.perf_counter() - start:.1f}s", highlight=False)
+    if args.check:
+        return check_against_torch(module, loaded.module, inputs)
+    return 0
+
+
+def check_against_torch(module: object, model: object, inputs: tuple) -> int:
+    """Run the interpreter and torch on the same inputs; report the relative error."""
+    import torch  # noqa: PLC0415 - only this command needs it
+
+    from .ir import interpret  # noqa: PLC0415
+
+    with torch.no_grad():
+        ref = model(*inputs)
+    refs = _flatten(ref)
+    with err.status("running the reference interpreter"):
+        outs = interpret(module, *[t.numpy() for t in inputs])
+    worst = 0.0
+    for i, (got, want) in enumerate(zip(outs, refs)):
+        want = want.detach().numpy()
+        scale = float(np.abs(want).max()) or 1.0
+        rel = float(np.abs(got.astype(np.float64) - want).max()) / scale
+        worst = max(worst, rel)
+        err.print(f"output {i}: shape {list(got.shape)} max |interp - torch| / max|torch| = "
+                  f"{rel:.2e}", highlight=False)
+    ok = len(outs) == len(refs) and worst < 1e-4
+    err.print(("[green]check passed[/]" if ok else "[red]check FAILED[/]")
+              + f" (tolerance 1e-4, {len(outs)} output(s))")
+    return 0 if ok else 1
+
+
+def _flatten(value: object) -> list:
+    import torch  # noqa: PLC0415
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        value = value.to_tuple() if hasattr(value, "to_tuple") else tuple(value.values())
+    out: list = []
+    for item in value if isinstance(value, (tuple, list)) else []:
+        out.extend(_flatten(item))
+    return out
