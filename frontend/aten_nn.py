@@ -39,7 +39,7 @@ def convert_addmm(ctx: ImportContext, bias: Value, a: Value, b: Value, beta: Any
 
 
 @converts(aten.convolution.default, aten.conv2d.default)
-def convert_convolution(ctx: ImportContext, x: Value, weight: Value, bias: Value | None,
+def convert_convolution(ctx: ImportContext, x: Value, weight: Value, bias: Value | None = None,
                         stride: Sequence[int] = (1, 1), padding: Any = (0, 0),
                         dilation: Sequence[int] = (1, 1), *rest: Any) -> Value:
     transposed, groups = (rest[0], rest[2]) if len(rest) == 3 else (False, rest[0] if rest

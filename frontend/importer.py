@@ -30,6 +30,8 @@ KEEP = [
     torch.ops.aten._adaptive_avg_pool2d.default, torch.ops.aten.embedding.default,
     torch.ops.aten.hardtanh.default, torch.ops.aten.matmul.default,
     torch.ops.aten.rms_norm.default, torch.ops.aten.scaled_dot_product_attention.default,
+    torch.ops.aten.layer_norm.default, torch.ops.aten.softmax.int, torch.ops.aten.conv2d.default,
+    torch.ops.aten.max_pool2d.default, torch.ops.aten.adaptive_avg_pool2d.default,
 ]
 
 

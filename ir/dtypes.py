@@ -59,7 +59,7 @@ def _int_to_float64(a: np.ndarray) -> np.ndarray:
         return a.astype(np.float64)
     u = a.astype(np.int64 if a.dtype.kind == "i" else np.uint64).view(np.uint64)
     neg = a < 0
-    mag = np.where(neg, ~u + np.uint64(1), u)
+    mag = np.where(neg, np.negative(u), u)  # ufunc: wraps silently, even on scalars
     hi = (mag >> np.uint64(32)).astype(np.float64) * 2.0**32
     lo = (mag & np.uint64(0xFFFFFFFF)).astype(np.float64)
     s = hi + lo

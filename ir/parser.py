@@ -20,6 +20,7 @@ from .verifier import verify
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.$-]*")
 _VALUE = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*|[0-9]+(#[0-9]+)?)")
 _NUMBER = re.compile(r"-?(inf|nan|[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?)")
+_WORD = re.compile(r"[A-Za-z0-9_]+")
 _UPPER = re.compile(r"[A-Z][A-Z0-9_]*")
 _DTYPE = re.compile(r"[a-z][a-z0-9]*")
 
@@ -149,7 +150,7 @@ class Parser:
                 self.expect(",")
                 self.expect(key, f"'{key}='")
                 self.expect("=")
-                fields[key] = self.match(_IDENT, f"a value for {key}")
+                fields[key] = self.match(_WORD, f"a value for {key}")
             self.expect(">", "'>' closing the quantized type")
             try:
                 return QuantType(storage, int(fields["group"]), GroupAxis(fields["axis"]),

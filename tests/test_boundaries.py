@@ -1,0 +1,28 @@
+"""Module boundaries of ARCHITECTURE.md, checked by import-linter contracts in pyproject."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold() -> None:
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.fail("lint-imports not found: pip install -e '.[test]'")
+    proc = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout, proc.stdout
+
+
+def test_runtime_imports_without_torch() -> None:
+    code = ("import sys, bitsmith.runtime, bitsmith.ir; "
+            "bad = [m for m in ('torch', 'bitsmith.frontend', 'bitsmith.passes', "
+            "'bitsmith.autotune') if m in sys.modules]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
