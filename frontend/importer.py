@@ -174,10 +174,13 @@ def _depends_on_missing(args: Any, kwargs: Any, env: dict[fx.Node, Any]) -> bool
 
 
 def _location(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    for path, _ in reversed(stack):
         if path:
             return _clean_path(path)
+    if stack:  # the root module's own forward: name it by its class
+        cls = stack[0][1]
+        return str(getattr(cls, "__name__", cls)).rsplit(".", 1)[-1]
     return None
 
 

@@ -60,9 +60,9 @@ class ResNet(nn.Module):
         for module in self.modules():
             init_module(module, gen)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, num_classes)."""
-        x = self.stages(self.stem(x))
+        x = self.stages(self.stem(image))
         x = torch.flatten(self.pool(x), 1)
         return self.fc(x)
 
