@@ -55,6 +55,9 @@ def export(model: torch.nn.Module, args: Sequence[torch.Tensor],
         if kwargs:
             raise ValueError("dynamic_batch=True needs the inputs passed positionally, "
                              f"got keyword inputs {sorted(kwargs)}")
+        # torch.export specializes size-1 dims, so trace a batch of 1 as two copies of it
+        args = [torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1
+                else a for a in args]
     with torch.no_grad():
         ep = torch.export.export(model.eval(), tuple(args), kwargs, dynamic_shapes=dynamic_shapes)
     return ep.run_decompositions(decomposition_table())
@@ -74,7 +77,8 @@ def import_program(ep: ExportedProgram, name: str) -> Module:
     gm = ep.graph_module
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     user_inputs = [n for n in gm.graph.nodes
-                   if n.op == "placeholder" and specs[n.name].kind == InputKind.USER_INPUT]
+                   if n.op == "placeholder" and specs[n.name].kind == InputKind.USER_INPUT
+                   and isinstance(n.meta.get("val"), torch.Tensor)]
     symbols = _name_symbols(user_inputs)
     types = [ImportContext.type_of_val_with(symbols, n.meta["val"]) for n in user_inputs]
     module = Module(_safe_name(name), types, [n.name for n in user_inputs])
@@ -87,7 +91,10 @@ def import_program(ep: ExportedProgram, name: str) -> Module:
         ctx.builder.loc = _location(node)
         if node.op == "placeholder" and node not in env:
             spec = specs[node.name]
-            env[node] = _weight(ctx, module, spec.target, state[spec.target], node)
+            if spec.kind == InputKind.USER_INPUT:  # a Python constant such as use_cache=False
+                env[node] = node.meta.get("val")
+            else:
+                env[node] = _weight(ctx, module, spec.target, state[spec.target], node)
         elif node.op == "call_function":
             env[node] = _convert(ctx, node, env, missing)
         elif node.op == "output":

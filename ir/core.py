@@ -161,6 +161,7 @@ class Operation:
             if cls.RESULT_TYPES_GIVEN:
                 raise IRError(f"'{cls.name}' needs explicit result_types")
             probe = cls(present, [], full, regions, loc)
+            probe._verify_operand_count()
             result_types = probe.infer_types()
             probe.drop_operand_uses()
             for region in probe.regions:

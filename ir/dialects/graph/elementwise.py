@@ -33,10 +33,11 @@ class UnaryOp(Operation):
 
     OPERANDS = ("x",)
     FLOAT_ONLY: ClassVar[bool] = True
+    RESULT_BOOL: ClassVar[bool] = False
     fn: ClassVar[Callable[[np.ndarray], np.ndarray]]
 
     def infer_types(self) -> list[TensorType]:
-        return [self.x.type]
+        return [self.x.type.with_dtype(boolean) if self.RESULT_BOOL else self.x.type]
 
     def verify_(self) -> None:
         dtype = plain_dtype(self, self.x.type)
@@ -44,7 +45,7 @@ class UnaryOp(Operation):
             raise VerifyError(self, f"expected a float operand, got {dtype}")
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
-        dtype = self.x.type.dtype
+        dtype = boolean if self.RESULT_BOOL else self.x.type.dtype
         if dtype.is_float:
             return in_float(type(self).fn, dtype, x)
         with np.errstate(all="ignore"):
@@ -59,6 +60,8 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
 def _gelu_erf(x: np.ndarray) -> np.ndarray:
     return np.float32(0.5) * x * (np.float32(1.0) + special.erf(x * np.float32(0.5 ** 0.5)))
 
+
+LOGICAL = ("logical_not", "logical_and", "logical_or")  # bool results, as in torch
 
 _UNARY: dict[str, tuple[Callable[[Any], Any], bool, str]] = {
     # name: (numpy function on float32, float only, docstring)
@@ -79,15 +82,16 @@ _UNARY: dict[str, tuple[Callable[[Any], Any], bool, str]] = {
     "floor": (np.floor, False, "round down"),
     "ceil": (np.ceil, False, "round up"),
     "round": (np.rint, False, "round half to even"),
-    "sign": (np.sign, False, "-1, 0 or 1"),
-    "logical_not": (np.logical_not, False, "boolean not"),
+    "sign": (lambda x: np.nan_to_num(np.sign(x), nan=0.0), False, "-1, 0 or 1 (0 for NaN)"),
+    "logical_not": (np.logical_not, False, "boolean not (a bool result)"),
 }
 
 
 def _make_unary(short: str, fn: Callable[..., Any], float_only: bool, doc: str) -> type:
     cls = type(f"{short.title().replace('_', '')}Op", (UnaryOp,),
                {"name": f"graph.{short}", "fn": staticmethod(fn), "FLOAT_ONLY": float_only,
-                "__doc__": f"Elementwise {doc}.", "__module__": __name__})
+                "RESULT_BOOL": short in LOGICAL, "__doc__": f"Elementwise {doc}.",
+                "__module__": __name__})
     return register_op(cls)
 
 
@@ -156,6 +160,14 @@ def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a / b
 
 
+def _pow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if a.dtype.kind not in "iu" or not (b < 0).any():
+        return np.power(a, b)
+    # torch: an int to a negative power is 1 / a**-b truncated: 0 unless a is 1 or -1
+    small = np.where(a == 1, 1, np.where(a == -1, 1 - 2 * (b & 1), 0))
+    return np.where(b < 0, small, np.power(a, np.maximum(b, 0)))
+
+
 _BINARY: dict[str, tuple[Callable[[Any, Any], Any], bool, str]] = {
     "add": (np.add, False, "lhs + rhs"),
     "sub": (np.subtract, False, "lhs - rhs"),
@@ -163,11 +175,11 @@ _BINARY: dict[str, tuple[Callable[[Any, Any], Any], bool, str]] = {
     "div": (_int_div, False, "lhs / rhs (truncating for integers)"),
     "floor_div": (np.floor_divide, False, "floor(lhs / rhs)"),
     "remainder": (np.remainder, False, "lhs mod rhs with the sign of rhs (Python/torch)"),
-    "pow": (np.power, False, "lhs ** rhs"),
+    "pow": (_pow, False, "lhs ** rhs"),
     "maximum": (np.maximum, False, "larger of the two (NaN propagates)"),
     "minimum": (np.minimum, False, "smaller of the two (NaN propagates)"),
-    "logical_and": (np.logical_and, False, "boolean and"),
-    "logical_or": (np.logical_or, False, "boolean or"),
+    "logical_and": (np.logical_and, False, "boolean and (a bool result)"),
+    "logical_or": (np.logical_or, False, "boolean or (a bool result)"),
     "eq": (np.equal, True, "lhs == rhs"),
     "ne": (np.not_equal, True, "lhs != rhs"),
     "lt": (np.less, True, "lhs < rhs"),
@@ -179,7 +191,8 @@ _BINARY: dict[str, tuple[Callable[[Any, Any], Any], bool, str]] = {
 
 def _make_binary(short: str, fn: Callable[..., Any], is_bool: bool, doc: str) -> type:
     cls = type(f"{short.title().replace('_', '')}Op", (BinaryOp,),
-               {"name": f"graph.{short}", "fn": staticmethod(fn), "RESULT_BOOL": is_bool,
+               {"name": f"graph.{short}", "fn": staticmethod(fn),
+                "RESULT_BOOL": is_bool or short in LOGICAL,
                 "__doc__": f"Elementwise {doc}, broadcasting.", "__module__": __name__})
     return register_op(cls)
 

@@ -176,6 +176,12 @@ class AttentionOp(Operation):
         if q.rank >= 3 and not self.gqa and not dims_equal(q.shape[-3], k.shape[-3]):
             raise VerifyError(self, f"q has {q.shape[-3]} heads, k has {k.shape[-3]}; "
                                     "set gqa=true for grouped-query attention")
+        if self.gqa and q.rank >= 3:
+            for t in (k, v):
+                hq, hk = q.shape[-3], t.shape[-3]
+                if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
+                    raise VerifyError(self, f"q has {hq} heads, not a multiple of the "
+                                            f"{hk} heads of {t}")
         batch = tuple(q.shape[:-2])
         if self.mask is not None:
             try:
@@ -208,5 +214,7 @@ class AttentionOp(Operation):
 
         def fn(q: np.ndarray, k: np.ndarray, v: np.ndarray, b: np.ndarray) -> np.ndarray:
             scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale) + b
-            return np.matmul(_softmax(scores, -1), v)
+            # torch's SDPA gives zeros, not NaN, for a query that every key is masked from
+            hidden = np.isneginf(scores).all(axis=-1, keepdims=True)
+            return np.matmul(np.where(hidden, 0.0, _softmax(scores, -1)), v)
         return in_float(fn, self.q.type.dtype, q, k, v, bias)

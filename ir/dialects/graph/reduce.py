@@ -42,7 +42,7 @@ class ReduceOp(Operation):
         plain_dtype(self, self.x.type)
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
-        axes = tuple(a % max(x.ndim, 1) for a in self.axes) if self.axes else None
+        axes = tuple(a % x.ndim for a in self.axes) if self.axes and x.ndim else None
         dtype = self.x.type.dtype
         reduce = type(self).fn
         if dtype.is_float:
@@ -117,4 +117,6 @@ class CumsumOp(Operation):
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         dtype = self.x.type.dtype
         work = x.astype(np.float32 if dtype.is_float else np.int64)
+        if x.ndim == 0:
+            return dtype.cast(work)  # torch allows axis 0 or -1 on a 0-d tensor
         return dtype.cast(np.cumsum(work, axis=self.axis % x.ndim))

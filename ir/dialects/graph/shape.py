@@ -180,12 +180,21 @@ class GatherOp(Operation):
     ATTRS = {"axis": attr("int")}
 
     def infer_types(self) -> list[TensorType]:
-        _axis(self, self.axis, self.x.type.rank)
-        _index_type(self, self.index.type, "index")
-        return [self.index.type.with_dtype(self.x.type.dtype)]
+        x, index = self.x.type, self.index.type
+        axis = _axis(self, self.axis, x.rank)
+        _index_type(self, index, "index")
+        too_big = [i for i, (a, b) in enumerate(zip(index.shape, x.shape))
+                   if i != axis and isinstance(a, int) and isinstance(b, int) and a > b]
+        if index.rank != x.rank or too_big:
+            raise VerifyError(self, f"index {index} must have the rank of x {x} and no "
+                                    f"larger dims off axis {axis}")
+        return [index.with_dtype(x.dtype)]
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, index: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(x, index.astype(np.int64), axis=self.axis % x.ndim)
+        axis = self.axis % x.ndim
+        # torch reads only the leading index.shape[d] entries of x in the other dims
+        x = x[tuple(slice(None) if d == axis else slice(n) for d, n in enumerate(index.shape))]
+        return np.take_along_axis(x, index.astype(np.int64), axis=axis)
 
 
 @register_op

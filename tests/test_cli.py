@@ -1,0 +1,33 @@
+"""The command line: `bitsmith ir` output, --check, and one-line errors with exit code 2."""
+import subprocess
+import sys
+
+from bitsmith import ir
+from bitsmith.cli import main
+
+
+def test_ir_prints_a_module_that_parses(capsys) -> None:
+    assert main(["ir", "mlp", "--dynamic-batch"]) == 0
+    text = capsys.readouterr().out
+    module = ir.parse(text)
+    assert module.name == "mlp" and str(module.inputs[0].type) == "tensor<Bx64xf32>"
+
+
+def test_ir_check_compares_with_torch(capsys) -> None:
+    assert main(["ir", "resnet", "--check", "--batch", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "check passed" in err and "output 0: shape [2, 10]" in err
+
+
+def test_unknown_model_is_one_line_and_exit_2(capsys) -> None:
+    assert main(["ir", "no_such_model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: unknown model 'no_such_model'")
+
+
+def test_bad_path_via_python_m() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bitsmith", "ir", "/nonexistent/m.py:Net"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: no such file: /nonexistent/m.py"
+    assert "Traceback" not in proc.stderr
