@@ -19,9 +19,9 @@ from bitsmith.ir import dtypes, graph
 from bitsmith.ir.types import TensorType, symbol
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TOL = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
-       np.dtype(np.float16): dict(rtol=1e-3, atol=1e-3),
-       BF16: dict(rtol=8e-3, atol=8e-3)}
+TOL = {np.dtype(np.float32): {"rtol": 1e-5, "atol": 1e-6},
+       np.dtype(np.float16): {"rtol": 1e-3, "atol": 1e-3},
+       BF16: {"rtol": 8e-3, "atol": 8e-3}}
 FLOATS = [np.float32, np.float16, BF16]
 SETTINGS = settings(derandomize=True, database=None, max_examples=60, deadline=None)
 
@@ -85,15 +85,19 @@ def randint(*shape: int, lo: int = -9, hi: int = 10, dtype: object = np.int32,
     return np.asarray(np.random.default_rng(seed).integers(lo, hi, shape)).astype(dtype)
 
 
+TESTED_OPS = [
+    *graph.UNARY_OPS, *graph.BINARY_OPS, "gelu", "clamp", "where", "cast", "reduce_sum",
+    "reduce_mean", "reduce_max", "reduce_min", "reduce_prod", "reduce_any", "reduce_all",
+    "argmax", "argmin", "cumsum", "softmax", "log_softmax", "layer_norm", "rms_norm",
+    "batch_norm", "matmul", "linear", "conv2d", "max_pool2d", "avg_pool2d",
+    "adaptive_avg_pool2d", "attention", "reshape", "permute", "expand", "slice", "concat",
+    "split", "gather", "index_select", "index", "embedding", "pad", "full", "arange",
+    "constant",
+]
+
+
 def test_every_graph_op_is_covered() -> None:
-    tested = {f"graph.{n}" for n in [*graph.UNARY_OPS, *graph.BINARY_OPS]} | {
-        f"graph.{n}" for n in (
-            "gelu clamp where cast reduce_sum reduce_mean reduce_max reduce_min reduce_prod "
-            "reduce_any reduce_all argmax argmin cumsum softmax log_softmax layer_norm rms_norm "
-            "batch_norm matmul linear conv2d max_pool2d avg_pool2d adaptive_avg_pool2d "
-            "attention reshape permute expand slice concat split gather index_select index "
-            "embedding pad full arange constant").split()}
-    assert set(ir.list_dialects()["graph"]) == tested
+    assert set(ir.list_dialects()["graph"]) == {f"graph.{n}" for n in TESTED_OPS}
 
 
 # ---- unary ----------------------------------------------------------------------------------
@@ -120,9 +124,11 @@ def test_unary_float(name: str, shape: tuple, dtype: object) -> None:
     expect(run1(graph.UNARY_OPS[name], x), TORCH_UNARY[name](tt(x)))
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("name", sorted(TORCH_UNARY))
-def test_unary_special_values(name: str) -> None:
-    expect(run1(graph.UNARY_OPS[name], SPECIALS), TORCH_UNARY[name](tt(SPECIALS)))
+def test_unary_special_values(name: str, dtype: object) -> None:
+    x = SPECIALS.astype(dtype)
+    expect(run1(graph.UNARY_OPS[name], x), TORCH_UNARY[name](tt(x)))
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int8, np.uint8])
@@ -223,6 +229,24 @@ def test_integer_division_sign_rules() -> None:
     b = np.array([2, 2, -2, -2, 3, -3, 5, -1], np.int8)
     for name in ("div", "floor_div", "remainder"):
         expect(run1(graph.BINARY_OPS[name], a, b), _torch_binary(name, tt(a), tt(b)))
+
+
+@pytest.mark.parametrize("name", ["div", "floor_div", "remainder"])
+def test_integer_division_by_zero_raises(name: str) -> None:
+    a, b = np.array([1, 2], np.int32), np.array([1, 0], np.int32)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        _torch_binary(name, tt(a), tt(b))
+    with pytest.raises(ir.InterpretError, match="integer division by zero"):
+        run1(graph.BINARY_OPS[name], a, b)
+
+
+def test_int64_stays_exact_beyond_float_precision() -> None:
+    a = np.array([2**62 + 1, -(2**62) - 7, 2**53 + 1, -9], np.int64)
+    b = np.array([3, 3, 1, 2], np.int64)
+    for name in ("div", "floor_div", "remainder"):
+        expect(run1(graph.BINARY_OPS[name], a, b), _torch_binary(name, tt(a), tt(b)))
+    for name in ("floor", "ceil", "round", "sign", "neg"):
+        expect(run1(graph.UNARY_OPS[name], a), TORCH_UNARY[name](tt(a)))
 
 
 @pytest.mark.parametrize("name", ["logical_and", "logical_or", "eq", "ne"])
@@ -347,6 +371,17 @@ def test_arg_reduce_ties_pick_first(name: str, axis: int, keepdim: bool) -> None
            getattr(torch, name)(tt(x), dim=axis, keepdim=keepdim))
 
 
+@pytest.mark.parametrize("name", ["argmax", "argmin", "max", "min"])
+def test_nan_wins_reductions(name: str) -> None:
+    x = np.array([[1.0, np.nan, 3.0, np.nan], [2.0, -1.0, 5.0, 0.0]], np.float32)
+    if name.startswith("arg"):
+        op = graph.ArgMaxOp if name == "argmax" else graph.ArgMinOp
+        expect(run1(op, x, axis=1), getattr(torch, name)(tt(x), 1))
+    else:
+        op = ir.OP_REGISTRY[f"graph.reduce_{name}"]
+        expect(run1(op, x, axes=(1,)), _torch_reduce(name, tt(x), (1,), False))
+
+
 def test_arg_reduce_rank0_and_int() -> None:
     expect(run1(graph.ArgMaxOp, np.array(3.0, np.float32), axis=0),
            torch.argmax(torch.tensor(3.0), 0))
@@ -409,12 +444,13 @@ def test_rms_norm(ndim: int, weight: bool, dtype: object) -> None:
     expect(run1(graph.RmsNormOp, x, *params, ndim=ndim, eps=1e-6), want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("affine", [0, 1, 2])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 3), (2, 3, 1)])
-def test_batch_norm_inference(shape: tuple, affine: int) -> None:
-    x = randn(*shape)
-    mean, var = randn(3, seed=1), np.abs(randn(3, seed=2)) + 0.5
-    params = [randn(3, seed=3), randn(3, seed=4)][:affine]
+def test_batch_norm_inference(shape: tuple, affine: int, dtype: object) -> None:
+    x = randn(*shape, dtype=dtype)
+    mean, var = randn(3, seed=1, dtype=dtype), (np.abs(randn(3, seed=2)) + 0.5).astype(dtype)
+    params = [randn(3, seed=3, dtype=dtype), randn(3, seed=4, dtype=dtype)][:affine]
     want = F.batch_norm(tt(x), tt(mean), tt(var), *[tt(p) for p in params], training=False,
                         eps=1e-3)
     expect(run1(graph.BatchNormOp, x, mean, var, *params, eps=1e-3), want)
@@ -487,22 +523,31 @@ def test_max_pool2d(kernel: tuple, stride: tuple, padding: tuple, ceil_mode: boo
            exact=True)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.float16, BF16])
+def test_max_pool2d_pads_with_the_dtype_minimum(dtype: object) -> None:
+    x = randint(2, 3, 7, 6, lo=0 if dtype == np.uint8 else -9, dtype=dtype)
+    got = run1(graph.MaxPool2dOp, x, kernel=(3, 3), stride=(2, 2), padding=(1, 1),
+               ceil_mode=True)
+    expect(got, F.max_pool2d(tt(x), 3, 2, 1, ceil_mode=True), exact=True)
+
+
 @pytest.mark.parametrize("divisor", [None, 5])
 @pytest.mark.parametrize("count_include_pad", [True, False])
 @pytest.mark.parametrize("kernel, stride, padding, ceil_mode", POOLS)
 def test_avg_pool2d(kernel: tuple, stride: tuple, padding: tuple, ceil_mode: bool,
                     count_include_pad: bool, divisor: int | None) -> None:
-    x = randn(2, 3, 7, 6)
+    x = randn(2, 3, 7, 6, dtype=np.float16 if divisor else np.float32)
     got = run1(graph.AvgPool2dOp, x, kernel=kernel, stride=stride, padding=padding,
                ceil_mode=ceil_mode, count_include_pad=count_include_pad, divisor=divisor)
     expect(got, F.avg_pool2d(tt(x), kernel, stride, padding, ceil_mode, count_include_pad,
                              divisor))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("hw, size", [((7, 5), (3, 2)), ((5, 7), (2, 3)), ((6, 6), (3, 3)),
                                       ((3, 2), (5, 4)), ((7, 5), (1, 1))])
-def test_adaptive_avg_pool2d(hw: tuple, size: tuple) -> None:
-    x = randn(2, 3, *hw)
+def test_adaptive_avg_pool2d(hw: tuple, size: tuple, dtype: object) -> None:
+    x = randn(2, 3, *hw, dtype=dtype)
     expect(run1(graph.AdaptiveAvgPool2dOp, x, size=size), F.adaptive_avg_pool2d(tt(x), size))
 
 
@@ -526,7 +571,7 @@ def test_attention(case: str) -> None:
     hq = 6 if case == "gqa" else 3
     q = randn(2, hq, lq, 8, seed=1)
     k, v = randn(2, 3, s, 8, seed=2), randn(2, 3, s, 5, seed=3)
-    mask, kwargs = None, {}
+    mask = None
     if case in ("bool_mask", "masked_row"):
         mask = randn(lq, s, seed=4) > -0.5
         mask[:, 0] = True
@@ -558,6 +603,7 @@ def test_reshape_permute_expand() -> None:
     expect(run1(graph.ReshapeOp, np.array([4.0], np.float32),
                 result_types=[TensorType((), dtypes.f32)]), torch.tensor([4.0]).reshape(()))
     expect(run1(graph.PermuteOp, x, perm=(2, 0, 1)), tt(x).permute(2, 0, 1), exact=True)
+    expect(run1(graph.PermuteOp, x[0, 0, 0], perm=()), tt(x[0, 0, 0]).permute(()), exact=True)
     y = randn(3, 1, 7)
     expect(run1(graph.ExpandOp, y, result_types=[TensorType((2, 3, 5, 7), dtypes.f32)]),
            tt(y).expand(2, 3, 5, 7), exact=True)
@@ -649,6 +695,10 @@ def test_full_and_arange() -> None:
     expect(got, torch.arange(0.5, 2.25, 0.25), exact=True)
     got = _constant(graph.ArangeOp, TensorType((5,), dtypes.i64), start=-3, step=2)
     expect(got, torch.arange(-3, 7, 2), exact=True)
+    got = _constant(graph.ArangeOp, TensorType((3,), dtypes.i64), start=2**60 + 1, step=3)
+    expect(got, torch.arange(2**60 + 1, 2**60 + 10, 3), exact=True)
+    got = _constant(graph.ArangeOp, TensorType((4,), dtypes.f16), start=2047, step=1)
+    expect(got, torch.arange(2047, 2051, 1, dtype=torch.float16), exact=True)
 
 
 def test_constant_weight_and_literal() -> None:
@@ -689,12 +739,33 @@ def test_symbolic_batch_runs_at_two_sizes() -> None:
         expect(got, want.sum(1).reshape(-1))
 
 
+def test_symbolic_batch_windows() -> None:
+    batch = symbol("B")
+    m = ir.Module("t", [TensorType((batch, 2, 7, 6), dtypes.f32), TensorType((4, 2, 3, 2),
+                                                                            dtypes.f32)])
+    b = ir.Builder.at_end(m.body)
+    c = b.value(graph.Conv2dOp, *m.inputs, stride=(2, 1), padding=(1, 0))
+    p = b.value(graph.MaxPool2dOp, c, kernel=(2, 2), stride=(2, 2), ceil_mode=True)
+    a = b.value(graph.AdaptiveAvgPool2dOp, p, size=(1, 3))
+    b.create(ir.OP_REGISTRY["func.return"], a)
+    ir.verify(m)
+    w = randn(4, 2, 3, 2, seed=9)
+    for size in (1, 3):
+        xs = randn(size, 2, 7, 6, seed=size)
+        want = F.conv2d(tt(xs), tt(w), stride=(2, 1), padding=(1, 0))
+        want = F.adaptive_avg_pool2d(F.max_pool2d(want, 2, 2, ceil_mode=True), (1, 3))
+        expect(ir.interpret(m, xs, w)[0], want)
+
+
 # ---- verifier errors ------------------------------------------------------------------------
 
-def _build(op_cls: type[ir.Operation], *shapes: tuple, dtype: object = dtypes.f32,
+def _build(op_cls: type[ir.Operation], *shapes: tuple | TensorType, dtype: object = dtypes.f32,
            **attrs: object) -> None:
-    m = ir.Module("t", [TensorType(s, dtype) for s in shapes])
-    ir.Builder.at_end(m.body).create(op_cls, *m.inputs, **attrs)
+    types = [s if isinstance(s, TensorType) else TensorType(s, dtype) for s in shapes]
+    m = ir.Module("t", types)
+    b = ir.Builder.at_end(m.body)
+    b.create(ir.OP_REGISTRY["func.return"], *b.create(op_cls, *m.inputs, **attrs).results)
+    ir.verify(m)
 
 
 @pytest.mark.parametrize("op_cls, shapes, attrs, message", [
@@ -709,6 +780,10 @@ def _build(op_cls: type[ir.Operation], *shapes: tuple, dtype: object = dtypes.f3
     (graph.AttentionOp, [(1, 4, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8)], {}, "set gqa=true"),
     (graph.AttentionOp, [(1, 4, 3, 8), (1, 3, 5, 8), (1, 3, 5, 8)], {"gqa": True},
      "not a multiple"),
+    (graph.ReduceSumOp, [(3, 5)], {"axes": (1, -1)}, "repeated axis"),
+    (graph.ReshapeOp, [(3, 5)], {"result_types": [TensorType((4, 4), dtypes.f32)]},
+     "element count differs"),
+    (graph.Conv2dOp, [(1, 2, 5, 5), (3, 2, 7, 1)], {}, "window larger than the padded"),
 ])
 def test_verifier_rejects(op_cls: type, shapes: list, attrs: dict, message: str) -> None:
     with pytest.raises(ir.VerifyError, match=message):
@@ -727,3 +802,13 @@ def test_verifier_rejects_mixed_element_types() -> None:
 def test_verifier_rejects_float_index() -> None:
     with pytest.raises(ir.VerifyError, match="index must have an integer element type, got f32"):
         _build(graph.GatherOp, (3, 5), (3, 5), axis=1)
+
+
+def test_verifier_rejects_gather_index_larger_than_x() -> None:
+    with pytest.raises(ir.VerifyError, match="no larger dims off axis 1"):
+        _build(graph.GatherOp, (3, 5), TensorType((4, 5), dtypes.i64), axis=1)
+
+
+def test_verifier_rejects_float_clamp_of_ints() -> None:
+    with pytest.raises(ir.VerifyError, match="float bound min=0.5 on a i32 operand"):
+        _build(graph.ClampOp, (3,), dtype=dtypes.i32, min=0.5)

@@ -66,5 +66,6 @@ class ArangeOp(Operation):
 
     def evaluate(self, ctx: EvalContext) -> np.ndarray:
         (n,) = ctx.shape(self.result.type)
-        values = self.start + np.arange(n, dtype=np.float64) * self.step
+        exact = all(isinstance(v, int) for v in (self.start, self.step))  # no float64 rounding
+        values = self.start + np.arange(n, dtype=np.int64 if exact else np.float64) * self.step
         return self.result.type.dtype.cast(values)

@@ -8,7 +8,7 @@ from scipy import special
 
 from ...core import Operation, attr, register_op
 from ...dtypes import DType, boolean
-from ...errors import VerifyError
+from ...errors import InterpretError, VerifyError
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, broadcast_shapes
 from ...types import TensorType
@@ -81,7 +81,8 @@ _UNARY: dict[str, tuple[Callable[[Any], Any], bool, str]] = {
     "silu": (lambda x: x * special.expit(x), True, "x * sigmoid(x)"),
     "floor": (np.floor, False, "round down"),
     "ceil": (np.ceil, False, "round up"),
-    "round": (np.rint, False, "round half to even"),
+    "round": (lambda x: x if x.dtype.kind in "iu" else np.rint(x), False,
+              "round half to even"),
     "sign": (lambda x: np.nan_to_num(np.sign(x), nan=0.0), False, "-1, 0 or 1 (0 for NaN)"),
     "logical_not": (np.logical_not, False, "boolean not (a bool result)"),
 }
@@ -118,6 +119,14 @@ class ClampOp(UnaryOp):
     FLOAT_ONLY = False
     ATTRS = {"min": attr("any", None, optional=True), "max": attr("any", None, optional=True)}
 
+    def verify_(self) -> None:
+        dtype = plain_dtype(self, self.x.type)
+        for key in ("min", "max"):
+            bound = self.attributes[key]
+            if not dtype.is_float and isinstance(bound, float):
+                raise VerifyError(self, f"float bound {key}={bound} on a {dtype} operand (torch "
+                                        "would promote to float); insert a graph.cast")
+
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         lo = -np.inf if self.min is None else self.min
         hi = np.inf if self.max is None else self.max
@@ -150,14 +159,23 @@ class BinaryOp(Operation):
         out_dtype = boolean if self.RESULT_BOOL else self.lhs.type.dtype
         if self.lhs.type.dtype.is_float and not self.RESULT_BOOL:
             return in_float(fn, out_dtype, lhs, rhs)
+        if self.name in INT_DIVISIONS and not np.all(rhs):
+            raise InterpretError(f"'{self.name}' at {self.loc}: integer division by zero "
+                                 "(torch raises ZeroDivisionError)")
         with np.errstate(all="ignore"):
             return out_dtype.cast(np.asarray(fn(lhs, rhs)))
 
 
+INT_DIVISIONS = ("graph.div", "graph.floor_div", "graph.remainder")
+
+
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if a.dtype.kind in "iu":
-        return np.trunc(a / b)  # torch's true division of ints is floating; see FloorDivOp
-    return a / b
+    if a.dtype.kind not in "iu":
+        return a / b
+    # Truncating, like torch.div(rounding_mode="trunc"), in integers: a float quotient would
+    # round above 2**53. Step the floor quotient toward zero where it was negative and inexact.
+    q = np.floor_divide(a, b)
+    return q + ((q * b != a) & ((a < 0) != (b < 0)))
 
 
 def _pow(a: np.ndarray, b: np.ndarray) -> np.ndarray:

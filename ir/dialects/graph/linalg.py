@@ -211,8 +211,9 @@ class MaxPool2dOp(Window2dOp):
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         kernel, out_hw = _pair(self, "kernel"), ctx.shape(self.result.type)[2:]
         pads = self.extra_pads(x, kernel, out_hw)
+        fill = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf  # ints have no -inf
         win = _windows(x, kernel, _pair(self, "stride"), pads, _pair(self, "dilation"),
-                       -np.inf)[:, :, :out_hw[0], :out_hw[1]]
+                       fill)[:, :, :out_hw[0], :out_hw[1]]
         return np.asarray(win.max(axis=(4, 5))).astype(x.dtype, order="C")
 
 
