@@ -74,3 +74,32 @@ def test_constant_needs_exactly_one_source() -> None:
     b.create(ReturnOp, c)
     with pytest.raises(ir.VerifyError, match="needs exactly one of 'weight'"):
         ir.verify(module)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda b, x: b.create(graph.ReduceSumOp, b.value(graph.CastOp, x, dtype=dtypes.boolean)),
+     "cannot sum bool values"),
+    (lambda b, x: b.create(graph.ReduceMeanOp, b.value(graph.CastOp, x, dtype=dtypes.i32)),
+     "cannot mean i32 values"),
+    (lambda b, x: b.create(graph.UNARY_OPS["neg"], b.value(graph.CastOp, x,
+                                                          dtype=dtypes.boolean)),
+     "expected a numeric operand, got bool"),
+    (lambda b, x: b.create(graph.LinearOp, *(2 * [b.value(graph.CastOp, x,
+                                                             dtype=dtypes.i32)])),
+     "expected float operands, got i32"),
+])
+def test_dtype_rules_refuse_what_torch_refuses(build, message: str) -> None:
+    module, b = _module((3, 3))
+    with pytest.raises(ir.VerifyError, match=message):
+        build(b, module.inputs[0]).verify()
+
+
+def test_embedding_refuses_negative_indices_like_torch() -> None:
+    module = ir.Module("e", [TensorType((2,), dtypes.i64)], weights={
+        "table": np.arange(12, dtype=np.float32).reshape(4, 3)})
+    b = ir.Builder.at_end(module.body)
+    table = b.value(graph.ConstantOp, result_types=[TensorType((4, 3), F32)], weight="table")
+    b.create(ReturnOp, b.value(graph.EmbeddingOp, table, module.inputs[0]))
+    np.testing.assert_array_equal(ir.interpret(module, np.array([3, 0]))[0][0], [9, 10, 11])
+    with pytest.raises(IndexError, match=r"index out of range \[-1, 0\]"):
+        ir.interpret(module, np.array([-1, 0]))

@@ -43,6 +43,8 @@ class UnaryOp(Operation):
         dtype = plain_dtype(self, self.x.type)
         if self.FLOAT_ONLY and not dtype.is_float:
             raise VerifyError(self, f"expected a float operand, got {dtype}")
+        if dtype == boolean and self.name != "graph.logical_not":
+            raise VerifyError(self, "expected a numeric operand, got bool; insert a graph.cast")
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         dtype = boolean if self.RESULT_BOOL else self.x.type.dtype

@@ -14,10 +14,12 @@ from ...types import Dim, TensorType, dims_equal, format_dim
 from .elementwise import in_float, plain_dtype
 
 
-def _same_dtype(op: Operation, *types: TensorType) -> None:
+def _same_dtype(op: Operation, *types: TensorType, float_only: bool = False) -> None:
     dtypes = {plain_dtype(op, t) for t in types}
     if len(dtypes) > 1:
         raise VerifyError(op, f"operand element types differ: {sorted(map(str, dtypes))}")
+    if float_only and not next(iter(dtypes)).is_float:
+        raise VerifyError(op, f"expected float operands, got {next(iter(dtypes))}")
 
 
 @register_op
@@ -75,8 +77,7 @@ class LinearOp(Operation):
         return [x.with_shape(tuple(x.shape[:-1]) + (w.shape[0],))]
 
     def verify_(self) -> None:
-        types = [v.type for v in self.operands]
-        _same_dtype(self, *types)
+        _same_dtype(self, *[v.type for v in self.operands], float_only=True)
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, weight: np.ndarray,
                  bias: np.ndarray | None = None) -> np.ndarray:
@@ -173,7 +174,7 @@ class Conv2dOp(Window2dOp):
         return [x.with_shape((x.shape[0], w.shape[0], oh, ow))]
 
     def verify_(self) -> None:
-        _same_dtype(self, *[v.type for v in self.operands])
+        _same_dtype(self, *[v.type for v in self.operands], float_only=True)
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, weight: np.ndarray,
                  bias: np.ndarray | None = None) -> np.ndarray:

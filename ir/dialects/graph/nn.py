@@ -140,7 +140,14 @@ class BatchNormOp(Operation):
             if value.type.rank != 1 or not dims_equal(value.type.shape[0], x.shape[1]):
                 raise VerifyError(self, f"per-channel parameter {value.type} does not match "
                                         f"{x.shape[1]} channels")
+            if value.type.dtype != x.dtype:
+                raise VerifyError(self, f"parameter dtype {value.type.dtype} differs from x "
+                                        f"{x.dtype}")
         return [x]
+
+    def verify_(self) -> None:
+        if not plain_dtype(self, self.x.type).is_float:
+            raise VerifyError(self, f"expected a float operand, got {self.x.type.dtype}")
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, mean: np.ndarray, var: np.ndarray,
                  *affine: np.ndarray) -> np.ndarray:

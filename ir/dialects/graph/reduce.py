@@ -6,7 +6,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ...core import Operation, attr, register_op
-from ...dtypes import i64
+from ...dtypes import boolean, i64
 from ...errors import VerifyError
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, normalize_axis
@@ -33,13 +33,18 @@ class ReduceOp(Operation):
     OPERANDS = ("x",)
     ATTRS = {"axes": attr("ints", ()), "keepdim": attr("bool", False)}
     fn: ClassVar[Callable[..., Any]]
+    ARITHMETIC: ClassVar[bool] = False  # sum/mean/prod: bool (and for mean, int) is refused
 
     def infer_types(self) -> list[TensorType]:
         return [self.x.type.with_shape(reduced_shape(self, self.x.type.shape, self.axes,
                                                      self.keepdim))]
 
     def verify_(self) -> None:
-        plain_dtype(self, self.x.type)
+        dtype = plain_dtype(self, self.x.type)
+        mean = self.name == "graph.reduce_mean"
+        if self.ARITHMETIC and (dtype == boolean or (mean and not dtype.is_float)):
+            raise VerifyError(self, f"cannot {self.name[13:]} {dtype} values (torch widens or "
+                                    "refuses); insert a graph.cast first")
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         axes = tuple(a % x.ndim for a in self.axes) if self.axes and x.ndim else None
@@ -54,6 +59,7 @@ class ReduceOp(Operation):
 def _make(short: str, fn: Callable[..., Any], doc: str) -> type:
     cls = type(f"Reduce{short.title()}Op", (ReduceOp,),
                {"name": f"graph.reduce_{short}", "fn": staticmethod(fn),
+                "ARITHMETIC": short in ("sum", "mean", "prod"),
                 "__doc__": doc, "__module__": __name__})
     return register_op(cls)
 

@@ -219,8 +219,9 @@ class IndexSelectOp(Operation):
         return np.asarray(np.take(x, idx, axis=axis), order="C")
 
 
-def _check_bounds(op: Operation, idx: np.ndarray, size: int) -> None:
-    if idx.size and (idx.min() < -size or idx.max() >= size):
+def _check_bounds(op: Operation, idx: np.ndarray, size: int, negative: bool = False) -> None:
+    """Indices must lie in [0, size), or [-size, size) where negatives count from the end."""
+    if idx.size and (idx.min() < (-size if negative else 0) or idx.max() >= size):
         raise IndexError(f"'{op.name}' at {op.loc}: index out of range "
                          f"[{idx.min()}, {idx.max()}] for a dim of size {size}")
 
@@ -278,7 +279,7 @@ class IndexOp(Operation):
         key: list[object] = [slice(None)] * x.ndim
         for axis, idx in zip(self.axes, indices):
             idx = idx.astype(np.int64)
-            _check_bounds(self, idx, x.shape[axis % x.ndim])
+            _check_bounds(self, idx, x.shape[axis % x.ndim], negative=True)
             key[axis % x.ndim] = idx
         return np.asarray(x[tuple(key)], order="C")
 
