@@ -10,7 +10,7 @@ from ...core import Operation, attr, register_op
 from ...dtypes import DType, boolean
 from ...errors import InterpretError, VerifyError
 from ...interpreter import EvalContext
-from ...shapes import ShapeError, broadcast_shapes
+from ...shapes import ShapeError, broadcast_shapes, normalize_axis
 from ...types import TensorType
 
 
@@ -19,6 +19,22 @@ def plain_dtype(op: Operation, type: TensorType) -> DType:
     if not isinstance(type.dtype, DType):
         raise VerifyError(op, f"expected a plain element type, got {type.dtype}")
     return type.dtype
+
+
+def checked_axis(op: Operation, axis: int, rank: int) -> int:
+    """`axis` normalized into 0..rank-1, or a VerifyError naming the op."""
+    try:
+        return normalize_axis(axis, rank)
+    except ShapeError as exc:
+        raise VerifyError(op, str(exc)) from None
+
+
+def checked_broadcast(op: Operation, *shapes: tuple) -> tuple:
+    """The broadcast of `shapes`, or a VerifyError naming the op."""
+    try:
+        return broadcast_shapes(*shapes)
+    except ShapeError as exc:
+        raise VerifyError(op, str(exc)) from None
 
 
 def in_float(fn: Callable[..., np.ndarray], dtype: DType, *args: np.ndarray) -> np.ndarray:
@@ -143,10 +159,7 @@ class BinaryOp(Operation):
     fn: ClassVar[Callable[[np.ndarray, np.ndarray], np.ndarray]]
 
     def infer_types(self) -> list[TensorType]:
-        try:
-            shape = broadcast_shapes(self.lhs.type.shape, self.rhs.type.shape)
-        except ShapeError as exc:
-            raise VerifyError(self, str(exc)) from None
+        shape = checked_broadcast(self, self.lhs.type.shape, self.rhs.type.shape)
         dtype = boolean if self.RESULT_BOOL else self.lhs.type.dtype
         return [TensorType(shape, dtype)]
 
@@ -228,10 +241,8 @@ class WhereOp(Operation):
     OPERANDS = ("cond", "x", "y")
 
     def infer_types(self) -> list[TensorType]:
-        try:
-            shape = broadcast_shapes(self.cond.type.shape, self.x.type.shape, self.y.type.shape)
-        except ShapeError as exc:
-            raise VerifyError(self, str(exc)) from None
+        shape = checked_broadcast(self, self.cond.type.shape, self.x.type.shape,
+                                  self.y.type.shape)
         return [TensorType(shape, self.x.type.dtype)]
 
     def verify_(self) -> None:

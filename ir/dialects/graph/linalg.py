@@ -9,9 +9,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ...core import Operation, attr, register_op
 from ...errors import VerifyError
 from ...interpreter import EvalContext
-from ...shapes import ShapeError, broadcast_shapes
+from ...shapes import ShapeError
 from ...types import Dim, TensorType, dims_equal, format_dim
-from .elementwise import in_float, plain_dtype
+from .elementwise import checked_broadcast, in_float, plain_dtype
 
 
 def _same_dtype(op: Operation, *types: TensorType, float_only: bool = False) -> None:
@@ -40,10 +40,7 @@ class MatmulOp(Operation):
             raise VerifyError(self, f"contraction dims differ: {self.lhs.type} @ "
                                     f"{self.rhs.type} ({format_dim(a[-1])} vs "
                                     f"{format_dim(b[-2])})")
-        try:
-            batch = broadcast_shapes(a[:-2], b[:-2])
-        except ShapeError as exc:
-            raise VerifyError(self, str(exc)) from None
+        batch = checked_broadcast(self, a[:-2], b[:-2])
         shape = list(batch) + ([] if a1 else [a[-2]]) + ([] if b1 else [b[-1]])
         return [self.lhs.type.with_shape(tuple(shape))]
 
@@ -195,19 +192,25 @@ class Conv2dOp(Window2dOp):
         return in_float(fn, self.x.type.dtype, *args)
 
 
+class Pool2dOp(Window2dOp):
+    """Base of 2-d pooling: same channels, windowed height and width."""
+
+    OPERANDS = ("x",)
+
+    def infer_types(self) -> list[TensorType]:
+        oh, ow = self.out_hw(_pair(self, "kernel"), self.ceil_mode)
+        x = self.x.type
+        return [x.with_shape((x.shape[0], x.shape[1], oh, ow))]
+
+
 @register_op
-class MaxPool2dOp(Window2dOp):
+class MaxPool2dOp(Pool2dOp):
     """2-d max pooling (padding counts as -inf)."""
 
     name = "graph.max_pool2d"
     OPERANDS = ("x",)
     ATTRS = {"kernel": attr("ints"), "stride": attr("ints"), "padding": attr("ints", (0, 0)),
              "dilation": attr("ints", (1, 1)), "ceil_mode": attr("bool", False)}
-
-    def infer_types(self) -> list[TensorType]:
-        oh, ow = self.out_hw(_pair(self, "kernel"), self.ceil_mode)
-        x = self.x.type
-        return [x.with_shape((x.shape[0], x.shape[1], oh, ow))]
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         kernel, out_hw = _pair(self, "kernel"), ctx.shape(self.result.type)[2:]
@@ -219,7 +222,7 @@ class MaxPool2dOp(Window2dOp):
 
 
 @register_op
-class AvgPool2dOp(Window2dOp):
+class AvgPool2dOp(Pool2dOp):
     """2-d average pooling with torch's count_include_pad and ceil_mode rules."""
 
     name = "graph.avg_pool2d"
@@ -227,11 +230,6 @@ class AvgPool2dOp(Window2dOp):
     ATTRS = {"kernel": attr("ints"), "stride": attr("ints"), "padding": attr("ints", (0, 0)),
              "ceil_mode": attr("bool", False), "count_include_pad": attr("bool", True),
              "divisor": attr("int", None, optional=True)}
-
-    def infer_types(self) -> list[TensorType]:
-        oh, ow = self.out_hw(_pair(self, "kernel"), self.ceil_mode)
-        x = self.x.type
-        return [x.with_shape((x.shape[0], x.shape[1], oh, ow))]
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
         kernel, out_hw = _pair(self, "kernel"), ctx.shape(self.result.type)[2:]

@@ -9,9 +9,9 @@ from ...core import Operation, attr, register_op
 from ...dtypes import boolean
 from ...errors import VerifyError
 from ...interpreter import EvalContext
-from ...shapes import ShapeError, broadcast_shapes, normalize_axis
+from ...shapes import ShapeError, broadcast_shapes
 from ...types import TensorType, dims_equal
-from .elementwise import in_float, plain_dtype
+from .elementwise import checked_axis, in_float, plain_dtype
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -27,10 +27,7 @@ class AxisOp(Operation):
     ATTRS = {"axis": attr("int")}
 
     def infer_types(self) -> list[TensorType]:
-        try:
-            normalize_axis(self.axis, self.x.type.rank)
-        except ShapeError as exc:
-            raise VerifyError(self, str(exc)) from None
+        checked_axis(self, self.axis, self.x.type.rank)
         return [self.x.type]
 
     def verify_(self) -> None:

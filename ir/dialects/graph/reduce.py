@@ -11,7 +11,7 @@ from ...errors import VerifyError
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, normalize_axis
 from ...types import TensorType
-from .elementwise import in_float, plain_dtype
+from .elementwise import checked_axis, in_float, plain_dtype
 
 
 def reduced_shape(op: Operation, shape: tuple, axes: tuple[int, ...], keepdim: bool) -> tuple:
@@ -114,10 +114,7 @@ class CumsumOp(Operation):
     ATTRS = {"axis": attr("int")}
 
     def infer_types(self) -> list[TensorType]:
-        try:
-            normalize_axis(self.axis, self.x.type.rank)
-        except ShapeError as exc:
-            raise VerifyError(self, str(exc)) from None
+        checked_axis(self, self.axis, self.x.type.rank)
         return [self.x.type]
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:

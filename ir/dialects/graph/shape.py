@@ -7,15 +7,11 @@ from ...core import Operation, attr, register_op
 from ...dtypes import DType
 from ...errors import VerifyError
 from ...interpreter import EvalContext
-from ...shapes import ShapeError, broadcast_shapes, normalize_axis, product
+from ...shapes import product
+from .elementwise import checked_axis, checked_broadcast
 from ...types import TensorType, dims_equal, format_dim
 
 
-def _axis(op: Operation, axis: int, rank: int) -> int:
-    try:
-        return normalize_axis(axis, rank)
-    except ShapeError as exc:
-        raise VerifyError(op, str(exc)) from None
 
 
 def _index_type(op: Operation, type: TensorType, what: str) -> None:
@@ -95,7 +91,7 @@ class SliceOp(Operation):
 
     def infer_types(self) -> list[TensorType]:
         shape = list(self.x.type.shape)
-        axis = _axis(self, self.axis, len(shape))
+        axis = checked_axis(self, self.axis, len(shape))
         if self.step < 1:
             raise VerifyError(self, f"step must be >= 1, got {self.step}")
         dim = shape[axis]
@@ -125,7 +121,7 @@ class ConcatOp(Operation):
         if not inputs:
             raise VerifyError(self, "needs at least one input")
         first = inputs[0]
-        axis = _axis(self, self.axis, first.rank)
+        axis = checked_axis(self, self.axis, first.rank)
         for t in inputs[1:]:
             same = t.rank == first.rank and all(
                 i == axis or dims_equal(a, b) for i, (a, b) in enumerate(zip(t.shape,
@@ -158,7 +154,7 @@ class SplitOp(Operation):
 
     def infer_types(self) -> list[TensorType]:
         shape = list(self.x.type.shape)
-        axis = _axis(self, self.axis, len(shape))
+        axis = checked_axis(self, self.axis, len(shape))
         if not dims_equal(sum(self.sizes), shape[axis]):
             raise VerifyError(self, f"sizes {list(self.sizes)} sum to {sum(self.sizes)}, "
                                     f"dim {axis} is {format_dim(shape[axis])}")
@@ -181,7 +177,7 @@ class GatherOp(Operation):
 
     def infer_types(self) -> list[TensorType]:
         x, index = self.x.type, self.index.type
-        axis = _axis(self, self.axis, x.rank)
+        axis = checked_axis(self, self.axis, x.rank)
         _index_type(self, index, "index")
         too_big = [i for i, (a, b) in enumerate(zip(index.shape, x.shape))
                    if i != axis and isinstance(a, int) and isinstance(b, int) and a > b]
@@ -207,7 +203,7 @@ class IndexSelectOp(Operation):
 
     def infer_types(self) -> list[TensorType]:
         shape = list(self.x.type.shape)
-        axis = _axis(self, self.axis, len(shape))
+        axis = checked_axis(self, self.axis, len(shape))
         _index_type(self, self.index.type, "index")
         new = shape[:axis] + list(self.index.type.shape) + shape[axis + 1:]
         return [self.x.type.with_shape(tuple(new))]
@@ -258,16 +254,13 @@ class IndexOp(Operation):
 
     def infer_types(self) -> list[TensorType]:
         x, indices = self.x.type, self.operands[1:]
-        axes = [_axis(self, a, x.rank) for a in self.axes]
+        axes = [checked_axis(self, a, x.rank) for a in self.axes]
         if len(axes) != len(indices) or not axes or axes != sorted(set(axes)):
             raise VerifyError(self, f"axes {list(self.axes)} must be increasing, one per index "
                                     f"tensor ({len(indices)})")
         for value in indices:
             _index_type(self, value.type, "index")
-        try:
-            picked = broadcast_shapes(*[v.type.shape for v in indices])
-        except ShapeError as exc:
-            raise VerifyError(self, str(exc)) from None
+        picked = checked_broadcast(self, *[v.type.shape for v in indices])
         rest = [d for i, d in enumerate(x.shape) if i not in axes]
         if axes == list(range(axes[0], axes[-1] + 1)):
             shape = list(x.shape[:axes[0]]) + list(picked) + list(x.shape[axes[-1] + 1:])
