@@ -64,14 +64,18 @@ def cmd_ir(args: argparse.Namespace) -> int:
             loaded = load_model(args.model)
         except ModelLoadError as exc:
             raise CliError(str(exc)) from None
-    inputs = loaded.inputs(args.batch)
+    call_args, call_kwargs = loaded.call_args(args.batch)
     start = time.perf_counter()
     with err.status(f"importing {loaded.name} with torch.export"):
         try:
-            module = from_torch(loaded.module, inputs, dynamic_batch=args.dynamic_batch,
-                                name=loaded.name)
+            module = from_torch(loaded.module, call_args, call_kwargs,
+                                dynamic_batch=args.dynamic_batch, name=loaded.name)
         except UnsupportedOpError as exc:
             raise CliError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - torch.export's failures are the user's answer
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CliError(f"torch.export could not trace {loaded.name}: "
+                           f"{type(exc).__name__}: {first}") from None
     text = str(module)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
@@ -81,21 +85,22 @@ def cmd_ir(args: argparse.Namespace) -> int:
     err.print(f"imported {loaded.name}: {len(module.ops)} ops, {len(module.weights)} weights "
               f"in {time.perf_counter() - start:.1f}s", highlight=False)
     if args.check:
-        return check_against_torch(module, loaded.module, inputs)
+        return check_against_torch(module, loaded.module, call_args, call_kwargs)
     return 0
 
 
-def check_against_torch(module: object, model: object, inputs: tuple) -> int:
+def check_against_torch(module: object, model: object, args: tuple, kwargs: dict) -> int:
     """Run the interpreter and torch on the same inputs; report the relative error."""
     import torch  # noqa: PLC0415 - only this command needs it
 
     from .ir import interpret  # noqa: PLC0415
 
     with torch.no_grad():
-        ref = model(*inputs)
+        ref = model(*args, **kwargs)
     refs = _flatten(ref)
+    named = {**dict(zip(module.input_names, args)), **kwargs}
     with err.status("running the reference interpreter"):
-        outs = interpret(module, *[t.numpy() for t in inputs])
+        outs = interpret(module, *[named[n].numpy() for n in module.input_names])
     worst = 0.0
     for i, (got, want) in enumerate(zip(outs, refs)):
         want = want.detach().numpy()

@@ -1,6 +1,7 @@
 """torch.export -> `graph` dialect."""
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from typing import Any, Sequence
@@ -46,21 +47,38 @@ def decomposition_table() -> dict[Any, Any]:
 
 def export(model: torch.nn.Module, args: Sequence[torch.Tensor],
            kwargs: dict[str, Any] | None = None, dynamic_batch: bool = False) -> ExportedProgram:
-    """torch.export the model (dim 0 of every input symbolic when `dynamic_batch`)."""
+    """torch.export the model (dim 0 of every input tensor symbolic when `dynamic_batch`)."""
+    kwargs = dict(kwargs or {})
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim(BATCH, min=1, max=1 << 16)
-        dynamic_shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() else None
-                               for a in args)
-        if kwargs:
-            raise ValueError("dynamic_batch=True needs the inputs passed positionally, "
-                             f"got keyword inputs {sorted(kwargs)}")
-        # torch.export specializes size-1 dims, so trace a batch of 1 as two copies of it
-        args = [torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1
-                else a for a in args]
+        args, kwargs = [_two_rows(a) for a in args], {k: _two_rows(v) for k, v in kwargs.items()}
+        dynamic_shapes = {**dict(zip(_positional_names(model, len(args)),
+                                     [_batch_dim(a, batch) for a in args])),
+                          **{k: _batch_dim(v, batch) for k, v in kwargs.items()}}
     with torch.no_grad():
         ep = torch.export.export(model.eval(), tuple(args), kwargs, dynamic_shapes=dynamic_shapes)
     return ep.run_decompositions(decomposition_table())
+
+
+def _two_rows(value: Any) -> Any:
+    # torch.export specializes size-1 dims, so trace a batch of 1 as two copies of it
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+        return torch.cat([value, value])
+    return value
+
+
+def _batch_dim(value: Any, batch: Any) -> Any:
+    return {0: batch} if isinstance(value, torch.Tensor) and value.dim() else None
+
+
+def _positional_names(model: torch.nn.Module, count: int) -> list[str]:
+    params = list(inspect.signature(model.forward).parameters.values())
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < count:
+        raise ValueError(f"{type(model).__name__}.forward takes {len(names)} positional "
+                         f"input(s), got {count}")
+    return names[:count]
 
 
 def from_torch(model: torch.nn.Module, args: Sequence[torch.Tensor] | torch.Tensor,

@@ -28,10 +28,18 @@ class LoadedModel:
     module: torch.nn.Module
     make_inputs: Callable[[int], tuple[torch.Tensor, ...]]  # batch size -> inputs
     input_names: tuple[str, ...]
+    by_keyword: bool = False  # forward's positional order differs: pass inputs by name
 
     def inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
-        """Example inputs at a batch size."""
+        """Example inputs at a batch size, in `input_names` order."""
         return self.make_inputs(batch)
+
+    def call_args(self, batch: int = 1) -> tuple[tuple, dict[str, torch.Tensor]]:
+        """(args, kwargs) to call or export the model with."""
+        inputs = self.inputs(batch)
+        if self.by_keyword:
+            return (), dict(zip(self.input_names, inputs))
+        return inputs, {}
 
 
 def load_model(spec: str) -> LoadedModel:
@@ -126,8 +134,11 @@ def load_hf_directory(path: Path) -> LoadedModel:
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"transformers could not build {path}: {exc}") from exc
     model.eval()
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache in the outputs cannot be exported
     name = path.name.replace("-", "_")
-    return LoadedModel(name, model, _hf_inputs(model, config), _hf_input_names(model, config))
+    return LoadedModel(name, model, _hf_inputs(model, config), _hf_input_names(model, config),
+                       by_keyword=True)
 
 
 def _is_vision(config: Any) -> bool:
@@ -194,4 +205,5 @@ def load_minilm() -> LoadedModel:
         enc = tokenizer(text, padding="max_length", max_length=16, truncation=True,
                         return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
-    return LoadedModel(MINILM, loaded.module, make, ("input_ids", "attention_mask"))
+    return LoadedModel(MINILM, loaded.module, make, ("input_ids", "attention_mask"),
+                       by_keyword=True)

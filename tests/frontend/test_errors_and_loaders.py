@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitsmith import ir
 from bitsmith.frontend import (ModelLoadError, UnsupportedOpError, from_torch, import_program,
                                load_model)
 
@@ -102,3 +103,21 @@ def test_load_model_from_a_hugging_face_directory(tmp_path: Path) -> None:
     (tmp_path / "config.json").unlink()
     with pytest.raises(ModelLoadError, match="has no config.json"):
         load_model(str(tmp_path))
+
+
+def test_hugging_face_decoder_is_called_by_keyword(tmp_path: Path) -> None:
+    """GPT-2's second positional parameter is past_key_values: inputs must go by name."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300,
+                                     n_positions=32, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    args, kwargs = loaded.call_args(1)
+    assert args == () and set(kwargs) == {"input_ids", "attention_mask"}
+    module = from_torch(loaded.module, args, kwargs, dynamic_batch=True, name=loaded.name)
+    assert module.input_names == ["input_ids", "attention_mask"]
+    three = loaded.inputs(3)
+    got = ir.interpret(module, *[t.numpy() for t in three])[0]
+    with torch.no_grad():
+        want = loaded.module(**dict(zip(loaded.input_names, three))).logits.numpy()
+    assert float(abs(got - want).max()) / float(abs(want).max()) < 1e-4
