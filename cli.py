@@ -11,6 +11,7 @@ import numpy as np
 from rich.console import Console
 
 from . import __version__
+from .ir import interpret
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_ir(args: argparse.Namespace) -> int:
     """`bitsmith ir MODEL`: print the imported module (and optionally check it)."""
-    from .frontend import ModelLoadError, UnsupportedOpError, from_torch, load_model  # noqa: PLC0415 - torch is heavy; keep `bitsmith --help` fast
+    # torch is heavy: import the frontend only for the commands that need it
+    from .frontend import (ModelLoadError, UnsupportedOpError,  # noqa: PLC0415
+                           from_torch, load_model)
 
     if args.batch < 1:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
@@ -93,11 +96,9 @@ def check_against_torch(module: object, model: object, args: tuple, kwargs: dict
     """Run the interpreter and torch on the same inputs; report the relative error."""
     import torch  # noqa: PLC0415 - only this command needs it
 
-    from .ir import interpret  # noqa: PLC0415
-
     with torch.no_grad():
         ref = model(*args, **kwargs)
-    refs = _flatten(ref)
+    refs = _flatten(ref, torch.Tensor)
     named = {**dict(zip(module.input_names, args)), **kwargs}
     with err.status("running the reference interpreter"):
         outs = interpret(module, *[named[n].numpy() for n in module.input_names])
@@ -115,14 +116,12 @@ def check_against_torch(module: object, model: object, args: tuple, kwargs: dict
     return 0 if ok else 1
 
 
-def _flatten(value: object) -> list:
-    import torch  # noqa: PLC0415
-
-    if isinstance(value, torch.Tensor):
+def _flatten(value: object, tensor_type: type) -> list:
+    if isinstance(value, tensor_type):
         return [value]
     if isinstance(value, dict) or hasattr(value, "to_tuple"):
         value = value.to_tuple() if hasattr(value, "to_tuple") else tuple(value.values())
     out: list = []
     for item in value if isinstance(value, (tuple, list)) else []:
-        out.extend(_flatten(item))
+        out.extend(_flatten(item, tensor_type))
     return out

@@ -61,6 +61,23 @@ class BlockArgument(Value):
 REQUIRED = object()
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_ATTR_KINDS: dict[str, Any] = {
+    "int": _is_int,
+    "float": lambda v: isinstance(v, float),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "ints": lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v),
+    "floats": lambda v: isinstance(v, tuple) and all(isinstance(x, float) for x in v),
+    "dtype": lambda v: isinstance(v, DType),
+    "dense": lambda v: isinstance(v, DenseAttr),
+    "any": lambda v: True,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class AttrSpec:
     """Declares one attribute: its kind, default and allowed values."""
@@ -74,18 +91,7 @@ class AttrSpec:
         """Raise VerifyError when `value` does not fit this spec."""
         if value is None and (self.optional or self.default is None):
             return
-        ok = {
-            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "float": lambda v: isinstance(v, float),
-            "bool": lambda v: isinstance(v, bool),
-            "str": lambda v: isinstance(v, str),
-            "ints": lambda v: isinstance(v, tuple)
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-            "floats": lambda v: isinstance(v, tuple) and all(isinstance(x, float) for x in v),
-            "dtype": lambda v: isinstance(v, DType),
-            "dense": lambda v: isinstance(v, DenseAttr),
-            "any": lambda v: True,
-        }[self.kind](value)
+        ok = _ATTR_KINDS[self.kind](value)
         if not ok:
             raise VerifyError(op, f"attribute '{name}' expected {self.kind}, got {value!r}")
         if self.choices and value not in self.choices:

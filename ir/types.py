@@ -52,12 +52,13 @@ def format_dim(d: Dim) -> str:
     """Text of a dimension: `16`, `B`, or a parenthesized expression `(16*B)`."""
     if isinstance(d, int):
         return str(d)
-    if d.is_Symbol and _BARE_SYMBOL(d.name):
+    if d.is_Symbol and _is_bare_symbol(d.name):
         return d.name
     return f"({sympy.sstr(d)})"
 
 
-def _BARE_SYMBOL(name: str) -> bool:  # noqa: N802 - reads as a predicate table entry
+def _is_bare_symbol(name: str) -> bool:
+    # upper-case names cannot contain the 'x' that separates dims, so they print unquoted
     return name[:1].isupper() and all(c.isupper() or c.isdigit() or c == "_" for c in name)
 
 
