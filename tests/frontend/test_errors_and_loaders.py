@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from bitsmith import ir
 from bitsmith.frontend import (ModelLoadError, UnsupportedOpError, from_torch, import_program,
@@ -90,7 +91,6 @@ def test_load_model_from_a_file_class_and_function(tmp_path: Path) -> None:
 
 
 def test_load_model_from_a_hugging_face_directory(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, vocab_size=200,
                                      max_position_embeddings=32)
@@ -107,7 +107,6 @@ def test_load_model_from_a_hugging_face_directory(tmp_path: Path) -> None:
 
 def test_hugging_face_decoder_is_called_by_keyword(tmp_path: Path) -> None:
     """GPT-2's second positional parameter is past_key_values: inputs must go by name."""
-    transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300,
                                      n_positions=32, bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)

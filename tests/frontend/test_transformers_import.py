@@ -3,13 +3,13 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from bitsmith.frontend import from_torch, load_model
 
 from .conftest import assert_matches_torch, assert_round_trips
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
 T = transformers
 
 
