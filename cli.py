@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 from rich.console import Console
 
-from . import __version__
-from .ir import interpret
+from . import __version__, passes
+from .ir import Module, interpret
+from .passes.manager import count_ops
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -49,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     ir_cmd.add_argument("--check", action="store_true",
                         help="also run the interpreter and compare with torch")
     ir_cmd.add_argument("-o", "--output", help="write the IR to this file instead of stdout")
+    ir_cmd.add_argument("--pipeline", help="passes to run after import, e.g. "
+                        "'canonicalize,cse,fuse{max-ops=64},layout{conv=nhwc}'; 'default' is "
+                        "the default pipeline of --target")
+    ir_cmd.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                        help="whose default pipeline 'default' means")
+    ir_cmd.add_argument("--print-ir-after-all", action="store_true",
+                        help="print the IR (to stderr) after every pass")
+    ir_cmd.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                        help="print the IR (to stderr) after each run of this pass")
+    ir_cmd.add_argument("--explain-fusion", action="store_true",
+                        help="say why each producer/consumer pair was or was not fused "
+                        "(runs the default pipeline when --pipeline is not given)")
+    ir_cmd.add_argument("--pass-stats", action="store_true",
+                        help="print each pass's wall time and statistics")
+    ir_cmd.add_argument("--no-verify", action="store_true",
+                        help="skip verifying the IR after every pass")
     ir_cmd.set_defaults(func=cmd_ir)
     return parser
 
@@ -79,17 +96,45 @@ def cmd_ir(args: argparse.Namespace) -> int:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise CliError(f"torch.export could not trace {loaded.name}: "
                            f"{type(exc).__name__}: {first}") from None
+    err.print(f"imported {loaded.name}: {len(module.ops)} ops, {len(module.weights)} weights "
+              f"in {time.perf_counter() - start:.1f}s", highlight=False)
+    run_pipeline(module, args)
     text = str(module)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(text)
     else:
         sys.stdout.write(text)
-    err.print(f"imported {loaded.name}: {len(module.ops)} ops, {len(module.weights)} weights "
-              f"in {time.perf_counter() - start:.1f}s", highlight=False)
     if args.check:
         return check_against_torch(module, loaded.module, call_args, call_kwargs)
     return 0
+
+
+def run_pipeline(module: Module, args: argparse.Namespace) -> None:
+    """Run --pipeline (or the default one for --explain-fusion) and print what was asked."""
+    pipeline = args.pipeline
+    if pipeline is None and (args.explain_fusion or args.print_ir_after_all
+                             or args.print_ir_after or args.pass_stats):
+        pipeline = "default"
+    if pipeline is None:
+        return
+    if pipeline == "default":
+        pipeline = passes.default_pipeline(args.target)
+    try:
+        manager = passes.PassManager(
+            pipeline, verify=not args.no_verify,
+            print_ir_after=True if args.print_ir_after_all else args.print_ir_after,
+            printer=lambda text: err.out(text, highlight=False))
+        report = manager.run(module)
+    except passes.PassError as exc:
+        raise CliError(str(exc)) from None
+    if args.explain_fusion:
+        err.out("\n".join(report.remarks("fuse")) or "(no fuse pass ran)", highlight=False)
+    if args.pass_stats:
+        err.out(report.table(), highlight=False)
+    kernels = sum(op.name == "kernel.fused" for op in module.ops)
+    err.print(f"ran {manager} in {report.seconds * 1e3:.0f} ms: {count_ops(module)} ops, "
+              f"{kernels} kernels", highlight=False)
 
 
 def check_against_torch(module: object, model: object, args: tuple, kwargs: dict) -> int:

@@ -1,2 +1,3 @@
-"""Dialects: `func` (the function), `graph` (imported models); `kernel` and `quant` follow."""
-from . import func, graph  # noqa: F401 - importing registers the ops
+"""Dialects: `func` (the function), `graph` (imported models), `kernel` (fused kernels);
+`quant` follows."""
+from . import func, graph, kernel  # noqa: F401 - importing registers the ops
