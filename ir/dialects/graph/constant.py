@@ -10,17 +10,26 @@ from ...interpreter import EvalContext
 
 @register_op
 class ConstantOp(Operation):
-    """A constant tensor: a module weight referenced by name, or a small inline literal."""
+    """A constant tensor: a module weight referenced by name, or a small inline literal.
+
+    `layout`, when set, is a free-form tag (e.g. "HWIO", "KN") naming the physical layout
+    the weight was pre-packed into at compile time, so that consumers can tell a re-laid-out
+    weight from its original; it does not change semantics: the value is taken as is.
+    """
 
     name = "graph.constant"
     ATTRS = {"weight": attr("str", None, optional=True),
-             "value": attr("dense", None, optional=True)}
+             "value": attr("dense", None, optional=True),
+             "layout": attr("str", None, optional=True)}
     RESULT_TYPES_GIVEN = True
 
     def verify_(self) -> None:
         if (self.weight is None) == (self.value is None):
             raise VerifyError(self, "needs exactly one of 'weight' (a name) or 'value' "
                                     "(an inline dense literal)")
+        if self.layout is not None and not self.layout.strip():
+            raise VerifyError(self, "layout tag must name a layout (e.g. \"HWIO\"), "
+                                    f"got {self.layout!r}")
         if self.value is not None and self.value.type != self.result.type:
             raise VerifyError(self, f"literal type {self.value.type} differs from the "
                                     f"result type {self.result.type}")

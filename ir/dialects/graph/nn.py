@@ -10,7 +10,7 @@ from ...dtypes import boolean
 from ...errors import VerifyError
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, broadcast_shapes
-from ...types import TensorType, dims_equal
+from ...types import TensorType, dims_equal, format_dim
 from .elementwise import checked_axis, in_float, plain_dtype
 
 
@@ -123,20 +123,26 @@ class RmsNormOp(NormOp):
 
 @register_op
 class BatchNormOp(Operation):
-    """Inference batch norm over axis 1 with running statistics."""
+    """Inference batch norm with running statistics over the channel `axis`.
+
+    `axis` is 1 for NCHW-style inputs (torch's convention) and -1 for channels-last (NHWC);
+    mean, var, weight and bias are all [C] with C = x.shape[axis].
+    """
 
     name = "graph.batch_norm"
     OPERANDS = ("x", "mean", "var", "weight?", "bias?")
-    ATTRS = {"eps": attr("float", 1e-5)}
+    ATTRS = {"eps": attr("float", 1e-5), "axis": attr("int", 1)}
 
     def infer_types(self) -> list[TensorType]:
         x = self.x.type
         if x.rank < 2:
-            raise VerifyError(self, f"expected rank >= 2 (N, C, ...), got {x}")
+            raise VerifyError(self, f"expected rank >= 2 (a batch and a channel axis), got {x}")
+        channels = x.shape[checked_axis(self, self.axis, x.rank)]
         for value in self.operands[1:]:
-            if value.type.rank != 1 or not dims_equal(value.type.shape[0], x.shape[1]):
-                raise VerifyError(self, f"per-channel parameter {value.type} does not match "
-                                        f"{x.shape[1]} channels")
+            if value.type.rank != 1 or not dims_equal(value.type.shape[0], channels):
+                raise VerifyError(self, f"per-channel parameter does not match x {x} on axis "
+                                        f"{self.axis}: expected [{format_dim(channels)}], "
+                                        f"got {value.type}")
             if value.type.dtype != x.dtype:
                 raise VerifyError(self, f"parameter dtype {value.type.dtype} differs from x "
                                         f"{x.dtype}")
@@ -148,7 +154,8 @@ class BatchNormOp(Operation):
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, mean: np.ndarray, var: np.ndarray,
                  *affine: np.ndarray) -> np.ndarray:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
+        shape = [1] * x.ndim
+        shape[checked_axis(self, self.axis, x.ndim)] = -1
 
         def fn(v: np.ndarray, m: np.ndarray, s: np.ndarray, *p: np.ndarray) -> np.ndarray:
             out = (v - m.reshape(shape)) / np.sqrt(s.reshape(shape) + np.float32(self.eps))
