@@ -31,3 +31,32 @@ def test_bad_path_via_python_m() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: no such file: /nonexistent/m.py"
     assert "Traceback" not in proc.stderr
+
+
+def test_pipeline_with_stats_and_check(capsys) -> None:
+    assert main(["ir", "bert", "--pipeline", "canonicalize,cse,fuse{max-ops=64},layout",
+                 "--pass-stats", "--check"]) == 0
+    captured = capsys.readouterr()
+    module = ir.parse(captured.out)
+    assert any(op.name == "kernel.fused" for op in module.ops)
+    assert "fuse{max-ops=64}" in captured.err and "kernels-formed=" in captured.err
+    assert "check passed" in captured.err
+
+
+def test_explain_fusion_runs_the_default_pipeline(capsys) -> None:
+    assert main(["ir", "resnet", "--explain-fusion"]) == 0
+    err = capsys.readouterr().err
+    assert "fused    graph.conv2d [stem.1] -> graph.relu [stem.2]" in err
+    assert "graph.max_pool2d does not absorb producers" in err
+
+
+def test_print_ir_after_a_pass(capsys) -> None:
+    assert main(["ir", "mlp", "--pipeline", "cse,fuse", "--print-ir-after", "fuse"]) == 0
+    err = capsys.readouterr().err
+    assert "// ----- IR after fuse -----" in err and "IR after cse" not in err
+
+
+def test_bad_pipeline_is_one_line_and_exit_2(capsys) -> None:
+    assert main(["ir", "mlp", "--pipeline", "canonicalize,fusion"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: unknown pass 'fusion' (did you mean 'fuse'?); valid passes:")
