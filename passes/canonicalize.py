@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir import DenseAttr, EvalContext, Module, Operation, Value
+from ..ir import Block, DenseAttr, EvalContext, InterpretError, Module, Operation, Value
 from ..ir.dialects import graph
 from ..ir.dtypes import DType
 from ..ir.interpreter import evaluate_op
@@ -37,6 +37,9 @@ def constant_array(value: Value, module: Module) -> np.ndarray | None:
     op = producer(value)
     if op is None or op.name not in SOURCES or static_nbytes(value) is None:
         return None
+    name = op.attributes.get("weight")
+    if name is not None and name not in module.weights:
+        return None  # a weight not bound to the module (IR parsed without weights)
     return op.evaluate(EvalContext(module.weights))
 
 
@@ -71,6 +74,12 @@ def _weight_base(op: Operation) -> str:
     return f"{op.loc or 'const'}.{op.name.split('.')[-1]}"
 
 
+def _freed_bytes(op: Operation, arrays: list[np.ndarray]) -> int:
+    """Constant data that folding `op` frees: literals and weights no other op uses."""
+    return sum(array.nbytes for value, array in dict(zip(op.operands, arrays)).items()
+               if producer(value).name == "graph.constant" and value.users == [op])
+
+
 @pattern()
 def fold_constant_op(op: Operation, rw: PatternRewriter) -> bool:
     """op(constants...) -> constant, evaluated by the interpreter."""
@@ -82,10 +91,14 @@ def fold_constant_op(op: Operation, rw: PatternRewriter) -> bool:
     sizes = [static_nbytes(r) for r in op.results]
     if any(s is None for s in sizes):
         return False
-    budget = max(sum(a.nbytes for a in arrays), FOLD_GROWTH_BYTES)  # type: ignore[union-attr]
+    # graph.full/arange store no data, and a weight with other users stays: neither frees any
+    budget = max(_freed_bytes(op, arrays), FOLD_GROWTH_BYTES)  # type: ignore[arg-type]
     if sum(sizes) > budget:  # type: ignore[arg-type]
         return False
-    outs = evaluate_op(op, EvalContext(rw.module.weights), arrays)  # type: ignore[arg-type]
+    try:
+        outs = evaluate_op(op, EvalContext(rw.module.weights), arrays)  # type: ignore[arg-type]
+    except (InterpretError, ArithmeticError, IndexError, ValueError):
+        return False  # e.g. an integer division by zero: leave it to fail at run time
     base = _weight_base(op)
     rw.replace_op(op, [make_constant(rw, a, r, base) for a, r in zip(outs, op.results)])
     return True
@@ -242,7 +255,7 @@ def fold_batch_norm_into_conv(op: Operation, rw: PatternRewriter) -> bool:
     scale = (gamma / np.sqrt(var.astype(np.float32) + np.float32(op.eps))).astype(w.dtype)
     shape = [1] * w.ndim
     shape[w_axis] = -1
-    base = producer(conv.weight).weight or "conv"
+    base = producer(conv.weight).attributes.get("weight") or "conv"
     new_w = make_constant(rw, w * scale.reshape(shape), conv.weight, f"{base}.bn")
     new_b = make_constant(rw, ((bias - mean) * scale + beta).astype(w.dtype), op.operands[1],
                           f"{base}.bn_bias")
@@ -264,9 +277,12 @@ class Canonicalize(ModulePass):
     max_iterations: int = 16
 
     def run(self, module: Module, ctx: PassContext) -> None:
+        def erase_dead(block: Block) -> None:
+            ctx.count("ops-removed", erase_dead_ops(block))  # every sweep's erasures count
+
         fired = apply_patterns(module, CANONICAL_PATTERNS, max_iterations=self.max_iterations,
-                               before_sweep=erase_dead_ops)
+                               before_sweep=erase_dead)
         for name, n in fired.items():
             ctx.count(name, n)
-        ctx.count("ops-removed", erase_dead_ops(module.body))
+        erase_dead(module.body)
         ctx.count("weights-removed", prune_weights(module))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import Block, Module, Operation
+from ..ir.attributes import format_attr
 from .manager import ModulePass, PassContext, register_pass
 
 TERMINATORS = ("func.return", "kernel.yield")
@@ -46,7 +47,10 @@ class DeadCodeElimination(ModulePass):
 def _cse_key(op: Operation) -> tuple | None:
     if op.regions or op.name in TERMINATORS or not op.results:
         return None
-    attrs = tuple(sorted(op.attributes.items()))
+    try:  # the exact text, so that e.g. 0.0 and -0.0 stay apart (they compare equal)
+        attrs = tuple((k, format_attr(v)) for k, v in sorted(op.attributes.items()))
+    except TypeError:  # an attribute with no text form: leave the op alone
+        return None
     types = tuple(str(r.type) for r in op.results)
     return (op.name, tuple(id(v) for v in op.operands), attrs, types)
 
@@ -62,10 +66,7 @@ def eliminate_common_subexpressions(block: Block) -> int:
         key = _cse_key(op)
         if key is None:
             continue
-        try:
-            earlier = seen.setdefault(key, op)
-        except TypeError:  # an unhashable attribute value: leave the op alone
-            continue
+        earlier = seen.setdefault(key, op)
         if earlier is op:
             continue
         for old, new in zip(op.results, earlier.results):

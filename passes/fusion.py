@@ -12,6 +12,7 @@ Rules, in the order they are applied:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -116,8 +117,9 @@ class _Fuser:
         chains = [self._view_chain_back(v, set(members)) for v in inputs]
         chains.append(self._view_chain_forward(core[-1].result))
         for chain in chains:
-            if len(members) + len(chain) <= self.max_ops:
-                members += chain
+            new = [op for op in chain if op not in members]  # q, k, v may share one view chain
+            if len(members) + len(new) <= self.max_ops:
+                members += new
         for op in sorted(members, key=self.position.__getitem__):
             group.add(op, classify(op))
             self.group_of[op] = group
@@ -223,9 +225,10 @@ class _Fuser:
                 return f"{op.name} ({kind}) does not join a {anchor} kernel (only " \
                        "elementwise epilogues do)"
             if len(value.users) > 1 or value in self.module.outputs:
-                return f"the {anchor} result is also used elsewhere, and a {anchor} kernel " \
-                       "has one output"
-            if not value.type.same_as(op.result.type):
+                return f"the {producer(value).name} result is also used elsewhere, and a " \
+                       f"{anchor} kernel has one output"
+            # shapes only: a cast epilogue changes the dtype, not the tile
+            if not value.type.with_dtype(op.result.type.dtype).same_as(op.result.type):
                 return f"the epilogue would broadcast the {anchor} result"
             return None
         if group.kind == OpKind.REDUCTION:
@@ -236,24 +239,35 @@ class _Fuser:
         return None
 
     def _creates_cycle(self, group: Group, op: Operation) -> bool:
-        """Whether another operand of `op` depends on `group` through an outside op."""
-        members = set(group.ops)
-        first = min(self.position[o] for o in group.ops)
-        seen: set[Operation] = set()
-        stack = [producer(v) for v in op.operands]
+        """Whether a producer of `op` outside `group` already depends on `group`.
+
+        Checked between kernels, not ops: two groups that each feed the other are a cycle even
+        when no op-level path leaves one group and comes back to it.
+        """
+        targets = {self._node(src) for src in map(producer, op.operands) if src is not None}
+        targets.discard(group)
+        if not targets:
+            return False
+        limit = self.position[op]
+        seen: set[Group | Operation] = {group}
+        stack: list[Group | Operation] = [group]
         while stack:
-            src = stack.pop()
-            if src is None or src in seen or self.position.get(src, -1) < first:
-                continue
-            seen.add(src)
-            if src in members:
-                continue  # a direct operand from the group itself is fine
-            for value in src.operands:
-                above = producer(value)
-                if above in members:
-                    return True
-                stack.append(above)
+            node = stack.pop()
+            for member in node.ops if isinstance(node, Group) else [node]:
+                for user in (u for r in member.results for u in r.users):
+                    after = self._node(user)
+                    if after in targets:
+                        return True
+                    # an ungrouped op after `op` cannot lead back to a producer of `op`
+                    if after not in seen and (isinstance(after, Group)
+                                              or self.position.get(user, limit) < limit):
+                        seen.add(after)
+                        stack.append(after)
         return False
+
+    def _node(self, op: Operation) -> Group | Operation:
+        """The group `op` belongs to, or the op itself while it has none."""
+        return self.group_of.get(op, op)
 
 
 def build_kernel(module: Module, group: Group, name: str) -> FusedOp:
@@ -313,6 +327,19 @@ def kernel_name(group: Group, index: int) -> str:
     return f"k{index}_{'_'.join(names[:4])}"
 
 
+def _is_read(group: Group) -> bool:
+    """Whether a result of the group is used outside it."""
+    members = set(group.ops)
+    return any(user not in members for op in group.ops for r in op.results for user in r.users)
+
+
+def _first_free_index(module: Module) -> int:
+    """Kernel numbers go on after those of kernels already in the module (a second run)."""
+    found = (re.match(r"k(\d+)_", op.attributes["name"]) for op in module.body.ops
+             if op.name == "kernel.fused")
+    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+
 @register_pass("fuse")
 @dataclass(frozen=True)
 class FuseOps(ModulePass):
@@ -325,8 +352,10 @@ class FuseOps(ModulePass):
             raise ValueError(f"max-ops must be >= 1, got {self.max_ops}")
 
     def run(self, module: Module, ctx: PassContext) -> None:
-        groups = _Fuser(module, self.max_ops, ctx).run()
-        for index, group in enumerate(groups):
+        # a group nobody reads would become a kernel without results; its ops are erased below
+        groups = [g for g in _Fuser(module, self.max_ops, ctx).run() if _is_read(g)]
+        first = _first_free_index(module)
+        for index, group in enumerate(groups, start=first):
             kernel = build_kernel(module, group, kernel_name(group, index))
             ctx.count("kernels-formed")
             ctx.count(f"kernels-{kernel.kind}")

@@ -239,5 +239,5 @@ def default_pipeline(target: str = "cpu") -> str:
 
 
 __all__ = ["PassContext", "ModulePass", "PASS_REGISTRY", "register_pass", "make_pass",
-           "parse_pipeline", "print_pipeline", "Pipeline", "PassRecord", "PipelineReport", "PassManager",
-           "run", "default_pipeline", "count_ops", "format_option"]
+           "parse_pipeline", "print_pipeline", "Pipeline", "PassRecord", "PipelineReport",
+           "PassManager", "run", "default_pipeline", "count_ops", "format_option"]

@@ -73,6 +73,7 @@ def apply_patterns(module: Module, patterns: Iterable[Pattern], *, max_iteration
     """
     ordered: Sequence[Pattern] = sorted(patterns, key=lambda p: -p.benefit)
     fired: Counter[str] = Counter()
+    recent: list[Counter[str]] = []
     for _ in range(max_iterations):
         if before_sweep is not None:
             before_sweep(module.body)
@@ -80,9 +81,11 @@ def apply_patterns(module: Module, patterns: Iterable[Pattern], *, max_iteration
         fired.update(sweep)
         if not sweep:
             return fired
-    names = ", ".join(f"{name} ({n}x)" for name, n in sweep.most_common())
+        recent = (recent + [sweep])[-2:]  # two patterns undoing each other alternate sweeps
+    names = ", ".join(f"{name} ({n}x)" for name, n in sum(recent, Counter()).most_common())
     raise PassError(f"rewriting did not converge in {max_iterations} sweeps; patterns still "
-                    f"firing in the last sweep: {names}. Two patterns probably undo each other.")
+                    f"firing in the last two sweeps: {names}. Two patterns probably undo each "
+                    "other.")
 
 
 def _sweep(module: Module, patterns: Sequence[Pattern]) -> Counter[str]:
