@@ -29,6 +29,15 @@ class YieldOp(Operation):
     def infer_types(self) -> list:
         return []
 
+    def verify_(self) -> None:
+        # anywhere else the interpreter would stop at it and return its operands as outputs
+        region = self.parent.parent if self.parent is not None else None
+        owner = region.parent if region is not None else None
+        if owner is None or owner.name != "kernel.fused":
+            where = "the function body" if owner is None else f"a '{owner.name}' region"
+            raise VerifyError(self, f"'kernel.yield' may only end a 'kernel.fused' region, "
+                                    f"found in {where}")
+
 
 @register_op
 class FusedOp(Operation):
@@ -40,6 +49,11 @@ class FusedOp(Operation):
     NUM_REGIONS = 1
     RESULT_TYPES_GIVEN = True
     NUM_RESULTS: ClassVar[int | None] = None
+
+    @property
+    def kernel_name(self) -> str:
+        """The `name` attribute (`op.name` is the op kind, "kernel.fused")."""
+        return self.attributes["name"]
 
     @property
     def body_ops(self) -> list[Operation]:
