@@ -26,6 +26,7 @@ from .manager import ModulePass, PassContext, register_pass
 from .op_kinds import ANCHORS, OpKind, classify, reduction_signature
 
 _VIEWS = ("graph.reshape", "graph.permute")
+_PADDED = ("graph.conv2d", "graph.max_pool2d", "graph.avg_pool2d")
 
 
 @dataclass(eq=False)
@@ -215,26 +216,36 @@ class _Fuser:
             reason = "fusing would create a cycle through another kernel"
         return reason
 
+    def _is_padding_prologue(self, group: Group, op: Operation, value: Value) -> bool:
+        """A pad feeding only a conv/pool's input: the kernel reads through the padding."""
+        return (op.name in _PADDED and value is op.operands[0] and len(value.users) == 1
+                and value not in self.module.outputs
+                and all(o.name == "graph.pad" for o in group.ops))
+
     def _kind_refusal(self, group: Group, op: Operation, kind: OpKind,
                       value: Value) -> str | None:
         if kind == OpKind.OUT_FUSABLE:
+            if self._is_padding_prologue(group, op, value):
+                return None
             return f"{op.name} does not absorb producers (it would recompute them per tile)"
         if group.kind == OpKind.OUT_FUSABLE:
             anchor = group.kernel_kind
-            if kind > OpKind.BROADCAST:
+            view = op.name == "graph.reshape"  # of a contiguous result: free, no data moves
+            if kind > OpKind.BROADCAST and not view:
                 return f"{op.name} ({kind}) does not join a {anchor} kernel (only " \
-                       "elementwise epilogues do)"
+                       "elementwise epilogues and reshapes do)"
             if len(value.users) > 1 or value in self.module.outputs:
                 return f"the {producer(value).name} result is also used elsewhere, and a " \
                        f"{anchor} kernel has one output"
             # shapes only: a cast epilogue changes the dtype, not the tile
-            if not value.type.with_dtype(op.result.type.dtype).same_as(op.result.type):
+            if not view and not value.type.with_dtype(op.result.type.dtype).same_as(
+                    op.result.type):
                 return f"the epilogue would broadcast the {anchor} result"
             return None
         if group.kind == OpKind.REDUCTION:
             if kind == OpKind.REDUCTION and reduction_signature(op) not in group.reductions:
                 return "it reduces other rows than the reduction kernel it would join"
-            if kind == OpKind.INJECTIVE:
+            if kind == OpKind.INJECTIVE and op.name != "graph.reshape":
                 return f"{op.name} (injective) after a reduction starts a new kernel"
         return None
 

@@ -115,7 +115,27 @@ def sink_permute_through_elementwise(op: Operation, rw: PatternRewriter) -> bool
     return True
 
 
-LAYOUT_PATTERNS = (convert_to_nhwc, sink_permute_through_elementwise, fold_constant_op,
+@pattern("graph.pad", "graph.slice")
+def sink_permute_through_pad_or_slice(op: Operation, rw: PatternRewriter) -> bool:
+    """pad(permute(x, p)) -> permute(pad'(x), p), pads moved to x's axes (same for slice)."""
+    found = _permuted(op.x)
+    if found is None or len(op.x.users) != 1:
+        return False
+    x, perm = found
+    if op.name == "graph.pad":
+        pads = [0] * len(op.pads)
+        for i, p in enumerate(perm):
+            pads[2 * p], pads[2 * p + 1] = op.pads[2 * i], op.pads[2 * i + 1]
+        inner = rw.value(graph.PadOp, x, pads=tuple(pads), value=op.value)
+    else:
+        axis = perm[op.axis % len(perm)]
+        inner = rw.value(graph.SliceOp, x, **dict(op.attributes, axis=axis))
+    rw.replace_op(op, rw.value(graph.PermuteOp, inner, perm=perm))
+    return True
+
+
+LAYOUT_PATTERNS = (convert_to_nhwc, sink_permute_through_elementwise,
+                   sink_permute_through_pad_or_slice, fold_constant_op,
                    merge_permutes, remove_identity_permute, permute_of_unit_dims_to_reshape,
                    merge_reshapes, remove_noop)
 

@@ -174,7 +174,7 @@ def test_matmul_takes_no_reduction_and_does_not_absorb_producers() -> None:
         "separate graph.exp -> graph.matmul: graph.matmul does not absorb producers (it would "
         "recompute them per tile)",
         "separate graph.matmul -> graph.softmax: graph.softmax (reduction) does not join a "
-        "matmul kernel (only elementwise epilogues do)"]
+        "matmul kernel (only elementwise epilogues and reshapes do)"]
 
 
 # ---- elementwise, injective, reductions -----------------------------------------------------
@@ -254,15 +254,30 @@ def test_reductions_over_different_axes_stay_apart() -> None:
 
 
 def test_injective_op_after_a_reduction_starts_a_new_kernel() -> None:
+    p = "tensor<3x7x5xf32>"
     body = [f'%0 = "graph.softmax"(%x) {{axis = 2}} : ({T}) -> {T}',
-            f'%1 = "graph.reshape"(%0) : ({T}) -> tensor<105xf32>',
-            ret("%1", type="tensor<105xf32>")]
-    module = parse(body, {"x": T}, ["tensor<105xf32>"])
+            f'%1 = "graph.permute"(%0) {{perm = [0, 2, 1]}} : ({T}) -> {p}',
+            ret("%1", type=p)]
+    module = parse(body, {"x": T}, [p])
     report = fuse(module)
     assert kernels(module) == [("reduction", ["graph.softmax"]),
-                               ("injective", ["graph.reshape"])]
-    assert separate(report) == ["separate graph.softmax -> graph.reshape: graph.reshape "
+                               ("injective", ["graph.permute"])]
+    assert separate(report) == ["separate graph.softmax -> graph.permute: graph.permute "
                                 "(injective) after a reduction starts a new kernel"]
+
+
+def test_a_reshape_is_a_free_epilogue_of_reductions_and_matmuls() -> None:
+    flat = "tensor<105xf32>"
+    body = [f'%0 = "graph.softmax"(%x) {{axis = 2}} : ({T}) -> {T}',
+            f'%1 = "graph.reshape"(%0) : ({T}) -> {flat}',
+            f'%2 = "graph.matmul"(%x, %y) {{transpose_rhs = true}} : ({T}, {T}) -> {M}',
+            f'%3 = "graph.reshape"(%2) : ({M}) -> tensor<75xf32>',
+            '%4 = "graph.relu"(%3) : (tensor<75xf32>) -> tensor<75xf32>',
+            f'"func.return"(%1, %4) : ({flat}, tensor<75xf32>) -> ()']
+    module = parse(body, {"x": T, "y": T}, [flat, "tensor<75xf32>"])
+    fuse(module)
+    assert kernels(module) == [("reduction", ["graph.softmax", "graph.reshape"]),
+                               ("matmul", ["graph.matmul", "graph.reshape", "graph.relu"])]
 
 
 # ---- attention ------------------------------------------------------------------------------

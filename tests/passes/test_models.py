@@ -12,6 +12,13 @@ from bitsmith.frontend import from_torch
 from bitsmith.models.hf import ARCHS
 
 RTOL = 1e-5
+# Most kernels / ops fusion may leave. Attention models fuse to about a third; in a CNN every
+# conv is a kernel of its own and a norm after a conv starts another (neither fuses into a conv
+# tile), so about half is what is left. ViT's attention is one graph.attention op already at
+# import (torch SDPA), so it starts with fewer ops. mlp has only 5 ops (three linears).
+MAX_RATIO = {"mlp": 0.6, "resnet": 0.5, "vit": 0.5, "hf-vit": 0.5, "hf-resnet": 0.55,
+             "hf-convnext": 0.55, "hf-mobilenet_v2": 0.3}
+TRANSFORMER_RATIO = 0.4
 
 
 def graph_op_count(module: ir.Module) -> int:
@@ -43,7 +50,7 @@ def test_zoo_model_through_default_pipeline(name: str, target: str) -> None:
     module = from_torch(spec.build().eval(), spec.example_inputs(2), name=name,
                         dynamic_batch=True)
     ops, kernels = check_pipeline(module, spec.example_inputs(3), target)
-    assert kernels <= max(3, ops // 2), f"{name}: {ops} ops -> {kernels} kernels"
+    assert kernels <= MAX_RATIO.get(name, TRANSFORMER_RATIO) * ops, f"{ops} -> {kernels}"
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -52,7 +59,7 @@ def test_transformers_architecture_through_default_pipeline(arch: str) -> None:
     torch.manual_seed(0)
     module = from_torch(build().eval(), make_inputs(2), name=arch, dynamic_batch=True)
     ops, kernels = check_pipeline(module, make_inputs(3), "cpu")
-    assert kernels <= ops // 2, f"{arch}: {ops} ops -> {kernels} kernels"
+    assert kernels <= MAX_RATIO.get(f"hf-{arch}", TRANSFORMER_RATIO) * ops, f"{ops} -> {kernels}"
 
 
 def test_bert_layer_is_a_handful_of_kernels() -> None:
