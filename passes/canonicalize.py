@@ -9,6 +9,7 @@ import numpy as np
 from ..ir import Block, DenseAttr, EvalContext, InterpretError, Module, Operation, Value
 from ..ir.dialects import graph
 from ..ir.dtypes import DType
+from ..ir.types import format_dim
 from ..ir.interpreter import evaluate_op
 from .cleanup import erase_dead_ops, prune_weights
 from .manager import ModulePass, PassContext, register_pass
@@ -202,6 +203,64 @@ def permute_of_unit_dims_to_reshape(op: Operation, rw: PatternRewriter) -> bool:
     return True
 
 
+VIEW_CHAIN_ELEMENTS = 1 << 22  # chains over more elements (per batch row) are left alone
+_VIEWS = ("graph.reshape", "graph.permute")
+
+
+def _view_chain(op: Operation) -> list[Operation]:
+    """`op` and the single-use reshapes/permutes feeding it, nearest first."""
+    chain = [op]
+    while True:
+        value = chain[-1].x
+        src = producer(value)
+        if src is None or src.name not in _VIEWS or len(value.users) != 1:
+            return chain
+        chain.append(src)
+
+
+def _row_shape(op_type: object, dim0: object) -> tuple[int, ...] | None:
+    """The shape with dim 0 as 1 when it is `dim0` (a batch kept by every op), else static."""
+    shape = list(op_type.shape)  # type: ignore[attr-defined]
+    if shape and not isinstance(shape[0], int):
+        if format_dim(shape[0]) != format_dim(dim0):
+            return None
+        shape[0] = 1
+    return tuple(shape) if all(isinstance(d, int) for d in shape) else None
+
+
+@pattern("graph.reshape", "graph.permute")
+def collapse_views_to_reshape(op: Operation, rw: PatternRewriter) -> bool:
+    """reshapes and permutes that leave every element in place -> one reshape
+
+    E.g. NHWC -> permute to NCHW -> flatten HW -> permute back is a reshape of the NHWC tensor.
+    Checked by running the chain on an index array; a symbolic dim 0 must be kept by every op
+    (then the chain acts on each batch row alike, and one row decides).
+    """
+    chain = _view_chain(op)
+    if len(chain) < 2 or not any(o.name == "graph.permute" for o in chain):
+        return False
+    source = chain[-1].x
+    dim0 = source.type.shape[0] if source.type.rank else 1
+    shape = _row_shape(source.type, dim0)
+    if shape is None or int(np.prod(shape)) > VIEW_CHAIN_ELEMENTS:
+        return False
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    for view in reversed(chain):
+        if view.name == "graph.permute":
+            if not isinstance(dim0, int) and view.perm[0] != 0:
+                return False
+            index = index.transpose(view.perm)
+        else:
+            out = _row_shape(view.result.type, dim0)
+            if out is None:
+                return False
+            index = index.reshape(out)
+    if not np.array_equal(index.reshape(-1), np.arange(index.size)):
+        return False
+    rw.replace_op(op, rw.value(graph.ReshapeOp, source, result_types=[op.result.type]))
+    return True
+
+
 def _swap_last_two(perm: tuple[int, ...]) -> tuple[int, ...]:
     return perm[:-2] + (perm[-1], perm[-2])
 
@@ -266,7 +325,8 @@ def fold_batch_norm_into_conv(op: Operation, rw: PatternRewriter) -> bool:
 CANONICAL_PATTERNS = (fold_constant_op, fold_unit_operand, fold_unit_rhs, fold_double_negation,
                       remove_noop, remove_identity_permute, remove_whole_slice, merge_reshapes,
                       merge_permutes, permute_of_unit_dims_to_reshape,
-                      fold_transpose_into_matmul, fold_batch_norm_into_conv)
+                      collapse_views_to_reshape, fold_transpose_into_matmul,
+                      fold_batch_norm_into_conv)
 
 
 @register_pass("canonicalize")

@@ -302,6 +302,36 @@ def test_permute_moving_only_unit_dims_becomes_a_reshape(shape: str, perm: str,
     assert record.stats["permute_of_unit_dims_to_reshape"] == 1
 
 
+@pytest.mark.parametrize("batch", ["2", "B"])
+def test_views_that_keep_every_element_in_place_collapse_to_one_reshape(batch: str) -> None:
+    """channels-last -> NCHW -> flatten HW -> tokens-major is just a reshape of NHWC."""
+    nhwc, nchw = f"tensor<{batch}x3x5x4xf32>", f"tensor<{batch}x4x3x5xf32>"
+    flat, tokens = f"tensor<{batch}x4x15xf32>", f"tensor<{batch}x15x4xf32>"
+    before = func(f"(%x: {nhwc}) -> ({tokens})", f"""
+        %0 = "graph.permute"(%x) {{perm = [0, 3, 1, 2]}} : ({nhwc}) -> {nchw}
+        %1 = "graph.reshape"(%0) : ({nchw}) -> {flat}
+        %2 = "graph.permute"(%1) {{perm = [0, 2, 1]}} : ({flat}) -> {tokens}
+        "func.return"(%2) : ({tokens}) -> ()
+    """)
+    expected = func(f"(%x: {nhwc}) -> ({tokens})", f"""
+        %0 = "graph.reshape"(%x) : ({nhwc}) -> {tokens}
+        "func.return"(%0) : ({tokens}) -> ()
+    """)
+    _, record = check_pass(before, expected, "canonicalize")
+    assert record.stats["collapse_views_to_reshape"] == 1
+
+
+def test_views_that_move_elements_stay() -> None:
+    nhwc, nchw = "tensor<2x3x5x4xf32>", "tensor<2x4x3x5xf32>"
+    flat = "tensor<2x4x15xf32>"
+    moving = func(f"(%x: {nhwc}) -> ({flat})", f"""
+        %0 = "graph.permute"(%x) {{perm = [0, 3, 1, 2]}} : ({nhwc}) -> {nchw}
+        %1 = "graph.reshape"(%0) : ({nchw}) -> {flat}
+        "func.return"(%1) : ({flat}) -> ()
+    """)
+    check_unchanged(moving, "canonicalize")
+
+
 # ---- transposes folded into matmul ---------------------------------------------------------
 def test_transposed_rhs_folds_into_matmul() -> None:
     sig = "(%a: tensor<2x3x5xf32>, %b: tensor<2x7x5xf32>) -> (tensor<2x3x7xf32>)"
