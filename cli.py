@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the interpreter and compare with torch")
     ir_cmd.add_argument("-o", "--output", help="write the IR to this file instead of stdout")
     ir_cmd.add_argument("--pipeline", help="passes to run after import, e.g. "
-                        "'canonicalize,cse,fuse{max-ops=64},layout{conv=nhwc}'; 'default' is "
+                        "'canonicalize,cse,layout{conv=nhwc},fuse{max-ops=64}'; 'default' is "
                         "the default pipeline of --target")
     ir_cmd.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
                         help="whose default pipeline 'default' means")
@@ -129,7 +129,10 @@ def run_pipeline(module: Module, args: argparse.Namespace) -> None:
     except passes.PassError as exc:
         raise CliError(str(exc)) from None
     if args.explain_fusion:
-        err.out("\n".join(report.remarks("fuse")) or "(no fuse pass ran)", highlight=False)
+        ran_fuse = any(r.name.split("{")[0] == "fuse" for r in report.records)
+        remarks = report.remarks("fuse")
+        err.out("\n".join(remarks) if remarks else "(fuse found nothing to fuse)" if ran_fuse
+                else "(the pipeline has no fuse pass)", highlight=False)
     if args.pass_stats:
         err.out(report.table(), highlight=False)
     kernels = sum(op.name == "kernel.fused" for op in module.ops)

@@ -111,7 +111,9 @@ def _same_type(a: Value, b: Value) -> bool:
 
 def _identity(op: Operation, rw: PatternRewriter, keep: Value, other: Value,
               unit: float) -> bool:
-    if splat_value(other, rw.module) != unit or not _same_type(keep, op.result):
+    value = splat_value(other, rw.module)
+    if value != unit or np.signbit(value) != np.signbit(unit) \
+            or not _same_type(keep, op.result):
         return False
     rw.replace_op(op, keep)
     return True
@@ -119,8 +121,13 @@ def _identity(op: Operation, rw: PatternRewriter, keep: Value, other: Value,
 
 @pattern("graph.add", "graph.mul")
 def fold_unit_operand(op: Operation, rw: PatternRewriter) -> bool:
-    """x + 0 -> x, 0 + x -> x, x * 1 -> x, 1 * x -> x (when no broadcast widens x)."""
-    unit = 0.0 if op.name == "graph.add" else 1.0
+    """x + 0 -> x, 0 + x -> x, x * 1 -> x, 1 * x -> x (when no broadcast widens x).
+
+    For floats the additive unit is -0.0, as in MLIR: x + (+0.0) turns -0.0 into +0.0.
+    """
+    unit = 1.0
+    if op.name == "graph.add":
+        unit = -0.0 if op.result.type.dtype.is_float else 0.0
     return (_identity(op, rw, op.lhs, op.rhs, unit)
             or _identity(op, rw, op.rhs, op.lhs, unit))
 
@@ -144,9 +151,9 @@ def fold_double_negation(op: Operation, rw: PatternRewriter) -> bool:
     return True
 
 
-@pattern("graph.reshape", "graph.expand", "graph.cast", "graph.concat")
+@pattern("graph.reshape", "graph.expand", "graph.cast", "graph.concat", "graph.pad")
 def remove_noop(op: Operation, rw: PatternRewriter) -> bool:
-    """A reshape/expand/cast to the operand's own type, or a concat of one tensor -> operand."""
+    """A reshape/expand/cast/pad to the operand's own type, or a concat of one tensor -> x."""
     if len(op.operands) != 1 or not _same_type(op.operands[0], op.result):
         return False
     rw.replace_op(op, op.operands[0])
@@ -335,6 +342,10 @@ class Canonicalize(ModulePass):
     """Fold constants, simplify algebra and shape ops, drop dead ops, to a fixpoint."""
 
     max_iterations: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_iterations < 1:
+            raise ValueError(f"max-iterations must be >= 1, got {self.max_iterations}")
 
     def run(self, module: Module, ctx: PassContext) -> None:
         def erase_dead(block: Block) -> None:

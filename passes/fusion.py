@@ -363,7 +363,7 @@ class FuseOps(ModulePass):
             raise ValueError(f"max-ops must be >= 1, got {self.max_ops}")
 
     def run(self, module: Module, ctx: PassContext) -> None:
-        # a group nobody reads would become a kernel without results; its ops are erased below
+        erase_dead_ops(module.body)  # a dead op in a group would keep its producers alive
         groups = [g for g in _Fuser(module, self.max_ops, ctx).run() if _is_read(g)]
         first = _first_free_index(module)
         for index, group in enumerate(groups, start=first):

@@ -19,6 +19,7 @@ from .canonicalize import (fold_constant_op, merge_permutes, merge_reshapes,
                            permute_of_unit_dims_to_reshape, producer, remove_identity_permute,
                            remove_noop, SOURCES)
 from .cleanup import erase_dead_ops, prune_weights
+from .errors import PassError
 from .manager import ModulePass, PassContext, register_pass
 from .op_kinds import OpKind, classify
 from .rewrite import PatternRewriter, apply_patterns, pattern
@@ -38,12 +39,15 @@ def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _packed_weight(rw: PatternRewriter, weight: Value) -> Value:
-    """The conv weight in HWIO: a pre-packed module weight when it is a constant."""
+    """The conv weight in HWIO: a pre-packed module weight when it is a bound constant."""
     src = producer(weight)
-    if src is None or src.name != "graph.constant" or src.weight is None:
+    if src is None or src.name != "graph.constant" or src.weight not in rw.module.weights:
         return rw.value(graph.PermuteOp, weight, perm=OIHW_TO_HWIO)
     array = np.ascontiguousarray(np.transpose(rw.module.weights[src.weight], OIHW_TO_HWIO))
-    name = rw.add_weight(f"{src.weight}:HWIO", array)
+    name = f"{src.weight}:HWIO"
+    existing = rw.module.weights.get(name)
+    if existing is None or not np.array_equal(existing, array):  # a shared weight: packed once
+        name = rw.add_weight(name, array)
     t = weight.type.with_shape(tuple(weight.type.shape[p] for p in OIHW_TO_HWIO))
     return rw.value(graph.ConstantOp, weight=name, layout="HWIO", result_types=[t])
 
@@ -82,30 +86,24 @@ def sink_permute_through_elementwise(op: Operation, rw: PatternRewriter) -> bool
     """f(permute(a, p), permute(b, p), const) -> permute(f(a, b, const'), p)
 
     Only when every operand is permuted the same way or is a constant (its inverse permute
-    folds away), so no permute is ever added on a computed value.
+    folds away), and at least one permuted operand is computed: no permute is ever added on a
+    computed value, and constants alone are left to constant folding.
     """
     if not op.name.startswith("graph.") or op.name in ("graph.expand", "graph.batch_norm") \
             or classify(op) > OpKind.BROADCAST:
         return False
     rank = op.result.type.rank
-    perm = None
-    for value in op.operands:
-        found = _permuted(value)
-        if found is not None and len(value.users) == 1 and len(found[1]) == rank:
-            perm = perm or found[1]
-            if found[1] != perm:
-                return False
-    if perm is None:
+    plan = [_sinkable(value, rank) for value in op.operands]
+    perms = {found[1] for found in plan if isinstance(found, tuple)}
+    if None in plan or len(perms) != 1 or not any(
+            isinstance(found, tuple) and _is_computed(found[0]) for found in plan):
         return False
+    (perm,) = perms
     operands = []
-    for value in op.operands:
-        found = _permuted(value)
-        if found is not None and found[1] == perm:
+    for value, found in zip(op.operands, plan):
+        if isinstance(found, tuple):
             operands.append(found[0])
             continue
-        src = producer(value)
-        if src is None or src.name not in SOURCES:
-            return False
         if value.type.rank < rank:
             shape = (1,) * (rank - value.type.rank) + tuple(value.type.shape)
             value = rw.value(graph.ReshapeOp, value, result_types=[value.type.with_shape(shape)])
@@ -113,6 +111,23 @@ def sink_permute_through_elementwise(op: Operation, rw: PatternRewriter) -> bool
     inner = rw.value(type(op), *operands, **op.attributes)
     rw.replace_op(op, rw.value(graph.PermuteOp, inner, perm=perm))
     return True
+
+
+def _sinkable(value: Value, rank: int) -> tuple[Value, tuple[int, ...]] | str | None:
+    """(source, perm) for a full-rank permute, "const" for a constant, else None.
+
+    A permute with other users stays for them; they sink it too in later sweeps.
+    """
+    found = _permuted(value)
+    if found is not None and len(found[1]) == rank:
+        return found
+    src = producer(value)
+    return "const" if src is not None and src.name in SOURCES else None
+
+
+def _is_computed(value: Value) -> bool:
+    src = producer(value)
+    return src is None or src.name not in SOURCES
 
 
 @pattern("graph.pad", "graph.slice")
@@ -149,6 +164,18 @@ class Layout(ModulePass):
 
     def run(self, module: Module, ctx: PassContext) -> None:
         if self.conv == "nchw":
+            return
+        fused = [op for op in module.ops if op.name == "kernel.fused"
+                 and any(inner.name in _WINDOWED + ("graph.batch_norm",)
+                         for inner in op.walk())]
+        if fused:
+            raise PassError(f"layout must run before fuse: kernel '{fused[0].kernel_name}' "
+                            "already holds a conv/pool/batch norm, and layouts cannot change "
+                            "across kernel boundaries; put layout{conv=nhwc} before fuse in "
+                            "the pipeline")
+        if any(op.name == "kernel.fused" for op in module.ops):
+            ctx.remark("already fused and no kernel holds a conv, pool or batch norm: "
+                       "nothing to lay out")
             return
         fired = apply_patterns(module, LAYOUT_PATTERNS, before_sweep=erase_dead_ops)
         for name, n in fired.items():

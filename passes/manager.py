@@ -187,10 +187,12 @@ class PassManager:
             self.print_after: set[str] | None = None if print_ir_after else set()
         else:
             self.print_after = set(print_ir_after)
-            unknown = self.print_after - set(PASS_REGISTRY)
+            present = {p.NAME for p in self.pipeline.passes}
+            unknown = self.print_after - present
             if unknown:
-                raise PipelineError(f"--print-ir-after names unknown pass(es) "
-                                    f"{sorted(unknown)}; valid: {', '.join(sorted(PASS_REGISTRY))}")
+                raise PipelineError(f"--print-ir-after names pass(es) {sorted(unknown)} that "
+                                    f"the pipeline '{self.pipeline}' does not run; it runs: "
+                                    f"{', '.join(sorted(present))}")
         self.printer = printer
 
     def __str__(self) -> str:
@@ -203,7 +205,12 @@ class PassManager:
             ctx = PassContext(p.NAME)
             before = count_ops(module)
             start = time.perf_counter()
-            p.run(module, ctx)
+            try:
+                p.run(module, ctx)
+            except PassError:
+                raise
+            except Exception as exc:  # a bug in a pass: say which one, keep the traceback
+                raise PassError(f"pass '{entry}' failed: {type(exc).__name__}: {exc}") from exc
             seconds = time.perf_counter() - start
             if self.verify:
                 try:

@@ -17,13 +17,14 @@ from typing import Iterable, Mapping
 from ..ir import Module, Operation, Value
 from ..ir.dtypes import BoolType
 from ..ir.types import TensorType, evaluate_dim
+from .errors import PassError
 from .manager import ModulePass, PassContext, register_pass
 
 WEIGHT_OPS = frozenset({"graph.constant"})
 """Ops whose results are weights or literals: stored with the module, never in the arena."""
 
 
-class MemoryPlanError(Exception):
+class MemoryPlanError(PassError):
     """A module cannot be planned: an unbound symbolic dim, a bad alignment, an unknown value."""
 
 

@@ -1,4 +1,4 @@
-"""Pipeline strings: `canonicalize,cse,fuse{max-ops=64},layout{conv=nhwc}` <-> pass objects.
+"""Pipeline strings: `canonicalize,cse,layout{conv=nhwc},fuse{max-ops=64}` <-> pass objects.
 
 A pass is a frozen dataclass whose fields are its options; the field `max_ops` is spelled
 `max-ops` in a pipeline. Option values are typed by the field's annotation (int, float, bool,
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from .errors import PipelineError
 
 _ENTRY = re.compile(r"\s*([A-Za-z][\w-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+_PARTIAL = re.compile(r"\s*(?:[A-Za-z][\w-]*\s*(?:\{[^{}]*\}\s*)?)?")  # how far it parses
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +47,19 @@ def split_pipeline(text: str) -> list[PipelineEntry]:
     while pos < len(text):
         match = _ENTRY.match(text, pos)
         if match is None or match.end() == pos:
-            raise PipelineError(f"bad pipeline syntax at column {pos + 1}: {text!r}\n"
-                                f"{' ' * (pos + 24)}^ expected `name` or `name{{opt=value,...}}`"
-                                ", entries separated by commas")
+            partial = _PARTIAL.match(text, pos)
+            bad = partial.end() if partial else pos
+            raise PipelineError(f"bad pipeline syntax at column {bad + 1} of {text!r}: "
+                                f"expected `name` or `name{{opt=value,...}}` with commas "
+                                f"between passes, got {text[bad:bad + 12]!r}")
         name, body = match.group(1), match.group(2)
         options: list[tuple[str, Any]] = []
         for item in filter(None, (s.strip() for s in (body or "").split(","))):
             key, eq, value = item.partition("=")
             if not eq or not key.strip() or not value.strip():
                 raise PipelineError(f"pass '{name}': option {item!r} should be `key=value`")
+            if any(key.strip() == k for k, _ in options):
+                raise PipelineError(f"pass '{name}': option '{key.strip()}' is given twice")
             options.append((key.strip(), value.strip()))
         entries.append(PipelineEntry(name, tuple(options)))
         pos = match.end()

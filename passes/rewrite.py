@@ -71,6 +71,8 @@ def apply_patterns(module: Module, patterns: Iterable[Pattern], *, max_iteration
     Returns how often each pattern fired. Raises PassError when `max_iterations` sweeps still
     changed the IR, naming the patterns that kept firing.
     """
+    if max_iterations < 1:
+        raise PassError(f"max_iterations must be >= 1, got {max_iterations}")
     ordered: Sequence[Pattern] = sorted(patterns, key=lambda p: -p.benefit)
     fired: Counter[str] = Counter()
     recent: list[Counter[str]] = []

@@ -34,7 +34,7 @@ def test_bad_path_via_python_m() -> None:
 
 
 def test_pipeline_with_stats_and_check(capsys) -> None:
-    assert main(["ir", "bert", "--pipeline", "canonicalize,cse,fuse{max-ops=64},layout",
+    assert main(["ir", "bert", "--pipeline", "canonicalize,cse,layout,fuse{max-ops=64}",
                  "--pass-stats", "--check"]) == 0
     captured = capsys.readouterr()
     module = ir.parse(captured.out)
@@ -57,6 +57,11 @@ def test_print_ir_after_a_pass(capsys) -> None:
 
 
 def test_bad_pipeline_is_one_line_and_exit_2(capsys) -> None:
-    assert main(["ir", "mlp", "--pipeline", "canonicalize,fusion"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: unknown pass 'fusion' (did you mean 'fuse'?); valid passes:")
+    for pipeline, message in [
+            ("canonicalize,fusion", "error: unknown pass 'fusion' (did you mean 'fuse'?); valid "
+                                    "passes:"),
+            ("cse dce", "error: bad pipeline syntax at column 5 of 'cse dce'")]:
+        assert main(["ir", "mlp", "--pipeline", pipeline]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith("imported mlp") and len(err) == 2
+        assert err[1].startswith(message)

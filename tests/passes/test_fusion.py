@@ -1,88 +1,14 @@
 """Fusion: which ops share a kernel, why the others do not, and that semantics are kept."""
 from __future__ import annotations
 
-import re
 
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from bitsmith import ir, models
-from bitsmith.frontend import from_torch
 from bitsmith.passes import PipelineError
-from bitsmith.passes.manager import PassManager, PipelineReport
+from bitsmith.passes.manager import PassManager
 
-T = "tensor<3x5x7xf32>"  # odd sizes everywhere, so a wrong axis shows up
-R = "tensor<3x5x1xf32>"
-W = "tensor<7x7xf32>"
-V = "tensor<7xf32>"
-S = "tensor<f32>"
-RTOL = 1e-6
-
-
-def parse(body: list[str], inputs: dict[str, str], outputs: list[str],
-          weights: dict[str, np.ndarray] | None = None) -> ir.Module:
-    """A verified module from its body lines, argument types and result types."""
-    args = ", ".join(f"%{name}: {type}" for name, type in inputs.items())
-    lines = "\n".join(f"    {line}" for line in body)
-    return ir.parse(f"module @m {{\n  func.func @main({args}) -> ({', '.join(outputs)}) {{\n"
-                    f"{lines}\n  }}\n}}\n", weights=weights)
-
-
-def weights(**shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Random f32 weights by name, from a fixed seed."""
-    rng = np.random.default_rng(7)
-    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-
-
-def random_inputs(module: ir.Module) -> list[np.ndarray]:
-    """Random f32 arrays for the module's (static) inputs."""
-    rng = np.random.default_rng(3)
-    return [rng.standard_normal([int(d) for d in a.type.shape]).astype(np.float32)
-            for a in module.inputs]
-
-
-def assert_outputs_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
-    """Same shapes and dtypes, values within RTOL of each output's largest magnitude."""
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        scale = max(float(np.abs(w.astype(np.float64)).max(initial=0.0)), 1e-30)
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * scale)
-
-
-def fuse(module: ir.Module, pipeline: str = "fuse",
-         inputs: list[np.ndarray] | None = None) -> PipelineReport:
-    """Run `pipeline` checking that outputs are kept and that a second `fuse` changes nothing."""
-    inputs = random_inputs(module) if inputs is None else inputs
-    before = ir.interpret(module, *inputs)
-    report = PassManager(pipeline).run(module)
-    assert_outputs_close(ir.interpret(module, *inputs), before)
-    text = str(module)
-    again = PassManager("fuse").run(module)
-    assert str(module) == text
-    assert again.records[0].stats.get("kernels-formed", 0) == 0
-    assert not any(op.name.startswith("graph.") and op.name != "graph.constant"
-                   for op in module.ops), "every graph op but constants belongs to a kernel"
-    return report
-
-
-def kernels(module: ir.Module) -> list[tuple[str, list[str]]]:
-    """(kind, op names in the region) of each kernel, in program order."""
-    return [(op.kind, [inner.name for inner in op.body_ops])
-            for op in module.ops if op.name == "kernel.fused"]
-
-
-def separate(report: PipelineReport) -> list[str]:
-    """The fusion refusals."""
-    return [r for r in report.remarks("fuse") if r.startswith("separate")]
-
-
-def ret(*values: str, type: str = T) -> str:
-    """The `func.return` line."""
-    return f'"func.return"({", ".join(values)}) : ({", ".join([type] * len(values))}) -> ()'
-
+from .fusion_checks import (LINEAR_WEIGHTS, R, S, T, V, W, assert_every_refusal_has_a_reason, fuse,
+                            kernels, parse, ret, separate, weights)
 
 # ---- matmul epilogues -----------------------------------------------------------------------
 LINEAR_BLOCK = [
@@ -94,7 +20,6 @@ LINEAR_BLOCK = [
     f'%5 = "graph.add"(%4, %x) : ({T}, {T}) -> {T}',
     ret("%5"),
 ]
-LINEAR_WEIGHTS = weights(w=(7, 7), b=(7,))
 
 
 def test_linear_bias_gelu_residual_is_one_matmul_kernel() -> None:
@@ -519,17 +444,6 @@ EXPLAINED = {
     "crossed": (CROSSED, {"x": T, "y": T}, [T, T], "fuse"),
     "attention_capped": (attention_body("permute"), HEADS, [X], "fuse{max-ops=3}"),
 }
-REFUSAL = re.compile(r"separate .+?: (\S.*)\Z")
-
-
-def assert_every_refusal_has_a_reason(report: PipelineReport) -> None:
-    """Each remark says fused or separate; each separate one gives a reason after ': '."""
-    remarks = report.remarks("fuse")
-    for remark in remarks:
-        assert remark.startswith(("fused ", "separate ", "attention kernel at ")), remark
-    for remark in separate(report):
-        match = REFUSAL.match(remark)
-        assert match and match.group(1).strip(), f"no reason in {remark!r}"
 
 
 @pytest.mark.parametrize("name", EXPLAINED)
@@ -538,66 +452,4 @@ def test_every_refusal_explains_why(name: str) -> None:
     module = parse(body, inputs, outputs, LINEAR_WEIGHTS)
     report = fuse(module, pipeline)
     assert separate(report), "each case refuses at least one fusion"
-    assert_every_refusal_has_a_reason(report)
-
-
-# ---- the zoo --------------------------------------------------------------------------------
-def test_bert_fuses_into_two_attention_kernels_and_few_others() -> None:
-    spec = models.get("bert")
-    inputs = spec.example_inputs(1)
-    module = from_torch(spec.build(), inputs, name="bert")
-    arrays = [t.numpy() for t in inputs]
-    PassManager("canonicalize,cse,dce").run(module)
-    graph_ops = sum(1 for op in module.ops if op.name.startswith("graph.")
-                    and op.name != "graph.constant")
-    report = fuse(module, inputs=arrays)
-    found = kernels(module)
-    assert [kind for kind, _ in found].count("attention") == 2
-    assert report.records[0].stats["kernels-attention"] == 2
-    assert len(found) < graph_ops / 2, f"{len(found)} kernels for {graph_ops} ops"
-    assert all(ops.count("graph.softmax") == 1 and ops.count("graph.matmul") == 2
-               for kind, ops in found if kind == "attention")
-    assert_every_refusal_has_a_reason(report)
-
-
-# ---- property: any DAG of ops keeps its meaning ---------------------------------------------
-@st.composite
-def op_dags(draw: st.DrawFn) -> tuple[list[str], list[str]]:
-    """Body lines of a random DAG over 3x5x7 values, and the values it returns."""
-    values, body = ["%x", "%y"], [f'%0 = "graph.constant"() {{weight = "w"}} : () -> {W}']
-    for _ in range(draw(st.integers(1, 10))):
-        n = len(body)
-        a, b = (draw(st.sampled_from(values)) for _ in range(2))
-        kind = draw(st.sampled_from(["unary", "binary", "softmax", "cumsum", "linear",
-                                     "center"]))
-        if kind == "unary":
-            name = draw(st.sampled_from(["tanh", "neg", "sigmoid"]))
-            body.append(f'%{n} = "graph.{name}"({a}) : ({T}) -> {T}')
-        elif kind == "binary":
-            name = draw(st.sampled_from(["add", "mul", "sub"]))
-            body.append(f'%{n} = "graph.{name}"({a}, {b}) : ({T}, {T}) -> {T}')
-        elif kind in ("softmax", "cumsum"):
-            axis = draw(st.integers(1, 2))
-            body.append(f'%{n} = "graph.{kind}"({a}) {{axis = {axis}}} : ({T}) -> {T}')
-        elif kind == "linear":
-            body.append(f'%{n} = "graph.linear"({a}, %0) : ({T}, {W}) -> {T}')
-        else:
-            axis = draw(st.integers(1, 2))
-            kept = "tensor<3x1x7xf32>" if axis == 1 else R
-            body.append(f'%{n} = "graph.reduce_mean"({a}) {{axes = [{axis}], keepdim = true}} '
-                        f": ({T}) -> {kept}")
-            body.append(f'%{n + 1} = "graph.sub"({b}, %{n}) : ({T}, {kept}) -> {T}')
-        values.append(f"%{len(body) - 1}")
-    returned = [values[-1]] + draw(st.lists(st.sampled_from(values[2:]), max_size=2))
-    return body + [ret(*returned)], [T] * len(returned)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(dag=op_dags(), max_ops=st.sampled_from([1, 2, 3, 64]))
-def test_fusion_keeps_meaning_of_any_dag(dag: tuple[list[str], list[str]], max_ops: int) -> None:
-    body, outputs = dag
-    module = parse(body, {"x": T, "y": T}, outputs, LINEAR_WEIGHTS)
-    report = fuse(module, f"fuse{{max-ops={max_ops}}}")
-    for _, ops in kernels(module):
-        assert 1 <= len([name for name in ops if name != "graph.constant"]) <= max_ops
     assert_every_refusal_has_a_reason(report)

@@ -144,3 +144,57 @@ def test_zoo_cnn_has_no_shuffles_between_convs(name: str) -> None:
     assert convs and all(op.layout == "NHWC" and op.weight.op.layout == "HWIO" for op in convs)
     got = ir.interpret(module, *x)[0]
     assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
+
+
+def test_permuted_constants_alone_are_left_to_folding_not_sunk_forever() -> None:
+    a, b = "tensor<1x3x40x40xf32>", "tensor<1x40x40x3xf32>"
+    text = f"""module @m {{
+  func.func @main(%x: {a}) -> ({a}) {{
+    %0 = "graph.full"() {{value = 1.0}} : () -> {b}
+    %1 = "graph.full"() {{value = 2.0}} : () -> {a}
+    %2 = "graph.permute"(%0) {{perm = [0, 3, 1, 2]}} : ({b}) -> {a}
+    %3 = "graph.add"(%2, %1) : ({a}, {a}) -> {a}
+    %4 = "graph.mul"(%3, %x) : ({a}, {a}) -> {a}
+    "func.return"(%4) : ({a}) -> ()
+  }}
+}}
+"""
+    module = ir.parse(text)
+    x = np.random.default_rng(4).standard_normal((1, 3, 40, 40), dtype=np.float32)
+    want = ir.interpret(module, x)[0]
+    passes.run(module, passes.default_pipeline("cpu"))  # used to loop until the cap
+    np.testing.assert_array_equal(ir.interpret(module, x)[0], want)
+
+
+def test_shared_conv_weight_is_packed_once_and_unbound_weights_get_a_permute() -> None:
+    text = f"""module @m {{
+  func.func @main(%x: {X}, %z: {X}) -> ({Y}) {{
+    %0 = "graph.constant"() {{weight = "w1"}} : () -> {W1}
+    %1 = "graph.conv2d"(%x, %0) {CONV % "NCHW"} : ({X}, {W1}) -> {Y}
+    %2 = "graph.constant"() {{weight = "w1"}} : () -> {W1}
+    %3 = "graph.conv2d"(%z, %2) {CONV % "NCHW"} : ({X}, {W1}) -> {Y}
+    %4 = "graph.add"(%1, %3) : ({Y}, {Y}) -> {Y}
+    "func.return"(%4) : ({Y}) -> ()
+  }}
+}}
+"""
+    module = ir.parse(text, weights={"w1": weights()["w1"]})
+    passes.run(module, "layout,cse")
+    assert sorted(module.weights) == ["w1:HWIO"]
+    unbound = ir.parse(BEFORE)  # no weights given: the pass cannot pack them
+    passes.run(unbound, "layout")
+    perms = sorted(tuple(op.perm) for op in unbound.ops if op.name == "graph.permute")
+    assert perms == [(0, 2, 3, 1), (0, 3, 1, 2), (2, 3, 1, 0), (2, 3, 1, 0)]
+
+
+def test_layout_after_fuse_is_an_error_that_says_the_order() -> None:
+    module = ir.parse(BEFORE, weights=weights())
+    with pytest.raises(passes.PassError, match=r"layout must run before fuse: kernel 'k0_conv2d"
+                                               r".*put layout\{conv=nhwc\} before fuse"):
+        passes.run(module, "fuse,layout")
+    t = "tensor<3x5xf32>"
+    plain = ir.parse(f'module @m {{\n  func.func @main(%x: {t}) -> ({t}) {{\n'
+                     f'    %0 = "graph.relu"(%x) : ({t}) -> {t}\n'
+                     f'    "func.return"(%0) : ({t}) -> ()\n  }}\n}}\n')
+    report = passes.PassManager("fuse,layout").run(plain)  # no convs: nothing to lay out
+    assert "nothing to lay out" in report.records[1].remarks[0]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from bitsmith import ir, passes
 from bitsmith.passes import PassError, PipelineError
-from bitsmith.passes.manager import ModulePass, PassContext, register_pass
+from bitsmith.passes.manager import PASS_REGISTRY, ModulePass, PassContext, register_pass
 
 T = "tensor<3x5xf32>"
 TEXT = f"""module @m {{
@@ -25,7 +25,6 @@ TEXT = f"""module @m {{
 """
 
 
-@register_pass("test-options")
 @dataclass(frozen=True)
 class OptionsPass(ModulePass):
     """Test-only: one option of each kind, does nothing."""
@@ -40,7 +39,6 @@ class OptionsPass(ModulePass):
         ctx.count("runs")
 
 
-@register_pass("test-break-ir")
 @dataclass(frozen=True)
 class BreakIR(ModulePass):
     """Test-only: moves the return in front of the ops it returns, which is invalid."""
@@ -48,6 +46,16 @@ class BreakIR(ModulePass):
     def run(self, module: ir.Module, ctx: PassContext) -> None:
         ret = module.body.ops.pop()
         module.body.ops.insert(0, ret)
+
+
+@pytest.fixture(autouse=True)
+def test_passes():
+    """Register the test-only passes for one test, and take them out of the registry after."""
+    for name, cls in (("test-options", OptionsPass), ("test-break-ir", BreakIR)):
+        register_pass(name)(cls)
+    yield
+    for name in ("test-options", "test-break-ir"):
+        PASS_REGISTRY.pop(name)
 
 
 @pytest.mark.parametrize("text", [
@@ -96,8 +104,11 @@ def test_pass_objects_print_their_non_default_options() -> None:
     ("layout{conv=nwhc}", r"pass 'layout': option 'conv' expected one of nchw, nhwc; got 'nwhc'"),
     ("test-options{flag=yes}", r"option 'flag' expected bool, got 'yes'"),
     ("fuse{max-ops}", r"pass 'fuse': option 'max-ops' should be `key=value`"),
-    ("cse,,dce", r"bad pipeline syntax at column 5"),
-    ("fuse{max-ops=3", r"bad pipeline syntax at column 1"),
+    ("cse,,dce", r"bad pipeline syntax at column 5 of 'cse,,dce': expected `name`"),
+    ("cse dce", r"bad pipeline syntax at column 5 .* got 'dce'"),
+    ("fuse{max-ops=3", r"bad pipeline syntax at column 5 .* got '\{max-ops=3'"),
+    ("fuse{max-ops=3,max-ops=5}", r"pass 'fuse': option 'max-ops' is given twice"),
+    ("canonicalize{max-iterations=0}", r"max-iterations must be >= 1, got 0"),
 ])
 def test_pipeline_errors_say_what_is_valid(text: str, message: str) -> None:
     with pytest.raises(PipelineError, match=message):
@@ -129,7 +140,6 @@ def test_report_has_times_op_counts_and_statistics() -> None:
         ("cse", 4, 3, {"ops-removed": 1})
     assert (dce.ops_after, dce.stats["ops-removed"]) == (2, 1)
     assert fuse.stats["kernels-formed"] == 1
-    assert all(r.seconds >= 0 for r in report.records)
     assert report.seconds == sum(r.seconds for r in report.records)
     table = report.table()
     assert table.splitlines()[0].split() == ["pass", "ms", "ops", "statistics"]
@@ -146,9 +156,10 @@ def test_print_ir_after_named_pass_and_all() -> None:
     assert [s.splitlines()[0] for s in seen] == ["// ----- IR after cse -----",
                                                   "// ----- IR after dce -----"]
     assert ir.parse(seen[-1].split("\n", 1)[1]).name == "m"  # the dump is parseable IR
-    with pytest.raises(PipelineError, match=r"--print-ir-after names unknown pass\(es\) "
-                                            r"\['fusion'\]"):
-        passes.PassManager("cse", print_ir_after=["fusion"])
+    with pytest.raises(PipelineError, match=r"--print-ir-after names pass\(es\) \['fuse'\] "
+                                            r"that the pipeline 'cse,dce' does not run; it "
+                                            r"runs: cse, dce"):
+        passes.PassManager("cse,dce", print_ir_after=["fuse"])
 
 
 def test_run_returns_the_module_rewritten_in_place() -> None:
