@@ -141,6 +141,19 @@ def fold_unit_rhs(op: Operation, rw: PatternRewriter) -> bool:
     return _identity(op, rw, op.lhs, op.rhs, unit)
 
 
+@pattern("graph.reshape", "graph.permute", "graph.expand", "graph.slice", "graph.cast")
+def fold_shape_op_of_full(op: Operation, rw: PatternRewriter) -> bool:
+    """reshape/permute/expand/slice/cast of a fill -> a fill of the result type (no data)."""
+    src = producer(op.x)
+    if src is None or src.name != "graph.full":
+        return False
+    value = src.value
+    if op.name == "graph.cast":
+        value = op.dtype.cast(np.asarray(value)).item()
+    rw.replace_op(op, rw.value(graph.FullOp, value=value, result_types=[op.result.type]))
+    return True
+
+
 @pattern("graph.neg")
 def fold_double_negation(op: Operation, rw: PatternRewriter) -> bool:
     """-(-x) -> x"""
@@ -329,11 +342,11 @@ def fold_batch_norm_into_conv(op: Operation, rw: PatternRewriter) -> bool:
     return True
 
 
-CANONICAL_PATTERNS = (fold_constant_op, fold_unit_operand, fold_unit_rhs, fold_double_negation,
-                      remove_noop, remove_identity_permute, remove_whole_slice, merge_reshapes,
-                      merge_permutes, permute_of_unit_dims_to_reshape,
-                      collapse_views_to_reshape, fold_transpose_into_matmul,
-                      fold_batch_norm_into_conv)
+CANONICAL_PATTERNS = (
+    fold_constant_op, fold_shape_op_of_full, fold_unit_operand, fold_unit_rhs,
+    fold_double_negation, remove_noop, remove_identity_permute, remove_whole_slice,
+    merge_reshapes, merge_permutes, permute_of_unit_dims_to_reshape, collapse_views_to_reshape,
+    fold_transpose_into_matmul, fold_batch_norm_into_conv)
 
 
 @register_pass("canonicalize")

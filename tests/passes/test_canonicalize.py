@@ -123,6 +123,24 @@ def test_weight_not_bound_to_the_module_is_not_folded() -> None:
     """), "canonicalize")
 
 
+def test_shape_ops_and_casts_of_a_big_fill_become_a_fill() -> None:
+    big, flat = "tensor<64x128xf32>", "tensor<128x64xi32>"
+    before = func(f"(%x: {flat}) -> ({flat})", f"""
+        %0 = "graph.full"() {{value = -2.5}} : () -> {big}
+        %1 = "graph.permute"(%0) {{perm = [1, 0]}} : ({big}) -> tensor<128x64xf32>
+        %2 = "graph.cast"(%1) {{dtype = i32}} : (tensor<128x64xf32>) -> {flat}
+        %3 = "graph.add"(%x, %2) : ({flat}, {flat}) -> {flat}
+        "func.return"(%3) : ({flat}) -> ()
+    """)
+    expected = func(f"(%x: {flat}) -> ({flat})", f"""
+        %0 = "graph.full"() {{value = -2}} : () -> {flat}
+        %1 = "graph.add"(%x, %0) : ({flat}, {flat}) -> {flat}
+        "func.return"(%1) : ({flat}) -> ()
+    """)
+    _, record = check_pass(before, expected, "canonicalize")
+    assert record.stats["fold_shape_op_of_full"] == 2
+
+
 # ---- algebraic identities ------------------------------------------------------------------
 IDENTITIES = [  # (op, constant value, constant type, x is the lhs)
     ("add", -0.0, T, True), ("add", -0.0, "tensor<5x7xf32>", False),
