@@ -371,5 +371,8 @@ class FuseOps(ModulePass):
             ctx.count("kernels-formed")
             ctx.count(f"kernels-{kernel.kind}")
             ctx.count("ops-fused", len(group.ops))
+            ctx.remark(f"kernel   {kernel.kernel_name} ({kernel.kind}, {len(kernel.operands)} "
+                       f"inputs, {len(kernel.results)} outputs): "
+                       f"{', '.join(op.name.split('.', 1)[1] for op in group.ops)}")
         sort_block(module.body)
         erase_dead_ops(module.body)

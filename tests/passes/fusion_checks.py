@@ -88,7 +88,8 @@ def assert_every_refusal_has_a_reason(report: PipelineReport) -> None:
     """Each remark says fused or separate; each separate one gives a reason after ': '."""
     remarks = report.remarks("fuse")
     for remark in remarks:
-        assert remark.startswith(("fused ", "separate ", "attention kernel at ")), remark
+        assert remark.startswith(("fused ", "separate ", "attention kernel at ", "kernel ")), \
+            remark
     for remark in separate(report):
         match = REFUSAL.match(remark)
         assert match and match.group(1).strip(), f"no reason in {remark!r}"

@@ -44,7 +44,9 @@ def test_linear_bias_gelu_residual_is_one_matmul_kernel() -> None:
     assert report.records[0].stats == {"kernels-formed": 1, "kernels-matmul": 1, "ops-fused": 4}
     assert report.remarks("fuse") == ["fused    graph.linear -> graph.add",
                                       "fused    graph.add -> graph.gelu",
-                                      "fused    graph.gelu -> graph.add"]
+                                      "fused    graph.gelu -> graph.add",
+                                      "kernel   k0_linear_add_gelu (matmul, 3 inputs, 1 "
+                                      "outputs): linear, add, gelu, add"]
 
 
 M = "tensor<3x5x5xf32>"
