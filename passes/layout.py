@@ -114,12 +114,13 @@ def sink_permute_through_elementwise(op: Operation, rw: PatternRewriter) -> bool
 
 
 def _sinkable(value: Value, rank: int) -> tuple[Value, tuple[int, ...]] | str | None:
-    """(source, perm) for a full-rank permute, "const" for a constant, else None.
+    """(source, perm) for a permute back to NCHW, "const" for a constant, else None.
 
-    A permute with other users stays for them; they sink it too in later sweeps.
+    Only the permutes this pass made are sunk (others would just multiply). A permute with
+    other users stays for them; they sink it too in later sweeps.
     """
     found = _permuted(value)
-    if found is not None and len(found[1]) == rank:
+    if found is not None and found[1] == TO_NCHW and rank == 4:
         return found
     src = producer(value)
     return "const" if src is not None and src.name in SOURCES else None
@@ -134,7 +135,7 @@ def _is_computed(value: Value) -> bool:
 def sink_permute_through_pad_or_slice(op: Operation, rw: PatternRewriter) -> bool:
     """pad(permute(x, p)) -> permute(pad'(x), p), pads moved to x's axes (same for slice)."""
     found = _permuted(op.x)
-    if found is None or len(op.x.users) != 1:
+    if found is None or len(op.x.users) != 1 or found[1] != TO_NCHW:
         return False
     x, perm = found
     if op.name == "graph.pad":

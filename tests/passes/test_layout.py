@@ -198,3 +198,20 @@ def test_layout_after_fuse_is_an_error_that_says_the_order() -> None:
                      f'    "func.return"(%0) : ({t}) -> ()\n  }}\n}}\n')
     report = passes.PassManager("fuse,layout").run(plain)  # no convs: nothing to lay out
     assert "nothing to lay out" in report.records[1].remarks[0]
+
+
+def test_permutes_the_pass_did_not_make_are_left_where_they_are() -> None:
+    """Head-splitting permutes in a transformer feed several ops; sinking would multiply them."""
+    h, t = "tensor<2x5x3x4xf32>", "tensor<2x3x5x4xf32>"
+    text = f"""module @m {{
+  func.func @main(%x: {h}, %c: {t}) -> ({t}, {t}) {{
+    %0 = "graph.permute"(%x) {{perm = [0, 2, 1, 3]}} : ({h}) -> {t}
+    %1 = "graph.mul"(%0, %c) : ({t}, {t}) -> {t}
+    %2 = "graph.neg"(%0) : ({t}) -> {t}
+    "func.return"(%1, %2) : ({t}, {t}) -> ()
+  }}
+}}
+"""
+    module = ir.parse(text)
+    passes.run(module, "layout")
+    assert str(module) == text
