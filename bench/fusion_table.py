@@ -52,7 +52,7 @@ def main() -> None:
     print(f"default pipeline ({args.target}): {passes.default_pipeline(args.target)}; "
           f"memory at batch {args.batch}\n")
     print("| model | ops | kernels | ratio | kernel kinds | unfused: unplanned | unfused: "
-          "planned | fused: unplanned | fused: planned | passes ms |")
+          "planned | fused: unplanned | fused: planned | pipeline ms (verify on) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in models.names():
         torch.manual_seed(0)
