@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from typing import Union
@@ -25,10 +26,16 @@ def make_dim(value: object) -> Dim:
     expr = sympy.sympify(value) if isinstance(value, str) else value
     if not isinstance(expr, sympy.Expr):
         raise TypeError(f"a dimension must be an int or a sympy expression, got {value!r}")
-    expr = sympy.simplify(expr) if not expr.is_Symbol else expr
+    expr = _simplified(expr) if not expr.is_Symbol else expr
     if expr.is_Integer:
         return make_dim(int(expr))
     return expr
+
+
+@functools.lru_cache(maxsize=4096)
+def _simplified(expr: sympy.Expr) -> sympy.Expr:
+    """sympy.simplify, memoized: the same few dim expressions recur in every op of a model."""
+    return sympy.simplify(expr)
 
 
 def symbol(name: str) -> sympy.Symbol:
@@ -40,7 +47,8 @@ def dims_equal(a: Dim, b: Dim) -> bool:
     """True when two dimensions are provably equal."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    a, b = sympy.sympify(a), sympy.sympify(b)
+    return a == b or _simplified(a - b) == 0
 
 
 def is_static(d: Dim) -> bool:
