@@ -376,3 +376,6 @@ def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Ex
     except Exception as exc:  # TVM raises its own error types; keep the message, name the kernel
         raise CodegenError(f"TVM could not compile kernel '{kernel.kernel_name}': "
                            f"{str(exc).strip().splitlines()[-1]}") from exc
+
+
+from . import lower_nn  # noqa: E402,F401 - registers the windowed and attention rules

@@ -4,73 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
 
-from bitsmith import ir, passes
 from bitsmith.codegen.template import CodegenError
-from bitsmith.codegen.tvm.lower import build_generic
-from bitsmith.ir.interpreter import EvalContext
 
-RTOL = {"float32": 2e-5}
-
-
-def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext) -> None:
-    """Compile `kernel`, run it on `arrays`, compare each output with the interpreter."""
-    want = kernel.evaluate(ctx, *arrays)
-    exe = build_generic(kernel)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-    outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype)) for w in want]
-    exe["main"](*args, *outs)
-    for got, expected in zip(outs, want):
-        got = got.numpy()
-        assert got.shape == expected.shape and got.dtype == expected.dtype
-        if expected.dtype.kind == "f":
-            scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
-            err = float(np.abs(got.astype(np.float64) - expected).max(initial=0.0)) / scale
-            assert err < RTOL["float32"], f"{kernel.kernel_name}: relative error {err:.2e}"
-        else:
-            np.testing.assert_array_equal(got, expected)
-
-
-def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for arg in module.inputs:
-        shape = tuple(d if isinstance(d, int) else batch for d in arg.type.shape)
-        dtype = arg.type.dtype
-        if dtype.is_float:
-            out.append(rng.standard_normal(shape).astype(np.float32))
-        else:
-            out.append(rng.integers(0, 5, shape).astype(dtype.numpy_dtype))
-    return out
-
-
-def check_module(text: str, weights: dict[str, np.ndarray] | None = None,
-                 batches: tuple[int, ...] = (1,)) -> int:
-    """Fuse `text`, then compile and check every kernel on the values the interpreter feeds it."""
-    weights = weights or {}
-    module = ir.parse(text, weights=weights)
-    passes.run(module, "canonicalize,fuse")
-    kernels = [op for op in module.ops if op.name == "kernel.fused"]
-    for batch in batches:
-        env: dict = {}
-        ctx = EvalContext(module.weights)
-        for arg, array in zip(module.inputs, inputs_for(module, batch)):
-            env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
-        for op in module.ops:
-            if op.name == "func.return":
-                break
-            args = [env[v] for v in op.operands]
-            if op.name == "kernel.fused":
-                run_kernel(op, args, ctx)
-            env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
-    return len(kernels)
-
-
-def func(inputs: str, outputs: str, body: str) -> str:
-    lines = "".join(f"    {line.strip()}\n" for line in body.strip().splitlines())
-    return f"module @m {{\n  func.func @main({inputs}) -> ({outputs}) {{\n{lines}  }}\n}}\n"
-
+from .tvm_checks import check_module, func
 
 T = "tensor<3x5x7xf32>"
 
@@ -96,8 +33,10 @@ def test_shape_ops_and_gather() -> None:
     text = func(f"%x: {T}, %ids: tensor<3x4xi64>", "tensor<7x3x5xf32>, tensor<3x4x6xf32>", f"""
         %0 = "graph.permute"(%x) {{perm = [2, 0, 1]}} : ({T}) -> tensor<7x3x5xf32>
         %1 = "graph.reshape"(%0) : (tensor<7x3x5xf32>) -> tensor<7x15xf32>
-        %2 = "graph.slice"(%1) {{axis = 1, start = 1, end = 14, step = 3}} : (tensor<7x15xf32>) -> tensor<7x5xf32>
-        %3 = "graph.concat"(%2, %2, %2) {{axis = 1}} : (tensor<7x5xf32>, tensor<7x5xf32>, tensor<7x5xf32>) -> tensor<7x15xf32>
+        %2 = "graph.slice"(%1) {{axis = 1, start = 1, end = 14, step = 3}}
+            : (tensor<7x15xf32>) -> tensor<7x5xf32>
+        %3 = "graph.concat"(%2, %2, %2) {{axis = 1}}
+            : (tensor<7x5xf32>, tensor<7x5xf32>, tensor<7x5xf32>) -> tensor<7x15xf32>
         %4 = "graph.reshape"(%3) : (tensor<7x15xf32>) -> tensor<7x3x5xf32>
         %5 = "graph.constant"() {{weight = "e"}} : () -> {e}
         %6 = "graph.embedding"(%5, %ids) : ({e}, tensor<3x4xi64>) -> tensor<3x4x6xf32>

@@ -1,0 +1,75 @@
+"""Checks for TVM lowering tests: run every kernel of a fused module and compare it with the
+interpreter on the very values the interpreter feeds that kernel."""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+
+from bitsmith import ir, passes
+from bitsmith.codegen.tvm.lower import build_generic
+from bitsmith.ir.interpreter import EvalContext
+
+RTOL = {"float32": 2e-5}
+
+
+def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext) -> None:
+    """Compile `kernel`, run it on `arrays`, compare each output with the interpreter."""
+    want = kernel.evaluate(ctx, *arrays)
+    exe = build_generic(kernel)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+    outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype)) for w in want]
+    exe["main"](*args, *outs)
+    for got, expected in zip(outs, want):
+        got = got.numpy()
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        if expected.dtype.kind == "f":
+            finite = np.isfinite(expected)
+            np.testing.assert_array_equal(got[~finite], expected[~finite])  # inf/nan as is
+            want, have = expected[finite].astype(np.float64), got[finite].astype(np.float64)
+            scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
+            err = float(np.abs(have - want).max(initial=0.0)) / scale
+            assert err < RTOL["float32"], f"{kernel.kernel_name}: relative error {err:.2e}"
+        else:
+            np.testing.assert_array_equal(got, expected)
+
+
+def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for arg in module.inputs:
+        shape = tuple(d if isinstance(d, int) else batch for d in arg.type.shape)
+        dtype = arg.type.dtype
+        if dtype.is_float:
+            out.append(rng.standard_normal(shape).astype(np.float32))
+        else:
+            out.append(rng.integers(0, 5, shape).astype(dtype.numpy_dtype))
+    return out
+
+
+def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None = None,
+                 batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse") -> int:
+    """Fuse `text`, then compile and check every kernel on the values the interpreter feeds it."""
+    module = text if isinstance(text, ir.Module) else ir.parse(text, weights=weights or {})
+    if pipeline:
+        passes.run(module, pipeline)
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    for batch in batches:
+        env: dict = {}
+        ctx = EvalContext(module.weights)
+        for arg, array in zip(module.inputs, inputs_for(module, batch)):
+            env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
+        for op in module.ops:
+            if op.name == "func.return":
+                break
+            args = [env[v] for v in op.operands]
+            if op.name == "kernel.fused":
+                run_kernel(op, args, ctx)
+            env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
+    return len(kernels)
+
+
+def func(inputs: str, outputs: str, body: str) -> str:
+    lines = "".join(f"    {line.strip()}\n" for line in body.strip().splitlines())
+    return f"module @m {{\n  func.func @main({inputs}) -> ({outputs}) {{\n{lines}  }}\n}}\n"
+
+
