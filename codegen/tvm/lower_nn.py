@@ -9,7 +9,7 @@ from tvm import te, topi
 
 from ...ir import Operation
 from ..template import CodegenError
-from .lower import Lowering, lowers
+from .lower import Lowering, lowers, tvm_dtype
 
 
 def _nchw(op: Operation) -> bool:
@@ -210,3 +210,40 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 def _one(d: object) -> bool:
     return isinstance(d, (int, tvm.tirx.IntImm)) and int(d) == 1
+
+
+@lowers("arange")
+def lower_arange(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    dtype = str(tvm_dtype(op, op.result.type.dtype))
+    start, step = op.start, op.step
+    return te.compute(lo.shape(op.result.type), lambda i: tvm.tirx.const(start, dtype) + (
+        i.astype(dtype) * tvm.tirx.const(step, dtype)), name="arange")
+
+
+@lowers("cumsum")
+def lower_cumsum(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return topi.cumsum(args[0], axis=op.axis % op.x.type.rank)
+
+
+@lowers("index")
+def lower_index(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """x[..., i0, i1, ...] with adjacent indexed axes (the common case); negatives wrap."""
+    x, *indices = args
+    rank = op.x.type.rank
+    axes = [a % rank for a in op.axes]
+    if axes != list(range(axes[0], axes[-1] + 1)):
+        raise CodegenError("generic lowering of graph.index over non-adjacent axes is not "
+                           "written yet")
+    picked_rank = max(len(t.shape) for t in indices)
+
+    def element(*i: object) -> object:
+        picked = i[axes[0]:axes[0] + picked_rank]
+        src = list(i[:axes[0]])
+        for axis, t in zip(axes, indices):
+            sub = [0 if _one(t.shape[j]) else picked[picked_rank - len(t.shape) + j]
+                   for j in range(len(t.shape))]
+            v = t(*sub).astype("int64")
+            src.append(tvm.tirx.Select(v < 0, v + x.shape[axis], v))
+        src += list(i[axes[0] + picked_rank:])
+        return x(*src)
+    return te.compute(lo.shape(op.result.type), element, name="index")

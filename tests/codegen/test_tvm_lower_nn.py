@@ -7,6 +7,7 @@ import torch
 
 from bitsmith import models, passes
 from bitsmith.frontend import from_torch
+from bitsmith.models.hf import ARCHS
 
 from .tvm_checks import check_module, func
 
@@ -97,3 +98,26 @@ def test_every_kernel_of_a_zoo_model_matches_the_interpreter(name: str) -> None:
                         dynamic_batch=True)
     passes.run(module, passes.default_pipeline("cpu"))
     assert check_module(module, pipeline="", batches=(3,)) > 0
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_kernel_of_a_transformers_architecture_matches_the_interpreter(arch: str) -> None:
+    build, make_inputs = ARCHS[arch]
+    torch.manual_seed(0)
+    module = from_torch(build().eval(), make_inputs(2), name=arch, dynamic_batch=True)
+    passes.run(module, passes.default_pipeline("cpu"))
+    arrays = [t.numpy() for t in make_inputs(3)]
+    assert check_module(module, pipeline="", inputs=arrays) > 0
+
+
+def test_arange_cumsum_and_index() -> None:
+    i64 = "tensor<3x6xi64>"
+    text = func(f"%x: {i64}, %t: tensor<4x6x5xf32>, %ix: tensor<2x1xi64>, %iy: tensor<3xi64>",
+                f"{i64}, tensor<6xi64>, tensor<4x2x3xf32>", f"""
+        %0 = "graph.cumsum"(%x) {{axis = 1}} : ({i64}) -> {i64}
+        %1 = "graph.arange"() {{start = 2, step = 3}} : () -> tensor<6xi64>
+        %2 = "graph.index"(%t, %ix, %iy) {{axes = [1, 2]}}
+            : (tensor<4x6x5xf32>, tensor<2x1xi64>, tensor<3xi64>) -> tensor<4x2x3xf32>
+        "func.return"(%0, %1, %2) : ({i64}, tensor<6xi64>, tensor<4x2x3xf32>) -> ()
+    """)
+    assert check_module(text) >= 2

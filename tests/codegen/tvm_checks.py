@@ -47,7 +47,8 @@ def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]
 
 
 def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None = None,
-                 batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse") -> int:
+                 batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse",
+                 inputs: list[np.ndarray] | None = None) -> int:
     """Fuse `text`, then compile and check every kernel on the values the interpreter feeds it."""
     module = text if isinstance(text, ir.Module) else ir.parse(text, weights=weights or {})
     if pipeline:
@@ -56,7 +57,7 @@ def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None 
     for batch in batches:
         env: dict = {}
         ctx = EvalContext(module.weights)
-        for arg, array in zip(module.inputs, inputs_for(module, batch)):
+        for arg, array in zip(module.inputs, inputs or inputs_for(module, batch)):
             env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
         for op in module.ops:
             if op.name == "func.return":
