@@ -276,14 +276,16 @@ def bind_inputs(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray]) -> di
     return bindings
 
 
-_NUMPY_TO_IR = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "bool": "bool",
-                "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8",
-                "uint16": "u16", "uint32": "u32", "uint64": "u64"}
+NUMPY_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "bool": "bool",
+                "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64", "u8": "uint8",
+                "u16": "uint16", "u32": "uint32", "u64": "uint64"}
+"""IR element type -> numpy/TVM dtype name, for the types a kernel may take or return."""
+_NUMPY_TO_IR = {v: k for k, v in NUMPY_DTYPES.items()}
 
 
 def _ir_name(dtype: np.dtype) -> str:
     return _NUMPY_TO_IR.get(dtype.name, dtype.name)
 
 
-__all__ = ["FORMAT_VERSION", "ArtifactError", "TensorSpec", "Manifest", "Artifact",
+__all__ = ["FORMAT_VERSION", "NUMPY_DTYPES", "ArtifactError", "TensorSpec", "Manifest", "Artifact",
            "save_artifact", "load_artifact", "check_host", "bind_inputs"]

@@ -21,14 +21,12 @@ from ...ir import Operation, Value
 from ...ir.dialects.kernel import FusedOp
 from ...ir.dtypes import DType
 from ...ir.types import TensorType
+from ...runtime.artifact import NUMPY_DTYPES
 from ..template import CodegenError
 
 LowerFn = Callable[[Operation, list, "Lowering"], object]
 RULES: dict[str, LowerFn] = {}
 
-_NUMPY_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "bool": "bool",
-                "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64", "u8": "uint8",
-                "u16": "uint16", "u32": "uint32", "u64": "uint64"}
 
 
 def lowers(*names: str) -> Callable[[LowerFn], LowerFn]:
@@ -63,7 +61,7 @@ class Lowering:
 
 def tvm_dtype(op: Operation | None, dtype: object) -> str:
     """The TVM dtype name of an IR element type, or CodegenError for sub-byte/low-bit types."""
-    name = _NUMPY_NAMES.get(str(dtype))
+    name = NUMPY_DTYPES.get(str(dtype))
     if name is None or not isinstance(dtype, DType):
         where = f" in '{op.name}'" if op is not None else ""
         raise CodegenError(f"generic lowering: element type {dtype}{where} has no TVM dtype; "

@@ -1,0 +1,125 @@
+"""The driver: torch model -> graph IR -> passes -> kernels -> artifact -> CompiledModel.
+
+Every `kernel.fused` op is lowered by the generic TVM lowering (templates with tuned schedules
+come next) and all kernels are compiled into one shared library. The execution plan records the
+kernel calls in order, with every value's (symbolic) shape and dtype.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tvm
+from rich.progress import Progress
+
+from . import __version__
+from .codegen.template import CodegenError
+from .codegen.tvm.lower import lower_kernel
+from .frontend import from_torch
+from .ir import Module, Value
+from .ir.types import format_dim
+from .passes import default_pipeline, run
+from .runtime.artifact import Artifact, Manifest, TensorSpec
+from .runtime.executor import value_spec
+from .runtime.host import host_description
+from .runtime.model import CompiledModel
+
+LIBRARY = "kernels.so"
+TARGETS = ("cpu",)
+
+
+def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
+            pipeline: str | None = None, dynamic_batch: bool = False, name: str | None = None,
+            example_kwargs: Mapping[str, Any] | None = None,
+            progress: bool = False) -> CompiledModel:
+    """Compile a torch model for `target`; returns a callable, savable CompiledModel."""
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r} is not supported yet; valid: {', '.join(TARGETS)}")
+    module = from_torch(model, tuple(example_inputs), dict(example_kwargs or {}),
+                        dynamic_batch=dynamic_batch, name=name or type(model).__name__.lower())
+    run(module, pipeline or default_pipeline(target), verify=False)
+    return CompiledModel(build_artifact(module, progress=progress))
+
+
+def build_artifact(module: Module, *, progress: bool = False) -> Artifact:
+    """Lower and compile every kernel of a fused module; return the artifact in memory."""
+    plan = _Planner(module)
+    host = host_description()
+    funcs = {}
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"lowering {module.name}", total=len(kernels))
+        for op in kernels:
+            func, _, _ = lower_kernel(op)
+            funcs[op.kernel_name] = func.with_attr("global_symbol", op.kernel_name)
+            bar.advance(task)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": host["cores"]})
+    try:
+        executable = tvm.compile(tvm.IRModule(funcs), target=target)
+    except Exception as exc:  # TVM's errors are its own types; name the module
+        raise CodegenError(f"TVM could not compile {module.name}: "
+                           f"{str(exc).strip().splitlines()[-1]}") from exc
+    with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
+        path = Path(tmp) / LIBRARY
+        executable.export_library(str(path))
+        library = path.read_bytes()
+    manifest = Manifest(
+        name=module.name, inputs=plan.specs(module.inputs, module.input_names),
+        outputs=plan.specs(module.outputs, [f"output{i}" for i in range(len(module.outputs))]),
+        plan=plan.to_json(), requires={"machine": host["machine"]},
+        toolchain={"tvm": tvm.__version__},
+        bitsmith_version=__version__)
+    return Artifact(manifest, plan.weights, {LIBRARY: library})
+
+
+class _Planner:
+    """Names values, collects weights and kernel calls for the execution plan."""
+
+    def __init__(self, module: Module) -> None:
+        self.ids: dict[Value, str] = {}
+        self.values: dict[str, dict] = {}
+        self.weights: dict[str, Any] = {}
+        self.weight_ids: dict[str, str] = {}
+        self.steps: list[dict] = []
+        for i, arg in enumerate(module.inputs):
+            self._name(arg, f"in{i}")
+        for op in module.ops:
+            if op.name == "graph.constant":
+                self._constant(op, module)
+            elif op.name == "kernel.fused":
+                self.steps.append({"kernel": op.kernel_name, "library": LIBRARY,
+                                   "inputs": [self.ids[v] for v in op.operands],
+                                   "outputs": [self._name(r, f"v{len(self.ids)}")
+                                               for r in op.results]})
+            elif op.name != "func.return":
+                raise CodegenError(f"'{op.name}' at the top level after fusion; every op must "
+                                   "be in a kernel.fused (run the fuse pass)")
+        self.inputs = [self.ids[a] for a in module.inputs]
+        self.outputs = [self.ids[v] for v in module.outputs]
+
+    def _name(self, value: Value, vid: str) -> str:
+        self.ids[value] = vid
+        self.values[vid] = value_spec([_dim(d) for d in value.type.shape], str(value.type.dtype))
+        return vid
+
+    def _constant(self, op: Any, module: Module) -> None:
+        name = op.weight if op.weight is not None else f"literal{len(self.weights)}"
+        array = module.weights[op.weight] if op.weight is not None else op.value.array
+        vid = self._name(op.result, f"w{len(self.weight_ids)}")
+        self.weights[name] = array
+        self.weight_ids[vid] = name
+
+    def specs(self, values: Sequence[Value], names: Sequence[str]) -> tuple[TensorSpec, ...]:
+        """Signature entries of inputs or outputs."""
+        return tuple(TensorSpec(n, tuple(_dim(d) for d in v.type.shape), str(v.type.dtype))
+                     for v, n in zip(values, names))
+
+    def to_json(self) -> dict:
+        """The execution plan."""
+        return {"values": self.values, "inputs": self.inputs, "outputs": self.outputs,
+                "weights": self.weight_ids, "steps": self.steps}
+
+
+def _dim(d: Any) -> int | str:
+    return d if isinstance(d, int) else format_dim(d)

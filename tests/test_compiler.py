@@ -1,0 +1,107 @@
+"""bitsmith.compile -> CompiledModel: matches torch, saves, loads (also in a process without
+torch), and validates its inputs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bitsmith
+from bitsmith import models
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def compiled(name: str, dynamic_batch: bool = True) -> tuple:
+    spec = models.get(name)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    return model, spec, bitsmith.compile(model, spec.example_inputs(2), name=name,
+                                         dynamic_batch=dynamic_batch)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return compiled("bert")
+
+
+@pytest.mark.parametrize("batch", [1, 8, 3])
+def test_bert_matches_torch_at_compiled_and_unseen_batches(bert, batch: int) -> None:
+    model, spec, cm = bert
+    inputs = spec.example_inputs(batch)
+    with torch.no_grad():
+        want = model(*inputs)
+    got = cm(*inputs)
+    assert isinstance(got, tuple) and len(got) == 2  # several outputs -> a tuple of tensors
+    for g, w in zip(got, want):
+        assert isinstance(g, torch.Tensor) and g.shape == w.shape
+        assert rel_err(g, w) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_zoo_model_matches_torch_with_numpy_in_and_out(name: str) -> None:
+    model, spec, cm = compiled(name)
+    (x,) = spec.example_inputs(5)
+    with torch.no_grad():
+        want = model(x)
+    got = cm(x.numpy())
+    assert isinstance(got, np.ndarray)  # numpy in -> numpy out, one output -> not a tuple
+    assert rel_err(torch.from_numpy(got), want) < 1e-4
+
+
+def test_save_load_round_trip_and_a_process_without_torch(bert, tmp_path: Path) -> None:
+    model, spec, cm = bert
+    path = tmp_path / "bert.bsm"
+    cm.save(path)
+    loaded = bitsmith.load(path)
+    ids, mask = (t.numpy() for t in spec.example_inputs(4))
+    want = cm(ids, mask)
+    for a, b in zip(loaded(ids, mask), want):
+        np.testing.assert_array_equal(a, b)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    np.save(tmp_path / "want.npy", want[1])
+    code = f"""
+import sys, numpy as np
+import bitsmith
+cm = bitsmith.load({str(path)!r})
+out = cm(np.load({str(tmp_path / 'ids.npy')!r}), np.load({str(tmp_path / 'mask.npy')!r}))
+np.testing.assert_array_equal(out[1], np.load({str(tmp_path / 'want.npy')!r}))
+bad = [m for m in ('torch', 'bitsmith.frontend', 'bitsmith.passes', 'bitsmith.compiler',
+                   'bitsmith.codegen') if m in sys.modules]
+assert not bad, bad
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_inputs_are_validated_with_expected_vs_got(bert) -> None:
+    _, spec, cm = bert
+    ids, mask = (t.numpy() for t in spec.example_inputs(2))
+    with pytest.raises(ValueError, match=r"expected 2 input\(s\) \(input_ids, attention_mask\), "
+                                         r"got 1"):
+        cm(ids)
+    with pytest.raises(ValueError, match=r"input 'attention_mask': dim 0 is B = 2 from an "
+                                         r"earlier input, got 3"):
+        cm(ids, np.ones((3, 16), np.int64))
+    with pytest.raises(ValueError, match="input 'input_ids': expected dtype i64, got float32"):
+        cm(ids.astype(np.float32), mask)
+
+
+def test_static_batch_and_unknown_target() -> None:
+    model, spec, cm = compiled("mlp", dynamic_batch=False)
+    with pytest.raises(ValueError, match=r"dim 0 should be 2"):
+        cm(spec.example_inputs(3)[0].numpy())
+    with pytest.raises(ValueError, match="target 'tpu' is not supported yet; valid: cpu"):
+        bitsmith.compile(model, spec.example_inputs(1), target="tpu")
+    assert "CompiledModel mlp(x: tensor<2x64xf32>)" in repr(cm)
