@@ -50,7 +50,7 @@ class Lowering:
             return d
         expr = sympy.sympify(d)
         for sym in sorted(expr.free_symbols, key=str):
-            self.vars.setdefault(sym, te.var(str(sym), dtype="int64"))
+            self.vars.setdefault(sym, te.var(str(sym), dtype="int32"))
         return sympy.lambdify(sorted(expr.free_symbols, key=str), expr, modules=[{}])(
             *[self.vars[s] for s in sorted(expr.free_symbols, key=str)])
 
