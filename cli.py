@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from rich.console import Console
 
-from . import __version__, passes
+from . import __version__, cli_compile, passes
 from .ir import Module, interpret
 from .passes.manager import count_ops
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except CliError as exc:
+    except (CliError, cli_compile.CommandError) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ir_cmd.add_argument("--no-verify", action="store_true",
                         help="skip verifying the IR after every pass")
     ir_cmd.set_defaults(func=cmd_ir)
+    cli_compile.add_parsers(sub)
     return parser
 
 

@@ -65,3 +65,41 @@ def test_bad_pipeline_is_one_line_and_exit_2(capsys) -> None:
         err = capsys.readouterr().err.strip().splitlines()
         assert err[0].startswith("imported mlp") and len(err) == 2
         assert err[1].startswith(message)
+
+
+def test_compile_then_run_matches_torch_and_run_needs_no_torch(tmp_path, capsys) -> None:
+    import numpy as np
+    import torch
+
+    from bitsmith import models
+
+    art = tmp_path / "mlp.bsm"
+    assert main(["compile", "mlp", "--dynamic-batch", "-o", str(art)]) == 0
+    assert "mlp ->" in capsys.readouterr().err
+    spec = models.get("mlp")
+    torch.manual_seed(0)
+    (x,) = spec.example_inputs(5)
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = (f"import sys; from bitsmith.cli import main; "
+            f"rc = main(['run', {str(art)!r}, '--input', {str(tmp_path / 'x.npy')!r}, "
+            f"'--output', {str(tmp_path / 'y.npy')!r}]); "
+            "assert rc == 0 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = spec.build().eval()(x).numpy()
+    got = np.load(tmp_path / "y.npy")
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert main(["run", str(art), "--input", str(tmp_path / "x.npy"), "--input",
+                 str(tmp_path / "x.npy"), "--output", str(tmp_path / "z.npy")]) == 2
+    assert capsys.readouterr().err.strip().endswith("expected 1 input(s) (x), got 2")
+    assert main(["run", str(tmp_path / "missing.bsm"), "--input", "x", "--output", "y"]) == 2
+    assert "no such artifact" in capsys.readouterr().err
+
+
+def test_bench_prints_ratios(capsys) -> None:
+    assert main(["bench", "mlp", "--batch", "1", "--repeat", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "bitsmith/eager" in err and "3 kernels" in err

@@ -1,0 +1,160 @@
+"""`bitsmith compile`, `bitsmith run` and `bitsmith bench`.
+
+`run` needs only the runtime: it must work where torch is not installed, so the compiler (which
+imports torch) is imported inside the commands that need it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .runtime.artifact import ArtifactError
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+class CommandError(Exception):
+    """A user error in one of these commands (the CLI prints it as one line, exit code 2)."""
+
+
+def add_parsers(sub: Any) -> None:
+    """Register the three subcommands on the CLI's subparsers."""
+    comp = sub.add_parser("compile", help="compile a model to a .bsm artifact")
+    comp.add_argument("model", help="zoo name, 'minilm', file.py:Name, or a Hugging Face dir")
+    comp.add_argument("-o", "--output", help="artifact path (default: MODEL.bsm)")
+    comp.add_argument("--batch", type=int, default=1, help="batch size of the example inputs")
+    comp.add_argument("--dynamic-batch", action="store_true",
+                      help="accept any batch size (dim 0 of every input is a symbol B)")
+    comp.add_argument("--pipeline", help="passes to run (default: the target's pipeline)")
+    comp.set_defaults(func=cmd_compile)
+    run = sub.add_parser("run", help="run a .bsm artifact on .npy inputs")
+    run.add_argument("artifact")
+    run.add_argument("--input", action="append", required=True, metavar="X.npy",
+                     help="one per model input, in order")
+    run.add_argument("--output", required=True, metavar="Y.npy",
+                     help="where to write the output (several outputs: Y.0.npy, Y.1.npy, ...)")
+    run.set_defaults(func=cmd_run)
+    bench = sub.add_parser("bench", help="median latency: bitsmith vs torch eager (and "
+                                         "torch.compile)")
+    bench.add_argument("model")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    bench.add_argument("--repeat", type=int, default=20)
+    bench.add_argument("--torch-compile", action="store_true",
+                       help="also time torch.compile (its compile takes a while on CPU)")
+    bench.set_defaults(func=cmd_bench)
+
+
+def _load(name: str) -> Any:
+    from .frontend import ModelLoadError, load_model  # noqa: PLC0415 - torch only here
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's own noise
+    try:
+        return load_model(name)
+    except ModelLoadError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None) -> Any:
+    from . import compiler  # noqa: PLC0415 - imports torch; `run` must not
+
+    args, kwargs = loaded.call_args(batch)
+    return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
+                            dynamic_batch=dynamic, pipeline=pipeline, progress=True)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile, save, and print a summary table."""
+    if args.batch < 1:
+        raise CommandError(f"--batch must be >= 1, got {args.batch}")
+    loaded = _load(args.model)
+    start = time.perf_counter()
+    with err.status(f"compiling {loaded.name}"):
+        cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline)
+    seconds = time.perf_counter() - start
+    out = Path(args.output or f"{loaded.name}.bsm")
+    cm.save(out)
+    steps = cm.artifact.manifest.plan["steps"]
+    table = Table(title=f"{loaded.name} -> {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    table.add_column("kernels")
+    table.add_column("inputs")
+    table.add_column("outputs")
+    table.add_column("compile s")
+    table.add_row(str(len(steps)), ", ".join(map(str, cm.artifact.manifest.inputs)),
+                  str(len(cm.artifact.manifest.outputs)), f"{seconds:.1f}")
+    err.print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run an artifact on .npy inputs and write the outputs."""
+    from .runtime.model import load  # noqa: PLC0415 - keeps `bitsmith ir` free of TVM
+
+    try:
+        cm = load(args.artifact)
+    except ArtifactError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        arrays = [np.load(path) for path in args.input]
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read an input: {exc}") from None
+    try:
+        outs = cm.executor.run(*arrays)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    target = Path(args.output)
+    paths = [target] if len(outs) == 1 else [
+        target.with_suffix(f".{i}{target.suffix or '.npy'}") for i in range(len(outs))]
+    for path, array in zip(paths, outs):
+        np.save(path, array)
+        err.print(f"wrote {path}: {array.dtype}{list(array.shape)}", highlight=False)
+    return 0
+
+
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of fn() in ms, after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Median latencies of bitsmith, torch eager (and torch.compile), side by side."""
+    import torch  # noqa: PLC0415 - only the commands that need torch import it
+
+    loaded = _load(args.model)
+    cm = _compile(loaded, 2, True, None)
+    compiled = torch.compile(loaded.module) if args.torch_compile else None
+    table = Table(title=f"{loaded.name}: median of {args.repeat} runs")
+    for col in ("batch", "bitsmith ms", "eager ms", "bitsmith/eager") + (
+            ("torch.compile ms", "bitsmith/compile") if compiled else ()):
+        table.add_column(col, justify="right")
+    for batch in args.batch:
+        call_args, call_kwargs = loaded.call_args(batch)
+        named = {**dict(zip([s.name for s in cm.artifact.manifest.inputs], call_args)),
+                 **call_kwargs}
+        arrays = [named[s.name].numpy() for s in cm.artifact.manifest.inputs]
+        with torch.no_grad():
+            ours = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
+            eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)
+            row = [str(batch), f"{ours:.2f}", f"{eager:.2f}", f"{ours / eager:.2f}"]
+            if compiled is not None:
+                tc = median_ms(lambda: compiled(*call_args, **call_kwargs), args.repeat)
+                row += [f"{tc:.2f}", f"{ours / tc:.2f}"]
+        table.add_row(*row)
+    err.print(table)
+    err.print(f"{len(cm.artifact.manifest.plan['steps'])} kernels (generic lowering, untuned)",
+              highlight=False)
+    return 0
