@@ -6,27 +6,12 @@ measured side by side in one run, with the ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
-from typing import Callable
-
 import torch
 
 import bitsmith
 from bitsmith import models
-
-
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of fn() in ms, after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from bitsmith.cli_compile import median_ms
 
 
 def main() -> None:
