@@ -15,7 +15,7 @@ from rich.progress import Progress
 
 from . import __version__
 from .codegen.template import CodegenError
-from .codegen.tvm.lower import lower_kernel
+from .codegen.tvm.lower import compile_funcs, lower_kernel
 from .frontend import from_torch
 from .ir import Module, Value
 from .ir.types import format_dim
@@ -51,15 +51,9 @@ def build_artifact(module: Module, *, progress: bool = False) -> Artifact:
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"lowering {module.name}", total=len(kernels))
         for op in kernels:
-            func, _, _ = lower_kernel(op)
-            funcs[op.kernel_name] = func.with_attr("global_symbol", op.kernel_name)
+            funcs[op.kernel_name] = lower_kernel(op)[0]
             bar.advance(task)
-    target = tvm.target.Target({"kind": "llvm", "num-cores": host["cores"]})
-    try:
-        executable = tvm.compile(tvm.IRModule(funcs), target=target)
-    except Exception as exc:  # TVM's errors are its own types; name the module
-        raise CodegenError(f"TVM could not compile {module.name}: "
-                           f"{str(exc).strip().splitlines()[-1]}") from exc
+    executable = compile_funcs(funcs, module.name, {"kind": "llvm", "num-cores": host["cores"]})
     with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
         path = Path(tmp) / LIBRARY
         executable.export_library(str(path))

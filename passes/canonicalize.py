@@ -224,7 +224,7 @@ def permute_of_unit_dims_to_reshape(op: Operation, rw: PatternRewriter) -> bool:
 
 
 VIEW_CHAIN_ELEMENTS = 1 << 22  # chains over more elements (per batch row) are left alone
-_VIEWS = ("graph.reshape", "graph.permute")
+VIEWS = ("graph.reshape", "graph.permute")  # ops that only re-index their operand
 
 
 def _view_chain(op: Operation) -> list[Operation]:
@@ -233,7 +233,7 @@ def _view_chain(op: Operation) -> list[Operation]:
     while True:
         value = chain[-1].x
         src = producer(value)
-        if src is None or src.name not in _VIEWS or len(value.users) != 1:
+        if src is None or src.name not in VIEWS or len(value.users) != 1:
             return chain
         chain.append(src)
 

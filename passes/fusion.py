@@ -21,11 +21,10 @@ from ..ir import Block, Module, Operation, Region, Value
 from ..ir.dialects import graph
 from ..ir.dialects.kernel import FusedOp, YieldOp
 from .cleanup import erase_dead_ops
-from .canonicalize import INLINE_ELEMENTS, producer, splat_value
+from .canonicalize import INLINE_ELEMENTS, VIEWS, producer, splat_value
 from .manager import ModulePass, PassContext, register_pass
 from .op_kinds import ANCHORS, OpKind, classify, reduction_signature
 
-_VIEWS = ("graph.reshape", "graph.permute")
 _PADDED = ("graph.conv2d", "graph.max_pool2d", "graph.avg_pool2d")
 
 
@@ -164,7 +163,7 @@ class _Fuser:
     def _view_chain_back(self, value: Value, members: set) -> list[Operation]:
         chain = []
         op = producer(value)
-        while (op is not None and op.name in _VIEWS and op not in self.group_of
+        while (op is not None and op.name in VIEWS and op not in self.group_of
                and all(u in members or u in chain for u in op.result.users)):
             chain.append(op)
             op = producer(op.x)
@@ -173,7 +172,7 @@ class _Fuser:
     def _view_chain_forward(self, value: Value) -> list[Operation]:
         chain = []
         user = _single_user(value)
-        while user is not None and user.name in _VIEWS and user not in self.group_of and \
+        while user is not None and user.name in VIEWS and user not in self.group_of and \
                 value not in self.module.outputs:
             chain.append(user)
             value = user.result
@@ -333,7 +332,7 @@ def sort_block(block: Block) -> None:
 
 def kernel_name(group: Group, index: int) -> str:
     """`k3_linear_gelu`: a number and the non-view ops it holds."""
-    names = [op.name.split(".")[-1] for op in group.ops if op.name not in _VIEWS]
+    names = [op.name.split(".")[-1] for op in group.ops if op.name not in VIEWS]
     names = list(dict.fromkeys(names or [op.name.split(".")[-1] for op in group.ops]))
     return f"k{index}_{'_'.join(names[:4])}"
 

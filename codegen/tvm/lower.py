@@ -366,14 +366,21 @@ def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     return out
 
 
-def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Executable:
-    """Lower and compile a kernel with no schedule (the correctness baseline)."""
-    func, _, _ = lower_kernel(kernel)
+def compile_funcs(funcs: dict[str, tvm.tirx.PrimFunc], what: str,
+                  target: dict | None = None) -> tvm.runtime.Executable:
+    """Compile PrimFuncs (by symbol name) into one executable; TVM errors become CodegenError."""
+    module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     try:
-        return tvm.compile(func, target=tvm.target.Target(target or {"kind": "llvm"}))
-    except Exception as exc:  # TVM raises its own error types; keep the message, name the kernel
-        raise CodegenError(f"TVM could not compile kernel '{kernel.kernel_name}': "
+        return tvm.compile(module, target=tvm.target.Target(target or {"kind": "llvm"}))
+    except Exception as exc:  # TVM raises its own error types; keep the message, say what
+        raise CodegenError(f"TVM could not compile {what}: "
                            f"{str(exc).strip().splitlines()[-1]}") from exc
+
+
+def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Executable:
+    """Lower and compile one kernel with no schedule, as function `main`."""
+    func, _, _ = lower_kernel(kernel)
+    return compile_funcs({"main": func}, f"kernel '{kernel.kernel_name}'", target)
 
 
 from . import lower_nn  # noqa: E402,F401 - registers the windowed and attention rules
