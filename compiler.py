@@ -1,7 +1,8 @@
 """The driver: torch model -> graph IR -> passes -> kernels -> artifact -> CompiledModel.
 
-Every `kernel.fused` op is lowered by the generic TVM lowering (templates with tuned schedules
-come next) and all kernels are compiled into one shared library. The execution plan records the
+Every `kernel.fused` op is built by the first CPU template that matches it (with its default
+config, untuned) and all kernels are compiled into one shared library; weights a template wants
+pre-packed are packed here, once, and stored packed. The execution plan records the
 kernel calls in order, with every value's (symbolic) shape and dtype.
 """
 from __future__ import annotations
@@ -10,14 +11,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import tvm
 from rich.progress import Progress
 
 from . import __version__
 from .codegen.template import CodegenError
-from .codegen.tvm.lower import compile_funcs, lower_kernel
+from .codegen.tvm.lower import compile_funcs
+from .codegen.tvm.target import host_target, tvm_target
+from .codegen.tvm.templates import TvmKernel, build_kernel
 from .frontend import from_torch
-from .ir import Module, Value
+from .ir import Module, Operation, Value
 from .ir.types import format_dim
 from .passes import default_pipeline, run
 from .runtime.artifact import Artifact, Manifest, TensorSpec
@@ -43,17 +47,21 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
 
 
 def build_artifact(module: Module, *, progress: bool = False) -> Artifact:
-    """Lower and compile every kernel of a fused module; return the artifact in memory."""
-    plan = _Planner(module)
+    """Schedule and compile every kernel of a fused module; return the artifact in memory."""
     host = host_description()
-    funcs = {}
+    target = host_target()
+    built: dict[Operation, TvmKernel] = {}
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"lowering {module.name}", total=len(kernels))
+        task = bar.add_task(f"scheduling {module.name}", total=len(kernels))
         for op in kernels:
-            funcs[op.kernel_name] = lower_kernel(op)[0]
+            bar.update(task, description=f"scheduling {op.kernel_name}")
+            built[op] = build_kernel(op, target)
             bar.advance(task)
-    executable = compile_funcs(funcs, module.name, {"kind": "llvm", "num-cores": host["cores"]})
+        bar.update(task, description=f"compiling {len(kernels)} kernels with LLVM")
+        executable = compile_funcs({op.kernel_name: k.func for op, k in built.items()},
+                                   module.name, tvm_target(target))
+    plan = _Planner(module, built)
     with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
         path = Path(tmp) / LIBRARY
         executable.export_library(str(path))
@@ -62,7 +70,7 @@ def build_artifact(module: Module, *, progress: bool = False) -> Artifact:
         name=module.name, inputs=plan.specs(module.inputs, module.input_names),
         outputs=plan.specs(module.outputs, [f"output{i}" for i in range(len(module.outputs))]),
         plan=plan.to_json(), requires={"machine": host["machine"]},
-        toolchain={"tvm": tvm.__version__},
+        toolchain={"tvm": tvm.__version__, "mcpu": target.mcpu},
         bitsmith_version=__version__)
     return Artifact(manifest, plan.weights, {LIBRARY: library})
 
@@ -70,8 +78,10 @@ def build_artifact(module: Module, *, progress: bool = False) -> Artifact:
 class _Planner:
     """Names values, collects weights and kernel calls for the execution plan."""
 
-    def __init__(self, module: Module) -> None:
+    def __init__(self, module: Module, built: Mapping[Operation, TvmKernel]) -> None:
         self.ids: dict[Value, str] = {}
+        self.constants: dict[Value, Any] = {}
+        self.packed: dict[tuple[Value, str], str] = {}
         self.values: dict[str, dict] = {}
         self.weights: dict[str, Any] = {}
         self.weight_ids: dict[str, str] = {}
@@ -82,8 +92,11 @@ class _Planner:
             if op.name == "graph.constant":
                 self._constant(op, module)
             elif op.name == "kernel.fused":
+                kernel = built[op]
                 self.steps.append({"kernel": op.kernel_name, "library": LIBRARY,
-                                   "inputs": [self.ids[v] for v in op.operands],
+                                   "template": kernel.template, "config": str(kernel.config),
+                                   "inputs": [self._operand(v, kernel.packs.get(i))
+                                              for i, v in enumerate(op.operands)],
                                    "outputs": [self._name(r, f"v{len(self.ids)}")
                                                for r in op.results]})
             elif op.name != "func.return":
@@ -103,6 +116,25 @@ class _Planner:
         vid = self._name(op.result, f"w{len(self.weight_ids)}")
         self.weights[name] = array
         self.weight_ids[vid] = name
+        self.constants[op.result] = (name, array)
+
+    def _operand(self, value: Value, pack: Any) -> str:
+        """The value id a kernel reads: the value, or its pre-packed copy (a new weight)."""
+        if pack is None:
+            return self.ids[value]
+        layout, fn = pack
+        if value not in self.constants:
+            raise CodegenError(f"a template packs an operand that is not a weight ({value.type})")
+        key = (value, layout)
+        if key not in self.packed:
+            name, array = self.constants[value]
+            packed = fn(np.asarray(array))
+            vid = f"w{len(self.weight_ids)}"
+            self.values[vid] = value_spec(list(packed.shape), str(value.type.dtype))
+            self.weights[f"{name}.{layout}"] = packed
+            self.weight_ids[vid] = f"{name}.{layout}"
+            self.packed[key] = vid
+        return self.packed[key]
 
     def specs(self, values: Sequence[Value], names: Sequence[str]) -> tuple[TensorSpec, ...]:
         """Signature entries of inputs or outputs."""

@@ -17,6 +17,8 @@ from typing import Iterable, Mapping
 from ..ir import Module, Operation, Value
 from ..ir.dtypes import BoolType
 from ..ir.types import TensorType, evaluate_dim
+from ..runtime import arena
+from ..runtime.arena import align_up
 from .errors import PassError
 from .manager import ModulePass, PassContext, register_pass
 
@@ -149,23 +151,15 @@ def element_bits(type: TensorType) -> int:
     return type.dtype.bits  # a QuantType counts its storage bits; scales are separate values
 
 
-def align_up(n: int, alignment: int) -> int:
-    """`n` rounded up to a multiple of `alignment`."""
-    return -(-n // alignment) * alignment
-
-
 def assign_offsets(buffers: Iterable[Buffer]) -> list[Buffer]:
-    """Greedy by size: biggest first (ties: earliest start), each at the lowest fitting offset.
+    """Greedy by size: biggest first (ties: earliest start), each at the lowest fitting offset
+    (the runtime's own planner, so that what is reported is what runs).
 
     Returns the buffers with offsets, in definition order.
     """
-    order = sorted(enumerate(buffers), key=lambda ib: (-ib[1].size, ib[1].start, ib[0]))
-    placed: list[tuple[int, Buffer]] = []
-    for i, buffer in order:
-        clashes = sorted((p for _, p in placed if p.overlaps_in_time(buffer)),
-                         key=lambda p: p.offset)
-        placed.append((i, _with_offset(buffer, _lowest_gap(buffer.size, clashes))))
-    return [b for _, b in sorted(placed, key=lambda ib: ib[0])]
+    buffers = list(buffers)
+    offsets = arena.assign_offsets([(b.size, b.start, b.end) for b in buffers])
+    return [_with_offset(b, offset) for b, offset in zip(buffers, offsets)]
 
 
 def peak_live_bytes(buffers: Iterable[Buffer]) -> int:
@@ -191,16 +185,6 @@ def format_bytes(n: int) -> str:
         if size < 1024:
             break
     return f"{size:.1f} {unit}"
-
-
-def _lowest_gap(size: int, clashes: list[Buffer]) -> int:
-    # `clashes` is sorted by offset; every size is a multiple of the alignment, so is every gap
-    candidate = 0
-    for other in clashes:
-        if other.offset - candidate >= size:
-            break
-        candidate = max(candidate, other.offset + other.size)
-    return candidate
 
 
 def _with_offset(buffer: Buffer, offset: int) -> Buffer:

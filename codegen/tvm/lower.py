@@ -11,7 +11,7 @@ This is the correctness baseline every model compiles through; templates with re
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import sympy
 import tvm
@@ -39,18 +39,24 @@ def lowers(*names: str) -> Callable[[LowerFn], LowerFn]:
 
 
 class Lowering:
-    """Per-kernel state: the TIR variables of symbolic dims."""
+    """Per-kernel state: the TIR variables of symbolic dims.
 
-    def __init__(self) -> None:
+    A kernel with a symbolic dim indexes in int64 throughout (its static dims become int64
+    constants too): TVM needs one index type per loop nest, and allocations sized by a
+    symbolic dim only lower with int64 sizes.
+    """
+
+    def __init__(self, symbolic: bool = False) -> None:
         self.vars: dict[sympy.Symbol, tvm.tirx.Var] = {}
+        self.index = "int64" if symbolic else "int32"
 
     def dim(self, d: object) -> object:
-        """A dim as an int or a TIR expression over int64 variables."""
+        """A dim as an int, or a TIR expression over int64 variables."""
         if isinstance(d, int):
-            return d
+            return d if self.index == "int32" else tvm.tirx.const(d, "int64")
         expr = sympy.sympify(d)
         for sym in sorted(expr.free_symbols, key=str):
-            self.vars.setdefault(sym, te.var(str(sym), dtype="int32"))
+            self.vars.setdefault(sym, te.var(str(sym), dtype=self.index))
         return sympy.lambdify(sorted(expr.free_symbols, key=str), expr, modules=[{}])(
             *[self.vars[s] for s in sorted(expr.free_symbols, key=str)])
 
@@ -69,15 +75,26 @@ def tvm_dtype(op: Operation | None, dtype: object) -> str:
     return name
 
 
-def lower_kernel(kernel: FusedOp) -> tuple[tvm.tirx.PrimFunc, list[te.Tensor], list[te.Tensor]]:
-    """The PrimFunc of a kernel, with its input placeholders and output tensors (call order)."""
-    lowering = Lowering()
+def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None = None,
+                 placeholders: Mapping[int, te.Tensor] | None = None,
+                 ) -> tuple[tvm.tirx.PrimFunc, list[te.Tensor], list[te.Tensor]]:
+    """The PrimFunc of a kernel, with its input placeholders and output tensors (call order).
+
+    Templates substitute their own compute for some ops (`rules`, by op) and their own
+    placeholder for some inputs (`placeholders`, by input index: a pre-packed weight).
+    """
     block = kernel.regions[0].block
-    inputs = [te.placeholder(lowering.shape(a.type), tvm_dtype(None, a.type.dtype),
-                             name=f"in{i}") for i, a in enumerate(block.args)]
+    lowering = Lowering(symbolic=any(
+        not isinstance(d, int) for v in list(block.args) + [r for o in kernel.body_ops
+                                                              for r in o.results]
+        for d in v.type.shape))
+    placeholders = placeholders or {}
+    inputs = [placeholders[i] if i in placeholders else te.placeholder(
+        lowering.shape(a.type), tvm_dtype(None, a.type.dtype), name=f"in{i}")
+        for i, a in enumerate(block.args)]
     env: dict[Value, te.Tensor] = dict(zip(block.args, inputs))
     for op in kernel.body_ops:
-        rule = RULES.get(op.name)
+        rule = (rules or {}).get(op) or RULES.get(op.name)
         if rule is None:
             raise CodegenError(f"generic lowering has no rule for '{op.name}' (kernel "
                                f"'{kernel.kernel_name}'); rules exist for "

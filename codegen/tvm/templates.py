@@ -1,0 +1,284 @@
+"""CPU kernel templates: a `kernel.fused` region -> a scheduled TensorIR PrimFunc.
+
+Every template starts from the generic lowering of the region (so its numerics are the generic
+lowering's, which the tests hold to the interpreter) and adds a schedule with knobs:
+
+- `dense`: linear / matmul against a constant weight, with any elementwise epilogue. The weight
+  is pre-packed at compile time into column panels `[N/nr, K, nr]`, so the micro-kernel reads it
+  contiguously; an mr x nr output tile is accumulated in vector registers.
+- `conv2d_nhwc`: NHWC convolution with HWIO weights (the `layout` pass's choice), the same
+  register tile over (output column, output channel).
+- `batch_matmul`: matmul of two activations (attention scores outside an attention kernel).
+- `rows`: reductions over rows (softmax, layer/RMS norm, reduce_*) and everything else with a
+  reduction (attention, pooling, conv in NCHW), one parallel loop per block.
+- `elementwise`: injective kernels (elementwise chains, reshapes, gathers/embedding), inlined
+  into one loop nest, vectorised and parallelised.
+
+`select` picks the first template that matches; `elementwise` and `rows` between them match
+every region, so every model compiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te, topi
+from tvm.s_tir.schedule.schedule import ScheduleError
+
+from ...ir import Operation
+from ...ir.dialects.kernel import FusedOp
+from ..template import (Config, CodegenError, KernelTemplate, Knob, KnobSpace, Problem, Target,
+                        register_template)
+from .lower import Lowering, lower_kernel, tvm_dtype
+from .schedule import (auto_schedule, block_name, inline_injective, parallel_vectorize,
+                       register_tile, root_blocks)
+from .target import vector_lanes
+
+ELEMENTWISE = frozenset(
+    f"graph.{n}" for n in (
+        "add sub mul div pow maximum minimum eq ne lt le gt ge logical_and logical_or "
+        "logical_not exp log sqrt rsqrt tanh erf sigmoid abs neg sin cos floor ceil reciprocal "
+        "relu silu gelu clamp where cast constant full").split())
+INJECTIVE = ELEMENTWISE | {f"graph.{n}" for n in (
+    "reshape permute expand slice concat embedding").split()}
+
+
+@dataclass
+class TvmKernel:
+    """A scheduled kernel: its PrimFunc and how to pre-pack constant inputs (by input index:
+    a name for the packed layout and the numpy function that packs)."""
+
+    func: tvm.tirx.PrimFunc
+    template: str
+    config: Config
+    packs: dict[int, tuple[str, Callable[[np.ndarray], np.ndarray]]] = field(
+        default_factory=dict)
+
+
+class TvmTemplate(KernelTemplate):
+    """A CPU template: `schedule` turns the region's PrimFunc into a scheduled one."""
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        """The config used untuned: the space's defaults (templates refine by problem)."""
+        return self.space.default()
+
+    def build(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        config = self.space.check(config)
+        if not self.valid(problem, config):
+            raise CodegenError(f"template {self.name}: config {config} is not valid for "
+                               f"{dict(problem.params)}")
+        try:
+            return self.schedule(problem, config, target)
+        except (tvm.error.InternalError, ValueError, RuntimeError, ScheduleError) as exc:
+            raise CodegenError(f"template {self.name} failed on kernel "
+                               f"'{problem.op.kernel_name}' with {config}: "
+                               f"{str(exc).strip().splitlines()[-1]}") from exc
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        raise NotImplementedError
+
+
+def _constant_input(kernel: FusedOp, value: Any) -> int | None:
+    """The kernel input index of a region value that is a block argument fed by a weight."""
+    block = kernel.regions[0].block
+    for i, arg in enumerate(block.args):
+        if arg is value:
+            outer = kernel.operands[i]
+            producer = getattr(outer, "op", None)
+            if producer is not None and producer.name == "graph.constant":
+                return i
+    return None
+
+
+def _static(dims: Any) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def pack_panels(weight: np.ndarray, nr: int, transposed: bool) -> np.ndarray:
+    """[N, K] (transposed=True, torch's linear weight) or [K, N] -> panels [ceil(N/nr), K, nr],
+    zero-padded past N."""
+    w = weight if transposed else weight.T
+    n, k = w.shape
+    padded = np.zeros((-(-n // nr) * nr, k), dtype=w.dtype)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))
+
+
+@register_template
+class Dense(TvmTemplate):
+    """out = epilogue(x @ W^T (+ bias)) for a constant W: packed panels, register tiles."""
+
+    name = "dense"
+    version = 1
+    space = KnobSpace(Knob("TILE_M", (4, 1, 2, 6, 8)),
+                      Knob("TILE_N", (64, 16, 32, 48, 128)),
+                      Knob("TILE_K", (0, 64, 128, 256)),  # 0: no split of the reduction
+                      Knob("ORDER", ("mn", "nm")),
+                      Knob("PARALLEL", (True, False)))
+    key = ("M", "N", "K", "epilogue", "dtype")
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        anchors = [o for o in op.body_ops if o.name in ("graph.linear", "graph.matmul")]
+        if len(anchors) != 1 or any(o.name not in ELEMENTWISE for o in op.body_ops
+                                    if o is not anchors[0]):
+            return None
+        anchor = anchors[0]
+        if anchor.name == "graph.matmul" and anchor.transpose_lhs:
+            return None
+        x, w = anchor.operands[0], anchor.operands[1]
+        w_index = _constant_input(op, w)
+        if w_index is None or w.type.rank != 2 or x.type.rank < 2:
+            return None
+        if not _static(x.type.shape[1:]) or not x.type.dtype.is_float:
+            return None
+        transposed = anchor.name == "graph.linear" or anchor.transpose_rhs
+        n, k = (w.type.shape if transposed else w.type.shape[::-1])
+        rows = x.type.shape[0]
+        for d in x.type.shape[1:-1]:
+            rows = rows * d
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
+        return Problem(self.name, {"M": str(rows), "N": n, "K": k, "epilogue": epilogue,
+                                   "dtype": str(x.type.dtype), "w_index": w_index,
+                                   "transposed": transposed}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        n, k = problem["N"], problem["K"]
+        return (config["TILE_N"] <= -(-n // 16) * 16
+                and (config["TILE_K"] == 0 or config["TILE_K"] < k))
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        lanes = vector_lanes(target)
+        n, k = problem["N"], problem["K"]
+        nr = next((c for c in (4 * lanes, 2 * lanes, lanes) if n % c == 0), 4 * lanes
+                  if n >= 4 * lanes else lanes)
+        rows = int(problem["M"]) if problem["M"].isdigit() else 64
+        return Config({"TILE_M": 4 if rows >= 4 else 1, "TILE_N": nr, "TILE_K": 0,
+                       "ORDER": "mn", "PARALLEL": rows * n * k >= 1 << 17})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        kernel: FusedOp = problem.op
+        anchor = next(o for o in kernel.body_ops if o.name in ("graph.linear", "graph.matmul"))
+        nr, n, k = int(config["TILE_N"]), problem["N"], problem["K"]
+        dtype = tvm_dtype(anchor, anchor.result.type.dtype)
+        packed = te.placeholder((-(-n // nr), k, nr), dtype, name="packed")
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            x = args[0]
+            lead = list(x.shape[:-1])
+            rows = lead[0]
+            for d in lead[1:]:
+                rows = rows * d
+            trailing = [int(d) for d in lead[1:]]
+            index = "int64" if not isinstance(rows, int) else "int32"
+            r = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(k, index)), name="k")
+
+            def x_at(m: Any, kk: Any) -> Any:
+                idx = []
+                for d in reversed(trailing):
+                    idx.append(m % d)
+                    m = m // d
+                return x(m, *reversed(idx), kk)
+            dense = te.compute((rows, tvm.tirx.const(n, index)), lambda m, j: te.sum(
+                x_at(m, r) * packed[j // nr, r, j % nr], axis=r), name="dense")
+
+            def view(*i: Any) -> Any:
+                m = i[0]
+                for axis, d in zip(i[1:-1], trailing):
+                    m = m * d + axis
+                return dense[m, i[-1]]
+            out = te.compute(lead + [tvm.tirx.const(n, index)], view, name="dense_rows")
+            if op.name == "graph.linear" and len(args) > 2:
+                out = topi.add(out, args[2])
+            return out
+        func, _, _ = lower_kernel(kernel, rules={anchor: rule},
+                                  placeholders={problem["w_index"]: packed})
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep={"dense"})
+        blocks = root_blocks(sch)
+        names = [block_name(sch, b) for b in blocks]
+        dense = blocks[names.index("dense")]
+        rank = anchor.result.type.rank
+        consumers = [b for b in blocks if b is not dense]
+        fits = (len(consumers) == 1 and len(sch.get_loops(consumers[0])) == rank
+                and kernel.results[0].type.shape[-1] == n
+                and kernel.results[0].type.rank == rank)
+        rows = problem["M"]
+        mr = min(int(config["TILE_M"]), int(rows)) if rows.isdigit() else int(config["TILE_M"])
+        lanes = vector_lanes(target)
+        register_tile(sch, dense, consumers[0] if fits else None, rows=rank - 1 if fits else 1,
+                      mr=mr, nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
+                      parallel=bool(config["PARALLEL"]), lanes=lanes)
+        if not fits:
+            for block in consumers:
+                parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14,
+                                   cores=target.cores)
+        transposed = problem["transposed"]
+        return TvmKernel(sch.mod["main"], self.name, config, packs={
+            problem["w_index"]: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
+
+
+class _Auto(TvmTemplate):
+    """Inline injective blocks; vectorise and parallelise each block that is left."""
+
+    space = KnobSpace(Knob("VECTORIZE", (True, False)),
+                      Knob("MIN_PARALLEL", (16384, 4096, 65536, 1 << 40)))
+    key = ("signature",)
+
+    def problem(self, op: FusedOp) -> Problem:
+        sig = ";".join(f"{o.name}:{o.results[0].type}" if o.results else o.name
+                       for o in op.body_ops)
+        return Problem(self.name, {"signature": sig}, op)
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        func, _, _ = lower_kernel(problem.op)
+        sch = s_tir.Schedule(func)
+        lanes = vector_lanes(target) if config["VECTORIZE"] else 1
+        auto_schedule(sch, lanes=lanes, cores=target.cores,
+                      min_parallel=int(config["MIN_PARALLEL"]))
+        return TvmKernel(sch.mod["main"], self.name, config)
+
+
+@register_template
+class Elementwise(_Auto):
+    """Injective kernels: one loop nest after inlining."""
+
+    name = "elementwise"
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused" or any(o.name not in INJECTIVE for o in op.body_ops):
+            return None
+        return self.problem(op)
+
+
+@register_template
+class Rows(_Auto):
+    """Any kernel with a reduction: each block parallel over its outer spatial loops."""
+
+    name = "rows"
+
+    def match(self, op: Operation) -> Problem | None:
+        return self.problem(op) if op.name == "kernel.fused" else None
+
+
+def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:
+    """The first template matching `op` (registration order: specific to general)."""
+    from ..template import match_templates  # noqa: PLC0415 - avoid a cycle at import
+
+    matches = [(t, p) for t, p in match_templates(op) if isinstance(t, TvmTemplate)]
+    if not matches:
+        raise CodegenError(f"no CPU template matches kernel '{op.kernel_name}'")
+    return matches[0]
+
+
+def build_kernel(op: FusedOp, target: Target,
+                 configs: Mapping[str, Config] | None = None) -> TvmKernel:
+    """Build `op` with its template's config from `configs` (by template) or the default."""
+    template, problem = select(op, target)
+    config = (configs or {}).get(template.name) or template.default_config(problem, target)
+    return template.build(problem, config, target)
+
