@@ -211,6 +211,10 @@ def lower_gelu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         return te.compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.tanh(
             k * (x(*i) + c * x(*i) * x(*i) * x(*i)))), name="gelu")
     r = tvm.tirx.const(math.sqrt(0.5), x.dtype)
+    if x.dtype == "float32":  # libm's erf is scalar; topi's rational approximation vectorises
+        scaled = te.compute(x.shape, lambda *i: x(*i) * r, name="gelu_scaled")
+        erf = topi.fast_erf(scaled)
+        return te.compute(x.shape, lambda *i: half * x(*i) * (one + erf(*i)), name="gelu")
     return te.compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.erf(x(*i) * r)),
                       name="gelu")
 

@@ -195,17 +195,13 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         hidden(*i[:-1], 0), tvm.tirx.const(0.0, q.dtype),
         tvm.tirx.exp(scores(*i) - peak(*i[:-1], 0))), name="exp")
     total = topi.sum(probs, axis=rank - 1, keepdims=True)
+    one = tvm.tirx.const(1.0, q.dtype)
+    # normalised before P.V, so that the contraction's consumers need only its result
+    normed = te.compute(score_shape, lambda *i: probs(*i) / tvm.tirx.Select(
+        total(*i[:-1], 0) > 0, total(*i[:-1], 0), one), name="probs")
     j = te.reduce_axis((0, lk), name="j")
-
-    out_shape = lo.shape(op.result.type)
-    pv = te.compute(out_shape, lambda *i: te.sum(probs(*i[:-1], j) * v(*kv_index(i), j, i[-1]),
-                                                 axis=j), name="pv")
-
-    def element(*i: object) -> object:
-        denom = tvm.tirx.Select(total(*i[:-1], 0) > 0, total(*i[:-1], 0),
-                                tvm.tirx.const(1.0, q.dtype))
-        return pv(*i) / denom
-    return te.compute(out_shape, element, name="attention")
+    return te.compute(lo.shape(op.result.type), lambda *i: te.sum(
+        normed(*i[:-1], j) * v(*kv_index(i), j, i[-1]), axis=j), name="pv")
 
 
 def _one(d: object) -> bool:

@@ -139,8 +139,9 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
     outer = sch.fuse(*prefix, *tiles)
     if parallel:
         sch.parallel(outer)
-    _vectorize_columns(sch, ji, nr, lanes)
     sch.compute_at(compute, outer, preserve_unit_loops=True)
+    if nr % lanes == 0:
+        try_vectorize(sch, ji)
     cloops = sch.get_loops(compute)
     n_spatial = spatial_count(sch, compute)
     tile = cloops[1:1 + n_spatial]
@@ -159,3 +160,13 @@ def _vectorize_columns(sch: s_tir.Schedule, loop: Any, nr: int, lanes: int) -> N
         sch.vectorize(loop)
     else:
         sch.unroll(loop)
+
+
+def try_vectorize(sch: s_tir.Schedule, loop: Any) -> bool:
+    """Vectorise `loop` if TensorIR allows it here (it refuses, for one, a loop whose blocks
+    carry a predicate from a partial tile); the loop stays scalar otherwise."""
+    try:
+        sch.vectorize(loop)
+    except ScheduleError:
+        return False
+    return True

@@ -19,6 +19,7 @@ every region, so every model compiles.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -33,8 +34,9 @@ from ...ir.dialects.kernel import FusedOp
 from ..template import (Config, CodegenError, KernelTemplate, Knob, KnobSpace, Problem, Target,
                         register_template)
 from .lower import Lowering, lower_kernel, tvm_dtype
-from .schedule import (auto_schedule, block_name, inline_injective, parallel_vectorize,
-                       register_tile, root_blocks)
+from .schedule import (auto_schedule, block_name, inline_injective, is_reduction,
+                       parallel_vectorize, register_tile, root_blocks, spatial_count,
+                       static_extent, try_vectorize)
 from .target import vector_lanes
 
 ELEMENTWISE = frozenset(
@@ -113,7 +115,7 @@ class Dense(TvmTemplate):
 
     name = "dense"
     version = 1
-    space = KnobSpace(Knob("TILE_M", (4, 1, 2, 6, 8)),
+    space = KnobSpace(Knob("TILE_M", (4, 1, 2, 3, 5, 6, 7, 8)),
                       Knob("TILE_N", (64, 16, 32, 48, 128)),
                       Knob("TILE_K", (0, 64, 128, 256)),  # 0: no split of the reduction
                       Knob("ORDER", ("mn", "nm")),
@@ -141,14 +143,18 @@ class Dense(TvmTemplate):
         rows = x.type.shape[0]
         for d in x.type.shape[1:-1]:
             rows = rows * d
+        # a row tile must divide the rows (or, with a symbolic batch, the rows per sample):
+        # a partial tile would put a predicate on the vectorised epilogue
+        factor = rows if isinstance(rows, int) else math.prod(x.type.shape[1:-1])
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
         return Problem(self.name, {"M": str(rows), "N": n, "K": k, "epilogue": epilogue,
                                    "dtype": str(x.type.dtype), "w_index": w_index,
+                                   "row_factor": factor,
                                    "transposed": transposed}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
         n, k = problem["N"], problem["K"]
-        return (config["TILE_N"] <= -(-n // 16) * 16
+        return (config["TILE_N"] <= -(-n // 16) * 16 and problem["row_factor"] % config["TILE_M"] == 0
                 and (config["TILE_K"] == 0 or config["TILE_K"] < k))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
@@ -157,7 +163,8 @@ class Dense(TvmTemplate):
         nr = next((c for c in (4 * lanes, 2 * lanes, lanes) if n % c == 0), 4 * lanes
                   if n >= 4 * lanes else lanes)
         rows = int(problem["M"]) if problem["M"].isdigit() else 64
-        return Config({"TILE_M": 4 if rows >= 4 else 1, "TILE_N": nr, "TILE_K": 0,
+        mr = next(m for m in (4, 5, 6, 3, 8, 7, 2, 1) if problem["row_factor"] % m == 0)
+        return Config({"TILE_M": mr, "TILE_N": nr, "TILE_K": 0,
                        "ORDER": "mn", "PARALLEL": rows * n * k >= 1 << 17})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
@@ -207,8 +214,7 @@ class Dense(TvmTemplate):
         fits = (len(consumers) == 1 and len(sch.get_loops(consumers[0])) == rank
                 and kernel.results[0].type.shape[-1] == n
                 and kernel.results[0].type.rank == rank)
-        rows = problem["M"]
-        mr = min(int(config["TILE_M"]), int(rows)) if rows.isdigit() else int(config["TILE_M"])
+        mr = int(config["TILE_M"])
         lanes = vector_lanes(target)
         register_tile(sch, dense, consumers[0] if fits else None, rows=rank - 1 if fits else 1,
                       mr=mr, nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
@@ -220,6 +226,68 @@ class Dense(TvmTemplate):
         transposed = problem["transposed"]
         return TvmKernel(sch.mod["main"], self.name, config, packs={
             problem["w_index"]: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
+
+
+SOFTMAX_BLOCKS = frozenset({"exp", "probs", "T_softmax_exp", "T_softmax_norm"})
+"""Blocks that compute exponentials: materialised, never recomputed inside a contraction."""
+
+
+@register_template
+class Attention(TvmTemplate):
+    """softmax(q k^T ...) v, as `graph.attention` or decomposed (two matmuls around a softmax):
+    every block runs inside one parallel loop over (batch, head); the probabilities are
+    computed once per row and the P.V contraction is vectorised over the head dim."""
+
+    name = "attention"
+    version = 1
+    space = KnobSpace(Knob("VECTORIZE_PV", (True, False)), Knob("PARALLEL", (True, False)))
+    key = ("signature",)
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        names = [o.name for o in op.body_ops]
+        fused = names.count("graph.attention") == 1
+        decomposed = names.count("graph.matmul") == 2 and "graph.softmax" in names
+        if not (fused or decomposed):
+            return None
+        if any(n not in INJECTIVE | {"graph.attention", "graph.matmul", "graph.softmax"}
+               for n in names):
+            return None
+        return _Auto.problem(self, op)
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        func, _, _ = lower_kernel(problem.op)
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep=SOFTMAX_BLOCKS)
+        blocks = root_blocks(sch)
+        reductions = [b for b in blocks if is_reduction(sch, b)]
+        pv = reductions[-1]
+        loops = sch.get_loops(pv)
+        lead = spatial_count(sch, pv) - 2
+        if lead < 1:
+            raise CodegenError("attention: expected batch/head loops before the rows")
+        outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        if config["PARALLEL"]:
+            sch.parallel(outer)
+        # producers whose every consumer is under the loop move in first, then the consumers
+        # of P.V, then the producers that were waiting on them (the row sums)
+        waiting = []
+        for block in reversed(blocks[:blocks.index(pv)]):
+            try:
+                sch.compute_at(block, outer)
+            except ScheduleError:
+                waiting.append(block)
+        for block in blocks[blocks.index(pv) + 1:]:
+            sch.reverse_compute_at(block, outer)
+        for block in waiting:
+            sch.compute_at(block, outer)
+        rows, cols, red = sch.get_loops(pv)[-3:]
+        if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None:
+            sch.reorder(rows, red, cols)
+            sch.decompose_reduction(pv, red)
+            try_vectorize(sch, sch.get_loops(pv)[-1])
+        return TvmKernel(sch.mod["main"], self.name, config)
 
 
 class _Auto(TvmTemplate):
