@@ -55,7 +55,8 @@ def lower_conv2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         iy, ix = oy * sh + ry * dh, ox * sw + rx * dw
         xv = xp[n, ic, iy, ix] if nchw else xp[n, iy, ix, ic]
         wv = w[oc, rc, ry, rx] if nchw else w[ry, rx, rc, oc]
-        return te.sum(xv * wv, axis=[rc, ry, rx])
+        # NHWC reads input channels contiguously: make them the innermost reduction
+        return te.sum(xv * wv, axis=[rc, ry, rx] if nchw else [ry, rx, rc])
     out = te.compute(lo.shape(op.result.type), element, name="conv2d")
     if bias:
         b = bias[0]

@@ -121,9 +121,8 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
     axes, or None) writes the tile out. Of `out`'s loops the last is the column axis, the
     `rows` before it are fused into the row axis, and any before those are outer loops, fused
     with the tile loops into one (parallel) loop."""
-    if out is None:
-        out = compute
-        compute = sch.cache_write(compute, 0, "global")
+    if out is None:  # accumulate in a tile, then copy it out
+        out = sch.cache_write(compute, 0, "global")
     loops = sch.get_loops(out)
     if len(loops) < rows + 1:
         raise CodegenError(f"register tile: expected at least {rows + 1} loops, got "

@@ -126,7 +126,7 @@ class Dense(TvmTemplate):
         if op.name != "kernel.fused":
             return None
         anchors = [o for o in op.body_ops if o.name in ("graph.linear", "graph.matmul")]
-        if len(anchors) != 1 or any(o.name not in ELEMENTWISE for o in op.body_ops
+        if len(anchors) != 1 or any(o.name not in INJECTIVE for o in op.body_ops
                                     if o is not anchors[0]):
             return None
         anchor = anchors[0]
@@ -190,7 +190,8 @@ class Dense(TvmTemplate):
                     idx.append(m % d)
                     m = m // d
                 return x(m, *reversed(idx), kk)
-            dense = te.compute((rows, tvm.tirx.const(n, index)), lambda m, j: te.sum(
+            padded = -(-n // nr) * nr  # the packed weight's zero columns past N
+            dense = te.compute((rows, tvm.tirx.const(padded, index)), lambda m, j: te.sum(
                 x_at(m, r) * packed[j // nr, r, j % nr], axis=r), name="dense")
 
             def view(*i: Any) -> Any:
@@ -211,7 +212,11 @@ class Dense(TvmTemplate):
         dense = blocks[names.index("dense")]
         rank = anchor.result.type.rank
         consumers = [b for b in blocks if b is not dense]
+        # the tile is computed where it is written out when the output is the contraction's
+        # shape and N is a whole number of tiles; otherwise the (padded) contraction is
+        # materialised and the rest of the kernel reads it
         fits = (len(consumers) == 1 and len(sch.get_loops(consumers[0])) == rank
+                and n % nr == 0
                 and kernel.results[0].type.shape[-1] == n
                 and kernel.results[0].type.rank == rank)
         mr = int(config["TILE_M"])
@@ -226,6 +231,70 @@ class Dense(TvmTemplate):
         transposed = problem["transposed"]
         return TvmKernel(sch.mod["main"], self.name, config, packs={
             problem["w_index"]: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
+
+
+@register_template
+class Conv2dNHWC(TvmTemplate):
+    """NHWC convolution with HWIO weights (output channels contiguous, so no packing), with its
+    padding prologue and elementwise epilogue: an (output column x output channel) register
+    tile, the window and input channels reduced inside it."""
+
+    name = "conv2d_nhwc"
+    version = 1
+    space = KnobSpace(Knob("TILE_W", (4, 1, 2, 3, 5, 6, 7, 8)),
+                      Knob("TILE_C", (64, 16, 32, 48, 128)),
+                      Knob("PARALLEL", (True, False)))
+    key = ("x", "w", "stride", "padding", "dilation", "epilogue")
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        convs = [o for o in op.body_ops if o.name == "graph.conv2d"]
+        if len(convs) != 1 or any(o.name not in INJECTIVE | {"graph.pad"}
+                                  for o in op.body_ops if o is not convs[0]):
+            return None
+        conv = convs[0]
+        if getattr(conv, "layout", "NCHW") != "NHWC" or conv.groups != 1:
+            return None
+        if _constant_input(op, conv.operands[1]) is None or not _static(conv.result.type.shape[1:]):
+            return None
+        _, oh, ow, oc = conv.result.type.shape
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not conv)
+        return Problem(self.name, {
+            "x": str(conv.operands[0].type), "w": str(conv.operands[1].type), "OW": ow, "OC": oc,
+            "stride": str(conv.stride), "padding": str(conv.padding),
+            "dilation": str(conv.dilation), "epilogue": epilogue}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return (problem["OW"] % config["TILE_W"] == 0
+                and config["TILE_C"] <= -(-problem["OC"] // 16) * 16)
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        lanes = vector_lanes(target)
+        oc = problem["OC"]
+        nr = next((c for c in (4 * lanes, 2 * lanes, lanes) if oc % c == 0), lanes)
+        mr = next(m for m in (4, 5, 6, 3, 8, 7, 2, 1) if problem["OW"] % m == 0)
+        return Config({"TILE_W": mr, "TILE_C": nr, "PARALLEL": True})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        func, _, _ = lower_kernel(problem.op)
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep={"conv2d"})
+        blocks = root_blocks(sch)
+        conv = next(b for b in blocks if block_name(sch, b) == "conv2d")
+        consumers = [b for b in blocks if not sch.get(b).same_as(sch.get(conv))]
+        nr = int(config["TILE_C"])
+        fits = (len(consumers) == 1 and problem["OC"] % nr == 0
+                and len(sch.get_loops(consumers[0])) == 4)
+        lanes = vector_lanes(target)
+        register_tile(sch, conv, consumers[0] if fits else None, rows=1,
+                      mr=int(config["TILE_W"]), nr=nr, kc=0, order="mn",
+                      parallel=bool(config["PARALLEL"]), lanes=lanes)
+        if not fits:
+            for block in consumers:
+                parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14,
+                                   cores=target.cores)
+        return TvmKernel(sch.mod["main"], self.name, config)
 
 
 SOFTMAX_BLOCKS = frozenset({"exp", "probs", "T_softmax_exp", "T_softmax_norm"})
