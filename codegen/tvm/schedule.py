@@ -105,7 +105,14 @@ def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_paral
 
 def auto_schedule(sch: s_tir.Schedule, *, lanes: int, cores: int,
                   min_parallel: int = 16384, keep: Iterable[str] = ()) -> None:
-    """Inline injective blocks, then give every remaining block the default schedule."""
+    """Inline injective blocks, then give every remaining block the default schedule.
+
+    A function that is not made of blocks (TVM's scan and extern ops: cumsum, sort) is left as
+    TVM lowered it."""
+    try:
+        sch.get_sblock("root")
+    except ScheduleError:
+        return
     inline_injective(sch, keep)
     for block in root_blocks(sch):
         if block_name(sch, block) in keep:
@@ -150,15 +157,11 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
     sch.reorder(*reduce, *tile)
     for loop in tile[:-1]:
         sch.unroll(loop)
-    _vectorize_columns(sch, tile[-1], nr, lanes)
-    sch.decompose_reduction(compute, reduce[0])
-
-
-def _vectorize_columns(sch: s_tir.Schedule, loop: Any, nr: int, lanes: int) -> None:
-    if nr % lanes == 0 or nr < lanes:
-        sch.vectorize(loop)
-    else:
-        sch.unroll(loop)
+    init = sch.decompose_reduction(compute, reduce[0])
+    for block in (init, compute):
+        columns = sch.get_loops(block)[-1]
+        if not ((nr % lanes == 0 or nr < lanes) and try_vectorize(sch, columns)):
+            sch.unroll(columns)
 
 
 def try_vectorize(sch: s_tir.Schedule, loop: Any) -> bool:

@@ -181,7 +181,7 @@ class Dense(TvmTemplate):
             for d in lead[1:]:
                 rows = rows * d
             trailing = [int(d) for d in lead[1:]]
-            index = "int64" if not isinstance(rows, int) else "int32"
+            index = lo.index
             r = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(k, index)), name="k")
 
             def x_at(m: Any, kk: Any) -> Any:

@@ -1,21 +1,32 @@
-"""Checks for TVM lowering tests: run every kernel of a fused module and compare it with the
-interpreter on the very values the interpreter feeds that kernel."""
+"""Checks for TVM codegen tests: build every kernel of a fused module with the CPU template
+that matches it (scheduled, weights packed as the compiler packs them), run it, and compare it
+with the interpreter on the very values the interpreter feeds that kernel."""
 from __future__ import annotations
 
 import numpy as np
 import tvm
 
 from bitsmith import ir, passes
-from bitsmith.codegen.tvm.lower import build_generic
+from bitsmith.codegen.template import Config
+from bitsmith.codegen.tvm.lower import compile_funcs
+from bitsmith.codegen.tvm.target import host_target, tvm_target
+from bitsmith.codegen.tvm.templates import select
 from bitsmith.ir.interpreter import EvalContext
 
 RTOL = {"float32": 2e-5}
 
 
-def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext) -> None:
-    """Compile `kernel`, run it on `arrays`, compare each output with the interpreter."""
+def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
+               config: Config | None = None, template: str | None = None) -> str:
+    """Build `kernel` (its template's default config unless `config`), run it on `arrays`,
+    compare each output with the interpreter; returns the template's name."""
     want = kernel.evaluate(ctx, *arrays)
-    exe = build_generic(kernel)
+    target = host_target()
+    chosen, problem = select(kernel, target)
+    assert template is None or chosen.name == template, (chosen.name, template)
+    built = chosen.build(problem, config or chosen.default_config(problem, target), target)
+    exe = compile_funcs({"main": built.func}, kernel.kernel_name, tvm_target(target))
+    arrays = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
     outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype)) for w in want]
     exe["main"](*args, *outs)
@@ -31,6 +42,7 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext)
             assert err < RTOL["float32"], f"{kernel.kernel_name}: relative error {err:.2e}"
         else:
             np.testing.assert_array_equal(got, expected)
+    return chosen.name
 
 
 def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]:
@@ -48,7 +60,8 @@ def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]
 
 def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None = None,
                  batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse",
-                 inputs: list[np.ndarray] | None = None) -> int:
+                 inputs: list[np.ndarray] | None = None, config: Config | None = None,
+                 template: str | None = None) -> int:
     """Fuse `text`, then compile and check every kernel on the values the interpreter feeds it."""
     module = text if isinstance(text, ir.Module) else ir.parse(text, weights=weights or {})
     if pipeline:
@@ -64,7 +77,7 @@ def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None 
                 break
             args = [env[v] for v in op.operands]
             if op.name == "kernel.fused":
-                run_kernel(op, args, ctx)
+                run_kernel(op, args, ctx, config, template)
             env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
     return len(kernels)
 
@@ -74,3 +87,22 @@ def func(inputs: str, outputs: str, body: str) -> str:
     return f"module @m {{\n  func.func @main({inputs}) -> ({outputs}) {{\n{lines}  }}\n}}\n"
 
 
+
+
+def one_knob_at_a_time(text: str, weights: dict[str, np.ndarray] | None = None,
+                       pipeline: str = "canonicalize,fuse") -> tuple[str, list[Config]]:
+    """The template that the module's single kernel selects, and its default config plus every
+    valid config that differs from it in one knob."""
+    module = ir.parse(text, weights=weights or {})
+    passes.run(module, pipeline)
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    target = host_target()
+    template, problem = select(kernel, target)
+    base = template.default_config(problem, target)
+    configs = [base]
+    for knob in template.space.knobs:
+        for choice in knob.choices:
+            config = Config({**base, knob.name: choice})
+            if config not in configs and template.valid(problem, config):
+                configs.append(config)
+    return template.name, configs

@@ -1,0 +1,168 @@
+"""Every CPU template against the interpreter on odd shapes (primes, size-1 dims, sizes that
+are not a multiple of the tile), under its default config and under every config that moves
+one knob, and the template each kind of kernel selects."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitsmith.codegen.template import TEMPLATES, CodegenError, Config
+from bitsmith.codegen.tvm.target import host_target
+from bitsmith.codegen.tvm.templates import Dense, pack_panels
+
+from .tvm_checks import check_module, func, one_knob_at_a_time
+
+RNG = np.random.default_rng(7)
+
+
+def _weights(**shapes: tuple) -> dict[str, np.ndarray]:
+    return {k: RNG.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+
+
+def _sweep(text: str, weights: dict, template: str, batches: tuple = (1, 3)) -> int:
+    name, configs = one_knob_at_a_time(text, weights)
+    assert name == template
+    for config in configs:
+        check_module(text, weights, batches=batches, config=config, template=template)
+    return len(configs)
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 5, 3), (7, 67, 17), (13, 64, 100), (4, 16, 64)])
+def test_dense_with_bias_and_gelu(rows: int, k: int, n: int) -> None:
+    x, w, o = f"tensor<{rows}x{k}xf32>", f"tensor<{n}x{k}xf32>", f"tensor<{rows}x{n}xf32>"
+    text = func(f"%x: {x}", o, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.constant"() {{weight = "b"}} : () -> tensor<{n}xf32>
+        %2 = "graph.linear"(%x, %0, %1) : ({x}, {w}, tensor<{n}xf32>) -> {o}
+        %3 = "graph.gelu"(%2) {{approximate = "none"}} : ({o}) -> {o}
+        "func.return"(%3) : ({o}) -> ()
+    """)
+    assert _sweep(text, _weights(w=(n, k), b=(n,)), "dense") >= 3
+
+
+@pytest.mark.parametrize("seq, heads", [(1, False), (7, False), (12, True), (7, True)])
+def test_dense_symbolic_batch_residual_and_head_split(seq: int, heads: bool) -> None:
+    x, w, o = f"tensor<Bx{seq}x19xf32>", "tensor<19x24xf32>", f"tensor<Bx{seq}x24xf32>"
+    h = f"tensor<Bx{seq}x4x6xf32>"
+    text = func(f"%x: {x}, %r: {o}", h if heads else o, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.matmul"(%x, %0) : ({x}, {w}) -> {o}
+        %2 = "graph.add"(%1, %r) : ({o}, {o}) -> {o}
+        %3 = "graph.reshape"(%2) : ({o}) -> {h}
+        "func.return"(%3) : ({h}) -> ()
+    """ if heads else f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.matmul"(%x, %0) : ({x}, {w}) -> {o}
+        %2 = "graph.add"(%1, %r) : ({o}, {o}) -> {o}
+        "func.return"(%2) : ({o}) -> ()
+    """)
+    assert _sweep(text, _weights(w=(19, 24)), "dense", batches=(1, 2, 5)) >= 3
+
+
+@pytest.mark.parametrize("x, w, stride, padding, out", [
+    ("tensor<2x7x9x3xf32>", (3, 3, 3, 5), (1, 1), (1, 1), "tensor<2x7x9x5xf32>"),
+    ("tensor<1x11x5x8xf32>", (3, 1, 8, 20), (2, 2), (1, 0), "tensor<1x6x3x20xf32>"),
+    ("tensor<3x4x4x16xf32>", (1, 1, 16, 64), (1, 1), (0, 0), "tensor<3x4x4x64xf32>"),
+])
+def test_conv2d_nhwc_with_bias_relu_and_residual(x: str, w: tuple, stride: tuple,
+                                                 padding: tuple, out: str) -> None:
+    wt, b = f"tensor<{'x'.join(map(str, w))}xf32>", f"tensor<{w[3]}xf32>"
+    attrs = (f'{{dilation = [1, 1], groups = 1, layout = "NHWC", padding = [{padding[0]}, '
+             f'{padding[1]}], stride = [{stride[0]}, {stride[1]}]}}')
+    text = func(f"%x: {x}, %r: {out}", out, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {wt}
+        %1 = "graph.constant"() {{weight = "b"}} : () -> {b}
+        %2 = "graph.conv2d"(%x, %0, %1) {attrs} : ({x}, {wt}, {b}) -> {out}
+        %3 = "graph.add"(%2, %r) : ({out}, {out}) -> {out}
+        %4 = "graph.relu"(%3) : ({out}) -> {out}
+        "func.return"(%4) : ({out}) -> ()
+    """)
+    assert _sweep(text, _weights(w=w, b=(w[3],)), "conv2d_nhwc", batches=(1,)) >= 3
+
+
+@pytest.mark.parametrize("lq, lk, e", [(5, 7, 6), (1, 3, 1), (13, 13, 16)])
+def test_attention(lq: int, lk: int, e: int) -> None:
+    q, kv, o = f"tensor<Bx3x{lq}x{e}xf32>", f"tensor<Bx3x{lk}x{e}xf32>", f"tensor<Bx3x{lq}x{e}xf32>"
+    m = f"tensor<Bx1x{lq}x{lk}xf32>"
+    text = func(f"%q: {q}, %k: {kv}, %v: {kv}, %m: {m}", o, f"""
+        %0 = "graph.attention"(%q, %k, %v, %m) {{gqa = false, is_causal = false}}
+            : ({q}, {kv}, {kv}, {m}) -> {o}
+        "func.return"(%0) : ({o}) -> ()
+    """)
+    assert _sweep(text, {}, "attention") == 3
+
+
+def test_decomposed_attention() -> None:
+    q, kt, s = "tensor<2x3x5x4xf32>", "tensor<2x3x4x7xf32>", "tensor<2x3x5x7xf32>"
+    v, o = "tensor<2x3x7x4xf32>", "tensor<2x3x5x4xf32>"
+    text = func(f"%q: {q}, %k: {kt}, %v: {v}", o, f"""
+        %0 = "graph.matmul"(%q, %k) : ({q}, {kt}) -> {s}
+        %1 = "graph.softmax"(%0) {{axis = -1}} : ({s}) -> {s}
+        %2 = "graph.matmul"(%1, %v) : ({s}, {v}) -> {o}
+        "func.return"(%2) : ({o}) -> ()
+    """)
+    assert _sweep(text, {}, "attention") == 3
+
+
+@pytest.mark.parametrize("shape", ["tensor<3x37xf32>", "tensor<Bx5x13xf32>", "tensor<1x1xf32>"])
+def test_rows_softmax_and_layer_norm(shape: str) -> None:
+    n = int(shape.split("x")[-2])
+    text = func(f"%x: {shape}", f"{shape}, {shape}", f"""
+        %0 = "graph.constant"() {{weight = "g"}} : () -> tensor<{n}xf32>
+        %1 = "graph.softmax"(%x) {{axis = -1}} : ({shape}) -> {shape}
+        %2 = "graph.layer_norm"(%x, %0) {{eps = 1.0e-05, ndim = 1}}
+            : ({shape}, tensor<{n}xf32>) -> {shape}
+        "func.return"(%1, %2) : ({shape}, {shape}) -> ()
+    """)
+    module_kernels = 0
+    for config in [None, Config({"VECTORIZE": False, "MIN_PARALLEL": 1 << 40}),
+                   Config({"VECTORIZE": True, "MIN_PARALLEL": 4096})]:
+        module_kernels = check_module(text, _weights(g=(n,)), batches=(1, 4), config=config,
+                                      template="rows")
+    assert module_kernels == 2
+
+
+def test_elementwise_chain_and_embedding() -> None:
+    x, t, ids, e = "tensor<Bx7x33xf32>", "tensor<50x33xf32>", "tensor<Bx7xi64>", \
+        "tensor<Bx7x33xf32>"
+    text = func(f"%x: {x}, %i: {ids}", e, f"""
+        %0 = "graph.constant"() {{weight = "t"}} : () -> {t}
+        %1 = "graph.embedding"(%0, %i) : ({t}, {ids}) -> {e}
+        %2 = "graph.tanh"(%x) : ({x}) -> {x}
+        %3 = "graph.mul"(%1, %2) : ({e}, {x}) -> {e}
+        "func.return"(%3) : ({e}) -> ()
+    """)
+    for config in [None, Config({"VECTORIZE": False, "MIN_PARALLEL": 1 << 40}),
+                   Config({"VECTORIZE": True, "MIN_PARALLEL": 4096})]:
+        assert check_module(text, _weights(t=(50, 33)), batches=(1, 6), config=config,
+                            template="elementwise") >= 1
+
+
+def test_pack_panels_is_exact_and_zero_padded() -> None:
+    w = RNG.standard_normal((10, 3)).astype(np.float32)
+    packed = pack_panels(w, 4, transposed=True)
+    assert packed.shape == (3, 3, 4)
+    np.testing.assert_array_equal(packed.transpose(0, 2, 1).reshape(12, 3)[:10], w)
+    assert not packed.transpose(0, 2, 1).reshape(12, 3)[10:].any()
+    np.testing.assert_array_equal(pack_panels(w.T, 4, transposed=False), packed)
+
+
+def test_a_config_outside_the_space_or_invalid_is_refused() -> None:
+    x, w, o = "tensor<6x8xf32>", "tensor<5x8xf32>", "tensor<6x5xf32>"
+    text = func(f"%x: {x}", o, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.linear"(%x, %0) : ({x}, {w}) -> {o}
+        "func.return"(%1) : ({o}) -> ()
+    """)
+    from bitsmith import ir, passes
+    module = ir.parse(text, weights=_weights(w=(5, 8)))
+    passes.run(module, "canonicalize,fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    dense = TEMPLATES["dense"]
+    assert isinstance(dense, Dense)
+    problem = dense.match(kernel)
+    base = dense.default_config(problem, host_target())
+    with pytest.raises(ValueError, match="knob TILE_M=9 is not one of"):
+        dense.build(problem, Config({**base, "TILE_M": 9}), host_target())
+    with pytest.raises(CodegenError, match="is not valid for"):  # 4 does not divide 6 rows
+        dense.build(problem, Config({**base, "TILE_M": 4}), host_target())
