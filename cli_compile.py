@@ -49,6 +49,8 @@ def add_parsers(sub: Any) -> None:
     bench.add_argument("--repeat", type=int, default=20)
     bench.add_argument("--torch-compile", action="store_true",
                        help="also time torch.compile (its compile takes a while on CPU)")
+    bench.add_argument("--profile", action="store_true",
+                       help="also print the median time of every kernel at the last batch size")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -90,7 +92,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
     table.add_row(str(len(steps)), ", ".join(map(str, cm.artifact.manifest.inputs)),
                   str(len(cm.artifact.manifest.outputs)), f"{seconds:.1f}")
     err.print(table)
+    err.print(_template_table(steps))
     return 0
+
+
+def profile_table(cm: Any, arrays: list[np.ndarray], repeat: int) -> Table:
+    """Every kernel's median time on `arrays`, slowest first, with its template and share."""
+    steps = {step["kernel"]: step for step in cm.artifact.manifest.plan["steps"]}
+    times = sorted(cm.executor.profile(*arrays, repeat=repeat), key=lambda kt: -kt[1])
+    total = sum(t for _, t in times) or 1.0
+    batch = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+    table = Table(title=f"kernels at batch {batch}: median of {repeat} runs")
+    for col in ("kernel", "template", "us", "share"):
+        table.add_column(col, justify="right" if col in ("us", "share") else "left")
+    for kernel, seconds in times:
+        table.add_row(kernel, steps[kernel].get("template", "?"), f"{seconds * 1e6:.1f}",
+                      f"{seconds / total:.0%}")
+    return table
+
+
+def _template_table(steps: list[dict]) -> Table:
+    """Kernels per template, with the configs they run (untuned: each template's default)."""
+    table = Table(title="kernels by template")
+    for col in ("template", "kernels", "configs"):
+        table.add_column(col)
+    by_template: dict[str, list[str]] = {}
+    for step in steps:
+        by_template.setdefault(step.get("template", "?"), []).append(step.get("config", ""))
+    for template, configs in sorted(by_template.items()):
+        table.add_row(template, str(len(configs)), "; ".join(sorted(set(configs))))
+    return table
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -155,6 +186,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 row += [f"{tc:.2f}", f"{ours / tc:.2f}"]
         table.add_row(*row)
     err.print(table)
-    err.print(f"{len(cm.artifact.manifest.plan['steps'])} kernels (generic lowering, untuned)",
-              highlight=False)
+    if args.profile:
+        err.print(profile_table(cm, arrays, args.repeat))
+    err.print(f"{len(cm.artifact.manifest.plan['steps'])} kernels, untuned (each template's "
+              "default config)", highlight=False)
     return 0

@@ -1,53 +1,58 @@
-"""Median latency of bitsmith vs torch eager (and torch.compile) per zoo model and batch size,
-measured side by side in one run, with the ratios.
+"""Median latency of bitsmith (untuned default configs) vs torch eager and torch.compile, per
+model and batch size, measured side by side in one run, with the ratios.
 
-    python bench/latency.py [--models bert mlp ...] [--batch 1 8] [--repeat 20] [--torch-compile]
+    python bench/latency.py [--models bert mlp minilm ...] [--batch 1 8] [--repeat 30]
+                            [--no-torch-compile]
+
+Every model is compiled once with a dynamic batch and run at each batch size. A model is a zoo
+name or `minilm` (all-MiniLM-L6-v2 with its real weights, 128 tokens).
 """
 from __future__ import annotations
 
 import argparse
 import warnings
+
 import torch
 
 import bitsmith
 from bitsmith import models
 from bitsmith.cli_compile import median_ms
+from bitsmith.frontend import load_model
 
 
 def main() -> None:
     """Print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=models.names())
+    parser.add_argument("--models", nargs="*", default=models.names() + ["minilm"])
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--torch-compile", action="store_true")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--no-torch-compile", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"torch threads {torch.get_num_threads()}; median of {args.repeat} runs\n")
-    head = "| model | batch | bitsmith ms | eager ms | bitsmith / eager |"
-    rule = "|---|---|---|---|---|"
-    if args.torch_compile:
-        head += " torch.compile ms | bitsmith / compile |"
-        rule += "---|---|"
-    print(head + "\n" + rule)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
+          f"{args.repeat} runs\n")
+    head = "| model | batch | bitsmith ms | eager ms | torch.compile ms | bitsmith / eager " \
+           "| bitsmith / compile |"
+    print(head + "\n|---|---|---|---|---|---|---|")
     for name in args.models:
-        spec = models.get(name)
         torch.manual_seed(0)
-        model = spec.build().eval()
-        cm = bitsmith.compile(model, spec.example_inputs(2), name=name, dynamic_batch=True)
-        compiled = torch.compile(model) if args.torch_compile else None
+        loaded = load_model(name)
+        call_args, call_kwargs = loaded.call_args(2)
+        cm = bitsmith.compile(loaded.module, call_args, example_kwargs=call_kwargs,
+                              name=loaded.name, dynamic_batch=True)
+        compiled = None if args.no_torch_compile else torch.compile(loaded.module)
+        names = [s.name for s in cm.artifact.manifest.inputs]
         for batch in args.batch:
-            inputs = spec.example_inputs(batch)
-            arrays = [t.numpy() for t in inputs]
+            call_args, call_kwargs = loaded.call_args(batch)
+            named = {**dict(zip(names, call_args)), **call_kwargs}
+            arrays = [named[n].numpy() for n in names]
             with torch.no_grad():
-                ours = median_ms(lambda: cm(*arrays), args.repeat)
-                eager = median_ms(lambda: model(*inputs), args.repeat)
-                row = f"| {name} | {batch} | {ours:.2f} | {eager:.2f} | {ours / eager:.2f} |"
-                if compiled is not None:
-                    tc = median_ms(lambda: compiled(*inputs), args.repeat)
-                    row += f" {tc:.2f} | {ours / tc:.2f} |"
-            print(row, flush=True)
+                ours = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
+                eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)
+                tc = (median_ms(lambda: compiled(*call_args, **call_kwargs), args.repeat)
+                      if compiled is not None else float("nan"))
+            print(f"| {name} | {batch} | {ours:.3f} | {eager:.3f} | {tc:.3f} | "
+                  f"{ours / eager:.2f} | {ours / tc:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import math
 import operator
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -73,6 +74,7 @@ class Executor:
         self.weights = {vid: tvm.runtime.tensor(self._weight(name))
                         for vid, name in plan["weights"].items()}
         self._bound: dict[tuple, _Bound] = {}
+        self._lock = threading.Lock()  # one arena per batch size: one run at a time
 
     def _kernel(self, step: Mapping[str, Any]) -> Any:
         library = self.libraries.get(step["library"])
@@ -98,25 +100,28 @@ class Executor:
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Validate inputs against the signature, run every step, return the outputs."""
         arrays = [np.asarray(a) for a in arrays]
-        bound = self.bind(*arrays)
-        for view, array in zip(bound.inputs, arrays):
-            np.copyto(view, array)
-        for kernel, args in bound.calls:
-            kernel(*args)
-        return [view.copy() for view in bound.outputs]
+        with self._lock:
+            bound = self.bind(*arrays)
+            for view, array in zip(bound.inputs, arrays):
+                np.copyto(view, array)
+            for kernel, args in bound.calls:
+                kernel(*args)
+            return [view.copy() for view in bound.outputs]
 
     def profile(self, *arrays: np.ndarray, repeat: int = 20) -> list[tuple[str, float]]:
         """Median seconds of each kernel call over `repeat` runs, in plan order."""
         arrays = [np.asarray(a) for a in arrays]
-        bound = self.bind(*arrays)
-        for view, array in zip(bound.inputs, arrays):
-            np.copyto(view, array)
-        times: list[list[float]] = [[] for _ in bound.calls]
-        for _ in range(repeat + 1):
-            for k, (kernel, args) in enumerate(bound.calls):
-                start = time.perf_counter()
-                kernel(*args)
-                times[k].append(time.perf_counter() - start)
+        times: list[list[float]] = []
+        with self._lock:
+            bound = self.bind(*arrays)
+            for view, array in zip(bound.inputs, arrays):
+                np.copyto(view, array)
+            times = [[] for _ in bound.calls]
+            for _ in range(repeat + 1):
+                for k, (kernel, args) in enumerate(bound.calls):
+                    start = time.perf_counter()
+                    kernel(*args)
+                    times[k].append(time.perf_counter() - start)
         return [(step["kernel"], statistics.median(t[1:]))
                 for step, t in zip(self.plan["steps"], times)]
 

@@ -75,7 +75,8 @@ def test_compile_then_run_matches_torch_and_run_needs_no_torch(tmp_path, capsys)
 
     art = tmp_path / "mlp.bsm"
     assert main(["compile", "mlp", "--dynamic-batch", "-o", str(art)]) == 0
-    assert "mlp ->" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mlp ->" in err and "kernels by template" in err and "dense" in err
     spec = models.get("mlp")
     torch.manual_seed(0)
     (x,) = spec.example_inputs(5)
@@ -100,6 +101,7 @@ def test_compile_then_run_matches_torch_and_run_needs_no_torch(tmp_path, capsys)
 
 
 def test_bench_prints_ratios(capsys) -> None:
-    assert main(["bench", "mlp", "--batch", "1", "--repeat", "2"]) == 0
+    assert main(["bench", "mlp", "--batch", "1", "--repeat", "2", "--profile"]) == 0
     err = capsys.readouterr().err
     assert "bitsmith/eager" in err and "3 kernels" in err
+    assert "kernels at batch 1" in err and err.count("dense") == 3  # one row per kernel

@@ -13,6 +13,8 @@ import torch
 
 import bitsmith
 from bitsmith import models
+from bitsmith.models.hf import ARCHS
+from torch.utils._pytree import tree_leaves
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -45,6 +47,32 @@ def test_bert_matches_torch_at_compiled_and_unseen_batches(bert, batch: int) -> 
     for g, w in zip(got, want):
         assert isinstance(g, torch.Tensor) and g.shape == w.shape
         assert rel_err(g, w) < 1e-4
+
+
+def _model(kind: str, name: str) -> tuple:
+    torch.manual_seed(0)
+    if kind == "zoo":
+        spec = models.get(name)
+        return spec.build().eval(), spec.example_inputs
+    build, make_inputs = ARCHS[name]
+    return build().eval(), make_inputs
+
+
+@pytest.mark.parametrize("kind, name", [("zoo", n) for n in models.names()]
+                         + [("transformers", a) for a in sorted(ARCHS)])
+def test_every_model_matches_torch_at_batch_1_8_and_an_unseen_batch(kind: str, name: str) -> None:
+    model, make_inputs = _model(kind, name)
+    cm = bitsmith.compile(model, make_inputs(2), name=name, dynamic_batch=True)
+    for batch in (1, 8, 3):
+        inputs = make_inputs(batch)
+        with torch.no_grad():
+            want = [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+        got = cm(*inputs)
+        got = list(got) if isinstance(got, tuple) else [got]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            assert rel_err(g, w.to(g.dtype)) < 1e-4, (name, batch)
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet"])

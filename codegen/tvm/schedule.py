@@ -157,10 +157,15 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
     sch.reorder(*reduce, *tile)
     for loop in tile[:-1]:
         sch.unroll(loop)
+    vector = nr % lanes == 0 or nr < lanes
+    if vector and try_vectorize(sch, tile[-1]):
+        sch.decompose_reduction(compute, reduce[0])
+        return
+    # TensorIR refuses some tiles (a partial one, say) until the init is split off
     init = sch.decompose_reduction(compute, reduce[0])
     for block in (init, compute):
         columns = sch.get_loops(block)[-1]
-        if not ((nr % lanes == 0 or nr < lanes) and try_vectorize(sch, columns)):
+        if not (vector and try_vectorize(sch, columns)):
             sch.unroll(columns)
 
 
