@@ -5,7 +5,7 @@ model and batch size, measured side by side in one run, with the ratios.
                             [--no-torch-compile]
 
 Every model is compiled once with a dynamic batch and run at each batch size. A model is a zoo
-name or `minilm` (all-MiniLM-L6-v2 with its real weights, 128 tokens).
+name or `minilm` (all-MiniLM-L6-v2 with its real weights, 16 tokens).
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 The execution plan (`manifest.plan`) names every value (`values`: shape with symbolic dims as
 text, dtype), which values are the model inputs, outputs and weights, and the `steps`: one
-kernel call each, with its input and output value ids. Live intervals follow from the steps. Nothing here imports torch or the
-compiler; TVM is needed only for its runtime (loading the library and its tensors).
+kernel call each, with its input and output value ids; live intervals follow from the steps.
+Nothing here imports torch or the compiler; TVM is needed only for its runtime (loading the
+library and wrapping the arena's views as its tensors, zero-copy through DLPack).
 """
 from __future__ import annotations
 

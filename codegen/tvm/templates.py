@@ -8,9 +8,11 @@ lowering's, which the tests hold to the interpreter) and adds a schedule with kn
   contiguously; an mr x nr output tile is accumulated in vector registers.
 - `conv2d_nhwc`: NHWC convolution with HWIO weights (the `layout` pass's choice), the same
   register tile over (output column, output channel).
-- `batch_matmul`: matmul of two activations (attention scores outside an attention kernel).
+- `attention`: `graph.attention`, or two matmuls around a softmax, in one parallel loop over
+  (batch, head).
 - `rows`: reductions over rows (softmax, layer/RMS norm, reduce_*) and everything else with a
-  reduction (attention, pooling, conv in NCHW), one parallel loop per block.
+  reduction (pooling, depthwise or NCHW conv, a matmul of two activations outside attention),
+  one parallel loop per block.
 - `elementwise`: injective kernels (elementwise chains, reshapes, gathers/embedding), inlined
   into one loop nest, vectorised and parallelised.
 
@@ -154,7 +156,8 @@ class Dense(TvmTemplate):
 
     def valid(self, problem: Problem, config: Config) -> bool:
         n, k = problem["N"], problem["K"]
-        return (config["TILE_N"] <= -(-n // 16) * 16 and problem["row_factor"] % config["TILE_M"] == 0
+        return (config["TILE_N"] <= -(-n // 16) * 16
+                and problem["row_factor"] % config["TILE_M"] == 0
                 and (config["TILE_K"] == 0 or config["TILE_K"] < k))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
