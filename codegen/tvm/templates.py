@@ -34,7 +34,7 @@ from tvm.s_tir.schedule.schedule import ScheduleError
 from ...ir import Operation
 from ...ir.dialects.kernel import FusedOp
 from ..template import (Config, CodegenError, KernelTemplate, Knob, KnobSpace, Problem, Target,
-                        register_template)
+                        match_templates, register_template)
 from .lower import Lowering, lower_kernel, tvm_dtype
 from .schedule import (auto_schedule, block_name, inline_injective, is_reduction,
                        parallel_vectorize, register_tile, root_blocks, spatial_count,
@@ -407,8 +407,6 @@ class Rows(_Auto):
 
 def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:
     """The first template matching `op` (registration order: specific to general)."""
-    from ..template import match_templates  # noqa: PLC0415 - avoid a cycle at import
-
     matches = [(t, p) for t, p in match_templates(op) if isinstance(t, TvmTemplate)]
     if not matches:
         raise CodegenError(f"no CPU template matches kernel '{op.kernel_name}'")
