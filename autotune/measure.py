@@ -1,0 +1,334 @@
+"""Measuring candidate kernels in worker processes.
+
+A candidate is (kernel, template, config). Builds run in a pool of worker processes, several at
+a time; timings run one at a time in a separate measuring process, so that no two candidates
+share the CPU while one is timed. A build or a run that crashes its worker, raises, hangs past
+its timeout or computes a wrong result costs that candidate an infinite time and a reason,
+never the tuner: the pool is rebuilt and the next candidate goes on.
+
+Timing rotates over enough copies of the kernel's inputs and outputs to exceed the last-level
+cache (`rotate_bytes`), so a kernel whose operands would fit in cache is not timed hot when in
+the model its inputs come from elsewhere. Each candidate's output is checked against the
+interpreter before its time counts.
+
+`Runner` is the interface the tuner sees; `LocalRunner` is the worker-pool implementation on
+this machine (a Ray-backed runner, one actor per device, is the way past one machine).
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from .. import ir
+from ..codegen.template import TEMPLATES, CodegenError, Config
+from ..codegen.tvm.lower import compile_funcs
+from ..codegen.tvm.target import host_target, tvm_target
+from ..codegen.tvm.templates import TvmKernel
+from ..ir.dialects.kernel import FusedOp
+from ..ir.interpreter import EvalContext
+from ..ir.printer import Namer, print_op
+from ..ir.types import evaluate_dim
+from ..runtime.tvm_runtime import tvm
+
+RTOL = 1e-4
+"""Largest relative error (max |got - want| / max |want|) a candidate may have against the
+interpreter on f32 kernels."""
+
+
+def kernel_text(op: FusedOp) -> str:
+    """A module holding only `op`: weights it reads become constants named w0, w1, ... (given
+    random values when measured), other operands become inputs; no value names, no
+    locations, and the kernel's own name replaced by `kernel`. Identical kernels of different
+    models have identical text: it is what cache keys hash and what workers parse."""
+    namer = Namer(anonymous=True)
+    args: list[str] = []
+    constants: list[str] = []
+    for value in dict.fromkeys(op.operands):
+        producer = getattr(value, "op", None)
+        if producer is not None and producer.name == "graph.constant":
+            line = print_op(producer, namer, "    ", locations=False)[0]
+            if producer.weight is not None:
+                line = line.replace(f'weight = "{producer.weight}"',
+                                    f'weight = "w{len(constants)}"')
+            constants.append(line)
+        else:
+            args.append(f"%{namer.name_arg(value)}: {value.type}")
+    body = print_op(op, namer, "    ", locations=False)
+    body[-1] = body[-1].replace(f'name = "{op.kernel_name}"', 'name = "kernel"')
+    results = ", ".join(namer[r] for r in op.results)
+    types = ", ".join(str(r.type) for r in op.results)
+    head = f"  func.func @main({', '.join(args)}) -> ({types}) {{"
+    tail = f'    "func.return"({results}) : ({types}) -> ()'
+    return "\n".join(["module @kernel {", head, *constants, *body, tail, "  }", "}"]) + "\n"
+
+
+@dataclass(frozen=True)
+class MeasureInput:
+    """One candidate: a kernel's canonical text, a template, a config, and the symbolic dims'
+    values to time it at."""
+
+    kernel_ir: str
+    template: str
+    config: str  # canonical JSON of the Config
+    bindings: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    """Seconds per call (median and every timed call), their spread, or why there are none."""
+
+    median: float  # math.inf on error
+    times: tuple[float, ...] = ()
+    spread: float = 0.0  # (p75 - p25) / median
+    error: str | None = None
+    library: bytes = field(default=b"", repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the candidate built, ran and matched the interpreter."""
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How candidates are timed."""
+
+    warmup: int = 2
+    repeats: int = 15
+    min_seconds: float = 0.05
+    rotate_bytes: int = 64 << 20
+    max_copies: int = 32
+    build_timeout: float = 120.0
+    run_timeout: float = 60.0
+
+
+class Runner(Protocol):
+    """Builds and times candidates; results come back in input order."""
+
+    def run(self, inputs: Sequence[MeasureInput]) -> list[MeasureResult]: ...
+
+    def close(self) -> None: ...
+
+
+def _kernel_of(module: ir.Module) -> FusedOp:
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    if len(kernels) != 1:
+        raise CodegenError(f"expected one kernel.fused in the candidate, got {len(kernels)}")
+    return kernels[0]
+
+
+def _built(inp: MeasureInput, kernel: FusedOp) -> TvmKernel:
+    template = TEMPLATES.get(inp.template)
+    if template is None:
+        raise CodegenError(f"unknown template {inp.template!r}; known: {sorted(TEMPLATES)}")
+    problem = template.match(kernel)
+    if problem is None:
+        raise CodegenError(f"template {inp.template} does not match kernel "
+                           f"'{kernel.kernel_name}'")
+    return template.build(problem, Config(json.loads(inp.config)), host_target())
+
+
+def _guarded(fn: Any) -> Any:
+    """Worker entry points return failures as text: an exception of ours may not pickle."""
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args), None
+        except Exception as exc:  # any failure of a candidate is its result, not ours
+            return None, f"{type(exc).__name__}: {str(exc).strip()[-400:]}"
+    call.__name__ = fn.__name__
+    return call
+
+
+def build_candidate(inp: MeasureInput) -> bytes:
+    """Schedule and compile one candidate; the shared library's bytes."""
+    kernel = _kernel_of(ir.parse(inp.kernel_ir))
+    built = _built(inp, kernel)
+    executable = compile_funcs({"main": built.func}, kernel.kernel_name,
+                               tvm_target(host_target()))
+    with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
+        path = Path(tmp) / "kernel.so"
+        executable.export_library(str(path))
+        return path.read_bytes()
+
+
+def _random(type: Any, bindings: dict[str, int], rng: np.random.Generator) -> np.ndarray:
+    """Random values of a tensor type: normal floats, 0/1 integers (valid indices and masks)."""
+    subs = {s: bindings[s.name] for s in type.symbols}
+    shape = tuple(evaluate_dim(d, subs) for d in type.shape)
+    if type.dtype.is_float:
+        return rng.standard_normal(shape).astype(np.float32)
+    return rng.integers(0, 2, shape).astype(type.dtype.numpy_dtype)
+
+
+def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -> MeasureResult:
+    """Load a built candidate, check it against the interpreter, time it."""
+    module = ir.parse(inp.kernel_ir)
+    kernel = _kernel_of(module)
+    built = _built(inp, kernel)
+    rng = np.random.default_rng(0)
+    env = {value: _random(value.type, dict(inp.bindings), rng) for value in module.inputs}
+    for op in module.ops:
+        if op.name == "graph.constant":
+            env[op.result] = (_random(op.result.type, {}, rng) if op.weight is not None
+                              else np.asarray(op.value.array))
+    arrays = [env[v] for v in kernel.operands]
+    symbols = {s for v in list(module.inputs) + list(kernel.results) for s in v.type.symbols}
+    ctx = EvalContext({}, {s: dict(inp.bindings)[s.name] for s in symbols})
+    want = [np.asarray(w) for w in kernel.evaluate(ctx, *arrays)]
+    with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
+        path = Path(tmp) / "kernel.so"
+        path.write_bytes(library)
+        func = tvm.runtime.load_module(str(path))["main"]
+        packed = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
+        one = sum(a.nbytes for a in packed) + sum(w.nbytes for w in want)
+        copies = max(1, min(options.max_copies, math.ceil(options.rotate_bytes / max(one, 1))))
+        sets = [([tvm.runtime.tensor(a) for a in packed],
+                 [tvm.runtime.empty(w.shape, str(w.dtype)) for w in want])
+                for _ in range(copies)]
+        func(*sets[0][0], *sets[0][1])
+        error = _mismatch([o.numpy() for o in sets[0][1]], want)
+        if error:
+            return MeasureResult(math.inf, error=error)
+        for i in range(options.warmup):
+            ins, outs = sets[i % copies]
+            func(*ins, *outs)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < options.repeats or time.perf_counter() - start < options.min_seconds:
+            ins, outs = sets[len(times) % copies]
+            t0 = time.perf_counter()
+            func(*ins, *outs)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 100 * options.repeats:
+                break
+    median = statistics.median(times)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+    return MeasureResult(median, tuple(times), (q[2] - q[0]) / median if median else 0.0)
+
+
+def _mismatch(got: list[np.ndarray], want: list[np.ndarray]) -> str | None:
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return f"wrong result: output {i} has shape {g.shape}, expected {w.shape}"
+        if w.dtype.kind == "f":
+            scale = max(float(np.abs(w).max(initial=0.0)), 1e-6)
+            err = float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) / scale
+            if not err < RTOL:
+                return f"wrong result: output {i} relative error {err:.2e} > {RTOL:g}"
+        elif not np.array_equal(g, w):
+            return f"wrong result: output {i} differs from the interpreter"
+    return None
+
+
+def _build_worker(inp: MeasureInput) -> tuple[bytes | None, str | None]:
+    return _guarded(build_candidate)(inp)
+
+
+def _time_worker(inp: MeasureInput, library: bytes,
+                 options: MeasureOptions) -> tuple[MeasureResult | None, str | None]:
+    return _guarded(time_candidate)(inp, library, options)
+
+
+class LocalRunner:
+    """Builds in `build_workers` processes, times in one process, on this machine."""
+
+    def __init__(self, options: MeasureOptions | None = None,
+                 build_workers: int | None = None) -> None:
+        self.options = options or MeasureOptions()
+        self.build_workers = build_workers or max(1, len(os.sched_getaffinity(0)))
+        self._context = multiprocessing.get_context("spawn")
+        self._builders: ProcessPoolExecutor | None = None
+        self._timer: ProcessPoolExecutor | None = None
+
+    def _pool(self, which: str) -> ProcessPoolExecutor:
+        if which == "build":
+            if self._builders is None:
+                self._builders = ProcessPoolExecutor(self.build_workers,
+                                                     mp_context=self._context)
+            return self._builders
+        if self._timer is None:
+            self._timer = ProcessPoolExecutor(1, mp_context=self._context)
+        return self._timer
+
+    def _reset(self, which: str) -> None:
+        pool = self._builders if which == "build" else self._timer
+        if pool is not None:
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+        if which == "build":
+            self._builders = None
+        else:
+            self._timer = None
+
+    def _wait(self, which: str, future: Future, timeout: float) -> tuple[object, str | None]:
+        try:
+            value, error = future.result(timeout=timeout)
+            return value, (f"{which} failed: {error}" if error else None)
+        except FutureTimeout:
+            self._reset(which)
+            return None, f"{which} timed out after {timeout:g} s"
+        except BrokenProcessPool:
+            self._reset(which)
+            return None, f"{which} crashed its worker process"
+
+    def run(self, inputs: Sequence[MeasureInput]) -> list[MeasureResult]:
+        """Build every candidate (in parallel), then time the ones that built, one by one."""
+        results: list[MeasureResult | None] = [None] * len(inputs)
+        libraries: list[bytes | None] = [None] * len(inputs)
+        futures = []
+        for inp in inputs:
+            try:
+                futures.append(self._pool("build").submit(_build_worker, inp))
+            except BrokenProcessPool:
+                self._reset("build")
+                futures.append(self._pool("build").submit(_build_worker, inp))
+        for i, future in enumerate(futures):
+            library, error = self._wait("build", future, self.options.build_timeout)
+            if error:
+                results[i] = MeasureResult(math.inf, error=error)
+                if "crashed" in error or "timed out" in error:  # the pool is gone: resubmit
+                    futures[i + 1:] = [self._pool("build").submit(_build_worker, inp)
+                                       for inp in inputs[i + 1:]]
+            else:
+                libraries[i] = library
+        for i, inp in enumerate(inputs):
+            if results[i] is not None:
+                continue
+            future = self._pool("time").submit(_time_worker, inp, libraries[i], self.options)
+            result, error = self._wait("time", future, self.options.run_timeout)
+            results[i] = (MeasureResult(math.inf, error=error) if error
+                          else _with_library(result, libraries[i]))
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        for which in ("build", "time"):
+            pool = self._builders if which == "build" else self._timer
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._builders = self._timer = None
+
+    def __enter__(self) -> LocalRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _with_library(result: MeasureResult, library: bytes | None) -> MeasureResult:
+    return MeasureResult(result.median, result.times, result.spread, result.error,
+                         library or b"")
