@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .autotune.errors import TuningError
 from .runtime.artifact import ArtifactError
 
 err = Console(stderr=True, soft_wrap=True)
@@ -34,7 +35,16 @@ def add_parsers(sub: Any) -> None:
     comp.add_argument("--dynamic-batch", action="store_true",
                       help="accept any batch size (dim 0 of every input is a symbol B)")
     comp.add_argument("--pipeline", help="passes to run (default: the target's pipeline)")
+    comp.add_argument("--tune", metavar="BUDGET",
+                      help="tune kernels not in the cache first: trials (200) or time (10m)")
     comp.set_defaults(func=cmd_compile)
+    tune = sub.add_parser("tune", help="tune a model's kernels into the cache")
+    tune.add_argument("model")
+    tune.add_argument("--budget", default="10m", help="trials (200) or time (10m, 90s)")
+    tune.add_argument("--batch", type=int, default=8, help="batch size the kernels are timed at")
+    tune.add_argument("--search", choices=("model", "random"), default="model",
+                      help="model-guided evolutionary search (default) or random search")
+    tune.set_defaults(func=cmd_tune)
     run = sub.add_parser("run", help="run a .bsm artifact on .npy inputs")
     run.add_argument("artifact")
     run.add_argument("--input", action="append", required=True, metavar="X.npy",
@@ -64,12 +74,46 @@ def _load(name: str) -> Any:
         raise CommandError(str(exc)) from None
 
 
-def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None) -> Any:
+def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None,
+             tune: str | None = None) -> Any:
     from . import compiler  # noqa: PLC0415 - imports torch; `run` must not
 
     args, kwargs = loaded.call_args(batch)
     return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
-                            dynamic_batch=dynamic, pipeline=pipeline, progress=True)
+                            dynamic_batch=dynamic, pipeline=pipeline, tune=tune, progress=True)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Tune every kernel of a model that the cache lacks; print what was tuned."""
+    from . import compiler  # noqa: PLC0415 - imports torch; `run` must not
+    from .autotune.database import TuningDatabase, default_database_path  # noqa: PLC0415
+    from .autotune.tuner import Budget, Tuner  # noqa: PLC0415
+
+    try:
+        budget = Budget.parse(args.budget)
+    except TuningError as exc:
+        raise CommandError(str(exc)) from None
+    loaded = _load(args.model)
+    module = compiler.fused_module(loaded, args.batch)
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    start = time.perf_counter()
+    with TuningDatabase(default_database_path()) as database:
+        tuner = Tuner(database=database, bindings={"B": args.batch}, search=args.search,
+                      progress=True)
+        try:
+            before = tuner.cached_configs(kernels)
+            configs = tuner.tune(kernels, budget)
+        finally:
+            tuner.close()
+    table = Table(title=f"{loaded.name}: {len(kernels)} kernels, {len(before)} already cached, "
+                        f"{time.perf_counter() - start:.1f} s")
+    for col in ("kernel", "config"):
+        table.add_column(col)
+    for op in kernels:
+        config = configs.get(op.kernel_name)
+        table.add_row(op.kernel_name, str(config) if config else "(not tuned: budget spent)")
+    err.print(table)
+    return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -78,8 +122,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch must be >= 1, got {args.batch}")
     loaded = _load(args.model)
     start = time.perf_counter()
-    with err.status(f"compiling {loaded.name}"):
-        cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline)
+    try:
+        cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline, args.tune)
+    except TuningError as exc:
+        raise CommandError(str(exc)) from None
     seconds = time.perf_counter() - start
     out = Path(args.output or f"{loaded.name}.bsm")
     cm.save(out)

@@ -16,7 +16,9 @@ import tvm
 from rich.progress import Progress
 
 from . import __version__
-from .codegen.template import CodegenError
+from .autotune.database import TuningDatabase, default_database_path
+from .autotune.tuner import Budget, Tuner
+from .codegen.template import CodegenError, Config
 from .codegen.tvm.lower import compile_funcs
 from .codegen.tvm.target import host_target, tvm_target
 from .codegen.tvm.templates import TvmKernel, build_kernel
@@ -35,28 +37,65 @@ TARGETS = ("cpu",)
 
 def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
             pipeline: str | None = None, dynamic_batch: bool = False, name: str | None = None,
-            example_kwargs: Mapping[str, Any] | None = None,
+            example_kwargs: Mapping[str, Any] | None = None, tune: int | str | None = None,
             progress: bool = False) -> CompiledModel:
-    """Compile a torch model for `target`; returns a callable, savable CompiledModel."""
+    """Compile a torch model for `target`; returns a callable, savable CompiledModel.
+
+    `tune` (trials, or a time like "10m") tunes every kernel that this device's cache does not
+    hold yet; without it, cached tuned configs are still used and the rest run their template's
+    default config.
+    """
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not supported yet; valid: {', '.join(TARGETS)}")
     module = from_torch(model, tuple(example_inputs), dict(example_kwargs or {}),
                         dynamic_batch=dynamic_batch, name=name or type(model).__name__.lower())
     run(module, pipeline or default_pipeline(target), verify=False)
-    return CompiledModel(build_artifact(module, progress=progress))
+    batch = _example_batch(example_inputs)
+    return CompiledModel(build_artifact(module, progress=progress,
+                                        configs=tuned_configs(module, tune, batch, progress)))
 
 
-def build_artifact(module: Module, *, progress: bool = False) -> Artifact:
+def fused_module(loaded: Any, batch: int, target: str = "cpu") -> Module:
+    """A loaded model (`frontend.load_model`) imported and run through the target's pipeline."""
+    args, kwargs = loaded.call_args(batch)
+    module = from_torch(loaded.module, tuple(args), dict(kwargs), dynamic_batch=True,
+                        name=loaded.name)
+    run(module, default_pipeline(target), verify=False)
+    return module
+
+
+def tuned_configs(module: Module, tune: int | str | None, batch: int,
+                  progress: bool = False) -> dict[str, Config]:
+    """The tuned config of each kernel (by name) that has one: tuned now, or from the cache."""
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    with TuningDatabase(default_database_path()) as database:
+        tuner = Tuner(database=database, bindings={"B": batch}, progress=progress)
+        try:
+            if tune is None:
+                return tuner.cached_configs(kernels)
+            return tuner.tune(kernels, Budget.parse(tune))
+        finally:
+            tuner.close()
+
+
+def _example_batch(example_inputs: Sequence[Any]) -> int:
+    shapes = [getattr(x, "shape", ()) for x in example_inputs]
+    return next((int(s[0]) for s in shapes if len(s) > 0), 1)
+
+
+def build_artifact(module: Module, *, progress: bool = False,
+                   configs: Mapping[str, Config] | None = None) -> Artifact:
     """Schedule and compile every kernel of a fused module; return the artifact in memory."""
     host = host_description()
     target = host_target()
     built: dict[Operation, TvmKernel] = {}
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    configs = configs or {}
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"scheduling {module.name}", total=len(kernels))
         for op in kernels:
             bar.update(task, description=f"scheduling {op.kernel_name}")
-            built[op] = build_kernel(op, target)
+            built[op] = build_kernel(op, target, configs.get(op.kernel_name))
             bar.advance(task)
         bar.update(task, description=f"compiling {len(kernels)} kernels with LLVM")
         executable = compile_funcs({op.kernel_name: k.func for op, k in built.items()},

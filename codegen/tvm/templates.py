@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import tvm
@@ -413,10 +413,8 @@ def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:
     return matches[0]
 
 
-def build_kernel(op: FusedOp, target: Target,
-                 configs: Mapping[str, Config] | None = None) -> TvmKernel:
-    """Build `op` with its template's config from `configs` (by template) or the default."""
+def build_kernel(op: FusedOp, target: Target, config: Config | None = None) -> TvmKernel:
+    """Build `op` with its template and `config` (a tuned one), or the template's default."""
     template, problem = select(op, target)
-    config = (configs or {}).get(template.name) or template.default_config(problem, target)
-    return template.build(problem, config, target)
+    return template.build(problem, config or template.default_config(problem, target), target)
 

@@ -1,0 +1,138 @@
+"""The tuning database: WAL, records, the noise tie-break, errors, concurrency, schema version."""
+import hashlib
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bitsmith.autotune.database import (SCHEMA_VERSION, Record, TuningDatabase,
+                                        default_database_path)
+from bitsmith.autotune.errors import TuningError
+
+TASK, FP = "dense:N=64:K=128", "fp0"
+
+
+def ok(config: str, median: float, created: float = 0.0, task: str = TASK) -> Record:
+    return Record(task, FP, "dense", config, (median, median), median, None, created)
+
+
+def test_wal_mode_and_schema_version(tmp_path) -> None:
+    with TuningDatabase(tmp_path / "t.sqlite3") as db:
+        assert db.count() == 0
+    conn = sqlite3.connect(tmp_path / "t.sqlite3")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_default_path_honours_the_cache_dir_override(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path / "c"))
+    assert default_database_path() == tmp_path / "c" / "tuning.sqlite3"
+
+
+def test_records_round_trip_oldest_first(tmp_path) -> None:
+    with TuningDatabase(tmp_path / "t.sqlite3") as db:
+        second = ok('{"TILE_N":8}', 2e-3, created=20.0)
+        first = ok('{"TILE_N":16}', 1e-3, created=10.0)
+        db.add(second)
+        db.add_many([first, ok('{"TILE_N":8}', 5e-3, task="other")])
+        assert db.records(TASK, FP) == [first, second]
+        assert db.records(TASK, "another-device") == []
+        assert db.count() == 3
+        assert db.tasks() == [(TASK, FP, 2), ("other", FP, 1)]
+        assert db.measured_configs(TASK, FP) == {'{"TILE_N":8}', '{"TILE_N":16}'}
+
+
+def test_best_is_fastest_and_breaks_noise_ties_by_config_hash(tmp_path) -> None:
+    configs = [f'{{"TILE_N":{n}}}' for n in (8, 16, 32, 64)]
+    by_hash = sorted(configs, key=lambda c: hashlib.sha256(c.encode()).hexdigest())
+    with TuningDatabase(tmp_path / "t.sqlite3") as db:
+        assert db.best(TASK, FP) is None
+        # the fastest is by_hash[3]; by_hash[0] is 1% slower: within the 2% noise, it wins
+        db.add_many([ok(by_hash[3], 1.00e-3), ok(by_hash[0], 1.01e-3),
+                     ok(by_hash[1], 1.50e-3), ok(by_hash[2], 0.90e-3, task="other")])
+        assert db.best(TASK, FP).config == by_hash[0]
+        assert db.best(TASK, FP, noise=0.0).config == by_hash[3]
+    # insertion order does not matter: the same answer from a database filled the other way
+    with TuningDatabase(tmp_path / "u.sqlite3") as db:
+        db.add_many([ok(by_hash[1], 1.50e-3), ok(by_hash[0], 1.01e-3), ok(by_hash[3], 1.00e-3)])
+        assert db.best(TASK, FP).config == by_hash[0]
+        with pytest.raises(TuningError, match="noise expected a fraction >= 0, got -1"):
+            db.best(TASK, FP, noise=-1)
+
+
+def test_errors_are_recorded_with_null_times(tmp_path) -> None:
+    with TuningDatabase(tmp_path / "t.sqlite3") as db:
+        db.add(Record.failed(TASK, FP, "dense", '{"TILE_N":128}', "CodegenError: too big"))
+        db.add(Record.measured(TASK, FP, "dense", '{"TILE_N":8}', [3e-3, 1e-3, 2e-3]))
+        failed, measured = db.records(TASK, FP)
+        assert (failed.times, failed.median, failed.error) == (None, None, "CodegenError: too big")
+        assert measured.median == 2e-3 and measured.times == (3e-3, 1e-3, 2e-3)
+        assert db.best(TASK, FP).config == '{"TILE_N":8}'  # the failure never wins
+        assert '{"TILE_N":128}' in db.measured_configs(TASK, FP)  # nor is it retried
+    row = sqlite3.connect(tmp_path / "t.sqlite3").execute(
+        "SELECT times, median, error FROM records WHERE error IS NOT NULL").fetchone()
+    assert row == (None, None, "CodegenError: too big")
+
+
+def test_invalid_records_are_refused() -> None:
+    with pytest.raises(TuningError, match="expected times and a median"):
+        Record(TASK, FP, "dense", "{}", None, None, None, 0.0)
+    with pytest.raises(TuningError, match="failed measurement expected no times"):
+        Record(TASK, FP, "dense", "{}", (1.0,), 1.0, "boom", 0.0)
+    with pytest.raises(TuningError, match=r'config expected canonical JSON \(\{"A":1,"B":2\}\)'):
+        Record(TASK, FP, "dense", '{"B": 2, "A": 1}', (1.0,), 1.0, None, 0.0)
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from bitsmith.autotune.database import Record, TuningDatabase
+db = TuningDatabase(sys.argv[1])
+Path(sys.argv[1] + ".ready").touch()
+for i in range(int(sys.argv[2])):
+    db.add(Record("task", "fp", "dense", '{"I":%d}' % i, (1e-3,), 1e-3, None, time.time()))
+db.close()
+"""
+
+
+def test_a_second_process_writing_concurrently_loses_nothing(tmp_path) -> None:
+    path, n = tmp_path / "t.sqlite3", 150
+    db = TuningDatabase(path)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(n)],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "t.sqlite3.ready").exists() and child.poll() is None:
+        assert time.monotonic() < deadline, "the child never opened the database"
+        time.sleep(0.01)
+    for i in range(n):
+        db.add(Record("task", "fp", "dense", f'{{"J":{i}}}', (1e-3,), 1e-3, None, time.time()))
+    assert child.wait(timeout=60) == 0, child.stderr.read()
+    configs = db.measured_configs("task", "fp")
+    assert db.count() == 2 * n
+    assert configs == {f'{{"I":{i}}}' for i in range(n)} | {f'{{"J":{i}}}' for i in range(n)}
+    db.close()
+
+
+def test_another_schema_version_is_refused(tmp_path) -> None:
+    path = tmp_path / "t.sqlite3"
+    TuningDatabase(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(TuningError, match=f"schema version expected {SCHEMA_VERSION}, got "
+                                          f"{SCHEMA_VERSION + 1}; delete the file"):
+        TuningDatabase(path)
+
+
+def test_not_a_database_and_closed_database_are_tuning_errors(tmp_path) -> None:
+    (tmp_path / "junk.sqlite3").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(TuningError, match="junk.sqlite3: file is not a database; delete"):
+        TuningDatabase(tmp_path / "junk.sqlite3")
+    db = TuningDatabase(tmp_path / "t.sqlite3")
+    db.close()
+    with pytest.raises(TuningError, match="is closed"):
+        db.count()

@@ -1,0 +1,124 @@
+"""The tuner's loop with a deterministic fake runner (no processes), and one real tuning run
+through `bitsmith.compile(tune=...)`."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import bitsmith
+from bitsmith import models, passes
+from bitsmith.autotune.cache import ArtifactCache
+from bitsmith.autotune.database import TuningDatabase
+from bitsmith.autotune.errors import TuningError
+from bitsmith.autotune.measure import MeasureInput, MeasureResult
+from bitsmith.autotune.tuner import Budget, Tuner, group_tasks
+from bitsmith.codegen.tvm.target import host_target
+from bitsmith.frontend import from_torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class FakeRunner:
+    """Times a config by a fixed formula: TILE_M=2, TILE_N=16 is the fastest dense config."""
+
+    def __init__(self) -> None:
+        self.calls: list[MeasureInput] = []
+
+    def run(self, inputs):
+        self.calls.extend(inputs)
+        out = []
+        for inp in inputs:
+            c = json.loads(inp.config)
+            if inp.template != "dense":
+                out.append(MeasureResult(1e-5, (1e-5,) * 3))
+                continue
+            t = 1e-5 * (1 + abs(c["TILE_M"] - 2) + abs(c["TILE_N"] - 16) / 16
+                        + 0.1 * (c["ORDER"] == "nm"))
+            out.append(MeasureResult(t, (t,) * 3, library=b"lib"))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _kernels(name: str) -> list:
+    spec = models.get(name)
+    torch.manual_seed(0)
+    module = from_torch(spec.build().eval(), spec.example_inputs(2), name=name,
+                        dynamic_batch=True)
+    passes.run(module, passes.default_pipeline("cpu"))
+    return [op for op in module.ops if op.name == "kernel.fused"]
+
+
+def test_budget_parsing() -> None:
+    assert Budget.parse(200) == Budget(trials=200)
+    assert Budget.parse("50") == Budget(trials=50)
+    assert Budget.parse("10m") == Budget(seconds=600.0)
+    assert Budget.parse("1.5h").seconds == 5400.0
+    for bad in (0, "soon", True, 2.5):
+        with pytest.raises(TuningError, match="budget"):
+            Budget.parse(bad)
+
+
+def test_identical_kernels_are_one_task() -> None:
+    tasks = group_tasks(_kernels("bert"), host_target())
+    sizes = sorted(len(t.kernels) for t in tasks)
+    assert sum(sizes) == len(_kernels("bert")) and len(tasks) < sum(sizes)
+    qkv = [t for t in tasks if t.template.name == "dense" and len(t.kernels) >= 3]
+    assert qkv, "the q, k and v projections of both layers share one task"
+
+
+def test_tuning_records_everything_caches_winners_and_never_tunes_twice(tmp_path) -> None:
+    kernels = _kernels("mlp")
+    runner = FakeRunner()
+    with TuningDatabase(tmp_path / "db.sqlite3") as db:
+        cache = ArtifactCache(tmp_path / "cache")
+        tuner = Tuner(database=db, cache=cache, runner=runner, batch=8, seed=1)
+        configs = tuner.tune(kernels, 48)
+        assert len(runner.calls) == 48 and db.count() == 48
+        first = [json.loads(c.config) for c in runner.calls[:1]]
+        task = group_tasks(kernels[:1], tuner.target)[0]
+        default = task.template.default_config(task.problem, tuner.target)
+        assert first == [dict(default)]  # the untuned default is measured first
+        assert set(configs) == {op.kernel_name for op in kernels}
+        for task in group_tasks(kernels, tuner.target):
+            best = db.best(task.key, tuner.fp)
+            entry = cache.get(tuner.cache_key(task))
+            assert entry is not None and entry.config == best.config
+            assert entry.median == min(r.median for r in db.records(task.key, tuner.fp))
+            assert entry.library == b"lib"
+        # a second run finds everything cached: no measurement at all
+        again = Tuner(database=db, cache=cache, runner=runner).tune(kernels, 48)
+        assert len(runner.calls) == 48 and again == configs
+
+
+def test_model_guided_search_finds_the_fastest_config_of_a_toy_surface(tmp_path) -> None:
+    kernels = _kernels("bert")[5:6]  # a q/k/v projection: 16 rows per sample
+    runner = FakeRunner()
+    with TuningDatabase(tmp_path / "db.sqlite3") as db:
+        tuner = Tuner(database=db, cache=ArtifactCache(tmp_path / "c"), runner=runner,
+                      batch=8, seed=1)
+        (config,) = tuner.tune(kernels, 32).values()
+        task = group_tasks(kernels, tuner.target)[0]
+    valid = list(task.template.valid_configs(task.problem))
+    fastest = min(runner.run([MeasureInput("", "dense", json.dumps(dict(c)))])[0].median
+                  for c in valid)
+    assert len(valid) == 64  # the search measured half of the space
+    got = runner.run([MeasureInput("", "dense", json.dumps(dict(config)))])[0].median
+    assert got == fastest and config["TILE_M"] == 2 and config["TILE_N"] == 16
+
+
+def test_compile_with_tune_measures_for_real_then_reuses_the_cache() -> None:
+    spec = models.get("mlp")
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    x = spec.example_inputs(4)[0]
+    cm = bitsmith.compile(model, (x,), name="mlp", tune=6)
+    with torch.no_grad():
+        assert float((cm(x) - model(x)).abs().max() / model(x).abs().max()) < 1e-4
+    tuned = {s["kernel"]: s["config"] for s in cm.artifact.manifest.plan["steps"]}
+    again = bitsmith.compile(model, (x,), name="mlp")  # no tune: the cache still applies
+    assert {s["kernel"]: s["config"] for s in again.artifact.manifest.plan["steps"]} == tuned
