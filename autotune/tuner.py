@@ -219,7 +219,7 @@ class Tuner:
         default = task.template.default_config(task.problem, self.target)
         if default not in {c for c, _ in done}:
             configs.append(default)
-        if self.search == "random":
+        if self.search == "random" or not self.model.trained:  # nothing to guide it yet
             configs += random_search(task.template, task.problem,
                                      [c for c, _ in done] + configs, room - len(configs),
                                      self.rng)

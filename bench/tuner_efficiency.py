@@ -1,0 +1,133 @@
+"""Tuner efficiency: trials the model-guided search needs to reach 95% of the best config ever
+found for a kernel, against random search, measured in one run on this machine.
+
+    python bench/tuner_efficiency.py [--trials 64] [--seeds 2] [--batch 8]
+
+For every kernel of the suite (matmul shapes of the zoo BERT and MiniLM, a conv of the zoo
+ResNet, a layer norm and an attention kernel) and every seed, each method tunes the kernel from
+nothing (a fresh database, cache and cost model) for `--trials` measured configs. "Best ever" is
+the fastest median any method measured for that kernel in this run; a method's trials-to-95% is
+the first trial at which its best so far is within 1/0.95 of it (the budget + 1 if never). The
+"seeded" method is the model-guided search starting from the cost model that tuning the *other*
+kernels of the suite trained (what a new task gains from earlier ones).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from bitsmith import models, passes
+from bitsmith.autotune.cache import ArtifactCache
+from bitsmith.autotune.database import TuningDatabase
+from bitsmith.autotune.measure import LocalRunner
+from bitsmith.autotune.tuner import Tuner, group_tasks
+from bitsmith.codegen.tvm.target import host_target
+from bitsmith.frontend import from_torch, load_model
+
+
+def suite() -> list[tuple[str, object]]:
+    """(label, kernel op) of the kernels to tune."""
+    picks = {"bert": ["k5_linear", "k10_linear_gelu", "k11_linear_add", "k9_layer_norm",
+                      "k0_matmul_div_add_softmax"],
+             "resnet": ["k4_conv2d_add_relu"], "minilm": ["k15_linear_gelu"]}
+    out = []
+    for name, kernels in picks.items():
+        loaded = load_model(name)
+        args, kwargs = loaded.call_args(2)
+        module = from_torch(loaded.module, tuple(args), dict(kwargs), dynamic_batch=True,
+                            name=name)
+        passes.run(module, passes.default_pipeline("cpu"), verify=False)
+        by_name = {op.kernel_name: op for op in module.ops if op.name == "kernel.fused"}
+        out += [(f"{name}:{k}", by_name[k]) for k in kernels if k in by_name]
+    return out
+
+
+def curve(tuner: Tuner, task_key: str) -> list[float]:
+    """Best median so far after each measured trial, in measurement order."""
+    best, out = float("inf"), []
+    for record in tuner.database.records(task_key, tuner.fp):
+        if record.median is not None:
+            best = min(best, record.median)
+        out.append(best)
+    return out
+
+
+def tune_once(op: object, method: str, seed: int, trials: int, batch: int,
+              runner: LocalRunner, model_dir: Path | None) -> tuple[list[float], Tuner]:
+    """Tune one kernel from a fresh database and cache; its best-so-far curve."""
+    tmp = Path(tempfile.mkdtemp(prefix="bitsmith-bench-"))
+    os.environ["BITSMITH_CACHE_DIR"] = str(tmp)
+    if model_dir is not None:  # the seeded run starts from a model trained on other kernels
+        shutil.copytree(model_dir, tmp / "models" / model_dir.name)
+    database = TuningDatabase(tmp / "db.sqlite3")
+    tuner = Tuner(database=database, cache=ArtifactCache(tmp / "cache"), runner=runner,
+                  bindings={"B": 8}, batch=batch, seed=seed,
+                  search="random" if method == "random" else "model")
+    tuner.tune([op], trials)
+    (task,) = group_tasks([op], tuner.target)
+    return curve(tuner, task.key), tuner
+
+
+def trials_to(curve_: list[float], goal: float, budget: int) -> int:
+    """1-based trial at which the curve reaches `goal` seconds (budget + 1 if it never does)."""
+    return next((i + 1 for i, t in enumerate(curve_) if t <= goal), budget + 1)
+
+
+def main() -> None:
+    """Print a markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=64)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    kernels = suite()
+    runner = LocalRunner()
+    curves: dict[tuple[str, str], list[list[float]]] = {}
+    models_by_kernel: dict[str, Path] = {}
+    for method in ("model", "random"):
+        for label, op in kernels:
+            for seed in range(args.seeds):
+                points, tuner = tune_once(op, method, seed, args.trials, args.batch, runner,
+                                          None)
+                curves.setdefault((label, method), []).append(points)
+                if method == "model" and seed == 0 and tuner.model_path.exists():
+                    models_by_kernel[label] = tuner.model_path
+    for index, (label, op) in enumerate(kernels):  # seeded by a model of another kernel
+        others = [p for k, p in models_by_kernel.items() if k != label]
+        for seed in range(args.seeds):
+            points, _ = tune_once(op, "seeded", seed, args.trials, args.batch, runner,
+                                  others[index % len(others)] if others else None)
+            curves.setdefault((label, "seeded"), []).append(points)
+    runner.close()
+    target = host_target()
+    print(f"{args.trials} trials per run, {args.seeds} seeds, batch {args.batch}; trials to "
+          "reach 95% of the best median any run found (median over seeds)\n")
+    print("| kernel | template | valid configs | best us | model | random | random / model "
+          "| seeded |\n|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for label, op in kernels:
+        (task,) = group_tasks([op], target)
+        valid = sum(1 for _ in task.template.valid_configs(task.problem))
+        best = min(min(c) for m in ("model", "random", "seeded") for c in curves[(label, m)])
+        need = {m: statistics.median(trials_to(c, best / 0.95, args.trials)
+                                     for c in curves[(label, m)])
+                for m in ("model", "random", "seeded")}
+        ratio = need["random"] / need["model"]
+        ratios.append(ratio)
+        print(f"| {label} | {task.template.name} | {valid} | {best * 1e6:.1f} | "
+              f"{need['model']:g} | {need['random']:g} | {ratio:.2f} | {need['seeded']:g} |",
+              flush=True)
+    print(f"\ngeometric mean random / model: {statistics.geometric_mean(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
