@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bitsmith import models, passes
+from bitsmith import passes
 from bitsmith.autotune.cache import ArtifactCache
 from bitsmith.autotune.database import TuningDatabase
 from bitsmith.autotune.measure import LocalRunner
