@@ -246,8 +246,12 @@ class LocalRunner:
     """Builds in `build_workers` processes, times in one process, on this machine."""
 
     def __init__(self, options: MeasureOptions | None = None,
-                 build_workers: int | None = None) -> None:
+                 build_workers: int | None = None, *, build_fn: Any = None,
+                 time_fn: Any = None) -> None:
         self.options = options or MeasureOptions()
+        # what the workers run: module-level functions (picklable); tests inject faults here
+        self.build_fn = build_fn or _build_worker
+        self.time_fn = time_fn or _time_worker
         self.build_workers = build_workers or max(1, len(os.sched_getaffinity(0)))
         self._context = multiprocessing.get_context("spawn")
         self._builders: ProcessPoolExecutor | None = None
@@ -292,23 +296,23 @@ class LocalRunner:
         futures = []
         for inp in inputs:
             try:
-                futures.append(self._pool("build").submit(_build_worker, inp))
+                futures.append(self._pool("build").submit(self.build_fn, inp))
             except BrokenProcessPool:
                 self._reset("build")
-                futures.append(self._pool("build").submit(_build_worker, inp))
+                futures.append(self._pool("build").submit(self.build_fn, inp))
         for i, future in enumerate(futures):
             library, error = self._wait("build", future, self.options.build_timeout)
             if error:
                 results[i] = MeasureResult(math.inf, error=error)
                 if "crashed" in error or "timed out" in error:  # the pool is gone: resubmit
-                    futures[i + 1:] = [self._pool("build").submit(_build_worker, inp)
+                    futures[i + 1:] = [self._pool("build").submit(self.build_fn, inp)
                                        for inp in inputs[i + 1:]]
             else:
                 libraries[i] = library
         for i, inp in enumerate(inputs):
             if results[i] is not None:
                 continue
-            future = self._pool("time").submit(_time_worker, inp, libraries[i], self.options)
+            future = self._pool("time").submit(self.time_fn, inp, libraries[i], self.options)
             result, error = self._wait("time", future, self.options.run_timeout)
             results[i] = (MeasureResult(math.inf, error=error) if error
                           else _with_library(result, libraries[i]))

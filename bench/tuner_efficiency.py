@@ -14,20 +14,28 @@ kernels of the suite trained (what a new task gains from earlier ones).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import shutil
 import statistics
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from bitsmith import passes
 from bitsmith.autotune.cache import ArtifactCache
+from bitsmith.autotune.cost_model import CostModel
 from bitsmith.autotune.database import TuningDatabase
+from bitsmith.autotune.features import features
+from bitsmith.autotune.fingerprint import device_descriptors, device_fingerprint
 from bitsmith.autotune.measure import LocalRunner
 from bitsmith.autotune.tuner import Tuner, group_tasks
+from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.frontend import from_torch, load_model
 
@@ -75,6 +83,43 @@ def tune_once(op: object, method: str, seed: int, trials: int, batch: int,
     return curve(tuner, task.key), tuner
 
 
+def quality(kernels: list, measured: dict[str, dict[str, float]], seed: int = 0) -> list[str]:
+    """Per template and objective: Spearman correlation and top-5 recall of a cost model on
+    held-out measured configs (30% of each kernel's configs), fit on the other 70%."""
+    target = host_target()
+    descriptors = device_descriptors(device_fingerprint(target))
+    by_template: dict[str, list[tuple[str, dict, float]]] = {}
+    for label, op in kernels:
+        (task,) = group_tasks([op], target)
+        for config, median in measured.get(label, {}).items():
+            row = features(task.template.name, task.problem.params, Config(json.loads(config)),
+                           descriptors)
+            by_template.setdefault(task.template.name, []).append((label, row, median))
+    lines = []
+    rng = random.Random(seed)
+    for template, records in sorted(by_template.items()):
+        train, test = [], []
+        for record in records:
+            (test if rng.random() < 0.3 else train).append(record)
+        for objective in ("rank:pairwise", "reg:squarederror"):
+            model = CostModel(objective).fit([r[1] for r in train], [r[2] for r in train],
+                                             [r[0] for r in train])
+            rhos, recalls = [], []
+            for label in sorted({r[0] for r in test}):
+                group = [r for r in test if r[0] == label]
+                if len(group) < 6:
+                    continue
+                scores = model.predict([r[1] for r in group])
+                times = np.array([r[2] for r in group])
+                rhos.append(spearmanr(scores, -times).statistic)
+                best5 = set(np.argsort(times)[:5])
+                recalls.append(len(best5 & set(np.argsort(-scores)[:5])) / 5)
+            if rhos:
+                lines.append(f"| {template} | {objective} | {len(train)} | {len(test)} | "
+                             f"{statistics.mean(rhos):.2f} | {statistics.mean(recalls):.2f} |")
+    return lines
+
+
 def trials_to(curve_: list[float], goal: float, budget: int) -> int:
     """1-based trial at which the curve reaches `goal` seconds (budget + 1 if it never does)."""
     return next((i + 1 for i, t in enumerate(curve_) if t <= goal), budget + 1)
@@ -93,12 +138,17 @@ def main() -> None:
     runner = LocalRunner()
     curves: dict[tuple[str, str], list[list[float]]] = {}
     models_by_kernel: dict[str, Path] = {}
+    measured: dict[str, dict[str, float]] = {}  # label -> config -> median
     for method in ("model", "random"):
         for label, op in kernels:
             for seed in range(args.seeds):
                 points, tuner = tune_once(op, method, seed, args.trials, args.batch, runner,
                                           None)
                 curves.setdefault((label, method), []).append(points)
+                (task,) = group_tasks([op], tuner.target)
+                for record in tuner.database.records(task.key, tuner.fp):
+                    if record.median is not None:
+                        measured.setdefault(label, {})[record.config] = record.median
                 if method == "model" and seed == 0 and tuner.model_path.exists():
                     models_by_kernel[label] = tuner.model_path
     for index, (label, op) in enumerate(kernels):  # seeded by a model of another kernel
@@ -127,6 +177,10 @@ def main() -> None:
               f"{need['model']:g} | {need['random']:g} | {ratio:.2f} | {need['seeded']:g} |",
               flush=True)
     print(f"\ngeometric mean random / model: {statistics.geometric_mean(ratios):.2f}")
+    print("\ncost model quality on held-out configs (mean over kernels with >= 6 held out)\n")
+    print("| template | objective | train | held out | Spearman | top-5 recall |\n"
+          "|---|---|---|---|---|---|")
+    print("\n".join(quality(kernels, measured)))
 
 
 if __name__ == "__main__":

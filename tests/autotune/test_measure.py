@@ -83,3 +83,32 @@ def test_a_wrong_result_is_refused() -> None:
     assert "relative error" in _mismatch([np.full((2, 3), 1.1, np.float32)], want)
     assert "shape" in _mismatch([np.ones((3, 2), np.float32)], want)
     assert "differs" in _mismatch([np.zeros(2, np.int64)], [np.ones(2, np.int64)])
+
+
+FAULTS = '''
+import os, time
+from bitsmith.autotune.measure import _build_worker
+
+def build(inp):
+    if inp.template == "crash":
+        os.abort()
+    if inp.template == "hang":
+        time.sleep(600)
+    return _build_worker(inp)
+'''
+
+
+def test_a_crashing_and_a_hanging_candidate_do_not_stop_the_others(bert_kernels, tmp_path,
+                                                                   monkeypatch) -> None:
+    (tmp_path / "bitsmith_faults.py").write_text(FAULTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import bitsmith_faults  # a module the spawned workers can import too
+
+    good = _input(bert_kernels[5])
+    crash = MeasureInput(good.kernel_ir, "crash", good.config, good.bindings)
+    hang = MeasureInput(good.kernel_ir, "hang", good.config, good.bindings)
+    options = MeasureOptions(repeats=5, min_seconds=0.0, rotate_bytes=1 << 20, build_timeout=20)
+    with LocalRunner(options, build_workers=1, build_fn=bitsmith_faults.build) as runner:
+        results = runner.run([crash, good, hang, good])
+    assert [r.ok for r in results] == [False, True, False, True]
+    assert "crashed" in results[0].error and "timed out" in results[2].error
