@@ -57,6 +57,12 @@ def mutate(template: KernelTemplate, config: Config, rng: random.Random) -> Conf
     return Config({**config, knob.name: choice})
 
 
+def neighbours(template: KernelTemplate, config: Config) -> list[Config]:
+    """Every config that differs from `config` in exactly one knob."""
+    return [Config({**config, knob.name: choice}) for knob in template.space.knobs
+            for choice in knob.choices if choice != config[knob.name]]
+
+
 def crossover(a: Config, b: Config, rng: random.Random) -> Config:
     """Each knob taken from one parent or the other."""
     return Config({name: (a if rng.random() < 0.5 else b)[name] for name in a})

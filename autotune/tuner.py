@@ -36,7 +36,7 @@ from .features import features
 from .fingerprint import device_descriptors, device_fingerprint, fingerprint_hash
 from .measure import LocalRunner, MeasureInput, MeasureResult, Runner, kernel_text
 from .scheduler import TaskScheduler, TaskState
-from .search import SearchOptions, evolutionary_search, random_search
+from .search import SearchOptions, evolutionary_search, neighbours, random_search
 
 
 @dataclass(frozen=True)
@@ -219,10 +219,18 @@ class Tuner:
         default = task.template.default_config(task.problem, self.target)
         if default not in {c for c, _ in done}:
             configs.append(default)
-        if self.search == "random" or not self.model.trained:  # nothing to guide it yet
+        if self.search == "random":
             configs += random_search(task.template, task.problem,
                                      [c for c, _ in done] + configs, room - len(configs),
                                      self.rng)
+        elif not self.model.trained:  # no model yet: the default's neighbours, then random
+            seen = {c for c, _ in done} | set(configs)
+            near = [n for n in neighbours(task.template, default)
+                    if n not in seen and task.template.valid(task.problem, n)]
+            self.rng.shuffle(near)
+            configs += near[:room - len(configs)]
+            configs += random_search(task.template, task.problem, list(seen) + configs,
+                                     room - len(configs), self.rng)
         else:
             configs += [c for c in evolutionary_search(
                 task.template, task.problem, lambda cs: self._score(task, cs),

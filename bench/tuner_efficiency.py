@@ -5,9 +5,10 @@ found for a kernel, against random search, measured in one run on this machine.
 
 For every kernel of the suite (matmul shapes of the zoo BERT and MiniLM, a conv of the zoo
 ResNet, a layer norm and an attention kernel) and every seed, each method tunes the kernel from
-nothing (a fresh database, cache and cost model) for `--trials` measured configs. "Best ever" is
-the fastest median any method measured for that kernel in this run; a method's trials-to-95% is
-the first trial at which its best so far is within 1/0.95 of it (the budget + 1 if never). The
+nothing (a fresh database, cache and cost model) for `--trials` measured configs. A config's time
+is the median of every run's measurement of it; "best ever" is the fastest config any run found;
+a run's trials-to-95% is the first trial by which it has measured a config within 1/0.95 of that
+(the budget + 1 if never). The
 "seeded" method is the model-guided search starting from the cost model that tuning the *other*
 kernels of the suite trained (what a new task gains from earlier ones).
 """
@@ -57,19 +58,30 @@ def suite() -> list[tuple[str, object]]:
     return out
 
 
-def curve(tuner: Tuner, task_key: str) -> list[float]:
-    """Best median so far after each measured trial, in measurement order."""
+def measured_configs(tuner: Tuner, task_key: str) -> list[tuple[str, float | None]]:
+    """(config, median or None on failure) of each trial, in measurement order."""
+    return [(r.config, r.median) for r in tuner.database.records(task_key, tuner.fp)]
+
+
+def curve(trials: list[tuple[str, float | None]], pooled: dict[str, float]) -> list[float]:
+    """After each trial, the pooled time of the best config measured so far.
+
+    Pooled time: the median of every run's measurement of that config. Scoring each run by
+    which configs it found (not by its own, noisy, timing of them) keeps a lucky measurement
+    in one run from setting a goal no other run can reach.
+    """
     best, out = float("inf"), []
-    for record in tuner.database.records(task_key, tuner.fp):
-        if record.median is not None:
-            best = min(best, record.median)
+    for config, median in trials:
+        if median is not None:
+            best = min(best, pooled[config])
         out.append(best)
     return out
 
 
 def tune_once(op: object, method: str, seed: int, trials: int, batch: int,
-              runner: LocalRunner, model_dir: Path | None) -> tuple[list[float], Tuner]:
-    """Tune one kernel from a fresh database and cache; its best-so-far curve."""
+              runner: LocalRunner, model_dir: Path | None,
+              ) -> tuple[list[tuple[str, float | None]], Tuner]:
+    """Tune one kernel from a fresh database and cache; what it measured, in order."""
     tmp = Path(tempfile.mkdtemp(prefix="bitsmith-bench-"))
     os.environ["BITSMITH_CACHE_DIR"] = str(tmp)
     if model_dir is not None:  # the seeded run starts from a model trained on other kernels
@@ -80,7 +92,7 @@ def tune_once(op: object, method: str, seed: int, trials: int, batch: int,
                   search="random" if method == "random" else "model")
     tuner.tune([op], trials)
     (task,) = group_tasks([op], tuner.target)
-    return curve(tuner, task.key), tuner
+    return measured_configs(tuner, task.key), tuner
 
 
 def quality(kernels: list, measured: dict[str, dict[str, float]], seed: int = 0) -> list[str]:
@@ -136,19 +148,18 @@ def main() -> None:
     torch.manual_seed(0)
     kernels = suite()
     runner = LocalRunner()
-    curves: dict[tuple[str, str], list[list[float]]] = {}
+    curves: dict[tuple[str, str], list[list[tuple[str, float | None]]]] = {}
     models_by_kernel: dict[str, Path] = {}
-    measured: dict[str, dict[str, float]] = {}  # label -> config -> median
+    samples: dict[str, dict[str, list[float]]] = {}  # label -> config -> medians of runs
     for method in ("model", "random"):
         for label, op in kernels:
             for seed in range(args.seeds):
                 points, tuner = tune_once(op, method, seed, args.trials, args.batch, runner,
                                           None)
                 curves.setdefault((label, method), []).append(points)
-                (task,) = group_tasks([op], tuner.target)
-                for record in tuner.database.records(task.key, tuner.fp):
-                    if record.median is not None:
-                        measured.setdefault(label, {})[record.config] = record.median
+                for config, median in points:
+                    if median is not None:
+                        samples.setdefault(label, {}).setdefault(config, []).append(median)
                 if method == "model" and seed == 0 and tuner.model_path.exists():
                     models_by_kernel[label] = tuner.model_path
     for index, (label, op) in enumerate(kernels):  # seeded by a model of another kernel
@@ -157,18 +168,25 @@ def main() -> None:
             points, _ = tune_once(op, "seeded", seed, args.trials, args.batch, runner,
                                   others[index % len(others)] if others else None)
             curves.setdefault((label, "seeded"), []).append(points)
+            for config, median in points:
+                if median is not None:
+                    samples.setdefault(label, {}).setdefault(config, []).append(median)
     runner.close()
+    measured = {label: {c: statistics.median(t) for c, t in by_config.items()}
+                for label, by_config in samples.items()}
     target = host_target()
     print(f"{args.trials} trials per run, {args.seeds} seeds, batch {args.batch}; trials to "
-          "reach 95% of the best median any run found (median over seeds)\n")
+          "reach a config within 95% of the best one any run found (pooled times; median "
+          "over seeds)\n")
     print("| kernel | template | valid configs | best us | model | random | random / model "
           "| seeded |\n|---|---|---|---|---|---|---|---|")
     ratios = []
     for label, op in kernels:
         (task,) = group_tasks([op], target)
         valid = sum(1 for _ in task.template.valid_configs(task.problem))
-        best = min(min(c) for m in ("model", "random", "seeded") for c in curves[(label, m)])
-        need = {m: statistics.median(trials_to(c, best / 0.95, args.trials)
+        pooled = measured[label]
+        best = min(pooled.values())
+        need = {m: statistics.median(trials_to(curve(c, pooled), best / 0.95, args.trials)
                                      for c in curves[(label, m)])
                 for m in ("model", "random", "seeded")}
         ratio = need["random"] / need["model"]
