@@ -156,10 +156,17 @@ class Tuner:
                          task.template.space.to_json(), self.fingerprint)
 
     def cached_configs(self, kernels: Sequence[FusedOp]) -> dict[str, Config]:
-        """Configs of the kernels whose tuned result is cached for this device, by name."""
+        """Configs of the kernels whose tuned result is cached for this device, by name.
+
+        A missing or corrupt cache entry whose task the database has measured is rebuilt from
+        the database's winner, without measuring.
+        """
         out = {}
         for task in group_tasks(kernels, self.target):
             entry = self.cache.get(self.cache_key(task))
+            if entry is None and self.database.best(task.key, self.fp) is not None:
+                self._cache_winner(task)
+                entry = self.cache.get(self.cache_key(task))
             if entry is not None:
                 for op in task.kernels:
                     out[op.kernel_name] = Config(json.loads(entry.config))

@@ -93,6 +93,14 @@ def test_tuning_records_everything_caches_winners_and_never_tunes_twice(tmp_path
         # a second run finds everything cached: no measurement at all
         again = Tuner(database=db, cache=cache, runner=runner).tune(kernels, 48)
         assert len(runner.calls) == 48 and again == configs
+        # a corrupt entry is never used: it is rebuilt from the database, still unmeasured
+        key = tuner.cache_key(group_tasks(kernels, tuner.target)[0])
+        path = cache.path(key)
+        path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+        with pytest.warns(Warning, match="corrupt|checksum"):
+            rebuilt = Tuner(database=db, cache=cache, runner=runner).cached_configs(kernels)
+        assert rebuilt == configs and len(runner.calls) == 48
+        assert cache.get(key) is not None
 
 
 def test_model_guided_search_finds_the_fastest_config_of_a_toy_surface(tmp_path) -> None:
