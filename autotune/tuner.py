@@ -203,8 +203,12 @@ class Tuner:
                 if state is None:
                     break
                 task = by_key[state.key]
-                room = self.batch if budget.trials is None else min(self.batch,
-                                                                    budget.trials - trials)
+                room = self.batch
+                if budget.trials is not None:
+                    room = min(room, budget.trials - trials)
+                    if state.trials == 0:  # a first round for every task fits the budget
+                        unseen = sum(1 for t in scheduler.tasks.values() if t.trials == 0)
+                        room = max(1, min(room, (budget.trials - trials) // unseen))
                 results, configs = self._round(task, room)
                 trials += len(configs)
                 best = min((r.median for r in results), default=math.inf)
