@@ -1,10 +1,10 @@
 """`bitsmith cache`: ls, show by prefix, prune, clear, export/import, one-line errors."""
-import hashlib
 import time
 
 import pytest
 
-from bitsmith.autotune.cache import ArtifactCache, CacheEntry, cache_key, canonical_json
+from bitsmith.autotune.fingerprint import fingerprint_hash
+from bitsmith.autotune.cache import ArtifactCache, CacheEntry, cache_key
 from bitsmith.cli import main
 
 FINGERPRINT = {"arch": "x86_64", "isa": ["avx2"]}
@@ -16,11 +16,6 @@ def put(cache: ArtifactCache, version: int, age_s: float = 60.0) -> str:
                          {"fingerprint_hash": fingerprint_hash(FINGERPRINT),
                           "kernel": f"dense_{version}", "created": time.time() - age_s}))
     return key
-
-
-def fingerprint_hash(fingerprint: dict) -> str:
-    """What autotune.fingerprint.fingerprint_hash computes (the cache treats it as opaque)."""
-    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import warnings
 
 import pytest
 
+from bitsmith.autotune.fingerprint import fingerprint_hash
 from bitsmith.autotune.cache import (ArtifactCache, CacheEntry, cache_dir, cache_key,
-                                     canonical_json, parse_age)
+                                     parse_age)
 from bitsmith.autotune.errors import CacheCorruptWarning, CacheError
 
 FINGERPRINT = {"arch": "x86_64", "isa": ["avx2", "fma"], "cores": 16, "llvm": "19.1"}
@@ -35,11 +36,6 @@ def entry(key: str, library: bytes = b"\x7fELF" + bytes(range(256)) * 4, median:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def fingerprint_hash(fingerprint: dict) -> str:
-    """What autotune.fingerprint.fingerprint_hash computes (the cache treats it as opaque)."""
-    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
 
 
 @pytest.fixture
