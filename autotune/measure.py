@@ -16,11 +16,13 @@ this machine (a Ray-backed runner, one actor per device, is the way past one mac
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,7 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -242,6 +244,29 @@ def _time_worker(inp: MeasureInput, library: bytes,
     return _guarded(time_candidate)(inp, library, options)
 
 
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """Start worker processes without the parent's `__main__`.
+
+    A spawned process normally re-imports the parent's main script, which runs a script without
+    an `if __name__ == "__main__":` guard a second time in every worker (compiling, tuning...).
+    The workers need only bitsmith, so for the moment they start, the main module hides its
+    file and spec, from which multiprocessing would re-import it.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__")
+             if main is not None and hasattr(main, name)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
+
+
 class LocalRunner:
     """Builds in `build_workers` processes, times in one process, on this machine."""
 
@@ -256,6 +281,10 @@ class LocalRunner:
         self._context = multiprocessing.get_context("spawn")
         self._builders: ProcessPoolExecutor | None = None
         self._timer: ProcessPoolExecutor | None = None
+
+    def _submit(self, which: str, fn: Any, *args: Any) -> Future:
+        with _without_main():
+            return self._pool(which).submit(fn, *args)
 
     def _pool(self, which: str) -> ProcessPoolExecutor:
         if which == "build":
@@ -296,23 +325,23 @@ class LocalRunner:
         futures = []
         for inp in inputs:
             try:
-                futures.append(self._pool("build").submit(self.build_fn, inp))
+                futures.append(self._submit("build", self.build_fn, inp))
             except BrokenProcessPool:
                 self._reset("build")
-                futures.append(self._pool("build").submit(self.build_fn, inp))
+                futures.append(self._submit("build", self.build_fn, inp))
         for i, future in enumerate(futures):
             library, error = self._wait("build", future, self.options.build_timeout)
             if error:
                 results[i] = MeasureResult(math.inf, error=error)
                 if "crashed" in error or "timed out" in error:  # the pool is gone: resubmit
-                    futures[i + 1:] = [self._pool("build").submit(self.build_fn, inp)
+                    futures[i + 1:] = [self._submit("build", self.build_fn, inp)
                                        for inp in inputs[i + 1:]]
             else:
                 libraries[i] = library
         for i, inp in enumerate(inputs):
             if results[i] is not None:
                 continue
-            future = self._pool("time").submit(self.time_fn, inp, libraries[i], self.options)
+            future = self._submit("time", self.time_fn, inp, libraries[i], self.options)
             result, error = self._wait("time", future, self.options.run_timeout)
             results[i] = (MeasureResult(math.inf, error=error) if error
                           else _with_library(result, libraries[i]))
