@@ -27,7 +27,7 @@ from .ir import Module, Operation, Value
 from .ir.types import format_dim
 from .passes import default_pipeline, run
 from .runtime.artifact import Artifact, Manifest, TensorSpec
-from .runtime.executor import value_spec
+from .runtime.executor import Executor, value_spec
 from .runtime.host import host_description
 from .runtime.model import CompiledModel
 
@@ -51,8 +51,48 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
                         dynamic_batch=dynamic_batch, name=name or type(model).__name__.lower())
     run(module, pipeline or default_pipeline(target), verify=False)
     batch = _example_batch(example_inputs)
-    return CompiledModel(build_artifact(module, progress=progress,
-                                        configs=tuned_configs(module, tune, batch, progress)))
+    configs, measured = tuned_configs(module, tune, batch, progress)
+    artifact = build_artifact(module, progress=progress, configs=configs)
+    if measured:  # winners of isolated timing must also win in the model
+        arrays = _example_arrays(artifact, example_inputs, example_kwargs or {})
+        artifact = keep_in_model_winners(module, artifact, configs, arrays, batch)
+    return CompiledModel(artifact)
+
+
+IN_MODEL_NOISE = 0.05
+"""A tuned kernel must not be more than this much slower than its default config in the model."""
+
+
+def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[str, Config],
+                          arrays: Sequence[np.ndarray], batch: int) -> Artifact:
+    """Time every kernel in the model with its tuned and its default config; where the default
+    is faster (beyond the noise band), keep it, and record that in the cache so that later
+    compiles do too. Returns the artifact to ship."""
+    default = build_artifact(module)
+    tuned_times = dict(Executor(artifact).profile(*arrays, repeat=30))
+    default_times = dict(Executor(default).profile(*arrays, repeat=30))
+    losers = {name: (tuned_times[name], default_times[name]) for name in configs
+              if tuned_times[name] > default_times[name] * (1 + IN_MODEL_NOISE)}
+    if not losers:
+        return artifact
+    kernels = [op for op in module.ops if op.name == "kernel.fused" and op.kernel_name in losers]
+    with TuningDatabase(default_database_path()) as database:
+        tuner = Tuner(database=database, bindings={"B": batch})
+        for op in kernels:
+            tuned, plain = losers[op.kernel_name]
+            tuner.keep_default([op], f"in model {module.name}: tuned {tuned * 1e6:.1f} us, "
+                                     f"default {plain * 1e6:.1f} us")
+    return build_artifact(module, configs={k: v for k, v in configs.items()
+                                           if k not in losers})
+
+
+def _example_arrays(artifact: Artifact, args: Sequence[Any],
+                    kwargs: Mapping[str, Any]) -> list[np.ndarray]:
+    """The example inputs as numpy arrays, in the artifact's input order."""
+    names = [spec.name for spec in artifact.manifest.inputs]
+    named = {**dict(zip(names, args)), **kwargs}
+    return [np.asarray(named[n].detach().cpu().numpy() if hasattr(named[n], "detach")
+                       else named[n]) for n in names]
 
 
 def fused_module(loaded: Any, batch: int, target: str = "cpu") -> Module:
@@ -65,15 +105,18 @@ def fused_module(loaded: Any, batch: int, target: str = "cpu") -> Module:
 
 
 def tuned_configs(module: Module, tune: int | str | None, batch: int,
-                  progress: bool = False) -> dict[str, Config]:
-    """The tuned config of each kernel (by name) that has one: tuned now, or from the cache."""
+                  progress: bool = False) -> tuple[dict[str, Config], bool]:
+    """The tuned config of each kernel (by name) that has one, tuned now or from the cache,
+    and whether anything was measured now."""
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     with TuningDatabase(default_database_path()) as database:
         tuner = Tuner(database=database, bindings={"B": batch}, progress=progress)
         try:
             if tune is None:
-                return tuner.cached_configs(kernels)
-            return tuner.tune(kernels, Budget.parse(tune))
+                return tuner.cached_configs(kernels), False
+            before = database.count()
+            configs = tuner.tune(kernels, Budget.parse(tune))
+            return configs, database.count() > before
         finally:
             tuner.close()
 

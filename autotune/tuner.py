@@ -294,6 +294,17 @@ class Tuner:
         except Exception:  # an unreadable saved model is replaced by a fresh one
             return CostModel("rank:pairwise")
 
+    def keep_default(self, kernels: Sequence[FusedOp], reason: str) -> None:
+        """Cache the template's default config for these kernels (their tuned winner lost in
+        the model), so that later compiles use the default without measuring again."""
+        for task in group_tasks(kernels, self.target):
+            default = task.template.default_config(task.problem, self.target)
+            self.cache.put(CacheEntry(
+                key=self.cache_key(task), template=task.template.name,
+                config=config_json(default), median=None, times=(), library=b"",
+                meta={"fingerprint_hash": self.fp, "kernel": task.name, "task_key": task.key,
+                      "created": time.time(), "kept_default": reason}))
+
     def _cache_winner(self, task: Task) -> None:
         best = self.database.best(task.key, self.fp)
         if best is None:

@@ -17,7 +17,9 @@ from bitsmith.autotune.database import TuningDatabase
 from bitsmith.autotune.errors import TuningError
 from bitsmith.autotune.measure import MeasureInput, MeasureResult
 from bitsmith.autotune.tuner import Budget, Tuner, group_tasks
+from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.target import host_target
+from bitsmith.compiler import build_artifact, keep_in_model_winners
 from bitsmith.frontend import from_torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -153,3 +155,28 @@ def test_compile_with_tune_from_a_script_without_a_main_guard(tmp_path) -> None:
     measured, failed, total, same = proc.stdout.split()
     assert int(measured) == 6 and int(failed) == 0
     assert int(total) == 6 and same == "True"  # the second compile measured nothing
+
+
+def test_a_tuned_config_that_loses_in_the_model_is_replaced_by_the_default(tmp_path,
+                                                                          monkeypatch) -> None:
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path / "cache"))
+    spec = models.get("bert")
+    torch.manual_seed(0)
+    module = from_torch(spec.build().eval(), spec.example_inputs(8), name="bert")
+    passes.run(module, passes.default_pipeline("cpu"))
+    (op,) = [o for o in module.ops if o.name == "kernel.fused"
+             and o.kernel_name == "k10_linear_gelu"]
+    task = group_tasks([op], host_target())[0]
+    slow = Config({**task.template.default_config(task.problem, host_target()),
+                   "TILE_M": 1, "TILE_N": 16, "PARALLEL": False})
+    arrays = [t.numpy() for t in spec.example_inputs(8)]
+    tuned = build_artifact(module, configs={op.kernel_name: slow})
+    shipped = keep_in_model_winners(module, tuned, {op.kernel_name: slow}, arrays, 8)
+    step = next(s for s in shipped.manifest.plan["steps"] if s["kernel"] == op.kernel_name)
+    assert step["config"] == str(task.template.default_config(task.problem, host_target()))
+    with TuningDatabase(tmp_path / "db.sqlite3") as db:
+        tuner = Tuner(database=db)
+        entry = tuner.cache.get(tuner.cache_key(task))
+        assert entry is not None and "kept_default" in entry.meta
+        assert tuner.cached_configs([op])[op.kernel_name] == \
+            task.template.default_config(task.problem, host_target())
