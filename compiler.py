@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tvm
@@ -63,14 +63,22 @@ IN_MODEL_NOISE = 0.05
 """A tuned kernel must not be more than this much slower than its default config in the model."""
 
 
+def profile_kernels(artifact: Artifact, arrays: Sequence[np.ndarray]) -> dict[str, float]:
+    """Median seconds of every kernel of an artifact run on `arrays`."""
+    return dict(Executor(artifact).profile(*arrays, repeat=30))
+
+
 def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[str, Config],
-                          arrays: Sequence[np.ndarray], batch: int) -> Artifact:
+                          arrays: Sequence[np.ndarray], batch: int,
+                          profile: Callable[[Artifact, Sequence[np.ndarray]],
+                                            Mapping[str, float]] = profile_kernels,
+                          ) -> Artifact:
     """Time every kernel in the model with its tuned and its default config; where the default
     is faster (beyond the noise band), keep it, and record that in the cache so that later
     compiles do too. Returns the artifact to ship."""
     default = build_artifact(module)
-    tuned_times = dict(Executor(artifact).profile(*arrays, repeat=30))
-    default_times = dict(Executor(default).profile(*arrays, repeat=30))
+    tuned_times = profile(artifact, arrays)
+    default_times = profile(default, arrays)
     losers = {name: (tuned_times[name], default_times[name]) for name in configs
               if tuned_times[name] > default_times[name] * (1 + IN_MODEL_NOISE)}
     if not losers:
