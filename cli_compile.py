@@ -211,6 +211,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Median latencies of bitsmith, torch eager (and torch.compile), side by side."""
     import torch  # noqa: PLC0415 - only the commands that need torch import it
 
+    from . import compiler  # noqa: PLC0415 - imports torch; `run` must not
+
     loaded = _load(args.model)
     cm = _compile(loaded, 2, True, None)
     compiled = torch.compile(loaded.module) if args.torch_compile else None
@@ -220,9 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     for batch in args.batch:
         call_args, call_kwargs = loaded.call_args(batch)
-        named = {**dict(zip([s.name for s in cm.artifact.manifest.inputs], call_args)),
-                 **call_kwargs}
-        arrays = [named[s.name].numpy() for s in cm.artifact.manifest.inputs]
+        arrays = compiler.example_arrays(cm.artifact, call_args, call_kwargs)
         with torch.no_grad():
             ours = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
             eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)

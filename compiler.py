@@ -54,7 +54,7 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     configs, measured = tuned_configs(module, tune, batch, progress)
     artifact = build_artifact(module, progress=progress, configs=configs)
     if measured:  # winners of isolated timing must also win in the model
-        arrays = _example_arrays(artifact, example_inputs, example_kwargs or {})
+        arrays = example_arrays(artifact, example_inputs, example_kwargs or {})
         artifact = keep_in_model_winners(module, artifact, configs, arrays, batch)
     return CompiledModel(artifact)
 
@@ -94,9 +94,9 @@ def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[s
                                            if k not in losers})
 
 
-def _example_arrays(artifact: Artifact, args: Sequence[Any],
+def example_arrays(artifact: Artifact, args: Sequence[Any],
                     kwargs: Mapping[str, Any]) -> list[np.ndarray]:
-    """The example inputs as numpy arrays, in the artifact's input order."""
+    """Positional and keyword inputs as numpy arrays, in the artifact's input order."""
     names = [spec.name for spec in artifact.manifest.inputs]
     named = {**dict(zip(names, args)), **kwargs}
     return [np.asarray(named[n].detach().cpu().numpy() if hasattr(named[n], "detach")

@@ -135,7 +135,6 @@ class Tuner:
         self.model_path = cache_dir() / "models" / self.fp
         self.model = self._load_model()
         self.libraries: dict[tuple[str, str], bytes] = {}
-        self.log: list[tuple[str, int, float]] = []  # (task, trials so far, best) per round
         self._tasks: dict[str, Task] = {}
 
     @property
@@ -213,7 +212,6 @@ class Tuner:
                 trials += len(configs)
                 best = min((r.median for r in results), default=math.inf)
                 scheduler.update(task.key, best, len(configs), exhausted=not configs)
-                self.log.append((task.key, trials, scheduler.tasks[task.key].best))
                 bar.update(handle, completed=trials if budget.trials is not None
                            else time.perf_counter() - start,
                            description=f"{trials} trials, {task.name} best "
@@ -291,7 +289,7 @@ class Tuner:
         try:
             return CostModel.load(self.model_path) if self.model_path.exists() else \
                 CostModel("rank:pairwise")
-        except Exception:  # an unreadable saved model is replaced by a fresh one
+        except TuningError:  # an unreadable saved model is replaced by a fresh one
             return CostModel("rank:pairwise")
 
     def keep_default(self, kernels: Sequence[FusedOp], reason: str) -> None:

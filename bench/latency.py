@@ -17,6 +17,7 @@ import torch
 import bitsmith
 from bitsmith import models
 from bitsmith.cli_compile import median_ms
+from bitsmith.compiler import example_arrays
 from bitsmith.frontend import load_model
 
 
@@ -41,11 +42,9 @@ def main() -> None:
         cm = bitsmith.compile(loaded.module, call_args, example_kwargs=call_kwargs,
                               name=loaded.name, dynamic_batch=True)
         compiled = None if args.no_torch_compile else torch.compile(loaded.module)
-        names = [s.name for s in cm.artifact.manifest.inputs]
         for batch in args.batch:
             call_args, call_kwargs = loaded.call_args(batch)
-            named = {**dict(zip(names, call_args)), **call_kwargs}
-            arrays = [named[n].numpy() for n in names]
+            arrays = example_arrays(cm.artifact, call_args, call_kwargs)
             with torch.no_grad():
                 ours = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
                 eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)

@@ -21,6 +21,7 @@ import torch
 import bitsmith
 from bitsmith.autotune.database import TuningDatabase, default_database_path
 from bitsmith.cli_compile import median_ms
+from bitsmith.compiler import example_arrays
 from bitsmith.frontend import load_model
 
 
@@ -48,9 +49,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         with TuningDatabase(default_database_path()) as db:
             rows.append((label, seconds, db.count() - before))
-    names = [s.name for s in cm.artifact.manifest.inputs]
-    named = {**dict(zip(names, call_args)), **call_kwargs}
-    arrays = [named[n].numpy() for n in names]
+    arrays = example_arrays(cm.artifact, call_args, call_kwargs)
     with torch.no_grad():
         tuned_ms = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
         untuned_ms = median_ms(lambda: untuned.executor.run(*arrays), args.repeat)

@@ -177,3 +177,16 @@ def try_vectorize(sch: s_tir.Schedule, loop: Any) -> bool:
     except ScheduleError:
         return False
     return True
+
+
+def tile_contraction(sch: s_tir.Schedule, compute: Any, consumers: list, fits: bool, *,
+                     rows: int, mr: int, nr: int, kc: int, order: str, parallel: bool,
+                     lanes: int, cores: int) -> None:
+    """Register-tile a contraction. When it `fits` (one elementwise consumer with the same
+    loops), the tile is computed where that consumer writes it out; otherwise the contraction
+    is materialised and every consumer gets the default schedule."""
+    register_tile(sch, compute, consumers[0] if fits else None, rows=rows if fits else 1,
+                  mr=mr, nr=nr, kc=kc, order=order, parallel=parallel, lanes=lanes)
+    if not fits:
+        for block in consumers:
+            parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14, cores=cores)

@@ -37,8 +37,8 @@ from ..template import (Config, CodegenError, KernelTemplate, Knob, KnobSpace, P
                         match_templates, register_template)
 from .lower import Lowering, lower_kernel, tvm_dtype
 from .schedule import (auto_schedule, block_name, inline_injective, is_reduction,
-                       parallel_vectorize, register_tile, root_blocks, spatial_count,
-                       static_extent, try_vectorize)
+                       root_blocks, spatial_count, static_extent,
+                       tile_contraction, try_vectorize)
 from .target import vector_lanes
 
 ELEMENTWISE = frozenset(
@@ -111,6 +111,19 @@ def pack_panels(weight: np.ndarray, nr: int, transposed: bool) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))
 
 
+def row_tile(rows: int) -> int:
+    """The default register-tile height: 4 rows if it divides `rows`, else the nearest that
+    does (a partial tile would put a predicate on the vectorised epilogue)."""
+    return next(m for m in (4, 5, 6, 3, 8, 7, 2, 1) if rows % m == 0)
+
+
+def column_tile(columns: int, lanes: int) -> int:
+    """The default register-tile width: 4, 2 or 1 vectors, the widest that divides `columns`
+    (4 vectors, padded, when none does and there are that many columns)."""
+    fallback = 4 * lanes if columns >= 4 * lanes else lanes
+    return next((c for c in (4 * lanes, 2 * lanes, lanes) if columns % c == 0), fallback)
+
+
 @register_template
 class Dense(TvmTemplate):
     """out = epilogue(x @ W^T (+ bias)) for a constant W: packed panels, register tiles."""
@@ -161,13 +174,10 @@ class Dense(TvmTemplate):
                 and (config["TILE_K"] == 0 or config["TILE_K"] < k))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        lanes = vector_lanes(target)
         n, k = problem["N"], problem["K"]
-        nr = next((c for c in (4 * lanes, 2 * lanes, lanes) if n % c == 0), 4 * lanes
-                  if n >= 4 * lanes else lanes)
         rows = int(problem["M"]) if problem["M"].isdigit() else 64
-        mr = next(m for m in (4, 5, 6, 3, 8, 7, 2, 1) if problem["row_factor"] % m == 0)
-        return Config({"TILE_M": mr, "TILE_N": nr, "TILE_K": 0,
+        return Config({"TILE_M": row_tile(problem["row_factor"]),
+                       "TILE_N": column_tile(n, vector_lanes(target)), "TILE_K": 0,
                        "ORDER": "mn", "PARALLEL": rows * n * k >= 1 << 17})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
@@ -222,15 +232,10 @@ class Dense(TvmTemplate):
                 and n % nr == 0
                 and kernel.results[0].type.shape[-1] == n
                 and kernel.results[0].type.rank == rank)
-        mr = int(config["TILE_M"])
-        lanes = vector_lanes(target)
-        register_tile(sch, dense, consumers[0] if fits else None, rows=rank - 1 if fits else 1,
-                      mr=mr, nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
-                      parallel=bool(config["PARALLEL"]), lanes=lanes)
-        if not fits:
-            for block in consumers:
-                parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14,
-                                   cores=target.cores)
+        tile_contraction(sch, dense, consumers, fits, rows=rank - 1, mr=int(config["TILE_M"]),
+                         nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
+                         parallel=bool(config["PARALLEL"]), lanes=vector_lanes(target),
+                         cores=target.cores)
         transposed = problem["transposed"]
         return TvmKernel(sch.mod["main"], self.name, config, packs={
             problem["w_index"]: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
@@ -273,11 +278,9 @@ class Conv2dNHWC(TvmTemplate):
                 and config["TILE_C"] <= -(-problem["OC"] // 16) * 16)
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        lanes = vector_lanes(target)
-        oc = problem["OC"]
-        nr = next((c for c in (4 * lanes, 2 * lanes, lanes) if oc % c == 0), lanes)
-        mr = next(m for m in (4, 5, 6, 3, 8, 7, 2, 1) if problem["OW"] % m == 0)
-        return Config({"TILE_W": mr, "TILE_C": nr, "PARALLEL": True})
+        return Config({"TILE_W": row_tile(problem["OW"]),
+                       "TILE_C": column_tile(problem["OC"], vector_lanes(target)),
+                       "PARALLEL": True})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         func, _, _ = lower_kernel(problem.op)
@@ -289,15 +292,17 @@ class Conv2dNHWC(TvmTemplate):
         nr = int(config["TILE_C"])
         fits = (len(consumers) == 1 and problem["OC"] % nr == 0
                 and len(sch.get_loops(consumers[0])) == 4)
-        lanes = vector_lanes(target)
-        register_tile(sch, conv, consumers[0] if fits else None, rows=1,
-                      mr=int(config["TILE_W"]), nr=nr, kc=0, order="mn",
-                      parallel=bool(config["PARALLEL"]), lanes=lanes)
-        if not fits:
-            for block in consumers:
-                parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14,
-                                   cores=target.cores)
+        tile_contraction(sch, conv, consumers, fits, rows=1, mr=int(config["TILE_W"]), nr=nr,
+                         kc=0, order="mn", parallel=bool(config["PARALLEL"]),
+                         lanes=vector_lanes(target), cores=target.cores)
         return TvmKernel(sch.mod["main"], self.name, config)
+
+
+def signature_problem(template: str, op: FusedOp) -> Problem:
+    """The problem of a template keyed by the region's ops and result types."""
+    sig = ";".join(f"{o.name}:{o.results[0].type}" if o.results else o.name
+                   for o in op.body_ops)
+    return Problem(template, {"signature": sig}, op)
 
 
 SOFTMAX_BLOCKS = frozenset({"exp", "probs", "T_softmax_exp", "T_softmax_norm"})
@@ -326,7 +331,7 @@ class Attention(TvmTemplate):
         if any(n not in INJECTIVE | {"graph.attention", "graph.matmul", "graph.softmax"}
                for n in names):
             return None
-        return _Auto.problem(self, op)
+        return signature_problem(self.name, op)
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         func, _, _ = lower_kernel(problem.op)
@@ -369,10 +374,6 @@ class _Auto(TvmTemplate):
                       Knob("MIN_PARALLEL", (16384, 4096, 65536, 1 << 40)))
     key = ("signature",)
 
-    def problem(self, op: FusedOp) -> Problem:
-        sig = ";".join(f"{o.name}:{o.results[0].type}" if o.results else o.name
-                       for o in op.body_ops)
-        return Problem(self.name, {"signature": sig}, op)
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         func, _, _ = lower_kernel(problem.op)
@@ -392,7 +393,7 @@ class Elementwise(_Auto):
     def match(self, op: Operation) -> Problem | None:
         if op.name != "kernel.fused" or any(o.name not in INJECTIVE for o in op.body_ops):
             return None
-        return self.problem(op)
+        return signature_problem(self.name, op)
 
 
 @register_template
@@ -402,7 +403,7 @@ class Rows(_Auto):
     name = "rows"
 
     def match(self, op: Operation) -> Problem | None:
-        return self.problem(op) if op.name == "kernel.fused" else None
+        return signature_problem(self.name, op) if op.name == "kernel.fused" else None
 
 
 def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:
