@@ -1,7 +1,9 @@
 """The tuning database: every measurement the autotuner made, in one SQLite file.
 
 Records are keyed by task (a kernel's tuning key, so identical kernels of different models share
-their measurements) and device fingerprint. The file is in WAL mode, so readers run while a
+their measurements) and device fingerprint. A second table holds each task's template and problem
+sizes, so that a cost model can learn from every task this device has measured, not only from
+the tasks of the current run. The file is in WAL mode, so readers run while a
 process writes, and has a long busy timeout, so concurrent writers wait for the lock instead of
 failing; every write is one `BEGIN IMMEDIATE` transaction.
 """
@@ -16,19 +18,24 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .cache import cache_dir, canonical_json
 from .errors import TuningError
 
-SCHEMA_VERSION = 1  # bump on any change to the tables; an old file is then refused
+SCHEMA_VERSION = 2  # bump on any change to the tables (with a step in _MIGRATIONS)
 BUSY_TIMEOUT_MS = 60_000
+_TASKS = ("CREATE TABLE tasks (task_key TEXT PRIMARY KEY, template TEXT NOT NULL, "
+          "version INTEGER NOT NULL, problem TEXT NOT NULL)")
 _SCHEMA = (
     "CREATE TABLE records (id INTEGER PRIMARY KEY, task_key TEXT NOT NULL, "
     "fingerprint TEXT NOT NULL, template TEXT NOT NULL, config TEXT NOT NULL, times TEXT, "
     "median REAL, error TEXT, created REAL NOT NULL)",
     "CREATE INDEX records_task ON records (task_key, fingerprint)",
+    _TASKS,
 )
+_MIGRATIONS = {1: (_TASKS,)}
+"""Statements that take a file from version v to v + 1 (its records are kept)."""
 _COLUMNS = "task_key, fingerprint, template, config, times, median, error, created"
 
 
@@ -133,6 +140,30 @@ class TuningDatabase:
             conn.executemany(f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              rows)
 
+    def add_task(self, task_key: str, template: str, version: int,
+                 problem: Mapping[str, Any]) -> None:
+        """Remember a task's template, its version and the problem sizes (the first time)."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO tasks (task_key, template, version, problem) "
+                         "VALUES (?, ?, ?, ?)",
+                         (task_key, template, int(version), canonical_json(dict(problem))))
+
+    def history(self, fingerprint: str, versions: Mapping[str, int], limit: int,
+                exclude: Iterable[str] = ()) -> list[tuple[str, str, dict[str, Any], str, float]]:
+        """The newest `limit` successful measurements on a device of tasks made with the given
+        template versions ({template: version}), except the tasks in `exclude`:
+        (task key, template, problem, config, median)."""
+        exclude = sorted(set(exclude))
+        wanted = " OR ".join("(t.template = ? AND t.version = ?)" for _ in versions) or "0"
+        rows = self._query(
+            "SELECT r.task_key, t.template, t.problem, r.config, r.median FROM records r "
+            "JOIN tasks t ON t.task_key = r.task_key WHERE r.fingerprint = ? AND "
+            f"r.error IS NULL AND r.median IS NOT NULL AND ({wanted}) AND r.task_key NOT IN "
+            f"({','.join('?' * len(exclude))}) ORDER BY r.created DESC, r.id DESC LIMIT ?",
+            (fingerprint, *[x for item in sorted(versions.items()) for x in item], *exclude,
+             limit))
+        return [(str(k), str(t), json.loads(p), str(c), float(m)) for k, t, p, c, m in rows]
+
     def records(self, task_key: str, fingerprint: str) -> list[Record]:
         """Every record of one task on one device, oldest first."""
         rows = self._query(f"SELECT {_COLUMNS} FROM records WHERE task_key = ? AND "
@@ -207,6 +238,11 @@ class TuningDatabase:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 return
+            while version in _MIGRATIONS:
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
         if version != SCHEMA_VERSION:
             raise TuningError(f"tuning database {self.path}: schema version expected "
                               f"{SCHEMA_VERSION}, got {version}; delete the file (its "

@@ -9,8 +9,11 @@ measures them, every record goes to the tuning database, and the cost model is r
 this device's records. When the budget is spent, each task's winner (fastest median; ties within
 the noise band broken by config hash) goes to the cache with its compiled kernel.
 
-The cost model is saved per device and loaded at the start of the next run, so that a new task
-starts from what other kernels taught it.
+The cost model learns from every measurement this device has made, not only this run's: each
+refit adds the newest measurements of earlier tasks (the database remembers each task's template
+and problem sizes), and a run whose device has history fits the model before its first round,
+so a new task starts from what other kernels taught it. The model is also saved per device and
+loaded at the start of the next run, for a cache whose database is gone.
 """
 from __future__ import annotations
 
@@ -24,9 +27,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..codegen.template import Config, KernelTemplate, Problem, Target
+from ..codegen.template import TEMPLATES, Config, KernelTemplate, Problem, Target
 from ..codegen.tvm.target import host_target
-from ..codegen.tvm.templates import select
+from ..codegen.tvm.templates import TvmTemplate, select
 from ..ir.dialects.kernel import FusedOp
 from .cache import ArtifactCache, CacheEntry, cache_dir, cache_key, canonical_json, parse_age
 from .cost_model import MIN_RECORDS, CostModel, select_objective
@@ -111,6 +114,14 @@ def config_json(config: Mapping[str, Any]) -> str:
     return canonical_json(dict(config))
 
 
+HISTORY = 1000
+"""At most this many measurements of earlier tasks (the newest) join each refit: enough to carry
+what other kernels taught the model, few enough that a refit takes about a second."""
+RESELECT_GROWTH = 1.5
+"""Both objectives are tried again once the records have grown by this factor since the last
+choice; in between, a refit trains only the kept objective (a third of the work)."""
+
+
 class Tuner:
     """Tunes kernels on this machine; remembers everything in the database and the cache."""
 
@@ -136,6 +147,9 @@ class Tuner:
         self.model = self._load_model()
         self.libraries: dict[tuple[str, str], bytes] = {}
         self._tasks: dict[str, Task] = {}
+        self._history: list[tuple[dict[str, float], float, str]] = []
+        self._selected_at = 0  # records when the objective was last chosen
+        self._rows: dict[tuple[str, str], dict[str, float]] = {}  # features by (task, config)
 
     @property
     def runner(self) -> Runner:
@@ -185,6 +199,18 @@ class Tuner:
     # ---- the tuning loop ----------------------------------------------------------------
     def _run(self, tasks: list[Task], budget: Budget) -> None:
         by_key = self._tasks = {t.key: t for t in tasks}
+        for task in tasks:
+            self.database.add_task(task.key, task.template.name, task.template.version,
+                                   task.problem.params)
+        versions = {name: t.version for name, t in TEMPLATES.items()
+                    if isinstance(t, TvmTemplate)}
+        self._history = [
+            (features(template, problem, Config(json.loads(config)), self.descriptors), median,
+             key)
+            for key, template, problem, config, median
+            in self.database.history(self.fp, versions, HISTORY, exclude=by_key)]
+        if self._history:  # earlier tasks on this device train the model the first round uses
+            self._refit()
         scheduler = TaskScheduler([TaskState(t.key, len(t.kernels)) for t in tasks])
         for task in tasks:  # what earlier runs measured counts
             best = self.database.best(task.key, self.fp)
@@ -271,18 +297,31 @@ class Tuner:
         return self.model.predict(rows)
 
     def _refit(self) -> None:
-        """Refit the cost model on every successful record of this run's tasks."""
-        rows, times, groups = [], [], []
+        """Refit the cost model on every successful record of this run's tasks and the newest
+        records of earlier tasks on this device."""
+        rows = [row for row, _, _ in self._history]
+        times = [median for _, median, _ in self._history]
+        groups = [key for _, _, key in self._history]
         for key, task in self._tasks.items():
             for record in self.database.records(key, self.fp):
                 if record.median is None:
                     continue
-                rows.append(features(task.template.name, task.problem.params,
-                                     Config(json.loads(record.config)), self.descriptors))
+                row = self._rows.get((key, record.config))
+                if row is None:
+                    row = self._rows[(key, record.config)] = features(
+                        task.template.name, task.problem.params,
+                        Config(json.loads(record.config)), self.descriptors)
+                rows.append(row)
                 times.append(record.median)
                 groups.append(key)
         if len(rows) >= MIN_RECORDS:  # both objectives tried, the better ranking kept
-            self.model = select_objective(rows, times, groups)
+            if len(rows) >= self._selected_at * RESELECT_GROWTH:
+                self.model = select_objective(rows, times, groups)
+                self._selected_at = len(rows)
+            else:
+                scores = self.model.scores
+                self.model = CostModel(self.model.objective).fit(rows, times, groups)
+                self.model.scores = scores
             self.model.save(self.model_path)
 
     def _load_model(self) -> CostModel:

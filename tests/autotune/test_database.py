@@ -136,3 +136,42 @@ def test_not_a_database_and_closed_database_are_tuning_errors(tmp_path) -> None:
     db.close()
     with pytest.raises(TuningError, match="is closed"):
         db.count()
+
+
+def test_history_joins_known_tasks_of_current_template_versions(tmp_path) -> None:
+    with TuningDatabase(tmp_path / "t.sqlite3") as db:
+        db.add_task("a", "dense", 1, {"M": 16, "x": "tensor<(16*B)x64xf32>"})
+        db.add_task("a", "dense", 7, {"M": 99})  # the first description of a task is kept
+        db.add_task("old", "dense", 0, {"M": 1})
+        for key, i in (("a", 0), ("a", 1), ("old", 2), ("unknown", 3), ("b", 4)):
+            db.add(Record.measured(key, "fp", "dense", f'{{"I":{i}}}', (1e-3 * (i + 1),)))
+        db.add(Record.failed("a", "fp", "dense", '{"I":9}', "boom"))
+        db.add(Record.measured("a", "other-fp", "dense", '{"I":8}', (1.0,)))
+        got = db.history("fp", {"dense": 1}, limit=10)
+        assert [(k, c, m) for k, _, _, c, m in got] == [("a", '{"I":1}', 2e-3),
+                                                        ("a", '{"I":0}', 1e-3)]
+        assert got[0][1:3] == ("dense", {"M": 16, "x": "tensor<(16*B)x64xf32>"})
+        assert len(db.history("fp", {"dense": 1}, limit=1)) == 1
+        assert db.history("fp", {"dense": 1}, limit=10, exclude=["a"]) == []
+        assert db.history("fp", {}, limit=10) == []
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_records(tmp_path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, task_key TEXT NOT NULL, "
+                 "fingerprint TEXT NOT NULL, template TEXT NOT NULL, config TEXT NOT NULL, "
+                 "times TEXT, median REAL, error TEXT, created REAL NOT NULL)")
+    conn.execute("INSERT INTO records (task_key, fingerprint, template, config, times, median, "
+                 "error, created) VALUES ('t', 'fp', 'dense', '{\"I\":1}', '[0.5]', 0.5, NULL, "
+                 "1.0)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with TuningDatabase(path) as db:
+        assert db.count() == 1 and db.best("t", "fp").median == 0.5
+        db.add_task("t", "dense", 1, {"M": 2})
+        assert len(db.history("fp", {"dense": 1}, limit=5)) == 1
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    check.close()

@@ -13,6 +13,7 @@ import torch
 
 from bitsmith import models, passes
 from bitsmith.autotune.cache import ArtifactCache
+from bitsmith.autotune.cost_model import CostModel
 from bitsmith.autotune.database import TuningDatabase
 from bitsmith.autotune.errors import TuningError
 from bitsmith.autotune.measure import MeasureInput, MeasureResult
@@ -184,3 +185,27 @@ def test_a_tuned_config_that_loses_in_the_model_is_replaced_by_the_default(tmp_p
         assert entry is not None and "kept_default" in entry.meta
         assert tuner.cached_configs([op])[op.kernel_name] == \
             task.template.default_config(task.problem, host_target())
+
+
+def test_a_new_task_starts_from_what_earlier_tasks_on_this_device_taught(tmp_path) -> None:
+    """The cost model is fit on the device's history before a new task's first round, so that
+    round already proposes what the model learned is fast (TILE_M=2, TILE_N=16 for the fake
+    runner), which is not a neighbour of the default config."""
+    dense = [t for t in group_tasks(_kernels("bert"), host_target())
+             if t.template.name == "dense"]
+    first = dense[0]
+    second = next(t for t in dense[1:] if t.problem["row_factor"] % 2 == 0)  # TILE_M=2 valid
+    runner = FakeRunner()
+    with TuningDatabase(tmp_path / "db.sqlite3") as db:
+        cache = ArtifactCache(tmp_path / "cache")
+        Tuner(database=db, cache=cache, runner=runner, batch=8, seed=1).tune(first.kernels, 24)
+        tuner = Tuner(database=db, cache=cache, runner=runner, batch=8, seed=1)
+        tuner.model = CostModel("rank:pairwise")  # not the model the first run saved
+        tuner.model_path = tmp_path / "second-model"
+        tuner.tune(second.kernels, 8)
+        assert tuner.model.trained and tuner.model.records >= 24
+    default = second.template.default_config(second.problem, tuner.target)
+    assert (default["TILE_M"], default["TILE_N"]) != (2, 16)
+    round_one = [json.loads(c.config) for c in runner.calls[24:]]
+    assert len(round_one) == 8 and round_one[0] == dict(default)
+    assert any((c["TILE_M"], c["TILE_N"]) == (2, 16) for c in round_one[1:])
