@@ -233,7 +233,15 @@ def _generic(params: Mapping[str, Any], config: Config,
     return out | (_signature(params, config, descriptors) if "signature" in params else {})
 
 
-_BY_TEMPLATE = {"dense": _dense, "conv2d_nhwc": _conv2d_nhwc, "attention": _signature,
+def _attention(params: Mapping[str, Any], config: Config,
+               descriptors: Mapping[str, float]) -> dict[str, float]:
+    rows = float(params.get("rows", 0) or SYMBOLIC_SIZE)
+    chunks = float(config.get("ROW_CHUNKS", 1))
+    return _signature(params, config, descriptors) | {"problem.rows": rows,
+                                                      "rows_per_chunk": rows / chunks}
+
+
+_BY_TEMPLATE = {"dense": _dense, "conv2d_nhwc": _conv2d_nhwc, "attention": _attention,
                 "elementwise": _signature, "rows": _signature}
 
 

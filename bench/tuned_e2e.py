@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -45,6 +46,14 @@ def timed_compile(loaded, call_args, call_kwargs, tune) -> tuple[object, float, 
     return cm, time.perf_counter() - start, measurements() - before
 
 
+def interleaved(fns: list, repeat: int, rounds: int = 5) -> list[float]:
+    """Median ms of each function: `rounds` rounds, each timing every function `repeat` times
+    in turn; the median of its round medians. Interleaving keeps a transient (the first
+    second after a compile runs slow here) or a noisy neighbour from landing on one of them."""
+    medians = [[median_ms(fn, repeat) for fn in fns] for _ in range(rounds)]
+    return [statistics.median(column) for column in zip(*medians)]
+
+
 def main() -> None:
     """Print two markdown tables: compile times, then latencies."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,15 +81,16 @@ def main() -> None:
         arrays = example_arrays(cm.artifact, call_args, call_kwargs)
         compiled = torch.compile(loaded.module)
         with torch.no_grad():
-            tuned = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
-            base = median_ms(lambda: untuned.executor.run(*arrays), args.repeat)
-            eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)
-            tc = median_ms(lambda: compiled(*call_args, **call_kwargs), args.repeat)
+            tuned, base, eager, tc = interleaved(
+                [lambda: cm.executor.run(*arrays), lambda: untuned.executor.run(*arrays),
+                 lambda: loaded.module(*call_args, **call_kwargs),
+                 lambda: compiled(*call_args, **call_kwargs)], args.repeat)
         latencies.append(f"| {name} | {tuned:.3f} | {base:.3f} | {eager:.3f} | {tc:.3f} | "
                          f"{tuned / base:.2f} | {tuned / eager:.2f} | {tuned / tc:.2f} |")
         print(compiles[-1], latencies[-1], sep="\n", flush=True)
     print(f"\nbatch {args.batch}, tune={args.tune}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; latencies are medians of {args.repeat} runs\n")
+          f"{torch.get_num_threads()} threads; latencies: median of 5 interleaved rounds of "
+          f"{args.repeat} runs each\n")
     print("| model | cold compile s | measurements | warm compile s | measurements | "
           "cold / warm |\n|---|---|---|---|---|---|")
     print("\n".join(compiles))

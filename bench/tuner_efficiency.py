@@ -8,9 +8,9 @@ ResNet, a layer norm and an attention kernel) and every seed, each method tunes 
 nothing (a fresh database, cache and cost model) for `--trials` measured configs. A config's time
 is the median of every run's measurement of it; "best ever" is the fastest config any run found;
 a run's trials-to-95% is the first trial by which it has measured a config within 1/0.95 of that
-(the budget + 1 if never). The
-"seeded" method is the model-guided search starting from the cost model that tuning the *other*
-kernels of the suite trained (what a new task gains from earlier ones).
+(the budget + 1 if never). The "seeded" method is the model-guided search on a database that
+already holds the model runs' (seed 0) measurements of the *other* kernels of the suite: what a
+new task gains from the kernels this device tuned before.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import tempfile
 import warnings
@@ -31,7 +30,7 @@ from scipy.stats import spearmanr
 from bitsmith import passes
 from bitsmith.autotune.cache import ArtifactCache
 from bitsmith.autotune.cost_model import CostModel
-from bitsmith.autotune.database import TuningDatabase
+from bitsmith.autotune.database import Record, TuningDatabase
 from bitsmith.autotune.features import features
 from bitsmith.autotune.fingerprint import device_descriptors, device_fingerprint
 from bitsmith.autotune.measure import LocalRunner
@@ -78,15 +77,22 @@ def curve(trials: list[tuple[str, float | None]], pooled: dict[str, float]) -> l
     return out
 
 
+History = list[tuple[object, list[Record]]]
+"""(task, its records) of kernels tuned before."""
+
+
 def tune_once(op: object, method: str, seed: int, trials: int, batch: int,
-              runner: LocalRunner, model_dir: Path | None,
+              runner: LocalRunner, history: History = (),
               ) -> tuple[list[tuple[str, float | None]], Tuner]:
-    """Tune one kernel from a fresh database and cache; what it measured, in order."""
+    """Tune one kernel from a fresh cache and a database holding only `history`; what it
+    measured, in order."""
     tmp = Path(tempfile.mkdtemp(prefix="bitsmith-bench-"))
     os.environ["BITSMITH_CACHE_DIR"] = str(tmp)
-    if model_dir is not None:  # the seeded run starts from a model trained on other kernels
-        shutil.copytree(model_dir, tmp / "models" / model_dir.name)
     database = TuningDatabase(tmp / "db.sqlite3")
+    for task, records in history:
+        database.add_task(task.key, task.template.name, task.template.version,
+                          task.problem.params)
+        database.add_many(records)
     tuner = Tuner(database=database, cache=ArtifactCache(tmp / "cache"), runner=runner,
                   bindings={"B": 8}, batch=batch, seed=seed,
                   search="random" if method == "random" else "model")
@@ -149,24 +155,23 @@ def main() -> None:
     kernels = suite()
     runner = LocalRunner()
     curves: dict[tuple[str, str], list[list[tuple[str, float | None]]]] = {}
-    models_by_kernel: dict[str, Path] = {}
+    tuned_before: dict[str, tuple[object, list[Record]]] = {}
     samples: dict[str, dict[str, list[float]]] = {}  # label -> config -> medians of runs
     for method in ("model", "random"):
         for label, op in kernels:
             for seed in range(args.seeds):
-                points, tuner = tune_once(op, method, seed, args.trials, args.batch, runner,
-                                          None)
+                points, tuner = tune_once(op, method, seed, args.trials, args.batch, runner)
                 curves.setdefault((label, method), []).append(points)
                 for config, median in points:
                     if median is not None:
                         samples.setdefault(label, {}).setdefault(config, []).append(median)
-                if method == "model" and seed == 0 and tuner.model_path.exists():
-                    models_by_kernel[label] = tuner.model_path
-    for index, (label, op) in enumerate(kernels):  # seeded by a model of another kernel
-        others = [p for k, p in models_by_kernel.items() if k != label]
+                if method == "model" and seed == 0:
+                    (task,) = group_tasks([op], tuner.target)
+                    tuned_before[label] = (task, tuner.database.records(task.key, tuner.fp))
+    for label, op in kernels:  # seeded by what tuning every other kernel measured
+        others = [v for k, v in tuned_before.items() if k != label]
         for seed in range(args.seeds):
-            points, _ = tune_once(op, "seeded", seed, args.trials, args.batch, runner,
-                                  others[index % len(others)] if others else None)
+            points, _ = tune_once(op, "seeded", seed, args.trials, args.batch, runner, others)
             curves.setdefault((label, "seeded"), []).append(points)
             for config, median in points:
                 if median is not None:

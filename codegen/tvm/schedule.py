@@ -69,10 +69,11 @@ def inline_injective(sch: s_tir.Schedule, keep: Iterable[str] = ()) -> None:
 
 
 def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_parallel: int,
-                       cores: int, vectorize: bool = True) -> None:
+                       cores: int, vectorize: bool = True, vector_factor: int = 4) -> None:
     """Default schedule of one block: vectorise its innermost spatial loop (when it has a
-    static extent that lanes divide and no reduction inside it) and run its outer spatial
-    loops in parallel when the block has at least `min_parallel` output elements."""
+    static extent that lanes divide and no reduction inside it), up to `vector_factor`
+    vectors at a time, and run its outer spatial loops in parallel when the block has at
+    least `min_parallel` output elements."""
     loops = sch.get_loops(block)
     n_spatial = spatial_count(sch, block)
     spatial = list(loops[:n_spatial])
@@ -80,7 +81,7 @@ def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_paral
         return
     extents = [static_extent(sch, loop) for loop in spatial]
     if vectorize and n_spatial == len(loops) and extents[-1] is not None and lanes > 1:
-        inner = math.gcd(extents[-1], lanes * 4)
+        inner = math.gcd(extents[-1], lanes * vector_factor)
         if inner >= lanes:
             if inner < extents[-1]:
                 spatial[-1:] = sch.split(spatial[-1], [None, inner])
@@ -104,7 +105,8 @@ def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_paral
 
 
 def auto_schedule(sch: s_tir.Schedule, *, lanes: int, cores: int,
-                  min_parallel: int = 16384, keep: Iterable[str] = ()) -> None:
+                  min_parallel: int = 16384, keep: Iterable[str] = (),
+                  vector_factor: int = 4) -> None:
     """Inline injective blocks, then give every remaining block the default schedule.
 
     A function that is not made of blocks (TVM's scan and extern ops: cumsum, sort) is left as
@@ -117,7 +119,8 @@ def auto_schedule(sch: s_tir.Schedule, *, lanes: int, cores: int,
     for block in root_blocks(sch):
         if block_name(sch, block) in keep:
             continue
-        parallel_vectorize(sch, block, lanes=lanes, min_parallel=min_parallel, cores=cores)
+        parallel_vectorize(sch, block, lanes=lanes, min_parallel=min_parallel, cores=cores,
+                           vector_factor=vector_factor)
 
 
 def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: int, mr: int,

@@ -248,9 +248,10 @@ class Conv2dNHWC(TvmTemplate):
     tile, the window and input channels reduced inside it."""
 
     name = "conv2d_nhwc"
-    version = 1
+    version = 2
     space = KnobSpace(Knob("TILE_W", (4, 1, 2, 3, 5, 6, 7, 8)),
                       Knob("TILE_C", (64, 16, 32, 48, 128)),
+                      Knob("ORDER", ("mn", "nm")),  # tiles along the row first, or channels
                       Knob("PARALLEL", (True, False)))
     key = ("x", "w", "stride", "padding", "dilation", "epilogue")
 
@@ -280,7 +281,7 @@ class Conv2dNHWC(TvmTemplate):
     def default_config(self, problem: Problem, target: Target) -> Config:
         return Config({"TILE_W": row_tile(problem["OW"]),
                        "TILE_C": column_tile(problem["OC"], vector_lanes(target)),
-                       "PARALLEL": True})
+                       "ORDER": "mn", "PARALLEL": True})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         func, _, _ = lower_kernel(problem.op)
@@ -293,7 +294,7 @@ class Conv2dNHWC(TvmTemplate):
         fits = (len(consumers) == 1 and problem["OC"] % nr == 0
                 and len(sch.get_loops(consumers[0])) == 4)
         tile_contraction(sch, conv, consumers, fits, rows=1, mr=int(config["TILE_W"]), nr=nr,
-                         kc=0, order="mn", parallel=bool(config["PARALLEL"]),
+                         kc=0, order=str(config["ORDER"]), parallel=bool(config["PARALLEL"]),
                          lanes=vector_lanes(target), cores=target.cores)
         return TvmKernel(sch.mod["main"], self.name, config)
 
@@ -316,8 +317,11 @@ class Attention(TvmTemplate):
     computed once per row and the P.V contraction is vectorised over the head dim."""
 
     name = "attention"
-    version = 1
-    space = KnobSpace(Knob("VECTORIZE_PV", (True, False)), Knob("PARALLEL", (True, False)))
+    version = 2
+    space = KnobSpace(Knob("VECTORIZE_PV", (True, False)), Knob("PARALLEL", (True, False)),
+                      Knob("ROW_CHUNKS", (1, 2, 4, 8)))
+    """ROW_CHUNKS: the query rows split into that many chunks, each its own iteration of the
+    parallel loop (more, smaller pieces of work when batch x heads is small)."""
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
@@ -331,7 +335,14 @@ class Attention(TvmTemplate):
         if any(n not in INJECTIVE | {"graph.attention", "graph.matmul", "graph.softmax"}
                for n in names):
             return None
-        return signature_problem(self.name, op)
+        problem = signature_problem(self.name, op)
+        rows = op.results[0].type.shape[-2] if op.results[0].type.rank >= 2 else None
+        return Problem(self.name, {**problem.params, "rows": rows if isinstance(rows, int)
+                                   else 0}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        chunks = config["ROW_CHUNKS"]
+        return chunks == 1 or (problem["rows"] >= 2 * chunks and problem["rows"] % chunks == 0)
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         func, _, _ = lower_kernel(problem.op)
@@ -344,6 +355,14 @@ class Attention(TvmTemplate):
         lead = spatial_count(sch, pv) - 2
         if lead < 1:
             raise CodegenError("attention: expected batch/head loops before the rows")
+        chunks = int(config["ROW_CHUNKS"])
+        if chunks > 1:
+            if static_extent(sch, loops[lead]) != problem["rows"]:
+                raise CodegenError(f"attention: expected {problem['rows']} query rows in the "
+                                   f"P.V loop, got extent {sch.get(loops[lead]).extent}")
+            chunk, _ = sch.split(loops[lead], [chunks, None])
+            loops = [*loops[:lead], chunk]
+            lead += 1
         outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
         if config["PARALLEL"]:
             sch.parallel(outer)
@@ -370,9 +389,15 @@ class Attention(TvmTemplate):
 class _Auto(TvmTemplate):
     """Inline injective blocks; vectorise and parallelise each block that is left."""
 
+    version = 2
     space = KnobSpace(Knob("VECTORIZE", (True, False)),
-                      Knob("MIN_PARALLEL", (16384, 4096, 65536, 1 << 40)))
+                      Knob("MIN_PARALLEL", (16384, 4096, 65536, 1 << 40)),
+                      Knob("VECTOR_FACTOR", (4, 1, 2)))
+    """VECTOR_FACTOR: vectors per iteration of a vectorised loop (its extent, in vectors)."""
     key = ("signature",)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return config["VECTORIZE"] or config["VECTOR_FACTOR"] == 4  # no vectors, no factor
 
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
@@ -380,7 +405,8 @@ class _Auto(TvmTemplate):
         sch = s_tir.Schedule(func)
         lanes = vector_lanes(target) if config["VECTORIZE"] else 1
         auto_schedule(sch, lanes=lanes, cores=target.cores,
-                      min_parallel=int(config["MIN_PARALLEL"]))
+                      min_parallel=int(config["MIN_PARALLEL"]),
+                      vector_factor=int(config["VECTOR_FACTOR"]))
         return TvmKernel(sch.mod["main"], self.name, config)
 
 

@@ -73,7 +73,8 @@ def test_knobs_bools_are_0_1_and_strings_one_hot() -> None:
 def test_conv2d_reduction_comes_from_the_weight_type() -> None:
     params = {"x": "tensor<Bx16x16x16xf32>", "w": "tensor<3x3x16x32xf32>", "OW": 8, "OC": 32,
               "stride": "(2, 2)", "padding": "(1, 1)", "dilation": "(1, 1)", "epilogue": "relu"}
-    config = Conv2dNHWC.space.check({"TILE_W": 4, "TILE_C": 16, "PARALLEL": True})
+    config = Conv2dNHWC.space.check({"TILE_W": 4, "TILE_C": 16, "ORDER": "mn",
+                                       "PARALLEL": True})
     f = features("conv2d_nhwc", params, config, DEV)
     assert f["problem.reduction"] == 3 * 3 * 16 and f["problem.OH"] == 8  # (16+2-3)//2+1
     assert f["flops"] == 2 * 8 * 8 * 8 * 32 * 144  # batch 8 (B), 8x8 outputs, 32 channels
@@ -85,7 +86,8 @@ def test_conv2d_reduction_comes_from_the_weight_type() -> None:
 def test_signature_templates_get_knobs_and_the_largest_tensor() -> None:
     sig = "graph.matmul:tensor<Bx12x64x64xf32>;graph.softmax:tensor<Bx12x64x64xf32>;" \
           "graph.matmul:tensor<Bx12x64x(2*H)xf16>"
-    config = Rows.space.check({"VECTORIZE": False, "MIN_PARALLEL": 4096})
+    config = Rows.space.check({"VECTORIZE": False, "MIN_PARALLEL": 4096,
+                                "VECTOR_FACTOR": 4})
     f = features("rows", {"signature": sig}, config, DEV)
     assert f["problem.elements"] == 8 * 12 * 64 * 64 and f["problem.ops"] == 3
     assert f["VECTORIZE"] == 0.0 and f["MIN_PARALLEL"] == 4096.0

@@ -80,8 +80,11 @@ def test_conv2d_nhwc_with_bias_relu_and_residual(x: str, w: tuple, stride: tuple
     assert _sweep(text, _weights(w=w, b=(w[3],)), "conv2d_nhwc", batches=(1,)) >= 3
 
 
-@pytest.mark.parametrize("lq, lk, e", [(5, 7, 6), (1, 3, 1), (13, 13, 16)])
-def test_attention(lq: int, lk: int, e: int) -> None:
+@pytest.mark.parametrize("lq, lk, e, configs", [(5, 7, 6, 3), (1, 3, 1, 3), (13, 13, 16, 3),
+                                                (8, 9, 16, 5), (16, 5, 3, 6)])
+def test_attention(lq: int, lk: int, e: int, configs: int) -> None:
+    """`configs`: the default, one move of each bool knob, and each ROW_CHUNKS that divides
+    the query rows into chunks of at least 2."""
     q, kv, o = f"tensor<Bx3x{lq}x{e}xf32>", f"tensor<Bx3x{lk}x{e}xf32>", f"tensor<Bx3x{lq}x{e}xf32>"
     m = f"tensor<Bx1x{lq}x{lk}xf32>"
     text = func(f"%q: {q}, %k: {kv}, %v: {kv}, %m: {m}", o, f"""
@@ -89,7 +92,7 @@ def test_attention(lq: int, lk: int, e: int) -> None:
             : ({q}, {kv}, {kv}, {m}) -> {o}
         "func.return"(%0) : ({o}) -> ()
     """)
-    assert _sweep(text, {}, "attention") == 3
+    assert _sweep(text, {}, "attention") == configs
 
 
 def test_decomposed_attention() -> None:
@@ -115,8 +118,10 @@ def test_rows_softmax_and_layer_norm(shape: str) -> None:
         "func.return"(%1, %2) : ({shape}, {shape}) -> ()
     """)
     module_kernels = 0
-    for config in [None, Config({"VECTORIZE": False, "MIN_PARALLEL": 1 << 40}),
-                   Config({"VECTORIZE": True, "MIN_PARALLEL": 4096})]:
+    for config in [None, Config({"VECTORIZE": False, "MIN_PARALLEL": 1 << 40,
+                                 "VECTOR_FACTOR": 4}),
+                   Config({"VECTORIZE": True, "MIN_PARALLEL": 4096, "VECTOR_FACTOR": 1}),
+                   Config({"VECTORIZE": True, "MIN_PARALLEL": 16384, "VECTOR_FACTOR": 2})]:
         module_kernels = check_module(text, _weights(g=(n,)), batches=(1, 4), config=config,
                                       template="rows")
     assert module_kernels == 2
@@ -132,8 +137,10 @@ def test_elementwise_chain_and_embedding() -> None:
         %3 = "graph.mul"(%1, %2) : ({e}, {x}) -> {e}
         "func.return"(%3) : ({e}) -> ()
     """)
-    for config in [None, Config({"VECTORIZE": False, "MIN_PARALLEL": 1 << 40}),
-                   Config({"VECTORIZE": True, "MIN_PARALLEL": 4096})]:
+    for config in [None, Config({"VECTORIZE": False, "MIN_PARALLEL": 1 << 40,
+                                 "VECTOR_FACTOR": 4}),
+                   Config({"VECTORIZE": True, "MIN_PARALLEL": 4096, "VECTOR_FACTOR": 1}),
+                   Config({"VECTORIZE": True, "MIN_PARALLEL": 16384, "VECTOR_FACTOR": 2})]:
         assert check_module(text, _weights(t=(50, 33)), batches=(1, 6), config=config,
                             template="elementwise") >= 1
 
