@@ -7,6 +7,7 @@ kernel calls in order, with every value's (symbolic) shape and dtype.
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from rich.progress import Progress
 
 from . import __version__
 from .autotune.database import TuningDatabase, default_database_path
-from .autotune.tuner import Budget, Tuner
+from .autotune.tuner import Budget, Tuner, timing_regime
 from .codegen.template import CodegenError, Config
 from .codegen.tvm.lower import compile_funcs
 from .codegen.tvm.target import host_target, tvm_target
@@ -59,8 +60,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     return CompiledModel(artifact)
 
 
-IN_MODEL_NOISE = 0.05
-"""A tuned kernel must not be more than this much slower than its default config in the model."""
+IN_MODEL_ROUNDS = 3
+"""Alternating profiles of the tuned and the default build that the in-model verdict takes."""
 
 
 def profile_kernels(artifact: Artifact, arrays: Sequence[np.ndarray]) -> dict[str, float]:
@@ -73,19 +74,27 @@ def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[s
                           profile: Callable[[Artifact, Sequence[np.ndarray]],
                                             Mapping[str, float]] = profile_kernels,
                           ) -> Artifact:
-    """Time every kernel in the model with its tuned and its default config; where the default
-    is faster (beyond the noise band), keep it, and record that in the cache so that later
-    compiles do too. Returns the artifact to ship."""
+    """Time every kernel in the model with its tuned and its default config, alternating
+    (`IN_MODEL_ROUNDS` profiles of each, per-kernel median); a tuned config that is not faster
+    than the default in the model gives way to it, and the cache records that so that later
+    compiles do too. The default is the burden-free choice: it is what the untuned model runs.
+    Returns the artifact to ship."""
     default = build_artifact(module)
-    tuned_times = profile(artifact, arrays)
-    default_times = profile(default, arrays)
-    losers = {name: (tuned_times[name], default_times[name]) for name in configs
-              if tuned_times[name] > default_times[name] * (1 + IN_MODEL_NOISE)}
+    defaults = {s["kernel"]: s["config"] for s in default.manifest.plan["steps"]}
+    changed = {name: c for name, c in configs.items() if str(c) != defaults.get(name)}
+    if not changed:
+        return artifact
+    rounds = [(profile(artifact, arrays), profile(default, arrays))
+              for _ in range(IN_MODEL_ROUNDS)]
+    tuned_times = {n: statistics.median(t[n] for t, _ in rounds) for n in changed}
+    default_times = {n: statistics.median(d[n] for _, d in rounds) for n in changed}
+    losers = {name: (tuned_times[name], default_times[name]) for name in changed
+              if tuned_times[name] >= default_times[name]}
     if not losers:
         return artifact
     kernels = [op for op in module.ops if op.name == "kernel.fused" and op.kernel_name in losers]
     with TuningDatabase(default_database_path()) as database:
-        tuner = Tuner(database=database, bindings={"B": batch})
+        tuner = model_tuner(module, batch, database)
         for op in kernels:
             tuned, plain = losers[op.kernel_name]
             tuner.keep_default([op], f"in model {module.name}: tuned {tuned * 1e6:.1f} us, "
@@ -112,13 +121,23 @@ def fused_module(loaded: Any, batch: int, target: str = "cpu") -> Module:
     return module
 
 
+def model_tuner(module: Module, batch: int, database: TuningDatabase,
+                progress: bool = False) -> Tuner:
+    """A tuner for this model's kernels at `batch`, timing them hot or cold as the whole model
+    (weights and activations) fits in the last-level cache or not."""
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    tuner = Tuner(database=database, bindings={"B": batch}, progress=progress)
+    tuner.timing = timing_regime(kernels, tuner.bindings, tuner.fingerprint)
+    return tuner
+
+
 def tuned_configs(module: Module, tune: int | str | None, batch: int,
                   progress: bool = False) -> tuple[dict[str, Config], bool]:
     """The tuned config of each kernel (by name) that has one, tuned now or from the cache,
     and whether anything was measured now."""
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     with TuningDatabase(default_database_path()) as database:
-        tuner = Tuner(database=database, bindings={"B": batch}, progress=progress)
+        tuner = model_tuner(module, batch, database, progress=progress)
         try:
             if tune is None:
                 return tuner.cached_configs(kernels), False

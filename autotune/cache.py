@@ -61,8 +61,9 @@ def canonical_json(value: Any) -> str:
 
 
 def cache_key(kernel_ir: str, template: str, version: int, space_json: str,
-              fingerprint: Mapping[str, Any]) -> str:
-    """sha256 hex naming one tuned kernel: IR, template and version, knob space, device."""
+              fingerprint: Mapping[str, Any], timing: str = "cold") -> str:
+    """sha256 hex naming one tuned kernel: IR, template and version, knob space, device, and
+    whether it was timed on a hot or a cold cache."""
     if isinstance(version, bool) or not isinstance(version, int):
         raise CacheError(f"template '{template}': version expected an int, got {version!r}")
     try:
@@ -71,7 +72,8 @@ def cache_key(kernel_ir: str, template: str, version: int, space_json: str,
         raise CacheError(f"template '{template}': knob space expected JSON, got "
                          f"{str(space_json)[:60]!r} ({exc})") from None
     payload = {"format": FORMAT_VERSION, "kernel_ir": kernel_ir, "template": template,
-               "version": version, "space": space, "fingerprint": dict(fingerprint)}
+               "version": version, "space": space, "fingerprint": dict(fingerprint),
+               "timing": timing}
     return _sha256(canonical_json(payload).encode())
 
 

@@ -6,9 +6,11 @@ share the CPU while one is timed. A build or a run that crashes its worker, rais
 its timeout or computes a wrong result costs that candidate an infinite time and a reason,
 never the tuner: the pool is rebuilt and the next candidate goes on.
 
-Timing rotates over enough copies of the kernel's inputs and outputs to exceed the last-level
-cache (`rotate_bytes`), so a kernel whose operands would fit in cache is not timed hot when in
-the model its inputs come from elsewhere. Each candidate's output is checked against the
+A candidate is timed as its model will run it. When the model's working set exceeds the
+last-level cache, timing rotates over enough copies of the kernel's inputs and outputs to
+exceed that cache (`rotate_bytes`), so a kernel whose operands would fit in cache is not timed
+hot when in the model they have been evicted; when the whole model fits (`hot`), it is timed on
+one copy, hot, as the model will find it. Each candidate's output is checked against the
 interpreter before its time counts.
 
 `Runner` is the interface the tuner sees; `LocalRunner` is the worker-pool implementation on
@@ -86,6 +88,7 @@ class MeasureInput:
     template: str
     config: str  # canonical JSON of the Config
     bindings: tuple[tuple[str, int], ...] = ()
+    hot: bool = False  # time on one copy of the operands (the model fits in the cache)
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -
         func = tvm.runtime.load_module(str(path))["main"]
         packed = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
         one = sum(a.nbytes for a in packed) + sum(w.nbytes for w in want)
-        copies = max(1, min(options.max_copies, math.ceil(options.rotate_bytes / max(one, 1))))
+        copies = 1 if inp.hot else max(1, min(options.max_copies,
+                                              math.ceil(options.rotate_bytes / max(one, 1))))
         sets = [([tvm.runtime.tensor(a) for a in packed],
                  [tvm.runtime.empty(w.shape, str(w.dtype)) for w in want])
                 for _ in range(copies)]

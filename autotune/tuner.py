@@ -31,6 +31,7 @@ from ..codegen.template import TEMPLATES, Config, KernelTemplate, Problem, Targe
 from ..codegen.tvm.target import host_target
 from ..codegen.tvm.templates import TvmTemplate, select
 from ..ir.dialects.kernel import FusedOp
+from ..ir.types import evaluate_dim
 from .cache import ArtifactCache, CacheEntry, cache_dir, cache_key, canonical_json, parse_age
 from .cost_model import MIN_RECORDS, CostModel, select_objective
 from .database import Record, TuningDatabase, default_database_path
@@ -81,6 +82,7 @@ class Task:
     kernel_ir: str
     template: KernelTemplate
     problem: Problem
+    timing: str = "cold"  # "hot": timed on one copy of its operands (see `timing_regime`)
     kernels: list[FusedOp] = field(default_factory=list)
 
     @property
@@ -89,24 +91,48 @@ class Task:
         return self.kernels[0].kernel_name
 
 
-def task_key(kernel_ir: str, template: KernelTemplate) -> str:
-    """The database key of a task: kernel text, template, version and knob space."""
+def task_key(kernel_ir: str, template: KernelTemplate, timing: str = "cold") -> str:
+    """The database key of a task: kernel text, template, version, knob space and timing."""
     payload = canonical_json({"kernel_ir": kernel_ir, "template": template.name,
-                              "version": template.version, "space": template.space.to_json()})
+                              "version": template.version, "space": template.space.to_json(),
+                              "timing": timing})
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def group_tasks(kernels: Iterable[FusedOp], target: Target) -> list[Task]:
+def group_tasks(kernels: Iterable[FusedOp], target: Target, timing: str = "cold") -> list[Task]:
     """Kernels grouped into tasks, in first-seen order."""
+    if timing not in ("hot", "cold"):
+        raise TuningError(f"timing expected 'hot' or 'cold', got {timing!r}")
     tasks: dict[str, Task] = {}
     for op in kernels:
         template, problem = select(op, target)
         text = kernel_text(op)
-        key = task_key(text, template)
+        key = task_key(text, template, timing)
         if key not in tasks:
-            tasks[key] = Task(key, text, template, problem)
+            tasks[key] = Task(key, text, template, problem, timing)
         tasks[key].kernels.append(op)
     return list(tasks.values())
+
+
+def working_set(kernels: Iterable[FusedOp], bindings: Mapping[str, int]) -> int:
+    """Bytes of every distinct value the kernels read or write (weights once), at `bindings`
+    for the symbolic dims: an upper bound on what a run of the model touches."""
+    seen: dict[int, int] = {}
+    for op in kernels:
+        for value in [*op.operands, *op.results]:
+            subs = {s: bindings.get(s.name, 1) for s in value.type.symbols}
+            numel = math.prod(evaluate_dim(d, subs) for d in value.type.shape)
+            seen[id(value)] = numel * value.type.dtype.numpy_dtype.itemsize
+    return sum(seen.values())
+
+
+def timing_regime(kernels: Sequence[FusedOp], bindings: Mapping[str, int],
+                  fingerprint: Mapping[str, Any]) -> str:
+    """'hot' when the kernels' working set fits in the last-level cache (the model runs with
+    its weights and activations cached, so its kernels are timed on a hot cache), else 'cold'.
+    An unknown cache size counts as too small."""
+    llc = max(dict(fingerprint.get("cache", {})).values(), default=0)
+    return "hot" if 0 < working_set(kernels, bindings) <= llc else "cold"
 
 
 def config_json(config: Mapping[str, Any]) -> str:
@@ -128,9 +154,13 @@ class Tuner:
     def __init__(self, *, target: Target | None = None, database: TuningDatabase | None = None,
                  cache: ArtifactCache | None = None, runner: Runner | None = None,
                  bindings: Mapping[str, int] | None = None, batch: int = 8, seed: int = 0,
-                 search: str = "model", progress: bool = False) -> None:
+                 search: str = "model", progress: bool = False,
+                 timing: str | None = None) -> None:
         if search not in ("model", "random"):
             raise TuningError(f"search expected 'model' or 'random', got {search!r}")
+        if timing not in (None, "hot", "cold"):
+            raise TuningError(f"timing expected 'hot', 'cold' or None, got {timing!r}")
+        self.timing = timing  # None: the regime of the kernels each call is given
         self.target = target or host_target()
         self.fingerprint = device_fingerprint(self.target)
         self.fp = fingerprint_hash(self.fingerprint)
@@ -166,7 +196,15 @@ class Tuner:
     def cache_key(self, task: Task) -> str:
         """The artifact-cache key of a task on this device."""
         return cache_key(task.kernel_ir, task.template.name, task.template.version,
-                         task.template.space.to_json(), self.fingerprint)
+                         task.template.space.to_json(), self.fingerprint, task.timing)
+
+    def tasks(self, kernels: Sequence[FusedOp]) -> list[Task]:
+        """Kernels grouped into tasks, timed as `self.timing` says, or else hot if these
+        kernels together fit in the last-level cache (`timing_regime`). Give a tuner a model's
+        regime when it is handed only some of the model's kernels."""
+        kernels = list(kernels)
+        return group_tasks(kernels, self.target, self.timing or
+                           timing_regime(kernels, self.bindings, self.fingerprint))
 
     def cached_configs(self, kernels: Sequence[FusedOp]) -> dict[str, Config]:
         """Configs of the kernels whose tuned result is cached for this device, by name.
@@ -175,7 +213,7 @@ class Tuner:
         the database's winner, without measuring.
         """
         out = {}
-        for task in group_tasks(kernels, self.target):
+        for task in self.tasks(kernels):
             entry = self.cache.get(self.cache_key(task))
             if entry is None and self.database.best(task.key, self.fp) is not None:
                 self._cache_winner(task)
@@ -188,8 +226,7 @@ class Tuner:
     def tune(self, kernels: Sequence[FusedOp], budget: int | str | Budget) -> dict[str, Config]:
         """Tune every kernel not cached for this device; the chosen config of each kernel."""
         budget = Budget.parse(budget)
-        tasks = [t for t in group_tasks(kernels, self.target)
-                 if self.cache.get(self.cache_key(t)) is None]
+        tasks = [t for t in self.tasks(kernels) if self.cache.get(self.cache_key(t)) is None]
         if tasks:
             self._run(tasks, budget)
             for task in tasks:
@@ -275,8 +312,8 @@ class Tuner:
         if not configs:
             return [], []
         bindings = tuple(sorted(self.bindings.items()))
-        inputs = [MeasureInput(task.kernel_ir, task.template.name, config_json(c), bindings)
-                  for c in configs]
+        inputs = [MeasureInput(task.kernel_ir, task.template.name, config_json(c), bindings,
+                               hot=task.timing == "hot") for c in configs]
         results = self.runner.run(inputs)
         records = []
         for config, result in zip(configs, results):
@@ -334,7 +371,7 @@ class Tuner:
     def keep_default(self, kernels: Sequence[FusedOp], reason: str) -> None:
         """Cache the template's default config for these kernels (their tuned winner lost in
         the model), so that later compiles use the default without measuring again."""
-        for task in group_tasks(kernels, self.target):
+        for task in self.tasks(kernels):
             default = task.template.default_config(task.problem, self.target)
             self.cache.put(CacheEntry(
                 key=self.cache_key(task), template=task.template.name,

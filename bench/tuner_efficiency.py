@@ -97,7 +97,7 @@ def tune_once(op: object, method: str, seed: int, trials: int, batch: int,
                   bindings={"B": 8}, batch=batch, seed=seed,
                   search="random" if method == "random" else "model")
     tuner.tune([op], trials)
-    (task,) = group_tasks([op], tuner.target)
+    (task,) = tuner.tasks([op])
     return measured_configs(tuner, task.key), tuner
 
 
@@ -166,7 +166,7 @@ def main() -> None:
                     if median is not None:
                         samples.setdefault(label, {}).setdefault(config, []).append(median)
                 if method == "model" and seed == 0:
-                    (task,) = group_tasks([op], tuner.target)
+                    (task,) = tuner.tasks([op])
                     tuned_before[label] = (task, tuner.database.records(task.key, tuner.fp))
     for label, op in kernels:  # seeded by what tuning every other kernel measured
         others = [v for k, v in tuned_before.items() if k != label]

@@ -20,7 +20,7 @@ import torch
 from bitsmith import ir, passes
 from bitsmith.autotune.cache import ArtifactCache
 from bitsmith.autotune.database import TuningDatabase
-from bitsmith.autotune.tuner import Tuner, group_tasks
+from bitsmith.autotune.tuner import Tuner
 from bitsmith.cli_compile import median_ms
 from bitsmith.codegen.tvm.lower import compile_funcs
 from bitsmith.codegen.tvm.target import host_target, tvm_target
@@ -51,7 +51,7 @@ def time_bitsmith(n: int, trials: int) -> tuple[float, float]:
         tuner = Tuner(database=db, cache=ArtifactCache(), bindings={})
         configs = tuner.tune([op], trials)
         tuner.close()
-        (task,) = group_tasks([op], tuner.target)
+        (task,) = tuner.tasks([op])
     tuning = time.perf_counter() - start
     target = host_target()
     built = build_kernel(op, target, configs[op.kernel_name])

@@ -129,7 +129,7 @@ class Dense(TvmTemplate):
     """out = epilogue(x @ W^T (+ bias)) for a constant W: packed panels, register tiles."""
 
     name = "dense"
-    version = 1
+    version = 2
     space = KnobSpace(Knob("TILE_M", (4, 1, 2, 3, 5, 6, 7, 8)),
                       Knob("TILE_N", (64, 16, 32, 48, 128)),
                       Knob("TILE_K", (0, 64, 128, 256)),  # 0: no split of the reduction
@@ -158,9 +158,14 @@ class Dense(TvmTemplate):
         rows = x.type.shape[0]
         for d in x.type.shape[1:-1]:
             rows = rows * d
-        # a row tile must divide the rows (or, with a symbolic batch, the rows per sample):
-        # a partial tile would put a predicate on the vectorised epilogue
-        factor = rows if isinstance(rows, int) else math.prod(x.type.shape[1:-1])
+        # a row tile must divide the rows of one sample (of a 2-d x: all its rows if static,
+        # else only a tile of 1 is sure to): a partial tile would put a predicate on the
+        # vectorised epilogue, and a tile that crossed from one sample into the next has no
+        # rectangular footprint in an output that keeps the batch axis
+        if x.type.rank > 2:
+            factor = math.prod(x.type.shape[1:-1])
+        else:
+            factor = rows if isinstance(rows, int) else 1
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
         return Problem(self.name, {"M": str(rows), "N": n, "K": k, "epilogue": epilogue,
                                    "dtype": str(x.type.dtype), "w_index": w_index,

@@ -17,10 +17,10 @@ from bitsmith.autotune.cost_model import CostModel
 from bitsmith.autotune.database import TuningDatabase
 from bitsmith.autotune.errors import TuningError
 from bitsmith.autotune.measure import MeasureInput, MeasureResult
-from bitsmith.autotune.tuner import Budget, Tuner, group_tasks
+from bitsmith.autotune.tuner import Budget, Tuner, group_tasks, timing_regime, working_set
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.target import host_target
-from bitsmith.compiler import build_artifact, keep_in_model_winners
+from bitsmith.compiler import build_artifact, keep_in_model_winners, model_tuner
 from bitsmith.frontend import from_torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -84,12 +84,12 @@ def test_tuning_records_everything_caches_winners_and_never_tunes_twice(tmp_path
         tuner = Tuner(database=db, cache=cache, runner=runner, batch=8, seed=1)
         configs = tuner.tune(kernels, 48)
         assert len(runner.calls) == 48 and db.count() == 48
-        first = [json.loads(c.config) for c in runner.calls[:1]]
-        task = group_tasks(kernels[:1], tuner.target)[0]
-        default = task.template.default_config(task.problem, tuner.target)
-        assert first == [dict(default)]  # the untuned default is measured first
+        for task in tuner.tasks(kernels):  # each task measures its untuned default first
+            first = next(c for c in runner.calls if c.kernel_ir == task.kernel_ir)
+            default = task.template.default_config(task.problem, tuner.target)
+            assert json.loads(first.config) == dict(default)
         assert set(configs) == {op.kernel_name for op in kernels}
-        for task in group_tasks(kernels, tuner.target):
+        for task in tuner.tasks(kernels):
             best = db.best(task.key, tuner.fp)
             entry = cache.get(tuner.cache_key(task))
             assert entry is not None and entry.config == best.config
@@ -99,7 +99,7 @@ def test_tuning_records_everything_caches_winners_and_never_tunes_twice(tmp_path
         again = Tuner(database=db, cache=cache, runner=runner).tune(kernels, 48)
         assert len(runner.calls) == 48 and again == configs
         # a corrupt entry is never used: it is rebuilt from the database, still unmeasured
-        key = tuner.cache_key(group_tasks(kernels, tuner.target)[0])
+        key = tuner.cache_key(tuner.tasks(kernels)[0])
         path = cache.path(key)
         path.write_bytes(path.read_bytes()[:-3] + b"xyz")
         with pytest.warns(Warning, match="corrupt|checksum"):
@@ -115,7 +115,7 @@ def test_model_guided_search_finds_the_fastest_config_of_a_toy_surface(tmp_path)
         tuner = Tuner(database=db, cache=ArtifactCache(tmp_path / "c"), runner=runner,
                       batch=8, seed=1)
         (config,) = tuner.tune(kernels, 32).values()
-        task = group_tasks(kernels, tuner.target)[0]
+        task = tuner.tasks(kernels)[0]
     valid = list(task.template.valid_configs(task.problem))
     fastest = min(runner.run([MeasureInput("", "dense", json.dumps(dict(c)))])[0].median
                   for c in valid)
@@ -167,7 +167,7 @@ def test_a_tuned_config_that_loses_in_the_model_is_replaced_by_the_default(tmp_p
     passes.run(module, passes.default_pipeline("cpu"))
     (op,) = [o for o in module.ops if o.name == "kernel.fused"
              and o.kernel_name == "k10_linear_gelu"]
-    task = group_tasks([op], host_target())[0]
+    task = group_tasks([op], host_target())[0]  # template and problem
     slow = Config({**task.template.default_config(task.problem, host_target()),
                    "TILE_M": 1, "TILE_N": 16, "PARALLEL": False})
     arrays = [t.numpy() for t in spec.example_inputs(8)]
@@ -180,7 +180,8 @@ def test_a_tuned_config_that_loses_in_the_model_is_replaced_by_the_default(tmp_p
     step = next(s for s in shipped.manifest.plan["steps"] if s["kernel"] == op.kernel_name)
     assert step["config"] == str(task.template.default_config(task.problem, host_target()))
     with TuningDatabase(tmp_path / "db.sqlite3") as db:
-        tuner = Tuner(database=db)
+        tuner = model_tuner(module, 8, db)  # the model's timing regime, as the compiler's
+        (task,) = tuner.tasks([op])
         entry = tuner.cache.get(tuner.cache_key(task))
         assert entry is not None and "kept_default" in entry.meta
         assert tuner.cached_configs([op])[op.kernel_name] == \
@@ -209,3 +210,28 @@ def test_a_new_task_starts_from_what_earlier_tasks_on_this_device_taught(tmp_pat
     round_one = [json.loads(c.config) for c in runner.calls[24:]]
     assert len(round_one) == 8 and round_one[0] == dict(default)
     assert any((c["TILE_M"], c["TILE_N"]) == (2, 16) for c in round_one[1:])
+
+
+def test_kernels_are_timed_hot_only_when_the_model_fits_in_the_last_level_cache() -> None:
+    kernels = _kernels("mlp")
+    need = working_set(kernels, {"B": 8})
+    weights = sum(op.result.type.numel() * 4 for op in _mlp_weights())
+    assert weights < need < weights + 64 * 1024  # the weights, plus small activations
+    assert timing_regime(kernels, {"B": 8}, {"cache": {"l3": need}}) == "hot"
+    assert timing_regime(kernels, {"B": 8}, {"cache": {"l3": need - 1}}) == "cold"
+    assert timing_regime(kernels, {"B": 8}, {"cache": {}}) == "cold"  # unknown: too small
+    hot, cold = (group_tasks(kernels, host_target(), t) for t in ("hot", "cold"))
+    assert [t.key for t in hot] != [t.key for t in cold]  # measured apart, cached apart
+    runner = FakeRunner()
+    tuner = Tuner(runner=runner, timing="cold")
+    assert tuner.tasks(kernels)[0].timing == "cold"
+    tuner.tune(kernels[:1], 2)
+    assert runner.calls and not any(c.hot for c in runner.calls)
+    with pytest.raises(TuningError, match="timing expected"):
+        Tuner(timing="warm")
+
+
+def _mlp_weights() -> list:
+    spec = models.get("mlp")
+    module = from_torch(spec.build().eval(), spec.example_inputs(2), name="mlp")
+    return [op for op in module.ops if op.name == "graph.constant"]
