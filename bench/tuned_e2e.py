@@ -46,11 +46,22 @@ def timed_compile(loaded, call_args, call_kwargs, tune) -> tuple[object, float, 
     return cm, time.perf_counter() - start, measurements() - before
 
 
+SETTLE_S = 0.5
+"""Pause before each timing: torch's OpenMP threads keep spinning for a while after a call
+and would otherwise slow whatever is timed next (here, by up to 2x)."""
+
+
 def interleaved(fns: list, repeat: int, rounds: int = 5) -> list[float]:
     """Median ms of each function: `rounds` rounds, each timing every function `repeat` times
-    in turn; the median of its round medians. Interleaving keeps a transient (the first
-    second after a compile runs slow here) or a noisy neighbour from landing on one of them."""
-    medians = [[median_ms(fn, repeat) for fn in fns] for _ in range(rounds)]
+    in turn, after a pause; the median of its round medians. Interleaving keeps a transient
+    (the first second after a compile runs slow here) or a noisy neighbour from landing on
+    one of them."""
+    medians = []
+    for _ in range(rounds):
+        medians.append([])
+        for fn in fns:
+            time.sleep(SETTLE_S)
+            medians[-1].append(median_ms(fn, repeat))
     return [statistics.median(column) for column in zip(*medians)]
 
 

@@ -251,9 +251,60 @@ def lower_cast(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 
 # ---- shapes -----------------------------------------------------------------------------------
+def reshape_groups(src: Sequence[object], dst: Sequence[object],
+                   ) -> list[tuple[range, range]] | None:
+    """Split a reshape into independent groups: (source axes, result axes) with equal
+    products, each as small as possible; None when the shapes cannot be matched up (a zero
+    dim, or symbolic sizes that never multiply out equal)."""
+    src, dst = [sympy.sympify(d) for d in src], [sympy.sympify(d) for d in dst]
+    if any(d == 0 for d in [*src, *dst]):
+        return None
+    groups: list[tuple[range, range]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        i0, j0 = i, j
+        ps = pd = sympy.Integer(1)
+        if i < len(src):
+            ps, i = ps * src[i], i + 1
+        if j < len(dst):
+            pd, j = pd * dst[j], j + 1
+        while sympy.expand(ps - pd) != 0:
+            ratio = sympy.cancel(ps / pd)
+            source_larger = sympy.denom(ratio) == 1 and ratio != 1
+            if source_larger and j < len(dst):
+                pd, j = pd * dst[j], j + 1
+            elif not source_larger and i < len(src):
+                ps, i = ps * src[i], i + 1
+            else:
+                return None
+        groups.append((range(i0, i), range(j0, j)))
+    return groups
+
+
 @lowers("reshape")
 def lower_reshape(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    return topi.reshape(args[0], lo.shape(op.result.type))
+    """Each result axis reads only the source axes of its group (`reshape_groups`), so that
+    splitting heads off a hidden dim is `x[b, s, h * 16 + d]`, not a flattened index unravelled
+    over every axis (which TVM cannot simplify, and which kept such kernels from vectorising)."""
+    groups = reshape_groups(op.operands[0].type.shape, op.result.type.shape)
+    if groups is None:
+        return topi.reshape(args[0], lo.shape(op.result.type))
+    x, out_shape = args[0], lo.shape(op.result.type)
+
+    def read(*idx: object) -> object:
+        at: list = [None] * len(x.shape)
+        for src, dst in groups:
+            if len(src) == 0:
+                continue
+            flat = idx[dst[0]] if len(dst) else 0
+            for axis in dst[1:]:
+                flat = flat * out_shape[axis] + idx[axis]
+            for axis in reversed(src[1:]):
+                at[axis] = flat % x.shape[axis]
+                flat = flat // x.shape[axis]
+            at[src[0]] = flat
+        return x(*at)
+    return te.compute(out_shape, read, name="T_reshape")
 
 
 @lowers("permute")

@@ -322,11 +322,13 @@ class Attention(TvmTemplate):
     computed once per row and the P.V contraction is vectorised over the head dim."""
 
     name = "attention"
-    version = 2
+    version = 3
     space = KnobSpace(Knob("VECTORIZE_PV", (True, False)), Knob("PARALLEL", (True, False)),
-                      Knob("ROW_CHUNKS", (1, 2, 4, 8)))
+                      Knob("ROW_CHUNKS", (1, 2, 4, 8)), Knob("VECTORIZE_QK", (True, False)))
     """ROW_CHUNKS: the query rows split into that many chunks, each its own iteration of the
-    parallel loop (more, smaller pieces of work when batch x heads is small)."""
+    parallel loop (more, smaller pieces of work when batch x heads is small). VECTORIZE_QK:
+    q.k^T vectorised over the keys, reading K from a per-(batch, head) copy with the keys
+    innermost (otherwise LLVM vectorises it with gathers across the keys)."""
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
@@ -383,12 +385,47 @@ class Attention(TvmTemplate):
             sch.reverse_compute_at(block, outer)
         for block in waiting:
             sch.compute_at(block, outer)
+        if config["VECTORIZE_QK"] and reductions[0] is not pv:
+            _vectorize_over_keys(sch, reductions[0], outer)
         rows, cols, red = sch.get_loops(pv)[-3:]
         if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None:
             sch.reorder(rows, red, cols)
             sch.decompose_reduction(pv, red)
             try_vectorize(sch, sch.get_loops(pv)[-1])
         return TvmKernel(sch.mod["main"], self.name, config)
+
+
+def _uses(expr: Any, var: Any) -> bool:
+    """True when `expr` mentions `var`."""
+    return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
+
+
+def _vectorize_over_keys(sch: s_tir.Schedule, qk: Any, outer: Any) -> None:
+    """q.k^T with the keys innermost: K copied under `outer` into a buffer whose last axis is
+    the keys (when it is not already), then the depth reduction outside the keys loop and the
+    keys vectorised."""
+    loops = sch.get_loops(qk)
+    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(outer))]
+    inner = loops[at[0] + 1:] if at else []
+    if len(inner) != 3:
+        return  # not under `outer`, or a unit rows/keys/depth loop was dropped: leave it
+    block = sch.get(qk)
+    keys_var = block.iter_vars[spatial_count(sch, qk) - 1].var
+    reads = [i for i, r in enumerate(block.reads)
+             if any(_uses(rng.min, keys_var) for rng in r.region)]
+    if len(reads) != 1:
+        return  # not the q.k^T shape this expects: leave it as it is
+    region = block.reads[reads[0]].region
+    axis = next(d for d, rng in enumerate(region) if _uses(rng.min, keys_var))
+    if axis != len(region) - 1:
+        cached = sch.cache_read(qk, reads[0], "global")
+        sch.compute_at(cached, outer)
+        sch.transform_layout(qk, ("read", reads[0]),
+                             lambda *i: (*i[:axis], *i[axis + 1:], i[axis]))
+    rows, keys, depth = inner
+    sch.reorder(rows, depth, keys)
+    sch.decompose_reduction(qk, depth)
+    try_vectorize(sch, sch.get_loops(qk)[-1])
 
 
 class _Auto(TvmTemplate):

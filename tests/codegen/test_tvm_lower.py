@@ -84,3 +84,20 @@ def test_an_op_without_a_rule_is_a_codegen_error() -> None:
     with pytest.raises(CodegenError, match=r"generic lowering has no rule for 'graph.sign' "
                                            r"\(kernel 'k0_sign'\)"):
         check_module(text)
+
+
+def test_reshape_groups_pair_up_the_smallest_runs_of_axes_with_equal_products() -> None:
+    import sympy
+
+    from bitsmith.codegen.tvm.lower import reshape_groups
+    b = sympy.Symbol("B")
+    r = range
+    assert reshape_groups((8, 65, 64), (8, 65, 4, 16)) == [(r(0, 1), r(0, 1)),
+                                                           (r(1, 2), r(1, 2)),
+                                                           (r(2, 3), r(2, 4))]
+    assert reshape_groups((b * 65, 64), (b, 65, 64)) == [(r(0, 1), r(0, 2)), (r(1, 2), r(2, 3))]
+    assert reshape_groups((8, 1, 65), (8, 65)) == [(r(0, 1), r(0, 1)), (r(1, 3), r(1, 2))]
+    assert reshape_groups((2, 3), (3, 2)) == [(r(0, 2), r(0, 2))]
+    assert reshape_groups((4, 1), (4,)) == [(r(0, 1), r(0, 1)), (r(1, 2), r(1, 1))]
+    assert reshape_groups((b, 3), (3, b)) == [(r(0, 2), r(0, 2))]
+    assert reshape_groups((0, 3), (3, 0)) is None
