@@ -51,18 +51,19 @@ SETTLE_S = 0.5
 and would otherwise slow whatever is timed next (here, by up to 2x)."""
 
 
-def interleaved(fns: list, repeat: int, rounds: int = 5) -> list[float]:
+def interleaved(fns: list, repeat: int, rounds: int = 8) -> list[float]:
     """Median ms of each function: `rounds` rounds, each timing every function `repeat` times
-    in turn, after a pause; the median of its round medians. Interleaving keeps a transient
-    (the first second after a compile runs slow here) or a noisy neighbour from landing on
-    one of them."""
-    medians = []
-    for _ in range(rounds):
-        medians.append([])
-        for fn in fns:
+    in turn, after a pause, starting from a different function each round (so that each
+    takes every place in the order equally often); the median of its round medians. This
+    machine is shared: slow spells of a second or more come and go, and the first timing
+    after torch's runs is the likeliest to land in one."""
+    medians: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i in range(len(fns)):
+            k = (r + i) % len(fns)
             time.sleep(SETTLE_S)
-            medians[-1].append(median_ms(fn, repeat))
-    return [statistics.median(column) for column in zip(*medians)]
+            medians[k].append(median_ms(fns[k], repeat))
+    return [statistics.median(column) for column in medians]
 
 
 def main() -> None:
@@ -100,7 +101,7 @@ def main() -> None:
                          f"{tuned / base:.2f} | {tuned / eager:.2f} | {tuned / tc:.2f} |")
         print(compiles[-1], latencies[-1], sep="\n", flush=True)
     print(f"\nbatch {args.batch}, tune={args.tune}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; latencies: median of 5 interleaved rounds of "
+          f"{torch.get_num_threads()} threads; latencies: median of 8 interleaved rounds of "
           f"{args.repeat} runs each\n")
     print("| model | cold compile s | measurements | warm compile s | measurements | "
           "cold / warm |\n|---|---|---|---|---|---|")
