@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .autotune.fingerprint import device_fingerprint, fingerprint_hash
 from .codegen.tvm.target import host_target
-from .autotune.cache import ArtifactCache, parse_age
+from .autotune.cache import ArtifactCache, LibraryCache, parse_age
 from .autotune.errors import TuningError
 from .cli_compile import CommandError
 
@@ -115,7 +115,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_clear(args: argparse.Namespace) -> int:
     """`bitsmith cache clear`: delete every entry."""
     cache = ArtifactCache()
-    err.print(f"removed {cache.clear()} entries from {cache.root}", highlight=False)
+    err.print(f"removed {cache.clear()} entries from {cache.root} and "
+              f"{LibraryCache().prune()} compiled libraries", highlight=False)
     return 0
 
 
@@ -128,8 +129,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CommandError(f"--older: {exc}") from None
     cache = ArtifactCache()
     removed = cache.prune(seconds)
-    err.print(f"pruned {removed} entries older than {args.older} from {cache.root}",
-              highlight=False)
+    libraries = LibraryCache().prune(seconds)
+    err.print(f"pruned {removed} entries and {libraries} compiled libraries older than "
+              f"{args.older} from {cache.root}", highlight=False)
     return 0
 
 

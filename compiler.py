@@ -17,10 +17,11 @@ import tvm
 from rich.progress import Progress
 
 from . import __version__
+from .autotune.cache import LibraryCache
 from .autotune.database import TuningDatabase, default_database_path
 from .autotune.tuner import Budget, Tuner, timing_regime
 from .codegen.template import CodegenError, Config
-from .codegen.tvm.lower import compile_funcs
+from .codegen.tvm.lower import compile_funcs, library_key
 from .codegen.tvm.target import host_target, tvm_target
 from .codegen.tvm.templates import TvmKernel, build_kernel
 from .frontend import from_torch
@@ -167,14 +168,19 @@ def build_artifact(module: Module, *, progress: bool = False,
             bar.update(task, description=f"scheduling {op.kernel_name}")
             built[op] = build_kernel(op, target, configs.get(op.kernel_name))
             bar.advance(task)
-        bar.update(task, description=f"compiling {len(kernels)} kernels with LLVM")
-        executable = compile_funcs({op.kernel_name: k.func for op, k in built.items()},
-                                   module.name, tvm_target(target))
+        funcs = {op.kernel_name: k.func for op, k in built.items()}
+        libraries = LibraryCache()
+        key = library_key(funcs, tvm_target(target))
+        library = libraries.get(key)
+        if library is None:  # not compiled before with exactly these schedules
+            bar.update(task, description=f"compiling {len(kernels)} kernels with LLVM")
+            executable = compile_funcs(funcs, module.name, tvm_target(target))
+            with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
+                path = Path(tmp) / LIBRARY
+                executable.export_library(str(path))
+                library = path.read_bytes()
+            libraries.put(key, library)
     plan = _Planner(module, built)
-    with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
-        path = Path(tmp) / LIBRARY
-        executable.export_library(str(path))
-        library = path.read_bytes()
     manifest = Manifest(
         name=module.name, inputs=plan.specs(module.inputs, module.input_names),
         outputs=plan.specs(module.outputs, [f"output{i}" for i in range(len(module.outputs))]),

@@ -286,6 +286,52 @@ class ArtifactCache:
                 shard.rmdir()  # fails, as it should, unless empty
 
 
+class LibraryCache:
+    """Compiled kernel libraries of whole artifacts, keyed by a hash of the scheduled TensorIR,
+    the target and the TVM version (`codegen.tvm.lower.library_key`), so that compiling a
+    model whose kernels were scheduled exactly as before (a warm recompile) skips LLVM.
+
+    Each file holds the library's sha256, then the library; one that fails the check is
+    deleted with a `CacheCorruptWarning` and reported as a miss."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir() / "libraries"
+
+    def path(self, key: str) -> Path:
+        """Where the library of `key` lives."""
+        _check_key(key)
+        return self.root / f"{key}.so.bsl"
+
+    def get(self, key: str) -> bytes | None:
+        """The library stored under `key`, or None (missing or corrupt)."""
+        path = self.path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CacheError(f"cannot read cached library {path}: {exc}") from None
+        digest, library = blob[:32], blob[32:]
+        if hashlib.sha256(library).digest() != digest:
+            _unlink(path)
+            warnings.warn(f"cached library {path.name} failed its checksum; deleted, it will "
+                          "be rebuilt", CacheCorruptWarning, stacklevel=2)
+            return None
+        return library
+
+    def put(self, key: str, library: bytes) -> None:
+        """Store `library` under `key` (atomically: readers see the old file or the new)."""
+        _write_atomic(self.path(key), hashlib.sha256(library).digest() + library)
+
+    def prune(self, older_than_seconds: float = 0.0) -> int:
+        """Delete the libraries last written more than `older_than_seconds` ago (all, at 0);
+        how many were deleted."""
+        cutoff = time.time() - older_than_seconds
+        files = sorted(self.root.glob("*.so.bsl")) if self.root.is_dir() else []
+        return sum(_unlink(f) for f in files
+                   if older_than_seconds <= 0 or f.stat().st_mtime < cutoff)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -74,7 +74,7 @@ def test_prune_then_clear(cache, capsys) -> None:
     put(cache, 1, age_s=40 * 86400)
     kept = put(cache, 2, age_s=3600)
     code, err = run(capsys, "prune", "--older", "30d")
-    assert code == 0 and "pruned 1 entries older than 30d" in err
+    assert code == 0 and "pruned 1 entries and 0 compiled libraries older than 30d" in err
     assert cache.keys() == [kept]
     code, err = run(capsys, "prune", "--older", "30 days")
     assert code == 2 and err.startswith("error: --older: age expected a number and a unit")

@@ -2,6 +2,7 @@
 torch), and validates its inputs."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -133,3 +134,48 @@ def test_static_batch_and_unknown_target() -> None:
     with pytest.raises(ValueError, match="target 'tpu' is not supported yet; valid: cpu"):
         bitsmith.compile(model, spec.example_inputs(1), target="tpu")
     assert "CompiledModel mlp(x: tensor<2x64xf32>)" in repr(cm)
+
+
+LIBRARY_SCRIPT = """
+import sys, torch, bitsmith
+from bitsmith import models
+from bitsmith.codegen.tvm import lower
+spec = models.get("mlp")
+torch.manual_seed(0)
+model = spec.build().eval()
+x = spec.example_inputs(3)[0]
+if sys.argv[1] == "warm":  # the library must come from the cache: LLVM is not to be called
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled again")
+    lower.compile_funcs = refuse
+    import bitsmith.compiler as c
+    c.compile_funcs = refuse
+cm = bitsmith.compile(model, (x,), name="mlp")
+with torch.no_grad():
+    assert float((cm(x) - model(x)).abs().max()) < 1e-4
+print("ok")
+"""
+
+
+def test_a_recompile_in_another_process_reuses_the_compiled_library(tmp_path: Path) -> None:
+    """The scheduled IR's hash keys the library, so it is stable across processes; a corrupt
+    library file is deleted and rebuilt."""
+    script = tmp_path / "lib.py"
+    script.write_text(LIBRARY_SCRIPT)
+    env = {**os.environ, "BITSMITH_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), mode], capture_output=True,
+                              text=True, timeout=300, env=env)
+    cold = run("cold")
+    assert cold.returncode == 0 and cold.stdout.strip() == "ok", cold.stderr[-1500:]
+    (library,) = (tmp_path / "cache" / "libraries").iterdir()
+    warm = run("warm")
+    assert warm.returncode == 0 and warm.stdout.strip() == "ok", warm.stderr[-1500:]
+    library.write_bytes(library.read_bytes()[:-8] + b"corrupt!")
+    again = run("warm")  # refuses to compile, so a corrupt library must fail loudly...
+    assert again.returncode != 0 and "compiled again" in again.stderr
+    assert "failed its checksum" in again.stderr
+    rebuilt = run("cold")  # ...and a normal compile rebuilds it
+    assert rebuilt.returncode == 0 and rebuilt.stdout.strip() == "ok", rebuilt.stderr[-1500:]
+    assert len(list((tmp_path / "cache" / "libraries").iterdir())) == 1

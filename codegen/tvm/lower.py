@@ -10,6 +10,8 @@ This is the correctness baseline every model compiles through; templates with re
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -438,10 +440,22 @@ def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     return out
 
 
+def _ir_module(funcs: Mapping[str, tvm.tirx.PrimFunc]) -> tvm.IRModule:
+    return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+
+
+def library_key(funcs: Mapping[str, tvm.tirx.PrimFunc], target: object) -> str:
+    """sha256 hex of what decides the compiled library: the scheduled functions (TVM's own
+    serialisation of the IR), the target and the TVM version."""
+    payload = json.dumps({"tvm": tvm.__version__, "target": str(target),
+                          "ir": tvm.ir.save_json(_ir_module(funcs))}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def compile_funcs(funcs: dict[str, tvm.tirx.PrimFunc], what: str,
                   target: dict | None = None) -> tvm.runtime.Executable:
     """Compile PrimFuncs (by symbol name) into one executable; TVM errors become CodegenError."""
-    module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    module = _ir_module(funcs)
     try:
         return tvm.compile(module, target=tvm.target.Target(target or {"kind": "llvm"}))
     except Exception as exc:  # TVM raises its own error types; keep the message, say what
