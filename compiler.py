@@ -76,10 +76,11 @@ def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[s
                                             Mapping[str, float]] = profile_kernels,
                           ) -> Artifact:
     """Time every kernel in the model with its tuned and its default config, alternating
-    (`IN_MODEL_ROUNDS` profiles of each, per-kernel median); a tuned config that is not faster
-    than the default in the model gives way to it, and the cache records that so that later
-    compiles do too. The default is the burden-free choice: it is what the untuned model runs.
-    Returns the artifact to ship."""
+    (`IN_MODEL_ROUNDS` profiles of each, per-kernel median). Identical kernels share one tuned
+    config (one task), so the verdict is per task: a tuned config whose kernels together are
+    not faster than with the default gives way to it, and the cache records that so that
+    later compiles do too. The default is the burden-free choice: it is what the untuned model
+    runs. Returns the artifact to ship."""
     default = build_artifact(module)
     defaults = {s["kernel"]: s["config"] for s in default.manifest.plan["steps"]}
     changed = {name: c for name, c in configs.items() if str(c) != defaults.get(name)}
@@ -89,17 +90,22 @@ def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[s
               for _ in range(IN_MODEL_ROUNDS)]
     tuned_times = {n: statistics.median(t[n] for t, _ in rounds) for n in changed}
     default_times = {n: statistics.median(d[n] for _, d in rounds) for n in changed}
-    losers = {name: (tuned_times[name], default_times[name]) for name in changed
-              if tuned_times[name] >= default_times[name]}
-    if not losers:
-        return artifact
-    kernels = [op for op in module.ops if op.name == "kernel.fused" and op.kernel_name in losers]
+    losers: set[str] = set()
     with TuningDatabase(default_database_path()) as database:
         tuner = model_tuner(module, batch, database)
-        for op in kernels:
-            tuned, plain = losers[op.kernel_name]
-            tuner.keep_default([op], f"in model {module.name}: tuned {tuned * 1e6:.1f} us, "
-                                     f"default {plain * 1e6:.1f} us")
+        for task in tuner.tasks([op for op in module.ops if op.name == "kernel.fused"
+                                 and op.kernel_name in changed]):
+            names = [op.kernel_name for op in task.kernels]
+            tuned = sum(tuned_times[n] for n in names)
+            plain = sum(default_times[n] for n in names)
+            if tuned >= plain:
+                losers.update(names)
+                tuner.keep_default(task.kernels, f"in model {module.name}: tuned "
+                                                 f"{tuned * 1e6:.1f} us, default "
+                                                 f"{plain * 1e6:.1f} us over {len(names)} "
+                                                 "kernel(s)")
+    if not losers:
+        return artifact
     return build_artifact(module, configs={k: v for k, v in configs.items()
                                            if k not in losers})
 

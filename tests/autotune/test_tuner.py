@@ -235,3 +235,42 @@ def _mlp_weights() -> list:
     spec = models.get("mlp")
     module = from_torch(spec.build().eval(), spec.example_inputs(2), name="mlp")
     return [op for op in module.ops if op.name == "graph.constant"]
+
+
+def test_the_in_model_verdict_is_per_task_so_identical_kernels_keep_one_config(
+        tmp_path, monkeypatch) -> None:
+    """q, k and v projections are one task: one of them timing slower with the tuned config
+    does not split them when the three together are faster; when together they are slower,
+    all three go back to the default, as the cache then says for every later compile."""
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path / "cache"))
+    spec = models.get("bert")
+    torch.manual_seed(0)
+    module = from_torch(spec.build().eval(), spec.example_inputs(8), name="bert")
+    passes.run(module, passes.default_pipeline("cpu"))
+    kernels = [o for o in module.ops if o.name == "kernel.fused"]
+    (task,) = [t for t in group_tasks(kernels, host_target())
+               if t.template.name == "dense" and len(t.kernels) >= 3][:1]
+    names = [op.kernel_name for op in task.kernels]
+    tuned_config = Config({**task.template.default_config(task.problem, host_target()),
+                           "PARALLEL": False})
+    configs = {n: tuned_config for n in names}
+    arrays = [t.numpy() for t in spec.example_inputs(8)]
+    tuned = build_artifact(module, configs=configs)
+
+    def verdict(first: float, others: float) -> set[str]:
+        def profile(artifact, arrays):
+            out = {}
+            for s in artifact.manifest.plan["steps"]:
+                is_tuned = s["config"] == str(tuned_config) and s["kernel"] in names
+                out[s["kernel"]] = ((first if s["kernel"] == names[0] else others)
+                                    if is_tuned else 1e-5)
+            return out
+        shipped = keep_in_model_winners(module, tuned, configs, arrays, 8, profile)
+        return {s["kernel"] for s in shipped.manifest.plan["steps"]
+                if s["config"] == str(tuned_config) and s["kernel"] in names}
+
+    assert verdict(first=1.2e-5, others=0.8e-5) == set(names)  # 2.8e-5 < 3e-5 together
+    assert verdict(first=0.9e-5, others=1.1e-5) == set()  # 3.1e-5 >= 3e-5: all revert
+    with TuningDatabase(tmp_path / "cache" / "tuning.sqlite3") as db:
+        cached = model_tuner(module, 8, db).cached_configs(task.kernels)
+    assert set(cached.values()) == {task.template.default_config(task.problem, host_target())}
