@@ -105,7 +105,8 @@ def evaluate_op(op: Operation, ctx: EvalContext, operands: list[np.ndarray]) -> 
         if tuple(array.shape) != shape:
             raise InterpretError(f"'{op.name}' at {op.loc}: result shape {list(array.shape)} "
                                  f"does not match its type {want} = {list(shape)}")
-        if isinstance(want.dtype, DType) and array.dtype != want.dtype.numpy_dtype:
+        held = want.dtype.numpy_dtype if isinstance(want.dtype, DType) else np.dtype(np.uint8)
+        if array.dtype != held:  # quantized tensors are held as their uint8 bit codes
             raise InterpretError(f"'{op.name}' at {op.loc}: result dtype {array.dtype} does "
                                  f"not match its type {want}")
         checked.append(array)

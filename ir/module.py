@@ -1,7 +1,7 @@
 """A module: one function (`main`) whose body block takes the inputs, plus named weights."""
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -24,6 +24,10 @@ class Module:
         self.name = name
         self.body = Block(input_types, input_names)
         self.weights: dict[str, np.ndarray] = dict(weights or {})
+        # what passes record for later stages (JSON-able, e.g. the quantization report)
+        self.metadata: dict[str, Any] = {}
+        # example input tuples that calibrate passes (quantization), never printed
+        self.calibration: list[tuple[np.ndarray, ...]] = []
 
     @property
     def inputs(self) -> list[Value]:

@@ -82,10 +82,10 @@ def evaluate_dim(d: Dim, bindings: dict[sympy.Symbol, int]) -> int:
 
 
 class GroupAxis(enum.Enum):
-    """Which weight axis the quantization groups run along."""
+    """Which channel owns the scales of a quantized [out, in] weight (see `ir.dialects.quant`)."""
 
-    OUT = "out"  # groups of output channels share a scale (per-OC)
-    IN = "in"  # groups of input channels share a scale (per-IC)
+    OUT = "out"  # per output channel: scales [N, ceil(K/group)], groups run along the inputs
+    IN = "in"  # per input channel: scales [ceil(N/group), K], groups run along the outputs
 
 
 class ZeroPoint(enum.Enum):
@@ -102,7 +102,7 @@ class QuantType:
 
     storage: DType  # IntType of 1..8 bits or a LowFloatType
     group_size: int = 0  # 0: one group spans the whole axis (per-channel)
-    axis: GroupAxis = GroupAxis.IN
+    axis: GroupAxis = GroupAxis.OUT
     scale_dtype: DType = f16
     zero_point: ZeroPoint = ZeroPoint.NONE
 

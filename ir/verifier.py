@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .core import Block, Operation, Value
 from .dtypes import DType
 from .errors import VerifyError
+from .packing import row_words
+from .types import QuantType
 
 if TYPE_CHECKING:
     from .module import Module
@@ -56,8 +60,16 @@ def _verify_weight(op: Operation, module: Module) -> None:
         return
     array = module.weights[ref]
     want = op.results[0].type
-    if not isinstance(want.dtype, DType):
-        return  # packed quantized weights are checked by the quant dialect
+    if isinstance(want.dtype, QuantType):
+        if want.rank != 2:
+            raise VerifyError(op, f"a quantized weight is 2-d [out, in], got {want}")
+        n, k = want.shape
+        if isinstance(n, int) and isinstance(k, int):
+            packed = (n, row_words(k, want.dtype.bits))
+            if tuple(array.shape) != packed or array.dtype != np.uint32:
+                raise VerifyError(op, f"weight '{ref}' is {array.dtype}{list(array.shape)}; "
+                                      f"{want} is stored packed as uint32{list(packed)}")
+        return
     if tuple(array.shape) != tuple(want.shape) or array.dtype != want.dtype.numpy_dtype:
         raise VerifyError(op, f"weight '{ref}' is {array.dtype}{list(array.shape)}, "
                               f"the constant's type says {want}")

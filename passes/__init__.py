@@ -1,6 +1,6 @@
 """Passes over the IR: pass manager and pipelines, rewrite driver, canonicalization, CSE/DCE,
 fusion into `kernel.fused` regions, layout, and memory planning (an analysis)."""
-from . import canonicalize, cleanup, fusion, layout, memory  # noqa: F401 - registers passes
+from . import canonicalize, cleanup, fusion, layout, memory, quantize  # noqa: F401 - registers passes
 from .errors import PassError, PipelineError
 from .manager import (PASS_REGISTRY, ModulePass, PassContext, PassManager, Pipeline, PipelineReport,
                       default_pipeline, parse_pipeline, print_pipeline, register_pass, run)

@@ -1,3 +1,3 @@
-"""Dialects: `func` (the function), `graph` (imported models), `kernel` (fused kernels);
-`quant` follows."""
-from . import func, graph, kernel  # noqa: F401 - importing registers the ops
+"""Dialects: `func` (the function), `graph` (imported models), `kernel` (fused kernels),
+`quant` (quantized weights)."""
+from . import func, graph, kernel, quant  # noqa: F401 - importing registers the ops

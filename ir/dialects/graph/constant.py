@@ -6,6 +6,8 @@ import numpy as np
 from ...core import Operation, attr, register_op
 from ...errors import VerifyError
 from ...interpreter import EvalContext
+from ...packing import unpack_rows
+from ...types import QuantType
 
 
 @register_op
@@ -15,6 +17,9 @@ class ConstantOp(Operation):
     `layout`, when set, is a free-form tag (e.g. "HWIO", "KN") naming the physical layout
     the weight was pre-packed into at compile time, so that consumers can tell a re-laid-out
     weight from its original; it does not change semantics: the value is taken as is.
+
+    A weight of a quantized type ([N, K] of `!quant.weight<...>`) is stored packed (uint32
+    [N, ceil(K*bits/32)], `ir.packing` rows layout); its value is the unpacked codes.
     """
 
     name = "graph.constant"
@@ -30,6 +35,9 @@ class ConstantOp(Operation):
         if self.layout is not None and not self.layout.strip():
             raise VerifyError(self, "layout tag must name a layout (e.g. \"HWIO\"), "
                                     f"got {self.layout!r}")
+        if self.value is not None and isinstance(self.result.type.dtype, QuantType):
+            raise VerifyError(self, "a quantized constant must be a packed weight, not an "
+                                    "inline literal")
         if self.value is not None and self.value.type != self.result.type:
             raise VerifyError(self, f"literal type {self.value.type} differs from the "
                                     f"result type {self.result.type}")
@@ -37,7 +45,11 @@ class ConstantOp(Operation):
     def evaluate(self, ctx: EvalContext) -> np.ndarray:
         if self.value is not None:
             return self.value.array
-        return ctx.weight(self.weight)
+        array = ctx.weight(self.weight)
+        qtype = self.result.type.dtype
+        if isinstance(qtype, QuantType):
+            return unpack_rows(array, qtype.bits, ctx.shape(self.result.type)[-1])
+        return array
 
 
 @register_op

@@ -1,0 +1,193 @@
+"""Weight quantizers: round-to-nearest (with a clipping search) and GPTQ.
+
+Everything works on a weight W [N, K] (rows are output channels, as torch's linear weight)
+and a `QuantType`; the result is the codes, scales and zero points that `quant.dequantize`
+turns back into weights (its semantics are the ones used here, through `ir.dialects.quant`).
+
+- RTN picks each group's range from its min/max, shrunk by the factor in `SHRINK` that gives
+  the smallest squared error (llama.cpp and AWQ search the clipping range the same way).
+- GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's
+  error over the columns not yet quantized, through the inverse Hessian H = X^T X of the
+  layer's calibration inputs; columns go in order of decreasing H diagonal with act-order.
+  Groups stay contiguous in the original column order: with per-output-channel scales they
+  are fitted on W before the sweep ("static groups", as AutoGPTQ does with act-order), with
+  per-input-channel scales each column's scales are fitted when the sweep reaches it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir.dialects.quant import dequantize, expand_groups, quantize, scale_shape, zero_dtype
+from ..ir.dtypes import IntType
+from ..ir.types import GroupAxis, QuantType, ZeroPoint
+
+SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+"""Range factors the RTN clipping search tries."""
+GPTQ_BLOCK = 128
+"""Columns GPTQ updates lazily as one block (the paper's B)."""
+
+
+@dataclass
+class Quantized:
+    """A quantized weight: codes [N, K] (uint8 bit codes), scales and zero points per group."""
+
+    qtype: QuantType
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray | None
+
+    def weight(self) -> np.ndarray:
+        """The dequantized f32 weight."""
+        return dequantize(self.codes, self.scale, self.zero, self.qtype)
+
+
+def _grouped(w: np.ndarray, qtype: QuantType) -> np.ndarray:
+    """W [N, K] as [groups..., members] with NaN padding in a short last group: rows of
+    [N, G, g] for axis=out, [G, K, g] (members along N) for axis=in."""
+    n, k = w.shape
+    if qtype.axis is GroupAxis.IN:
+        return _grouped(w.T, QuantType(qtype.storage, qtype.group_size)).transpose(1, 0, 2)
+    g = qtype.group_size or k
+    groups = -(-k // g)
+    padded = np.full((n, groups * g), np.nan, np.float32)
+    padded[:, :k] = w
+    return padded.reshape(n, groups, g)
+
+
+def fit_params(w: np.ndarray, qtype: QuantType, shrink: float = 1.0
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales and zero points of every group of W, from its range shrunk by `shrink`."""
+    grouped = _grouped(np.asarray(w, np.float32), qtype)
+    lo = np.minimum(np.nanmin(grouped, axis=-1), 0.0) * shrink
+    hi = np.maximum(np.nanmax(grouped, axis=-1), 0.0) * shrink
+    storage = qtype.storage
+    scale_dt = qtype.scale_dtype
+    top = float(scale_dt.max_value)
+    zero = None
+    if qtype.zero_point is ZeroPoint.NONE:
+        absmax = np.maximum(-lo, hi)
+        levels = max(1, storage.max_value) if isinstance(storage, IntType) else storage.max_value
+        scale = absmax / levels
+    else:
+        levels = storage.max_value - storage.min_value
+        scale = (hi - lo) / levels
+        scale = scale_dt.cast(np.clip(scale, 0.0, top)).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0)
+        z = storage.min_value - lo / safe
+        if qtype.zero_point is ZeroPoint.INT:
+            z = np.clip(np.rint(z), storage.min_value, storage.max_value)
+        zero = zero_dtype(qtype).cast(z)
+    scale = scale_dt.cast(np.clip(scale, 0.0, top))
+    return scale, zero
+
+
+def _sq_error(w: np.ndarray, q: Quantized, hdiag: np.ndarray | None) -> np.ndarray:
+    """Squared error per group (weighted per input column by diag(H) when given)."""
+    d = (q.weight() - w) ** 2
+    if hdiag is not None:
+        d = d * hdiag[None, :]
+    grouped = _grouped(d, q.qtype)
+    return np.nansum(grouped, axis=-1)
+
+
+def rtn(w: np.ndarray, qtype: QuantType, hdiag: np.ndarray | None = None) -> Quantized:
+    """Round to nearest, each group's clipping chosen from SHRINK by (H-weighted) error."""
+    w = np.asarray(w, np.float32)
+    best: Quantized | None = None
+    best_err = None
+    for factor in SHRINK:
+        scale, zero = fit_params(w, qtype, factor)
+        cand = Quantized(qtype, quantize(w, scale, zero, qtype), scale, zero)
+        err = _sq_error(w, cand, hdiag)
+        if best is None:
+            best, best_err = cand, err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best.scale = np.where(better, cand.scale, best.scale)
+        if best.zero is not None:
+            best.zero = np.where(better, cand.zero, best.zero)
+    assert best is not None
+    best.codes = quantize(w, best.scale, best.zero, qtype)
+    return best
+
+
+def _column_rtn(col: np.ndarray, qtype: QuantType) -> tuple[np.ndarray, np.ndarray,
+                                                             np.ndarray | None]:
+    """Per-input-channel params of one column [N] (groups along N), by the clipping search."""
+    q = rtn(col[:, None], qtype)
+    return q.weight()[:, 0], q.scale, q.zero
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, qtype: QuantType, *, act_order: bool = True,
+         damp: float = 0.01) -> Quantized:
+    """GPTQ with the layer Hessian H = X^T X ([K, K], from calibration inputs)."""
+    w = np.array(w, np.float64)
+    n, k = w.shape
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    per_in = qtype.axis is GroupAxis.IN
+    if not per_in:  # static groups: fitted on W, in the original column order
+        static = rtn(w.astype(np.float32), qtype, np.diag(h))
+        s_full = expand_groups(static.scale, qtype, (n, k))
+        z_full = None if static.zero is None else expand_groups(static.zero, qtype, (n, k))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w = w[:, order]
+    h = h[np.ix_(order, order)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    # upper Cholesky factor of H^-1: row i holds how column i's error spreads to later ones
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    qw = np.zeros_like(w)
+    col_scale = np.zeros(scale_shape(qtype, (n, k)), np.float32) if per_in else None
+    col_zero = None
+    if per_in and qtype.zero_point is not ZeroPoint.NONE:
+        col_zero = np.zeros(scale_shape(qtype, (n, k)), zero_dtype(qtype).numpy_dtype)
+    for start in range(0, k, GPTQ_BLOCK):
+        stop = min(start + GPTQ_BLOCK, k)
+        block = w[:, start:stop].copy()
+        errs = np.zeros_like(block)
+        for i in range(stop - start):
+            col = block[:, i]
+            j = order[start + i]  # the column's index in W
+            if per_in:
+                deq, s, z = _column_rtn(col.astype(np.float32), qtype)
+                col_scale[:, j] = s[:, 0]
+                if col_zero is not None:
+                    col_zero[:, j] = z[:, 0]
+            else:
+                one = QuantType(qtype.storage, 0, GroupAxis.OUT, qtype.scale_dtype,
+                                qtype.zero_point)
+                sc = s_full[:, j:j + 1]
+                zc = None if z_full is None else z_full[:, j:j + 1]
+                deq = dequantize(quantize(col[:, None].astype(np.float32), sc, zc, one),
+                                 sc, zc, one)[:, 0]
+            qw[:, start + i] = deq
+            err = (col - deq) / hinv[start + i, start + i]
+            block[:, i:] -= np.outer(err, hinv[start + i, start + i:stop])
+            errs[:, i] = err
+        w[:, stop:] -= errs @ hinv[start:stop, stop:]
+    inverse = np.argsort(order)
+    qw = qw[:, inverse].astype(np.float32)
+    if per_in:
+        scale = qtype.scale_dtype.cast(col_scale)
+        zero = None if col_zero is None else zero_dtype(qtype).cast(col_zero)
+    else:
+        scale, zero = static.scale, static.zero
+    # the sweep's dequantized columns are exactly representable with these params
+    return Quantized(qtype, quantize(qw, scale, zero, qtype), scale, zero)
+
+
+def relative_error(w: np.ndarray, q: Quantized, hessian: np.ndarray | None) -> float:
+    """Output error of the quantized layer relative to the layer's output:
+    tr(dW H dW^T) / tr(W H W^T) with calibration, ||dW||^2 / ||W||^2 without."""
+    w = np.asarray(w, np.float64)
+    dw = q.weight().astype(np.float64) - w
+    if hessian is None:
+        return float((dw ** 2).sum() / max((w ** 2).sum(), 1e-30))
+    h = np.asarray(hessian, np.float64)
+    return float(np.einsum("nk,kl,nl->", dw, h, dw) / max(np.einsum("nk,kl,nl->", w, h, w),
+                                                          1e-30))
