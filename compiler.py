@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import tvm
@@ -26,9 +26,10 @@ from .codegen.tvm.target import host_target, tvm_target
 from .codegen.tvm.templates import TvmKernel, build_kernel
 from .frontend import from_torch
 from .ir import Module, Operation, Value
-from .ir.types import format_dim
+from .ir.types import QuantType, format_dim
 from .passes import default_pipeline, run
-from .runtime.artifact import Artifact, Manifest, TensorSpec
+from .passes.quant_spec import quant_pipeline_entry
+from .runtime.artifact import NUMPY_DTYPES, Artifact, Manifest, TensorSpec
 from .runtime.executor import Executor, value_spec
 from .runtime.host import host_description
 from .runtime.model import CompiledModel
@@ -40,18 +41,29 @@ TARGETS = ("cpu",)
 def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
             pipeline: str | None = None, dynamic_batch: bool = False, name: str | None = None,
             example_kwargs: Mapping[str, Any] | None = None, tune: int | str | None = None,
+            quant: str | None = None, calib: Iterable[Any] | None = None,
             progress: bool = False) -> CompiledModel:
     """Compile a torch model for `target`; returns a callable, savable CompiledModel.
 
     `tune` (trials, or a time like "10m") tunes every kernel that this device's cache does not
     hold yet; without it, cached tuned configs are still used and the rest run their template's
     default config.
+
+    `quant` quantizes the linear layers' weights (a spec such as "w4g128", "w3g128:gptq",
+    "f6e3m2g64"; see `passes.quant_spec`); `calib` is an iterable of input tuples (or single
+    inputs) that calibrates it, in the model's positional input order. `cm.report()` then lists
+    every layer's format and error.
     """
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not supported yet; valid: {', '.join(TARGETS)}")
     module = from_torch(model, tuple(example_inputs), dict(example_kwargs or {}),
                         dynamic_batch=dynamic_batch, name=name or type(model).__name__.lower())
-    run(module, pipeline or default_pipeline(target), verify=False)
+    pipeline = pipeline or default_pipeline(target)
+    if quant is not None:
+        pipeline = f"canonicalize,cse,{quant_pipeline_entry(quant)},{pipeline}"
+    if calib is not None:
+        module.calibration = calibration_batches(module, calib)
+    run(module, pipeline, verify=False)
     batch = _example_batch(example_inputs)
     configs, measured = tuned_configs(module, tune, batch, progress)
     artifact = build_artifact(module, progress=progress, configs=configs)
@@ -155,6 +167,31 @@ def tuned_configs(module: Module, tune: int | str | None, batch: int,
             tuner.close()
 
 
+def calibration_batches(module: Module, calib: Iterable[Any]) -> list[tuple[np.ndarray, ...]]:
+    """Calibration inputs as numpy tuples the module accepts: with a static batch, all the
+    samples are concatenated and cut into batches of the module's size (a short rest is
+    dropped)."""
+    items = [tuple(item) if isinstance(item, (tuple, list)) else (item,) for item in calib]
+    arity = len(module.inputs)
+    for i, item in enumerate(items):
+        if len(item) != arity:
+            raise ValueError(f"calibration item {i} has {len(item)} input(s); the model takes "
+                             f"{arity} ({', '.join(module.input_names)})")
+    arrays = [tuple(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+                    for x in item) for item in items]
+    if not arrays:
+        raise ValueError("calib is empty: give at least one batch of example inputs")
+    dim0 = module.inputs[0].type.shape[0] if module.inputs[0].type.rank else None
+    if not isinstance(dim0, int):
+        return arrays
+    columns = [np.concatenate([a[j] for a in arrays]) for j in range(arity)]
+    count = len(columns[0]) // dim0
+    if count == 0:
+        raise ValueError(f"calibration holds {len(columns[0])} sample(s); the model was "
+                         f"compiled for batches of {dim0}: give at least {dim0}")
+    return [tuple(c[i * dim0:(i + 1) * dim0] for c in columns) for i in range(count)]
+
+
 def _example_batch(example_inputs: Sequence[Any]) -> int:
     shapes = [getattr(x, "shape", ()) for x in example_inputs]
     return next((int(s[0]) for s in shapes if len(s) > 0), 1)
@@ -192,7 +229,7 @@ def build_artifact(module: Module, *, progress: bool = False,
         outputs=plan.specs(module.outputs, [f"output{i}" for i in range(len(module.outputs))]),
         plan=plan.to_json(), requires={"machine": host["machine"]},
         toolchain={"tvm": tvm.__version__, "mcpu": target.mcpu},
-        bitsmith_version=__version__)
+        bitsmith_version=__version__, metadata=dict(module.metadata))
     return Artifact(manifest, plan.weights, {LIBRARY: library})
 
 
@@ -224,7 +261,7 @@ class _Planner:
                 raise CodegenError(f"'{op.name}' at the top level after fusion; every op must "
                                    "be in a kernel.fused (run the fuse pass)")
         self.inputs = [self.ids[a] for a in module.inputs]
-        self.outputs = [self.ids[v] for v in module.outputs]
+        self.outputs = [self._value(v) for v in module.outputs]
 
     def _name(self, value: Value, vid: str) -> str:
         self.ids[value] = vid
@@ -232,17 +269,30 @@ class _Planner:
         return vid
 
     def _constant(self, op: Any, module: Module) -> None:
-        name = op.weight if op.weight is not None else f"literal{len(self.weights)}"
+        """Remember a constant; it enters the artifact when a kernel reads it as it is."""
+        name = op.weight if op.weight is not None else f"literal{len(self.constants)}"
         array = module.weights[op.weight] if op.weight is not None else op.value.array
-        vid = self._name(op.result, f"w{len(self.weight_ids)}")
+        self.constants[op.result] = (name, array)
+
+    def _weight(self, name: str, array: np.ndarray, dtype: str) -> str:
+        vid = f"w{len(self.weight_ids)}"
+        self.values[vid] = value_spec(list(array.shape), dtype)
         self.weights[name] = array
         self.weight_ids[vid] = name
-        self.constants[op.result] = (name, array)
+        return vid
+
+    def _value(self, value: Value) -> str:
+        """The id of a value; a constant's first use stores it (a quantized one packed)."""
+        if value not in self.ids and value in self.constants:
+            name, array = self.constants[value]
+            stored = "u32" if isinstance(value.type.dtype, QuantType) else str(value.type.dtype)
+            self.ids[value] = self._weight(name, array, stored)
+        return self.ids[value]
 
     def _operand(self, value: Value, pack: Any) -> str:
         """The value id a kernel reads: the value, or its pre-packed copy (a new weight)."""
         if pack is None:
-            return self.ids[value]
+            return self._value(value)
         layout, fn = pack
         if value not in self.constants:
             raise CodegenError(f"a template packs an operand that is not a weight ({value.type})")
@@ -250,11 +300,8 @@ class _Planner:
         if key not in self.packed:
             name, array = self.constants[value]
             packed = fn(np.asarray(array))
-            vid = f"w{len(self.weight_ids)}"
-            self.values[vid] = value_spec(list(packed.shape), str(value.type.dtype))
-            self.weights[f"{name}.{layout}"] = packed
-            self.weight_ids[vid] = f"{name}.{layout}"
-            self.packed[key] = vid
+            dtype = next(k for k, v in NUMPY_DTYPES.items() if v == packed.dtype.name)
+            self.packed[key] = self._weight(f"{name}.{layout}", packed, dtype)
         return self.packed[key]
 
     def specs(self, values: Sequence[Value], names: Sequence[str]) -> tuple[TensorSpec, ...]:

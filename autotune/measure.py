@@ -43,6 +43,8 @@ from ..codegen.tvm.target import host_target, tvm_target
 from ..codegen.tvm.templates import TvmKernel
 from ..ir.dialects.kernel import FusedOp
 from ..ir.interpreter import EvalContext
+from ..ir.packing import to_storage
+from ..ir.types import QuantType
 from ..ir.printer import Namer, print_op
 from ..ir.types import evaluate_dim
 from ..runtime.tvm_runtime import tvm
@@ -170,11 +172,15 @@ def build_candidate(inp: MeasureInput) -> bytes:
 
 
 def _random(type: Any, bindings: dict[str, int], rng: np.random.Generator) -> np.ndarray:
-    """Random values of a tensor type: normal floats, 0/1 integers (valid indices and masks)."""
+    """Random values of a tensor type: normal floats, 0/1 integers (valid indices and masks),
+    codes of normal values for quantized weights."""
     subs = {s: bindings[s.name] for s in type.symbols}
     shape = tuple(evaluate_dim(d, subs) for d in type.shape)
+    if isinstance(type.dtype, QuantType):
+        storage = type.dtype.storage
+        return storage.to_bits(storage.cast(rng.standard_normal(shape) * 4))
     if type.dtype.is_float:
-        return rng.standard_normal(shape).astype(np.float32)
+        return type.dtype.cast(rng.standard_normal(shape).astype(np.float32))
     return rng.integers(0, 2, shape).astype(type.dtype.numpy_dtype)
 
 
@@ -197,7 +203,8 @@ def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -
         path = Path(tmp) / "kernel.so"
         path.write_bytes(library)
         func = tvm.runtime.load_module(str(path))["main"]
-        packed = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
+        stored = [to_storage(v.type, a) for v, a in zip(kernel.operands, arrays)]
+        packed = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(stored)]
         one = sum(a.nbytes for a in packed) + sum(w.nbytes for w in want)
         copies = 1 if inp.hot else max(1, min(options.max_copies,
                                               math.ceil(options.rotate_bytes / max(one, 1))))

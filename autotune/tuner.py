@@ -31,6 +31,7 @@ from ..codegen.template import TEMPLATES, Config, KernelTemplate, Problem, Targe
 from ..codegen.tvm.target import host_target
 from ..codegen.tvm.templates import TvmTemplate, select
 from ..ir.dialects.kernel import FusedOp
+from ..ir.packing import stored_nbytes
 from ..ir.types import evaluate_dim
 from .cache import ArtifactCache, CacheEntry, cache_dir, cache_key, canonical_json, parse_age
 from .cost_model import MIN_RECORDS, CostModel, select_objective
@@ -121,8 +122,8 @@ def working_set(kernels: Iterable[FusedOp], bindings: Mapping[str, int]) -> int:
     for op in kernels:
         for value in [*op.operands, *op.results]:
             subs = {s: bindings.get(s.name, 1) for s in value.type.symbols}
-            numel = math.prod(evaluate_dim(d, subs) for d in value.type.shape)
-            seen[id(value)] = numel * value.type.dtype.numpy_dtype.itemsize
+            shape = tuple(evaluate_dim(d, subs) for d in value.type.shape)
+            seen[id(value)] = stored_nbytes(value.type, shape)
     return sum(seen.values())
 
 

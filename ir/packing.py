@@ -18,7 +18,11 @@ Codes are the formats' bit patterns (`DType.to_bits`), held as uint8.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from .types import QuantType, TensorType
 
 WORD = 32
 """Bits per storage word."""
@@ -127,3 +131,18 @@ def unpack_lanes(words: np.ndarray, bits: int, length: int) -> np.ndarray:
 def rows_to_lanes(words: np.ndarray, bits: int, length: int, lanes: int = 16) -> np.ndarray:
     """Re-pack rows-layout words into the lanes layout (what a kernel's weight pre-pack does)."""
     return pack_lanes(unpack_rows(words, bits, length), bits, lanes)
+
+
+def stored_nbytes(type: TensorType, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `type` (at concrete `shape`) takes as stored: quantized weights
+    packed in rows layout, everything else in its numpy dtype."""
+    if isinstance(type.dtype, QuantType):
+        return shape[0] * row_words(shape[1], type.dtype.bits) * 4
+    return math.prod(shape) * np.dtype(type.dtype.numpy_dtype).itemsize
+
+
+def to_storage(type: TensorType, array: np.ndarray) -> np.ndarray:
+    """An interpreter value as a kernel receives it (quantized codes packed, rows layout)."""
+    if isinstance(type.dtype, QuantType):
+        return pack_rows(array, type.dtype.bits)
+    return array

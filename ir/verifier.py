@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .core import Block, Operation, Value
-from .dtypes import DType
 from .errors import VerifyError
 from .packing import row_words
 from .types import QuantType

@@ -89,7 +89,7 @@ class _Fuser:
 
     @staticmethod
     def _fusable(op: Operation) -> bool:
-        return op.name.startswith("graph.") and op.name != "graph.constant"
+        return op.name.startswith(("graph.", "quant.")) and op.name != "graph.constant"
 
     def run(self) -> list[Group]:
         """Form the groups: attention first, then greedy producer-consumer merging."""

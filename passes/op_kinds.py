@@ -29,14 +29,15 @@ _ELEMENTWISE = {cls.name for cls in graph.UNARY_OPS.values()} | {
 _BROADCAST = {"graph.batch_norm", "graph.expand"}
 _INJECTIVE = {"graph.reshape", "graph.permute", "graph.slice", "graph.concat", "graph.split",
               "graph.pad", "graph.full", "graph.arange", "graph.gather", "graph.index_select",
-              "graph.index", "graph.embedding"}
+              "graph.index", "graph.embedding", "quant.dequantize"}
 _REDUCTION = {"graph.reduce_sum", "graph.reduce_mean", "graph.reduce_max", "graph.reduce_min",
               "graph.reduce_prod", "graph.reduce_all", "graph.reduce_any", "graph.argmax",
               "graph.argmin", "graph.softmax", "graph.log_softmax", "graph.layer_norm",
               "graph.rms_norm"}
 ANCHORS = {"graph.matmul": "matmul", "graph.linear": "matmul", "graph.conv2d": "conv",
            "graph.max_pool2d": "pool", "graph.avg_pool2d": "pool",
-           "graph.adaptive_avg_pool2d": "pool", "graph.attention": "attention"}
+           "graph.adaptive_avg_pool2d": "pool", "graph.attention": "attention",
+           "quant.linear": "matmul"}
 
 
 def classify(op: Operation) -> OpKind:

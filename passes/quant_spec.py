@@ -56,8 +56,7 @@ def parse_quant_spec(text: str) -> dict[str, Any]:
         except DTypeError as exc:
             raise _fail(text, str(exc)) from None
         out["format"] = fmt.name
-    if m["group"] is not None:
-        out["group"] = int(m["group"])
+    out["group"] = int(m["group"]) if m["group"] is not None else 0
     for option in options:
         key, eq, value = option.partition("=")
         if not eq:

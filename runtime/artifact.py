@@ -75,6 +75,7 @@ class Manifest:
     weight_dtypes: dict[str, str] = field(default_factory=dict)  # stored as bits, see _as_bits
     format_version: int = FORMAT_VERSION
     bitsmith_version: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)  # e.g. the quantization report
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document."""
@@ -82,7 +83,7 @@ class Manifest:
                 "name": self.name, "inputs": [s.to_json() for s in self.inputs],
                 "outputs": [s.to_json() for s in self.outputs], "requires": self.requires,
                 "toolchain": self.toolchain, "plan": self.plan, "files": self.files,
-                "weight_dtypes": self.weight_dtypes}
+                "weight_dtypes": self.weight_dtypes, "metadata": self.metadata}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
@@ -94,7 +95,8 @@ class Manifest:
                    toolchain=dict(data.get("toolchain", {})), files=dict(data["files"]),
                    weight_dtypes=dict(data.get("weight_dtypes", {})),
                    format_version=int(data["format_version"]),
-                   bitsmith_version=str(data.get("bitsmith_version", "")))
+                   bitsmith_version=str(data.get("bitsmith_version", "")),
+                   metadata=dict(data.get("metadata", {})))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,33 @@ class CompiledModel:
             outs = [torch.from_numpy(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def report(self) -> str:
+        """What quantization did, per layer: format, grouping, method, relative output error
+        (tr(dW H dW^T) / tr(W H W^T) on the calibration inputs, or the weights' relative
+        squared error without them) and bytes; then the model's weight bytes before/after."""
+        quant = self.artifact.manifest.metadata.get("quantization")
+        stored = sum(np.asarray(a).nbytes for a in self.artifact.weights.values())
+        if not quant:
+            return f"{self.name}: not quantized; weights {stored / 2**20:.2f} MiB"
+        head = (f"{'layer':<48} {'shape':>11} {'format':>7} {'group':>5} {'axis':>4} "
+                f"{'method':>6} {'error':>9} {'KiB':>8}")
+        lines = [f"{self.name}: {quant['spec']}", head]
+        for row in quant["layers"]:
+            shape = "x".join(map(str, row["shape"]))
+            if row["format"] == "f32":
+                lines.append(f"{row['layer']:<48} {shape:>11} {'f32':>7} {'-':>5} {'-':>4} "
+                             f"{row.get('reason', '-'):>6} {'-':>9} "
+                             f"{row['shape'][0] * row['shape'][1] * 4 / 1024:8.1f}")
+                continue
+            lines.append(f"{row['layer']:<48} {shape:>11} {row['format']:>7} {row['group']:>5} "
+                         f"{row['axis']:>4} {row['method']:>6} {row['error']:9.2e} "
+                         f"{row['bytes'] / 1024:8.1f}")
+        before = stored - quant["bytes"] + quant["f32_bytes"]
+        lines.append(f"quantized layers: {quant['f32_bytes'] / 2**20:.2f} MiB f32 -> "
+                     f"{quant['bytes'] / 2**20:.2f} MiB; model weights as stored: "
+                     f"{before / 2**20:.2f} MiB -> {stored / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the artifact (`.bsm`) to `path`."""
         save_artifact(path, self.artifact.manifest, weights=self.artifact.weights,

@@ -22,7 +22,8 @@ from tvm import te, topi
 from ...ir import Operation, Value
 from ...ir.dialects.kernel import FusedOp
 from ...ir.dtypes import DType
-from ...ir.types import TensorType
+from ...ir.packing import row_words
+from ...ir.types import QuantType, TensorType
 from ...runtime.artifact import NUMPY_DTYPES
 from ..template import CodegenError
 
@@ -91,9 +92,8 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
                                                               for r in o.results]
         for d in v.type.shape))
     placeholders = placeholders or {}
-    inputs = [placeholders[i] if i in placeholders else te.placeholder(
-        lowering.shape(a.type), tvm_dtype(None, a.type.dtype), name=f"in{i}")
-        for i, a in enumerate(block.args)]
+    inputs = [placeholders[i] if i in placeholders else _placeholder(i, a.type, lowering)
+              for i, a in enumerate(block.args)]
     env: dict[Value, te.Tensor] = dict(zip(block.args, inputs))
     for op in kernel.body_ops:
         rule = (rules or {}).get(op) or RULES.get(op.name)
@@ -112,6 +112,17 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
             tensor = _map(tensor, lambda v: v, "copy")
         outputs.append(tensor)
     return te.create_prim_func(inputs + outputs), inputs, outputs
+
+
+def _placeholder(index: int, type: TensorType, lowering: Lowering) -> te.Tensor:
+    """A kernel input: a plain tensor, or a quantized weight as its packed uint32 words."""
+    if isinstance(type.dtype, QuantType):
+        n, k = type.shape
+        if not isinstance(k, int):
+            raise CodegenError(f"a quantized weight needs a static in_features, got {type}")
+        return te.placeholder((lowering.dim(n), lowering.dim(row_words(k, type.dtype.bits))),
+                              "uint32", name=f"in{index}")
+    return te.placeholder(lowering.shape(type), tvm_dtype(None, type.dtype), name=f"in{index}")
 
 
 def _as_type(tensor: te.Tensor, type: TensorType, op: Operation) -> te.Tensor:
@@ -469,4 +480,4 @@ def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Ex
     return compile_funcs({"main": func}, f"kernel '{kernel.kernel_name}'", target)
 
 
-from . import lower_nn  # noqa: E402,F401 - registers the windowed and attention rules
+from . import lower_nn, lower_quant  # noqa: E402,F401 - registers the nn and quant rules

@@ -44,10 +44,10 @@ def scale_shape(qtype: QuantType, shape: tuple[Dim, Dim]) -> tuple[Dim, Dim]:
 
 
 def zero_dtype(qtype: QuantType) -> DType | None:
-    """Element type of the zero points: the storage type (int), the scale type (float), or
-    None for symmetric weights."""
+    """Element type of the zero points: u8/i8 (of the storage's signedness) holding values in
+    the storage range (int), the scale type (float), or None for symmetric weights."""
     if qtype.zero_point is ZeroPoint.INT:
-        return qtype.storage
+        return IntType(8, qtype.storage.is_signed)
     if qtype.zero_point is ZeroPoint.FLOAT:
         return qtype.scale_dtype
     return None
