@@ -16,7 +16,7 @@ from tvm import te
 from ...ir import Operation
 from ...ir.dialects import quant
 from ...ir.dtypes import IntType, LowFloatType
-from ...ir.packing import WORD, row_words
+from ...ir.packing import WORD
 from ...ir.types import GroupAxis, QuantType
 from .lower import RULES, Lowering
 

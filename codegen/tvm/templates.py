@@ -477,6 +477,7 @@ class Rows(_Auto):
 def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:
     """The first template matching `op` (registration order: specific to general)."""
     matches = [(t, p) for t, p in match_templates(op) if isinstance(t, TvmTemplate)]
+    matches.sort(key=lambda tp: isinstance(tp[0], _Auto))  # the catch-alls last
     if not matches:
         raise CodegenError(f"no CPU template matches kernel '{op.kernel_name}'")
     return matches[0]
@@ -487,3 +488,6 @@ def build_kernel(op: FusedOp, target: Target, config: Config | None = None) -> T
     template, problem = select(op, target)
     return template.build(problem, config or template.default_config(problem, target), target)
 
+
+
+from . import templates_quant  # noqa: E402,F401 - registers the quantized templates
