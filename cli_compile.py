@@ -37,6 +37,12 @@ def add_parsers(sub: Any) -> None:
     comp.add_argument("--pipeline", help="passes to run (default: the target's pipeline)")
     comp.add_argument("--tune", metavar="BUDGET",
                       help="tune kernels not in the cache first: trials (200) or time (10m)")
+    comp.add_argument("--quant", metavar="SPEC",
+                      help="quantize linear weights: w4g128, w3g128:gptq, f6e3m2g64, ...")
+    comp.add_argument("--calib", metavar="DATA.npz",
+                      help="calibration inputs for --quant: one array per model input, in "
+                           "input order (arr_0, arr_1, ... or the input names), samples on "
+                           "axis 0")
     comp.set_defaults(func=cmd_compile)
     tune = sub.add_parser("tune", help="tune a model's kernels into the cache")
     tune.add_argument("model")
@@ -75,12 +81,29 @@ def _load(name: str) -> Any:
 
 
 def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None,
-             tune: str | None = None) -> Any:
+             tune: str | None = None, quant: str | None = None,
+             calib: list[tuple[np.ndarray, ...]] | None = None) -> Any:
     from . import compiler  # noqa: PLC0415 - imports torch; `run` must not
 
     args, kwargs = loaded.call_args(batch)
     return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
-                            dynamic_batch=dynamic, pipeline=pipeline, tune=tune, progress=True)
+                            dynamic_batch=dynamic, pipeline=pipeline, tune=tune, progress=True,
+                            quant=quant, calib=calib)
+
+
+def load_calibration(path: str, names: tuple[str, ...]) -> list[tuple[np.ndarray, ...]]:
+    """A .npz of calibration inputs: arrays named after the model inputs, or arr_0, arr_1..."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--calib {path}: cannot read it as .npz ({exc})") from None
+    keys = list(names) if all(n in data for n in names) else [f"arr_{i}"
+                                                                for i in range(len(names))]
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise CommandError(f"--calib {path}: expected arrays {', '.join(names)} (or "
+                           f"arr_0..arr_{len(names) - 1}), got {', '.join(data.files)}")
+    return [tuple(data[k] for k in keys)]
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -123,9 +146,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     loaded = _load(args.model)
     start = time.perf_counter()
     try:
-        cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline, args.tune)
+        calib = load_calibration(args.calib, loaded.input_names) if args.calib else None
+        cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline, args.tune,
+                      args.quant, calib)
     except TuningError as exc:
         raise CommandError(str(exc)) from None
+    except Exception as exc:
+        from .passes.errors import PassError  # noqa: PLC0415 - the compiler's own errors
+
+        if isinstance(exc, PassError):
+            raise CommandError(str(exc)) from None
+        raise
     seconds = time.perf_counter() - start
     out = Path(args.output or f"{loaded.name}.bsm")
     cm.save(out)
@@ -139,6 +170,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   str(len(cm.artifact.manifest.outputs)), f"{seconds:.1f}")
     err.print(table)
     err.print(_template_table(steps))
+    if args.quant:
+        err.print(cm.report())
     return 0
 
 

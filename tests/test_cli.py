@@ -105,3 +105,19 @@ def test_bench_prints_ratios(capsys) -> None:
     err = capsys.readouterr().err
     assert "bitsmith/eager" in err and "3 kernels" in err
     assert "kernels at batch 1" in err and err.count("dense") == 3  # one row per kernel
+
+
+def test_compile_with_quant_and_calib(tmp_path, capsys) -> None:
+    import numpy as np
+
+    art = tmp_path / "q.bsm"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+    assert main(["compile", "mlp", "--quant", "w4g32:gptq", "--calib", str(calib),
+                 "-o", str(art)]) == 0
+    err = capsys.readouterr().err
+    assert "group=32" in err and "method=gptq" in err and "qdense" in err and " u4 " in err
+    assert main(["compile", "mlp", "--quant", "w4g32:gptq", "-o", str(art)]) == 2
+    assert "needs calibration inputs" in capsys.readouterr().err
+    assert main(["compile", "mlp", "--quant", "w9"]) == 2
+    assert "integer weights take 1..8 bits, got 9" in capsys.readouterr().err

@@ -179,3 +179,31 @@ def test_a_recompile_in_another_process_reuses_the_compiled_library(tmp_path: Pa
     rebuilt = run("cold")  # ...and a normal compile rebuilds it
     assert rebuilt.returncode == 0 and rebuilt.stdout.strip() == "ok", rebuilt.stderr[-1500:]
     assert len(list((tmp_path / "cache" / "libraries").iterdir())) == 1
+
+
+def test_quantized_compile_runs_reports_and_round_trips(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 48), torch.nn.ReLU(),
+                                torch.nn.Linear(48, 10))
+    x = torch.randn(2, 200)
+    calib = [torch.randn(3, 200) for _ in range(40)]  # re-cut into batches of the static 2
+    cm = bitsmith.compile(model, (x,), quant="w4g32:gptq", calib=calib)
+    want = model(x).detach().numpy()
+    got = cm(x).numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.2  # 4-bit weights
+    report = cm.report()
+    assert "0.weight" in report and "u4" in report and "gptq" in report
+    assert "MiB" in report
+    steps = cm.artifact.manifest.plan["steps"]
+    assert {s["template"] for s in steps if "linear" in s["kernel"]} == {"qdense"}
+    path = tmp_path / "q.bsm"
+    cm.save(path)
+    again = bitsmith.load(path)
+    np.testing.assert_array_equal(again(x.numpy()), got)
+    assert again.report() == report
+
+
+def test_quant_spec_errors_reach_the_user() -> None:
+    model = torch.nn.Linear(8, 4)
+    with pytest.raises(bitsmith.passes.PipelineError, match="integer weights take 1..8 bits"):
+        bitsmith.compile(model, (torch.randn(1, 8),), quant="w12g128")

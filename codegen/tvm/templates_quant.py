@@ -223,6 +223,8 @@ class QDense(TvmTemplate):
         spatial = (tm > 1) + (tn > 1) + 1
         tile, red = own[:spatial], own[spatial:]
         sch.reorder(*red, *tile)
+        if config["PARALLEL"]:
+            sch.parallel(jo)
         sch.vectorize(tile[-1])
         if config["UNROLL"]:
             for loop in tile[:-1]:
@@ -231,5 +233,3 @@ class QDense(TvmTemplate):
             sch.unroll(red[-1])
         if red:
             sch.decompose_reduction(acc, red[0])
-        if config["PARALLEL"]:
-            sch.parallel(jo)

@@ -12,6 +12,7 @@ from bitsmith.codegen.tvm.lower import compile_funcs
 from bitsmith.codegen.tvm.target import host_target, tvm_target
 from bitsmith.codegen.tvm.templates import select
 from bitsmith.ir.interpreter import EvalContext
+from bitsmith.ir.packing import to_storage
 
 RTOL = {"float32": 2e-5}
 
@@ -26,6 +27,7 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
     assert template is None or chosen.name == template, (chosen.name, template)
     built = chosen.build(problem, config or chosen.default_config(problem, target), target)
     exe = compile_funcs({"main": built.func}, kernel.kernel_name, tvm_target(target))
+    arrays = [to_storage(v.type, a) for v, a in zip(kernel.operands, arrays)]
     arrays = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
     outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype)) for w in want]

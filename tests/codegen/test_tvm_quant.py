@@ -1,0 +1,93 @@
+"""Quantized kernels against the interpreter's dequantize-then-matmul: every integer width
+1..8 and the low-bit float formats, on odd shapes (N and K not multiples of anything, K not a
+multiple of the group: the last group is short), the fused template and the generic path."""
+import numpy as np
+import pytest
+
+from bitsmith import ir, passes
+from bitsmith.codegen.template import Config
+from bitsmith.codegen.tvm.target import host_target
+from bitsmith.codegen.tvm.templates import select
+from bitsmith.ir import Builder, Module, TensorType, graph
+from bitsmith.ir.dialects import func, quant
+from bitsmith.ir.dtypes import IntType, f16, f32, parse_dtype
+from bitsmith.ir.packing import pack_rows
+from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
+
+from .tvm_checks import check_module
+
+
+def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0) -> Module:
+    """x [m, k] -> gelu(quant.linear(x, W) + b): a quantized layer with an epilogue."""
+    rng = np.random.default_rng(seed)
+    shape = quant.scale_shape(qt, (n, k))
+    module = Module("q", [TensorType((m, k), f32)], ["x"])
+    storage = qt.storage
+    codes = storage.to_bits(storage.cast(rng.standard_normal((n, k)) * 3))
+    module.weights.update({"w": pack_rows(codes, qt.bits),
+                           "s": (rng.random(shape) * 0.1 + 0.01).astype(np.float16),
+                           "b": rng.standard_normal(n).astype(np.float32)})
+    b = Builder.at_end(module.body)
+    w = b.value(graph.ConstantOp, weight="w", result_types=[TensorType((n, k), qt)])
+    s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(shape, f16)])
+    z = None
+    zdt = quant.zero_dtype(qt)
+    if zdt is not None:
+        lo, hi = storage.min_value, storage.max_value
+        module.weights["z"] = zdt.cast(rng.integers(lo, hi + 1, shape))
+        z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(shape, zdt)])
+    bias = b.value(graph.ConstantOp, weight="b", result_types=[TensorType((n,), f32)])
+    y = b.value(quant.LinearOp, module.inputs[0], w, s, z)
+    y = b.value(graph.GeluOp, b.value(graph.BINARY_OPS["add"], y, bias))
+    b.create(func.ReturnOp, y)
+    ir.verify(module)
+    return module
+
+
+INT_CASES = [(bits, signed) for bits in range(1, 9) for signed in (False, True)]
+
+
+@pytest.mark.parametrize("bits, signed", INT_CASES)
+def test_fused_dequant_gemv_every_integer_width(bits: int, signed: bool) -> None:
+    zp = ZeroPoint.NONE if signed else ZeroPoint.INT
+    qt = QuantType(IntType(bits, signed), 32, GroupAxis.OUT, f16, zp)
+    # K = 300: blocks of 512 padded, groups of 32 with a short last one (300 = 9*32 + 12)
+    assert check_module(qlinear_module(qt, 1, 37, 300, seed=bits), pipeline="fuse",
+                        template="qdense") == 1
+
+
+@pytest.mark.parametrize("fmt", ["f4e2m1", "f6e3m2", "f6e2m3", "f8e4m3", "f8e5m2", "f3e1m1",
+                                 "f5e2m2"])
+def test_fused_dequant_gemm_low_bit_floats(fmt: str) -> None:
+    qt = QuantType(parse_dtype(fmt), 64, GroupAxis.OUT, f16, ZeroPoint.NONE)
+    check_module(qlinear_module(qt, 3, 29, 700), pipeline="fuse", template="qdense")
+
+
+@pytest.mark.parametrize("group, k", [(0, 1100), (1024, 1100), (512, 1500), (16, 70)])
+def test_fused_kernel_groupings(group: int, k: int) -> None:
+    qt = QuantType(IntType(5, False), group, GroupAxis.OUT, f16, ZeroPoint.INT)
+    check_module(qlinear_module(qt, 2, 19, k), pipeline="fuse", template="qdense")
+
+
+def test_every_knob_of_the_fused_template() -> None:
+    qt = QuantType(IntType(3, False), 64, GroupAxis.OUT, f16, ZeroPoint.INT)
+    module = qlinear_module(qt, 4, 24, 200)
+    passes.run(module, "fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    template, problem = select(kernel, host_target())
+    base = template.default_config(problem, host_target())
+    for knob in template.space.knobs:
+        for choice in knob.choices:
+            config = Config({**base, knob.name: choice})
+            if config != base and template.valid(problem, config):
+                check_module(qlinear_module(qt, 4, 24, 200), pipeline="fuse", config=config,
+                             template="qdense")
+
+
+@pytest.mark.parametrize("qt", [
+    QuantType(IntType(4, False), 8, GroupAxis.IN, f16, ZeroPoint.INT),  # per input channel
+    QuantType(IntType(6, True), 100, GroupAxis.OUT, f16, ZeroPoint.NONE),  # odd group
+    QuantType(parse_dtype("f6e3m2"), 0, GroupAxis.IN, f16, ZeroPoint.NONE),
+])
+def test_generic_path_for_groupings_the_fused_template_does_not_take(qt: QuantType) -> None:
+    check_module(qlinear_module(qt, 2, 21, 230), pipeline="fuse", template="rows")

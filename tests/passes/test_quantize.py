@@ -1,0 +1,125 @@
+"""The quantize pass and its spec strings: RTN and GPTQ against the interpreter, per-layer
+choices, the report, and every parsing error."""
+import numpy as np
+import pytest
+import torch
+
+from bitsmith import ir
+from bitsmith.frontend import from_torch
+from bitsmith.ir.dtypes import IntType
+from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
+from bitsmith.passes import PassError, PipelineError, parse_pipeline, run
+from bitsmith.passes.quant_methods import gptq, relative_error, rtn
+from bitsmith.passes.quant_spec import QuantSpecError, parse_quant_spec, quant_pipeline_entry
+
+
+@pytest.mark.parametrize("text, want", [
+    ("w4g128", {"bits": 4, "group": 128}),
+    ("w3g128:gptq", {"bits": 3, "group": 128, "method": "gptq"}),
+    ("w8", {"bits": 8, "group": 0}),
+    ("f6e3m2g64", {"format": "f6e3m2", "group": 64}),
+    ("w2g64:gptq:no-act-order:sym:axis=auto:scale=bf16:keep=*pooler*|lm_head*:promote=0.25",
+     {"bits": 2, "group": 64, "method": "gptq", "act_order": False, "sym": True,
+      "axis": "auto", "scale": "bf16", "keep": "*pooler*|lm_head*", "promote": 0.25}),
+])
+def test_spec_strings_parse(text: str, want: dict) -> None:
+    assert parse_quant_spec(text) == want
+    entry = quant_pipeline_entry(text)
+    parse_pipeline(entry)  # every spec is a valid pipeline entry
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "it is empty"),
+    ("w9g128", "integer weights take 1..8 bits, got 9"),
+    ("w0", "take 1..8 bits"),
+    ("x4g128", "should be wBITS"),
+    ("w4g", "should be wBITS"),
+    ("f5e3m2", "unknown dtype"),
+    ("w4:fast", "unknown option 'fast'"),
+    ("w4:axis=diag", "axis must be out, in or auto"),
+    ("w4:scale=f64", "scale must be f16, bf16 or f32"),
+    ("w4:promote=2", "promote= takes a fraction"),
+    ("w4:keep=", "keep= needs at least one"),
+    ("f4e2m1:sym", "always symmetric"),
+    ("w4:color=red", "unknown setting 'color'"),
+])
+def test_spec_errors_say_what_was_expected(text: str, match: str) -> None:
+    with pytest.raises(QuantSpecError, match=match) as info:
+        parse_quant_spec(text)
+    assert "expected e.g. w4g128" in str(info.value)
+    assert isinstance(info.value, PipelineError)
+
+
+def mlp() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 40), torch.nn.GELU(),
+                                torch.nn.Linear(40, 24))
+    return model, torch.randn(4, 96)
+
+
+def quantized(spec: str, calib: int = 0) -> ir.Module:
+    model, x = mlp()
+    module = from_torch(model, (x,), {}, name="mlp")
+    run(module, "canonicalize,cse")
+    rng = np.random.default_rng(3)
+    module.calibration = [(rng.standard_normal((4, 96)).astype(np.float32),)
+                          for _ in range(calib)]
+    run(module, quant_pipeline_entry(spec))
+    return module
+
+
+@pytest.mark.parametrize("spec, tol", [("w8", 0.02), ("w4g32", 0.15), ("f6e3m2g32", 0.15),
+                                       ("w4g32:gptq", 0.15), ("w5g16:axis=in", 0.1)])
+def test_quantized_model_stays_close_to_f32(spec: str, tol: float) -> None:
+    model, x = mlp()
+    module = quantized(spec, calib=8)
+    names = [op.name for op in module.ops]
+    assert names.count("quant.linear") == 2 and "graph.linear" not in names
+    got = ir.interpret(module, x.numpy())[0]
+    want = model(x).detach().numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < tol
+    report = module.metadata["quantization"]
+    assert report["bytes"] < report["f32_bytes"] / 3
+    assert all(r["error"] > 0 for r in report["layers"])
+
+
+def test_keep_leaves_layers_in_f32_and_the_report_says_so() -> None:
+    module = quantized("w4g32:keep=2.*")
+    assert [op.name for op in module.ops].count("quant.linear") == 1
+    rows = {r["layer"]: r for r in module.metadata["quantization"]["layers"]}
+    assert rows["2.weight"]["format"] == "f32" and rows["0.weight"]["format"] == "u4"
+
+
+def test_promote_gives_the_most_sensitive_layer_more_bits() -> None:
+    rows = quantized("w3g32:promote=0.5", calib=4).metadata["quantization"]["layers"]
+    assert sorted(r["format"] for r in rows) == ["u3", "u5"]
+
+
+def test_axis_auto_keeps_the_grouping_with_the_smaller_error() -> None:
+    auto = {r["layer"]: r for r in quantized("w3g8:axis=auto", calib=4)
+            .metadata["quantization"]["layers"]}
+    for axis in ("out", "in"):
+        fixed = quantized(f"w3g8:axis={axis}", calib=4).metadata["quantization"]["layers"]
+        for row in fixed:
+            assert auto[row["layer"]]["error"] <= row["error"] + 1e-12
+
+
+def test_gptq_needs_calibration() -> None:
+    with pytest.raises(PassError, match="method=gptq needs calibration inputs"):
+        quantized("w4g32:gptq")
+
+
+@pytest.mark.parametrize("bits, axis", [(3, GroupAxis.OUT), (4, GroupAxis.OUT),
+                                        (3, GroupAxis.IN)])
+def test_gptq_lowers_layer_error_below_rtn(bits: int, axis: GroupAxis) -> None:
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((48, 160)).astype(np.float32)
+    mix = rng.standard_normal((160, 160)) * 0.3 + np.eye(160)  # correlated inputs
+    x = rng.standard_normal((512, 160)) @ mix
+    h = x.T @ x
+    qt = QuantType(IntType(bits, False), 32, axis, zero_point=ZeroPoint.INT)
+    err_rtn = relative_error(w, rtn(w, qt, np.diag(h)), h)
+    err_gptq = relative_error(w, gptq(w, h, qt), h)
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    plain = relative_error(w, gptq(w, h, qt, act_order=False), h)
+    assert plain < err_rtn
