@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import tvm
 import tvm.s_tir as s_tir
 from tvm import te, topi
@@ -35,7 +37,7 @@ from ..template import Config, Knob, KnobSpace, Problem, Target, register_templa
 from .lower import Lowering, lower_kernel
 from .lower_quant import decode, decode_factor
 from .schedule import block_name, inline_injective, root_blocks
-from .target import vector_lanes
+from .target import host_target, vector_lanes
 from .templates import INJECTIVE, TvmKernel, TvmTemplate, _constant_input, _static
 
 U32 = "uint32"
@@ -77,8 +79,6 @@ def _code(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, bits: int) -> A
 
 def _pad_blocks(words: Any, blocks: int) -> Any:
     """Lanes-layout words [N, b, bits, lanes] padded with zero blocks to `blocks`."""
-    import numpy as np  # noqa: PLC0415
-
     extra = blocks - words.shape[1]
     if extra == 0:
         return words
@@ -113,7 +113,6 @@ class QDense(TvmTemplate):
         if (any(i is None for i in indices) or not _static((n, k)) or x.type.rank < 1
                 or not _static(x.type.shape[1:])):
             return None
-        from .target import host_target  # noqa: PLC0415 - the lanes of the packed layout
         if not fast_groups(qtype, k, vector_lanes(host_target())):
             return None
         rows = x.type.shape[0] if x.type.rank > 1 else 1
