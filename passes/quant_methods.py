@@ -56,9 +56,10 @@ def _grouped(w: np.ndarray, qtype: QuantType) -> np.ndarray:
     return padded.reshape(n, groups, g)
 
 
-def fit_params(w: np.ndarray, qtype: QuantType, shrink: float = 1.0
+def fit_params(w: np.ndarray, qtype: QuantType, shrink: float | np.ndarray = 1.0
                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scales and zero points of every group of W, from its range shrunk by `shrink`."""
+    """Scales and zero points of every group of W, from its range shrunk by `shrink` (a
+    number, or an array that broadcasts against the params' shape)."""
     grouped = _grouped(np.asarray(w, np.float32), qtype)
     lo = np.minimum(np.nanmin(grouped, axis=-1), 0.0) * shrink
     hi = np.maximum(np.nanmax(grouped, axis=-1), 0.0) * shrink
@@ -116,9 +117,18 @@ def rtn(w: np.ndarray, qtype: QuantType, hdiag: np.ndarray | None = None) -> Qua
 
 def _column_rtn(col: np.ndarray, qtype: QuantType) -> tuple[np.ndarray, np.ndarray,
                                                              np.ndarray | None]:
-    """Per-input-channel params of one column [N] (groups along N), by the clipping search."""
-    q = rtn(col[:, None], qtype)
-    return q.weight()[:, 0], q.scale, q.zero
+    """Per-input-channel params of one column [N] (groups along N) by the clipping search,
+    every SHRINK factor at once (the GPTQ sweep calls this once per column)."""
+    factors = np.asarray(SHRINK, np.float32)
+    cand = np.repeat(col[:, None], len(factors), axis=1)  # [N, factors]
+    scale, zero = fit_params(cand, qtype, factors)          # [groups, factors]
+    deq = dequantize(quantize(cand, scale, zero, qtype), scale, zero, qtype)
+    err = np.nansum(_grouped((deq - cand) ** 2, qtype), axis=-1)
+    best = np.argmin(err, axis=1)  # the first factor of least error, as `rtn` picks
+    groups = np.arange(len(best))
+    member = np.minimum(np.arange(len(col)) // max(qtype.group_size, 1), len(best) - 1)
+    return (deq[np.arange(len(col)), best[member]], scale[groups, best][:, None],
+            None if zero is None else zero[groups, best][:, None])
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, qtype: QuantType, *, act_order: bool = True,

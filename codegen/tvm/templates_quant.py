@@ -21,6 +21,7 @@ each decoded weight vector), UNROLL (unroll the positions of a chunk), PARALLEL.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from tvm import te, topi
 
 from ...ir import Operation
 from ...ir.dialects.kernel import FusedOp
+from ...ir.dtypes import IntType
 from ...ir.packing import CHUNK, WORD, lane_blocks, rows_to_lanes
 from ...ir.types import GroupAxis, QuantType
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
@@ -77,6 +79,42 @@ def _code(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, bits: int) -> A
     return v
 
 
+def _chain(terms: list) -> Any:
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _tree(terms: list) -> Any:
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
+                 for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+MAGIC_ONE = 0x3F800000  # the bits of 1.0f: a code in the top mantissa bits gives 1 + code/2**b
+
+
+def _magic(code: Any, qtype: QuantType) -> Any:
+    """1 + u / 2**bits as f32 with no conversion instruction: the code moved into the top of
+    the mantissa of 1.0, where u is the unsigned code, or for signed codes the code with its
+    sign bit flipped (two's complement c -> c + 2**(bits-1)); one XOR does the flip and sets
+    the exponent, as the bits are disjoint."""
+    bits = qtype.bits
+    storage = qtype.storage
+    top = MAGIC_ONE | ((1 << 22) if storage.signed else 0)
+    return tvm.tirx.reinterpret("float32", (code << tvm.tirx.const(23 - bits, U32))
+                                ^ tvm.tirx.const(top, U32))
+
+
+def _magic_offset(qtype: QuantType) -> float:
+    """What to subtract from 2**bits * _magic(code) for the integer code: 2**bits, plus the
+    2**(bits-1) that the sign flip added to signed codes."""
+    bits = qtype.bits
+    return float((1 << bits) + ((1 << (bits - 1)) if qtype.storage.signed else 0))
+
+
 def _pad_blocks(words: Any, blocks: int) -> Any:
     """Lanes-layout words [N, b, bits, lanes] padded with zero blocks to `blocks`."""
     extra = blocks - words.shape[1]
@@ -95,7 +133,8 @@ class QDense(TvmTemplate):
     space = KnobSpace(Knob("TILE_N", (4, 1, 2, 8)),
                       Knob("TILE_M", (1, 2, 4)),
                       Knob("UNROLL", (True, False)),
-                      Knob("PARALLEL", (True, False)))
+                      Knob("PARALLEL", (True, False)),
+                      Knob("DECODE", ("magic", "convert")))
     key = ("M", "N", "K", "qtype", "epilogue")
 
     def match(self, op: Operation) -> Problem | None:
@@ -121,16 +160,20 @@ class QDense(TvmTemplate):
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
         return Problem(self.name, {"M": str(rows), "N": n, "K": k, "qtype": str(qtype),
                                    "epilogue": epilogue, "w_index": indices[0],
+                                   "int_codes": isinstance(qtype.storage, IntType),
                                    "row_factor": rows if isinstance(rows, int) else 1}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
         return (problem["N"] % config["TILE_N"] == 0
-                and problem["row_factor"] % config["TILE_M"] == 0)
+                and problem["row_factor"] % config["TILE_M"] == 0
+                and (config["DECODE"] == "convert" or problem["int_codes"]))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        n = problem["N"]
-        return Config({"TILE_N": next(t for t in (4, 2, 1) if n % t == 0), "TILE_M": 1,
-                       "UNROLL": True, "PARALLEL": n * problem["K"] >= 1 << 16})
+        # one row at a time measured fastest for GEMV here (no spills, the x vector loads
+        # fold into the FMAs); the tuner tries the taller tiles
+        return Config({"TILE_N": 1, "TILE_M": 1,
+                       "UNROLL": True, "PARALLEL": problem["N"] * problem["K"] >= 1 << 16,
+                       "DECODE": "magic" if problem["int_codes"] else "convert"})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         kernel: FusedOp = problem.op
@@ -148,7 +191,13 @@ class QDense(TvmTemplate):
         chunk = min(g, block)  # elements of one chunk: a group, or a block of a longer group
         per_block, positions = block // chunk, chunk // lanes
         words = te.placeholder((n, blocks, bits, lanes), U32, name="packed")
-        factor = decode_factor(qtype)
+        magic = config["DECODE"] == "magic"
+        if magic:  # w = 1 + u / 2**bits; the 2**bits and the offset ride on scale and zero
+            factor, offset = float(1 << bits), _magic_offset(qtype)
+            value = functools.partial(_magic, qtype=qtype)
+        else:
+            factor, offset = decode_factor(qtype), 0.0
+            value = functools.partial(decode, qtype=qtype)
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             x, _, scale, *zero = args
@@ -170,30 +219,35 @@ class QDense(TvmTemplate):
                     # cs is unrolled by the schedule, so i is a constant there too
                     i = cs * positions + p if per_block > 1 else p
                     code = _code(words, j, cb, i, lane, bits)
-                    terms.append(decode(code, qtype)
-                                 * xp[m, cb * block + i * lanes + lane])
-                out = terms[0]
-                for t in terms[1:]:
-                    out = out + t
-                return out
+                    terms.append(value(code) * xp[m, cb * block + i * lanes + lane])
+                # two interleaved chains: the FMAs of a chunk need not wait on each other
+                chains = [terms[0::2], terms[1::2]] if len(terms) > 1 else [terms]
+                return _tree([_chain(c) for c in chains])
             rcb = te.reduce_axis((0, blocks), name="cb")
             rcs = te.reduce_axis((0, per_block), name="cs")
             acc = te.compute((rows, n, lanes), lambda m, j, lane: te.sum(
                 scale[j, group_of(rcb, rcs)].astype("float32") * chunk_sum(m, j, rcb, rcs, lane),
                 axis=[rcb, rcs]), name="acc")
-            rl = te.reduce_axis((0, lanes), name="lane")
-            dot = te.compute((rows, n), lambda m, j: te.sum(acc[m, j, rl], axis=rl), name="dot")
+            # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
+            dot = te.compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
+                                                             for lane in range(lanes)]),
+                             name="dot")
             if factor != 1.0:
                 dot = te.compute((rows, n), lambda m, j: dot[m, j] * tvm.tirx.const(
                     factor, "float32"), name="dot_scaled")
-            if zero:
+            if zero or offset:
                 rg = te.reduce_axis((0, g), name="kg")
                 xsum = te.compute((rows, groups), lambda m, gi: te.sum(
                     xp[m, gi * g + rg], axis=rg), name="xsum")
                 rz = te.reduce_axis((0, groups), name="gz")
+
+                def shift(j: Any, gi: Any) -> Any:  # what each code is off its integer value
+                    z = zero[0][j, gi].astype("float32") if zero else None
+                    c = tvm.tirx.const(offset, "float32")
+                    return c if z is None else (z if not offset else z + c)
                 corr = te.compute((rows, n), lambda m, j: te.sum(
-                    scale[j, rz].astype("float32") * zero[0][j, rz].astype("float32")
-                    * xsum[m, rz], axis=rz), name="corr")
+                    scale[j, rz].astype("float32") * shift(j, rz) * xsum[m, rz], axis=rz),
+                    name="corr")
                 dot = te.compute((rows, n), lambda m, j: dot[m, j] - corr[m, j], name="qdot")
             return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
 
@@ -211,10 +265,10 @@ class QDense(TvmTemplate):
         blocks = {block_name(sch, b): b for b in root_blocks(sch)}
         acc, dot = blocks["acc"], blocks["dot"]
         tn, tm = int(config["TILE_N"]), int(config["TILE_M"])
-        m, j, rl = sch.get_loops(dot)
+        m, j = sch.get_loops(dot)
         mo, mi = sch.split(m, [None, tm])
         jo, ji = sch.split(j, [None, tn])
-        sch.reorder(jo, mo, mi, ji, rl)
+        sch.reorder(jo, mo, mi, ji)
         sch.compute_at(acc, mo)
         # compute_at regenerates acc's loops under mo: the spatial ones of the tile (a unit
         # extent is dropped), then the reductions (cb, cs)
