@@ -1,7 +1,7 @@
 """Batch-1 dequant-GEMV against the memory-bandwidth limit and torch, all in one run.
 
     python bench/quant_gemv.py [--bits 2 3 4 5 6 8] [--shapes 4096x4096 11008x4096]
-                               [--group 128] [--repeat 30]
+                               [--group 128] [--repeat 5] [--rounds 7]
 
 For each shape and width, a module of C independent `quant.linear` layers (random codes and
 scales, asymmetric, groups of --group along K) is compiled through bitsmith's normal path and
@@ -10,7 +10,10 @@ weights total at least 4x the last-level cache; every layer call is timed (media
 --repeat runs of the whole chain). Bytes moved = packed codes + scales + zero points (+ x and y).
 
 The DRAM read bandwidth is measured in the same run by a TVM kernel that sums a 1 GiB buffer
-with every core (the best of --repeat). torch's f32 and bf16 `F.linear` at batch 1 run over
+with every core (the best of 3 passes). The machine is shared, and what neighbours leave of
+the bandwidth drifts, so each row is --rounds rounds of (bandwidth, then the kernel): the
+fraction reported is the median of the per-round fractions, the time the median time.
+torch's f32 and bf16 `F.linear` at batch 1 run over
 rotating weights of the same total size (at least 4x the LLC as well).
 """
 from __future__ import annotations
@@ -36,28 +39,32 @@ from bitsmith.passes import run
 from bitsmith.runtime.executor import Executor
 
 
-def dram_read_bandwidth(repeat: int, cores: int) -> float:
-    """Bytes/s of a parallel, vectorised sum over a 1 GiB buffer."""
-    rows, cols = 1 << 14, 1 << 14  # 2**28 floats = 1 GiB
-    a = te.placeholder((rows, cols), "float32", name="a")
-    r16 = te.reduce_axis((0, cols // 16), name="c")
-    part = te.compute((rows, 16), lambda r, lane: te.sum(a[r, r16 * 16 + lane], axis=r16),
-                      name="part")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([a, part]))
-    block = sch.get_sblock("part")
-    r, lane, c = sch.get_loops(block)
-    sch.reorder(r, c, lane)
-    sch.parallel(r)
-    sch.vectorize(lane)
-    lib = tvm.compile(sch.mod, target=tvm.target.Target(
-        {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
-         "num-cores": cores}))
-    data = tvm.runtime.tensor(np.ones((rows, cols), np.float32))
-    out = tvm.runtime.tensor(np.zeros((rows, 16), np.float32))
-    fn = lib["main"]
-    fn(data, out)
-    best = min(_timed(lambda: fn(data, out)) for _ in range(max(5, repeat // 3)))
-    return rows * cols * 4 / best
+class DramMeter:
+    """Bytes/s of a parallel, vectorised sum over a 1 GiB buffer (the best of `passes`)."""
+
+    def __init__(self, cores: int) -> None:
+        rows, cols = 1 << 14, 1 << 14  # 2**28 floats = 1 GiB
+        a = te.placeholder((rows, cols), "float32", name="a")
+        r16 = te.reduce_axis((0, cols // 16), name="c")
+        part = te.compute((rows, 16), lambda r, lane: te.sum(a[r, r16 * 16 + lane], axis=r16),
+                          name="part")
+        sch = tvm.s_tir.Schedule(te.create_prim_func([a, part]))
+        r, lane, c = sch.get_loops(sch.get_sblock("part"))
+        sch.reorder(r, c, lane)
+        sch.parallel(r)
+        sch.vectorize(lane)
+        lib = tvm.compile(sch.mod, target=tvm.target.Target(
+            {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
+             "num-cores": cores}))
+        self.nbytes = rows * cols * 4
+        self.data = tvm.runtime.tensor(np.ones((rows, cols), np.float32))
+        self.out = tvm.runtime.tensor(np.zeros((rows, 16), np.float32))
+        self.fn = lib["main"]
+        self.fn(self.data, self.out)
+
+    def measure(self, passes: int = 3) -> float:
+        return self.nbytes / min(_timed(lambda: self.fn(self.data, self.out))
+                                 for _ in range(passes))
 
 
 def _timed(fn) -> float:
@@ -87,26 +94,40 @@ def qgemv_module(n: int, k: int, bits: int, group: int, copies: int, seed: int =
     return module
 
 
-def time_chain(executor: Executor, x: np.ndarray, repeat: int) -> float:
+def rounds(meter: DramMeter, timed, count: int) -> tuple[float, float]:
+    """`count` rounds of (DRAM bandwidth, then `timed()` seconds), side by side so that both
+    see the same neighbours: the median time and the median of the per-round ratios of
+    achieved bytes/s to bandwidth, as (seconds, seconds * bandwidth)."""
+    times, ratios = [], []
+    for _ in range(count):
+        bw = meter.measure()
+        t = timed()
+        times.append(t)
+        ratios.append(t * bw)
+    return statistics.median(times), statistics.median(ratios)
+
+
+def chain_timer(executor: Executor, x: np.ndarray, repeat: int):
     """Median seconds of one layer call, over `repeat` runs of the whole chain."""
-    per_kernel = executor.profile(x, repeat=repeat)
-    return statistics.median(t for _, t in per_kernel)
+    return lambda: statistics.median(t for _, t in executor.profile(x, repeat=repeat))
 
 
-def torch_gemv(n: int, k: int, dtype: torch.dtype, llc: int, repeat: int) -> float:
+def torch_timer(n: int, k: int, dtype: torch.dtype, llc: int, repeat: int):
     """Median seconds of F.linear at batch 1 over weights rotating through >= 4x the LLC."""
     size = n * k * torch.finfo(dtype).bits // 8
     copies = max(2, -(-4 * llc // size))
     ws = [torch.randn(n, k).to(dtype) for _ in range(copies)]
     x = torch.randn(1, k).to(dtype)
-    times = []
-    with torch.no_grad():
-        for w in ws:
-            torch.nn.functional.linear(x, w)
-        for _ in range(repeat):
-            for w in ws:
-                times.append(_timed(lambda: torch.nn.functional.linear(x, w)))
-    return statistics.median(times)
+
+    def timed() -> float:
+        times = []
+        with torch.no_grad():
+            for _ in range(repeat):
+                for w in ws:
+                    times.append(_timed(lambda: torch.nn.functional.linear(x, w)))
+        return statistics.median(times)
+    timed()
+    return timed
 
 
 def main() -> None:
@@ -114,23 +135,19 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096"])
     parser.add_argument("--group", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     llc, cores = cache_sizes()["l3"] or 32 << 20, host_target().cores
     torch.set_num_threads(cores)
-    bw = dram_read_bandwidth(args.repeat, cores)
-    print(f"LLC {llc >> 20} MiB, {cores} cores; measured DRAM read bandwidth {bw / 1e9:.1f} GB/s")
-    print("| weight | bits | layers | MiB/layer | us/layer | GB/s | % of DRAM BW "
-          "| vs torch f32 | vs torch bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    meter = DramMeter(cores)
+    rows: list[tuple] = []
     for text in args.shapes:
         n, k = map(int, text.split("x"))
-        t32 = torch_gemv(n, k, torch.float32, llc, args.repeat)
-        t16 = torch_gemv(n, k, torch.bfloat16, llc, args.repeat)
-        print(f"| {n}x{k} | torch f32 | | {n * k * 4 / 2**20:.1f} | {t32 * 1e6:.0f} | "
-              f"{n * k * 4 / t32 / 1e9:.1f} | {n * k * 4 / t32 / bw:.0%} | | |")
-        print(f"| {n}x{k} | torch bf16 | | {n * k * 2 / 2**20:.1f} | {t16 * 1e6:.0f} | "
-              f"{n * k * 2 / t16 / 1e9:.1f} | {n * k * 2 / t16 / bw:.0%} | | |")
+        t32, c32 = rounds(meter, torch_timer(n, k, torch.float32, llc, 3), args.rounds)
+        t16, c16 = rounds(meter, torch_timer(n, k, torch.bfloat16, llc, 3), args.rounds)
+        rows.append((f"{n}x{k}", "torch f32", "", n * k * 4, t32, c32, None, None))
+        rows.append((f"{n}x{k}", "torch bf16", "", n * k * 2, t16, c16, None, None))
         for bits in args.bits:
             probe = qgemv_module(n, k, bits, args.group, 1)
             layer_bytes = sum(a.nbytes for a in probe.weights.values()) + (k + n) * 4
@@ -139,12 +156,20 @@ def main() -> None:
             run(module, "fuse", verify=False)
             executor = Executor(build_artifact(module))
             x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
-            t = time_chain(executor, x, args.repeat)
+            t, cost = rounds(meter, chain_timer(executor, x, args.repeat), args.rounds)
             templates = {s["template"] for s in executor.plan["steps"]}
-            print(f"| {n}x{k} | {bits} ({','.join(sorted(templates))}) | {copies} | "
-                  f"{layer_bytes / 2**20:.2f} | {t * 1e6:.0f} | {layer_bytes / t / 1e9:.1f} | "
-                  f"{layer_bytes / t / bw:.0%} | {t32 / t:.1f}x | {t16 / t:.1f}x |", flush=True)
-
+            rows.append((f"{n}x{k}", f"{bits} ({','.join(sorted(templates))})", copies,
+                         layer_bytes, t, cost, t32 / t, t16 / t))
+            print(f"{n}x{k} w{bits}: {t * 1e6:.0f} us", flush=True)
+    print(f"\nLLC {llc >> 20} MiB, {cores} cores; {args.rounds} rounds of (DRAM read "
+          f"bandwidth, kernel) per row, medians\n")
+    print("| weight | bits | layers | MiB/layer | us/layer | GB/s | % of DRAM BW "
+          "| vs torch f32 | vs torch bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, what, copies, nbytes, t, cost, r32, r16 in rows:
+        ratios = "| | |" if r32 is None else f"| {r32:.1f}x | {r16:.1f}x |"
+        print(f"| {shape} | {what} | {copies} | {nbytes / 2**20:.2f} | {t * 1e6:.0f} | "
+              f"{nbytes / t / 1e9:.1f} | {nbytes / cost:.0%} {ratios}")
 
 if __name__ == "__main__":
     main()

@@ -5,11 +5,16 @@
 Every linear layer is quantized (bitsmith.compile(quant=...)); the compiled model's mean-pooled
 embeddings of held-out sentences are compared with torch's f32 model by cosine similarity
 (mean over the sentences, and the worst one). GPTQ and the per-layer axis choice calibrate on
-CALIBRATION, a different set of sentences from EVALUATION.
+CALIBRATION, a different set of sentences from EVALUATION, plus --calib-docs paragraphs of
+English prose from the docstrings of Python's standard library (`doc_paragraphs`): enough
+tokens for a well-conditioned Hessian of the 1536-wide FFN projections.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import re
 import time
 import warnings
 
@@ -57,6 +62,34 @@ EVALUATION = [
 ]
 
 
+DOC_MODULES = (
+    "json argparse collections functools itertools pathlib statistics textwrap threading "
+    "subprocess logging datetime decimal fractions random shutil socket email.message "
+    "http.client urllib.parse csv heapq bisect contextlib dataclasses enum string unittest "
+    "zipfile tarfile gzip sqlite3 asyncio.tasks queue sched calendar locale gettext pickle "
+    "copy pprint difflib").split()
+
+
+def doc_paragraphs(count: int) -> list[str]:
+    """The first `count` prose paragraphs (25+ words, no code) of the docstrings of
+    DOC_MODULES and their public members, markup stripped, in a fixed order."""
+    found: list[str] = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        members = [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
+        for obj in [module] + [m for m in members
+                               if getattr(m, "__module__", None) == module.__name__]:
+            for para in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
+                text = " ".join(re.sub(r":\w+:|`", "", para).split())
+                prose = sum(c.isalpha() or c == " " for c in text) > 0.9 * len(text)
+                if len(text.split()) >= 25 and ">>>" not in text and prose \
+                        and text not in found:
+                    found.append(text)
+                    if len(found) == count:
+                        return found
+    return found
+
+
 def embed(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean pooling over the real tokens, as sentence-transformers does."""
     m = mask[..., None].astype(np.float32)
@@ -74,6 +107,7 @@ def main() -> None:
         "w4g128:gptq:axis=auto", "w3g128", "w3g128:gptq:axis=auto", "w2g128:gptq:axis=auto",
         "f6e3m2g128", "f4e2m1g128"])
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--calib-docs", type=int, default=128)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import transformers  # noqa: PLC0415
@@ -86,13 +120,16 @@ def main() -> None:
                         return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
     ids, mask = tokens(EVALUATION)
-    cal_ids, cal_mask = tokens(CALIBRATION)
+    calibration = CALIBRATION + doc_paragraphs(args.calib_docs)
+    cal_ids, cal_mask = tokens(calibration)
     with torch.no_grad():
         ref = embed(model(input_ids=ids, attention_mask=mask)[0].numpy(), mask.numpy())
     batch = len(EVALUATION)
-    calib = [(cal_ids[i:i + 4], cal_mask[i:i + 4]) for i in range(0, len(CALIBRATION), 4)]
+    calib = [(cal_ids[i:i + batch], cal_mask[i:i + batch])
+             for i in range(0, len(calibration), batch)]
     print(f"MiniLM-L6 (real weights), {batch} held-out sentences, seq {args.seq}; "
-          f"calibration: {len(CALIBRATION)} other sentences")
+          f"calibration: {len(CALIBRATION)} other sentences and "
+          f"{len(calibration) - len(CALIBRATION)} paragraphs of stdlib docstrings")
     print("| spec | mean cosine | min cosine | weights MiB | compile s |")
     print("|---|---|---|---|---|")
     for spec in ["f32"] + args.specs:

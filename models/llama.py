@@ -1,5 +1,7 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,24 @@ MAX_SEQ = 64
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-5
 SEQ_LEN = 16
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The decoder's sizes; the defaults are the zoo model's (small enough for tests), larger
+    ones (e.g. `LLAMA_1B`) make a decode step stream its weights from memory as a real one."""
+
+    vocab: int = VOCAB
+    dim: int = DIM
+    layers: int = LAYERS
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    hidden: int = HIDDEN
+    max_seq: int = MAX_SEQ
+
+
+LLAMA_1B = LlamaConfig(vocab=32000, dim=2048, layers=4, heads=16, kv_heads=4, hidden=5632)
+"""TinyLlama-1.1B's layer shapes (4 of its 22 layers), for the end-to-end decode benchmark."""
 
 
 class RMSNorm(nn.Module):
@@ -57,22 +77,24 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class Attention(nn.Module):
     """Causal grouped-query attention with rotary position embeddings."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.head_dim = DIM // HEADS
-        self.q_proj = nn.Linear(DIM, HEADS * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(DIM, KV_HEADS * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(DIM, KV_HEADS * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(HEADS * self.head_dim, DIM, bias=False)
+        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """(B, T, DIM) -> (B, T, DIM)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, HEADS, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, KV_HEADS, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, KV_HEADS, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = repeat_kv(k, HEADS // KV_HEADS), repeat_kv(v, HEADS // KV_HEADS)
+        rep = self.heads // self.kv_heads
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -80,11 +102,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(DIM, HIDDEN, bias=False)
-        self.up_proj = nn.Linear(DIM, HIDDEN, bias=False)
-        self.down_proj = nn.Linear(HIDDEN, DIM, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, DIM) -> (B, T, DIM)."""
@@ -94,12 +116,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(DIM)
-        self.self_attn = Attention()
-        self.post_attention_layernorm = RMSNorm(DIM)
-        self.mlp = MLP()
+        self.input_layernorm = RMSNorm(cfg.dim)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim)
+        self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One decoder layer."""
@@ -110,15 +132,15 @@ class DecoderLayer(nn.Module):
 class Llama(nn.Module):
     """Token embedding, decoder stack, final RMSNorm and an untied LM head."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, cfg: LlamaConfig = LlamaConfig()) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList(DecoderLayer() for _ in range(LAYERS))
-        self.norm = RMSNorm(DIM)
-        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
-        head_dim = DIM // HEADS
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+        head_dim = cfg.dim // cfg.heads
         inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        freqs = torch.outer(torch.arange(MAX_SEQ).float(), inv_freq)
+        freqs = torch.outer(torch.arange(cfg.max_seq).float(), inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
@@ -139,9 +161,9 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def build() -> Llama:
+def build(cfg: LlamaConfig = LlamaConfig()) -> Llama:
     """A fresh eval-mode Llama decoder with deterministic weights."""
-    return build_eval(Llama)
+    return build_eval(lambda: Llama(cfg=cfg))
 
 
 def example_inputs(batch: int) -> tuple[torch.Tensor, ...]:

@@ -8,16 +8,30 @@ of a block multiplies the contiguous activations [i*lanes, (i+1)*lanes).
 
 With per-output-channel scales the scale and zero point come out of the inner loop:
 
-    y[m, n] = sum_g s[n, g] * (sum_{k in g} q[n, k] x[m, k]) - sum_g s[n, g] z[n, g] xsum[m, g]
+    y[m, n] = sum_g s[n, g] * sum_{k in g} (w[n, k] - d[n, g]) x[m, k]
 
-so the loop over a group is a decode and one FMA per weight; the group's partial sums (a
-vector per row) are scaled into the row's accumulator vector with one more FMA per group, and
-the lanes are added once per row. K is padded with zero codes (and zero activations) to whole
-blocks of 32 * lanes. Low-bit floats decode by moving their bits into a float32 (exact); the
-constant factor that leaves out rides on the scale.
+where w is the decoded code and d what it is off its integer value (the zero point, and the
+offsets the decodes below add). Per lane the chunk's activations are summed once per call
+(`xlane`), so a chunk (a group, or a block of a longer group) costs a decode and one FMA per
+weight vector, one FMA for d and one for the scale; the lanes are added once per output, as
+a tree. K is padded with zero codes (and zero activations) to whole blocks of 32 * lanes.
+
+How integer codes become f32 (the DECODE knob):
+- `subnormal` (the default): the code is masked where it lies in its word, and the word read
+  as a subnormal float, u * 2**(p - 149) for a code at bit p: one AND per weight (codes in
+  the top half of a word are masked out of the word shifted down by 16, one shift per word).
+  The activations are pre-scaled once per call by 2**(126 - e - p), e the row's largest
+  exponent, so the products are u * x * 2**(-23 - e): exact, normal floats, the scale undone
+  on the output. It needs subnormals to be honoured; a thread that treats them as zero (DAZ,
+  `torch.set_flush_denormal(True)`) gets NaN outputs from a probe, never silent zeros.
+- `magic`: the code is moved to the top of the mantissa of 1.0 (1 + u / 2**bits): a shift and
+  one ternary-logic op per weight; 2**bits and the offset ride on the scale and d.
+- `convert`: shift, mask and an int-to-float conversion.
+Low-bit floats decode by moving their bits into a float32 (exact); the constant factor that
+leaves out rides on the scale.
 
 Knobs: TILE_N (weight rows sharing each activation vector), TILE_M (activation rows sharing
-each decoded weight vector), UNROLL (unroll the positions of a chunk), PARALLEL.
+each decoded weight vector), UNROLL (unroll the positions of a chunk), PARALLEL, DECODE.
 """
 from __future__ import annotations
 
@@ -115,6 +129,57 @@ def _magic_offset(qtype: QuantType) -> float:
     return float((1 << bits) + ((1 << (bits - 1)) if qtype.storage.signed else 0))
 
 
+def _placement(i: Any, bits: int) -> tuple[Any, Any, Any]:
+    """Where code i of a lane lies: (word, bit offset in the word, whether it straddles two
+    words), as numbers for a numeric i, as expressions (folded once unrolled) otherwise."""
+    bit = i * bits
+    word, off = bit // WORD, bit % WORD
+    return word, off, off + bits > WORD
+
+
+def _if(cond: Any, then: Any, other: Any) -> Any:
+    return (then if cond else other) if isinstance(cond, bool) else \
+        tvm.tirx.Select(cond, then, other)
+
+
+def _subnormal(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, qtype: QuantType) -> Any:
+    """u * 2**(p - 149) as f32, exactly: the code masked where it lies (bit p of its word, if
+    it ends below the exponent field at bit 23) and the word read as a subnormal float, one AND
+    per weight; a code in the top half ends below bit 23 once the word is shifted down by 16,
+    one shift per word that all its top codes share; a code split over two words is put
+    together at bit 0. Signed codes get their sign bit flipped by an XOR that the ternary-logic
+    instruction merges with the AND: u = c + 2**(bits-1). p is `_subnormal_bit`."""
+    bits = qtype.bits
+    mask = tvm.tirx.const((1 << bits) - 1, U32)
+    word, off, straddle = _placement(i, bits)
+    high = off + bits > 23
+    def u32(v: Any) -> Any:
+        return tvm.tirx.const(v, U32) if isinstance(v, int) else v.astype(U32)
+    lo = words[n, blk, word, lane]
+    joined = ((lo >> u32(off)) | (words[n, blk, tvm.tirx.min(word + 1, bits - 1), lane]
+                                  << u32(WORD - off))) & mask
+    # the bit the code starts at in the word it is masked from (unused when it straddles)
+    at = _if(high, tvm.tirx.max(off - 16, 0), off) if not isinstance(off, int) else \
+        (max(off - 16, 0) if high else off)
+    source = _if(high, lo >> tvm.tirx.const(16, U32), lo)
+    raw = _if(straddle, joined, source & (mask << u32(at)))
+    if qtype.storage.signed:
+        sign = tvm.tirx.const(1 << (bits - 1), U32)
+        raw = raw ^ _if(straddle, sign, sign << u32(at))
+    return tvm.tirx.reinterpret("float32", raw)
+
+
+def _subnormal_bit(i: Any, bits: int) -> Any:
+    """The bit p where `_subnormal` leaves code i of a lane."""
+    _, off, straddle = _placement(i, bits)
+    return _if(straddle, tvm.tirx.const(0, "int32"), _if(off + bits > 23, off - 16, off))
+
+
+def _pow2(e: Any) -> Any:
+    """2**e as f32 for an int32 e in [-126, 127], from its bits."""
+    return tvm.tirx.reinterpret("float32", ((e + 127).astype(U32)) << tvm.tirx.const(23, U32))
+
+
 def _pad_blocks(words: Any, blocks: int) -> Any:
     """Lanes-layout words [N, b, bits, lanes] padded with zero blocks to `blocks`."""
     extra = blocks - words.shape[1]
@@ -134,7 +199,7 @@ class QDense(TvmTemplate):
                       Knob("TILE_M", (1, 2, 4)),
                       Knob("UNROLL", (True, False)),
                       Knob("PARALLEL", (True, False)),
-                      Knob("DECODE", ("magic", "convert")))
+                      Knob("DECODE", ("subnormal", "magic", "convert")))
     key = ("M", "N", "K", "qtype", "epilogue")
 
     def match(self, op: Operation) -> Problem | None:
@@ -173,7 +238,7 @@ class QDense(TvmTemplate):
         # fold into the FMAs); the tuner tries the taller tiles
         return Config({"TILE_N": 1, "TILE_M": 1,
                        "UNROLL": True, "PARALLEL": problem["N"] * problem["K"] >= 1 << 16,
-                       "DECODE": "magic" if problem["int_codes"] else "convert"})
+                       "DECODE": "subnormal" if problem["int_codes"] else "convert"})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         kernel: FusedOp = problem.op
@@ -191,10 +256,13 @@ class QDense(TvmTemplate):
         chunk = min(g, block)  # elements of one chunk: a group, or a block of a longer group
         per_block, positions = block // chunk, chunk // lanes
         words = te.placeholder((n, blocks, bits, lanes), U32, name="packed")
-        magic = config["DECODE"] == "magic"
-        if magic:  # w = 1 + u / 2**bits; the 2**bits and the offset ride on scale and zero
+        mode = config["DECODE"]
+        if mode == "magic":  # w = 1 + u / 2**bits; the 2**bits and offset ride on scale, zero
             factor, offset = float(1 << bits), _magic_offset(qtype)
             value = functools.partial(_magic, qtype=qtype)
+        elif mode == "subnormal":  # w = u * 2**(p-149), x pre-scaled by 2**(126-e-p): below
+            factor = 1.0
+            offset = float(1 << (bits - 1)) if qtype.storage.signed else 0.0
         else:
             factor, offset = decode_factor(qtype), 0.0
             value = functools.partial(decode, qtype=qtype)
@@ -210,6 +278,26 @@ class QDense(TvmTemplate):
                 kk < k, flat[m, tvm.tirx.min(kk, k - 1)], tvm.tirx.const(0.0, "float32")),
                 name="xpad")
 
+            xs = xp  # the activations the decoded weights multiply
+
+            def xs_unit(m: Any, kk: Any) -> Any:  # x in the units of the chunk sums
+                return xp[m, kk]
+            if mode == "subnormal":
+                # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
+                # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
+                rk = te.reduce_axis((0, kp), name="kx")
+                xmax = te.compute((rows,), lambda m: te.max(tvm.tirx.abs(xp[m, rk]), axis=rk),
+                                  name="xmax")
+                xexp = te.compute((rows,), lambda m: tvm.tirx.max(tvm.tirx.min(
+                    (tvm.tirx.reinterpret(U32, xmax[m]) >> tvm.tirx.const(23, U32))
+                    .astype("int32") - 127, 104), -1), name="xexp")
+                xs = te.compute((rows, kp), lambda m, kk: xp[m, kk] * _pow2(
+                    126 - xexp[m] - _subnormal_bit((kk % block) // lanes, bits)),
+                    name="xscaled")
+
+                def xs_unit(m: Any, kk: Any) -> Any:  # noqa: F811 - x * 2**(-23 - e)
+                    return xp[m, kk] * _pow2(-23 - xexp[m])
+
             def group_of(cb: Any, cs: Any) -> Any:  # padding chunks past K: any group will do
                 return tvm.tirx.min((cb * block + cs * chunk) // g, groups - 1)
 
@@ -218,15 +306,39 @@ class QDense(TvmTemplate):
                 for p in range(positions):
                     # cs is unrolled by the schedule, so i is a constant there too
                     i = cs * positions + p if per_block > 1 else p
-                    code = _code(words, j, cb, i, lane, bits)
-                    terms.append(value(code) * xp[m, cb * block + i * lanes + lane])
+                    w = (_subnormal(words, j, cb, i, lane, qtype) if mode == "subnormal"
+                         else value(_code(words, j, cb, i, lane, bits)))
+                    terms.append(w * xs[m, cb * block + i * lanes + lane])
                 # two interleaved chains: the FMAs of a chunk need not wait on each other
                 chains = [terms[0::2], terms[1::2]] if len(terms) > 1 else [terms]
                 return _tree([_chain(c) for c in chains])
+
+            term = chunk_sum
+            if zero or offset:
+                # sum (w - d) x over a chunk's positions, lane by lane, with d what each decoded
+                # code is off its value in the units of w (zero point, sign flip, magic offset):
+                # the chunk's activations are summed per lane once per call (xlane), so the
+                # correction is one more FMA per chunk and no reduction per output
+                unit = 1.0 if mode == "subnormal" else factor
+                xlane = te.compute((rows, blocks * per_block, lanes), lambda m, c, lane: _chain(
+                    [xs_unit(m, c * chunk + p * lanes + lane) for p in range(positions)]),
+                    name="xlane")
+
+                def off_by(j: Any, gi: Any) -> Any:
+                    d = tvm.tirx.const(offset / unit, "float32")
+                    if not zero:
+                        return d
+                    z = zero[0][j, gi].astype("float32")
+                    z = z if unit == 1.0 else z * tvm.tirx.const(1.0 / unit, "float32")
+                    return z if not offset else z + d
+
+                def term(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
+                    return chunk_sum(m, j, cb, cs, lane) - off_by(j, group_of(cb, cs)) * \
+                        xlane[m, cb * per_block + cs, lane]
             rcb = te.reduce_axis((0, blocks), name="cb")
             rcs = te.reduce_axis((0, per_block), name="cs")
             acc = te.compute((rows, n, lanes), lambda m, j, lane: te.sum(
-                scale[j, group_of(rcb, rcs)].astype("float32") * chunk_sum(m, j, rcb, rcs, lane),
+                scale[j, group_of(rcb, rcs)].astype("float32") * term(m, j, rcb, rcs, lane),
                 axis=[rcb, rcs]), name="acc")
             # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
             dot = te.compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
@@ -235,20 +347,16 @@ class QDense(TvmTemplate):
             if factor != 1.0:
                 dot = te.compute((rows, n), lambda m, j: dot[m, j] * tvm.tirx.const(
                     factor, "float32"), name="dot_scaled")
-            if zero or offset:
-                rg = te.reduce_axis((0, g), name="kg")
-                xsum = te.compute((rows, groups), lambda m, gi: te.sum(
-                    xp[m, gi * g + rg], axis=rg), name="xsum")
-                rz = te.reduce_axis((0, groups), name="gz")
-
-                def shift(j: Any, gi: Any) -> Any:  # what each code is off its integer value
-                    z = zero[0][j, gi].astype("float32") if zero else None
-                    c = tvm.tirx.const(offset, "float32")
-                    return c if z is None else (z if not offset else z + c)
-                corr = te.compute((rows, n), lambda m, j: te.sum(
-                    scale[j, rz].astype("float32") * shift(j, rz) * xsum[m, rz], axis=rz),
-                    name="corr")
-                dot = te.compute((rows, n), lambda m, j: dot[m, j] - corr[m, j], name="qdot")
+            if mode == "subnormal":
+                # undo the 2**(-23 - e); NaN if this thread treats subnormals as zero (DAZ,
+                # e.g. torch.set_flush_denormal(True)): then every weight would read as 0
+                probe = tvm.tirx.reinterpret("float32", tvm.tirx.const(1, U32) + (
+                    tvm.tirx.reinterpret(U32, xp[0, 0]) >> tvm.tirx.const(31, U32)))
+                live = probe * tvm.tirx.const(2.0 ** 126, "float32") > tvm.tirx.const(
+                    0.0, "float32")
+                dot = te.compute((rows, n), lambda m, j: tvm.tirx.Select(
+                    live, dot[m, j] * _pow2(23 + xexp[m]),
+                    tvm.tirx.const(float("nan"), "float32")), name="dot_scaled")
             return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
 
         func, _, _ = lower_kernel(kernel, rules={anchor: rule},
@@ -261,7 +369,7 @@ class QDense(TvmTemplate):
 
     @staticmethod
     def _schedule(sch: s_tir.Schedule, config: Config, target: Target, per_block: int) -> None:
-        inline_injective(sch, keep={"acc", "dot", "xpad", "xsum", "corr"})
+        inline_injective(sch, keep={"acc", "dot", "xpad", "xlane", "xmax", "xscaled"})
         blocks = {block_name(sch, b): b for b in root_blocks(sch)}
         acc, dot = blocks["acc"], blocks["dot"]
         tn, tm = int(config["TILE_N"]), int(config["TILE_M"])

@@ -14,7 +14,7 @@ from bitsmith.ir.dtypes import IntType, f16, f32, parse_dtype
 from bitsmith.ir.packing import pack_rows
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 
-from .tvm_checks import check_module
+from .tvm_checks import build_and_run, check_module, inputs_for, kernel_calls
 
 
 def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0) -> Module:
@@ -91,3 +91,26 @@ def test_every_knob_of_the_fused_template() -> None:
 ])
 def test_generic_path_for_groupings_the_fused_template_does_not_take(qt: QuantType) -> None:
     check_module(qlinear_module(qt, 2, 21, 230), pipeline="fuse", template="rows")
+
+
+def test_subnormal_decode_gives_nan_not_zeros_when_subnormals_are_flushed() -> None:
+    """DECODE=subnormal reads codes as subnormal floats: a thread that flushes them to zero
+    (DAZ) would see every weight as 0, so the kernel's probe turns its outputs into NaN."""
+    torch = pytest.importorskip("torch")
+    qt = QuantType(IntType(4, True), 64, GroupAxis.OUT, f16, ZeroPoint.NONE)
+    module = qlinear_module(qt, 1, 8, 128)
+    passes.run(module, "fuse")
+    kernel, args, ctx = next(kernel_calls(module, inputs_for(module, 1)))
+    want = kernel.evaluate(ctx, *args)
+    template, problem = select(kernel, host_target())
+    config = Config({**template.default_config(problem, host_target()),
+                     "DECODE": "subnormal", "PARALLEL": False})  # runs in this thread
+    _, (ok,) = build_and_run(kernel, args, want, config)
+    np.testing.assert_allclose(ok, want[0], rtol=1e-5, atol=1e-5)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        _, (flushed,) = build_and_run(kernel, args, want, config)
+    finally:
+        torch.set_flush_denormal(False)
+    assert np.isnan(flushed).all(), flushed

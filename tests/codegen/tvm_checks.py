@@ -3,6 +3,8 @@ that matches it (scheduled, weights packed as the compiler packs them), run it, 
 with the interpreter on the very values the interpreter feeds that kernel."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import tvm
 
@@ -17,14 +19,12 @@ from bitsmith.ir.packing import to_storage
 RTOL = {"float32": 2e-5}
 
 
-def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
-               config: Config | None = None, template: str | None = None) -> str:
-    """Build `kernel` (its template's default config unless `config`), run it on `arrays`,
-    compare each output with the interpreter; returns the template's name."""
-    want = kernel.evaluate(ctx, *arrays)
+def build_and_run(kernel: ir.Operation, arrays: list[np.ndarray], want: list[np.ndarray],
+                  config: Config | None = None) -> tuple[str, list[np.ndarray]]:
+    """Build `kernel` with its template (the default config unless `config`), run it on
+    `arrays` into outputs shaped as `want`; the template's name and the outputs."""
     target = host_target()
     chosen, problem = select(kernel, target)
-    assert template is None or chosen.name == template, (chosen.name, template)
     built = chosen.build(problem, config or chosen.default_config(problem, target), target)
     exe = compile_funcs({"main": built.func}, kernel.kernel_name, tvm_target(target))
     arrays = [to_storage(v.type, a) for v, a in zip(kernel.operands, arrays)]
@@ -32,8 +32,17 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
     outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype)) for w in want]
     exe["main"](*args, *outs)
+    return chosen.name, [o.numpy() for o in outs]
+
+
+def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
+               config: Config | None = None, template: str | None = None) -> str:
+    """Build `kernel` (its template's default config unless `config`), run it on `arrays`,
+    compare each output with the interpreter; returns the template's name."""
+    want = kernel.evaluate(ctx, *arrays)
+    name, outs = build_and_run(kernel, arrays, want, config)
+    assert template is None or name == template, (name, template)
     for got, expected in zip(outs, want):
-        got = got.numpy()
         assert got.shape == expected.shape and got.dtype == expected.dtype
         if expected.dtype.kind == "f":
             finite = np.isfinite(expected)
@@ -44,7 +53,7 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
             assert err < RTOL["float32"], f"{kernel.kernel_name}: relative error {err:.2e}"
         else:
             np.testing.assert_array_equal(got, expected)
-    return chosen.name
+    return name
 
 
 def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]:
@@ -70,18 +79,25 @@ def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None 
         passes.run(module, pipeline)
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     for batch in batches:
-        env: dict = {}
-        ctx = EvalContext(module.weights)
-        for arg, array in zip(module.inputs, inputs or inputs_for(module, batch)):
-            env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
-        for op in module.ops:
-            if op.name == "func.return":
-                break
-            args = [env[v] for v in op.operands]
-            if op.name == "kernel.fused":
-                run_kernel(op, args, ctx, config, template)
-            env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
+        for op, args, ctx in kernel_calls(module, inputs or inputs_for(module, batch)):
+            run_kernel(op, args, ctx, config, template)
     return len(kernels)
+
+
+def kernel_calls(module: ir.Module, inputs: list[np.ndarray]
+                 ) -> Iterator[tuple[ir.Operation, list, EvalContext]]:
+    """Interpret a fused module on `inputs`: each kernel with the values it is fed."""
+    env: dict = {}
+    ctx = EvalContext(module.weights)
+    for arg, array in zip(module.inputs, inputs):
+        env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
+    for op in module.ops:
+        if op.name == "func.return":
+            break
+        args = [env[v] for v in op.operands]
+        if op.name == "kernel.fused":
+            yield op, args, ctx
+        env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
 
 
 def func(inputs: str, outputs: str, body: str) -> str:

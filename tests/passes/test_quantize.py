@@ -9,7 +9,7 @@ from bitsmith.frontend import from_torch
 from bitsmith.ir.dtypes import IntType
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 from bitsmith.passes import PassError, PipelineError, parse_pipeline, run
-from bitsmith.passes.quant_methods import gptq, relative_error, rtn
+from bitsmith.passes.quant_methods import _column_rtn, gptq, relative_error, rtn
 from bitsmith.passes.quant_spec import QuantSpecError, parse_quant_spec, quant_pipeline_entry
 
 
@@ -123,3 +123,19 @@ def test_gptq_lowers_layer_error_below_rtn(bits: int, axis: GroupAxis) -> None:
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
     plain = relative_error(w, gptq(w, h, qt, act_order=False), h)
     assert plain < err_rtn
+
+
+@pytest.mark.parametrize("group,signed", [(0, False), (32, False), (100, True)])
+def test_column_fit_matches_rtn_on_that_column(group: int, signed: bool) -> None:
+    """The GPTQ sweep's one-column clipping search (all factors at once) picks what `rtn`
+    picks for the column alone: same values, scales and zero points, short last group too."""
+    qt = QuantType(IntType(4, signed), group, GroupAxis.IN, ir.dtypes.f16,
+                   ZeroPoint.INT if not signed else ZeroPoint.NONE)
+    col = np.random.default_rng(group).standard_normal(300).astype(np.float32)
+    want = rtn(col[:, None], qt)
+    values, scale, zero = _column_rtn(col, qt)
+    np.testing.assert_array_equal(values, want.weight()[:, 0])
+    np.testing.assert_array_equal(scale, want.scale)
+    assert (zero is None) == (want.zero is None)
+    if zero is not None:
+        np.testing.assert_array_equal(zero, want.zero)
