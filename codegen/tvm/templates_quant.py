@@ -138,6 +138,7 @@ def _placement(i: Any, bits: int) -> tuple[Any, Any, Any]:
 
 
 def _if(cond: Any, then: Any, other: Any) -> Any:
+    """then/other by a condition that is a number (chosen now) or an expression (a Select)."""
     return (then if cond else other) if isinstance(cond, bool) else \
         tvm.tirx.Select(cond, then, other)
 
@@ -153,6 +154,7 @@ def _subnormal(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, qtype: Qua
     mask = tvm.tirx.const((1 << bits) - 1, U32)
     word, off, straddle = _placement(i, bits)
     high = off + bits > 23
+
     def u32(v: Any) -> Any:
         return tvm.tirx.const(v, U32) if isinstance(v, int) else v.astype(U32)
     lo = words[n, blk, word, lane]
