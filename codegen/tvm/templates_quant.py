@@ -280,10 +280,8 @@ class QDense(TvmTemplate):
                 kk < k, flat[m, tvm.tirx.min(kk, k - 1)], tvm.tirx.const(0.0, "float32")),
                 name="xpad")
 
+            # the chunk sums come out in units of unit(m): their true value divided by it
             xs = xp  # the activations the decoded weights multiply
-
-            def xs_unit(m: Any, kk: Any) -> Any:  # x in the units of the chunk sums
-                return xp[m, kk]
             if mode == "subnormal":
                 # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
                 # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
@@ -297,8 +295,17 @@ class QDense(TvmTemplate):
                     126 - xexp[m] - _subnormal_bit((kk % block) // lanes, bits)),
                     name="xscaled")
 
-                def xs_unit(m: Any, kk: Any) -> Any:  # noqa: F811 - x * 2**(-23 - e)
-                    return xp[m, kk] * _pow2(-23 - xexp[m])
+                def unit(m: Any) -> Any:  # the products' 2**(-23 - e), undone
+                    return _pow2(23 + xexp[m])
+
+                def inverse_unit(m: Any) -> Any:
+                    return _pow2(-23 - xexp[m])
+            else:
+                def unit(m: Any) -> Any:  # the decode's constant factor
+                    return tvm.tirx.const(factor, "float32")
+
+                def inverse_unit(m: Any) -> Any:
+                    return tvm.tirx.const(1.0 / factor, "float32")
 
             def group_of(cb: Any, cs: Any) -> Any:  # padding chunks past K: any group will do
                 return tvm.tirx.min((cb * block + cs * chunk) // g, groups - 1)
@@ -317,21 +324,19 @@ class QDense(TvmTemplate):
 
             term = chunk_sum
             if zero or offset:
-                # sum (w - d) x over a chunk's positions, lane by lane, with d what each decoded
-                # code is off its value in the units of w (zero point, sign flip, magic offset):
-                # the chunk's activations are summed per lane once per call (xlane), so the
-                # correction is one more FMA per chunk and no reduction per output
-                unit = 1.0 if mode == "subnormal" else factor
+                # subtract d * x, d what each code is off its integer value (zero point, sign
+                # flip, magic offset), lane by lane: the chunk's activations are summed per lane
+                # once per call (xlane, in the units of the chunk sums: exact, as the units are
+                # powers of two), so the correction is one more FMA per chunk
                 xlane = te.compute((rows, blocks * per_block, lanes), lambda m, c, lane: _chain(
-                    [xs_unit(m, c * chunk + p * lanes + lane) for p in range(positions)]),
-                    name="xlane")
+                    [xp[m, c * chunk + p * lanes + lane] for p in range(positions)])
+                    * inverse_unit(m), name="xlane")
 
                 def off_by(j: Any, gi: Any) -> Any:
-                    d = tvm.tirx.const(offset / unit, "float32")
+                    d = tvm.tirx.const(offset, "float32")
                     if not zero:
                         return d
                     z = zero[0][j, gi].astype("float32")
-                    z = z if unit == 1.0 else z * tvm.tirx.const(1.0 / unit, "float32")
                     return z if not offset else z + d
 
                 def term(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
@@ -346,19 +351,18 @@ class QDense(TvmTemplate):
             dot = te.compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
                                                              for lane in range(lanes)]),
                              name="dot")
-            if factor != 1.0:
-                dot = te.compute((rows, n), lambda m, j: dot[m, j] * tvm.tirx.const(
-                    factor, "float32"), name="dot_scaled")
             if mode == "subnormal":
-                # undo the 2**(-23 - e); NaN if this thread treats subnormals as zero (DAZ,
-                # e.g. torch.set_flush_denormal(True)): then every weight would read as 0
+                # NaN if this thread treats subnormals as zero (DAZ, e.g.
+                # torch.set_flush_denormal(True)): then every weight would read as 0
                 probe = tvm.tirx.reinterpret("float32", tvm.tirx.const(1, U32) + (
                     tvm.tirx.reinterpret(U32, xp[0, 0]) >> tvm.tirx.const(31, U32)))
                 live = probe * tvm.tirx.const(2.0 ** 126, "float32") > tvm.tirx.const(
                     0.0, "float32")
                 dot = te.compute((rows, n), lambda m, j: tvm.tirx.Select(
-                    live, dot[m, j] * _pow2(23 + xexp[m]),
-                    tvm.tirx.const(float("nan"), "float32")), name="dot_scaled")
+                    live, dot[m, j] * unit(m), tvm.tirx.const(float("nan"), "float32")),
+                    name="dot_scaled")
+            elif factor != 1.0:
+                dot = te.compute((rows, n), lambda m, j: dot[m, j] * unit(m), name="dot_scaled")
             return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
 
         func, _, _ = lower_kernel(kernel, rules={anchor: rule},
