@@ -15,6 +15,11 @@ the bandwidth drifts, so each row is --rounds rounds of (bandwidth, then the ker
 fraction reported is the median of the per-round fractions, the time the median time.
 torch's f32 and bf16 `F.linear` at batch 1 run over
 rotating weights of the same total size (at least 4x the LLC as well).
+
+With f32 activations every weight costs at least one f32 FMA, so a width's bandwidth fraction
+is also bounded by compute: "FMA ceiling" is (the machine's f32 FMA rate, taken from torch's
+cache-resident f32 GEMM in the same run) x (bytes per weight) / (DRAM bandwidth), capped at
+100%: the fraction a kernel doing nothing but one FMA per weight would reach.
 """
 from __future__ import annotations
 
@@ -94,17 +99,26 @@ def qgemv_module(n: int, k: int, bits: int, group: int, copies: int, seed: int =
     return module
 
 
-def rounds(meter: DramMeter, timed, count: int) -> tuple[float, float]:
+def rounds(meter: DramMeter, timed, count: int) -> tuple[float, float, float]:
     """`count` rounds of (DRAM bandwidth, then `timed()` seconds), side by side so that both
-    see the same neighbours: the median time and the median of the per-round ratios of
-    achieved bytes/s to bandwidth, as (seconds, seconds * bandwidth)."""
-    times, ratios = [], []
+    see the same neighbours: the median time, the median of the per-round ratios of achieved
+    bytes/s to bandwidth (as seconds * bandwidth) and the median bandwidth."""
+    times, ratios, bws = [], [], []
     for _ in range(count):
         bw = meter.measure()
         t = timed()
         times.append(t)
         ratios.append(t * bw)
-    return statistics.median(times), statistics.median(ratios)
+        bws.append(bw)
+    return statistics.median(times), statistics.median(ratios), statistics.median(bws)
+
+
+def fma_rate(size: int = 1024, passes: int = 5) -> float:
+    """f32 multiply-adds per second of torch's GEMM on cache-resident [size, size] matrices
+    (the best of `passes`): what a tuned library reaches on this machine's FMA units."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    return size ** 3 / min(_timed(lambda: torch.mm(a, b)) for _ in range(passes))
 
 
 def chain_timer(executor: Executor, x: np.ndarray, repeat: int):
@@ -141,13 +155,14 @@ def main() -> None:
     llc, cores = cache_sizes()["l3"] or 32 << 20, host_target().cores
     torch.set_num_threads(cores)
     meter = DramMeter(cores)
+    fmas = fma_rate()
     rows: list[tuple] = []
     for text in args.shapes:
         n, k = map(int, text.split("x"))
-        t32, c32 = rounds(meter, torch_timer(n, k, torch.float32, llc, 3), args.rounds)
-        t16, c16 = rounds(meter, torch_timer(n, k, torch.bfloat16, llc, 3), args.rounds)
-        rows.append((f"{n}x{k}", "torch f32", "", n * k * 4, t32, c32, None, None))
-        rows.append((f"{n}x{k}", "torch bf16", "", n * k * 2, t16, c16, None, None))
+        t32, c32, _ = rounds(meter, torch_timer(n, k, torch.float32, llc, 3), args.rounds)
+        t16, c16, _ = rounds(meter, torch_timer(n, k, torch.bfloat16, llc, 3), args.rounds)
+        rows.append((f"{n}x{k}", "torch f32", "", n * k * 4, t32, c32, None, None, None))
+        rows.append((f"{n}x{k}", "torch bf16", "", n * k * 2, t16, c16, None, None, None))
         for bits in args.bits:
             probe = qgemv_module(n, k, bits, args.group, 1)
             layer_bytes = sum(a.nbytes for a in probe.weights.values()) + (k + n) * 4
@@ -156,18 +171,21 @@ def main() -> None:
             run(module, "fuse", verify=False)
             executor = Executor(build_artifact(module))
             x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
-            t, cost = rounds(meter, chain_timer(executor, x, args.repeat), args.rounds)
+            t, cost, bw = rounds(meter, chain_timer(executor, x, args.repeat), args.rounds)
+            ceiling = min(1.0, fmas * layer_bytes / (n * k) / bw)
             templates = {s["template"] for s in executor.plan["steps"]}
             rows.append((f"{n}x{k}", f"{bits} ({','.join(sorted(templates))})", copies,
-                         layer_bytes, t, cost, t32 / t, t16 / t))
+                         layer_bytes, t, cost, t32 / t, t16 / t, ceiling))
             print(f"{n}x{k} w{bits}: {t * 1e6:.0f} us", flush=True)
     print(f"\nLLC {llc >> 20} MiB, {cores} cores; {args.rounds} rounds of (DRAM read "
-          f"bandwidth, kernel) per row, medians\n")
+          f"bandwidth, kernel) per row, medians; f32 FMA rate (torch GEMM) "
+          f"{fmas / 1e9:.0f} G/s\n")
     print("| weight | bits | layers | MiB/layer | us/layer | GB/s | % of DRAM BW "
-          "| vs torch f32 | vs torch bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape, what, copies, nbytes, t, cost, r32, r16 in rows:
-        ratios = "| | |" if r32 is None else f"| {r32:.1f}x | {r16:.1f}x |"
+          "| vs torch f32 | vs torch bf16 | FMA ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape, what, copies, nbytes, t, cost, r32, r16, ceiling in rows:
+        ratios = "| | | |" if r32 is None else \
+            f"| {r32:.1f}x | {r16:.1f}x | {ceiling:.0%} |"
         print(f"| {shape} | {what} | {copies} | {nbytes / 2**20:.2f} | {t * 1e6:.0f} | "
               f"{nbytes / t / 1e9:.1f} | {nbytes / cost:.0%} {ratios}")
 

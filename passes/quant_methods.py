@@ -12,12 +12,18 @@ turns back into weights (its semantics are the ones used here, through `ir.diale
   Groups stay contiguous in the original column order: with per-output-channel scales they
   are fitted on W before the sweep ("static groups", as AutoGPTQ does with act-order), with
   per-input-channel scales each column's scales are fitted when the sweep reaches it.
+- Rotation (QuaRot, Ashkboos et al., 2024; QuIP#'s incoherence processing): W is quantized as
+  W R, R block-diagonal with one randomized Hadamard block R_b = diag(signs) H_b / sqrt(b)
+  repeated along K, and the layer runs on x R, so (x R)(W R)^T = x W^T. The rotation spreads
+  each block's outlier columns over the whole block, so a group's range is not set by a few
+  large weights; it costs one [b, b] matmul per block of activations.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from ..ir.dialects.quant import dequantize, expand_groups, quantize, scale_shape, zero_dtype
 from ..ir.dtypes import IntType
@@ -189,6 +195,27 @@ def gptq(w: np.ndarray, hessian: np.ndarray, qtype: QuantType, *, act_order: boo
         scale, zero = static.scale, static.zero
     # the sweep's dequantized columns are exactly representable with these params
     return Quantized(qtype, quantize(qw, scale, zero, qtype), scale, zero)
+
+
+def rotation_block(block: int) -> np.ndarray:
+    """R_b [b, b]: the Sylvester-Hadamard matrix with rows of random sign (a fixed seed per
+    size, so a model quantizes the same way every time), scaled to be orthogonal."""
+    signs = np.random.default_rng(block).choice(np.array([-1.0, 1.0]), block)
+    return (signs[:, None] * scipy.linalg.hadamard(block) / np.sqrt(block)).astype(np.float32)
+
+
+def rotate_columns(w: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """W [N, K] @ blockdiag(r, r, ...), block by block along K."""
+    n, k = w.shape
+    b = r.shape[0]
+    return (w.reshape(n, k // b, b) @ r).reshape(n, k)
+
+
+def rotate_hessian(h: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """R^T H R for R = blockdiag(r, r, ...): the Hessian of the rotated inputs x R."""
+    k, b = h.shape[0], r.shape[0]
+    blocks = h.reshape(k // b, b, k // b, b)
+    return np.einsum("ai,xayc,cj->xiyj", r, blocks, r, optimize=True).reshape(k, k)
 
 
 def relative_error(w: np.ndarray, q: Quantized, hessian: np.ndarray | None) -> float:

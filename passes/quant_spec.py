@@ -11,6 +11,11 @@
              | "keep=" PATTERN ("|" PATTERN)*      layers (weight names, fnmatch) kept in f32
              | "promote=" FRACTION                 the most sensitive fraction of the layers
                                                    gets 2 more bits (FlexQ-style mixed bits)
+             | "damp=" FRACTION                    GPTQ's dampening of the Hessian diagonal,
+                                                   a fraction of its mean (default 0.01)
+             | "rot" | "rot=" BLOCK                quantize W R and run on x R, R a randomized
+                                                   Hadamard rotation in blocks of BLOCK (a power
+                                                   of two; "rot" means 128; QuaRot-style)
 
 No `g` (or `g0`) means one group per channel. Example: `w3g128:gptq:axis=auto:keep=*pooler*`.
 The same settings spelled as a pipeline entry: `quantize{bits=3,group=128,method=gptq,
@@ -25,6 +30,8 @@ from ..ir.dtypes import DTypeError, parse_dtype
 from .errors import PipelineError
 
 _FORMAT = re.compile(r"(w(?P<bits>\d+)|(?P<float>f\d+e\d+m\d+))(g(?P<group>\d+))?")
+DEFAULT_ROTATION = 128
+"""The Hadamard block of a bare `:rot`."""
 EXAMPLES = "w4g128, w3g128:gptq, w8, f6e3m2g64, w4g128:gptq:axis=auto:keep=*pooler*"
 
 
@@ -62,10 +69,11 @@ def parse_quant_spec(text: str) -> dict[str, Any]:
         if not eq:
             flags = {"rtn": ("method", "rtn"), "gptq": ("method", "gptq"),
                      "sym": ("sym", True), "asym": ("sym", False),
-                     "act-order": ("act_order", True), "no-act-order": ("act_order", False)}
+                     "act-order": ("act_order", True), "no-act-order": ("act_order", False),
+                     "rot": ("rotate", DEFAULT_ROTATION)}
             if key not in flags:
                 raise _fail(text, f"unknown option {option!r} (flags: {', '.join(flags)}; "
-                                  "settings: axis=, scale=, keep=, promote=)")
+                                  "settings: axis=, scale=, keep=, promote=, damp=, rot=)")
             name, flag = flags[key]
             out[name] = flag
         elif key == "axis":
@@ -88,9 +96,23 @@ def parse_quant_spec(text: str) -> dict[str, Any]:
             if not 0.0 <= fraction <= 1.0:
                 raise _fail(text, f"promote= takes a fraction in 0..1, got {value!r}")
             out["promote"] = fraction
+        elif key == "damp":
+            try:
+                damp = float(value)
+            except ValueError:
+                damp = -1.0
+            if not 0.0 < damp <= 1.0:
+                raise _fail(text, f"damp= takes a fraction in (0, 1], got {value!r}")
+            out["damp"] = damp
+        elif key == "rot":
+            block = int(value) if value.isdigit() else 0
+            if block < 2 or block & (block - 1):
+                raise _fail(text, f"rot= takes a power of two >= 2 (the Hadamard block), "
+                                  f"got {value!r}")
+            out["rotate"] = block
         else:
             raise _fail(text, f"unknown setting {key!r} (settings: axis=, scale=, keep=, "
-                              "promote=)")
+                              "promote=, damp=, rot=)")
     if out.get("sym") is not None and "format" in out:
         raise _fail(text, "low-bit float weights are always symmetric; drop :sym/:asym")
     return out

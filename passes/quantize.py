@@ -15,8 +15,11 @@ error by the layer inputs.
 Per layer: `keep` patterns (fnmatch on the weight's name) stay f32; `axis=auto` quantizes with
 both groupings and keeps the one with the smaller reconstruction error (AdaDim); `promote=p`
 gives the fraction p of the layers with the largest RTN error 2 more bits (FlexQ-style mixed
-precision). The report (`module.metadata["quantization"]`) lists every layer: format,
-grouping, method, relative error and bytes.
+precision); `rotate=b` quantizes W R and feeds the layer x R, R block-diagonal with a
+randomized Hadamard block of b (the largest power of two up to b that divides K), inserted as
+reshape -> matmul -> reshape before the `quant.linear` (see `quant_methods`). The report
+(`module.metadata["quantization"]`) lists every layer: format, grouping, method, rotation,
+relative error and bytes.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from ..ir.types import GroupAxis, QuantType, TensorType, ZeroPoint
 from .cleanup import prune_weights
 from .errors import PassError
 from .manager import ModulePass, PassContext, register_pass
-from .quant_methods import Quantized, gptq, relative_error, rtn
+from .quant_methods import (Quantized, gptq, relative_error, rotate_columns, rotate_hessian,
+                            rotation_block, rtn)
 
 PROMOTE_BITS = 2
 """Extra bits a promoted (sensitive) layer gets, up to 8."""
@@ -50,6 +54,7 @@ class _Layer:
     weight: np.ndarray  # [N, K] f32
     hessian: np.ndarray | None = None
     bits: int = 0
+    rotation: np.ndarray | None = None  # R_b when the layer runs on rotated inputs
 
 
 def _target(op: Operation, module: Module) -> tuple[str, np.ndarray] | None:
@@ -127,6 +132,7 @@ class Quantize(ModulePass):
     keep: str = ""  # fnmatch patterns of weight names kept f32, separated by "|"
     promote: float = 0.0
     damp: float = 0.01
+    rotate: int = 0  # Hadamard block size (a power of two); 0: no rotation
 
     def qtype(self, bits: int, axis: GroupAxis) -> QuantType:
         """The quantized type of a layer at `bits` with scales along `axis`."""
@@ -153,6 +159,9 @@ class Quantize(ModulePass):
             raise PassError(f"quantize: group must be >= 0 (0 = per channel), got {self.group}")
         if not 0.0 <= self.promote <= 1.0:
             raise PassError(f"quantize: promote is a fraction in 0..1, got {self.promote}")
+        if self.rotate and (self.rotate < 2 or self.rotate & (self.rotate - 1)):
+            raise PassError(f"quantize: rotate is a Hadamard block size, a power of two >= 2 "
+                            f"(or 0 for none), got {self.rotate}")
 
     def run(self, module: Module, ctx: PassContext) -> None:
         self._check()
@@ -168,7 +177,7 @@ class Quantize(ModulePass):
                 kept.append({"layer": name, "shape": list(w.shape), "format": "f32",
                              "reason": "keep"})
                 continue
-            layers[op] = _Layer(op, name, w, bits=self.bits)
+            layers[op] = _Layer(op, name, w, bits=self.bits, rotation=self._rotation(w, ctx))
         calibrated = bool(getattr(module, "calibration", None))
         if self.method == "gptq" and not calibrated:
             raise PassError("quantize: method=gptq needs calibration inputs: pass "
@@ -181,7 +190,8 @@ class Quantize(ModulePass):
         def quantize_layer(layer: _Layer) -> np.ndarray:
             q, err = self._quantize(layer)
             results[layer.op] = (q, err)
-            return q.weight()
+            r = layer.rotation
+            return q.weight() if r is None else rotate_columns(q.weight(), r.T)
         if calibrated:
             _run_calibration(module, layers, quantize_layer)
         else:
@@ -212,17 +222,32 @@ class Quantize(ModulePass):
             ctx.remark(f"promoted {layers[op].name} to {layers[op].bits} bits "
                        f"(RTN error {errors[op]:.2e} at {self.bits})")
 
+    def _rotation(self, w: np.ndarray, ctx: PassContext) -> np.ndarray | None:
+        """R_b for a layer of weight [N, K]: the largest power-of-two block up to `rotate`
+        that divides K (none when K is odd)."""
+        if not self.rotate:
+            return None
+        block = math.gcd(self.rotate, w.shape[1])
+        if block < 2:
+            ctx.remark(f"not rotated: K={w.shape[1]} has no power-of-two block")
+            return None
+        return rotation_block(block)
+
     def _quantize(self, layer: _Layer) -> tuple[Quantized, float]:
+        """The layer's quantized weight (of W R when rotated) and its relative error."""
         axes = [GroupAxis.OUT, GroupAxis.IN] if self.axis == "auto" else [GroupAxis(self.axis)]
         best: tuple[Quantized, float] | None = None
+        w, h, r = layer.weight, layer.hessian, layer.rotation
+        if r is not None:  # the error is the same in the rotated basis: R is orthogonal
+            w = rotate_columns(w, r)
+            h = None if h is None else rotate_hessian(h, r)
         for axis in axes:
             qtype = self.qtype(layer.bits, axis)
-            h = layer.hessian
             if self.method == "gptq":
-                q = gptq(layer.weight, h, qtype, act_order=self.act_order, damp=self.damp)
+                q = gptq(w, h, qtype, act_order=self.act_order, damp=self.damp)
             else:
-                q = rtn(layer.weight, qtype, None if h is None else np.diag(h))
-            err = relative_error(layer.weight, q, h)
+                q = rtn(w, qtype, None if h is None else np.diag(h))
+            err = relative_error(w, q, h)
             if best is None or err < best[1]:
                 best = (q, err)
         assert best is not None
@@ -249,7 +274,19 @@ class Quantize(ModulePass):
         if q.zero is not None:
             zdt = quant.zero_dtype(qt)
             zero = constant("zero", zdt.cast(q.zero), TensorType(shape, zdt))
-        out = b.value(quant.LinearOp, op.operands[0], codes, scale, zero)
+        x = op.operands[0]
+        r = layer.rotation
+        if r is not None:  # x R, block by block: [..., K] -> [..., K/b, b] @ R_b -> [..., K]
+            lead, rb = x.type.shape[:-1], r.shape[0]
+            name = f"quantize.rotation{rb}"  # one R_b per size, shared by the layers
+            module.weights.setdefault(name, r)
+            rot = b.value(graph.ConstantOp, weight=name,
+                          result_types=[TensorType(r.shape, x.type.dtype)])
+            blocks = b.value(graph.ReshapeOp, x, result_types=[
+                x.type.with_shape((*lead, k // rb, rb))])
+            x = b.value(graph.ReshapeOp, b.value(graph.MatmulOp, blocks, rot),
+                        result_types=[x.type])
+        out = b.value(quant.LinearOp, x, codes, scale, zero)
         if op.name == "graph.linear" and op.bias is not None:
             out = b.value(graph.BINARY_OPS["add"], out, op.bias)
         src = op.operands[1].op
@@ -261,4 +298,5 @@ class Quantize(ModulePass):
                      if v is not None)
         return {"layer": layer.name, "shape": [n, k], "format": qt.storage.name,
                 "group": qt.group_size, "axis": qt.axis.value, "method": self.method,
+                "rotation": 0 if r is None else int(r.shape[0]),
                 "error": err, "bytes": int(nbytes), "f32_bytes": int(n * k * 4)}

@@ -114,3 +114,18 @@ def test_subnormal_decode_gives_nan_not_zeros_when_subnormals_are_flushed() -> N
     finally:
         torch.set_flush_denormal(False)
     assert np.isnan(flushed).all(), flushed
+
+
+def test_rotated_quantized_layers_compile_to_kernels_that_match_the_interpreter() -> None:
+    """`quantize{rotate=b}` puts reshape -> matmul(R_b) -> reshape before each quant.linear:
+    every kernel of the fused result against the interpreter, at batch 1 and 3."""
+    torch = pytest.importorskip("torch")
+    from bitsmith.frontend import from_torch  # noqa: PLC0415 - torch only here
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 40), torch.nn.GELU(),
+                                torch.nn.Linear(40, 24))
+    module = from_torch(model, (torch.randn(3, 96),), {}, name="mlp")
+    passes.run(module, "canonicalize,cse,quantize{bits=4,group=32,rotate=64}")
+    assert sum(op.name == "graph.matmul" for op in module.ops) == 2
+    assert check_module(module, pipeline="fuse", batches=(3,)) >= 2

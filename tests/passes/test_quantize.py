@@ -9,7 +9,8 @@ from bitsmith.frontend import from_torch
 from bitsmith.ir.dtypes import IntType
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 from bitsmith.passes import PassError, PipelineError, parse_pipeline, run
-from bitsmith.passes.quant_methods import _column_rtn, gptq, relative_error, rtn
+from bitsmith.passes.quant_methods import (_column_rtn, gptq, relative_error, rotate_columns,
+                                           rotate_hessian, rotation_block, rtn)
 from bitsmith.passes.quant_spec import QuantSpecError, parse_quant_spec, quant_pipeline_entry
 
 
@@ -21,6 +22,8 @@ from bitsmith.passes.quant_spec import QuantSpecError, parse_quant_spec, quant_p
     ("w2g64:gptq:no-act-order:sym:axis=auto:scale=bf16:keep=*pooler*|lm_head*:promote=0.25",
      {"bits": 2, "group": 64, "method": "gptq", "act_order": False, "sym": True,
       "axis": "auto", "scale": "bf16", "keep": "*pooler*|lm_head*", "promote": 0.25}),
+    ("w3g128:gptq:rot", {"bits": 3, "group": 128, "method": "gptq", "rotate": 128}),
+    ("w4g64:rot=32:damp=0.1", {"bits": 4, "group": 64, "rotate": 32, "damp": 0.1}),
 ])
 def test_spec_strings_parse(text: str, want: dict) -> None:
     assert parse_quant_spec(text) == want
@@ -42,6 +45,10 @@ def test_spec_strings_parse(text: str, want: dict) -> None:
     ("w4:keep=", "keep= needs at least one"),
     ("f4e2m1:sym", "always symmetric"),
     ("w4:color=red", "unknown setting 'color'"),
+    ("w4:rot=48", "rot= takes a power of two >= 2"),
+    ("w4:rot=1", "rot= takes a power of two >= 2"),
+    ("w4:damp=0", "damp= takes a fraction in"),
+    ("w4:damp=x", "damp= takes a fraction in"),
 ])
 def test_spec_errors_say_what_was_expected(text: str, match: str) -> None:
     with pytest.raises(QuantSpecError, match=match) as info:
@@ -69,7 +76,8 @@ def quantized(spec: str, calib: int = 0) -> ir.Module:
 
 
 @pytest.mark.parametrize("spec, tol", [("w8", 0.02), ("w4g32", 0.15), ("f6e3m2g32", 0.15),
-                                       ("w4g32:gptq", 0.15), ("w5g16:axis=in", 0.1)])
+                                       ("w4g32:gptq", 0.15), ("w5g16:axis=in", 0.1),
+                                       ("w4g32:rot", 0.15), ("w4g32:gptq:rot=32", 0.2)])
 def test_quantized_model_stays_close_to_f32(spec: str, tol: float) -> None:
     model, x = mlp()
     module = quantized(spec, calib=8)
@@ -139,3 +147,42 @@ def test_column_fit_matches_rtn_on_that_column(group: int, signed: bool) -> None
     assert (zero is None) == (want.zero is None)
     if zero is not None:
         np.testing.assert_array_equal(zero, want.zero)
+
+
+@pytest.mark.parametrize("block", [2, 16, 128])
+def test_rotation_is_orthogonal_and_leaves_the_layer_unchanged(block: int) -> None:
+    r = rotation_block(block).astype(np.float64)
+    np.testing.assert_allclose(r @ r.T, np.eye(block), atol=1e-6)
+    rng = np.random.default_rng(block)
+    k = 3 * block
+    w, x = rng.standard_normal((5, k)), rng.standard_normal((7, k))
+    full = np.kron(np.eye(3), r)  # blockdiag(r, r, r)
+    np.testing.assert_allclose(rotate_columns(w, r), w @ full, atol=1e-9)
+    np.testing.assert_allclose((x @ full) @ rotate_columns(w, r).T, x @ w.T, atol=1e-9)
+    h = x.T @ x
+    np.testing.assert_allclose(rotate_hessian(h, r), full.T @ h @ full, atol=1e-9)
+
+
+def test_rotation_spreads_outlier_columns_and_lowers_the_error() -> None:
+    """A few input channels carry large weights (as LLM layers do): unrotated, they set the
+    range of their groups; rotated, they are spread over the block."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    w[:, [3, 70, 200]] *= 25.0
+    qt = QuantType(IntType(3, False), 64, GroupAxis.OUT, zero_point=ZeroPoint.INT)
+    r = rotation_block(64)
+    plain = relative_error(w, rtn(w, qt), None)
+    rotated = relative_error(rotate_columns(w, r), rtn(rotate_columns(w, r), qt), None)
+    assert rotated < 0.5 * plain, (rotated, plain)
+
+
+def test_rotated_layers_run_on_rotated_inputs() -> None:
+    module = quantized("w4g32:rot=64", calib=2)
+    rows = {r["layer"]: r["rotation"] for r in module.metadata["quantization"]["layers"]}
+    assert rows == {"0.weight": 32, "2.weight": 8}  # the largest blocks dividing K=96, K=40
+    matmuls = [op for op in module.ops if op.name == "graph.matmul"]
+    assert sorted(op.operands[1].type.shape for op in matmuls) == [(8, 8), (32, 32)]
+    for op in matmuls:  # the inputs [.., K] -> [.., K/b, b] @ R_b -> [.., K] -> quant.linear
+        (user,) = [u for u in op.result.users]
+        assert user.name == "graph.reshape"
+        assert [u.name for u in user.result.users] == ["quant.linear"]
