@@ -1,6 +1,7 @@
 """End to end: one decode step of a Llama-style decoder at batch 1, quantized vs f32, one run.
 
-    python bench/quant_e2e.py [--specs w8g128 w4g128 w3g128] [--layers 4] [--repeat 20]
+    python bench/quant_e2e.py [--specs w8g128 w4g128 w4g128:rot w3g128] [--layers 4]
+                              [--repeat 20]
 
 The zoo's Llama architecture (`bitsmith.models.llama`) at TinyLlama-1.1B's layer shapes
 (dim 2048, SwiGLU hidden 5632, 16 query / 4 kv heads, vocab 32000; --layers of them), one
@@ -27,7 +28,8 @@ from bitsmith.models import llama
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--specs", nargs="+", default=["w8g128", "w4g128", "w3g128"])
+    parser.add_argument("--specs", nargs="+",
+                        default=["w8g128", "w4g128", "w4g128:rot", "w3g128"])
     parser.add_argument("--layers", type=int, default=llama.LLAMA_1B.layers)
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()

@@ -104,9 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--specs", nargs="+", default=[
         "w8g128", "w6g128", "w6g128:gptq", "w5g128", "w5g128:gptq",
-        "w5g128:gptq:axis=auto", "w4g128", "w4g128:gptq",
-        "w4g128:gptq:axis=auto", "w3g128", "w3g128:gptq", "w3g128:gptq:axis=auto",
-        "w2g128:gptq", "f6e3m2g128", "f4e2m1g128"])
+        "w5g128:gptq:axis=auto", "w4g128", "w4g128:gptq", "w4g128:gptq:rot",
+        "w4g128:gptq:rot:axis=auto", "w3g128", "w3g128:gptq", "w3g128:gptq:rot",
+        "w3g128:gptq:rot:axis=auto", "w2g128:gptq:rot", "f6e3m2g128", "f4e2m1g128"])
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--calib-docs", type=int, default=128)
     args = parser.parse_args()

@@ -12,7 +12,7 @@
              | "promote=" FRACTION                 the most sensitive fraction of the layers
                                                    gets 2 more bits (FlexQ-style mixed bits)
              | "damp=" FRACTION                    GPTQ's dampening of the Hessian diagonal,
-                                                   a fraction of its mean (default 0.01)
+                                                   a fraction of its mean (default 0.1)
              | "rot" | "rot=" BLOCK                quantize W R and run on x R, R a randomized
                                                    Hadamard rotation in blocks of BLOCK (a power
                                                    of two; "rot" means 128; QuaRot-style)

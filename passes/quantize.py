@@ -40,8 +40,8 @@ from ..ir.types import GroupAxis, QuantType, TensorType, ZeroPoint
 from .cleanup import prune_weights
 from .errors import PassError
 from .manager import ModulePass, PassContext, register_pass
-from .quant_methods import (Quantized, gptq, relative_error, rotate_columns, rotate_hessian,
-                            rotation_block, rtn)
+from .quant_methods import (GPTQ_DAMP, Quantized, gptq, relative_error, rotate_columns,
+                            rotate_hessian, rotation_block, rtn)
 
 PROMOTE_BITS = 2
 """Extra bits a promoted (sensitive) layer gets, up to 8."""
@@ -131,7 +131,7 @@ class Quantize(ModulePass):
     scale: Literal["f16", "bf16", "f32"] = "f16"
     keep: str = ""  # fnmatch patterns of weight names kept f32, separated by "|"
     promote: float = 0.0
-    damp: float = 0.01
+    damp: float = GPTQ_DAMP
     rotate: int = 0  # Hadamard block size (a power of two); 0: no rotation
 
     def qtype(self, bits: int, axis: GroupAxis) -> QuantType:
