@@ -43,6 +43,14 @@ def _fail(text: str, why: str) -> QuantSpecError:
     return QuantSpecError(f"bad quantization spec {text!r}: {why}; expected e.g. {EXAMPLES}")
 
 
+def _number(value: str) -> float:
+    """A setting's value as a float; NaN (which fails every range check) if it is not one."""
+    try:
+        return float(value)
+    except ValueError:
+        return float("nan")
+
+
 def parse_quant_spec(text: str) -> dict[str, Any]:
     """The `quantize` pass options a spec string sets (option name -> typed value)."""
     if not isinstance(text, str) or not text.strip():
@@ -89,18 +97,12 @@ def parse_quant_spec(text: str) -> dict[str, Any]:
                 raise _fail(text, "keep= needs at least one layer pattern")
             out["keep"] = value
         elif key == "promote":
-            try:
-                fraction = float(value)
-            except ValueError:
-                fraction = -1.0
+            fraction = _number(value)
             if not 0.0 <= fraction <= 1.0:
                 raise _fail(text, f"promote= takes a fraction in 0..1, got {value!r}")
             out["promote"] = fraction
         elif key == "damp":
-            try:
-                damp = float(value)
-            except ValueError:
-                damp = -1.0
+            damp = _number(value)
             if not 0.0 < damp <= 1.0:
                 raise _fail(text, f"damp= takes a fraction in (0, 1], got {value!r}")
             out["damp"] = damp
