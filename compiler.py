@@ -49,10 +49,10 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     hold yet; without it, cached tuned configs are still used and the rest run their template's
     default config.
 
-    `quant` quantizes the linear layers' weights (a spec such as "w4g128", "w3g128:gptq",
-    "f6e3m2g64"; see `passes.quant_spec`); `calib` is an iterable of input tuples (or single
-    inputs) that calibrates it, in the model's positional input order. `cm.report()` then lists
-    every layer's format and error.
+    `quant` quantizes the weights of linear layers and convs (a spec such as "w4g128",
+    "w3g128:gptq", "f6e3m2g64"; see `passes.quant_spec`); `calib` is an iterable of input
+    tuples (or single inputs) that calibrates it, in the model's positional input order.
+    `cm.report()` then lists every layer's format and error.
     """
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not supported yet; valid: {', '.join(TARGETS)}")

@@ -1,10 +1,11 @@
 """Layout: run conv2d, pooling and batch norm channels-last (NHWC) and cancel the transposes.
 
 Each NCHW op is wrapped as permute(NCHW->NHWC) -> op{NHWC} -> permute(NHWC->NCHW); conv
-weights are pre-packed to HWIO at compile time (a new weight, tagged `layout = "HWIO"`). Then
-permutes are sunk through elementwise ops and merged, so that back-to-back convs see no layout
-shuffle: what is left is one permute at the model input and at most one where a channels-last
-tensor meets a layout-sensitive op (e.g. a flatten).
+weights are pre-packed to HWIO at compile time (a new weight, tagged `layout = "HWIO"`);
+quantized convs (`quant.conv2d`) keep their flat [O, I*KH*KW] weight. Then permutes are sunk
+through elementwise ops and merged, so that back-to-back convs see no layout shuffle: what is
+left is one permute at the model input and at most one where a channels-last tensor meets a
+layout-sensitive op (e.g. a flatten).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from .rewrite import PatternRewriter, apply_patterns, pattern
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 OIHW_TO_HWIO = (2, 3, 1, 0)
-_WINDOWED = ("graph.conv2d", "graph.max_pool2d", "graph.avg_pool2d", "graph.adaptive_avg_pool2d")
+_WINDOWED = ("graph.conv2d", "quant.conv2d", "graph.max_pool2d", "graph.avg_pool2d",
+             "graph.adaptive_avg_pool2d")
 
 
 def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:

@@ -37,7 +37,7 @@ _REDUCTION = {"graph.reduce_sum", "graph.reduce_mean", "graph.reduce_max", "grap
 ANCHORS = {"graph.matmul": "matmul", "graph.linear": "matmul", "graph.conv2d": "conv",
            "graph.max_pool2d": "pool", "graph.avg_pool2d": "pool",
            "graph.adaptive_avg_pool2d": "pool", "graph.attention": "attention",
-           "quant.linear": "matmul"}
+           "quant.linear": "matmul", "quant.conv2d": "conv"}
 
 
 def classify(op: Operation) -> OpKind:

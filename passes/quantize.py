@@ -1,10 +1,14 @@
-"""The `quantize` pass: linear layers with constant f32 weights -> `quant.linear` on packed
-low-bit weights (RTN or GPTQ; per-output- or per-input-channel groups; per-layer choices).
+"""The `quantize` pass: linear layers and convs with constant f32 weights -> `quant.linear` /
+`quant.conv2d` on packed low-bit weights (RTN or GPTQ; per-output- or per-input-channel groups;
+per-layer choices).
 
 Targets are `graph.linear` and `graph.matmul` whose weight operand is a 2-d f32 module weight
-(a matmul's [K, N] weight is quantized as its transpose). Each becomes
-`quant.linear(x, codes, scale[, zero])` (+ `graph.add` of the bias), with the codes stored
-packed (`ir.packing` rows layout) and the f32 weight dropped when nothing else reads it.
+(a matmul's [K, N] weight is quantized as its transpose), and `graph.conv2d` with a constant
+weight and groups=1 (its OIHW weight quantized as [O, I*KH*KW], whose input rows are the
+conv's im2col windows; grouped convs stay f32 and say so in the report). Each becomes
+`quant.linear(x, codes, scale[, zero])` or `quant.conv2d` (+ `graph.add` of the bias), with
+the codes stored packed (`ir.packing` rows layout) and the f32 weight dropped when nothing
+else reads it.
 
 Calibration (`module.calibration`: input tuples, set by `bitsmith.compile(calib=...)`) is run
 through the interpreter op by op, and the layers are quantized in program order, each from the
@@ -33,6 +37,7 @@ import numpy as np
 from ..ir import Module, Operation, Value, graph
 from ..ir.builder import Builder
 from ..ir.dialects import quant
+from ..ir.dialects.graph.linalg import conv_windows, to_nchw, window_out
 from ..ir.dtypes import DTypeError, IntType, LowFloatType, parse_dtype
 from ..ir.interpreter import EvalContext, bind_input, evaluate_op
 from ..ir.packing import pack_rows
@@ -52,28 +57,69 @@ class _Layer:
     op: Operation
     name: str
     weight: np.ndarray  # [N, K] f32
+    rows: Callable[[np.ndarray], np.ndarray]  # the layer's input -> the rows [M, K] W sees
+    operand: Callable[[np.ndarray], np.ndarray]  # a weight [N, K] -> the op's weight operand
     hessian: np.ndarray | None = None
     bits: int = 0
     rotation: np.ndarray | None = None  # R_b when the layer runs on rotated inputs
 
 
-def _target(op: Operation, module: Module) -> tuple[str, np.ndarray] | None:
-    """(weight name, W as [N, K]) when `op` is a linear layer with a constant f32 weight."""
+def _constant_weight(module: Module, op: Operation, rank: int) -> str | None:
+    """The module weight name of op's f32 weight operand (of `rank`) fed by a constant."""
+    x, w = op.operands[0], op.operands[1]
+    src = getattr(w, "op", None)
+    f32 = parse_dtype("f32")
+    if (src is None or src.name != "graph.constant" or src.weight is None
+            or w.type.rank != rank or w.type.dtype != f32 or x.type.dtype != f32
+            or x.type.rank < 1 or src.weight not in module.weights):
+        return None
+    return src.weight
+
+
+def _target(op: Operation, module: Module) -> _Layer | str | None:
+    """The layer when `op` is a linear layer or an ungrouped conv2d with a constant f32
+    weight (W as [N, K]: a conv's OIHW weight flattened to [O, I*KH*KW]); why not, when it
+    is a conv that cannot be quantized; None for anything else."""
+    if op.name == "graph.conv2d":
+        return _conv_target(op, module)
     if op.name == "graph.linear":
         transposed = True
     elif op.name == "graph.matmul" and not op.transpose_lhs:
         transposed = op.transpose_rhs
     else:
         return None
-    x, w = op.operands[0], op.operands[1]
-    src = getattr(w, "op", None)
-    if (src is None or src.name != "graph.constant" or src.weight is None
-            or w.type.rank != 2 or w.type.dtype != parse_dtype("f32")
-            or x.type.dtype != parse_dtype("f32") or x.type.rank < 1
-            or src.weight not in module.weights):
+    name = _constant_weight(module, op, 2)
+    if name is None:
         return None
-    array = np.asarray(module.weights[src.weight], np.float32)
-    return src.weight, array if transposed else array.T
+    array = np.asarray(module.weights[name], np.float32)
+    k = array.shape[1 if transposed else 0]
+    return _Layer(op, name, array if transposed else array.T,
+                  rows=lambda x: x.reshape(-1, k),
+                  operand=lambda w: w if transposed else w.T)
+
+
+def _conv_target(op: Operation, module: Module) -> _Layer | str | None:
+    name = _constant_weight(module, op, 4)
+    if name is None:
+        return None
+    if op.groups != 1:
+        return f"grouped conv (groups={op.groups}): not quantized"
+    array = np.asarray(module.weights[name], np.float32)
+    hwio = op.layout == "NHWC"
+    oihw = np.transpose(array, (3, 2, 0, 1)) if hwio else array
+    o, _, kh, kw = oihw.shape
+
+    def rows(x: np.ndarray) -> np.ndarray:  # im2col: one row per output pixel
+        x = to_nchw(x, op.layout)
+        out_hw = tuple(window_out(x.shape[2 + i], (kh, kw)[i], op.stride[i], op.padding[i],
+                                  op.dilation[i]) for i in range(2))
+        win = conv_windows(op, x, (kh, kw), out_hw)  # [B, C, OH, OW, KH, KW]
+        return np.moveaxis(win, 1, 3).reshape(-1, oihw[0].size)
+
+    def operand(w: np.ndarray) -> np.ndarray:
+        w = w.reshape(oihw.shape)
+        return np.transpose(w, (2, 3, 1, 0)) if hwio else w
+    return _Layer(op, name, oihw.reshape(o, -1), rows=rows, operand=operand)
 
 
 def _run_calibration(module: Module, layers: dict[Operation, _Layer],
@@ -95,15 +141,14 @@ def _run_calibration(module: Module, layers: dict[Operation, _Layer],
             k = layer.weight.shape[1]
             h = np.zeros((k, k), np.float64)
             for _, env in envs:
-                x = env[op.operands[0]].reshape(-1, k).astype(np.float64)
+                x = layer.rows(env[op.operands[0]]).astype(np.float64)
                 h += x.T @ x
             layer.hessian = h
         weight = on_layer(layer) if (layer is not None and on_layer is not None) else None
         for ctx, env in envs:
             operands = [env[v] for v in op.operands]
             if weight is not None:
-                operands[1] = weight if op.name == "graph.linear" or op.transpose_rhs \
-                    else weight.T
+                operands[1] = layer.operand(weight)
             env.update(zip(op.results, evaluate_op(op, ctx, operands)))
         for ctx, env in envs:  # drop values nothing later reads
             for v in op.operands:
@@ -169,15 +214,22 @@ class Quantize(ModulePass):
         layers: dict[Operation, _Layer] = {}
         kept: list[dict[str, Any]] = []
         for op in module.ops:
-            found = _target(op, module)
-            if found is None:
+            layer = _target(op, module)
+            if isinstance(layer, str):
+                name = op.operands[1].op.weight
+                kept.append({"layer": name, "shape": list(op.operands[1].type.shape),
+                             "format": "f32", "reason": layer})
+                ctx.remark(f"{name}: {layer}")
                 continue
-            name, w = found
-            if any(fnmatch.fnmatchcase(name, p) for p in keep):
-                kept.append({"layer": name, "shape": list(w.shape), "format": "f32",
-                             "reason": "keep"})
+            if layer is None:
                 continue
-            layers[op] = _Layer(op, name, w, bits=self.bits, rotation=self._rotation(w, ctx))
+            if any(fnmatch.fnmatchcase(layer.name, p) for p in keep):
+                kept.append({"layer": layer.name, "shape": list(layer.weight.shape),
+                             "format": "f32", "reason": "keep"})
+                continue
+            layer.bits = self.bits
+            layer.rotation = self._rotation(layer, ctx)
+            layers[op] = layer
         calibrated = bool(getattr(module, "calibration", None))
         if self.method == "gptq" and not calibrated:
             raise PassError("quantize: method=gptq needs calibration inputs: pass "
@@ -222,14 +274,19 @@ class Quantize(ModulePass):
             ctx.remark(f"promoted {layers[op].name} to {layers[op].bits} bits "
                        f"(RTN error {errors[op]:.2e} at {self.bits})")
 
-    def _rotation(self, w: np.ndarray, ctx: PassContext) -> np.ndarray | None:
-        """R_b for a layer of weight [N, K]: the largest power-of-two block up to `rotate`
-        that divides K (none when K is odd)."""
+    def _rotation(self, layer: _Layer, ctx: PassContext) -> np.ndarray | None:
+        """R_b for a linear layer of weight [N, K]: the largest power-of-two block up to
+        `rotate` that divides K (none when K is odd, and none for convs: their input is
+        rotated per window, which no reshape expresses)."""
         if not self.rotate:
             return None
-        block = math.gcd(self.rotate, w.shape[1])
+        k = layer.weight.shape[1]
+        if layer.op.name == "graph.conv2d":
+            ctx.remark(f"{layer.name}: not rotated: a conv's input windows overlap")
+            return None
+        block = math.gcd(self.rotate, k)
         if block < 2:
-            ctx.remark(f"not rotated: K={w.shape[1]} has no power-of-two block")
+            ctx.remark(f"{layer.name}: not rotated: K={k} has no power-of-two block")
             return None
         return rotation_block(block)
 
@@ -286,9 +343,20 @@ class Quantize(ModulePass):
                 x.type.with_shape((*lead, k // rb, rb))])
             x = b.value(graph.ReshapeOp, b.value(graph.MatmulOp, blocks, rot),
                         result_types=[x.type])
-        out = b.value(quant.LinearOp, x, codes, scale, zero)
-        if op.name == "graph.linear" and op.bias is not None:
-            out = b.value(graph.BINARY_OPS["add"], out, op.bias)
+        if op.name == "graph.conv2d":
+            ws = op.weight.type.shape
+            out = b.value(quant.Conv2dOp, x, codes, scale, zero,
+                          kernel=ws[2:] if op.layout == "NCHW" else ws[:2],
+                          **{key: op.attributes[key] for key in
+                             ("stride", "padding", "dilation", "groups", "layout")})
+        else:
+            out = b.value(quant.LinearOp, x, codes, scale, zero)
+        bias = op.bias if op.name in ("graph.linear", "graph.conv2d") else None
+        if bias is not None:
+            if op.name == "graph.conv2d" and op.layout == "NCHW":  # [O] -> [O, 1, 1]
+                bias = b.value(graph.ReshapeOp, bias, result_types=[
+                    bias.type.with_shape((bias.type.shape[0], 1, 1))])
+            out = b.value(graph.BINARY_OPS["add"], out, bias)
         src = op.operands[1].op
         op.result.replace_all_uses_with(out)
         op.erase()
@@ -296,7 +364,8 @@ class Quantize(ModulePass):
             src.erase()
         nbytes = sum(module.weights[v.op.weight].nbytes for v in (codes, scale, zero)
                      if v is not None)
-        return {"layer": layer.name, "shape": [n, k], "format": qt.storage.name,
+        return {"layer": layer.name, "op": op.name.split(".")[1], "shape": [n, k],
+                "format": qt.storage.name,
                 "group": qt.group_size, "axis": qt.axis.value, "method": self.method,
                 "rotation": 0 if r is None else int(r.shape[0]),
                 "error": err, "bytes": int(nbytes), "f32_bytes": int(n * k * 4)}

@@ -1,6 +1,7 @@
 """A compiled model: call it like the torch model it came from, save it, load it back."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
@@ -50,8 +51,8 @@ class CompiledModel:
             shape = "x".join(map(str, row["shape"]))
             if row["format"] == "f32":
                 lines.append(f"{row['layer']:<48} {shape:>11} {'f32':>7} {'-':>5} {'-':>4} "
-                             f"{row.get('reason', '-'):>6} {'-':>9} "
-                             f"{row['shape'][0] * row['shape'][1] * 4 / 1024:8.1f}")
+                             f"{'-':>6} {'-':>9} {math.prod(row['shape']) * 4 / 1024:8.1f}"
+                             f"  ({row.get('reason', 'kept')})")
                 continue
             lines.append(f"{row['layer']:<48} {shape:>11} {row['format']:>7} {row['group']:>5} "
                          f"{row['axis']:>4} {row['method']:>6} {row['error']:9.2e} "

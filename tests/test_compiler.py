@@ -207,3 +207,17 @@ def test_quant_spec_errors_reach_the_user() -> None:
     model = torch.nn.Linear(8, 4)
     with pytest.raises(bitsmith.passes.PipelineError, match="integer weights take 1..8 bits"):
         bitsmith.compile(model, (torch.randn(1, 8),), quant="w12g128")
+
+
+def test_quantized_convnet_compiles_and_reports_the_conv_it_kept() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, groups=16), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 9 * 7, 5)).eval()
+    x = torch.randn(1, 3, 11, 9)
+    cm = bitsmith.compile(model, (x,), quant="w8")
+    want = model(x).detach().numpy()
+    assert np.abs(cm(x).numpy() - want).max() / np.abs(want).max() < 0.02
+    report = cm.report()
+    assert "0.weight" in report and "u8" in report  # the first conv, [16, 3*3*3]
+    assert "16x27" in report and "grouped conv (groups=16): not quantized" in report

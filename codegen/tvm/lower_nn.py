@@ -3,6 +3,7 @@ attention. Registered into `lower.RULES` on import."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import tvm
 from tvm import te, topi
@@ -33,14 +34,31 @@ def _padded(x: te.Tensor, op: Operation, value: float, hw_axes: tuple[int, int],
 def lower_conv2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     """Direct convolution in either layout (NCHW/OIHW or NHWC/HWIO), any groups/dilation."""
     x, w, *bias = args
-    nchw = _nchw(op)
-    hw_axes = (2, 3) if nchw else (1, 2)
-    xp = _padded(x, op, 0.0, hw_axes)
-    (sh, sw), (dh, dw), groups = op.stride, op.dilation, op.groups
-    if nchw:
+    if _nchw(op):
         cout, cin_g, kh, kw = (int(d) for d in op.weight.type.shape)
+        out = conv2d_compute(op, x, lambda oc, rc, ry, rx: w[oc, rc, ry, rx], (kh, kw, cin_g),
+                             lo)
     else:
         kh, kw, cin_g, cout = (int(d) for d in op.weight.type.shape)
+        out = conv2d_compute(op, x, lambda oc, rc, ry, rx: w[ry, rx, rc, oc], (kh, kw, cin_g),
+                             lo)
+    if bias:
+        b = bias[0]
+        channel = 1 if _nchw(op) else 3
+        out = te.compute(out.shape, lambda *i: out(*i) + b[i[channel]], name="conv2d_bias")
+    return out
+
+
+def conv2d_compute(op: Operation, x: te.Tensor, weight: Callable[..., Any],
+                   kernel: tuple[int, int, int], lo: Lowering) -> te.Tensor:
+    """The convolution `op` of x (its layout, stride, padding, dilation, groups), reading the
+    weight element (out channel, in channel of the group, kernel row, column) from `weight`;
+    `kernel` is (KH, KW, in channels per group)."""
+    nchw = _nchw(op)
+    xp = _padded(x, op, 0.0, (2, 3) if nchw else (1, 2))
+    (sh, sw), (dh, dw), groups = op.stride, op.dilation, op.groups
+    kh, kw, cin_g = kernel
+    cout = int(op.result.type.shape[1 if nchw else 3])
     cout_g = cout // groups
     rc = te.reduce_axis((0, cin_g), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
@@ -54,15 +72,9 @@ def lower_conv2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         ic = (oc // cout_g) * cin_g + rc
         iy, ix = oy * sh + ry * dh, ox * sw + rx * dw
         xv = xp[n, ic, iy, ix] if nchw else xp[n, iy, ix, ic]
-        wv = w[oc, rc, ry, rx] if nchw else w[ry, rx, rc, oc]
         # NHWC reads input channels contiguously: make them the innermost reduction
-        return te.sum(xv * wv, axis=[rc, ry, rx] if nchw else [ry, rx, rc])
-    out = te.compute(lo.shape(op.result.type), element, name="conv2d")
-    if bias:
-        b = bias[0]
-        channel = 1 if nchw else 3
-        out = te.compute(out.shape, lambda *i: out(*i) + b[i[channel]], name="conv2d_bias")
-    return out
+        return te.sum(xv * weight(oc, rc, ry, rx), axis=[rc, ry, rx] if nchw else [ry, rx, rc])
+    return te.compute(lo.shape(op.result.type), element, name="conv2d")
 
 
 def _pool_extra(op: Operation, lo: Lowering) -> tuple[int, int]:

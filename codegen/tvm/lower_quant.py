@@ -19,6 +19,7 @@ from ...ir.dtypes import IntType, LowFloatType
 from ...ir.packing import WORD
 from ...ir.types import GroupAxis, QuantType
 from .lower import RULES, Lowering
+from .lower_nn import conv2d_compute
 
 U32 = "uint32"
 
@@ -101,5 +102,16 @@ def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         x(*i[:-1], k) * weight_at(qtype, words, scale, z, i[-1], k), axis=k), name="qlinear")
 
 
+def lower_conv2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """quant.conv2d: the direct convolution with each weight element dequantized in place."""
+    x, words, scale, *zero = args
+    qtype = op.weight.type.dtype
+    z = zero[0] if zero else None
+    _, cin_g, kh, kw = op.weight_oihw()
+    return conv2d_compute(op, x, lambda oc, rc, ry, rx: weight_at(
+        qtype, words, scale, z, oc, (rc * kh + ry) * kw + rx), (kh, kw, cin_g), lo)
+
+
 RULES[quant.DequantizeOp.name] = lower_dequantize
+RULES[quant.Conv2dOp.name] = lower_conv2d
 RULES[quant.LinearOp.name] = lower_linear

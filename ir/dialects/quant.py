@@ -21,16 +21,20 @@ Semantics (f32 throughout): `dequantize` is w = (decode(q) - z) * s, where decod
 format's value of the code and z is 0 for symmetric weights; `quantize` is
 q = clamp(round_half_even(x / s + z)) for integer storage, and the format's round-to-nearest-
 even, saturating cast of x / s + z for low-bit floats (a zero scale gives code of 0 + z).
-`quant.linear` is x @ dequantize(w)^T.
+`quant.linear` is x @ dequantize(w)^T. `quant.conv2d` is graph.conv2d of x by dequantize(w)
+reshaped to OIHW: its quantized weight is the conv's OIHW weight flattened to
+[O, I/groups * KH * KW] (input channel, then kernel row, then column), whatever the layout of
+its input (`layout` NCHW or NHWC, as graph.conv2d), with the kernel size as an attribute.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..core import Operation, Value, register_op
+from ..core import Operation, Value, attr, register_op
 from ..dtypes import DType, IntType, f32
 from ..errors import VerifyError
 from ..interpreter import EvalContext
+from .graph.linalg import LAYOUT_ATTR, Window2dOp, conv2d_oihw, layout_shape
 from ..types import Dim, GroupAxis, QuantType, TensorType, ZeroPoint, dims_equal, format_dim
 
 
@@ -183,3 +187,45 @@ class LinearOp(_QuantParams):
                  zero: np.ndarray | None = None) -> np.ndarray:
         w = dequantize(codes, scale, zero, self.weight.type.dtype)
         return np.asarray(np.matmul(x, w.T), np.float32)
+
+
+@register_op
+class Conv2dOp(Window2dOp, _QuantParams):
+    """graph.conv2d of an f32 x by a quantized weight [O, I/groups*KH*KW] (OIHW flattened)."""
+
+    name = "quant.conv2d"
+    OPERANDS = ("x", "weight", "scale", "zero?")
+    ATTRS = {"kernel": attr("ints"), "stride": attr("ints", (1, 1)),
+             "padding": attr("ints", (0, 0)), "dilation": attr("ints", (1, 1)),
+             "groups": attr("int", 1), "layout": LAYOUT_ATTR}
+
+    def weight_oihw(self) -> tuple[int, int, int, int]:
+        """The OIHW shape the flat weight stands for."""
+        kh, kw = self.kernel
+        o, k = self.weight.type.shape
+        return int(o), int(k) // (kh * kw), kh, kw
+
+    def infer_types(self) -> list[TensorType]:
+        self._quant()
+        x, w = self.x.type, self.weight.type
+        if x.dtype != f32:
+            raise VerifyError(self, f"x must be f32, got {x}")
+        if len(self.kernel) != 2 or min(self.kernel) < 1:
+            raise VerifyError(self, f"kernel must be (KH, KW) >= 1, got {self.kernel}")
+        o, k = w.shape
+        if not isinstance(o, int) or not isinstance(k, int):
+            raise VerifyError(self, f"a quantized conv weight must be static, got {w}")
+        n, c, _, _ = self.nchw_dims()
+        kh, kw = self.kernel
+        g = self.groups
+        if g < 1 or o % g or not dims_equal(c, g * (k // (kh * kw))) or k % (kh * kw):
+            raise VerifyError(self, f"weight {w} does not fit input {x} with kernel {kh}x{kw} "
+                                    f"and groups={g}: expected in = {format_dim(c)}/{g}*{kh}*"
+                                    f"{kw} and out a multiple of {g}")
+        oh, ow = self.out_hw((kh, kw))
+        return [x.with_shape(layout_shape(self.layout, n, o, oh, ow))]
+
+    def evaluate(self, ctx: EvalContext, x: np.ndarray, codes: np.ndarray, scale: np.ndarray,
+                 zero: np.ndarray | None = None) -> np.ndarray:
+        w = dequantize(codes, scale, zero, self.weight.type.dtype).reshape(self.weight_oihw())
+        return conv2d_oihw(self, ctx, x, w, None)

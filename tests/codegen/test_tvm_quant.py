@@ -129,3 +129,22 @@ def test_rotated_quantized_layers_compile_to_kernels_that_match_the_interpreter(
     passes.run(module, "canonicalize,cse,quantize{bits=4,group=32,rotate=64}")
     assert sum(op.name == "graph.matmul" for op in module.ops) == 2
     assert check_module(module, pipeline="fuse", batches=(3,)) >= 2
+
+
+@pytest.mark.parametrize("spec, layout", [("w3g16:axis=in", "nchw"), ("w5g16", "nhwc"),
+                                          ("f4e2m1g0", "nhwc")])
+def test_quantized_convs_compile_to_kernels_that_match_the_interpreter(spec: str,
+                                                                       layout: str) -> None:
+    """quant.conv2d (strided/padded and dilated, odd channel counts) in either layout, its
+    bias add and relu fused after it: every kernel against the interpreter."""
+    torch = pytest.importorskip("torch")
+    from bitsmith.frontend import from_torch  # noqa: PLC0415 - torch only here
+    from bitsmith.passes.quant_spec import quant_pipeline_entry  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(5, 13, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(13, 7, (3, 2), dilation=(2, 1)))
+    module = from_torch(model, (torch.randn(2, 5, 17, 15),), {}, name="convs")
+    passes.run(module, f"canonicalize,cse,{quant_pipeline_entry(spec)},layout{{conv={layout}}}")
+    assert sum(op.name == "quant.conv2d" for op in module.ops) == 2
+    assert check_module(module, pipeline="fuse") >= 2

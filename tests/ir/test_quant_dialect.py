@@ -101,3 +101,59 @@ def test_verifier_checks_the_packed_weight_shape() -> None:
     m.weights["w"] = np.zeros((5, 2), np.uint32)  # 7 codes of 3 bits take 1 word
     with pytest.raises(ir.VerifyError, match=r"stored packed as uint32\[5, 1\]"):
         ir.verify(m)
+
+
+def qconv_module(qt: QuantType, x_shape: tuple[int, ...], out: int, kernel: tuple[int, int],
+                 layout: str = "NCHW", groups: int = 1, seed: int = 0, **attrs: object
+                 ) -> Module:
+    """x -> quant.conv2d by random codes of [out, in/groups*KH*KW] -> (y, its f32 weight)."""
+    rng = np.random.default_rng(seed)
+    c = x_shape[1 if layout == "NCHW" else 3]
+    n, k = out, c // groups * kernel[0] * kernel[1]
+    sshape = quant.scale_shape(qt, (n, k))
+    m = Module("qc", [TensorType(x_shape, f32)], ["x"])
+    m.weights["w"] = pack_rows(rng.integers(0, 1 << qt.bits, (n, k), dtype=np.uint8), qt.bits)
+    m.weights["s"] = rng.random(sshape).astype(np.float16)
+    b = Builder.at_end(m.body)
+    w = b.value(graph.ConstantOp, weight="w", result_types=[TensorType((n, k), qt)])
+    s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(sshape, f16)])
+    z = None
+    if qt.zero_point is ZeroPoint.INT:
+        m.weights["z"] = rng.integers(0, 1 << qt.bits, sshape, dtype=np.uint8)
+        z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(sshape, u8)])
+    y = b.value(quant.Conv2dOp, m.inputs[0], w, s, z, kernel=kernel, layout=layout,
+                groups=groups, **attrs)
+    b.create(func.ReturnOp, y, b.value(quant.DequantizeOp, w, s, z))
+    ir.verify(m)
+    return m
+
+
+@pytest.mark.parametrize("layout, groups, attrs", [
+    ("NCHW", 1, {"stride": (2, 1), "padding": (1, 2)}),
+    ("NHWC", 1, {"dilation": (2, 1)}),
+    ("NCHW", 3, {"padding": (1, 1)}),
+])
+def test_quant_conv2d_is_torch_conv_by_the_dequantized_weight(layout: str, groups: int,
+                                                              attrs: dict) -> None:
+    torch = pytest.importorskip("torch")
+    qt = QuantType(IntType(3, False), 8, GroupAxis.OUT, f16, ZeroPoint.INT)
+    x = np.random.default_rng(2).standard_normal((2, 6, 9, 7)).astype(np.float32)  # NCHW
+    xin = x if layout == "NCHW" else x.transpose(0, 2, 3, 1)
+    m = qconv_module(qt, xin.shape, 5 if groups == 1 else 9, (3, 2), layout, groups, **attrs)
+    again = ir.parse(str(m), weights=m.weights)
+    assert str(again) == str(m) and '"quant.conv2d"' in str(m)
+    y, w = ir.interpret(again, xin)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w.reshape(w.shape[0], 6 // groups, 3, 2)),
+        groups=groups, **attrs).numpy()
+    np.testing.assert_allclose(y if layout == "NCHW" else y.transpose(0, 3, 1, 2), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_quant_conv2d_verifier_says_what_the_weight_should_be() -> None:
+    qt = QuantType(IntType(4, False), 0, GroupAxis.OUT, f16, ZeroPoint.INT)
+    with pytest.raises(ir.VerifyError, match=r"does not fit input .* kernel 2x2 and groups=1: "
+                                             r"expected in = 6/1\*2\*2"):
+        m = qconv_module(qt, (1, 6, 5, 5), 4, (3, 2))  # a weight made for 3x2
+        conv = next(op for op in m.ops if op.name == "quant.conv2d")
+        quant.Conv2dOp.create(*conv.operands, kernel=(2, 2))

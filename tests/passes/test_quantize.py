@@ -186,3 +186,68 @@ def test_rotated_layers_run_on_rotated_inputs() -> None:
         (user,) = [u for u in op.result.users]
         assert user.name == "graph.reshape"
         assert [u.name for u in user.result.users] == ["quant.linear"]
+
+
+class ConvNet(torch.nn.Module):
+    """Odd shapes: strided/padded conv, a dilated conv without bias, a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(5, 13, 3, stride=2, padding=1)
+        self.c2 = torch.nn.Conv2d(13, 7, (3, 2), dilation=(2, 1), bias=False)
+        self.dw = torch.nn.Conv2d(7, 7, 3, groups=7, padding=1)
+        self.fc = torch.nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(self.c2(torch.relu(self.c1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def quantized_convnet(spec: str, pipeline: str = "") -> tuple[ir.Module, torch.Tensor,
+                                                               torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = ConvNet().eval(), torch.randn(2, 5, 17, 15)
+    module = from_torch(model, (x,), {}, name="convnet")
+    run(module, "canonicalize,cse" + (f",{pipeline}" if pipeline else ""))
+    rng = np.random.default_rng(0)
+    module.calibration = [(rng.standard_normal((2, 5, 17, 15)).astype(np.float32),)
+                          for _ in range(4)]
+    run(module, quant_pipeline_entry(spec))
+    return module, x, model(x).detach()
+
+
+@pytest.mark.parametrize("spec, tol", [("w8", 0.005), ("w4g16", 0.05), ("w4g16:gptq", 0.05),
+                                       ("w4g16:gptq:axis=in", 0.05), ("f6e3m2g16", 0.05)])
+def test_convs_are_quantized_and_stay_close_to_f32(spec: str, tol: float) -> None:
+    module, x, want = quantized_convnet(spec)
+    names = [op.name for op in module.ops]
+    assert names.count("quant.conv2d") == 2 and names.count("graph.conv2d") == 1  # depthwise
+    got = ir.interpret(module, x.numpy())[0]
+    assert np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max() < tol
+    rows = {r["layer"]: r for r in module.metadata["quantization"]["layers"]}
+    assert rows["c1.weight"]["shape"] == [13, 5 * 3 * 3] and rows["c1.weight"]["op"] == "conv2d"
+    assert rows["c2.weight"]["shape"] == [7, 13 * 3 * 2]
+    assert rows["dw.weight"]["format"] == "f32" and "grouped conv" in rows["dw.weight"]["reason"]
+
+
+def test_gptq_lowers_conv_layer_error_below_rtn() -> None:
+    """The conv's Hessian comes from its im2col windows: GPTQ beats RTN on it."""
+    errors = {}
+    for method in ("rtn", "gptq"):
+        rows = quantized_convnet(f"w3g16:{method}")[0].metadata["quantization"]["layers"]
+        errors[method] = {r["layer"]: r["error"] for r in rows if r["format"] != "f32"}
+    for layer in ("c1.weight", "c2.weight"):
+        assert errors["gptq"][layer] < errors["rtn"][layer], (layer, errors)
+
+
+def test_quantized_convs_run_channels_last_after_the_layout_pass() -> None:
+    """quantize before or after layout{conv=nhwc}: same values, convs NHWC either way."""
+    before, x, _ = quantized_convnet("w4g16")
+    want = ir.interpret(before, x.numpy())[0]
+    run(before, "layout{conv=nhwc}")
+    after, _, _ = quantized_convnet("w4g16", pipeline="layout{conv=nhwc}")
+    for module in (before, after):
+        convs = [op for op in module.ops if op.name == "quant.conv2d"]
+        assert [op.layout for op in convs] == ["NHWC", "NHWC"]
+        np.testing.assert_allclose(ir.interpret(module, x.numpy())[0], want, rtol=1e-5,
+                                   atol=1e-6)

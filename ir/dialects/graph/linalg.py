@@ -254,24 +254,38 @@ class Conv2dOp(Window2dOp):
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, weight: np.ndarray,
                  bias: np.ndarray | None = None) -> np.ndarray:
-        layout = self.layout
-        x = to_nchw(x, layout)
-        weight = weight if layout == "NCHW" else np.transpose(weight, _HWIO_TO_OIHW)
-        kernel = weight.shape[2:]
-        out_hw = self.result_hw(ctx)
-        pads = self.extra_pads(x, kernel, out_hw)
-        stride, dilation, g = _pair(self, "stride"), _pair(self, "dilation"), self.groups
+        weight = weight if self.layout == "NCHW" else np.transpose(weight, _HWIO_TO_OIHW)
+        return conv2d_oihw(self, ctx, x, weight, bias)
 
-        def fn(x: np.ndarray, w: np.ndarray, *b: np.ndarray) -> np.ndarray:
-            win = _windows(x, kernel, stride, pads, dilation, 0.0)[:, :, :out_hw[0], :out_hw[1]]
-            n, c, oh, ow, kh, kw = win.shape
-            win = win.reshape(n, g, c // g, oh, ow, kh, kw)
-            wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
-            out = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True)
-            out = out.reshape(n, w.shape[0], oh, ow)
-            return out + b[0].reshape(1, -1, 1, 1) if b else out
-        args = (x, weight) if bias is None else (x, weight, bias)
-        return from_nchw(in_float(fn, self.x.type.dtype, *args), layout)
+
+def conv_windows(op: Window2dOp, x: np.ndarray, kernel: tuple[int, int],
+                 out_hw: tuple[int, int]) -> np.ndarray:
+    """[N, C, OH, OW, KH, KW] windows of an NCHW x under `op`'s stride, padding, dilation."""
+    pads = op.extra_pads(x, kernel, out_hw)
+    win = _windows(x, kernel, _pair(op, "stride"), pads, _pair(op, "dilation"), 0.0)
+    return win[:, :, :out_hw[0], :out_hw[1]]
+
+
+def conv2d_oihw(op: Window2dOp, ctx: EvalContext, x: np.ndarray, weight: np.ndarray,
+                bias: np.ndarray | None) -> np.ndarray:
+    """The convolution `op` (its layout, stride, padding, dilation, groups) of x by an OIHW
+    weight: what graph.conv2d and quant.conv2d compute."""
+    layout = op.layout
+    x = to_nchw(x, layout)
+    kernel = weight.shape[2:]
+    out_hw = op.result_hw(ctx)
+    g = op.groups
+
+    def fn(x: np.ndarray, w: np.ndarray, *b: np.ndarray) -> np.ndarray:
+        win = conv_windows(op, x, kernel, out_hw)
+        n, c, oh, ow, kh, kw = win.shape
+        win = win.reshape(n, g, c // g, oh, ow, kh, kw)
+        wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
+        out = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True)
+        out = out.reshape(n, w.shape[0], oh, ow)
+        return out + b[0].reshape(1, -1, 1, 1) if b else out
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return from_nchw(in_float(fn, op.x.type.dtype, *args), layout)
 
 
 class Pool2dOp(Window2dOp):
