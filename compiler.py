@@ -35,7 +35,7 @@ from .runtime.host import host_description
 from .runtime.model import CompiledModel
 
 LIBRARY = "kernels.so"
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "cuda")
 
 
 def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
@@ -64,6 +64,11 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     if calib is not None:
         module.calibration = calibration_batches(module, calib)
     run(module, pipeline, verify=False)
+    if target == "cuda":
+        if tune is not None:
+            raise ValueError("tuning Triton kernels is not written yet: compile for "
+                             "target='cuda' without tune= (kernels run their default configs)")
+        return CompiledModel(build_triton_artifact(module, progress=progress))
     batch = _example_batch(example_inputs)
     configs, measured = tuned_configs(module, tune, batch, progress)
     artifact = build_artifact(module, progress=progress, configs=configs)
@@ -223,7 +228,7 @@ def build_artifact(module: Module, *, progress: bool = False,
                 executable.export_library(str(path))
                 library = path.read_bytes()
             libraries.put(key, library)
-    plan = _Planner(module, built)
+    plan = _Planner(module, built, lambda op, kernel: {"library": LIBRARY})
     manifest = Manifest(
         name=module.name, inputs=plan.specs(module.inputs, module.input_names),
         outputs=plan.specs(module.outputs, [f"output{i}" for i in range(len(module.outputs))]),
@@ -233,10 +238,41 @@ def build_artifact(module: Module, *, progress: bool = False,
     return Artifact(manifest, plan.weights, {LIBRARY: library})
 
 
-class _Planner:
-    """Names values, collects weights and kernel calls for the execution plan."""
+def build_triton_artifact(module: Module, *, progress: bool = False,
+                          configs: Mapping[str, Config] | None = None) -> Artifact:
+    """Generate the Triton source of every kernel of a fused module (one file each); the
+    artifact carries the sources and their launches, and the GPU compiles them at load."""
+    import triton  # noqa: PLC0415 - the cuda target only
 
-    def __init__(self, module: Module, built: Mapping[Operation, TvmKernel]) -> None:
+    from .codegen.triton.templates import build_kernel as build_triton  # noqa: PLC0415
+    from .codegen.triton.templates import cuda_target  # noqa: PLC0415
+    target = cuda_target()
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    configs = configs or {}
+    built = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"generating Triton kernels for {module.name}", total=len(kernels))
+        for op in kernels:
+            built[op] = build_triton(op, target, configs.get(op.kernel_name))
+            bar.advance(task)
+    plan = _Planner(module, built, lambda op, kernel: {
+        "library": f"{op.kernel_name}.py", "launches": kernel.launches})
+    manifest = Manifest(
+        name=module.name, inputs=plan.specs(module.inputs, module.input_names),
+        outputs=plan.specs(module.outputs, [f"output{i}" for i in range(len(module.outputs))]),
+        plan=plan.to_json(), requires={"device": "cuda"},
+        toolchain={"triton": triton.__version__, "device": target.mcpu},
+        bitsmith_version=__version__, metadata=dict(module.metadata))
+    sources = {f"{op.kernel_name}.py": k.source.encode() for op, k in built.items()}
+    return Artifact(manifest, plan.weights, sources)
+
+
+class _Planner:
+    """Names values, collects weights and kernel calls for the execution plan; `step` gives
+    a kernel call's backend-specific entries (its library, a Triton kernel's launches)."""
+
+    def __init__(self, module: Module, built: Mapping[Operation, Any],
+                 step: Callable[[Operation, Any], dict]) -> None:
         self.ids: dict[Value, str] = {}
         self.constants: dict[Value, Any] = {}
         self.packed: dict[tuple[Value, str], str] = {}
@@ -251,7 +287,7 @@ class _Planner:
                 self._constant(op, module)
             elif op.name == "kernel.fused":
                 kernel = built[op]
-                self.steps.append({"kernel": op.kernel_name, "library": LIBRARY,
+                self.steps.append({"kernel": op.kernel_name, **step(op, kernel),
                                    "template": kernel.template, "config": str(kernel.config),
                                    "inputs": [self._operand(v, kernel.packs.get(i))
                                               for i, v in enumerate(op.operands)],

@@ -234,11 +234,12 @@ def run(module: Module, pipeline: str | Pipeline | Sequence[ModulePass], *,
 DEFAULT_PIPELINES = {
     "cpu": "canonicalize,cse,layout{conv=nhwc},canonicalize,cse,dce,fuse,plan-memory",
     "gpu": "canonicalize,cse,dce,fuse,plan-memory",
+    "cuda": "canonicalize,cse,dce,fuse,plan-memory",
 }
 
 
 def default_pipeline(target: str = "cpu") -> str:
-    """The pipeline `bitsmith.compile` uses for a target ("cpu" or "gpu")."""
+    """The pipeline `bitsmith.compile` uses for a target ("cpu", or "gpu" / "cuda")."""
     if target not in DEFAULT_PIPELINES:
         raise PipelineError(f"no default pipeline for target '{target}'; "
                             f"valid: {', '.join(DEFAULT_PIPELINES)}")

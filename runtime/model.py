@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from .artifact import Artifact, load_artifact, save_artifact
-from .executor import Executor
 from .host import host_description
 
 
@@ -19,7 +18,12 @@ class CompiledModel:
 
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
-        self.executor = Executor(artifact)
+        if artifact.manifest.requires.get("device") == "cuda":  # Triton kernels, torch tensors
+            from .triton_executor import TritonExecutor  # noqa: PLC0415 - no TVM needed
+            self.executor: Any = TritonExecutor(artifact)
+        else:
+            from .executor import Executor  # noqa: PLC0415 - no torch needed
+            self.executor = Executor(artifact)
 
     @property
     def name(self) -> str:

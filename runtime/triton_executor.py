@@ -1,0 +1,127 @@
+"""Run a `cuda` artifact: its Triton kernel sources, launched in plan order on torch tensors.
+
+A cuda artifact's libraries are Python sources (`<kernel>.py`, one per kernel, `@triton.jit`
+functions); each plan step lists its launches (`launches`: the function, the output it
+writes, the flat size that sets its grid, the symbolic dims it takes, its constexprs and
+`num_warps`). Sources are written to a private directory and imported from there (Triton reads
+a kernel's source from its file); Triton compiles each at its first launch and caches it.
+
+Tensors live on the GPU, or, under `TRITON_INTERPRET=1` on a machine without one, on the CPU,
+where Triton's interpreter runs the same kernels (that is how CI checks them). Every buffer of
+a binding of the symbolic dims is allocated once and reused, so a run is: copy the inputs in,
+launch each kernel, copy the outputs out.
+
+This is the one runtime module that needs torch (Triton launches take torch tensors); it is
+imported only for cuda artifacts, so CPU artifacts still load without torch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .artifact import NUMPY_DTYPES, Artifact, ArtifactError, bind_inputs
+from .dims import eval_dim
+
+
+def device() -> str:
+    """Where Triton kernels run in this process: "cuda", or "cpu" under the interpreter."""
+    import torch  # noqa: PLC0415 - cuda artifacts only
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ArtifactError("this artifact runs Triton kernels: it needs an NVIDIA GPU visible to "
+                            "torch, or TRITON_INTERPRET=1 to run them (slowly) on the CPU")
+    return "cuda"
+
+
+def load_source(name: str, source: str, directory: str | os.PathLike) -> ModuleType:
+    """Import a kernel source as a module from a file in `directory`."""
+    path = Path(directory) / f"{name}.py" if not name.endswith(".py") else Path(directory) / name
+    path.write_text(source)
+    module_name = f"bitsmith_triton_{path.stem}_{abs(hash(str(path))):x}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # Triton resolves globals through the module
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch(module: ModuleType, launches: Sequence[Mapping[str, Any]], inputs: Sequence[Any],
+           outputs: Sequence[Any], bindings: Mapping[str, int]) -> None:
+    """Launch every function of a kernel: inputs, its output and its dim arguments."""
+    for spec in launches:
+        meta = dict(spec["meta"])
+        block = meta.pop("BLOCK")
+        numel = math.prod(eval_dim(d, bindings) for d in spec["numel"])
+        grid = (max(1, -(-numel // block)),)
+        dims = [eval_dim(d, bindings) for d in spec["dims"]]
+        getattr(module, spec["fn"])[grid](*inputs, outputs[spec["output"]], *dims, BLOCK=block,
+                                          **meta)
+
+
+def as_torch(array: np.ndarray, dtype: str, where: str) -> Any:
+    """A numpy array as a torch tensor on `where` (packed u32 words travel as int32)."""
+    import torch  # noqa: PLC0415
+    array = np.ascontiguousarray(array)
+    if dtype == "u32" or array.dtype == np.uint32:
+        array = array.view(np.int32)
+    return torch.from_numpy(array.copy()).to(where)
+
+
+class TritonExecutor:
+    """Loads a cuda artifact's kernels and weights once; `run` maps numpy inputs to outputs."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.artifact = artifact
+        self.plan = artifact.manifest.plan
+        self.device = device()
+        self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-triton-")
+        self.modules = {name: load_source(name, data.decode(), self._dir.name)
+                        for name, data in artifact.libraries.items()}
+        values = self.plan["values"]
+        self.weights = {vid: as_torch(artifact.weights[name], values[vid]["dtype"], self.device)
+                        for vid, name in self.plan["weights"].items()}
+        self._bound: dict[tuple, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _buffers(self, bindings: Mapping[str, int]) -> dict[str, Any]:
+        import torch  # noqa: PLC0415
+        key = tuple(sorted(bindings.items()))
+        if key not in self._bound:
+            buffers = dict(self.weights)
+            for vid, spec in self.plan["values"].items():
+                if vid in buffers:
+                    continue
+                shape = tuple(eval_dim(d, bindings) for d in spec["shape"])
+                dtype = getattr(torch, NUMPY_DTYPES[spec["dtype"]])
+                buffers[vid] = torch.empty(shape, dtype=dtype, device=self.device)
+            self._bound[key] = buffers
+        return self._bound[key]
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Validate inputs against the signature, launch every step, return the outputs."""
+        import torch  # noqa: PLC0415
+        arrays = [np.asarray(a) for a in arrays]
+        with self._lock:
+            bindings = bind_inputs(self.artifact.manifest.inputs, arrays)
+            buffers = self._buffers(bindings)
+            for vid, array in zip(self.plan["inputs"], arrays):
+                buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+            for step in self.plan["steps"]:
+                module = self.modules.get(step["library"])
+                if module is None:
+                    raise ArtifactError(f"step {step['kernel']} needs kernel source "
+                                        f"{step['library']}, which the artifact lacks")
+                launch(module, step["launches"], [buffers[v] for v in step["inputs"]],
+                       [buffers[v] for v in step["outputs"]], bindings)
+            return [buffers[v].cpu().numpy().copy() for v in self.plan["outputs"]]
