@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 import sympy
@@ -45,6 +45,22 @@ def interpret(module: Module, *inputs: np.ndarray) -> list[np.ndarray]:
     arrays = [bind_input(ctx, arg, np.asarray(x), name)
               for arg, x, name in zip(args, inputs, module.input_names)]
     return interpret_block(module.body, arrays, ctx)
+
+
+def kernel_calls(module: Module, inputs: Sequence[np.ndarray]
+                 ) -> Iterator[tuple[Operation, list[np.ndarray], EvalContext]]:
+    """Interpret a fused module on `inputs`, yielding each `kernel.fused` op with the values
+    it is fed (what a generated kernel is checked against)."""
+    ctx = EvalContext(module.weights)
+    env = {arg: bind_input(ctx, arg, np.asarray(a), f"input {i}")
+           for i, (arg, a) in enumerate(zip(module.inputs, inputs))}
+    for op in module.ops:
+        if op.name == "func.return":
+            break
+        args = [env[v] for v in op.operands]
+        if op.name == "kernel.fused":
+            yield op, args, ctx
+        env.update(zip(op.results, evaluate_op(op, ctx, args)))
 
 
 def bind_input(ctx: EvalContext, arg: Value, array: np.ndarray, name: str) -> np.ndarray:

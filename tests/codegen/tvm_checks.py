@@ -3,7 +3,6 @@ that matches it (scheduled, weights packed as the compiler packs them), run it, 
 with the interpreter on the very values the interpreter feeds that kernel."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import tvm
@@ -13,7 +12,7 @@ from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.lower import compile_funcs
 from bitsmith.codegen.tvm.target import host_target, tvm_target
 from bitsmith.codegen.tvm.templates import select
-from bitsmith.ir.interpreter import EvalContext
+from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
 
 RTOL = {"float32": 2e-5}
@@ -82,22 +81,6 @@ def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None 
         for op, args, ctx in kernel_calls(module, inputs or inputs_for(module, batch)):
             run_kernel(op, args, ctx, config, template)
     return len(kernels)
-
-
-def kernel_calls(module: ir.Module, inputs: list[np.ndarray]
-                 ) -> Iterator[tuple[ir.Operation, list, EvalContext]]:
-    """Interpret a fused module on `inputs`: each kernel with the values it is fed."""
-    env: dict = {}
-    ctx = EvalContext(module.weights)
-    for arg, array in zip(module.inputs, inputs):
-        env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
-    for op in module.ops:
-        if op.name == "func.return":
-            break
-        args = [env[v] for v in op.operands]
-        if op.name == "kernel.fused":
-            yield op, args, ctx
-        env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
 
 
 def func(inputs: str, outputs: str, body: str) -> str:

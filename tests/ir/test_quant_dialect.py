@@ -48,19 +48,26 @@ def test_quantize_rounds_half_to_even_and_clamps() -> None:
     assert codes.tolist() == [[0, 0, 2, 2, 3]]
 
 
-def quant_module(qt: QuantType, n: int = 5, k: int = 7, seed: int = 0) -> Module:
+def random_weight(m: Module, b: Builder, qt: QuantType, n: int, k: int, seed: int
+                  ) -> tuple[object, object, object]:
+    """Constants of random codes [n, k] (packed), f16 scales and, if asymmetric, zero points."""
     rng = np.random.default_rng(seed)
     sshape = quant.scale_shape(qt, (n, k))
-    m = Module("q", [TensorType((2, k), f32)], ["x"])
     m.weights["w"] = pack_rows(rng.integers(0, 1 << qt.bits, (n, k), dtype=np.uint8), qt.bits)
     m.weights["s"] = rng.random(sshape).astype(np.float16)
-    b = Builder.at_end(m.body)
     w = b.value(graph.ConstantOp, weight="w", result_types=[TensorType((n, k), qt)])
     s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(sshape, f16)])
     z = None
     if qt.zero_point is ZeroPoint.INT:
         m.weights["z"] = rng.integers(0, 1 << qt.bits, sshape, dtype=np.uint8)
         z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(sshape, u8)])
+    return w, s, z
+
+
+def quant_module(qt: QuantType, n: int = 5, k: int = 7, seed: int = 0) -> Module:
+    m = Module("q", [TensorType((2, k), f32)], ["x"])
+    b = Builder.at_end(m.body)
+    w, s, z = random_weight(m, b, qt, n, k, seed)
     y = b.value(quant.LinearOp, m.inputs[0], w, s, z)
     wf = b.value(quant.DequantizeOp, w, s, z)
     b.create(func.ReturnOp, y, wf)
@@ -107,20 +114,10 @@ def qconv_module(qt: QuantType, x_shape: tuple[int, ...], out: int, kernel: tupl
                  layout: str = "NCHW", groups: int = 1, seed: int = 0, **attrs: object
                  ) -> Module:
     """x -> quant.conv2d by random codes of [out, in/groups*KH*KW] -> (y, its f32 weight)."""
-    rng = np.random.default_rng(seed)
     c = x_shape[1 if layout == "NCHW" else 3]
-    n, k = out, c // groups * kernel[0] * kernel[1]
-    sshape = quant.scale_shape(qt, (n, k))
     m = Module("qc", [TensorType(x_shape, f32)], ["x"])
-    m.weights["w"] = pack_rows(rng.integers(0, 1 << qt.bits, (n, k), dtype=np.uint8), qt.bits)
-    m.weights["s"] = rng.random(sshape).astype(np.float16)
     b = Builder.at_end(m.body)
-    w = b.value(graph.ConstantOp, weight="w", result_types=[TensorType((n, k), qt)])
-    s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(sshape, f16)])
-    z = None
-    if qt.zero_point is ZeroPoint.INT:
-        m.weights["z"] = rng.integers(0, 1 << qt.bits, sshape, dtype=np.uint8)
-        z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(sshape, u8)])
+    w, s, z = random_weight(m, b, qt, out, c // groups * kernel[0] * kernel[1], seed)
     y = b.value(quant.Conv2dOp, m.inputs[0], w, s, z, kernel=kernel, layout=layout,
                 groups=groups, **attrs)
     b.create(func.ReturnOp, y, b.value(quant.DequantizeOp, w, s, z))

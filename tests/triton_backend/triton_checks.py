@@ -5,34 +5,17 @@ machine runs the same checks."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 
 from bitsmith import ir, passes
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.triton.templates import build_kernel, cuda_target
-from bitsmith.ir.interpreter import EvalContext
+from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
 from bitsmith.runtime.triton_executor import as_torch, device, launch, load_source
 
 RTOL = 2e-5
-
-
-def kernel_calls(module: ir.Module, inputs: list[np.ndarray]
-                 ) -> Iterator[tuple[ir.Operation, list, EvalContext]]:
-    """Interpret a fused module on `inputs`: each kernel with the values it is fed."""
-    env: dict = {}
-    ctx = EvalContext(module.weights)
-    for arg, array in zip(module.inputs, inputs):
-        env[arg] = ir.interpreter.bind_input(ctx, arg, array, "x")
-    for op in module.ops:
-        if op.name == "func.return":
-            break
-        args = [env[v] for v in op.operands]
-        if op.name == "kernel.fused":
-            yield op, args, ctx
-        env.update(zip(op.results, ir.interpreter.evaluate_op(op, ctx, args)))
 
 
 def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
