@@ -242,7 +242,11 @@ def build_triton_artifact(module: Module, *, progress: bool = False,
                           configs: Mapping[str, Config] | None = None) -> Artifact:
     """Generate the Triton source of every kernel of a fused module (one file each); the
     artifact carries the sources and their launches, and the GPU compiles them at load."""
-    import triton  # noqa: PLC0415 - the cuda target only
+    try:
+        import triton  # noqa: PLC0415 - the cuda target only
+    except ImportError:
+        raise ValueError("target 'cuda' needs Triton: pip install -e \".[gpu]\" "
+                         "(triton==3.6.0)") from None
 
     from .codegen.triton.templates import build_kernel as build_triton  # noqa: PLC0415
     from .codegen.triton.templates import cuda_target  # noqa: PLC0415

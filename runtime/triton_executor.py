@@ -8,8 +8,8 @@ a kernel's source from its file); Triton compiles each at its first launch and c
 
 Tensors live on the GPU, or, under `TRITON_INTERPRET=1` on a machine without one, on the CPU,
 where Triton's interpreter runs the same kernels (that is how CI checks them). Every buffer of
-a binding of the symbolic dims is allocated once and reused, so a run is: copy the inputs in,
-launch each kernel, copy the outputs out.
+a binding of the symbolic dims is allocated, and every launch's grid and arguments worked out,
+once and reused, so a run is: copy the inputs in, launch each kernel, copy the outputs out.
 
 This is the one runtime module that needs torch (Triton launches take torch tensors); it is
 imported only for cuda artifacts, so CPU artifacts still load without torch.
@@ -56,17 +56,30 @@ def load_source(name: str, source: str, directory: str | os.PathLike) -> ModuleT
     return module
 
 
-def launch(module: ModuleType, launches: Sequence[Mapping[str, Any]], inputs: Sequence[Any],
-           outputs: Sequence[Any], bindings: Mapping[str, int]) -> None:
-    """Launch every function of a kernel: inputs, its output and its dim arguments."""
+Call = tuple[Any, tuple[int, ...], list[Any], dict[str, Any]]
+"""One bound launch: the jit function, its grid, its arguments and its keyword options."""
+
+
+def bind_launches(module: ModuleType, launches: Sequence[Mapping[str, Any]],
+                  inputs: Sequence[Any], outputs: Sequence[Any],
+                  bindings: Mapping[str, int]) -> list[Call]:
+    """Every function of a kernel with its grid and arguments (inputs, its output, its dim
+    arguments) worked out for one binding of the symbolic dims."""
+    calls = []
     for spec in launches:
         meta = dict(spec["meta"])
-        block = meta.pop("BLOCK")
         numel = math.prod(eval_dim(d, bindings) for d in spec["numel"])
-        grid = (max(1, -(-numel // block)),)
+        grid = (max(1, -(-numel // meta["BLOCK"])),)
         dims = [eval_dim(d, bindings) for d in spec["dims"]]
-        getattr(module, spec["fn"])[grid](*inputs, outputs[spec["output"]], *dims, BLOCK=block,
-                                          **meta)
+        calls.append((getattr(module, spec["fn"]), grid,
+                      [*inputs, outputs[spec["output"]], *dims], meta))
+    return calls
+
+
+def launch(calls: Sequence[Call]) -> None:
+    """Run bound launches in order."""
+    for fn, grid, args, meta in calls:
+        fn[grid](*args, **meta)
 
 
 def as_torch(array: np.ndarray, dtype: str, where: str) -> Any:
@@ -91,10 +104,11 @@ class TritonExecutor:
         values = self.plan["values"]
         self.weights = {vid: as_torch(artifact.weights[name], values[vid]["dtype"], self.device)
                         for vid, name in self.plan["weights"].items()}
-        self._bound: dict[tuple, dict[str, Any]] = {}
+        self._bound: dict[tuple, tuple[dict[str, Any], list[Call]]] = {}
         self._lock = threading.Lock()
 
-    def _buffers(self, bindings: Mapping[str, int]) -> dict[str, Any]:
+    def _bind(self, bindings: Mapping[str, int]) -> tuple[dict[str, Any], list[Call]]:
+        """The buffers and the bound launches of one binding, made once and reused."""
         import torch  # noqa: PLC0415
         key = tuple(sorted(bindings.items()))
         if key not in self._bound:
@@ -105,23 +119,25 @@ class TritonExecutor:
                 shape = tuple(eval_dim(d, bindings) for d in spec["shape"])
                 dtype = getattr(torch, NUMPY_DTYPES[spec["dtype"]])
                 buffers[vid] = torch.empty(shape, dtype=dtype, device=self.device)
-            self._bound[key] = buffers
-        return self._bound[key]
-
-    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        """Validate inputs against the signature, launch every step, return the outputs."""
-        import torch  # noqa: PLC0415
-        arrays = [np.asarray(a) for a in arrays]
-        with self._lock:
-            bindings = bind_inputs(self.artifact.manifest.inputs, arrays)
-            buffers = self._buffers(bindings)
-            for vid, array in zip(self.plan["inputs"], arrays):
-                buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+            calls: list[Call] = []
             for step in self.plan["steps"]:
                 module = self.modules.get(step["library"])
                 if module is None:
                     raise ArtifactError(f"step {step['kernel']} needs kernel source "
                                         f"{step['library']}, which the artifact lacks")
-                launch(module, step["launches"], [buffers[v] for v in step["inputs"]],
-                       [buffers[v] for v in step["outputs"]], bindings)
+                calls += bind_launches(module, step["launches"],
+                                       [buffers[v] for v in step["inputs"]],
+                                       [buffers[v] for v in step["outputs"]], bindings)
+            self._bound[key] = (buffers, calls)
+        return self._bound[key]
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Validate inputs against the signature, launch every kernel, return the outputs."""
+        import torch  # noqa: PLC0415
+        arrays = [np.asarray(a) for a in arrays]
+        with self._lock:
+            buffers, calls = self._bind(bind_inputs(self.artifact.manifest.inputs, arrays))
+            for vid, array in zip(self.plan["inputs"], arrays):
+                buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+            launch(calls)
             return [buffers[v].cpu().numpy().copy() for v in self.plan["outputs"]]

@@ -177,6 +177,14 @@ class Emitter:
         nest([])
         return acc
 
+    def affine(self, out: str, op: Operation, idx: Sequence[str]) -> str:
+        """out * weight[idx] + bias[idx], for the op's optional `weight` and `bias`."""
+        if op.weight is not None:
+            out = f"{out} * {self.at(op.weight, idx)}"
+        if getattr(op, "bias", None) is not None:
+            out = f"{out} + {self.at(op.bias, idx)}"
+        return out
+
     def full(self, value: object, dtype: str) -> str:
         return f"tl.full([BLOCK], {value!r}, {dtype})"
 
@@ -368,12 +376,7 @@ def _cast(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
 def _batch_norm(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     c = [idx[op.axis % op.x.type.rank]]
     x, mean, var = em.at(op.x, idx), em.at(op.mean, c), em.at(op.var, c)
-    out = f"({x} - {mean}) * tl.rsqrt({var} + {op.eps!r})"
-    if op.weight is not None:
-        out = f"{out} * {em.at(op.weight, c)}"
-    if op.bias is not None:
-        out = f"{out} + {em.at(op.bias, c)}"
-    return out
+    return em.affine(f"({x} - {mean}) * tl.rsqrt({var} + {op.eps!r})", op, c)
 
 
 @rule("arange")

@@ -233,16 +233,10 @@ def _norm(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     tail = idx[rank - nd:]
     if op.name == "graph.rms_norm":
         ms = em.reduce("sum", "0.0", extents, lambda r: f"{at(r)} * {at(r)}")
-        out = f"{v} * tl.rsqrt({ms} / ({count}) + {op.eps!r})"
-        return out if op.weight is None else f"{out} * {em.at(op.weight, tail)}"
+        return em.affine(f"{v} * tl.rsqrt({ms} / ({count}) + {op.eps!r})", op, tail)
     mean = em.let(f"{em.reduce('sum', '0.0', extents, at)} / ({count})", "mean")
     var = em.reduce("sum", "0.0", extents, lambda r: f"({at(r)} - {mean}) * ({at(r)} - {mean})")
-    out = f"({v} - {mean}) * tl.rsqrt({var} / ({count}) + {op.eps!r})"
-    if op.weight is not None:
-        out = f"{out} * {em.at(op.weight, tail)}"
-    if op.bias is not None:
-        out = f"{out} + {em.at(op.bias, tail)}"
-    return out
+    return em.affine(f"({v} - {mean}) * tl.rsqrt({var} / ({count}) + {op.eps!r})", op, tail)
 
 
 # ---- contractions -----------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from bitsmith.codegen.template import Config
 from bitsmith.codegen.triton.templates import build_kernel, cuda_target
 from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
-from bitsmith.runtime.triton_executor import as_torch, device, launch, load_source
+from bitsmith.runtime.triton_executor import (as_torch, bind_launches, device, launch,
+                                               load_source)
 
 RTOL = 2e-5
 
@@ -32,8 +33,8 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
             for w in want]
     with tempfile.TemporaryDirectory() as tmp:
         module = load_source(kernel.kernel_name, built.source, tmp)
-        launch(module, built.launches, inputs, outs,
-               {str(k): v for k, v in ctx.bindings.items()})
+        launch(bind_launches(module, built.launches, inputs, outs,
+                             {str(k): v for k, v in ctx.bindings.items()}))
     for got, expected in zip(outs, want):
         got = got.cpu().numpy()
         assert got.shape == expected.shape and got.dtype == expected.dtype
