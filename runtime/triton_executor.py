@@ -2,9 +2,10 @@
 
 A cuda artifact's libraries are Python sources (`<kernel>.py`, one per kernel, `@triton.jit`
 functions); each plan step lists its launches (`launches`: the function, the output it
-writes, the flat size that sets its grid, the symbolic dims it takes, its constexprs and
-`num_warps`). Sources are written to a private directory and imported from there (Triton reads
-a kernel's source from its file); Triton compiles each at its first launch and caches it.
+writes, its grid (per axis, extents over symbolic dims divided by block constexprs), the
+symbolic dims it takes, its constexprs and `num_warps`, and whether its output starts zeroed).
+Sources are written to a private directory and imported from there (Triton reads a kernel's
+source from its file); Triton compiles each at its first launch and caches it.
 
 Tensors live on the GPU, or, under `TRITON_INTERPRET=1` on a machine without one, on the CPU,
 where Triton's interpreter runs the same kernels (that is how CI checks them). Every buffer of
@@ -56,8 +57,9 @@ def load_source(name: str, source: str, directory: str | os.PathLike) -> ModuleT
     return module
 
 
-Call = tuple[Any, tuple[int, ...], list[Any], dict[str, Any]]
-"""One bound launch: the jit function, its grid, its arguments and its keyword options."""
+Call = tuple[Any, tuple[int, ...], list[Any], dict[str, Any], Any]
+"""One bound launch: the jit function, its grid, its arguments, its keyword options, and the
+output to zero first (split-K programs add into it) or None."""
 
 
 def bind_launches(module: ModuleType, launches: Sequence[Mapping[str, Any]],
@@ -68,17 +70,22 @@ def bind_launches(module: ModuleType, launches: Sequence[Mapping[str, Any]],
     calls = []
     for spec in launches:
         meta = dict(spec["meta"])
-        numel = math.prod(eval_dim(d, bindings) for d in spec["numel"])
-        grid = (max(1, -(-numel // meta["BLOCK"])),)
+        scope = {**bindings, **{k: v for k, v in meta.items() if isinstance(v, int)}}
+        grid = tuple(max(1, math.prod(
+            -(-math.prod(eval_dim(d, scope) for d in extent) // (meta[block] if block else 1))
+            for extent, block in axis)) for axis in spec["grid"])
         dims = [eval_dim(d, bindings) for d in spec["dims"]]
-        calls.append((getattr(module, spec["fn"]), grid,
-                      [*inputs, outputs[spec["output"]], *dims], meta))
+        out = outputs[spec["output"]]
+        calls.append((getattr(module, spec["fn"]), grid, [*inputs, out, *dims], meta,
+                      out if spec.get("zero") else None))
     return calls
 
 
 def launch(calls: Sequence[Call]) -> None:
-    """Run bound launches in order."""
-    for fn, grid, args, meta in calls:
+    """Run bound launches in order (zeroing first the outputs that programs add into)."""
+    for fn, grid, args, meta, zero in calls:
+        if zero is not None:
+            zero.zero_()
         fn[grid](*args, **meta)
 
 

@@ -176,9 +176,9 @@ def _argmax(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     """The first index of the max (min), as numpy."""
     x = op.operands[0]
     axis = op.axis % x.type.rank
-    best = em.let(f"tl.zeros([BLOCK], tl.float32) + "
+    best = em.let(f"tl.zeros({em.lanes}, tl.float32) + "
                   f"{NEG_INF if op.name == 'graph.argmax' else POS_INF}", "best")
-    where = em.let("tl.zeros([BLOCK], tl.int64)", "arg")
+    where = em.let(f"tl.zeros({em.lanes}, tl.int64)", "arg")
     with em.loop(em.dim(x.type.shape[axis])) as r:
         v = em.at(x, _reduced(op, [axis], op.keepdim, idx, [r]))
         better = em.let(f"{v} {'>' if op.name == 'graph.argmax' else '<'} {best}")

@@ -1,8 +1,15 @@
 """GPU kernel templates: a `kernel.fused` region -> Triton source (readable Python, one file per
 kernel) and how to launch it.
 
+- `triton.matmul`: linear, matmul (batched), NCHW conv (implicit GEMM) and quant.linear /
+  quant.conv2d (dequant-GEMM), with their elementwise epilogue: [BLOCK_M, BLOCK_N] tiles,
+  `tl.dot` over K (`tiles`). Knobs: BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps, num_stages.
+- `triton.gemv`: the same contractions when M is a few static rows (decode, batch 1): the
+  rows in one tile, a broadcast multiply-and-sum over [BLOCK_N, BLOCK_K] weight tiles, split-K.
 - `triton.generic`: every region, through the generic lowering (`emit`): one program per
   BLOCK output elements, reductions as per-lane loops. Knobs: BLOCK, num_warps.
+
+`select` prefers a specialised template to the generic one.
 
 A built kernel is a `TritonKernel`: the source, and per `@triton.jit` function its launch (the
 output it writes, the flat size that sets the grid, the symbolic dims it takes as arguments,
@@ -16,10 +23,11 @@ from typing import Any
 
 from ...ir import Operation
 from ...ir.dialects.kernel import FusedOp
-from ..template import (CodegenError, Config, KernelTemplate, Knob, KnobSpace, Problem, Target,
-                        match_templates, register_template)
+from ..template import (TEMPLATES, CodegenError, Config, KernelTemplate, Knob, KnobSpace, Problem,
+                        Target, match_templates, register_template)
 from . import emit_nn  # noqa: F401 - registers the nn and quant rules
 from .emit import generate
+from .tiles import anchor_of, contraction, generate_contraction
 
 TRITON_VERSION = "3.6"
 """The Triton the generated sources are written for (`tl` API of 3.x)."""
@@ -37,7 +45,13 @@ class TritonKernel:
 
 
 class TritonTemplate(KernelTemplate):
-    """Base of the Triton templates."""
+    """Base of the Triton templates; `select` takes the matching one of lowest `rank`."""
+
+    rank = 1
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        """The config used untuned: the space's defaults (templates refine by problem)."""
+        return self.space.default()
 
 
 @register_template
@@ -46,6 +60,7 @@ class Generic(TritonTemplate):
 
     name = "triton.generic"
     version = 1
+    rank = 9  # the fallback
     space = KnobSpace(Knob("BLOCK", (128, 256, 512, 1024, 64)),
                       Knob("num_warps", (4, 2, 8, 1)))
     key = ("signature",)
@@ -67,18 +82,150 @@ class Generic(TritonTemplate):
         return TritonKernel(source, launches, self.name, config)
 
 
+EPILOGUE = frozenset(
+    f"graph.{n}" for n in (
+        "add sub mul div pow maximum minimum eq ne lt le gt ge logical_and logical_or "
+        "logical_not exp log sqrt rsqrt tanh erf sigmoid abs neg sin cos floor ceil reciprocal "
+        "relu silu gelu clamp where cast constant full round sign").split())
+"""Ops an epilogue (or a prologue on an operand) of a tiled contraction may hold."""
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+BLOCK_DIMS = {"BLOCK_M": "static_m", "BLOCK_N": "N", "BLOCK_K": "K"}
+"""Which problem size each block knob tiles."""
+
+
+def _block_cap(problem: Problem, dim: str) -> int:
+    """The largest block worth having over a dim: its next power of two (16 at least, the
+    smallest `tl.dot` tile); unbounded for a symbolic dim."""
+    size = str(problem[dim])
+    return max(16, pow2(int(size))) if size.isdigit() and int(size) > 0 else 1 << 30
+
+
+class _Tiled(TritonTemplate):
+    """A contraction with an elementwise epilogue, built by `tiles.generate_contraction`."""
+
+    inner = "dot"
+    key = ("anchor", "M", "N", "K", "batch", "epilogue", "dtype")
+
+    def match(self, op: Operation) -> Problem | None:
+        if not isinstance(op, FusedOp):
+            return None
+        anchor = anchor_of(op, EPILOGUE)
+        c = contraction(anchor) if anchor is not None else None
+        if c is None:
+            return None
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
+        qtype = anchor.operands[1].type.dtype if anchor.name.startswith("quant.") else ""
+        return Problem(self.name, {
+            "anchor": anchor.name, "M": " * ".join(str(d) for d in c.m),
+            "static_m": c.static_m or 0, "N": str(c.n), "K": str(c.k),
+            "batch": ",".join(str(d) for d in c.batch), "epilogue": epilogue,
+            "dtype": f"{anchor.results[0].type.dtype}{qtype and ':'}{qtype}",
+            "plain": not epilogue and str(op.results[0].type.dtype) == "f32"}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        split = int(config["SPLIT_K"])
+        k = int(problem["K"]) if problem["K"].isdigit() else 1 << 30
+        return self.blocks_fit(problem, config) and (
+            split == 1 or (bool(problem["plain"]) and k >= split * int(config["BLOCK_K"])))
+
+    def meta(self, problem: Problem, config: Config) -> dict:
+        return {k: int(v) for k, v in config.items()}
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        """The space's defaults, each block shrunk to the largest choice that fits its dim."""
+        values = dict(self.space.default())
+        for knob in self.space.knobs:
+            dim = BLOCK_DIMS.get(knob.name)
+            if dim is not None:
+                cap = _block_cap(problem, dim)
+                if values[knob.name] > cap:
+                    values[knob.name] = max(c for c in knob.choices if c <= cap)
+        return Config(values)
+
+    def blocks_fit(self, problem: Problem, config: Config) -> bool:
+        return all(config[k] <= _block_cap(problem, d) for k, d in BLOCK_DIMS.items()
+                   if k in config)
+
+    def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
+        config = self.space.check(config)
+        if not self.valid(problem, config):
+            raise CodegenError(f"template {self.name}: config {config} is not valid for "
+                               f"{dict(problem.params)}")
+        op = problem.op
+        anchor = anchor_of(op, EPILOGUE)
+        source, launches = generate_contraction(op, contraction(anchor), self.inner)
+        meta = self.meta(problem, config)
+        for launch in launches:
+            launch["meta"] = meta
+            launch["zero"] = meta["SPLIT_K"] > 1
+        return TritonKernel(source, launches, self.name, config)
+
+
+@register_template
+class Matmul(_Tiled):
+    """Tiled GEMM with `tl.dot` (every contraction with an elementwise epilogue)."""
+
+    name = "triton.matmul"
+    version = 1
+    space = KnobSpace(Knob("BLOCK_M", (64, 32, 128, 16)), Knob("BLOCK_N", (64, 32, 128, 16)),
+                      Knob("BLOCK_K", (32, 16, 64, 128)), Knob("GROUP_M", (8, 1, 2, 4)),
+                      Knob("SPLIT_K", (1, 2, 4, 8)), Knob("num_warps", (4, 2, 8)),
+                      Knob("num_stages", (3, 2, 4, 1)))
+
+
+@register_template
+class Gemv(_Tiled):
+    """GEMV: M static and at most 8 rows, all in one tile; FMA over [BLOCK_K, BLOCK_N] tiles of
+    the weight (no tensor-core rows wasted), split-K across programs."""
+
+    name = "triton.gemv"
+    version = 1
+    rank = 0  # before triton.matmul, which matches the same kernels
+    inner = "fma"
+    space = KnobSpace(Knob("BLOCK_N", (32, 16, 64, 128, 8)), Knob("BLOCK_K", (128, 64, 256, 32)),
+                      Knob("SPLIT_K", (1, 2, 4, 8)), Knob("num_warps", (4, 2, 8, 1)),
+                      Knob("num_stages", (2, 1, 3, 4)))
+
+    def match(self, op: Operation) -> Problem | None:
+        problem = super().match(op)
+        if problem is None or not 0 < int(problem["static_m"]) <= 8:
+            return None
+        return problem
+
+    def meta(self, problem: Problem, config: Config) -> dict:
+        return {**super().meta(problem, config), "BLOCK_M": pow2(int(problem["static_m"])),
+                "GROUP_M": 1}
+
+
 def select(op: FusedOp, target: Target) -> tuple[TritonTemplate, Problem]:
-    """The first Triton template that matches `op` (the generic one matches every region)."""
+    """The Triton template of lowest rank that matches `op`: a specialised one, else the
+    generic one (which matches every region)."""
     matches = [(t, p) for t, p in match_templates(op) if isinstance(t, TritonTemplate)]
     if not matches:
         raise CodegenError(f"no Triton template matches kernel '{op.kernel_name}'")
-    return matches[0]
+    return min(matches, key=lambda m: m[0].rank)
 
 
-def build_kernel(op: FusedOp, target: Target, config: Config | None = None) -> TritonKernel:
-    """Build one kernel with its template (the default config unless `config`)."""
-    template, problem = select(op, target)
-    config = template.space.check(config) if config is not None else template.space.default()
+def build_kernel(op: FusedOp, target: Target, config: Config | None = None,
+                 template: str | None = None) -> TritonKernel:
+    """Build one kernel with its template (`select`'s, or the one named), at the default config
+    unless `config`."""
+    if template is None:
+        template, problem = select(op, target)
+    else:
+        found = TEMPLATES.get(template)
+        problem = found.match(op) if isinstance(found, TritonTemplate) else None
+        if problem is None:
+            raise CodegenError(f"Triton template {template!r} does not match kernel "
+                               f"'{op.kernel_name}'")
+        template = found
+    config = (template.space.check(config) if config is not None
+              else template.default_config(problem, target))
     return template.build(problem, config, target)
 
 

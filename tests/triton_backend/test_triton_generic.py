@@ -13,13 +13,14 @@ from bitsmith.passes.quant_spec import quant_pipeline_entry
 from .triton_checks import check_module
 
 GPU = "canonicalize,cse,dce,fuse"
+GENERIC = "triton.generic"
 
 
 def checked(model: torch.nn.Module, *args: torch.Tensor, pipeline: str = GPU,
             dynamic: bool = False, batches: tuple[int, ...] = (1,), **kw: object) -> int:
     torch.manual_seed(0)
     module = from_torch(model.eval(), args, {}, name="m", dynamic_batch=dynamic)
-    return check_module(module, pipeline=pipeline, batches=batches, **kw)
+    return check_module(module, pipeline=pipeline, batches=batches, template=GENERIC, **kw)
 
 
 class Block(torch.nn.Module):
@@ -111,7 +112,7 @@ def test_quantized_linear_every_width_and_format(spec: str) -> None:
     module = from_torch(model, (torch.randn(3, 70),), {}, name="q")
     passes.run(module, f"canonicalize,cse,{quant_pipeline_entry(spec)}")
     assert sum(op.name == "quant.linear" for op in module.ops) == 2
-    assert check_module(module, pipeline=GPU) >= 2
+    assert check_module(module, pipeline=GPU, template=GENERIC) >= 2
 
 
 def test_quantized_conv() -> None:
@@ -121,4 +122,4 @@ def test_quantized_conv() -> None:
     module = from_torch(model, (torch.randn(2, 5, 17, 15),), {}, name="qc")
     passes.run(module, f"canonicalize,cse,{quant_pipeline_entry('w3g16')}")
     assert sum(op.name == "quant.conv2d" for op in module.ops) == 2
-    assert check_module(module, pipeline=GPU) >= 2
+    assert check_module(module, pipeline=GPU, template=GENERIC) >= 2

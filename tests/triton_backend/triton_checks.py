@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 
 from bitsmith import ir, passes
-from bitsmith.codegen.template import Config
+from bitsmith.codegen.template import TEMPLATES, Config
 from bitsmith.codegen.triton.templates import build_kernel, cuda_target
 from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
@@ -20,12 +20,12 @@ RTOL = 2e-5
 
 
 def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
-               config: Config | None = None) -> str:
+               config: Config | None = None, template: str | None = None) -> str:
     """Build, launch and compare one kernel; returns its source."""
     import torch  # noqa: PLC0415
 
     want = kernel.evaluate(ctx, *arrays)
-    built = build_kernel(kernel, cuda_target(), config)
+    built = build_kernel(kernel, cuda_target(), config, template)
     where = device()
     inputs = [as_torch(to_storage(v.type, a), str(v.type.dtype), where)
               for v, a in zip(kernel.operands, arrays)]
@@ -64,13 +64,25 @@ def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]
 
 def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None = None,
                  batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse",
-                 config: Config | None = None) -> int:
-    """Fuse, then build, launch and check every kernel; returns how many kernels."""
+                 config: Config | None = None, template: str | None = None) -> int:
+    """Fuse, then build, launch and check every kernel (with `template` where it matches, which
+    at least one kernel must); returns how many kernels."""
     module = text if isinstance(text, ir.Module) else ir.parse(text, weights=weights or {})
     if pipeline:
         passes.run(module, pipeline)
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    if template is None:
+        for batch in batches:
+            for op, args, ctx in kernel_calls(module, inputs_for(module, batch)):
+                run_kernel(op, args, ctx, config)
+        return len(kernels)
+    chosen = TEMPLATES[template]
+    matched = {op for op in kernels if chosen.match(op) is not None}
+    assert matched, f"template {template} matches none of the kernels"
     for batch in batches:
         for op, args, ctx in kernel_calls(module, inputs_for(module, batch)):
-            run_kernel(op, args, ctx, config)
-    return len(kernels)
+            if op in matched:
+                run_kernel(op, args, ctx, config, template)
+            else:
+                run_kernel(op, args, ctx)
+    return len(matched)
