@@ -27,6 +27,7 @@ from ..template import (TEMPLATES, CodegenError, Config, KernelTemplate, Knob, K
                         Target, match_templates, register_template)
 from . import emit_nn  # noqa: F401 - registers the nn and quant rules
 from .emit import generate
+from .rows import generate_rows, row_block
 from .tiles import anchor_of, contraction, generate_contraction
 
 TRITON_VERSION = "3.6"
@@ -42,6 +43,18 @@ class TritonKernel:
     template: str
     config: Config
     packs: dict[int, Any] = field(default_factory=dict)  # no pre-packed weights on the GPU
+
+
+ANCHOR_OPS = frozenset({"graph.linear", "graph.matmul", "graph.conv2d", "graph.attention",
+                        "quant.linear", "quant.conv2d", "graph.max_pool2d", "graph.avg_pool2d",
+                        "graph.adaptive_avg_pool2d"})
+"""Ops that make a region a contraction, a window or attention rather than a row kernel."""
+
+
+def signature(op: FusedOp) -> str:
+    """A region's types and ops: kernels with equal signatures share a tuned config."""
+    return ";".join(str(v.type) for v in op.operands) + "->" + ";".join(
+        str(r.type) for r in op.results) + "|" + ",".join(o.name for o in op.body_ops)
 
 
 class TritonTemplate(KernelTemplate):
@@ -68,9 +81,7 @@ class Generic(TritonTemplate):
     def match(self, op: Operation) -> Problem | None:
         if not isinstance(op, FusedOp):
             return None
-        signature = ";".join(str(v.type) for v in op.operands) + "->" + ";".join(
-            str(r.type) for r in op.results) + "|" + ",".join(o.name for o in op.body_ops)
-        return Problem(self.name, {"signature": signature}, op)
+        return Problem(self.name, {"signature": signature(op)}, op)
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
         op = problem.op
@@ -200,6 +211,39 @@ class Gemv(_Tiled):
     def meta(self, problem: Problem, config: Config) -> dict:
         return {**super().meta(problem, config), "BLOCK_M": pow2(int(problem["static_m"])),
                 "GROUP_M": 1}
+
+
+@register_template
+class Rows(TritonTemplate):
+    """Softmax, layer/RMS norm, reductions over the last axes (and what is fused around them):
+    one program per output row, the row's reductions across its lanes."""
+
+    name = "triton.rows"
+    version = 1
+    space = KnobSpace(Knob("num_warps", (4, 1, 2, 8, 16)))
+    key = ("signature",)
+
+    def match(self, op: Operation) -> Problem | None:
+        if not isinstance(op, FusedOp) or any(o.name in ANCHOR_OPS for o in op.body_ops):
+            return None
+        block = row_block(op)
+        if block is None:
+            return None
+        return Problem(self.name, {"signature": signature(op), "BLOCK": block}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return int(config["num_warps"]) * 32 <= max(32, int(problem["BLOCK"]))
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        warps = min(8, max(1, int(problem["BLOCK"]) // 256))
+        return Config({"num_warps": 1 << (warps.bit_length() - 1)})
+
+    def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
+        source, launches = generate_rows(problem.op)
+        meta = {"BLOCK": int(problem["BLOCK"]), "num_warps": int(config["num_warps"])}
+        for launch in launches:
+            launch["meta"] = meta
+        return TritonKernel(source, launches, self.name, config)
 
 
 def select(op: FusedOp, target: Target) -> tuple[TritonTemplate, Problem]:
