@@ -27,6 +27,7 @@ from ..template import (TEMPLATES, CodegenError, Config, KernelTemplate, Knob, K
                         Target, match_templates, register_template)
 from . import emit_nn  # noqa: F401 - registers the nn and quant rules
 from .emit import generate
+from .attention import attention_op, generate_attention, head_blocks
 from .rows import generate_rows, row_block
 from .tiles import anchor_of, contraction, generate_contraction
 
@@ -116,6 +117,18 @@ def _block_cap(problem: Problem, dim: str) -> int:
     return max(16, pow2(int(size))) if size.isdigit() and int(size) > 0 else 1 << 30
 
 
+def _shrunk(space: KnobSpace, problem: Problem) -> Config:
+    """The space's defaults, each block shrunk to the largest choice that fits its dim."""
+    values = dict(space.default())
+    for knob in space.knobs:
+        dim = BLOCK_DIMS.get(knob.name)
+        if dim is not None:
+            cap = _block_cap(problem, dim)
+            if values[knob.name] > cap:
+                values[knob.name] = max(c for c in knob.choices if c <= cap)
+    return Config(values)
+
+
 class _Tiled(TritonTemplate):
     """A contraction with an elementwise epilogue, built by `tiles.generate_contraction`."""
 
@@ -148,15 +161,7 @@ class _Tiled(TritonTemplate):
         return {k: int(v) for k, v in config.items()}
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        """The space's defaults, each block shrunk to the largest choice that fits its dim."""
-        values = dict(self.space.default())
-        for knob in self.space.knobs:
-            dim = BLOCK_DIMS.get(knob.name)
-            if dim is not None:
-                cap = _block_cap(problem, dim)
-                if values[knob.name] > cap:
-                    values[knob.name] = max(c for c in knob.choices if c <= cap)
-        return Config(values)
+        return _shrunk(self.space, problem)
 
     def blocks_fit(self, problem: Problem, config: Config) -> bool:
         return all(config[k] <= _block_cap(problem, d) for k, d in BLOCK_DIMS.items()
@@ -211,6 +216,44 @@ class Gemv(_Tiled):
     def meta(self, problem: Problem, config: Config) -> dict:
         return {**super().meta(problem, config), "BLOCK_M": pow2(int(problem["static_m"])),
                 "GROUP_M": 1}
+
+
+@register_template
+class FlashAttention(TritonTemplate):
+    """`graph.attention` alone in its region: keys streamed in BLOCK_N blocks, online softmax."""
+
+    name = "triton.attention"
+    version = 1
+    space = KnobSpace(Knob("BLOCK_M", (64, 32, 128, 16)), Knob("BLOCK_N", (64, 32, 128, 16)),
+                      Knob("num_warps", (4, 8, 2)), Knob("num_stages", (2, 1, 3)))
+    key = ("signature",)
+
+    def match(self, op: Operation) -> Problem | None:
+        if not isinstance(op, FusedOp) or attention_op(op) is None:
+            return None
+        att = attention_op(op)
+        length, keys = att.q.type.shape[-2], att.k.type.shape[-2]
+        return Problem(self.name, {"signature": signature(op),
+                                   "static_m": length if isinstance(length, int) else 0,
+                                   "N": str(keys), "K": "0"}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return all(config[k] <= _block_cap(problem, d) for k, d in
+                   (("BLOCK_M", "static_m"), ("BLOCK_N", "N")))
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        return _shrunk(self.space, problem)
+
+    def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
+        config = self.space.check(config)
+        att = attention_op(problem.op)
+        source, launches = generate_attention(problem.op, att)
+        block_e, block_d = head_blocks(att)
+        meta = {**{k: int(v) for k, v in config.items()}, "BLOCK_E": block_e,
+                "BLOCK_D": block_d}
+        for launch in launches:
+            launch["meta"] = meta
+        return TritonKernel(source, launches, self.name, config)
 
 
 @register_template
