@@ -20,7 +20,7 @@ from . import __version__
 from .autotune.cache import LibraryCache
 from .autotune.database import TuningDatabase, default_database_path
 from .autotune.tuner import Budget, Tuner, timing_regime
-from .codegen.template import CodegenError, Config
+from .codegen.template import CodegenError, Config, Target
 from .codegen.tvm.lower import compile_funcs, library_key
 from .codegen.tvm.target import host_target, tvm_target
 from .codegen.tvm.templates import TvmKernel, build_kernel
@@ -64,12 +64,11 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     if calib is not None:
         module.calibration = calibration_batches(module, calib)
     run(module, pipeline, verify=False)
-    if target == "cuda":
-        if tune is not None:
-            raise ValueError("tuning Triton kernels is not written yet: compile for "
-                             "target='cuda' without tune= (kernels run their default configs)")
-        return CompiledModel(build_triton_artifact(module, progress=progress))
     batch = _example_batch(example_inputs)
+    if target == "cuda":
+        gpu = triton_target()
+        configs, _ = tuned_configs(module, tune, batch, progress, target=gpu)
+        return CompiledModel(build_triton_artifact(module, progress=progress, configs=configs))
     configs, measured = tuned_configs(module, tune, batch, progress)
     artifact = build_artifact(module, progress=progress, configs=configs)
     if measured:  # winners of isolated timing must also win in the model
@@ -146,22 +145,25 @@ def fused_module(loaded: Any, batch: int, target: str = "cpu") -> Module:
 
 
 def model_tuner(module: Module, batch: int, database: TuningDatabase,
-                progress: bool = False) -> Tuner:
-    """A tuner for this model's kernels at `batch`, timing them hot or cold as the whole model
-    (weights and activations) fits in the last-level cache or not."""
+                progress: bool = False, target: Target | None = None) -> Tuner:
+    """A tuner for this model's kernels at `batch` on `target` (this CPU unless given). On the
+    CPU it times them hot or cold as the whole model (weights and activations) fits in the
+    last-level cache or not; on a GPU, hot (its L2 holds what a kernel just wrote)."""
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
-    tuner = Tuner(database=database, bindings={"B": batch}, progress=progress)
-    tuner.timing = timing_regime(kernels, tuner.bindings, tuner.fingerprint)
+    tuner = Tuner(target=target, database=database, bindings={"B": batch}, progress=progress)
+    tuner.timing = ("hot" if tuner.target.kind == "cuda"
+                    else timing_regime(kernels, tuner.bindings, tuner.fingerprint))
     return tuner
 
 
 def tuned_configs(module: Module, tune: int | str | None, batch: int,
-                  progress: bool = False) -> tuple[dict[str, Config], bool]:
+                  progress: bool = False, target: Target | None = None,
+                  ) -> tuple[dict[str, Config], bool]:
     """The tuned config of each kernel (by name) that has one, tuned now or from the cache,
     and whether anything was measured now."""
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     with TuningDatabase(default_database_path()) as database:
-        tuner = model_tuner(module, batch, database, progress=progress)
+        tuner = model_tuner(module, batch, database, progress=progress, target=target)
         try:
             if tune is None:
                 return tuner.cached_configs(kernels), False
@@ -238,19 +240,26 @@ def build_artifact(module: Module, *, progress: bool = False,
     return Artifact(manifest, plan.weights, {LIBRARY: library})
 
 
+def triton_target() -> Target:
+    """The GPU (or Triton's interpreter) the cuda target compiles for; a clear error without
+    Triton."""
+    try:
+        import triton  # noqa: F401, PLC0415 - the cuda target only
+    except ImportError:
+        raise ValueError("target 'cuda' needs Triton: pip install -e \".[gpu]\" "
+                         "(triton==3.6.0)") from None
+    from .codegen.triton.templates import cuda_target  # noqa: PLC0415
+    return cuda_target()
+
+
 def build_triton_artifact(module: Module, *, progress: bool = False,
                           configs: Mapping[str, Config] | None = None) -> Artifact:
     """Generate the Triton source of every kernel of a fused module (one file each); the
     artifact carries the sources and their launches, and the GPU compiles them at load."""
-    try:
-        import triton  # noqa: PLC0415 - the cuda target only
-    except ImportError:
-        raise ValueError("target 'cuda' needs Triton: pip install -e \".[gpu]\" "
-                         "(triton==3.6.0)") from None
+    import triton  # noqa: PLC0415 - the cuda target only
 
     from .codegen.triton.templates import build_kernel as build_triton  # noqa: PLC0415
-    from .codegen.triton.templates import cuda_target  # noqa: PLC0415
-    target = cuda_target()
+    target = triton_target()
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     configs = configs or {}
     built = {}

@@ -16,11 +16,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..runtime.tvm_runtime import tvm  # first: it loads TVM with torch masked out
+try:  # first: it loads TVM with torch masked out
+    from ..runtime.tvm_runtime import tvm
+except ImportError:  # a GPU machine with Triton only: cuda fingerprints need no TVM
+    tvm = None
 
 from .. import __version__
 from ..codegen.template import TEMPLATES, Target
-from ..codegen.tvm import templates as _cpu_templates  # noqa: F401  (registers the templates)
+from ..codegen.triton import templates as _gpu_templates  # noqa: F401  (registers them)
+
+if tvm is not None:
+    from ..codegen.tvm import templates as _cpu_templates  # noqa: F401  (registers them)
 from ..runtime.host import host_description
 
 CACHE_ROOT = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -74,10 +80,10 @@ def _gpu_description() -> dict[str, str]:
 
 def _toolchain(kind: str) -> dict[str, Any]:
     """Versions of what generates the code."""
-    out: dict[str, Any] = {"tvm": str(tvm.__version__),
-                           "llvm": int(tvm.target.codegen.llvm_version_major()),
-                           "bitsmith": __version__}
-    if kind == "cuda":
+    out: dict[str, Any] = {"bitsmith": __version__}
+    if kind != "cuda":
+        out |= {"tvm": str(tvm.__version__), "llvm": int(tvm.target.codegen.llvm_version_major())}
+    else:
         try:
             out["triton"] = metadata.version("triton")
         except metadata.PackageNotFoundError:
@@ -96,9 +102,11 @@ def device_fingerprint(target: Target) -> dict[str, Any]:
         "isa": sorted(target.isa),
         "cores": int(target.cores),
         "cache": cache_sizes(),
-        "gpu": _gpu_description() if target.kind == "cuda" else {},
+        "gpu": ({**_gpu_description(), **{k: str(v) for k, v in target.attrs.items()}}
+                if target.kind == "cuda" else {}),
         "toolchain": _toolchain(target.kind),
-        "templates": {name: int(t.version) for name, t in sorted(TEMPLATES.items())},
+        "templates": {name: int(t.version) for name, t in sorted(TEMPLATES.items())
+                      if name.startswith("triton.") == (target.kind == "cuda")},
     }
 
 
@@ -126,7 +134,10 @@ def device_descriptors(fp: Mapping[str, Any]) -> dict[str, float]:
         "device.has_vnni": float(bool(isa & {"avx512_vnni", "amx_int8", "asimddp"})),
         "device.has_bf16": float(bool(isa & {"avx512_bf16", "amx_bf16"})),
     }
-    cap = str(fp.get("gpu", {}).get("compute_cap", ""))
+    gpu = fp.get("gpu", {})
+    cap = str(gpu.get("compute_cap", gpu.get("capability", "")))
     if cap.replace(".", "", 1).isdigit():
         out["device.compute_capability"] = float(cap)
+    if str(gpu.get("memory", "")).isdigit():
+        out["device.gpu_memory_log2"] = _log2_bytes(int(gpu["memory"]))
     return out

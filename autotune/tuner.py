@@ -28,8 +28,6 @@ from typing import Any, Iterable, Mapping, Sequence
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..codegen.template import TEMPLATES, Config, KernelTemplate, Problem, Target
-from ..codegen.tvm.target import host_target
-from ..codegen.tvm.templates import TvmTemplate, select
 from ..ir.dialects.kernel import FusedOp
 from ..ir.packing import stored_nbytes
 from ..ir.types import evaluate_dim
@@ -39,7 +37,7 @@ from .database import Record, TuningDatabase, default_database_path
 from .errors import TuningError
 from .features import features
 from .fingerprint import device_descriptors, device_fingerprint, fingerprint_hash
-from .measure import LocalRunner, MeasureInput, MeasureResult, Runner, kernel_text
+from .candidates import MeasureInput, MeasureResult, Runner, kernel_text
 from .scheduler import TaskScheduler, TaskState
 from .search import SearchOptions, evolutionary_search, neighbours, random_search
 
@@ -98,6 +96,29 @@ def task_key(kernel_ir: str, template: KernelTemplate, timing: str = "cold") -> 
                               "version": template.version, "space": template.space.to_json(),
                               "timing": timing})
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def select(op: FusedOp, target: Target) -> tuple[KernelTemplate, Problem]:
+    """The template a kernel builds with on `target`: Triton's on cuda, TVM's on the CPU."""
+    if target.kind == "cuda":
+        from ..codegen.triton.templates import select as select_gpu  # noqa: PLC0415
+        return select_gpu(op, target)
+    from ..codegen.tvm.templates import select as select_cpu  # noqa: PLC0415 - needs TVM
+    return select_cpu(op, target)
+
+
+def backend_of(template_name: str) -> str:
+    """"cuda" for the Triton templates, "llvm" for TVM's."""
+    return "cuda" if template_name.startswith("triton.") else "llvm"
+
+
+def default_runner(target: Target) -> Runner:
+    """Where candidates are measured: a worker pool on the CPU, this process on a GPU."""
+    if target.kind == "cuda":
+        from .measure_triton import TritonRunner  # noqa: PLC0415
+        return TritonRunner(target)
+    from .measure import LocalRunner  # noqa: PLC0415 - needs TVM
+    return LocalRunner()
 
 
 def group_tasks(kernels: Iterable[FusedOp], target: Target, timing: str = "cold") -> list[Task]:
@@ -162,7 +183,10 @@ class Tuner:
         if timing not in (None, "hot", "cold"):
             raise TuningError(f"timing expected 'hot', 'cold' or None, got {timing!r}")
         self.timing = timing  # None: the regime of the kernels each call is given
-        self.target = target or host_target()
+        if target is None:
+            from ..codegen.tvm.target import host_target  # noqa: PLC0415 - needs TVM
+            target = host_target()
+        self.target = target
         self.fingerprint = device_fingerprint(self.target)
         self.fp = fingerprint_hash(self.fingerprint)
         self.descriptors = device_descriptors(self.fingerprint)
@@ -186,7 +210,7 @@ class Tuner:
     def runner(self) -> Runner:
         """The measurement runner (a local worker pool unless one was given)."""
         if self._runner is None:
-            self._runner = LocalRunner()
+            self._runner = default_runner(self.target)
         return self._runner
 
     def close(self) -> None:
@@ -241,7 +265,7 @@ class Tuner:
             self.database.add_task(task.key, task.template.name, task.template.version,
                                    task.problem.params)
         versions = {name: t.version for name, t in TEMPLATES.items()
-                    if isinstance(t, TvmTemplate)}
+                    if backend_of(name) == self.target.kind}
         self._history = [
             (features(template, problem, Config(json.loads(config)), self.descriptors), median,
              key)

@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping, Sequence
@@ -148,3 +149,41 @@ class TritonExecutor:
                 buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
             launch(calls)
             return [buffers[v].cpu().numpy().copy() for v in self.plan["outputs"]]
+
+
+def benchmark(name: str, source: str, launches: Sequence[Mapping[str, Any]],
+              inputs: Sequence[tuple[np.ndarray, str]], outputs: Sequence[np.ndarray],
+              bindings: Mapping[str, int], warmup: int, repeats: int,
+              min_seconds: float) -> tuple[list[np.ndarray], list[float]]:
+    """Run one kernel source on `inputs` (arrays with their IR dtypes), return its outputs
+    (shaped and typed as `outputs`) from the first run, and the seconds of each timed run:
+    CUDA events on a GPU, the wall clock under the interpreter."""
+    import torch  # noqa: PLC0415
+    where = device()
+    args = [as_torch(a, dtype, where) for a, dtype in inputs]
+    outs = [torch.empty(o.shape, dtype=getattr(torch, o.dtype.name), device=where)
+            for o in outputs]
+    with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
+        calls = bind_launches(load_source(name, source, tmp), launches, args, outs, bindings)
+        launch(calls)
+        got = [o.cpu().numpy().copy() for o in outs]
+        for _ in range(warmup):
+            launch(calls)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - start < min_seconds:
+            if where == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                begin.record()
+                launch(calls)
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                launch(calls)
+                times.append(time.perf_counter() - t0)
+            if len(times) >= 100 * max(repeats, 1):
+                break
+    return got, times
