@@ -79,6 +79,17 @@ def test_tuning_triton_kernels_measures_caches_and_ships_the_winners(tmp_path) -
         assert all(name.startswith("triton.") for name in tuner.fingerprint["templates"])
 
 
+def test_torch_tensors_stay_on_the_kernels_device() -> None:
+    model, x = mlp()
+    cm = bitsmith.compile(model, (x,), target="cuda")
+    y = cm(x.to(cm.executor.device))
+    assert isinstance(y, torch.Tensor) and y.device.type == cm.executor.device
+    torch.testing.assert_close(y.cpu(), model(x).detach(), rtol=1e-5, atol=1e-5)
+    y.add_(1.0)  # outputs are fresh tensors, not the plan's buffers that the next run reuses
+    torch.testing.assert_close(cm(x).cpu(), model(x).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.cpu(), model(x).detach() + 1.0, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_with_tune_on_cuda() -> None:
     model, x = mlp()
     cm = bitsmith.compile(model, (x,), target="cuda", tune=2)
