@@ -68,7 +68,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     if target == "cuda":
         gpu = triton_target()
         configs, _ = tuned_configs(module, tune, batch, progress, target=gpu)
-        return CompiledModel(build_triton_artifact(module, progress=progress, configs=configs))
+        return CompiledModel(build_triton_artifact(module, progress=progress, configs=configs,
+                                                   target=gpu))
     configs, measured = tuned_configs(module, tune, batch, progress)
     artifact = build_artifact(module, progress=progress, configs=configs)
     if measured:  # winners of isolated timing must also win in the model
@@ -253,13 +254,15 @@ def triton_target() -> Target:
 
 
 def build_triton_artifact(module: Module, *, progress: bool = False,
-                          configs: Mapping[str, Config] | None = None) -> Artifact:
-    """Generate the Triton source of every kernel of a fused module (one file each); the
-    artifact carries the sources and their launches, and the GPU compiles them at load."""
+                          configs: Mapping[str, Config] | None = None,
+                          target: Target | None = None) -> Artifact:
+    """Generate the Triton source of every kernel of a fused module (one file each) for
+    `target` (`triton_target()` unless given); the artifact carries the sources and their
+    launches, and the GPU compiles them at load."""
+    target = target or triton_target()
     import triton  # noqa: PLC0415 - the cuda target only
 
     from .codegen.triton.templates import build_kernel as build_triton  # noqa: PLC0415
-    target = triton_target()
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     configs = configs or {}
     built = {}

@@ -5,6 +5,7 @@ match. TVM-free and torch-free, so the Triton runner on a GPU machine without TV
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -73,6 +74,14 @@ class MeasureResult:
     spread: float = 0.0  # (p75 - p25) / median
     error: str | None = None
     library: bytes = field(default=b"", repr=False)
+
+    @staticmethod
+    def of(times: Sequence[float], library: bytes = b"") -> MeasureResult:
+        """The result of timed calls: their median and interquartile spread."""
+        median = statistics.median(times)
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+        return MeasureResult(median, tuple(times), (q[2] - q[0]) / median if median else 0.0,
+                             library=library)
 
     @property
     def ok(self) -> bool:

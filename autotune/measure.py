@@ -23,7 +23,6 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -112,9 +111,7 @@ def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -
             times.append(time.perf_counter() - t0)
             if len(times) >= 100 * options.repeats:
                 break
-    median = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
-    return MeasureResult(median, tuple(times), (q[2] - q[0]) / median if median else 0.0)
+    return MeasureResult.of(times)
 
 
 def _build_worker(inp: MeasureInput) -> tuple[bytes | None, str | None]:

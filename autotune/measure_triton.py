@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from typing import Sequence
 
 from ..codegen.template import TEMPLATES, CodegenError, Config, Target
@@ -57,10 +56,7 @@ class TritonRunner:
         error = mismatch(got, want)
         if error:
             return MeasureResult(math.inf, error=error)
-        median = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
-        return MeasureResult(median, tuple(times), (q[2] - q[0]) / median if median else 0.0,
-                             library=built.source.encode())
+        return MeasureResult.of(times, built.source.encode())
 
     def close(self) -> None:
         """Nothing to stop: candidates run in this process."""

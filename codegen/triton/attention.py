@@ -16,6 +16,7 @@ from ...ir.dialects.kernel import FusedOp
 from ...ir.types import format_dim
 from .emit import TL_DTYPES, Emitter, tl_dtype
 from .emit_nn import ravel, unravel
+from .tiles import normalized
 
 
 def attention_op(kernel: FusedOp) -> Operation | None:
@@ -67,8 +68,7 @@ def generate_attention(kernel: FusedOp, op: Operation) -> tuple[str, list[dict]]
         kv_idx[-1] = em.let(f"{lead_idx[-1]} // {group}", "h")
 
     def at(t, idx: list[str]) -> str:
-        shape = em.shape(t)
-        return ravel(["0" if d == "1" else i for d, i in zip(shape, idx)], shape)
+        return ravel(normalized(t, idx), em.shape(t))
     q_mask = f"(rm[:, None] < {l_dim}) & (re[None, :] < {e_dim})"
     em.emit(f"qt = tl.load({inp[q]} + {at(q, [*lead_idx, 'rm[:, None]', 're[None, :]'])}, "
             f"mask={q_mask}, other=0.0).to({dot})")

@@ -9,6 +9,9 @@ kernel) and how to launch it.
 - `triton.generic`: every region, through the generic lowering (`emit`): one program per
   BLOCK output elements, reductions as per-lane loops. Knobs: BLOCK, num_warps.
 
+- `triton.attention`: flash attention (`attention`). Knobs: BLOCK_M/N, num_warps, num_stages.
+- `triton.rows`: one program per output row, row statistics across its lanes (`rows`).
+
 `select` prefers a specialised template to the generic one.
 
 A built kernel is a `TritonKernel`: the source, and per `@triton.jit` function its launch (the
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...ir import Operation
+from ...ir.dialects import graph
 from ...ir.dialects.kernel import FusedOp
 from ..template import (TEMPLATES, CodegenError, Config, KernelTemplate, Knob, KnobSpace, Problem,
                         Target, match_templates, register_template)
@@ -29,7 +33,7 @@ from . import emit_nn  # noqa: F401 - registers the nn and quant rules
 from .emit import generate
 from .attention import attention_op, generate_attention, head_blocks
 from .rows import generate_rows, row_block
-from .tiles import anchor_of, contraction, generate_contraction
+from .tiles import ANCHORS, anchor_of, contraction, generate_contraction
 
 TRITON_VERSION = "3.6"
 """The Triton the generated sources are written for (`tl` API of 3.x)."""
@@ -46,9 +50,14 @@ class TritonKernel:
     packs: dict[int, Any] = field(default_factory=dict)  # no pre-packed weights on the GPU
 
 
-ANCHOR_OPS = frozenset({"graph.linear", "graph.matmul", "graph.conv2d", "graph.attention",
-                        "quant.linear", "quant.conv2d", "graph.max_pool2d", "graph.avg_pool2d",
-                        "graph.adaptive_avg_pool2d"})
+EPILOGUE = frozenset({c.name for c in graph.UNARY_OPS.values()}
+                     | {c.name for c in graph.BINARY_OPS.values()}
+                     | {"graph.gelu", "graph.clamp", "graph.cast", "graph.where",
+                        "graph.constant", "graph.full"})
+"""Elementwise ops: what the epilogue (or a prologue on an operand) of a tiled contraction may
+hold."""
+NOT_ROWS = frozenset(ANCHORS) | {"graph.attention", "graph.max_pool2d", "graph.avg_pool2d",
+                                 "graph.adaptive_avg_pool2d"}
 """Ops that make a region a contraction, a window or attention rather than a row kernel."""
 
 
@@ -58,14 +67,49 @@ def signature(op: FusedOp) -> str:
         str(r.type) for r in op.results) + "|" + ",".join(o.name for o in op.body_ops)
 
 
+def pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+BLOCK_DIMS = {"BLOCK_M": "static_m", "BLOCK_N": "N", "BLOCK_K": "K"}
+"""Which problem size each block knob tiles."""
+
+
+def _block_cap(problem: Problem, dim: str) -> int:
+    """The largest block worth having over a dim: its next power of two (16 at least, the
+    smallest `tl.dot` tile); unbounded for a symbolic dim."""
+    size = str(problem[dim])
+    return max(16, pow2(int(size))) if size.isdigit() and int(size) > 0 else 1 << 30
+
+
 class TritonTemplate(KernelTemplate):
     """Base of the Triton templates; `select` takes the matching one of lowest `rank`."""
 
     rank = 1
 
+    def valid(self, problem: Problem, config: Config) -> bool:
+        """No block (BLOCK_M/N/K) past the next power of two of the dim it tiles."""
+        return all(config[k] <= _block_cap(problem, d) for k, d in BLOCK_DIMS.items()
+                   if k in config)
+
     def default_config(self, problem: Problem, target: Target) -> Config:
-        """The config used untuned: the space's defaults (templates refine by problem)."""
-        return self.space.default()
+        """The space's defaults, each block shrunk to the largest choice that fits its dim."""
+        values = dict(self.space.default())
+        for knob in self.space.knobs:
+            if knob.name in BLOCK_DIMS:
+                cap = _block_cap(problem, BLOCK_DIMS[knob.name])
+                if values[knob.name] > cap:
+                    values[knob.name] = max(c for c in knob.choices if c <= cap)
+        return Config(values)
+
+    def kernel(self, generated: tuple[str, list[dict]], meta: dict, config: Config,
+               zero: bool = False) -> TritonKernel:
+        """A built kernel: the source and its launches, each with the launch options."""
+        source, launches = generated
+        for launch in launches:
+            launch["meta"] = meta
+            launch["zero"] = zero
+        return TritonKernel(source, launches, self.name, config)
 
 
 @register_template
@@ -85,48 +129,8 @@ class Generic(TritonTemplate):
         return Problem(self.name, {"signature": signature(op)}, op)
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
-        op = problem.op
-        assert isinstance(op, FusedOp)
-        source, launches = generate(op)
         meta = {"BLOCK": int(config["BLOCK"]), "num_warps": int(config["num_warps"])}
-        for launch in launches:
-            launch["meta"] = meta
-        return TritonKernel(source, launches, self.name, config)
-
-
-EPILOGUE = frozenset(
-    f"graph.{n}" for n in (
-        "add sub mul div pow maximum minimum eq ne lt le gt ge logical_and logical_or "
-        "logical_not exp log sqrt rsqrt tanh erf sigmoid abs neg sin cos floor ceil reciprocal "
-        "relu silu gelu clamp where cast constant full round sign").split())
-"""Ops an epilogue (or a prologue on an operand) of a tiled contraction may hold."""
-
-
-def pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-BLOCK_DIMS = {"BLOCK_M": "static_m", "BLOCK_N": "N", "BLOCK_K": "K"}
-"""Which problem size each block knob tiles."""
-
-
-def _block_cap(problem: Problem, dim: str) -> int:
-    """The largest block worth having over a dim: its next power of two (16 at least, the
-    smallest `tl.dot` tile); unbounded for a symbolic dim."""
-    size = str(problem[dim])
-    return max(16, pow2(int(size))) if size.isdigit() and int(size) > 0 else 1 << 30
-
-
-def _shrunk(space: KnobSpace, problem: Problem) -> Config:
-    """The space's defaults, each block shrunk to the largest choice that fits its dim."""
-    values = dict(space.default())
-    for knob in space.knobs:
-        dim = BLOCK_DIMS.get(knob.name)
-        if dim is not None:
-            cap = _block_cap(problem, dim)
-            if values[knob.name] > cap:
-                values[knob.name] = max(c for c in knob.choices if c <= cap)
-    return Config(values)
+        return self.kernel(generate(problem.op), meta, config)
 
 
 class _Tiled(TritonTemplate):
@@ -154,18 +158,11 @@ class _Tiled(TritonTemplate):
     def valid(self, problem: Problem, config: Config) -> bool:
         split = int(config["SPLIT_K"])
         k = int(problem["K"]) if problem["K"].isdigit() else 1 << 30
-        return self.blocks_fit(problem, config) and (
+        return super().valid(problem, config) and (
             split == 1 or (bool(problem["plain"]) and k >= split * int(config["BLOCK_K"])))
 
     def meta(self, problem: Problem, config: Config) -> dict:
         return {k: int(v) for k, v in config.items()}
-
-    def default_config(self, problem: Problem, target: Target) -> Config:
-        return _shrunk(self.space, problem)
-
-    def blocks_fit(self, problem: Problem, config: Config) -> bool:
-        return all(config[k] <= _block_cap(problem, d) for k, d in BLOCK_DIMS.items()
-                   if k in config)
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
         config = self.space.check(config)
@@ -173,13 +170,9 @@ class _Tiled(TritonTemplate):
             raise CodegenError(f"template {self.name}: config {config} is not valid for "
                                f"{dict(problem.params)}")
         op = problem.op
-        anchor = anchor_of(op, EPILOGUE)
-        source, launches = generate_contraction(op, contraction(anchor), self.inner)
         meta = self.meta(problem, config)
-        for launch in launches:
-            launch["meta"] = meta
-            launch["zero"] = meta["SPLIT_K"] > 1
-        return TritonKernel(source, launches, self.name, config)
+        generated = generate_contraction(op, contraction(anchor_of(op, EPILOGUE)), self.inner)
+        return self.kernel(generated, meta, config, zero=meta["SPLIT_K"] > 1)
 
 
 @register_template
@@ -229,31 +222,21 @@ class FlashAttention(TritonTemplate):
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
-        if not isinstance(op, FusedOp) or attention_op(op) is None:
+        att = attention_op(op) if isinstance(op, FusedOp) else None
+        if att is None:
             return None
-        att = attention_op(op)
         length, keys = att.q.type.shape[-2], att.k.type.shape[-2]
         return Problem(self.name, {"signature": signature(op),
                                    "static_m": length if isinstance(length, int) else 0,
                                    "N": str(keys), "K": "0"}, op)
 
-    def valid(self, problem: Problem, config: Config) -> bool:
-        return all(config[k] <= _block_cap(problem, d) for k, d in
-                   (("BLOCK_M", "static_m"), ("BLOCK_N", "N")))
-
-    def default_config(self, problem: Problem, target: Target) -> Config:
-        return _shrunk(self.space, problem)
-
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
         config = self.space.check(config)
         att = attention_op(problem.op)
-        source, launches = generate_attention(problem.op, att)
         block_e, block_d = head_blocks(att)
         meta = {**{k: int(v) for k, v in config.items()}, "BLOCK_E": block_e,
                 "BLOCK_D": block_d}
-        for launch in launches:
-            launch["meta"] = meta
-        return TritonKernel(source, launches, self.name, config)
+        return self.kernel(generate_attention(problem.op, att), meta, config)
 
 
 @register_template
@@ -267,7 +250,7 @@ class Rows(TritonTemplate):
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
-        if not isinstance(op, FusedOp) or any(o.name in ANCHOR_OPS for o in op.body_ops):
+        if not isinstance(op, FusedOp) or any(o.name in NOT_ROWS for o in op.body_ops):
             return None
         block = row_block(op)
         if block is None:
@@ -275,18 +258,15 @@ class Rows(TritonTemplate):
         return Problem(self.name, {"signature": signature(op), "BLOCK": block}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        return int(config["num_warps"]) * 32 <= max(32, int(problem["BLOCK"]))
+        return int(config["num_warps"]) * 32 <= max(32, int(problem["BLOCK"]))  # a lane each
 
     def default_config(self, problem: Problem, target: Target) -> Config:
         warps = min(8, max(1, int(problem["BLOCK"]) // 256))
         return Config({"num_warps": 1 << (warps.bit_length() - 1)})
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
-        source, launches = generate_rows(problem.op)
         meta = {"BLOCK": int(problem["BLOCK"]), "num_warps": int(config["num_warps"])}
-        for launch in launches:
-            launch["meta"] = meta
-        return TritonKernel(source, launches, self.name, config)
+        return self.kernel(generate_rows(problem.op), meta, config)
 
 
 def select(op: FusedOp, target: Target) -> tuple[TritonTemplate, Problem]:
