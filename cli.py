@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from rich.console import Console
 
-from . import __version__, cli_cache, cli_compile, passes
+from . import __version__, cli_cache, cli_compile, cli_serve, passes
 from .ir import Module, interpret
 from .passes.manager import count_ops
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ir_cmd.set_defaults(func=cmd_ir)
     cli_compile.add_parsers(sub)
     cli_cache.add_parsers(sub)
+    cli_serve.add_parsers(sub)
     return parser
 
 
