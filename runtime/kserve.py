@@ -195,7 +195,7 @@ def encode_response(model: str, request_id: str | None, specs: Sequence[TensorSp
 
 def _jsonable(array: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(array).reshape(-1)
-    if flat.dtype.name == "bfloat16":  # orjson writes f16/f32/f64 and ints, not ml_dtypes
+    if flat.dtype.name in ("bfloat16", "float16"):  # orjson writes neither; f32 holds both
         return flat.astype(np.float32)
     return flat
 

@@ -129,7 +129,8 @@ class ServedModel:
     def warmup_inputs(self) -> list[list[np.ndarray]]:
         """Zero inputs at every batch size the server runs (empty when some non-batch dim is
         symbolic: no shape to warm up at)."""
-        if any(isinstance(d, str) for s in self.inputs for d in s.shape[1:]):
+        if any(isinstance(d, str) and not (axis == 0 and self.batchable)
+               for s in self.inputs for axis, d in enumerate(s.shape)):
             return []
         sizes = self.sizes or (None,)
         return [[np.zeros(tuple(size if (axis == 0 and size) else d
