@@ -96,20 +96,25 @@ class Batcher:
         """Requests waiting (not yet running)."""
         return self._queued
 
-    def refusal(self) -> QueueFull | None:
-        """The QueueFull that a request submitted now would raise, or None: when the queue is
-        full, or when answers have lately taken over half the deadline (a standing queue that
-        would turn new requests into timeouts; refusing them now keeps the errors clean)."""
-        batches = math.ceil(self._queued / max(self.capacity, 1))
-        retry = max(1, math.ceil(batches * max(self._batch_seconds, 0.001)))
+    def refusal(self, rows: int = 1) -> QueueFull | None:
+        """The QueueFull that a request of `rows` submitted now would raise, or None.
+
+        Besides a full queue, a standing one is refused: when the batch running and those
+        queued ahead of the request (at the recent time per batch), or the recent answers' time
+        from arrival, exceed half the deadline. Such a request would likely time out; a 503 now
+        is cheaper for both sides and tells the client when to come back."""
+        ahead = math.ceil((self._rows_queued + rows) / max(self.capacity, 1))
+        retry = max(1, math.ceil(ahead * max(self._batch_seconds, 0.001)))
         if self._queued >= self.queue_size:
             return QueueFull(f"the queue of model {self.model.name} is full ({self.queue_size} "
                              f"requests); retry after {retry} s or add replicas", retry)
-        if self._queued and self._sojourn > self.overload_after:  # (an empty queue: accept)
-            return QueueFull(f"model {self.model.name} is overloaded: answers take "
-                             f"{self._sojourn * 1e3:.0f} ms, over half the "
-                             f"{self.timeout * 1e3:g} ms deadline; retry after {retry} s or "
-                             "add replicas", retry)
+        if not self._queued:
+            return None  # nothing waits: nothing stands in the way
+        wait = max((ahead + 1) * self._batch_seconds, self._sojourn)  # +1: the running batch
+        if wait > self.overload_after:
+            return QueueFull(f"model {self.model.name} is overloaded: a new request would wait "
+                             f"about {wait * 1e3:.0f} ms, over half its {self.timeout * 1e3:g} "
+                             f"ms deadline; retry after {retry} s or add replicas", retry)
         return None
 
     def start(self) -> None:
@@ -123,7 +128,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = Pending(arrays, rows, ServedModel.key_of(arrays), loop.create_future())
         with self._cond:
-            refused = self.refusal()
+            refused = self.refusal(rows)
             if refused is not None:
                 raise refused
             self._queue.append(pending)

@@ -105,7 +105,8 @@ def test_sigterm_drains_every_accepted_request(tmp_path: Path) -> None:
 def test_cli_serve_and_loadtest(bert_artifact: Path, capsys: pytest.CaptureFixture) -> None:
     """`bitsmith serve` in a process of its own, `bitsmith loadtest` against it."""
     proc = subprocess.Popen([sys.executable, "-m", "bitsmith", "serve", str(bert_artifact),
-                             "--name", "enc", "--port", "0", "--max-batch", "8"],
+                             str(bert_artifact), "--name", "enc", "--port", "0",
+                             "--max-batch", "8"],
                             stderr=subprocess.PIPE, text=True)
     try:
         port = None
@@ -121,8 +122,9 @@ def test_cli_serve_and_loadtest(bert_artifact: Path, capsys: pytest.CaptureFixtu
         while get(url + "/v2/health/ready").status != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert get(url + "/v2/models/enc").json()["inputs"][0] == {
-            "name": "input_ids", "datatype": "INT64", "shape": [-1, 16]}
+        for name in ("enc", "bert"):  # --name for the first, the file stem for the second
+            assert get(url + f"/v2/models/{name}").json()["inputs"][0] == {
+                "name": "input_ids", "datatype": "INT64", "shape": [-1, 16]}
         code = cli.main(["loadtest", f"localhost:{port}", "--model", "enc", "--concurrency",
                          "4", "--duration", "1s", "--json"])
         assert code == 0

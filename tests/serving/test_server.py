@@ -286,3 +286,20 @@ def test_two_models_with_one_name_are_refused() -> None:
     b, _ = fake_model("same")
     with pytest.raises(ValueError, match="two models are named same"):
         LiveServer([a, b])
+
+
+def test_a_standing_queue_is_refused_before_it_would_time_out() -> None:
+    model, recorder = fake_model(max_batch=1, delay=0.1)
+    with LiveServer([model], ServeOptions(timeout_ms=450, queue_size=64)) as server:
+        check_answer(post(server.infer_url("fake"), body(rows(1, 0))), rows(1, 0))  # 0.1 s/batch
+        xs = [rows(1, i) for i in range(10)]
+        answers = post_many(server.infer_url("fake"), [body(x) for x in xs])
+    statuses = sorted(a.status for a in answers)
+    assert set(statuses) == {200, 503}, statuses  # no request is left to time out
+    for answer, x in zip(answers, xs):
+        if answer.status == 200:
+            check_answer(answer, x)
+        else:
+            assert "is overloaded: a new request would wait about" in answer.json()["error"]
+            assert "over half its 450 ms deadline" in answer.json()["error"]
+    assert 2 <= statuses.count(200) <= 4
