@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 from pathlib import Path
@@ -131,7 +130,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         if args.body:
             body = Path(args.body).read_bytes()
         else:
-            metadata = asyncio.run(loadtest.fetch_metadata(url, args.model))
+            metadata = loadtest.run(loadtest.fetch_metadata(url, args.model))
             body = loadtest.request_body(metadata, args.rows, dims)
         mode = (f"{args.rate:g} req/s open loop" if args.rate
                 else f"{args.concurrency} concurrent clients")
@@ -145,7 +144,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                                 status=f"{report.ok / max(elapsed, 1e-9):.0f} ok/s, "
                                        f"{sum(report.statuses.values()) - report.ok} errors")
 
-            report = asyncio.run(loadtest.run_load(
+            report = loadtest.run(loadtest.run_load(
                 url, args.model, body, duration=duration, concurrency=args.concurrency,
                 rate=args.rate, max_inflight=args.max_inflight, on_tick=tick))
     except (loadtest.LoadTestError, OSError) as exc:

@@ -2,8 +2,8 @@
 under 32 concurrent clients, then an open-loop overload at twice the batching server's
 saturated throughput (the only errors there must be 503s), in one run.
 
-    python bench/serving.py [--models bert minilm] [--duration 20] [--concurrency 32]
-                            [--json serving.json]
+    python bench/serving.py [--models bert minilm] [--duration 10] [--repeats 3]
+                            [--concurrency 32] [--json serving.json]
 
 Each model is compiled with a dynamic batch, served by `bitsmith serve` in a process of its
 own, and loaded by the load generator of `bitsmith loadtest` (in this process). Both share
@@ -12,7 +12,6 @@ this machine's cores, as a sidecar load test would; the server's share of the CP
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -81,35 +80,46 @@ class Server:
 
 def measure(server: Server, model: str, duration: float, **load: Any) -> dict[str, Any]:
     """One load test against `server`; the report plus the server's CPU share."""
-    metadata = asyncio.run(loadtest.fetch_metadata(server.url, model))
+    metadata = loadtest.run(loadtest.fetch_metadata(server.url, model))
     body = loadtest.request_body(metadata)
     cpu = server.cpu_seconds()
-    report = asyncio.run(loadtest.run_load(server.url, model, body, duration=duration, **load))
+    report = loadtest.run(loadtest.run_load(server.url, model, body, duration=duration, **load))
     doc = report.to_json()
     doc["server_cpu"] = round((server.cpu_seconds() - cpu) / report.seconds, 2)
     return doc
 
 
-def bench_model(name: str, artifact: Path, duration: float, concurrency: int) -> dict[str, Any]:
-    """Batching vs no batching under closed-loop load, then the overload."""
-    with Server(artifact, "--max-batch", "32") as server:
-        batched = measure(server, name, duration, concurrency=concurrency)
-    with Server(artifact, "--max-batch", "1") as server:
-        single = measure(server, name, duration, concurrency=concurrency)
-    rate = 2 * batched["throughput"]
+def bench_model(name: str, artifact: Path, duration: float, concurrency: int,
+                repeats: int) -> dict[str, Any]:
+    """Batching vs no batching under closed-loop load (alternating, `repeats` runs each; the
+    run of median throughput is reported), then the overload."""
+    runs: dict[str, list[dict[str, Any]]] = {"batched": [], "max_batch_1": []}
+    for _ in range(repeats):
+        for key, batch in (("batched", "32"), ("max_batch_1", "1")):
+            with Server(artifact, "--max-batch", batch) as server:
+                runs[key].append(measure(server, name, duration, concurrency=concurrency))
+    result: dict[str, Any] = {"model": name}
+    for key, docs in runs.items():
+        docs.sort(key=lambda d: d["throughput"])
+        result[key] = {**docs[len(docs) // 2], "runs": [d["throughput"] for d in docs]}
+    rate = 2 * result["batched"]["throughput"]
     with Server(artifact, "--max-batch", "32") as server:
         overload = measure(server, name, duration, rate=rate, max_inflight=1024)
     overload["offered_rate"] = round(rate, 1)
-    return {"model": name, "batched": batched, "max_batch_1": single, "overload": overload,
-            "speedup": round(batched["throughput"] / max(single["throughput"], 1e-9), 2)}
+    result["overload"] = overload
+    result["speedup"] = round(result["batched"]["throughput"]
+                              / max(result["max_batch_1"]["throughput"], 1e-9), 2)
+    return result
 
 
 def main() -> None:
     """Print markdown tables (and write JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["bert", "minilm"])
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load test")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load test")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="closed-loop runs per server setting (the median is reported)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -117,16 +127,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             artifact = compile_model(name, Path(tmp))
-            results.append(bench_model(name, artifact, args.duration, args.concurrency))
+            results.append(bench_model(name, artifact, args.duration, args.concurrency,
+                                       args.repeats))
             print(f"{name} done", file=sys.stderr, flush=True)
     print(f"{os.cpu_count()} cores shared by server and load generator; "
-          f"{args.concurrency} clients, {args.duration:g} s per run\n")
-    print("| model | server | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.concurrency} clients, {args.duration:g} s per run, median of {args.repeats} "
+          "alternating runs\n")
+    print("| model | server | req/s (median) | req/s (all runs) | p50 ms | p90 ms | p99 ms | "
+          "errors | server CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for label, key in (("--max-batch 32", "batched"), ("--max-batch 1", "max_batch_1")):
             d = r[key]
-            print(f"| {r['model']} | {label} | {d['throughput']:.0f} | {d['p50_ms']:.2f} | "
+            print(f"| {r['model']} | {label} | {d['throughput']:.0f} | "
+                  f"{', '.join(f'{t:.0f}' for t in d['runs'])} | {d['p50_ms']:.2f} | "
                   f"{d['p90_ms']:.2f} | {d['p99_ms']:.2f} | {_errors(d)} | "
                   f"{d['server_cpu']:.2f} |")
     print("\n| model | batching speedup | overload offered req/s | answered 200/s | "

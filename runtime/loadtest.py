@@ -27,6 +27,16 @@ LOOPBACK_ONLY = ("loadtest is a loopback tool: it targets a server on this machi
                  "pass allow_remote (--allow-remote) to point it elsewhere")
 
 
+def run(coro: Any) -> Any:
+    """Run a coroutine of this module on uvloop where it is installed (a load generator on the
+    server's machine must spend as little CPU as it can), else on asyncio's own loop."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional: not on Windows
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 class LoadTestError(Exception):
     """The load test cannot start: the message says why."""
 

@@ -231,7 +231,6 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_answered() -> Non
     xs = [rows(1, i) for i in range(6)]
     xs[3] = np.full((1, 3), POISON, np.float32)
     with LiveServer([model], ServeOptions(timeout_ms=30_000)) as server:
-        warm = len(recorder.calls)
         gate.clear()  # hold the first request so the rest queue into one batch
         result: list = []
         sender = threading.Thread(target=lambda: result.extend(
