@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy
 import numpy as np
 import orjson
 
@@ -20,8 +20,10 @@ DATATYPES = {"bool": "BOOL", "u8": "UINT8", "u16": "UINT16", "u32": "UINT32", "u
              "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64", "f16": "FP16",
              "f32": "FP32", "f64": "FP64", "bf16": "BF16"}
 """IR element type -> KServe v2 datatype name."""
-_NUMPY = {**{DATATYPES[k]: v for k, v in NUMPY_DTYPES.items() if k in DATATYPES},
-          "FP64": "float64"}
+NUMPY_OF_DATATYPE = {**{DATATYPES[k]: v for k, v in NUMPY_DTYPES.items() if k in DATATYPES},
+                     "FP64": "float64"}
+"""KServe v2 datatype -> numpy dtype name ("bfloat16" is known to numpy once ml_dtypes is
+imported)."""
 
 
 class InvalidRequest(Exception):
@@ -165,7 +167,7 @@ def _to_array(name: str, data: list, shape: list[int], datatype: str) -> np.ndar
     if raw.size != count:
         raise InvalidRequest(f"input '{name}': shape {shape} holds {count} values, got "
                              f"{raw.size}")
-    dtype = np.dtype(getattr(ml_dtypes, "bfloat16") if datatype == "BF16" else _NUMPY[datatype])
+    dtype = np.dtype(NUMPY_OF_DATATYPE[datatype])
     kind = raw.dtype.kind if raw.size else dtype.kind
     if datatype == "BOOL":
         ok = kind == "b"
@@ -205,7 +207,7 @@ def decode_response(body: bytes) -> dict[str, np.ndarray]:
     doc = orjson.loads(body)
     out = {}
     for tensor in doc["outputs"]:
-        dtype = _NUMPY.get(tensor["datatype"], "float32")
+        dtype = NUMPY_OF_DATATYPE.get(tensor["datatype"], "float32")
         out[tensor["name"]] = np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
     return out
 
@@ -222,11 +224,9 @@ def encode_request(names: Sequence[str], arrays: Sequence[np.ndarray],
 
 
 def _datatype_of(array: np.ndarray) -> str:
-    for ir_name, numpy_name in NUMPY_DTYPES.items():
-        if array.dtype.name == numpy_name and ir_name in DATATYPES:
-            return DATATYPES[ir_name]
-    if array.dtype == np.float64:
-        return "FP64"
+    for datatype, numpy_name in NUMPY_OF_DATATYPE.items():
+        if array.dtype.name == numpy_name:
+            return datatype
     raise InvalidRequest(f"arrays of dtype {array.dtype} have no KServe v2 datatype")
 
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from .kserve import _NUMPY, encode_request
+from .kserve import NUMPY_OF_DATATYPE, encode_request
 
 LOOPBACK_ONLY = ("loadtest is a loopback tool: it targets a server on this machine; "
                  "pass allow_remote (--allow-remote) to point it elsewhere")
@@ -118,7 +118,7 @@ def request_body(metadata: Mapping[str, Any], rows: int = 1,
             else:
                 raise LoadTestError(f"input '{tensor['name']}' has a variable dim {axis} "
                                     "besides the batch; give its size (--dim NAME=SIZE)")
-        dtype = np.dtype(_NUMPY.get(tensor["datatype"], "float32"))
+        dtype = np.dtype(NUMPY_OF_DATATYPE.get(tensor["datatype"], "float32"))
         if dtype.kind == "b":
             array = np.ones(shape, bool)
         elif dtype.kind in "iu":

@@ -20,8 +20,8 @@ class ServerMetrics:
                                 "and reason (ok, invalid, too_large, queue_full, timeout, "
                                 "failed, not_ready, draining, unknown_model)",
                                 ["model", "code", "reason"], registry=r)
-        self.latency = Histogram("bitsmith_request_seconds", "Infer request latency, from the "
-                                 "body being read to the answer", ["model"], buckets=_SECONDS,
+        self.latency = Histogram("bitsmith_request_seconds", "Infer request latency, from "
+                                 "queuing to the answer", ["model"], buckets=_SECONDS,
                                  registry=r)
         self.queue_seconds = Histogram("bitsmith_queue_seconds", "Time a request waited in the "
                                        "queue before its batch started", ["model"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from .artifact import NUMPY_DTYPES, TensorSpec
@@ -134,7 +133,7 @@ class ServedModel:
             return []
         sizes = self.sizes or (None,)
         return [[np.zeros(tuple(size if (axis == 0 and size) else d
-                                for axis, d in enumerate(s.shape)), _numpy_dtype(s.dtype))
+                                for axis, d in enumerate(s.shape)), NUMPY_DTYPES[s.dtype])
                  for s in self.inputs] for size in sizes]
 
 
@@ -166,8 +165,3 @@ def _try(run: RunFn, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | BaseExc
         return list(run(*arrays))
     except Exception as exc:  # noqa: BLE001 - reported to that request's client
         return exc
-
-
-def _numpy_dtype(ir_dtype: str) -> np.dtype:
-    name = NUMPY_DTYPES[ir_dtype]
-    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)

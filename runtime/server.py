@@ -179,8 +179,8 @@ def _unknown(state: ServerState, name: str) -> Response:
 async def _infer(state: ServerState, name: str, request: Request) -> Response:
     model = state.models.get(name)
     metrics = state.metrics
-    if model is None:
-        metrics.answered(name, 404, "unknown_model")
+    if model is None:  # not labelled by the name asked for: clients could grow the series
+        metrics.answered("", 404, "unknown_model")
         return _unknown(state, name)
     batcher = state.batchers[name]
     if state.draining or not batcher.ready:
