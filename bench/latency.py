@@ -16,7 +16,7 @@ import torch
 
 import bitsmith
 from bitsmith import models
-from bitsmith.cli_compile import median_ms
+from bitsmith.cli.compile import median_ms
 from bitsmith.compiler import example_arrays
 from bitsmith.frontend import load_model
 

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import bitsmith
-from bitsmith.cli_compile import median_ms
+from bitsmith.cli.compile import median_ms
 from bitsmith.compiler import example_arrays
 from bitsmith.models import llama
 

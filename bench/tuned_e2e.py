@@ -26,7 +26,7 @@ import bitsmith
 from bitsmith import models
 from bitsmith.autotune.cache import ENV_CACHE_DIR
 from bitsmith.autotune.database import TuningDatabase, default_database_path
-from bitsmith.cli_compile import median_ms
+from bitsmith.cli.compile import median_ms
 from bitsmith.compiler import example_arrays
 from bitsmith.frontend import load_model
 

@@ -16,18 +16,18 @@ import warnings
 
 import numpy as np
 import torch
+from tvm import te
+from tvm.s_tir import meta_schedule as ms
 
 from bitsmith import ir, passes
 from bitsmith.autotune.cache import ArtifactCache
 from bitsmith.autotune.database import TuningDatabase
 from bitsmith.autotune.tuner import Tuner
-from bitsmith.cli_compile import median_ms
+from bitsmith.cli.compile import median_ms
 from bitsmith.codegen.tvm.lower import compile_funcs
 from bitsmith.codegen.tvm.target import host_target, tvm_target
 from bitsmith.codegen.tvm.templates import build_kernel
 from bitsmith.runtime.tvm_runtime import tvm
-from tvm import te
-from tvm.s_tir import meta_schedule as ms
 
 
 def linear_kernel(n: int) -> object:

@@ -20,7 +20,7 @@ def test_import_contracts_hold() -> None:
 
 def test_runtime_imports_without_torch() -> None:
     code = ("import sys, bitsmith.runtime, bitsmith.ir, bitsmith.runtime.model, "
-            "bitsmith.runtime.server, bitsmith.runtime.loadtest; "
+            "bitsmith.serving.server, bitsmith.serving.loadtest; "
             "bad = [m for m in ('torch', 'bitsmith.frontend', 'bitsmith.passes', "
             "'bitsmith.autotune') if m in sys.modules]; "
             "assert not bad, bad")

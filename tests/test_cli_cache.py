@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from bitsmith.autotune.fingerprint import fingerprint_hash
 from bitsmith.autotune.cache import ArtifactCache, CacheEntry, cache_key
+from bitsmith.autotune.fingerprint import fingerprint_hash
 from bitsmith.cli import main
 
 FINGERPRINT = {"arch": "x86_64", "isa": ["avx2"]}

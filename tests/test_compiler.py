@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import bitsmith
 from bitsmith import models
+from bitsmith.errors import CodegenError
 from bitsmith.models.hf import ARCHS
-from torch.utils._pytree import tree_leaves
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -45,7 +46,7 @@ def test_bert_matches_torch_at_compiled_and_unseen_batches(bert, batch: int) -> 
         want = model(*inputs)
     got = cm(*inputs)
     assert isinstance(got, tuple) and len(got) == 2  # several outputs -> a tuple of tensors
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert isinstance(g, torch.Tensor) and g.shape == w.shape
         assert rel_err(g, w) < 1e-4
 
@@ -71,7 +72,7 @@ def test_every_model_matches_torch_at_batch_1_8_and_an_unseen_batch(kind: str, n
         got = cm(*inputs)
         got = list(got) if isinstance(got, tuple) else [got]
         assert len(got) == len(want)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape
             assert rel_err(g, w.to(g.dtype)) < 1e-4, (name, batch)
 
@@ -94,7 +95,7 @@ def test_save_load_round_trip_and_a_process_without_torch(bert, tmp_path: Path) 
     loaded = bitsmith.load(path)
     ids, mask = (t.numpy() for t in spec.example_inputs(4))
     want = cm(ids, mask)
-    for a, b in zip(loaded(ids, mask), want):
+    for a, b in zip(loaded(ids, mask), want, strict=True):
         np.testing.assert_array_equal(a, b)
     np.save(tmp_path / "ids.npy", ids)
     np.save(tmp_path / "mask.npy", mask)
@@ -131,7 +132,7 @@ def test_static_batch_and_unknown_target() -> None:
     model, spec, cm = compiled("mlp", dynamic_batch=False)
     with pytest.raises(ValueError, match=r"dim 0 should be 2"):
         cm(spec.example_inputs(3)[0].numpy())
-    with pytest.raises(ValueError, match="target 'tpu' is not supported yet; valid: cpu"):
+    with pytest.raises(CodegenError, match="target 'tpu' is not supported yet; valid: cpu"):
         bitsmith.compile(model, spec.example_inputs(1), target="tpu")
     assert "CompiledModel mlp(x: tensor<2x64xf32>)" in repr(cm)
 

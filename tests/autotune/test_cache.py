@@ -10,10 +10,16 @@ import warnings
 
 import pytest
 
+from bitsmith.autotune.cache import (
+    ArtifactCache,
+    CacheCorruptWarning,
+    CacheEntry,
+    cache_dir,
+    cache_key,
+    parse_age,
+)
 from bitsmith.autotune.fingerprint import fingerprint_hash
-from bitsmith.autotune.cache import (ArtifactCache, CacheEntry, cache_dir, cache_key,
-                                     parse_age)
-from bitsmith.autotune.errors import CacheCorruptWarning, CacheError
+from bitsmith.errors import CacheError
 
 FINGERPRINT = {"arch": "x86_64", "isa": ["avx2", "fma"], "cores": 16, "llvm": "19.1"}
 SPACE = json.dumps({"TILE_N": [8, 16, 32], "UNROLL_K": [1, 2, 4]})
@@ -127,6 +133,7 @@ def test_edited_metadata_fails_its_checksum(cache) -> None:
 WRITER = """
 import sys
 from bitsmith.autotune.cache import ArtifactCache, CacheEntry
+from bitsmith.errors import CacheError
 root, key, worker, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cache = ArtifactCache(root)
 for i in range(rounds):
@@ -245,5 +252,5 @@ def test_parse_age() -> None:
     assert parse_age("90s") == 90
     assert parse_age("1.5h") == 5400
     for bad in ("30", "d", "30 days", "-1d", "1w"):
-        with pytest.raises(ValueError, match="age expected a number and a unit d, h, m or s"):
+        with pytest.raises(CacheError, match="age expected a number and a unit d, h, m or s"):
             parse_age(bad)

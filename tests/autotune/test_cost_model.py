@@ -7,12 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitsmith.autotune.cost_model import (MIN_RECORDS, OBJECTIVES, CostModel, select_objective,
-                                          top_k_recall)
-from bitsmith.autotune.errors import TuningError
+from bitsmith.autotune.cost_model import (
+    MIN_RECORDS,
+    OBJECTIVES,
+    CostModel,
+    select_objective,
+    top_k_recall,
+)
 from bitsmith.autotune.features import features
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.templates import Dense
+from bitsmith.errors import TuningError
 
 DEV = {"device.cores": 8.0, "device.l1d_log2": 15.0, "device.l2_log2": 20.0,
        "device.l3_log2": 25.0, "device.lanes_f32": 16.0}

@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from bitsmith.autotune.database import (SCHEMA_VERSION, Record, TuningDatabase,
-                                        default_database_path)
-from bitsmith.autotune.errors import TuningError
+from bitsmith.autotune.database import SCHEMA_VERSION, Record, TuningDatabase, default_database_path
+from bitsmith.errors import TuningError
 
 TASK, FP = "dense:N=64:K=128", "fp0"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.autotune.errors import TuningError
 from bitsmith.autotune.features import FeatureSpace, features, size_value, tensor_types
 from bitsmith.codegen.template import Config, Problem
 from bitsmith.codegen.tvm.templates import Conv2dNHWC, Dense, Rows
+from bitsmith.errors import TuningError
 
 DEV = {"device.cores": 8.0, "device.l1d_log2": 15.0, "device.l2_log2": 20.0,
        "device.l3_log2": 25.0, "device.lanes_f32": 16.0}

@@ -10,8 +10,13 @@ import pytest
 
 import bitsmith
 from bitsmith.autotune import fingerprint as fpmod
-from bitsmith.autotune.fingerprint import (CACHE_ROOT, cache_sizes, device_descriptors,
-                                           device_fingerprint, fingerprint_hash)
+from bitsmith.autotune.fingerprint import (
+    CACHE_ROOT,
+    cache_sizes,
+    device_descriptors,
+    device_fingerprint,
+    fingerprint_hash,
+)
 from bitsmith.codegen.template import TEMPLATES, Target
 from bitsmith.codegen.tvm.target import host_target
 

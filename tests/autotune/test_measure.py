@@ -12,8 +12,13 @@ import pytest
 import torch
 
 from bitsmith import ir, models, passes
-from bitsmith.autotune.measure import (LocalRunner, MeasureInput, MeasureOptions, _mismatch,
-                                       kernel_text)
+from bitsmith.autotune.measure import (
+    LocalRunner,
+    MeasureInput,
+    MeasureOptions,
+    _mismatch,
+    kernel_text,
+)
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.codegen.tvm.templates import select
 from bitsmith.frontend import from_torch
@@ -40,7 +45,7 @@ def _input(op, config: dict | None = None) -> MeasureInput:
 
 def test_kernel_text_is_the_same_for_identical_kernels_and_parses(bert_kernels) -> None:
     texts = [kernel_text(op) for op in bert_kernels]
-    by_name = dict(zip([op.kernel_name for op in bert_kernels], texts))
+    by_name = dict(zip([op.kernel_name for op in bert_kernels], texts, strict=True))
     assert by_name["k5_linear"] == by_name["k6_linear"]  # q and k projections, other weights
     assert by_name["k5_linear"] != by_name["k10_linear_gelu"]
     assert "k5_linear" not in by_name["k5_linear"] and "loc(" not in by_name["k5_linear"]
@@ -57,7 +62,7 @@ def test_runner_times_candidates_and_isolates_failures(bert_kernels) -> None:
               _input(linear, {**base, "TILE_M": 8, "ORDER": "nm"}),
               _input(linear, {**base, "TILE_M": 3}),  # 3 does not divide 16 rows: invalid
               _input(next(op for op in bert_kernels if "softmax" in op.kernel_name)),
-              _input(next(op for op in bert_kernels if "layer_norm" == op.kernel_name[-10:]))]
+              _input(next(op for op in bert_kernels if op.kernel_name[-10:] == "layer_norm"))]
     with LocalRunner(FAST, build_workers=2) as runner:
         results = runner.run(inputs)
     assert [r.ok for r in results] == [True, True, False, True, True]

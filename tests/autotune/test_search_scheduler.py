@@ -7,8 +7,7 @@ import random
 import numpy as np
 
 from bitsmith.autotune.scheduler import TaskScheduler, TaskState
-from bitsmith.autotune.search import (SearchOptions, evolutionary_search, mutate,
-                                      random_search)
+from bitsmith.autotune.search import SearchOptions, evolutionary_search, mutate, random_search
 from bitsmith.codegen.template import Config, KernelTemplate, Knob, KnobSpace, Problem
 
 

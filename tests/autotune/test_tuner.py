@@ -15,12 +15,12 @@ from bitsmith import models, passes
 from bitsmith.autotune.cache import ArtifactCache
 from bitsmith.autotune.cost_model import CostModel
 from bitsmith.autotune.database import TuningDatabase
-from bitsmith.autotune.errors import TuningError
 from bitsmith.autotune.measure import MeasureInput, MeasureResult
 from bitsmith.autotune.tuner import Budget, Tuner, group_tasks, timing_regime, working_set
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.compiler import build_artifact, keep_in_model_winners, model_tuner
+from bitsmith.errors import TuningError
 from bitsmith.frontend import from_torch
 
 warnings.filterwarnings("ignore", category=FutureWarning)

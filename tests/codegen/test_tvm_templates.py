@@ -9,6 +9,7 @@ import pytest
 from bitsmith.codegen.template import TEMPLATES, CodegenError, Config
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.codegen.tvm.templates import Dense, pack_panels
+from bitsmith.errors import CodegenError
 
 from .tvm_checks import check_module, func, one_knob_at_a_time
 
@@ -176,7 +177,7 @@ def test_a_config_outside_the_space_or_invalid_is_refused() -> None:
     assert isinstance(dense, Dense)
     problem = dense.match(kernel)
     base = dense.default_config(problem, host_target())
-    with pytest.raises(ValueError, match="knob TILE_M=9 is not one of"):
+    with pytest.raises(CodegenError, match="knob TILE_M=9 is not one of"):
         dense.build(problem, Config({**base, "TILE_M": 9}), host_target())
     with pytest.raises(CodegenError, match="is not valid for"):  # 4 does not divide 6 rows
         dense.build(problem, Config({**base, "TILE_M": 4}), host_target())

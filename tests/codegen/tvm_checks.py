@@ -3,7 +3,6 @@ that matches it (scheduled, weights packed as the compiler packs them), run it, 
 with the interpreter on the very values the interpreter feeds that kernel."""
 from __future__ import annotations
 
-
 import numpy as np
 import tvm
 
@@ -26,7 +25,7 @@ def build_and_run(kernel: ir.Operation, arrays: list[np.ndarray], want: list[np.
     chosen, problem = select(kernel, target)
     built = chosen.build(problem, config or chosen.default_config(problem, target), target)
     exe = compile_funcs({"main": built.func}, kernel.kernel_name, tvm_target(target))
-    arrays = [to_storage(v.type, a) for v, a in zip(kernel.operands, arrays)]
+    arrays = [to_storage(v.type, a) for v, a in zip(kernel.operands, arrays, strict=True)]
     arrays = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
     outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype)) for w in want]
@@ -41,7 +40,7 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
     want = kernel.evaluate(ctx, *arrays)
     name, outs = build_and_run(kernel, arrays, want, config)
     assert template is None or name == template, (name, template)
-    for got, expected in zip(outs, want):
+    for got, expected in zip(outs, want, strict=True):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         if expected.dtype.kind == "f":
             finite = np.isfinite(expected)
@@ -68,7 +67,7 @@ def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]
     return out
 
 
-def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None = None,
+def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = None,
                  batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse",
                  inputs: list[np.ndarray] | None = None, config: Config | None = None,
                  template: str | None = None) -> int:

@@ -28,7 +28,7 @@ def assert_matches_torch(module: ir.Module, model: torch.nn.Module, inputs: tupl
     got = ir.interpret(module, *[t.numpy() for t in inputs])
     want = torch_outputs(model, inputs)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         scale = max(float(np.abs(w).max()), 1e-6)
         err = float(np.abs(g.astype(np.float64) - w).max()) / scale
@@ -41,7 +41,7 @@ def assert_round_trips(module: ir.Module, inputs: tuple) -> None:
     parsed = ir.parse(text, weights=module.weights)
     assert str(parsed) == text
     arrays = [t.numpy() for t in inputs]
-    for a, b in zip(ir.interpret(module, *arrays), ir.interpret(parsed, *arrays)):
+    for a, b in zip(ir.interpret(module, *arrays), ir.interpret(parsed, *arrays), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -7,8 +7,13 @@ import torch
 import transformers
 
 from bitsmith import ir
-from bitsmith.frontend import (ModelLoadError, UnsupportedOpError, from_torch, import_program,
-                               load_model)
+from bitsmith.frontend import (
+    ModelLoadError,
+    UnsupportedOpError,
+    from_torch,
+    import_program,
+    load_model,
+)
 
 from .conftest import assert_matches_torch
 
@@ -118,5 +123,5 @@ def test_hugging_face_decoder_is_called_by_keyword(tmp_path: Path) -> None:
     three = loaded.inputs(3)
     got = ir.interpret(module, *[t.numpy() for t in three])[0]
     with torch.no_grad():
-        want = loaded.module(**dict(zip(loaded.input_names, three)))[0].numpy()
+        want = loaded.module(**dict(zip(loaded.input_names, three, strict=True)))[0].numpy()
     assert float(abs(got - want).max()) / float(abs(want).max()) < 1e-4

@@ -14,8 +14,20 @@ from hypothesis import strategies as st
 
 from bitsmith.ir import dtypes as dt
 from bitsmith.ir.dtypes import (
-    BoolType, DTypeError, FloatType, IntType, LowFloatType, bf16, boolean, f16, f32,
-    from_numpy_dtype, int_type, low_float, parse_dtype, promote,
+    BoolType,
+    DTypeError,
+    FloatType,
+    IntType,
+    LowFloatType,
+    bf16,
+    boolean,
+    f16,
+    f32,
+    from_numpy_dtype,
+    int_type,
+    low_float,
+    parse_dtype,
+    promote,
 )
 
 SETTINGS = settings(derandomize=True, database=None, max_examples=300, deadline=None)

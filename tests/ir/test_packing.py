@@ -4,8 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitsmith.ir.packing import (lane_blocks, pack_lanes, pack_rows, row_words, unpack_lanes,
-                                 unpack_rows)
+from bitsmith.ir.packing import (
+    lane_blocks,
+    pack_lanes,
+    pack_rows,
+    row_words,
+    unpack_lanes,
+    unpack_rows,
+)
 
 
 @st.composite

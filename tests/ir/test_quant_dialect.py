@@ -6,7 +6,7 @@ import pytest
 from bitsmith import ir
 from bitsmith.ir import Builder, Module, TensorType, graph
 from bitsmith.ir.dialects import func, quant
-from bitsmith.ir.dtypes import IntType, f16, f32, f4e2m1, i4, u8
+from bitsmith.ir.dtypes import IntType, f4e2m1, f16, f32, i4, u8
 from bitsmith.ir.packing import pack_rows
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 

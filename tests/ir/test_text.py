@@ -40,7 +40,7 @@ def test_mlp_round_trip_and_interpreter_agree() -> None:
     assert 'loc("fc")' in text and "tensor<(2*B)xf32>" in text and "%3:2 = " in text
     x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
     again = ir.parse(text, weights=module.weights)
-    for a, b in zip(ir.interpret(module, x), ir.interpret(again, x)):
+    for a, b in zip(ir.interpret(module, x), ir.interpret(again, x), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -94,7 +94,7 @@ def _same(a: object, b: object) -> bool:
         return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a)
                                                        == math.copysign(1, b))
     if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 

@@ -5,6 +5,7 @@ import torch
 from torch.export import Dim
 
 from bitsmith import models
+from bitsmith.errors import ModelLoadError
 
 ALL = models.names()
 
@@ -40,7 +41,7 @@ def test_registry_lists_the_five_models() -> None:
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(KeyError, match="nope.*bert, llama, mlp, resnet, vit"):
+    with pytest.raises(ModelLoadError, match="nope.*bert, llama, mlp, resnet, vit"):
         models.get("nope")
 
 

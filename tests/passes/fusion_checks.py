@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-
 import numpy as np
 
 from bitsmith import ir
@@ -42,7 +41,7 @@ def random_inputs(module: ir.Module) -> list[np.ndarray]:
 def assert_outputs_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
     """Same shapes and dtypes, values within RTOL of each output's largest magnitude."""
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         scale = max(float(np.abs(w.astype(np.float64)).max(initial=0.0)), 1e-30)
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * scale)

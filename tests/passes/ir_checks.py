@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def random_inputs(module: ir.Module, seed: int = 0) -> list[np.ndarray]:
 def assert_same_outputs(got: list[np.ndarray], want: list[np.ndarray], rtol: float) -> None:
     """Equal outputs: bit for bit when rtol is 0, else within rtol of each output's largest."""
     assert len(got) == len(want)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         if rtol == 0:
             np.testing.assert_array_equal(a, b)

@@ -10,6 +10,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from bitsmith import ir, passes
 from bitsmith.ir import graph
 from bitsmith.passes import PassError

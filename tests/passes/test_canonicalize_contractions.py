@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from bitsmith import ir
 from bitsmith.ir.dtypes import f32 as f32_t
 

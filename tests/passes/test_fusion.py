@@ -1,14 +1,26 @@
 """Fusion: which ops share a kernel, why the others do not, and that semantics are kept."""
 from __future__ import annotations
 
-
 import pytest
 
 from bitsmith.passes import PipelineError
 from bitsmith.passes.manager import PassManager
 
-from .fusion_checks import (LINEAR_WEIGHTS, R, S, T, V, W, assert_every_refusal_has_a_reason, fuse,
-                            kernels, parse, ret, separate, weights)
+from .fusion_checks import (
+    LINEAR_WEIGHTS,
+    R,
+    S,
+    T,
+    V,
+    W,
+    assert_every_refusal_has_a_reason,
+    fuse,
+    kernels,
+    parse,
+    ret,
+    separate,
+    weights,
+)
 
 # ---- matmul epilogues -----------------------------------------------------------------------
 LINEAR_BLOCK = [

@@ -1,7 +1,6 @@
 """Fusion on a real model (BERT) and on random DAGs of ops: meaning kept, refusals explained."""
 from __future__ import annotations
 
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -9,8 +8,18 @@ from bitsmith import models
 from bitsmith.frontend import from_torch
 from bitsmith.passes.manager import PassManager
 
-from .fusion_checks import (LINEAR_WEIGHTS, R, T, W, assert_every_refusal_has_a_reason, fuse,
-                            kernels, parse, ret)
+from .fusion_checks import (
+    LINEAR_WEIGHTS,
+    R,
+    T,
+    W,
+    assert_every_refusal_has_a_reason,
+    fuse,
+    kernels,
+    parse,
+    ret,
+)
+
 
 # ---- the zoo --------------------------------------------------------------------------------
 def test_bert_fuses_into_two_attention_kernels_and_few_others() -> None:

@@ -14,8 +14,7 @@ from bitsmith.ir import dtypes, graph
 from bitsmith.ir.dialects.func import ReturnOp
 from bitsmith.ir.types import TensorType
 from bitsmith.passes import PipelineError
-from bitsmith.passes.memory import (Buffer, MemoryPlan, MemoryPlanError, plan_memory,
-                                    tensor_bytes)
+from bitsmith.passes.memory import Buffer, MemoryPlan, MemoryPlanError, plan_memory, tensor_bytes
 
 
 @ir.register_op

@@ -8,7 +8,6 @@ import torch
 
 from bitsmith import ir, models, passes
 from bitsmith.frontend import from_torch
-
 from bitsmith.models.hf import ARCHS
 
 RTOL = 1e-5

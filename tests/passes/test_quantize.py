@@ -9,8 +9,15 @@ from bitsmith.frontend import from_torch
 from bitsmith.ir.dtypes import IntType
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 from bitsmith.passes import PassError, PipelineError, parse_pipeline, run
-from bitsmith.passes.quant_methods import (_column_rtn, gptq, relative_error, rotate_columns,
-                                           rotate_hessian, rotation_block, rtn)
+from bitsmith.passes.quant_methods import (
+    _column_rtn,
+    gptq,
+    relative_error,
+    rotate_columns,
+    rotate_hessian,
+    rotation_block,
+    rtn,
+)
 from bitsmith.passes.quant_spec import QuantSpecError, parse_quant_spec, quant_pipeline_entry
 
 

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+
 from bitsmith import ir
 from bitsmith.ir import graph
 from bitsmith.passes import PassError, apply_patterns, pattern

@@ -11,8 +11,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bitsmith.runtime.artifact import (FORMAT_VERSION, ArtifactError, Manifest, TensorSpec,
-                                       bind_inputs, check_host, load_artifact, save_artifact)
+from bitsmith.runtime.artifact import (
+    FORMAT_VERSION,
+    ArtifactError,
+    Manifest,
+    TensorSpec,
+    bind_inputs,
+    check_host,
+    load_artifact,
+    save_artifact,
+)
 from bitsmith.runtime.host import ISA_FLAGS, cpu_flags, host_description
 
 SPECS = (TensorSpec("input_ids", ("B", 16), "i64"), TensorSpec("mask", ("B", 16), "bool"))

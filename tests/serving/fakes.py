@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from bitsmith.runtime.artifact import TensorSpec
-from bitsmith.runtime.served import ServedModel
+from bitsmith.serving.served import ServedModel
 
 POISON = -999.0
 """A row holding this value makes the fake model raise (alone or in a batch)."""

@@ -6,14 +6,15 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 import orjson
 
-from bitsmith.runtime.server import ServeOptions, make_server
-from bitsmith.runtime.served import ServedModel
+from bitsmith.serving.served import ServedModel
+from bitsmith.serving.server import ServeOptions, make_server
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fakes import fake_model  # noqa: E402 - after the path is set
 
-from bitsmith.runtime.server import ServeOptions, make_server  # noqa: E402
+from bitsmith.serving.server import ServeOptions, make_server  # noqa: E402
 
 if __name__ == "__main__":
     model, _ = fake_model(max_batch=2, delay=float(sys.argv[1]))

@@ -16,8 +16,8 @@ import pytest
 import bitsmith
 from bitsmith import cli
 from bitsmith.frontend import load_model
-from bitsmith.runtime.kserve import decode_response, encode_request
-from bitsmith.runtime.served import ServedModel
+from bitsmith.serving.kserve import decode_response, encode_request
+from bitsmith.serving.served import ServedModel
 
 from .fakes import expected
 from .live import LiveServer, get, metric, post_many
@@ -52,11 +52,11 @@ def test_concurrent_answers_equal_single_request_results(bert_artifact: Path) ->
                             [encode_request(names, r) for r in requests])
         batches = metric(server, "bitsmith_batch_rows_count", model="bert")
     assert batches < len(requests), "no two requests shared a batch"
-    for answer, inputs in zip(answers, requests):
+    for answer, inputs in zip(answers, requests, strict=True):
         assert answer.status == 200, answer.body
         got = decode_response(answer.body)
         alone = cm(*inputs)
-        for spec, want in zip(cm.artifact.manifest.outputs, alone):
+        for spec, want in zip(cm.artifact.manifest.outputs, alone, strict=True):
             np.testing.assert_array_equal(got[spec.name], want)
 
 
@@ -95,7 +95,7 @@ def test_sigterm_drains_every_accepted_request(tmp_path: Path) -> None:
         proc.kill()
         log = proc.stderr.read()
     assert len(result) == 12, log
-    for answer, x in zip(result, xs):
+    for answer, x in zip(result, xs, strict=True):
         assert answer.status == 200, (answer.body, log)
         got = decode_response(answer.body)
         np.testing.assert_array_equal(got["y"], expected(x)[0])

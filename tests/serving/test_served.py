@@ -6,10 +6,16 @@ import numpy as np
 import orjson
 import pytest
 
+from bitsmith.errors import ServingError
 from bitsmith.runtime.artifact import TensorSpec
-from bitsmith.runtime.kserve import (InvalidRequest, decode_request, decode_response,
-                                     encode_request, encode_response)
-from bitsmith.runtime.served import ServedModel
+from bitsmith.serving.kserve import (
+    InvalidRequest,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+from bitsmith.serving.served import ServedModel
 
 
 def served(inputs, outputs, run=None, **options) -> ServedModel:
@@ -24,7 +30,7 @@ def test_dynamic_batch_sizes_are_powers_of_two_and_the_maximum() -> None:
     custom = served([("x", ("B", 5), "f32")], [("y", ("B",), "f32")], max_batch=16,
                     batch_sizes=[3, 6])
     assert custom.sizes == (3, 6, 16)
-    with pytest.raises(ValueError, match=r"batch sizes must lie in 1..max_batch=16, got \[20\]"):
+    with pytest.raises(ServingError, match=r"batch sizes must lie in 1..max_batch=16, got \[20\]"):
         served([("x", ("B", 5), "f32")], [("y", ("B",), "f32")], max_batch=16,
                batch_sizes=[20])
 

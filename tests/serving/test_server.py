@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from bitsmith.runtime.kserve import decode_response, encode_request
-from bitsmith.runtime.server import ServeOptions
+from bitsmith.errors import ServingError
+from bitsmith.serving.kserve import decode_response, encode_request
+from bitsmith.serving.server import ServeOptions
 
 from .fakes import POISON, expected, fake_model
 from .live import LiveServer, get, metric, post, post_many
@@ -36,7 +37,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows() -> None:
     xs = [rows(1 + i % 3, i) for i in range(40)]
     with LiveServer([model]) as server:
         answers = post_many(server.infer_url("fake"), [body(x) for x in xs])
-        for answer, x in zip(answers, xs):
+        for answer, x in zip(answers, xs, strict=True):
             check_answer(answer, x)
         assert metric(server, "bitsmith_requests_total", model="fake", code="200",
                       reason="ok") == 40
@@ -133,7 +134,7 @@ def test_every_bad_input_is_refused_before_queuing_with_expected_vs_got() -> Non
     with LiveServer([model], options) as server:
         warm = len(recorder.calls)
         answers = post_many(server.infer_url("fake"), [b for b, _, _ in BAD_INPUTS])
-        for (_, status, message), answer in zip(BAD_INPUTS, answers):
+        for (_, status, message), answer in zip(BAD_INPUTS, answers, strict=True):
             assert answer.status == status, (message, answer.body)
             assert message in answer.json()["error"], (message, answer.body)
         assert recorder.calls[warm:] == [], "a bad request reached the model"
@@ -185,7 +186,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing() -> None:
         gate.set()
         sender.join(30)
     assert len(result) == 12
-    ok = [(a, x) for a, x in zip(result, xs) if a.status == 200]
+    ok = [(a, x) for a, x in zip(result, xs, strict=True) if a.status == 200]
     full = [a for a in result if a.status == 503]
     assert len(ok) == 1 + queued and len(full) == refused, "a request was lost"
     for answer, x in ok:
@@ -246,7 +247,7 @@ def test_a_failing_request_fails_alone_and_its_batch_mates_are_answered() -> Non
         assert metric(server, "bitsmith_retried_batches_total", model="fake") >= 1
         assert metric(server, "bitsmith_requests_total", model="fake", code="500",
                       reason="failed") == 1
-    for i, (answer, x) in enumerate(zip(result, xs)):
+    for i, (answer, x) in enumerate(zip(result, xs, strict=True)):
         if i == 3:
             assert answer.status == 500
             assert answer.json()["error"] == ("model 'fake' failed on this request: "
@@ -283,7 +284,7 @@ def test_metrics_endpoint_reports_queue_compute_batches_and_padding() -> None:
 def test_two_models_with_one_name_are_refused() -> None:
     a, _ = fake_model("same")
     b, _ = fake_model("same")
-    with pytest.raises(ValueError, match="two models are named same"):
+    with pytest.raises(ServingError, match="two models are named same"):
         LiveServer([a, b])
 
 
@@ -297,7 +298,7 @@ def test_a_standing_queue_is_refused_before_it_would_time_out() -> None:
     # a batch takes 0.1 s and half the deadline is 0.225 s: a request arriving behind one
     # queued is refused, so some are served, the rest refused, and none times out
     assert set(statuses) == {200, 503}, statuses
-    for answer, x in zip(answers, xs):
+    for answer, x in zip(answers, xs, strict=True):
         if answer.status == 200:
             check_answer(answer, x)
         else:
@@ -327,7 +328,7 @@ def test_under_load_a_batch_waits_for_company_until_max_delay() -> None:
         late = post(server.infer_url("fake"), body(xs[4]))
         first.join(30)
     check_answer(late, xs[4])
-    for answer, x in zip(result, xs):
+    for answer, x in zip(result, xs, strict=True):
         check_answer(answer, x)
     # two batches: the 5th request joined the queued ones (without the wait it would have run
     # in a third), and that batch ran after max_delay without waiting to be full (8 rows)

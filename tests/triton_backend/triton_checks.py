@@ -13,8 +13,7 @@ from bitsmith.codegen.template import TEMPLATES, Config
 from bitsmith.codegen.triton.templates import build_kernel, cuda_target
 from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
-from bitsmith.runtime.triton_executor import (as_torch, bind_launches, device, launch,
-                                               load_source)
+from bitsmith.runtime.triton_executor import as_torch, bind_launches, device, launch, load_source
 
 RTOL = {"float32": 2e-5, "float16": 1e-3}
 """Max error relative to the largest magnitude: f32 kernels agree to f32 rounding; f16 ones to
@@ -31,14 +30,14 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
     built = build_kernel(kernel, cuda_target(), config, template)
     where = device()
     inputs = [as_torch(to_storage(v.type, a), str(v.type.dtype), where)
-              for v, a in zip(kernel.operands, arrays)]
+              for v, a in zip(kernel.operands, arrays, strict=True)]
     outs = [torch.empty(w.shape, dtype=getattr(torch, w.dtype.name), device=where)
             for w in want]
     with tempfile.TemporaryDirectory() as tmp:
         module = load_source(kernel.kernel_name, built.source, tmp)
         launch(bind_launches(module, built.launches, inputs, outs,
                              {str(k): v for k, v in ctx.bindings.items()}))
-    for got, expected in zip(outs, want):
+    for got, expected in zip(outs, want, strict=True):
         got = got.cpu().numpy()
         assert got.shape == expected.shape and got.dtype == expected.dtype
         if expected.dtype.kind == "f":
@@ -66,7 +65,7 @@ def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]
     return out
 
 
-def check_module(text: "str | ir.Module", weights: dict[str, np.ndarray] | None = None,
+def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = None,
                  batches: tuple[int, ...] = (1,), pipeline: str = "canonicalize,fuse",
                  config: Config | None = None, template: str | None = None) -> int:
     """Fuse, then build, launch and check every kernel (with `template` where it matches, which

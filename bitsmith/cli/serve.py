@@ -1,0 +1,166 @@
+"""`bitsmith serve` and `bitsmith loadtest`: the runtime only (no torch, no compiler)."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..errors import CliError
+from .console import err
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
+_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `serve` and `loadtest` on the CLI's subparsers."""
+    serve = sub.add_parser("serve", help="serve .bsm artifacts over HTTP (KServe v2)")
+    serve.add_argument("artifacts", nargs="+", metavar="MODEL.bsm")
+    serve.add_argument("--name", action="append", default=[],
+                       help="the name of the matching artifact, in order (default: file stem)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="most batch rows run at once (dynamic-batch artifacts)")
+    serve.add_argument("--batch-sizes", metavar="1,2,4,...",
+                       help="batch sizes to pad to and warm up (default: powers of two up to "
+                            "--max-batch, and --max-batch)")
+    serve.add_argument("--max-delay-ms", type=float, default=2.0,
+                       help="under load, how long a batch may wait to fill")
+    serve.add_argument("--queue-size", type=int, default=256,
+                       help="queued requests per model before 503s")
+    serve.add_argument("--timeout-ms", type=float, default=1000.0,
+                       help="a request's deadline from arrival (504 after it)")
+    serve.add_argument("--max-body-mb", type=float, default=64.0,
+                       help="largest request body (413 over it)")
+    serve.add_argument("--log-level", default="info",
+                       choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
+
+    load = sub.add_parser("loadtest", help="load-test a bitsmith (or any KServe v2) server on "
+                                           "this machine")
+    load.add_argument("target", help="host:port or URL, e.g. localhost:8000")
+    load.add_argument("--model", required=True)
+    load.add_argument("--concurrency", type=int, default=32,
+                      help="closed loop: clients each sending when answered (default 32)")
+    load.add_argument("--rate", type=float,
+                      help="open loop instead: requests per second, whatever the answers")
+    load.add_argument("--max-inflight", type=int, default=1024,
+                      help="open loop: most outstanding requests (more are counted not sent)")
+    load.add_argument("--duration", default="30s", help="e.g. 30s, 2m, 500ms")
+    load.add_argument("--rows", type=int, default=1, help="batch rows per request")
+    load.add_argument("--dim", action="append", default=[], metavar="INPUT=SIZE",
+                      help="size of an input's variable non-batch dim")
+    load.add_argument("--body", metavar="REQUEST.json",
+                      help="send this request body instead of one built from the metadata")
+    load.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    load.add_argument("--allow-remote", action="store_true",
+                      help="allow a target that is not a loopback address")
+    load.set_defaults(func=cmd_loadtest)
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '2m', '500ms', '1.5h' or a bare number of seconds -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise CliError(f"expected a duration such as 30s, 2m or 500ms, got {text!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the artifacts and serve them until SIGTERM/Ctrl-C (then drain)."""
+    from ..runtime.model import load  # noqa: PLC0415 - TVM's runtime: only for serving
+    from ..serving.served import ServedModel  # noqa: PLC0415
+    from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
+
+    if len(args.name) > len(args.artifacts):
+        raise CliError(f"expected at most one --name per artifact ({len(args.artifacts)}), "
+                       f"got {len(args.name)}")
+    sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
+    models = []
+    for i, path in enumerate(args.artifacts):
+        name = args.name[i] if i < len(args.name) else Path(path).stem
+        compiled = load(path)
+        models.append(ServedModel.from_compiled(name, compiled, max_batch=args.max_batch,
+                                                batch_sizes=sizes))
+        model = models[-1]
+        batching = (f"batch sizes {', '.join(map(str, model.sizes))}" if model.batchable
+                    else "no batching (dim 0 is not a batch dim of every input and output)")
+        err.print(f"model [bold]{name}[/] from {path}: {batching}", highlight=False)
+    options = ServeOptions(max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
+                           timeout_ms=args.timeout_ms, max_body_bytes=int(args.max_body_mb * 2**20))
+    server = make_server(models, options, host=args.host, port=args.port,
+                         log_level=args.log_level, access_log=args.access_log)
+    server.run()
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CliError(f"{flag}: expected comma-separated ints, got {text!r}") from None
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    """Run the load and print throughput, latency percentiles and errors by status."""
+    from ..serving import loadtest  # noqa: PLC0415 - aiohttp: only this command needs it
+
+    url = loadtest.normalize_url(args.target)
+    duration = parse_duration(args.duration)
+    dims = dict(_dim(d) for d in args.dim)
+    try:
+        if not args.allow_remote:
+            loadtest.check_loopback(url)
+        if args.body:
+            body = Path(args.body).read_bytes()
+        else:
+            metadata = loadtest.run(loadtest.fetch_metadata(url, args.model))
+            body = loadtest.request_body(metadata, args.rows, dims)
+        mode = (f"{args.rate:g} req/s open loop" if args.rate
+                else f"{args.concurrency} concurrent clients")
+        with Progress(TextColumn(f"{args.model} @ {url}: {mode}"), BarColumn(),
+                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                      console=err, transient=True) as progress:
+            task = progress.add_task("load", total=duration, status="")
+
+            def tick(elapsed: float, report: Any) -> None:
+                progress.update(task, completed=elapsed,
+                                status=f"{report.ok / max(elapsed, 1e-9):.0f} ok/s, "
+                                       f"{sum(report.statuses.values()) - report.ok} errors")
+
+            report = loadtest.run(loadtest.run_load(
+                url, args.model, body, duration=duration, concurrency=args.concurrency,
+                rate=args.rate, max_inflight=args.max_inflight, on_tick=tick))
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    doc = report.to_json()
+    if args.json:
+        print(json.dumps(doc))
+    table = Table(title=f"{args.model}: {mode}, {doc['seconds']:.1f} s")
+    for col in ("requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "errors by status"):
+        table.add_column(col, justify="right")
+    errors = ", ".join(f"{k}: {v}" for k, v in doc["errors"].items()) or "none"
+    if doc["not_sent"]:
+        errors += f" (not sent, over --max-inflight: {doc['not_sent']})"
+    table.add_row(str(doc["requests"]), f"{doc['throughput']:.1f}", _fmt(doc["p50_ms"]),
+                  _fmt(doc["p90_ms"]), _fmt(doc["p99_ms"]), errors)
+    err.print(table)
+    return 0
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f}"
+
+
+def _dim(text: str) -> tuple[str, int]:
+    name, _, size = text.partition("=")
+    if not name or not size.isdigit():
+        raise CliError(f"--dim: expected INPUT=SIZE, got {text!r}")
+    return name, int(size)

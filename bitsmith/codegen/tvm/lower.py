@@ -1,0 +1,483 @@
+"""Generic lowering: any `kernel.fused` region -> one TVM tensor-expression PrimFunc.
+
+Each graph op in the region becomes TE computes (mostly TVM's own `topi` operators), chained in
+region order; the kernel's inputs become placeholders and its yielded values the outputs.
+Symbolic dims (the batch `B`) become int64 TIR variables bound from the input buffers at call
+time. An op without a rule raises `CodegenError` naming it: there is no silent fallback.
+
+This is the correctness baseline every model compiles through; templates with real schedules
+(matmul, conv, attention, reductions) replace it kernel by kernel.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import sympy
+import tvm
+from tvm import te, topi
+
+from ...ir import Operation, Value
+from ...ir.dialects.kernel import FusedOp
+from ...ir.dtypes import DType
+from ...ir.packing import row_words
+from ...ir.types import QuantType, TensorType
+from ...runtime.artifact import NUMPY_DTYPES
+from ..template import CodegenError
+
+LowerFn = Callable[[Operation, list, "Lowering"], object]
+RULES: dict[str, LowerFn] = {}
+
+
+
+def lowers(*names: str) -> Callable[[LowerFn], LowerFn]:
+    """Decorator: register the rule for graph ops `names`."""
+    def wrap(fn: LowerFn) -> LowerFn:
+        for name in names:
+            RULES[f"graph.{name}"] = fn
+        return fn
+    return wrap
+
+
+class Lowering:
+    """Per-kernel state: the TIR variables of symbolic dims.
+
+    A kernel with a symbolic dim indexes in int64 throughout (its static dims become int64
+    constants too): TVM needs one index type per loop nest, and allocations sized by a
+    symbolic dim only lower with int64 sizes.
+    """
+
+    def __init__(self, symbolic: bool = False) -> None:
+        self.vars: dict[sympy.Symbol, tvm.tirx.Var] = {}
+        self.index = "int64" if symbolic else "int32"
+
+    def dim(self, d: object) -> object:
+        """A dim as an int, or a TIR expression over int64 variables."""
+        if isinstance(d, int):
+            return d if self.index == "int32" else tvm.tirx.const(d, "int64")
+        expr = sympy.sympify(d)
+        for sym in sorted(expr.free_symbols, key=str):
+            self.vars.setdefault(sym, te.var(str(sym), dtype=self.index))
+        return sympy.lambdify(sorted(expr.free_symbols, key=str), expr, modules=[{}])(
+            *[self.vars[s] for s in sorted(expr.free_symbols, key=str)])
+
+    def shape(self, type: TensorType) -> list:
+        """The TE shape of a tensor type."""
+        return [self.dim(d) for d in type.shape]
+
+
+def tvm_dtype(op: Operation | None, dtype: object) -> str:
+    """The TVM dtype name of an IR element type, or CodegenError for sub-byte/low-bit types."""
+    name = NUMPY_DTYPES.get(str(dtype))
+    if name is None or not isinstance(dtype, DType):
+        where = f" in '{op.name}'" if op is not None else ""
+        raise CodegenError(f"generic lowering: element type {dtype}{where} has no TVM dtype; "
+                           "low-bit types are lowered by the quantized templates")
+    return name
+
+
+def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None = None,
+                 placeholders: Mapping[int, te.Tensor] | None = None,
+                 ) -> tuple[tvm.tirx.PrimFunc, list[te.Tensor], list[te.Tensor]]:
+    """The PrimFunc of a kernel, with its input placeholders and output tensors (call order).
+
+    Templates substitute their own compute for some ops (`rules`, by op) and their own
+    placeholder for some inputs (`placeholders`, by input index: a pre-packed weight).
+    """
+    block = kernel.regions[0].block
+    lowering = Lowering(symbolic=any(
+        not isinstance(d, int) for v in list(block.args) + [r for o in kernel.body_ops
+                                                              for r in o.results]
+        for d in v.type.shape))
+    placeholders = placeholders or {}
+    inputs = [placeholders[i] if i in placeholders else _placeholder(i, a.type, lowering)
+              for i, a in enumerate(block.args)]
+    env: dict[Value, te.Tensor] = dict(zip(block.args, inputs, strict=True))
+    for op in kernel.body_ops:
+        rule = (rules or {}).get(op) or RULES.get(op.name)
+        if rule is None:
+            raise CodegenError(f"generic lowering has no rule for '{op.name}' (kernel "
+                               f"'{kernel.kernel_name}'); rules exist for "
+                               f"{len(RULES)} ops: {', '.join(sorted(RULES))}")
+        out = rule(op, [env[v] for v in op.operands], lowering)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for result, tensor in zip(op.results, outs, strict=True):
+            env[result] = _as_type(tensor, result.type, op)
+    outputs = []
+    for value in block.terminator.operands:
+        tensor = env[value]
+        if any(tensor is t for t in inputs + outputs):  # a yielded input still needs a copy
+            tensor = _map(tensor, lambda v: v, "copy")
+        outputs.append(tensor)
+    return te.create_prim_func(inputs + outputs), inputs, outputs
+
+
+def _placeholder(index: int, type: TensorType, lowering: Lowering) -> te.Tensor:
+    """A kernel input: a plain tensor, or a quantized weight as its packed uint32 words."""
+    if isinstance(type.dtype, QuantType):
+        n, k = type.shape
+        if not isinstance(k, int):
+            raise CodegenError(f"a quantized weight needs a static in_features, got {type}")
+        return te.placeholder((lowering.dim(n), lowering.dim(row_words(k, type.dtype.bits))),
+                              "uint32", name=f"in{index}")
+    return te.placeholder(lowering.shape(type), tvm_dtype(None, type.dtype), name=f"in{index}")
+
+
+def _as_type(tensor: te.Tensor, type: TensorType, op: Operation) -> te.Tensor:
+    want = tvm_dtype(op, type.dtype)
+    if tensor.dtype != want:
+        raise CodegenError(f"lowering '{op.name}' gave {tensor.dtype}, its type says {want}")
+    if len(tensor.shape) != type.rank:
+        raise CodegenError(f"lowering '{op.name}' gave rank {len(tensor.shape)}, its type says "
+                           f"{type}")
+    return tensor
+
+
+# ---- constants --------------------------------------------------------------------------------
+@lowers("constant")
+def lower_constant(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """An inline literal (weights are kernel inputs, never inside a region)."""
+    if op.value is None:
+        raise CodegenError(f"weight '{op.weight}' inside a kernel region; pass it as an input")
+    dtype = tvm_dtype(op, op.result.type.dtype)
+    flat = [v for v in op.value.array.reshape(-1).tolist()]
+    shape = lo.shape(op.result.type)
+    if len(set(flat)) == 1:
+        return te.compute(shape, lambda *i: tvm.tirx.const(flat[0], dtype), name="splat")
+    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+
+    def element(*idx: object) -> object:
+        flat_index = sum(i * s for i, s in zip(idx, strides, strict=True))
+        out = tvm.tirx.const(flat[-1], dtype)
+        for k in range(len(flat) - 2, -1, -1):
+            out = tvm.tirx.Select(flat_index == k, tvm.tirx.const(flat[k], dtype), out)
+        return out
+    return te.compute(shape, element, name="literal")
+
+
+@lowers("full")
+def lower_full(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    dtype = tvm_dtype(op, op.result.type.dtype)
+    return te.compute(lo.shape(op.result.type), lambda *i: tvm.tirx.const(op.value, dtype))
+
+
+# ---- elementwise ------------------------------------------------------------------------------
+_UNARY = {"exp": topi.exp, "log": topi.log, "sqrt": topi.sqrt, "rsqrt": topi.rsqrt,
+          "tanh": topi.tanh, "erf": topi.erf, "sigmoid": topi.sigmoid, "abs": topi.abs,
+          "neg": topi.negative, "sin": topi.sin, "cos": topi.cos, "floor": topi.floor,
+          "ceil": topi.ceil, "logical_not": topi.logical_not}
+_BINARY = {"add": topi.add, "sub": topi.subtract, "mul": topi.multiply,
+           "maximum": topi.maximum, "minimum": topi.minimum, "eq": topi.equal,
+           "ne": topi.not_equal, "lt": topi.less, "le": topi.less_equal, "gt": topi.greater,
+           "ge": topi.greater_equal, "logical_and": topi.logical_and,
+           "logical_or": topi.logical_or}
+
+
+def _float_only(op: Operation) -> None:
+    if not op.operands[0].type.dtype.is_float:
+        raise CodegenError(f"generic lowering of '{op.name}' on {op.operands[0].type.dtype} "
+                           "is not written yet (integer semantics differ from TVM's)")
+
+
+@lowers(*_UNARY)
+def lower_unary(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return _UNARY[op.name.split(".")[1]](args[0])
+
+
+@lowers(*_BINARY)
+def lower_binary(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return _BINARY[op.name.split(".")[1]](args[0], args[1])
+
+
+@lowers("div", "pow")
+def lower_float_binary(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    _float_only(op)
+    return (topi.divide if op.name == "graph.div" else topi.power)(args[0], args[1])
+
+
+@lowers("reciprocal")
+def lower_reciprocal(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    x = args[0]
+    return te.compute(x.shape, lambda *i: tvm.tirx.const(1.0, x.dtype) / x(*i), name="recip")
+
+
+@lowers("relu")
+def lower_relu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    x = args[0]
+    return te.compute(x.shape, lambda *i: tvm.tirx.max(x(*i), tvm.tirx.const(0, x.dtype)),
+                      name="relu")
+
+
+@lowers("silu")
+def lower_silu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return topi.multiply(args[0], topi.sigmoid(args[0]))
+
+
+@lowers("gelu")
+def lower_gelu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    x = args[0]
+    half, one = tvm.tirx.const(0.5, x.dtype), tvm.tirx.const(1.0, x.dtype)
+    if op.approximate == "tanh":
+        k, c = tvm.tirx.const(math.sqrt(2 / math.pi), x.dtype), tvm.tirx.const(0.044715, x.dtype)
+        return te.compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.tanh(
+            k * (x(*i) + c * x(*i) * x(*i) * x(*i)))), name="gelu")
+    r = tvm.tirx.const(math.sqrt(0.5), x.dtype)
+    if x.dtype == "float32":  # libm's erf is scalar; topi's rational approximation vectorises
+        scaled = te.compute(x.shape, lambda *i: x(*i) * r, name="gelu_scaled")
+        erf = topi.fast_erf(scaled)
+        return te.compute(x.shape, lambda *i: half * x(*i) * (one + erf(*i)), name="gelu")
+    return te.compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.erf(x(*i) * r)),
+                      name="gelu")
+
+
+def _map(x: te.Tensor, fn: Callable[[object], object], name: str) -> te.Tensor:
+    """out[i] = fn(x[i])"""
+    return te.compute(x.shape, lambda *i: fn(x(*i)), name=name)
+
+
+@lowers("clamp")
+def lower_clamp(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    x = args[0]
+    low = None if op.min is None or math.isinf(op.min) else tvm.tirx.const(op.min, x.dtype)
+    high = None if op.max is None or math.isinf(op.max) else tvm.tirx.const(op.max, x.dtype)
+
+    def clamp(v: object) -> object:
+        v = v if low is None else tvm.tirx.max(v, low)
+        return v if high is None else tvm.tirx.min(v, high)
+    return _map(x, clamp, "clamp")
+
+
+@lowers("where")
+def lower_where(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return topi.where(*args)
+
+
+@lowers("cast")
+def lower_cast(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    src = op.x.type.dtype
+    if src.is_float and op.dtype.is_int and op.dtype.bits < 64:
+        raise CodegenError("generic lowering of float -> narrow int casts (wrap-around) is "
+                           "not written yet")
+    return topi.cast(args[0], tvm_dtype(op, op.dtype))
+
+
+# ---- shapes -----------------------------------------------------------------------------------
+def reshape_groups(src: Sequence[object], dst: Sequence[object],
+                   ) -> list[tuple[range, range]] | None:
+    """Split a reshape into independent groups: (source axes, result axes) with equal
+    products, each as small as possible; None when the shapes cannot be matched up (a zero
+    dim, or symbolic sizes that never multiply out equal)."""
+    src, dst = [sympy.sympify(d) for d in src], [sympy.sympify(d) for d in dst]
+    if any(d == 0 for d in [*src, *dst]):
+        return None
+    groups: list[tuple[range, range]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        i0, j0 = i, j
+        ps = pd = sympy.Integer(1)
+        if i < len(src):
+            ps, i = ps * src[i], i + 1
+        if j < len(dst):
+            pd, j = pd * dst[j], j + 1
+        while sympy.expand(ps - pd) != 0:
+            ratio = sympy.cancel(ps / pd)
+            source_larger = sympy.denom(ratio) == 1 and ratio != 1
+            if source_larger and j < len(dst):
+                pd, j = pd * dst[j], j + 1
+            elif not source_larger and i < len(src):
+                ps, i = ps * src[i], i + 1
+            else:
+                return None
+        groups.append((range(i0, i), range(j0, j)))
+    return groups
+
+
+@lowers("reshape")
+def lower_reshape(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """Each result axis reads only the source axes of its group (`reshape_groups`), so that
+    splitting heads off a hidden dim is `x[b, s, h * 16 + d]`, not a flattened index unravelled
+    over every axis (which TVM cannot simplify, and which kept such kernels from vectorising)."""
+    groups = reshape_groups(op.operands[0].type.shape, op.result.type.shape)
+    if groups is None:
+        return topi.reshape(args[0], lo.shape(op.result.type))
+    x, out_shape = args[0], lo.shape(op.result.type)
+
+    def read(*idx: object) -> object:
+        at: list = [None] * len(x.shape)
+        for src, dst in groups:
+            if len(src) == 0:
+                continue
+            flat = idx[dst[0]] if len(dst) else 0
+            for axis in dst[1:]:
+                flat = flat * out_shape[axis] + idx[axis]
+            for axis in reversed(src[1:]):
+                at[axis] = flat % x.shape[axis]
+                flat = flat // x.shape[axis]
+            at[src[0]] = flat
+        return x(*at)
+    return te.compute(out_shape, read, name="T_reshape")
+
+
+@lowers("permute")
+def lower_permute(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return topi.transpose(args[0], list(op.perm))
+
+
+@lowers("expand")
+def lower_expand(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return topi.broadcast_to(args[0], lo.shape(op.result.type))
+
+
+@lowers("slice")
+def lower_slice(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    x = args[0]
+    axis = op.axis % op.x.type.rank
+    length = op.result.type.shape[axis]
+    if not isinstance(length, int):
+        return te.compute(x.shape, lambda *i: x(*i), name="whole_slice")
+    dim = op.x.type.shape[axis]
+    start = range(dim)[slice(op.start, op.end, op.step)].start if length else 0
+
+    def element(*idx: object) -> object:
+        src = list(idx)
+        src[axis] = idx[axis] * op.step + start
+        return x(*src)
+    return te.compute(lo.shape(op.result.type), element, name="slice")
+
+
+@lowers("concat")
+def lower_concat(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    return topi.concatenate(args, axis=op.axis % op.result.type.rank)
+
+
+@lowers("embedding")
+def lower_embedding(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    weight, indices = args
+    return topi.take(weight, indices, axis=0, mode="clip")
+
+
+# ---- reductions and norms ---------------------------------------------------------------------
+def _axes(op: Operation) -> list[int]:
+    rank = op.x.type.rank
+    return sorted(a % rank for a in op.axes) or list(range(rank))
+
+
+@lowers("reduce_sum", "reduce_max", "reduce_min", "reduce_mean")
+def lower_reduce(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    kind = op.name.split("_")[-1]
+    axes = _axes(op)
+    if kind == "mean":
+        _float_only(op)
+        total = topi.sum(args[0], axis=axes, keepdims=op.keepdim)
+        count = 1
+        for a in axes:
+            count = count * lo.dim(op.x.type.shape[a])
+        return topi.divide(total, topi.cast(tvm.tirx.const(1, "int64") * count, total.dtype))
+    if kind == "sum" and not op.x.type.dtype.is_float:
+        raise CodegenError("generic lowering of integer sums is not written yet")
+    fn = {"sum": topi.sum, "max": topi.max, "min": topi.min}[kind]
+    return fn(args[0], axis=axes, keepdims=op.keepdim)
+
+
+@lowers("softmax", "log_softmax")
+def lower_softmax(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    axis = op.axis % op.x.type.rank
+    return (topi.nn.softmax if op.name == "graph.softmax" else topi.nn.log_softmax)(args[0],
+                                                                                   axis=axis)
+
+
+def _ones(shape: Sequence, dtype: str) -> te.Tensor:
+    return te.compute(shape, lambda *i: tvm.tirx.const(1.0, dtype), name="ones")
+
+
+def _zeros(shape: Sequence, dtype: str) -> te.Tensor:
+    return te.compute(shape, lambda *i: tvm.tirx.const(0.0, dtype), name="zeros")
+
+
+@lowers("layer_norm", "rms_norm")
+def lower_norm(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    _float_only(op)
+    x, *affine = args
+    rank = op.x.type.rank
+    axes = list(range(rank - op.ndim, rank))
+    norm_shape = [x.shape[a] for a in axes]
+    weight = affine[0] if affine else _ones(norm_shape, x.dtype)
+    if op.name == "graph.rms_norm":
+        return topi.nn.rms_norm(x, weight, axes, epsilon=op.eps)
+    bias = affine[1] if len(affine) > 1 else _zeros(norm_shape, x.dtype)
+    return topi.nn.layer_norm(x, weight, bias, axes, epsilon=op.eps)
+
+
+# ---- contractions -----------------------------------------------------------------------------
+@lowers("matmul")
+def lower_matmul(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    a, b = args
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise CodegenError("generic lowering of matmul with a 1-d operand is not written yet")
+    _float_only(op)
+    out_shape = lo.shape(op.result.type)
+    k_dim = a.shape[-2] if op.transpose_lhs else a.shape[-1]
+    k = te.reduce_axis((0, k_dim), name="k")
+    batch = len(out_shape) - 2
+
+    def operand(t: te.Tensor, idx: tuple, row: object, col: object) -> object:
+        lead = idx[batch - (len(t.shape) - 2):batch] if len(t.shape) > 2 else ()
+        lead = [0 if _is_one(t.shape[j]) else i for j, i in enumerate(lead)]
+        return t(*lead, row, col)
+
+    def element(*idx: object) -> object:
+        i, j = idx[-2], idx[-1]
+        lhs = operand(a, idx, k, i) if op.transpose_lhs else operand(a, idx, i, k)
+        rhs = operand(b, idx, j, k) if op.transpose_rhs else operand(b, idx, k, j)
+        return te.sum(lhs * rhs, axis=k)
+    return te.compute(out_shape, element, name="matmul")
+
+
+def _is_one(d: object) -> bool:
+    return isinstance(d, (int, tvm.tirx.IntImm)) and int(d) == 1
+
+
+@lowers("linear")
+def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    x, w, *bias = args
+    _float_only(op)
+    k = te.reduce_axis((0, w.shape[1]), name="k")
+    out = te.compute(lo.shape(op.result.type), lambda *i: te.sum(
+        x(*i[:-1], k) * w(i[-1], k), axis=k), name="linear")
+    if bias:
+        out = topi.add(out, bias[0])
+    return out
+
+
+def _ir_module(funcs: Mapping[str, tvm.tirx.PrimFunc]) -> tvm.IRModule:
+    return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+
+
+def library_key(funcs: Mapping[str, tvm.tirx.PrimFunc], target: object) -> str:
+    """sha256 hex of what decides the compiled library: the scheduled functions (TVM's own
+    serialisation of the IR), the target and the TVM version."""
+    payload = json.dumps({"tvm": tvm.__version__, "target": str(target),
+                          "ir": tvm.ir.save_json(_ir_module(funcs))}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def compile_funcs(funcs: dict[str, tvm.tirx.PrimFunc], what: str,
+                  target: dict | None = None) -> tvm.runtime.Executable:
+    """Compile PrimFuncs (by symbol name) into one executable; TVM errors become CodegenError."""
+    module = _ir_module(funcs)
+    try:
+        return tvm.compile(module, target=tvm.target.Target(target or {"kind": "llvm"}))
+    except Exception as exc:  # TVM raises its own error types; keep the message, say what
+        raise CodegenError(f"TVM could not compile {what}: "
+                           f"{str(exc).strip().splitlines()[-1]}") from exc
+
+
+def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Executable:
+    """Lower and compile one kernel with no schedule, as function `main`."""
+    func, _, _ = lower_kernel(kernel)
+    return compile_funcs({"main": func}, f"kernel '{kernel.kernel_name}'", target)
+
+
+from . import lower_nn, lower_quant  # noqa: E402,F401 - registers the nn and quant rules

@@ -1,0 +1,196 @@
+"""Schedule building blocks on TensorIR (`tvm.s_tir.Schedule`) shared by the CPU templates.
+
+A kernel starts as the generic lowering's PrimFunc: one block per TE compute, each in its own
+loop nest. Templates call these helpers to inline the injective blocks into their neighbours,
+then tile, parallelise and vectorise what is left.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import tvm.s_tir as s_tir
+from tvm.s_tir.schedule.schedule import ScheduleError
+
+from ..template import CodegenError
+
+REDUCE = 2
+"""IterVar.iter_type of a reduction axis (CommReduce)."""
+
+
+def root_blocks(sch: s_tir.Schedule) -> list:
+    """The top-level blocks of the function, in program order."""
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def block_name(sch: s_tir.Schedule, block: Any) -> str:
+    """The name a block was given (its TE compute's name)."""
+    return sch.get(block).name_hint
+
+
+def is_reduction(sch: s_tir.Schedule, block: Any) -> bool:
+    """True when the block has a reduction axis."""
+    return any(int(iv.iter_type) == REDUCE for iv in sch.get(block).iter_vars)
+
+
+def spatial_count(sch: s_tir.Schedule, block: Any) -> int:
+    """How many of the block's (leading) axes are spatial."""
+    return sum(int(iv.iter_type) != REDUCE for iv in sch.get(block).iter_vars)
+
+
+def static_extent(sch: s_tir.Schedule, loop: Any) -> int | None:
+    """A loop's extent if it is a constant."""
+    extent = sch.get(loop).extent
+    return int(extent) if hasattr(extent, "value") else None
+
+
+def inline_injective(sch: s_tir.Schedule, keep: Iterable[str] = ()) -> None:
+    """Inline every injective, non-output block into its consumers (or, failing that, into
+    its producer), to a fixpoint. Blocks named in `keep` and reductions stay."""
+    keep = set(keep)
+    changed = True
+    while changed:
+        changed = False
+        outputs = {block_name(sch, b) for b in sch.get_output_blocks(sch.get_sblock("root"))}
+        for block in root_blocks(sch):
+            name = block_name(sch, block)
+            if name in keep or is_reduction(sch, block):
+                continue
+            for inline in ((sch.reverse_compute_inline,) if name in outputs
+                           else (sch.compute_inline, sch.reverse_compute_inline)):
+                try:
+                    inline(block)
+                except ScheduleError:
+                    continue
+                changed = True
+                break
+            if changed:
+                break
+
+
+def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_parallel: int,
+                       cores: int, vectorize: bool = True, vector_factor: int = 4) -> None:
+    """Default schedule of one block: vectorise its innermost spatial loop (when it has a
+    static extent that lanes divide and no reduction inside it), up to `vector_factor`
+    vectors at a time, and run its outer spatial loops in parallel when the block has at
+    least `min_parallel` output elements."""
+    loops = sch.get_loops(block)
+    n_spatial = spatial_count(sch, block)
+    spatial = list(loops[:n_spatial])
+    if not spatial:
+        return
+    extents = [static_extent(sch, loop) for loop in spatial]
+    if vectorize and n_spatial == len(loops) and extents[-1] is not None and lanes > 1:
+        inner = math.gcd(extents[-1], lanes * vector_factor)
+        if inner >= lanes:
+            if inner < extents[-1]:
+                spatial[-1:] = sch.split(spatial[-1], [None, inner])
+            sch.vectorize(spatial[-1])
+            spatial.pop()
+            extents = [static_extent(sch, loop) for loop in spatial]
+    if cores <= 1 or not spatial:
+        return
+    total = math.prod(e if e is not None else 64 for e in extents)
+    if n_spatial == len(loops):
+        total *= lanes
+    if total < min_parallel:
+        return
+    count = 1  # fuse outer loops until there are enough chunks for every core
+    work = extents[0] if extents[0] is not None else 64
+    while count < len(spatial) and work < 4 * cores:
+        work *= extents[count] if extents[count] is not None else 64
+        count += 1
+    outer = sch.fuse(*spatial[:count]) if count > 1 else spatial[0]
+    sch.parallel(outer)
+
+
+def auto_schedule(sch: s_tir.Schedule, *, lanes: int, cores: int,
+                  min_parallel: int = 16384, keep: Iterable[str] = (),
+                  vector_factor: int = 4) -> None:
+    """Inline injective blocks, then give every remaining block the default schedule.
+
+    A function that is not made of blocks (TVM's scan and extern ops: cumsum, sort) is left as
+    TVM lowered it."""
+    try:
+        sch.get_sblock("root")
+    except ScheduleError:
+        return
+    inline_injective(sch, keep)
+    for block in root_blocks(sch):
+        if block_name(sch, block) in keep:
+            continue
+        parallel_vectorize(sch, block, lanes=lanes, min_parallel=min_parallel, cores=cores,
+                           vector_factor=vector_factor)
+
+
+def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: int, mr: int,
+                  nr: int, kc: int, order: str, parallel: bool, lanes: int) -> None:
+    """The CPU GEMM micro-kernel: `compute` (spatial axes ..., n; reduction axes) accumulates an
+    mr x nr tile in registers (the tile's rows unrolled, its nr columns vectorised), the
+    reduction outermost inside the tile; `out` (its elementwise consumer with the same spatial
+    axes, or None) writes the tile out. Of `out`'s loops the last is the column axis, the
+    `rows` before it are fused into the row axis, and any before those are outer loops, fused
+    with the tile loops into one (parallel) loop."""
+    if out is None:  # accumulate in a tile, then copy it out
+        out = sch.cache_write(compute, 0, "global")
+    loops = sch.get_loops(out)
+    if len(loops) < rows + 1:
+        raise CodegenError(f"register tile: expected at least {rows + 1} loops, got "
+                           f"{len(loops)}")
+    prefix = list(loops[:len(loops) - rows - 1])
+    row_loops = loops[len(loops) - rows - 1:-1]
+    row = sch.fuse(*row_loops) if rows > 1 else row_loops[0]
+    col = loops[-1]
+    io, ii = sch.split(row, [None, mr])
+    jo, ji = sch.split(col, [None, nr])
+    tiles = (io, jo) if order == "mn" else (jo, io)
+    sch.reorder(*prefix, *tiles, ii, ji)
+    outer = sch.fuse(*prefix, *tiles)
+    if parallel:
+        sch.parallel(outer)
+    sch.compute_at(compute, outer, preserve_unit_loops=True)
+    if nr % lanes == 0:
+        try_vectorize(sch, ji)
+    cloops = sch.get_loops(compute)
+    n_spatial = spatial_count(sch, compute)
+    tile = cloops[1:1 + n_spatial]
+    reduce = cloops[1 + n_spatial:]
+    if len(reduce) == 1 and kc:
+        reduce = list(sch.split(reduce[0], [None, kc]))
+    sch.reorder(*reduce, *tile)
+    for loop in tile[:-1]:
+        sch.unroll(loop)
+    vector = nr % lanes == 0 or nr < lanes
+    if vector and try_vectorize(sch, tile[-1]):
+        sch.decompose_reduction(compute, reduce[0])
+        return
+    # TensorIR refuses some tiles (a partial one, say) until the init is split off
+    init = sch.decompose_reduction(compute, reduce[0])
+    for block in (init, compute):
+        columns = sch.get_loops(block)[-1]
+        if not (vector and try_vectorize(sch, columns)):
+            sch.unroll(columns)
+
+
+def try_vectorize(sch: s_tir.Schedule, loop: Any) -> bool:
+    """Vectorise `loop` if TensorIR allows it here (it refuses, for one, a loop whose blocks
+    carry a predicate from a partial tile); the loop stays scalar otherwise."""
+    try:
+        sch.vectorize(loop)
+    except ScheduleError:
+        return False
+    return True
+
+
+def tile_contraction(sch: s_tir.Schedule, compute: Any, consumers: list, fits: bool, *,
+                     rows: int, mr: int, nr: int, kc: int, order: str, parallel: bool,
+                     lanes: int, cores: int) -> None:
+    """Register-tile a contraction. When it `fits` (one elementwise consumer with the same
+    loops), the tile is computed where that consumer writes it out; otherwise the contraction
+    is materialised and every consumer gets the default schedule."""
+    register_tile(sch, compute, consumers[0] if fits else None, rows=rows if fits else 1,
+                  mr=mr, nr=nr, kc=kc, order=order, parallel=parallel, lanes=lanes)
+    if not fits:
+        for block in consumers:
+            parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14, cores=cores)

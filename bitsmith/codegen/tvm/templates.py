@@ -1,0 +1,507 @@
+"""CPU kernel templates: a `kernel.fused` region -> a scheduled TensorIR PrimFunc.
+
+Every template starts from the generic lowering of the region (so its numerics are the generic
+lowering's, which the tests hold to the interpreter) and adds a schedule with knobs:
+
+- `dense`: linear / matmul against a constant weight, with any elementwise epilogue. The weight
+  is pre-packed at compile time into column panels `[N/nr, K, nr]`, so the micro-kernel reads it
+  contiguously; an mr x nr output tile is accumulated in vector registers.
+- `conv2d_nhwc`: NHWC convolution with HWIO weights (the `layout` pass's choice), the same
+  register tile over (output column, output channel).
+- `attention`: `graph.attention`, or two matmuls around a softmax, in one parallel loop over
+  (batch, head).
+- `rows`: reductions over rows (softmax, layer/RMS norm, reduce_*) and everything else with a
+  reduction (pooling, depthwise or NCHW conv, a matmul of two activations outside attention),
+  one parallel loop per block.
+- `elementwise`: injective kernels (elementwise chains, reshapes, gathers/embedding), inlined
+  into one loop nest, vectorised and parallelised.
+
+`select` picks the first template that matches; `elementwise` and `rows` between them match
+every region, so every model compiles.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te, topi
+from tvm.s_tir.schedule.schedule import ScheduleError
+
+from ...ir import Operation
+from ...ir.dialects.kernel import FusedOp
+from ..template import (
+    CodegenError,
+    Config,
+    KernelTemplate,
+    Knob,
+    KnobSpace,
+    Problem,
+    Target,
+    match_templates,
+    register_template,
+)
+from .lower import Lowering, lower_kernel, tvm_dtype
+from .schedule import (
+    auto_schedule,
+    block_name,
+    inline_injective,
+    is_reduction,
+    root_blocks,
+    spatial_count,
+    static_extent,
+    tile_contraction,
+    try_vectorize,
+)
+from .target import vector_lanes
+
+ELEMENTWISE = frozenset(
+    f"graph.{n}" for n in ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "exp", "log", "sqrt", "rsqrt", "tanh", "erf", "sigmoid", "abs", "neg", "sin", "cos", "floor", "ceil", "reciprocal", "relu", "silu", "gelu", "clamp", "where", "cast", "constant", "full"])
+INJECTIVE = ELEMENTWISE | {f"graph.{n}" for n in ["reshape", "permute", "expand", "slice", "concat", "embedding"]}
+
+
+@dataclass
+class TvmKernel:
+    """A scheduled kernel: its PrimFunc and how to pre-pack constant inputs (by input index:
+    a name for the packed layout and the numpy function that packs)."""
+
+    func: tvm.tirx.PrimFunc
+    template: str
+    config: Config
+    packs: dict[int, tuple[str, Callable[[np.ndarray], np.ndarray]]] = field(
+        default_factory=dict)
+
+
+class TvmTemplate(KernelTemplate):
+    """A CPU template: `schedule` turns the region's PrimFunc into a scheduled one."""
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        """The config used untuned: the space's defaults (templates refine by problem)."""
+        return self.space.default()
+
+    def build(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        config = self.space.check(config)
+        if not self.valid(problem, config):
+            raise CodegenError(f"template {self.name}: config {config} is not valid for "
+                               f"{dict(problem.params)}")
+        try:
+            return self.schedule(problem, config, target)
+        except (tvm.error.InternalError, ValueError, RuntimeError, ScheduleError) as exc:
+            raise CodegenError(f"template {self.name} failed on kernel "
+                               f"'{problem.op.kernel_name}' with {config}: "
+                               f"{str(exc).strip().splitlines()[-1]}") from exc
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        raise NotImplementedError
+
+
+def _constant_input(kernel: FusedOp, value: Any) -> int | None:
+    """The kernel input index of a region value that is a block argument fed by a weight."""
+    block = kernel.regions[0].block
+    for i, arg in enumerate(block.args):
+        if arg is value:
+            outer = kernel.operands[i]
+            producer = getattr(outer, "op", None)
+            if producer is not None and producer.name == "graph.constant":
+                return i
+    return None
+
+
+def _static(dims: Any) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def pack_panels(weight: np.ndarray, nr: int, transposed: bool) -> np.ndarray:
+    """[N, K] (transposed=True, torch's linear weight) or [K, N] -> panels [ceil(N/nr), K, nr],
+    zero-padded past N."""
+    w = weight if transposed else weight.T
+    n, k = w.shape
+    padded = np.zeros((-(-n // nr) * nr, k), dtype=w.dtype)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))
+
+
+def row_tile(rows: int) -> int:
+    """The default register-tile height: 4 rows if it divides `rows`, else the nearest that
+    does (a partial tile would put a predicate on the vectorised epilogue)."""
+    return next(m for m in (4, 5, 6, 3, 8, 7, 2, 1) if rows % m == 0)
+
+
+def column_tile(columns: int, lanes: int) -> int:
+    """The default register-tile width: 4, 2 or 1 vectors, the widest that divides `columns`
+    (4 vectors, padded, when none does and there are that many columns)."""
+    fallback = 4 * lanes if columns >= 4 * lanes else lanes
+    return next((c for c in (4 * lanes, 2 * lanes, lanes) if columns % c == 0), fallback)
+
+
+@register_template
+class Dense(TvmTemplate):
+    """out = epilogue(x @ W^T (+ bias)) for a constant W: packed panels, register tiles."""
+
+    name = "dense"
+    version = 2
+    space = KnobSpace(Knob("TILE_M", (4, 1, 2, 3, 5, 6, 7, 8)),
+                      Knob("TILE_N", (64, 16, 32, 48, 128)),
+                      Knob("TILE_K", (0, 64, 128, 256)),  # 0: no split of the reduction
+                      Knob("ORDER", ("mn", "nm")),
+                      Knob("PARALLEL", (True, False)))
+    key = ("M", "N", "K", "epilogue", "dtype")
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        anchors = [o for o in op.body_ops if o.name in ("graph.linear", "graph.matmul")]
+        if len(anchors) != 1 or any(o.name not in INJECTIVE for o in op.body_ops
+                                    if o is not anchors[0]):
+            return None
+        anchor = anchors[0]
+        if anchor.name == "graph.matmul" and anchor.transpose_lhs:
+            return None
+        x, w = anchor.operands[0], anchor.operands[1]
+        w_index = _constant_input(op, w)
+        if w_index is None or w.type.rank != 2 or x.type.rank < 2:
+            return None
+        if not _static(x.type.shape[1:]) or not x.type.dtype.is_float:
+            return None
+        transposed = anchor.name == "graph.linear" or anchor.transpose_rhs
+        n, k = (w.type.shape if transposed else w.type.shape[::-1])
+        rows = x.type.shape[0]
+        for d in x.type.shape[1:-1]:
+            rows = rows * d
+        # a row tile must divide the rows of one sample (of a 2-d x: all its rows if static,
+        # else only a tile of 1 is sure to): a partial tile would put a predicate on the
+        # vectorised epilogue, and a tile that crossed from one sample into the next has no
+        # rectangular footprint in an output that keeps the batch axis
+        if x.type.rank > 2:
+            factor = math.prod(x.type.shape[1:-1])
+        else:
+            factor = rows if isinstance(rows, int) else 1
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
+        return Problem(self.name, {"M": str(rows), "N": n, "K": k, "epilogue": epilogue,
+                                   "dtype": str(x.type.dtype), "w_index": w_index,
+                                   "row_factor": factor,
+                                   "transposed": transposed}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        n, k = problem["N"], problem["K"]
+        return (config["TILE_N"] <= -(-n // 16) * 16
+                and problem["row_factor"] % config["TILE_M"] == 0
+                and (config["TILE_K"] == 0 or config["TILE_K"] < k))
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        n, k = problem["N"], problem["K"]
+        rows = int(problem["M"]) if problem["M"].isdigit() else 64
+        return Config({"TILE_M": row_tile(problem["row_factor"]),
+                       "TILE_N": column_tile(n, vector_lanes(target)), "TILE_K": 0,
+                       "ORDER": "mn", "PARALLEL": rows * n * k >= 1 << 17})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        kernel: FusedOp = problem.op
+        anchor = next(o for o in kernel.body_ops if o.name in ("graph.linear", "graph.matmul"))
+        nr, n, k = int(config["TILE_N"]), problem["N"], problem["K"]
+        dtype = tvm_dtype(anchor, anchor.result.type.dtype)
+        packed = te.placeholder((-(-n // nr), k, nr), dtype, name="packed")
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            x = args[0]
+            lead = list(x.shape[:-1])
+            rows = lead[0]
+            for d in lead[1:]:
+                rows = rows * d
+            trailing = [int(d) for d in lead[1:]]
+            index = lo.index
+            r = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(k, index)), name="k")
+
+            def x_at(m: Any, kk: Any) -> Any:
+                idx = []
+                for d in reversed(trailing):
+                    idx.append(m % d)
+                    m = m // d
+                return x(m, *reversed(idx), kk)
+            padded = -(-n // nr) * nr  # the packed weight's zero columns past N
+            dense = te.compute((rows, tvm.tirx.const(padded, index)), lambda m, j: te.sum(
+                x_at(m, r) * packed[j // nr, r, j % nr], axis=r), name="dense")
+
+            def view(*i: Any) -> Any:
+                m = i[0]
+                for axis, d in zip(i[1:-1], trailing, strict=True):
+                    m = m * d + axis
+                return dense[m, i[-1]]
+            out = te.compute(lead + [tvm.tirx.const(n, index)], view, name="dense_rows")
+            if op.name == "graph.linear" and len(args) > 2:
+                out = topi.add(out, args[2])
+            return out
+        func, _, _ = lower_kernel(kernel, rules={anchor: rule},
+                                  placeholders={problem["w_index"]: packed})
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep={"dense"})
+        blocks = root_blocks(sch)
+        names = [block_name(sch, b) for b in blocks]
+        dense = blocks[names.index("dense")]
+        rank = anchor.result.type.rank
+        consumers = [b for b in blocks if b is not dense]
+        # the tile is computed where it is written out when the output is the contraction's
+        # shape and N is a whole number of tiles; otherwise the (padded) contraction is
+        # materialised and the rest of the kernel reads it
+        fits = (len(consumers) == 1 and len(sch.get_loops(consumers[0])) == rank
+                and n % nr == 0
+                and kernel.results[0].type.shape[-1] == n
+                and kernel.results[0].type.rank == rank)
+        tile_contraction(sch, dense, consumers, fits, rows=rank - 1, mr=int(config["TILE_M"]),
+                         nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
+                         parallel=bool(config["PARALLEL"]), lanes=vector_lanes(target),
+                         cores=target.cores)
+        transposed = problem["transposed"]
+        return TvmKernel(sch.mod["main"], self.name, config, packs={
+            problem["w_index"]: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
+
+
+@register_template
+class Conv2dNHWC(TvmTemplate):
+    """NHWC convolution with HWIO weights (output channels contiguous, so no packing), with its
+    padding prologue and elementwise epilogue: an (output column x output channel) register
+    tile, the window and input channels reduced inside it."""
+
+    name = "conv2d_nhwc"
+    version = 2
+    space = KnobSpace(Knob("TILE_W", (4, 1, 2, 3, 5, 6, 7, 8)),
+                      Knob("TILE_C", (64, 16, 32, 48, 128)),
+                      Knob("ORDER", ("mn", "nm")),  # tiles along the row first, or channels
+                      Knob("PARALLEL", (True, False)))
+    key = ("x", "w", "stride", "padding", "dilation", "epilogue")
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        convs = [o for o in op.body_ops if o.name == "graph.conv2d"]
+        if len(convs) != 1 or any(o.name not in INJECTIVE | {"graph.pad"}
+                                  for o in op.body_ops if o is not convs[0]):
+            return None
+        conv = convs[0]
+        if getattr(conv, "layout", "NCHW") != "NHWC" or conv.groups != 1:
+            return None
+        if _constant_input(op, conv.operands[1]) is None or not _static(conv.result.type.shape[1:]):
+            return None
+        _, oh, ow, oc = conv.result.type.shape
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not conv)
+        return Problem(self.name, {
+            "x": str(conv.operands[0].type), "w": str(conv.operands[1].type), "OW": ow, "OC": oc,
+            "stride": str(conv.stride), "padding": str(conv.padding),
+            "dilation": str(conv.dilation), "epilogue": epilogue}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return (problem["OW"] % config["TILE_W"] == 0
+                and config["TILE_C"] <= -(-problem["OC"] // 16) * 16)
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        return Config({"TILE_W": row_tile(problem["OW"]),
+                       "TILE_C": column_tile(problem["OC"], vector_lanes(target)),
+                       "ORDER": "mn", "PARALLEL": True})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        func, _, _ = lower_kernel(problem.op)
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep={"conv2d"})
+        blocks = root_blocks(sch)
+        conv = next(b for b in blocks if block_name(sch, b) == "conv2d")
+        consumers = [b for b in blocks if not sch.get(b).same_as(sch.get(conv))]
+        nr = int(config["TILE_C"])
+        fits = (len(consumers) == 1 and problem["OC"] % nr == 0
+                and len(sch.get_loops(consumers[0])) == 4)
+        tile_contraction(sch, conv, consumers, fits, rows=1, mr=int(config["TILE_W"]), nr=nr,
+                         kc=0, order=str(config["ORDER"]), parallel=bool(config["PARALLEL"]),
+                         lanes=vector_lanes(target), cores=target.cores)
+        return TvmKernel(sch.mod["main"], self.name, config)
+
+
+def signature_problem(template: str, op: FusedOp) -> Problem:
+    """The problem of a template keyed by the region's ops and result types."""
+    sig = ";".join(f"{o.name}:{o.results[0].type}" if o.results else o.name
+                   for o in op.body_ops)
+    return Problem(template, {"signature": sig}, op)
+
+
+SOFTMAX_BLOCKS = frozenset({"exp", "probs", "T_softmax_exp", "T_softmax_norm"})
+"""Blocks that compute exponentials: materialised, never recomputed inside a contraction."""
+
+
+@register_template
+class Attention(TvmTemplate):
+    """softmax(q k^T ...) v, as `graph.attention` or decomposed (two matmuls around a softmax):
+    every block runs inside one parallel loop over (batch, head); the probabilities are
+    computed once per row and the P.V contraction is vectorised over the head dim."""
+
+    name = "attention"
+    version = 3
+    space = KnobSpace(Knob("VECTORIZE_PV", (True, False)), Knob("PARALLEL", (True, False)),
+                      Knob("ROW_CHUNKS", (1, 2, 4, 8)), Knob("VECTORIZE_QK", (True, False)))
+    """ROW_CHUNKS: the query rows split into that many chunks, each its own iteration of the
+    parallel loop (more, smaller pieces of work when batch x heads is small). VECTORIZE_QK:
+    q.k^T vectorised over the keys, reading K from a per-(batch, head) copy with the keys
+    innermost (otherwise LLVM vectorises it with gathers across the keys)."""
+    key = ("signature",)
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        names = [o.name for o in op.body_ops]
+        fused = names.count("graph.attention") == 1
+        decomposed = names.count("graph.matmul") == 2 and "graph.softmax" in names
+        if not (fused or decomposed):
+            return None
+        if any(n not in INJECTIVE | {"graph.attention", "graph.matmul", "graph.softmax"}
+               for n in names):
+            return None
+        problem = signature_problem(self.name, op)
+        rows = op.results[0].type.shape[-2] if op.results[0].type.rank >= 2 else None
+        return Problem(self.name, {**problem.params, "rows": rows if isinstance(rows, int)
+                                   else 0}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        chunks = config["ROW_CHUNKS"]
+        return chunks == 1 or (problem["rows"] >= 2 * chunks and problem["rows"] % chunks == 0)
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        func, _, _ = lower_kernel(problem.op)
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep=SOFTMAX_BLOCKS)
+        blocks = root_blocks(sch)
+        reductions = [b for b in blocks if is_reduction(sch, b)]
+        pv = reductions[-1]
+        loops = sch.get_loops(pv)
+        lead = spatial_count(sch, pv) - 2
+        if lead < 1:
+            raise CodegenError("attention: expected batch/head loops before the rows")
+        chunks = int(config["ROW_CHUNKS"])
+        if chunks > 1:
+            if static_extent(sch, loops[lead]) != problem["rows"]:
+                raise CodegenError(f"attention: expected {problem['rows']} query rows in the "
+                                   f"P.V loop, got extent {sch.get(loops[lead]).extent}")
+            chunk, _ = sch.split(loops[lead], [chunks, None])
+            loops = [*loops[:lead], chunk]
+            lead += 1
+        outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        if config["PARALLEL"]:
+            sch.parallel(outer)
+        # producers whose every consumer is under the loop move in first, then the consumers
+        # of P.V, then the producers that were waiting on them (the row sums)
+        waiting = []
+        for block in reversed(blocks[:blocks.index(pv)]):
+            try:
+                sch.compute_at(block, outer)
+            except ScheduleError:
+                waiting.append(block)
+        for block in blocks[blocks.index(pv) + 1:]:
+            sch.reverse_compute_at(block, outer)
+        for block in waiting:
+            sch.compute_at(block, outer)
+        if config["VECTORIZE_QK"] and reductions[0] is not pv:
+            _vectorize_over_keys(sch, reductions[0], outer)
+        rows, cols, red = sch.get_loops(pv)[-3:]
+        if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None:
+            sch.reorder(rows, red, cols)
+            sch.decompose_reduction(pv, red)
+            try_vectorize(sch, sch.get_loops(pv)[-1])
+        return TvmKernel(sch.mod["main"], self.name, config)
+
+
+def _uses(expr: Any, var: Any) -> bool:
+    """True when `expr` mentions `var`."""
+    return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
+
+
+def _vectorize_over_keys(sch: s_tir.Schedule, qk: Any, outer: Any) -> None:
+    """q.k^T with the keys innermost: K copied under `outer` into a buffer whose last axis is
+    the keys (when it is not already), then the depth reduction outside the keys loop and the
+    keys vectorised."""
+    loops = sch.get_loops(qk)
+    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(outer))]
+    inner = loops[at[0] + 1:] if at else []
+    if len(inner) != 3:
+        return  # not under `outer`, or a unit rows/keys/depth loop was dropped: leave it
+    block = sch.get(qk)
+    keys_var = block.iter_vars[spatial_count(sch, qk) - 1].var
+    reads = [i for i, r in enumerate(block.reads)
+             if any(_uses(rng.min, keys_var) for rng in r.region)]
+    if len(reads) != 1:
+        return  # not the q.k^T shape this expects: leave it as it is
+    region = block.reads[reads[0]].region
+    axis = next(d for d, rng in enumerate(region) if _uses(rng.min, keys_var))
+    if axis != len(region) - 1:
+        cached = sch.cache_read(qk, reads[0], "global")
+        sch.compute_at(cached, outer)
+        sch.transform_layout(qk, ("read", reads[0]),
+                             lambda *i: (*i[:axis], *i[axis + 1:], i[axis]))
+    rows, keys, depth = inner
+    sch.reorder(rows, depth, keys)
+    sch.decompose_reduction(qk, depth)
+    try_vectorize(sch, sch.get_loops(qk)[-1])
+
+
+class _Auto(TvmTemplate):
+    """Inline injective blocks; vectorise and parallelise each block that is left."""
+
+    version = 2
+    space = KnobSpace(Knob("VECTORIZE", (True, False)),
+                      Knob("MIN_PARALLEL", (16384, 4096, 65536, 1 << 40)),
+                      Knob("VECTOR_FACTOR", (4, 1, 2)))
+    """VECTOR_FACTOR: vectors per iteration of a vectorised loop (its extent, in vectors)."""
+    key = ("signature",)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return config["VECTORIZE"] or config["VECTOR_FACTOR"] == 4  # no vectors, no factor
+
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        func, _, _ = lower_kernel(problem.op)
+        sch = s_tir.Schedule(func)
+        lanes = vector_lanes(target) if config["VECTORIZE"] else 1
+        auto_schedule(sch, lanes=lanes, cores=target.cores,
+                      min_parallel=int(config["MIN_PARALLEL"]),
+                      vector_factor=int(config["VECTOR_FACTOR"]))
+        return TvmKernel(sch.mod["main"], self.name, config)
+
+
+@register_template
+class Elementwise(_Auto):
+    """Injective kernels: one loop nest after inlining."""
+
+    name = "elementwise"
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused" or any(o.name not in INJECTIVE for o in op.body_ops):
+            return None
+        return signature_problem(self.name, op)
+
+
+@register_template
+class Rows(_Auto):
+    """Any kernel with a reduction: each block parallel over its outer spatial loops."""
+
+    name = "rows"
+
+    def match(self, op: Operation) -> Problem | None:
+        return signature_problem(self.name, op) if op.name == "kernel.fused" else None
+
+
+def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:
+    """The first template matching `op` (registration order: specific to general)."""
+    matches = [(t, p) for t, p in match_templates(op) if isinstance(t, TvmTemplate)]
+    matches.sort(key=lambda tp: isinstance(tp[0], _Auto))  # the catch-alls last
+    if not matches:
+        raise CodegenError(f"no CPU template matches kernel '{op.kernel_name}'")
+    return matches[0]
+
+
+def build_kernel(op: FusedOp, target: Target, config: Config | None = None) -> TvmKernel:
+    """Build `op` with its template and `config` (a tuned one), or the template's default."""
+    template, problem = select(op, target)
+    return template.build(problem, config or template.default_config(problem, target), target)
+
+
+
+from . import templates_quant  # noqa: E402,F401 - registers the quantized templates

@@ -1,0 +1,401 @@
+"""`qdense`: the fused dequant-GEMV/GEMM template for `quant.linear` (any width 1..8, low-bit
+floats), codes unpacked in registers and accumulated in f32.
+
+The weight is re-packed at compile time into the lanes layout (`ir.packing.pack_lanes` with
+one lane per f32 vector lane): a vector load gives every lane the same 32 bits of its own code
+stream, so each code is extracted with the same constant shifts in every lane, and position i
+of a block multiplies the contiguous activations [i*lanes, (i+1)*lanes).
+
+With per-output-channel scales the scale and zero point come out of the inner loop:
+
+    y[m, n] = sum_g s[n, g] * sum_{k in g} (w[n, k] - d[n, g]) x[m, k]
+
+where w is the decoded code and d what it is off its integer value (the zero point, and the
+offsets the decodes below add). Per lane the chunk's activations are summed once per call
+(`xlane`), so a chunk (a group, or a block of a longer group) costs a decode and one FMA per
+weight vector, one FMA for d and one for the scale; the lanes are added once per output, as
+a tree. K is padded with zero codes (and zero activations) to whole blocks of 32 * lanes.
+
+How integer codes become f32 (the DECODE knob):
+- `subnormal` (the default): the code is masked where it lies in its word, and the word read
+  as a subnormal float, u * 2**(p - 149) for a code at bit p: one AND per weight (codes in
+  the top half of a word are masked out of the word shifted down by 16, one shift per word).
+  The activations are pre-scaled once per call by 2**(126 - e - p), e the row's largest
+  exponent, so the products are u * x * 2**(-23 - e): exact, normal floats, the scale undone
+  on the output. It needs subnormals to be honoured; a thread that treats them as zero (DAZ,
+  `torch.set_flush_denormal(True)`) gets NaN outputs from a probe, never silent zeros.
+- `magic`: the code is moved to the top of the mantissa of 1.0 (1 + u / 2**bits): a shift and
+  one ternary-logic op per weight; 2**bits and the offset ride on the scale and d.
+- `convert`: shift, mask and an int-to-float conversion.
+Low-bit floats decode by moving their bits into a float32 (exact); the constant factor that
+leaves out rides on the scale.
+
+Knobs: TILE_N (weight rows sharing each activation vector), TILE_M (activation rows sharing
+each decoded weight vector), UNROLL (unroll the positions of a chunk), PARALLEL, DECODE.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te, topi
+
+from ...ir import Operation
+from ...ir.dialects.kernel import FusedOp
+from ...ir.dtypes import IntType
+from ...ir.packing import CHUNK, WORD, lane_blocks, rows_to_lanes
+from ...ir.types import GroupAxis, QuantType
+from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
+from .lower import Lowering, lower_kernel
+from .lower_quant import decode, decode_factor
+from .schedule import block_name, inline_injective, root_blocks
+from .target import host_target, vector_lanes
+from .templates import INJECTIVE, TvmKernel, TvmTemplate, _constant_input, _static
+
+U32 = "uint32"
+
+
+def fast_groups(qtype: QuantType, k: int, lanes: int) -> bool:
+    """Whether the fused schedule handles this grouping: per output channel, with groups that
+    are whole vectors dividing a block or whole blocks (per channel always)."""
+    if qtype.axis is not GroupAxis.OUT:
+        return False
+    g, block = qtype.group_size, CHUNK * lanes
+    if g == 0 or g >= k:
+        return True
+    return (g % lanes == 0 and block % g == 0) or g % block == 0
+
+
+def _code(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, bits: int) -> Any:
+    """Code at stream position i of one lane. With i a Python int (or a loop variable the
+    schedule unrolls, which TIR then folds) the word index and shifts are constants."""
+    if not isinstance(i, int):
+        bit = i * bits
+        word, off = bit // WORD, (bit % WORD).astype(U32)
+        lo = words[n, blk, word, lane] >> off
+        hi = tvm.tirx.if_then_else(off + tvm.tirx.const(bits, U32) > tvm.tirx.const(WORD, U32),
+                                   words[n, blk, tvm.tirx.min(word + 1, bits - 1), lane]
+                                   << (tvm.tirx.const(WORD, U32) - off),
+                                   tvm.tirx.const(0, U32))
+        return (lo | hi) & tvm.tirx.const((1 << bits) - 1, U32)
+    word, off = divmod(i * bits, WORD)
+    v = words[n, blk, word, lane]
+    if off:
+        v = v >> tvm.tirx.const(off, U32)
+    if off + bits > WORD:
+        v = v | (words[n, blk, word + 1, lane] << tvm.tirx.const(WORD - off, U32))
+    if off + bits != WORD:  # the code ends below the top bit: clear what lies above it
+        v = v & tvm.tirx.const((1 << bits) - 1, U32)
+    return v
+
+
+def _chain(terms: list) -> Any:
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _tree(terms: list) -> Any:
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
+                 for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+MAGIC_ONE = 0x3F800000  # the bits of 1.0f: a code in the top mantissa bits gives 1 + code/2**b
+
+
+def _magic(code: Any, qtype: QuantType) -> Any:
+    """1 + u / 2**bits as f32 with no conversion instruction: the code moved into the top of
+    the mantissa of 1.0, where u is the unsigned code, or for signed codes the code with its
+    sign bit flipped (two's complement c -> c + 2**(bits-1)); one XOR does the flip and sets
+    the exponent, as the bits are disjoint."""
+    bits = qtype.bits
+    storage = qtype.storage
+    top = MAGIC_ONE | ((1 << 22) if storage.signed else 0)
+    return tvm.tirx.reinterpret("float32", (code << tvm.tirx.const(23 - bits, U32))
+                                ^ tvm.tirx.const(top, U32))
+
+
+def _magic_offset(qtype: QuantType) -> float:
+    """What to subtract from 2**bits * _magic(code) for the integer code: 2**bits, plus the
+    2**(bits-1) that the sign flip added to signed codes."""
+    bits = qtype.bits
+    return float((1 << bits) + ((1 << (bits - 1)) if qtype.storage.signed else 0))
+
+
+def _placement(i: Any, bits: int) -> tuple[Any, Any, Any]:
+    """Where code i of a lane lies: (word, bit offset in the word, whether it straddles two
+    words), as numbers for a numeric i, as expressions (folded once unrolled) otherwise."""
+    bit = i * bits
+    word, off = bit // WORD, bit % WORD
+    return word, off, off + bits > WORD
+
+
+def _if(cond: Any, then: Any, other: Any) -> Any:
+    """then/other by a condition that is a number (chosen now) or an expression (a Select)."""
+    return (then if cond else other) if isinstance(cond, bool) else \
+        tvm.tirx.Select(cond, then, other)
+
+
+def _subnormal(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, qtype: QuantType) -> Any:
+    """u * 2**(p - 149) as f32, exactly: the code masked where it lies (bit p of its word, if
+    it ends below the exponent field at bit 23) and the word read as a subnormal float, one AND
+    per weight; a code in the top half ends below bit 23 once the word is shifted down by 16,
+    one shift per word that all its top codes share; a code split over two words is put
+    together at bit 0. Signed codes get their sign bit flipped by an XOR that the ternary-logic
+    instruction merges with the AND: u = c + 2**(bits-1). p is `_subnormal_bit`."""
+    bits = qtype.bits
+    mask = tvm.tirx.const((1 << bits) - 1, U32)
+    word, off, straddle = _placement(i, bits)
+    high = off + bits > 23
+
+    def u32(v: Any) -> Any:
+        return tvm.tirx.const(v, U32) if isinstance(v, int) else v.astype(U32)
+    lo = words[n, blk, word, lane]
+    joined = ((lo >> u32(off)) | (words[n, blk, tvm.tirx.min(word + 1, bits - 1), lane]
+                                  << u32(WORD - off))) & mask
+    # the bit the code starts at in the word it is masked from (unused when it straddles)
+    at = _if(high, tvm.tirx.max(off - 16, 0), off) if not isinstance(off, int) else \
+        (max(off - 16, 0) if high else off)
+    source = _if(high, lo >> tvm.tirx.const(16, U32), lo)
+    raw = _if(straddle, joined, source & (mask << u32(at)))
+    if qtype.storage.signed:
+        sign = tvm.tirx.const(1 << (bits - 1), U32)
+        raw = raw ^ _if(straddle, sign, sign << u32(at))
+    return tvm.tirx.reinterpret("float32", raw)
+
+
+def _subnormal_bit(i: Any, bits: int) -> Any:
+    """The bit p where `_subnormal` leaves code i of a lane."""
+    _, off, straddle = _placement(i, bits)
+    return _if(straddle, tvm.tirx.const(0, "int32"), _if(off + bits > 23, off - 16, off))
+
+
+def _pow2(e: Any) -> Any:
+    """2**e as f32 for an int32 e in [-126, 127], from its bits."""
+    return tvm.tirx.reinterpret("float32", ((e + 127).astype(U32)) << tvm.tirx.const(23, U32))
+
+
+def _pad_blocks(words: Any, blocks: int) -> Any:
+    """Lanes-layout words [N, b, bits, lanes] padded with zero blocks to `blocks`."""
+    extra = blocks - words.shape[1]
+    if extra == 0:
+        return words
+    pad = np.zeros((words.shape[0], extra) + words.shape[2:], words.dtype)
+    return np.ascontiguousarray(np.concatenate([words, pad], axis=1))
+
+
+@register_template
+class QDense(TvmTemplate):
+    """out = epilogue(x @ dequantize(W)^T) for a packed constant W: fused dequant-GEMV/GEMM."""
+
+    name = "qdense"
+    version = 1
+    space = KnobSpace(Knob("TILE_N", (4, 1, 2, 8)),
+                      Knob("TILE_M", (1, 2, 4)),
+                      Knob("UNROLL", (True, False)),
+                      Knob("PARALLEL", (True, False)),
+                      Knob("DECODE", ("subnormal", "magic", "convert")))
+    key = ("M", "N", "K", "qtype", "epilogue")
+
+    def match(self, op: Operation) -> Problem | None:
+        if op.name != "kernel.fused":
+            return None
+        anchors = [o for o in op.body_ops if o.name == "quant.linear"]
+        if len(anchors) != 1 or any(o.name not in INJECTIVE for o in op.body_ops
+                                    if o is not anchors[0]):
+            return None
+        anchor = anchors[0]
+        qtype = anchor.weight.type.dtype
+        indices = [_constant_input(op, v) for v in anchor.operands[1:]]
+        x = anchor.x
+        n, k = anchor.weight.type.shape
+        if (any(i is None for i in indices) or not _static((n, k)) or x.type.rank < 1
+                or not _static(x.type.shape[1:])):
+            return None
+        if not fast_groups(qtype, k, vector_lanes(host_target())):
+            return None
+        rows = x.type.shape[0] if x.type.rank > 1 else 1
+        for d in x.type.shape[1:-1]:
+            rows = rows * d
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
+        return Problem(self.name, {"M": str(rows), "N": n, "K": k, "qtype": str(qtype),
+                                   "epilogue": epilogue, "w_index": indices[0],
+                                   "int_codes": isinstance(qtype.storage, IntType),
+                                   "row_factor": rows if isinstance(rows, int) else 1}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return (problem["N"] % config["TILE_N"] == 0
+                and problem["row_factor"] % config["TILE_M"] == 0
+                and (config["DECODE"] == "convert" or problem["int_codes"]))
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        # one row at a time measured fastest for GEMV here (no spills, the x vector loads
+        # fold into the FMAs); the tuner tries the taller tiles
+        return Config({"TILE_N": 1, "TILE_M": 1,
+                       "UNROLL": True, "PARALLEL": problem["N"] * problem["K"] >= 1 << 16,
+                       "DECODE": "subnormal" if problem["int_codes"] else "convert"})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        kernel: FusedOp = problem.op
+        anchor = next(o for o in kernel.body_ops if o.name == "quant.linear")
+        qtype: QuantType = anchor.weight.type.dtype
+        n, k, bits = problem["N"], problem["K"], qtype.bits
+        lanes = vector_lanes(target)
+        block = CHUNK * lanes
+        blocks = lane_blocks(k, lanes)
+        g = qtype.group_size if 0 < qtype.group_size < k else blocks * block
+        if g > block:  # whole groups of whole blocks
+            blocks = -(-k // g) * (g // block)
+        kp = blocks * block
+        groups = -(-k // g)
+        chunk = min(g, block)  # elements of one chunk: a group, or a block of a longer group
+        per_block, positions = block // chunk, chunk // lanes
+        words = te.placeholder((n, blocks, bits, lanes), U32, name="packed")
+        mode = config["DECODE"]
+        if mode == "magic":  # w = 1 + u / 2**bits; the 2**bits and offset ride on scale, zero
+            factor, offset = float(1 << bits), _magic_offset(qtype)
+            value = functools.partial(_magic, qtype=qtype)
+        elif mode == "subnormal":  # w = u * 2**(p-149), x pre-scaled by 2**(126-e-p): below
+            factor = 1.0
+            offset = float(1 << (bits - 1)) if qtype.storage.signed else 0.0
+        else:
+            factor, offset = decode_factor(qtype), 0.0
+            value = functools.partial(decode, qtype=qtype)
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            x, _, scale, *zero = args
+            lead = list(x.shape[:-1])
+            rows = 1
+            for d in lead:
+                rows = rows * d
+            flat = topi.reshape(x, (rows, k)) if lead else topi.reshape(x, (1, k))
+            xp = te.compute((rows, kp), lambda m, kk: tvm.tirx.if_then_else(
+                kk < k, flat[m, tvm.tirx.min(kk, k - 1)], tvm.tirx.const(0.0, "float32")),
+                name="xpad")
+
+            # the chunk sums come out in units of unit(m): their true value divided by it
+            xs = xp  # the activations the decoded weights multiply
+            if mode == "subnormal":
+                # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
+                # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
+                rk = te.reduce_axis((0, kp), name="kx")
+                xmax = te.compute((rows,), lambda m: te.max(tvm.tirx.abs(xp[m, rk]), axis=rk),
+                                  name="xmax")
+                xexp = te.compute((rows,), lambda m: tvm.tirx.max(tvm.tirx.min(
+                    (tvm.tirx.reinterpret(U32, xmax[m]) >> tvm.tirx.const(23, U32))
+                    .astype("int32") - 127, 104), -1), name="xexp")
+                xs = te.compute((rows, kp), lambda m, kk: xp[m, kk] * _pow2(
+                    126 - xexp[m] - _subnormal_bit((kk % block) // lanes, bits)),
+                    name="xscaled")
+
+                def unit(m: Any) -> Any:  # the products' 2**(-23 - e), undone
+                    return _pow2(23 + xexp[m])
+
+                def inverse_unit(m: Any) -> Any:
+                    return _pow2(-23 - xexp[m])
+            else:
+                def unit(m: Any) -> Any:  # the decode's constant factor
+                    return tvm.tirx.const(factor, "float32")
+
+                def inverse_unit(m: Any) -> Any:
+                    return tvm.tirx.const(1.0 / factor, "float32")
+
+            def group_of(cb: Any, cs: Any) -> Any:  # padding chunks past K: any group will do
+                return tvm.tirx.min((cb * block + cs * chunk) // g, groups - 1)
+
+            def chunk_sum(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
+                terms = []
+                for p in range(positions):
+                    # cs is unrolled by the schedule, so i is a constant there too
+                    i = cs * positions + p if per_block > 1 else p
+                    w = (_subnormal(words, j, cb, i, lane, qtype) if mode == "subnormal"
+                         else value(_code(words, j, cb, i, lane, bits)))
+                    terms.append(w * xs[m, cb * block + i * lanes + lane])
+                # two interleaved chains: the FMAs of a chunk need not wait on each other
+                chains = [terms[0::2], terms[1::2]] if len(terms) > 1 else [terms]
+                return _tree([_chain(c) for c in chains])
+
+            term = chunk_sum
+            if zero or offset:
+                # subtract d * x, d what each code is off its integer value (zero point, sign
+                # flip, magic offset), lane by lane: the chunk's activations are summed per lane
+                # once per call (xlane, in the units of the chunk sums: exact, as the units are
+                # powers of two), so the correction is one more FMA per chunk
+                xlane = te.compute((rows, blocks * per_block, lanes), lambda m, c, lane: _chain(
+                    [xp[m, c * chunk + p * lanes + lane] for p in range(positions)])
+                    * inverse_unit(m), name="xlane")
+
+                def off_by(j: Any, gi: Any) -> Any:
+                    d = tvm.tirx.const(offset, "float32")
+                    if not zero:
+                        return d
+                    z = zero[0][j, gi].astype("float32")
+                    return z if not offset else z + d
+
+                def term(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
+                    return chunk_sum(m, j, cb, cs, lane) - off_by(j, group_of(cb, cs)) * \
+                        xlane[m, cb * per_block + cs, lane]
+            rcb = te.reduce_axis((0, blocks), name="cb")
+            rcs = te.reduce_axis((0, per_block), name="cs")
+            acc = te.compute((rows, n, lanes), lambda m, j, lane: te.sum(
+                scale[j, group_of(rcb, rcs)].astype("float32") * term(m, j, rcb, rcs, lane),
+                axis=[rcb, rcs]), name="acc")
+            # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
+            dot = te.compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
+                                                             for lane in range(lanes)]),
+                             name="dot")
+            if mode == "subnormal":
+                # NaN if this thread treats subnormals as zero (DAZ, e.g.
+                # torch.set_flush_denormal(True)): then every weight would read as 0
+                probe = tvm.tirx.reinterpret("float32", tvm.tirx.const(1, U32) + (
+                    tvm.tirx.reinterpret(U32, xp[0, 0]) >> tvm.tirx.const(31, U32)))
+                live = probe * tvm.tirx.const(2.0 ** 126, "float32") > tvm.tirx.const(
+                    0.0, "float32")
+                dot = te.compute((rows, n), lambda m, j: tvm.tirx.Select(
+                    live, dot[m, j] * unit(m), tvm.tirx.const(float("nan"), "float32")),
+                    name="dot_scaled")
+            elif factor != 1.0:
+                dot = te.compute((rows, n), lambda m, j: dot[m, j] * unit(m), name="dot_scaled")
+            return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
+
+        func, _, _ = lower_kernel(kernel, rules={anchor: rule},
+                                  placeholders={problem["w_index"]: words})
+        sch = s_tir.Schedule(func)
+        self._schedule(sch, config, target, per_block)
+        return TvmKernel(sch.mod["main"], self.name, config, packs={
+            problem["w_index"]: (f"lanes{lanes}", lambda w: _pad_blocks(
+                rows_to_lanes(w, bits, k, lanes), blocks))})
+
+    @staticmethod
+    def _schedule(sch: s_tir.Schedule, config: Config, target: Target, per_block: int) -> None:
+        inline_injective(sch, keep={"acc", "dot", "xpad", "xlane", "xmax", "xscaled"})
+        blocks = {block_name(sch, b): b for b in root_blocks(sch)}
+        acc, dot = blocks["acc"], blocks["dot"]
+        tn, tm = int(config["TILE_N"]), int(config["TILE_M"])
+        m, j = sch.get_loops(dot)
+        mo, mi = sch.split(m, [None, tm])
+        jo, ji = sch.split(j, [None, tn])
+        sch.reorder(jo, mo, mi, ji)
+        sch.compute_at(acc, mo)
+        # compute_at regenerates acc's loops under mo: the spatial ones of the tile (a unit
+        # extent is dropped), then the reductions (cb, cs)
+        own = sch.get_loops(acc)[2:]
+        spatial = (tm > 1) + (tn > 1) + 1
+        tile, red = own[:spatial], own[spatial:]
+        sch.reorder(*red, *tile)
+        if config["PARALLEL"]:
+            sch.parallel(jo)
+        sch.vectorize(tile[-1])
+        if config["UNROLL"]:
+            for loop in tile[:-1]:
+                sch.unroll(loop)
+        if per_block > 1:  # the chunk loop: unrolled, its code positions become constants
+            sch.unroll(red[-1])
+        if red:
+            sch.decompose_reduction(acc, red[0])

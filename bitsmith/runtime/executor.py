@@ -1,0 +1,154 @@
+"""Run a loaded artifact: kernels from its library, called in plan order on TVM tensors.
+
+The execution plan (`manifest.plan`) names every value (`values`: shape with symbolic dims as
+text, dtype), which values are the model inputs, outputs and weights, and the `steps`: one
+kernel call each, with its input and output value ids; live intervals follow from the steps.
+Nothing here imports torch or the compiler; TVM is needed only for its runtime (loading the
+library and wrapping the arena's views as its tensors, zero-copy through DLPack).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .arena import align_up, assign_offsets
+from .artifact import NUMPY_DTYPES, Artifact, ArtifactError, bind_inputs
+from .dims import eval_dim
+from .tvm_runtime import tvm
+
+ALIGNMENT = 64
+"""Byte alignment of every buffer in the arena (kernels use aligned vector loads)."""
+
+
+class Executor:
+    """Loads an artifact's kernels and weights once; `run` maps numpy inputs to outputs.
+
+    Inputs, intermediates and outputs live in one arena planned from the values' live
+    intervals (`live` in the plan); the arena and the argument list of every kernel call are
+    built once per distinct binding of the symbolic dims (per batch size) and reused, so a run
+    is: copy the inputs in, call each kernel, copy the outputs out.
+    """
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.artifact = artifact
+        plan = artifact.manifest.plan
+        for key in ("values", "inputs", "outputs", "weights", "steps"):
+            if key not in plan:
+                raise ArtifactError(f"execution plan lacks '{key}'; recompile the model")
+        self.plan = plan
+        self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-")
+        paths = artifact.extract_libraries(self._dir.name)
+        self.libraries = {name: tvm.runtime.load_module(str(path))
+                          for name, path in paths.items()}
+        self.kernels = [self._kernel(step) for step in plan["steps"]]
+        self.weights = {vid: tvm.runtime.tensor(self._weight(name))
+                        for vid, name in plan["weights"].items()}
+        self._bound: dict[tuple, _Bound] = {}
+        self._lock = threading.Lock()  # one arena per batch size: one run at a time
+
+    def _kernel(self, step: Mapping[str, Any]) -> Any:
+        library = self.libraries.get(step["library"])
+        if library is None:
+            raise ArtifactError(f"step {step['kernel']} needs library {step['library']}, which "
+                                "the artifact lacks")
+        return library[step["kernel"]]
+
+    def _weight(self, name: str) -> np.ndarray:
+        if name not in self.artifact.weights:
+            raise ArtifactError(f"the plan uses weight {name!r}, which the artifact lacks")
+        return np.ascontiguousarray(self.artifact.weights[name])
+
+    def bind(self, *arrays: np.ndarray) -> _Bound:
+        """Validate inputs against the signature; the arena and calls for their sizes."""
+        bindings = bind_inputs(self.artifact.manifest.inputs, arrays)
+        key = tuple(sorted(bindings.items()))
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = _Bound(self, bindings)
+        return bound
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Validate inputs against the signature, run every step, return the outputs."""
+        arrays = [np.asarray(a) for a in arrays]
+        with self._lock:
+            bound = self.bind(*arrays)
+            for view, array in zip(bound.inputs, arrays, strict=True):
+                np.copyto(view, array)
+            for kernel, args in bound.calls:
+                kernel(*args)
+            return [view.copy() for view in bound.outputs]
+
+    def profile(self, *arrays: np.ndarray, repeat: int = 20) -> list[tuple[str, float]]:
+        """Median seconds of each kernel call over `repeat` runs, in plan order."""
+        arrays = [np.asarray(a) for a in arrays]
+        times: list[list[float]] = []
+        with self._lock:
+            bound = self.bind(*arrays)
+            for view, array in zip(bound.inputs, arrays, strict=True):
+                np.copyto(view, array)
+            times = [[] for _ in bound.calls]
+            for _ in range(repeat + 1):
+                for k, (kernel, args) in enumerate(bound.calls):
+                    start = time.perf_counter()
+                    kernel(*args)
+                    times[k].append(time.perf_counter() - start)
+        return [(step["kernel"], statistics.median(t[1:]))
+                for step, t in zip(self.plan["steps"], times, strict=True)]
+
+
+class _Bound:
+    """The arena and the kernel argument lists of one binding of the symbolic dims."""
+
+    def __init__(self, executor: Executor, bindings: Mapping[str, int]) -> None:
+        plan = executor.plan
+        steps = plan["steps"]
+        values = plan["values"]
+        live: dict[str, list[int]] = {}
+        for vid in plan["inputs"]:
+            live[vid] = [0, 0]
+        for i, step in enumerate(steps):
+            for vid in step["outputs"]:
+                live.setdefault(vid, [i, i])
+            for vid in step["inputs"]:
+                if vid in live:
+                    live[vid][1] = max(live[vid][1], i)
+        for vid in plan["outputs"]:
+            if vid in live:
+                live[vid][1] = len(steps)
+        shapes = {vid: tuple(eval_dim(d, bindings) for d in values[vid]["shape"])
+                  for vid in live}
+        dtypes = {vid: np.dtype(NUMPY_DTYPES[values[vid]["dtype"]]) for vid in live}
+        vids = list(live)
+        sizes = [align_up(max(1, math.prod(shapes[v]) * dtypes[v].itemsize), ALIGNMENT)
+                 for v in vids]
+        offsets = assign_offsets([(size, live[v][0], live[v][1]) for v, size in zip(vids, sizes, strict=True)])
+        total = max((o + s for o, s in zip(offsets, sizes, strict=True)), default=0)
+        raw = np.empty(total + ALIGNMENT, np.uint8)
+        first = -raw.ctypes.data % ALIGNMENT
+        self.arena = raw[first:first + total]
+        self.views: dict[str, np.ndarray] = {}
+        tensors: dict[str, Any] = dict(executor.weights)
+        for vid, offset, size in zip(vids, offsets, sizes, strict=True):
+            nbytes = math.prod(shapes[vid]) * dtypes[vid].itemsize
+            view = self.arena[offset:offset + nbytes].view(dtypes[vid]).reshape(shapes[vid])
+            self.views[vid] = view
+            tensors[vid] = tvm.runtime.from_dlpack(view)
+        self.inputs = [self.views[vid] for vid in plan["inputs"]]
+        self.outputs = [self.views[vid] if vid in self.views
+                        else executor.weights[vid].numpy() for vid in plan["outputs"]]
+        self.calls = [(kernel, [tensors[vid] for vid in step["inputs"] + step["outputs"]])
+                      for kernel, step in zip(executor.kernels, steps, strict=True)]
+
+
+def value_spec(shape: Sequence[int | str], dtype: str) -> dict[str, Any]:
+    """The plan's description of one value."""
+    if dtype not in NUMPY_DTYPES:
+        raise ArtifactError(f"values of type {dtype} cannot be stored by this runtime")
+    return {"shape": list(shape), "dtype": dtype}
