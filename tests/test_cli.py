@@ -5,6 +5,8 @@ import sys
 from bitsmith import ir
 from bitsmith.cli import main
 
+from .support import assert_imports_without, assert_outputs_match
+
 
 def test_ir_prints_a_module_that_parses(capsys) -> None:
     assert main(["ir", "mlp", "--dynamic-batch"]) == 0
@@ -81,18 +83,14 @@ def test_compile_then_run_matches_torch_and_run_needs_no_torch(tmp_path, capsys)
     torch.manual_seed(0)
     (x,) = spec.example_inputs(5)
     np.save(tmp_path / "x.npy", x.numpy())
-    code = (f"import sys; from bitsmith.cli import main; "
-            f"rc = main(['run', {str(art)!r}, '--input', {str(tmp_path / 'x.npy')!r}, "
-            f"'--output', {str(tmp_path / 'y.npy')!r}]); "
-            "assert rc == 0 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run = ("from bitsmith.cli import main\n"
+           f"assert main(['run', {str(art)!r}, '--input', {str(tmp_path / 'x.npy')!r}, "
+           f"'--output', {str(tmp_path / 'y.npy')!r}]) == 0\n")
+    assert_imports_without(["bitsmith.cli"], ["torch"], then=run)  # run needs no torch
     torch.manual_seed(0)
     with torch.no_grad():
         want = spec.build().eval()(x).numpy()
-    got = np.load(tmp_path / "y.npy")
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert_outputs_match([np.load(tmp_path / "y.npy")], [want], rtol=1e-4)
     assert main(["run", str(art), "--input", str(tmp_path / "x.npy"), "--input",
                  str(tmp_path / "x.npy"), "--output", str(tmp_path / "z.npy")]) == 2
     assert capsys.readouterr().err.strip().endswith("expected 1 input(s) (x), got 2")

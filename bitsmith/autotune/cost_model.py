@@ -42,9 +42,11 @@ FORMAT = 1
 """Version of the saved-model directory layout."""
 
 Rows = Sequence[Mapping[str, float]]
+Times = Sequence[float] | np.ndarray
+"""Seconds per record (inf for a failed config), as a sequence or a float array."""
 
 
-def top_k_recall(scores: np.ndarray, times: Sequence[float], groups: Sequence[str],
+def top_k_recall(scores: np.ndarray, times: Times, groups: Sequence[str],
                  fraction: float = TOP_FRACTION) -> float:
     """Mean over groups of the share of the top-scored `fraction` that is truly best."""
     scores, times_a = np.asarray(scores, dtype=np.float64), np.asarray(times, dtype=np.float64)
@@ -64,7 +66,7 @@ def top_k_recall(scores: np.ndarray, times: Sequence[float], groups: Sequence[st
     return float(np.mean(recalls))
 
 
-def _check_records(rows: Rows, times: Sequence[float], groups: Sequence[str]) -> np.ndarray:
+def _check_records(rows: Rows, times: Times, groups: Sequence[str]) -> np.ndarray:
     if not len(rows) == len(times) == len(groups):
         raise TuningError(f"cost model: rows, times and groups differ in length: "
                           f"{len(rows)}, {len(times)}, {len(groups)}")
@@ -96,10 +98,10 @@ class CostModel:
         """True once fit on at least MIN_RECORDS records."""
         return self._booster is not None
 
-    def fit(self, rows: Rows, times: Sequence[float], groups: Sequence[str]) -> CostModel:
+    def fit(self, rows: Rows, times: Times, groups: Sequence[str]) -> CostModel:
         """(Re)train on all records from scratch; failed configs (time inf) are left out."""
         times_a = _check_records(rows, times, groups)
-        keep = np.flatnonzero(np.isfinite(times_a))
+        keep = np.flatnonzero(np.isfinite(times_a)).tolist()
         self.records = len(keep)
         if len(keep) < MIN_RECORDS:
             self.space, self._booster = None, None
@@ -128,8 +130,7 @@ class CostModel:
         out = np.asarray(out, dtype=np.float64)
         return -out if self.objective == "reg:squarederror" else out
 
-    def ranking_quality(self, rows: Rows, times: Sequence[float],
-                        groups: Sequence[str]) -> float:
+    def ranking_quality(self, rows: Rows, times: Times, groups: Sequence[str]) -> float:
         """Top-10% recall of this model's ranking, averaged over groups (see the module doc)."""
         _check_records(rows, times, groups)
         return top_k_recall(self.predict(rows), times, groups)

@@ -180,10 +180,10 @@ class TuningDatabase:
                            "ORDER BY created, id", (task_key, fingerprint))
         if not rows:
             return None
-        candidates = [_record(row) for row in rows]
-        lowest = min(r.median for r in candidates)
+        timed = [(r, r.median) for r in map(_record, rows) if r.median is not None]
+        lowest = min(median for _, median in timed)
         # timings this close are noise: pick among them by a stable key, not by luck
-        close = [r for r in candidates if r.median <= lowest * (1.0 + noise)]
+        close = [r for r, median in timed if median <= lowest * (1.0 + noise)]
         return min(close, key=lambda r: (hashlib.sha256(r.config.encode()).hexdigest(),
                                          r.median))
 

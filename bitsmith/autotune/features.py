@@ -115,7 +115,7 @@ def knob_features(config: Mapping[str, Any]) -> dict[str, float]:
     """Knobs as numbers: bools 0/1, numbers as they are, strings one-hot `KNOB=value`."""
     out: dict[str, float] = {}
     for name, value in config.items():
-        if isinstance(value, bool) or isinstance(value, (int, float)):
+        if isinstance(value, (bool, int, float)):
             out[name] = float(value)
         else:
             out[f"{name}={value}"] = 1.0

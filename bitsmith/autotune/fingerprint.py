@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 try:  # first: it loads TVM with torch masked out
     from ..runtime.tvm_runtime import tvm
@@ -25,6 +25,7 @@ except ImportError:  # a GPU machine with Triton only: cuda fingerprints need no
 from .. import __version__
 from ..codegen.template import TEMPLATES, Target
 from ..codegen.triton import templates as _gpu_templates  # noqa: F401  (registers them)
+from ..errors import TuningError
 
 if tvm is not None:
     from ..codegen.tvm import templates as _cpu_templates  # noqa: F401  (registers them)
@@ -83,7 +84,11 @@ def _toolchain(kind: str) -> dict[str, Any]:
     """Versions of what generates the code."""
     out: dict[str, Any] = {"bitsmith": __version__}
     if kind != "cuda":
-        out |= {"tvm": str(tvm.__version__), "llvm": int(tvm.target.codegen.llvm_version_major())}
+        if tvm is None:
+            raise TuningError(f"a {kind!r} target is compiled by TVM, which is not installed")
+        # unannotated in TVM, so inferred as maybe None: that is only with allow_none=True
+        llvm = cast(int, tvm.target.codegen.llvm_version_major())
+        out |= {"tvm": str(tvm.__version__), "llvm": int(llvm)}
     else:
         try:
             out["triton"] = metadata.version("triton")

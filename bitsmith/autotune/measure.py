@@ -80,8 +80,9 @@ def build_candidate(inp: MeasureInput) -> bytes:
     """Schedule and compile one candidate; the shared library's bytes."""
     kernel = _kernel_of(ir.parse(inp.kernel_ir))
     built = _built(inp, kernel)
+    # compile_funcs takes a tvm Target as well as a dict; codegen annotates it dict only
     executable = compile_funcs({"main": built.func}, kernel.kernel_name,
-                               tvm_target(host_target()))
+                               tvm_target(host_target()))  # pyright: ignore[reportArgumentType]
     with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
         path = Path(tmp) / "kernel.so"
         executable.export_library(str(path))
@@ -195,7 +196,7 @@ class LocalRunner:
         else:
             self._timer = None
 
-    def _wait(self, which: str, future: Future, timeout: float) -> tuple[object, str | None]:
+    def _wait(self, which: str, future: Future, timeout: float) -> tuple[Any, str | None]:
         try:
             value, error = future.result(timeout=timeout)
             return value, (f"{which} failed: {error}" if error else None)

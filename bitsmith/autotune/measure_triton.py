@@ -41,8 +41,8 @@ class TritonRunner:
 
         kernel, arrays, want = reference(inp)
         template = TEMPLATES.get(inp.template)
-        problem = template.match(kernel) if isinstance(template, TritonTemplate) else None
-        if problem is None:
+        if (not isinstance(template, TritonTemplate)
+                or (problem := template.match(kernel)) is None):
             raise CodegenError(f"Triton template {inp.template!r} does not match the kernel")
         config = template.space.check(Config(json.loads(inp.config)))
         if not template.valid(problem, config):

@@ -86,7 +86,8 @@ def evolutionary_search(template: KernelTemplate, problem: Problem, score: Score
             if rng.random() < options.mutation or len(population) < 2:
                 child = mutate(template, rng.choice(population), rng)
             else:
-                child = crossover(*rng.sample(population, 2), rng)
+                mother, father = rng.sample(population, 2)
+                child = crossover(mother, father, rng)
             if template.valid(problem, child):
                 children.append(child)
         pool = list(dict.fromkeys(population + children))

@@ -277,7 +277,7 @@ class Tuner:
         scheduler = TaskScheduler([TaskState(t.key, len(t.kernels)) for t in tasks])
         for task in tasks:  # what earlier runs measured counts
             best = self.database.best(task.key, self.fp)
-            if best is not None:
+            if best is not None and best.median is not None:
                 n = len(self.database.records(task.key, self.fp))
                 scheduler.update(task.key, best.median, n)
         start, trials = time.perf_counter(), 0
@@ -314,7 +314,9 @@ class Tuner:
         done = [(Config(json.loads(r.config)), r.median if r.median is not None else math.inf)
                 for r in measured]
         configs: list[Config] = []
-        default = task.template.default_config(task.problem, self.target)
+        # every registered template has default_config; the KernelTemplate base lacks it
+        default = task.template.default_config(  # pyright: ignore[reportAttributeAccessIssue]
+            task.problem, self.target)
         if default not in {c for c, _ in done}:
             configs.append(default)
         if self.search == "random":
@@ -398,7 +400,9 @@ class Tuner:
         """Cache the template's default config for these kernels (their tuned winner lost in
         the model), so that later compiles use the default without measuring again."""
         for task in self.tasks(kernels):
-            default = task.template.default_config(task.problem, self.target)
+            # every registered template has default_config; the KernelTemplate base lacks it
+            default = task.template.default_config(  # pyright: ignore[reportAttributeAccessIssue]
+                task.problem, self.target)
             self.cache.put(CacheEntry(
                 key=self.cache_key(task), template=task.template.name,
                 config=config_json(default), median=None, times=(), library=b"",

@@ -139,7 +139,8 @@ def resolve_key(cache: ArtifactCache, prefix: str) -> str:
     if len(prefix) < MIN_PREFIX:
         raise CliError(f"key prefix expected >= {MIN_PREFIX} characters, got {prefix!r}; "
                            "run `bitsmith cache ls` to list the keys")
-    matches = [key for key in cache.keys() if key.startswith(prefix)]
+    # ArtifactCache is not a dict: it has keys() but no __iter__
+    matches = [key for key in cache.keys() if key.startswith(prefix)]  # noqa: SIM118
     if not matches:
         raise CliError(f"no cache entry matches {prefix!r} in {cache.root}; run "
                            "`bitsmith cache ls` to list the keys")

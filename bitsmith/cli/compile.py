@@ -10,6 +10,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -226,15 +227,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for col in ("batch", "bitsmith ms", "eager ms", "bitsmith/eager") + (
             ("torch.compile ms", "bitsmith/compile") if compiled else ()):
         table.add_column(col, justify="right")
+    arrays: list[np.ndarray] = []  # the last batch's, for --profile (--batch takes 1 or more)
     for batch in args.batch:
         call_args, call_kwargs = loaded.call_args(batch)
         arrays = compiler.example_arrays(cm.artifact, call_args, call_kwargs)
         with torch.no_grad():
-            ours = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
-            eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)
+            ours = median_ms(partial(cm.executor.run, *arrays), args.repeat)
+            eager = median_ms(partial(loaded.module, *call_args, **call_kwargs), args.repeat)
             row = [str(batch), f"{ours:.2f}", f"{eager:.2f}", f"{ours / eager:.2f}"]
             if compiled is not None:
-                tc = median_ms(lambda: compiled(*call_args, **call_kwargs), args.repeat)
+                tc = median_ms(partial(compiled, *call_args, **call_kwargs), args.repeat)
                 row += [f"{tc:.2f}", f"{ours / tc:.2f}"]
         table.add_row(*row)
     err.print(table)

@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,18 +103,21 @@ def run_pipeline(module: Module, args: argparse.Namespace) -> None:
               f"{kernels} kernels", highlight=False)
 
 
-def check_against_torch(module: object, model: object, args: tuple, kwargs: dict) -> int:
+def check_against_torch(module: Module, model: Callable[..., object], args: tuple,
+                        kwargs: dict) -> int:
     """Run the interpreter and torch on the same inputs; report the relative error."""
     import torch  # noqa: PLC0415 - only this command needs it
 
     with torch.no_grad():
         ref = model(*args, **kwargs)
     refs = _flatten(ref, torch.Tensor)
-    named = {**dict(zip(module.input_names, args, strict=True)), **kwargs}
+    # input_names holds the keyword inputs too: args is shorter when some come by keyword
+    named = {**dict(zip(module.input_names, args, strict=False)), **kwargs}
     with err.status("running the reference interpreter"):
         outs = interpret(module, *[named[n].numpy() for n in module.input_names])
     worst = 0.0
-    for i, (got, want) in enumerate(zip(outs, refs, strict=True)):
+    # a count mismatch is reported: it fails `ok` below
+    for i, (got, want) in enumerate(zip(outs, refs, strict=False)):
         want = want.detach().numpy()
         scale = float(np.abs(want).max()) or 1.0
         rel = float(np.abs(got.astype(np.float64) - want).max()) / scale
@@ -126,11 +130,14 @@ def check_against_torch(module: object, model: object, args: tuple, kwargs: dict
     return 0 if ok else 1
 
 
-def _flatten(value: object, tensor_type: type) -> list:
+def _flatten(value: Any, tensor_type: type) -> list:
+    """The tensors in a model's output: nested tuples, lists, dicts and ModelOutputs."""
     if isinstance(value, tensor_type):
         return [value]
-    if isinstance(value, dict) or hasattr(value, "to_tuple"):
-        value = value.to_tuple() if hasattr(value, "to_tuple") else tuple(value.values())
+    if hasattr(value, "to_tuple"):  # a transformers ModelOutput (a dict too)
+        value = value.to_tuple()
+    elif isinstance(value, dict):
+        value = tuple(value.values())
     out: list = []
     for item in value if isinstance(value, (tuple, list)) else []:
         out.extend(_flatten(item, tensor_type))

@@ -141,6 +141,15 @@ class Problem:
     def __getitem__(self, key: str) -> Scalar:
         return self.params[key]
 
+    @property
+    def kernel_op(self) -> Operation:
+        """The matched op, which building a kernel needs (a problem made from a cached key
+        alone has none)."""
+        if self.op is None:
+            raise CodegenError(f"template {self.template}: the problem {dict(self.params)} "
+                               "carries no op to build a kernel from")
+        return self.op
+
 
 @dataclass(frozen=True)
 class Target:

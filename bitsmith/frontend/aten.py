@@ -9,7 +9,7 @@ from ..errors import ConversionError
 from ..ir import Value, graph
 from ..ir import dtypes as dt
 from ..ir.types import TensorType
-from .context import TORCH_DTYPES, ImportContext, converts, ir_dtype
+from .context import TORCH_DTYPES, ImportContext, converts, ir_dtype, plain_dtype
 
 aten = torch.ops.aten
 _TO_TORCH = {v: k for k, v in TORCH_DTYPES.items() if k is not torch.float64}
@@ -21,7 +21,7 @@ def promoted(*operands: Any) -> dt.DType:
     for x in operands:
         if isinstance(x, Value):
             shape = () if x.type.rank == 0 else (1,)
-            probes.append(torch.empty(shape, dtype=_TO_TORCH[x.type.dtype]))
+            probes.append(torch.empty(shape, dtype=_TO_TORCH[plain_dtype(x.type)]))
         else:
             probes.append(x)
     result = probes[0] if len(probes) == 1 else torch.result_type(probes[0], probes[1])
@@ -44,8 +44,7 @@ _UNARY = {
 
 def _unary(name: str) -> Any:
     def convert(ctx: ImportContext, x: Value) -> Value:
-        out = ctx.out_type()
-        return ctx.value(graph.UNARY_OPS[name], ctx.cast(x, out.dtype))
+        return ctx.value(graph.UNARY_OPS[name], ctx.cast(x, ctx.out_dtype()))
     return convert
 
 
@@ -82,7 +81,7 @@ def convert_clamp_max(ctx: ImportContext, x: Value, max: Any) -> Value:
 
 # ---- binary --------------------------------------------------------------------------------
 def _binary(ctx: ImportContext, name: str, a: Any, b: Any, dtype: dt.DType | None = None) -> Value:
-    dtype = dtype or ctx.out_type().dtype
+    dtype = dtype or ctx.out_dtype()
     return ctx.value(graph.BINARY_OPS[name], ctx.as_tensor(a, dtype), ctx.as_tensor(b, dtype))
 
 
@@ -96,26 +95,26 @@ def _scaled(ctx: ImportContext, b: Any, alpha: Any, dtype: dt.DType) -> Any:
 
 @converts(aten.add.Tensor, aten.add.Scalar)
 def convert_add(ctx: ImportContext, a: Any, b: Any, alpha: Any = 1) -> Value:
-    dtype = ctx.out_type().dtype
+    dtype = ctx.out_dtype()
     return _binary(ctx, "add", a, _scaled(ctx, b, alpha, dtype), dtype)
 
 
 @converts(aten.sub.Tensor, aten.sub.Scalar)
 def convert_sub(ctx: ImportContext, a: Any, b: Any, alpha: Any = 1) -> Value:
-    dtype = ctx.out_type().dtype
+    dtype = ctx.out_dtype()
     return _binary(ctx, "sub", a, _scaled(ctx, b, alpha, dtype), dtype)
 
 
 @converts(aten.rsub.Scalar, aten.rsub.Tensor)
 def convert_rsub(ctx: ImportContext, a: Any, b: Any, alpha: Any = 1) -> Value:
-    dtype = ctx.out_type().dtype
+    dtype = ctx.out_dtype()
     return _binary(ctx, "sub", b, _scaled(ctx, a, alpha, dtype), dtype)
 
 
 @converts(aten.div.Tensor_mode, aten.div.Scalar_mode)
 def convert_div_mode(ctx: ImportContext, a: Any, b: Any, rounding_mode: str | None = None
                      ) -> Value:
-    dtype = ctx.out_type().dtype
+    dtype = ctx.out_dtype()
     if rounding_mode is None:
         return _binary(ctx, "div", a, b, dtype)
     if rounding_mode == "floor":
@@ -151,7 +150,7 @@ _COMPARE = {
 
 def _simple(name: str) -> Any:
     def convert(ctx: ImportContext, a: Any, b: Any) -> Value:
-        dtype = ctx.out_type().dtype
+        dtype = ctx.out_dtype()
         if name in ("logical_and", "logical_or") and dtype != dt.boolean:
             raise ConversionError(f"bitwise {name} of {dtype} (only bool is supported)")
         return _binary(ctx, name, a, b, dtype)
@@ -172,14 +171,14 @@ for _target, _name in _COMPARE.items():
 
 @converts(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
 def convert_where(ctx: ImportContext, cond: Value, a: Any, b: Any) -> Value:
-    dtype = ctx.out_type().dtype
+    dtype = ctx.out_dtype()
     return ctx.value(graph.WhereOp, ctx.cast(cond, dt.boolean), ctx.as_tensor(a, dtype),
                      ctx.as_tensor(b, dtype))
 
 
 @converts(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 def convert_masked_fill(ctx: ImportContext, x: Value, mask: Value, value: Any) -> Value:
-    dtype = x.type.dtype
+    dtype = plain_dtype(x.type)
     return ctx.value(graph.WhereOp, ctx.cast(mask, dt.boolean), ctx.as_tensor(value, dtype), x)
 
 
@@ -189,7 +188,7 @@ def convert_to(ctx: ImportContext, x: Value, *args: Any, **kwargs: Any) -> Value
     device = kwargs.get("device")
     if device is not None and torch.device(device).type != "cpu":
         raise ConversionError(f"copy to device {device}")
-    return ctx.cast(x, ctx.out_type().dtype)
+    return ctx.cast(x, ctx.out_dtype())
 
 
 @converts(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default,
@@ -223,7 +222,7 @@ def _number(value: Any, type: TensorType) -> Any:
         raise ConversionError("a fill value that is a tensor")
     if type.dtype == dt.boolean:
         return bool(value)
-    return float(value) if type.dtype.is_float else int(value)
+    return float(value) if plain_dtype(type).is_float else int(value)
 
 
 @converts(aten.full.default, aten.full_like.default)

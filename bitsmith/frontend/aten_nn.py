@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ConversionError
 from ..ir import Value, graph
-from .context import ImportContext, converts, ir_dtype
+from .context import ImportContext, converts, ir_dtype, plain_dtype
 
 aten = torch.ops.aten
 
@@ -28,7 +28,7 @@ def convert_matmul(ctx: ImportContext, a: Value, b: Value) -> Value:
 def convert_addmm(ctx: ImportContext, bias: Value, a: Value, b: Value, beta: Any = 1,
                   alpha: Any = 1) -> Value:
     """beta * bias + alpha * (a @ b)."""
-    dtype = ctx.out_type().dtype
+    dtype = ctx.out_dtype()
     product = ctx.value(graph.MatmulOp, a, b)
     if alpha != 1:
         product = ctx.value(graph.BINARY_OPS["mul"], product, ctx.scalar(alpha, dtype))
@@ -95,13 +95,13 @@ def convert_rms_norm(ctx: ImportContext, x: Value, shape: Sequence[int],
 @converts(aten._softmax.default, aten.softmax.int)
 def convert_softmax(ctx: ImportContext, x: Value, dim: int, *rest: Any) -> Value:
     out = ctx.value(graph.SoftmaxOp, x, axis=dim % max(x.type.rank, 1))
-    return ctx.cast(out, ctx.out_type().dtype)
+    return ctx.cast(out, ctx.out_dtype())
 
 
 @converts(aten._log_softmax.default, aten.log_softmax.int)
 def convert_log_softmax(ctx: ImportContext, x: Value, dim: int, *rest: Any) -> Value:
     out = ctx.value(graph.LogSoftmaxOp, x, axis=dim % max(x.type.rank, 1))
-    return ctx.cast(out, ctx.out_type().dtype)
+    return ctx.cast(out, ctx.out_dtype())
 
 
 @converts(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
@@ -111,7 +111,7 @@ def convert_max_pool(ctx: ImportContext, x: Value, kernel: Sequence[int],
     out = ctx.value(graph.MaxPool2dOp, x, kernel=_two(kernel),
                     stride=_two(stride or kernel), padding=_two(padding),
                     dilation=_two(dilation), ceil_mode=ceil_mode)
-    if isinstance(ctx.node.meta.get("val"), (tuple, list)):
+    if isinstance(ctx.current.meta.get("val"), (tuple, list)):
         return out, None  # the indices output is only for training
     return out
 
@@ -145,8 +145,8 @@ def _reduce(name: str) -> Any:
 
     def convert(ctx: ImportContext, x: Value, dims: Any = None, keepdim: bool = False,
                 **kwargs: Any) -> Value:
-        out = ctx.out_type()
-        x = ctx.cast(x, out.dtype) if name not in ("any", "all") else x
+        dtype = ctx.out_dtype()
+        x = ctx.cast(x, dtype) if name not in ("any", "all") else x
         return ctx.value(cls, x, axes=_axes(x, dims), keepdim=keepdim)
     return convert
 
@@ -163,7 +163,7 @@ for _targets, _name in (
 
 @converts(aten.max.dim, aten.min.dim)
 def convert_max_dim(ctx: ImportContext, x: Value, dim: int, keepdim: bool = False) -> tuple:
-    is_max = ctx.node.target is aten.max.dim
+    is_max = ctx.current.target is aten.max.dim
     axis = dim % max(x.type.rank, 1)
     values = ctx.value(graph.ReduceMaxOp if is_max else graph.ReduceMinOp, x, axes=(axis,),
                        keepdim=keepdim)
@@ -175,7 +175,7 @@ def convert_max_dim(ctx: ImportContext, x: Value, dim: int, keepdim: bool = Fals
 @converts(aten.argmax.default, aten.argmin.default)
 def convert_argmax(ctx: ImportContext, x: Value, dim: int | None = None, keepdim: bool = False
                    ) -> Value:
-    cls = graph.ArgMaxOp if ctx.node.target is aten.argmax.default else graph.ArgMinOp
+    cls = graph.ArgMaxOp if ctx.current.target is aten.argmax.default else graph.ArgMinOp
     if dim is None:
         flat = ctx.reshape(x, x.type.with_shape((x.type.numel(),)))
         return ctx.reshape(ctx.value(cls, flat, axis=0), ctx.out_type())
@@ -184,7 +184,7 @@ def convert_argmax(ctx: ImportContext, x: Value, dim: int | None = None, keepdim
 
 @converts(aten.cumsum.default)
 def convert_cumsum(ctx: ImportContext, x: Value, dim: int, dtype: Any = None) -> Value:
-    x = ctx.cast(x, ctx.out_type().dtype)
+    x = ctx.cast(x, ctx.out_dtype())
     return ctx.value(graph.CumsumOp, x, axis=dim % max(x.type.rank, 1))
 
 
@@ -207,6 +207,6 @@ def _attention(ctx: ImportContext, q: Value, k: Value, v: Value, mask: Value | N
     if dropout_p:
         raise ConversionError(f"attention dropout p={dropout_p} (call model.eval() first)")
     if mask is not None and mask.type.dtype not in (q.type.dtype, ir_dtype(torch.bool)):
-        mask = ctx.cast(mask, q.type.dtype)
+        mask = ctx.cast(mask, plain_dtype(q.type))
     gqa = gqa or (q.type.rank >= 3 and q.type.shape[-3] != k.type.shape[-3])
     return ctx.value(graph.AttentionOp, q, k, v, mask, is_causal=is_causal, scale=scale, gqa=gqa)

@@ -10,7 +10,7 @@ from ..errors import ConversionError
 from ..ir import Value, graph
 from ..ir import dtypes as dt
 from ..ir.types import TensorType
-from .context import ImportContext, converts
+from .context import ImportContext, converts, plain_dtype
 
 aten = torch.ops.aten
 INT64_MAX = 2**63 - 1
@@ -59,7 +59,8 @@ def convert_repeat(ctx: ImportContext, x: Value, repeats: Sequence[int]) -> Valu
     lead = len(repeats) - x.type.rank
     dims = (1,) * lead + tuple(x.type.shape)
     spread = TensorType(tuple(v for d in dims for v in (1, d)), x.type.dtype)
-    grown = TensorType(tuple(v for r, d in zip(repeats, dims, strict=True) for v in (r, d)), x.type.dtype)
+    grown = TensorType(tuple(v for r, d in zip(repeats, dims, strict=True) for v in (r, d)),
+                       x.type.dtype)
     expanded = ctx.value(graph.ExpandOp, ctx.reshape(x, spread), result_types=[grown])
     return ctx.reshape(expanded, out)
 
@@ -90,7 +91,8 @@ def convert_select(ctx: ImportContext, x: Value, dim: int, index: int) -> Value:
 @converts(aten.cat.default, aten.concat.default)
 def convert_cat(ctx: ImportContext, tensors: Sequence[Value], dim: int = 0) -> Value:
     out = ctx.out_type()
-    parts = [ctx.cast(t, out.dtype) for t in tensors if t.type.numel() != 0]
+    dtype = plain_dtype(out)
+    parts = [ctx.cast(t, dtype) for t in tensors if t.type.numel() != 0]
     if len(parts) == 1:
         return parts[0]
     return ctx.value(graph.ConcatOp, *parts, axis=dim % out.rank)
@@ -163,7 +165,7 @@ def _triangle(ctx: ImportContext, x: Value, diagonal: int, lower: bool) -> Value
     offset = ctx.value(graph.BINARY_OPS["sub"], j, i)
     keep = ctx.value(graph.BINARY_OPS["le" if lower else "ge"], offset,
                      ctx.scalar(diagonal, dt.i64))
-    return ctx.value(graph.WhereOp, keep, x, ctx.scalar(0, x.type.dtype))
+    return ctx.value(graph.WhereOp, keep, x, ctx.scalar(0, plain_dtype(x.type)))
 
 
 @converts(aten.tril.default)

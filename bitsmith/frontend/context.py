@@ -37,6 +37,14 @@ def torch_dim(symbols: dict[sympy.Symbol, sympy.Symbol], value: Any) -> Dim:
     return make_dim(int(value))
 
 
+def plain_dtype(type: TensorType) -> dt.DType:
+    """The element type of an imported tensor: a plain dtype (torch has no quantized types of
+    ours; those come from the quantize pass)."""
+    if not isinstance(type.dtype, dt.DType):
+        raise ConversionError(f"expected a plain element type, got {type.dtype}")
+    return type.dtype
+
+
 Converter = Callable[..., Any]
 CONVERTERS: dict[Any, Converter] = {}
 
@@ -58,6 +66,13 @@ class ImportContext:
     symbols: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)
     node: fx.Node | None = None
 
+    @property
+    def current(self) -> fx.Node:
+        """The node being converted."""
+        if self.node is None:
+            raise ConversionError("no node is being converted")
+        return self.node
+
     # ---- types --------------------------------------------------------------------------
     def dim(self, value: Any) -> Dim:
         """A torch int/SymInt as an IR dim, torch's symbols renamed (s0 -> B)."""
@@ -76,11 +91,15 @@ class ImportContext:
     def out_type(self, index: int | None = None) -> TensorType:
         """The IR type of the current node's (index-th) output."""
         val = self.node.meta["val"] if self.node is not None else None
-        if index is not None:
+        if index is not None and val is not None:
             val = val[index]
         if not isinstance(val, torch.Tensor):
             raise ConversionError(f"node {self.node} has no tensor metadata")
         return self.type_of_val(val)
+
+    def out_dtype(self, index: int | None = None) -> dt.DType:
+        """The IR dtype of the current node's (index-th) output."""
+        return plain_dtype(self.out_type(index))
 
     # ---- building -----------------------------------------------------------------------
     def op(self, cls: type[Operation], *operands: Value | None, **kwargs: Any) -> Operation:

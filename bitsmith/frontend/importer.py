@@ -118,6 +118,8 @@ def import_program(ep: ExportedProgram, name: str) -> Module:
             spec = specs[node.name]
             if spec.kind == InputKind.USER_INPUT:  # a Python constant such as use_cache=False
                 env[node] = node.meta.get("val")
+            elif spec.target is None:
+                raise ConversionError(f"input '{node.name}' ({spec.kind.name}) names no tensor")
             else:
                 env[node] = _weight(ctx, module, spec.target, state[spec.target], node)
         elif node.op == "call_function":
@@ -178,8 +180,10 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _convert(ctx: ImportContext, node: fx.Node, env: dict[fx.Node, Any],
              missing: dict[str, list[str]]) -> Any:
-    args = fx.node.map_arg(node.args, lambda n: env[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    # the args with each node replaced by what it converted to (Values and such: Any, although
+    # map_arg's annotation keeps them fx Arguments)
+    args: tuple[Any, ...] = fx.map_arg(node.args, lambda n: env[n])
+    kwargs: dict[str, Any] = fx.map_arg(node.kwargs, lambda n: env[n])
     if node.target is operator.getitem:
         container, index = args
         return None if container is None else container[index]
@@ -200,7 +204,7 @@ def _convert(ctx: ImportContext, node: fx.Node, env: dict[fx.Node, Any],
 
 def _depends_on_missing(args: Any, kwargs: Any, env: dict[fx.Node, Any]) -> bool:
     found = []
-    fx.node.map_arg((args, kwargs), lambda n: found.append(
+    fx.map_arg((args, kwargs), lambda n: found.append(
         env[n] is None and isinstance(n.meta.get("val"), torch.Tensor)))
     return any(found)
 

@@ -4,15 +4,18 @@ from . import dialects  # noqa: F401 - registers the func and graph dialects
 from .attributes import DenseAttr
 from .builder import Builder, Rewriter
 from .core import (
-                   OP_REGISTRY,
-                   Block,
-                   BlockArgument,
-                   Operation,
-                   OpResult,
-                   Region,
-                   Value,
-                   attr,
-                   register_op,
+    OP_REGISTRY,
+    Anchor,
+    Block,
+    BlockArgument,
+    Operation,
+    OpResult,
+    Region,
+    Trait,
+    Value,
+    attr,
+    ops_with,
+    register_op,
 )
 from .core import dialects as list_dialects
 from .dialects import graph
@@ -26,7 +29,8 @@ from .types import GroupAxis, QuantType, TensorType, ZeroPoint, symbol
 from .verifier import verify
 
 __all__ = [
-    "DenseAttr", "Builder", "Rewriter", "OP_REGISTRY", "Block", "BlockArgument", "Operation",
+    "Anchor", "Trait", "ops_with", "DenseAttr", "Builder", "Rewriter", "OP_REGISTRY", "Block",
+    "BlockArgument", "Operation",
     "OpResult", "Region", "Value", "attr", "list_dialects", "register_op", "graph", "DType",
     "parse_dtype", "InterpretError", "IRError", "ParseError", "VerifyError",
     "structural_hash", "EvalContext", "interpret", "interpret_block", "Module", "parse",

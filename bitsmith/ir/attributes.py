@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import cast
 
 import numpy as np
 
@@ -21,7 +21,10 @@ class DenseAttr:
     array: np.ndarray
 
     def __post_init__(self) -> None:
-        arr = np.array(self.array, dtype=self.type.dtype.numpy_dtype, order="C")
+        dtype = self.type.dtype
+        if not isinstance(dtype, DType):
+            raise AttributeValueError(f"a dense literal needs a plain element type, got {dtype}")
+        arr = np.array(self.array, dtype=dtype.numpy_dtype, order="C")
         if tuple(arr.shape) != tuple(self.type.shape):
             raise AttributeValueError(f"dense literal has shape {arr.shape}, type says {self.type}")
         arr.setflags(write=False)
@@ -39,7 +42,7 @@ class DenseAttr:
         return f"dense<{self.type} [{items}]>"
 
 
-Attribute = Union[None, bool, int, float, str, DType, DenseAttr, tuple]
+Attribute = bool | int | float | str | DType | DenseAttr | tuple | None
 """What an op attribute may hold; tuples hold further attributes (usually ints)."""
 
 
@@ -80,4 +83,4 @@ def normalize_attr(value: object) -> Attribute:
         return tuple(normalize_attr(v) for v in value)
     if isinstance(value, np.generic):
         return value.item()
-    return value  # type: ignore[return-value]
+    return cast(Attribute, value)  # unchecked here: Operation.verify checks it against ATTRS

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
-
-import numpy as np
 
 from ..errors import IRError, VerifyError
 from .attributes import Attribute, DenseAttr, normalize_attr
@@ -106,6 +105,34 @@ def attr(kind: str, default: Any = REQUIRED, *, choices: tuple = (),
     return AttrSpec(kind, default, choices, optional)
 
 
+class Trait(Enum):
+    """What kind an op is, declared on its class (MLIR traits, in our words). Fusion, the
+    op-kind classifier and both backends' templates ask the op (`op.has(Trait.X)`), never a
+    list of op names."""
+
+    ELEMENTWISE = "elementwise"  # out[i] = f(operands[i]), operands broadcast numpy-style
+    BROADCAST = "broadcast"  # elementwise after repeating an operand along axes (batch_norm)
+    INJECTIVE = "injective"  # each output element reads at most one element of each input
+    VIEW = "view"  # only re-indexes its one operand, computes nothing (reshape, permute)
+    REDUCTION = "reduction"  # output elements combine input elements along axes
+    SCAN = "scan"  # a running combination along one axis (cumsum): fuses with nothing
+    SOURCE = "source"  # no tensor operands: values come from attributes (constant, full)
+    ANCHOR = "anchor"  # a fusion anchor (`ANCHOR` says which kind): absorbs an epilogue
+    NCHW = "nchw"  # an image op over NCHW input that the layout pass may run in NHWC
+    PAD_PROLOGUE = "pad-prologue"  # its kernel reads its input through a fused graph.pad
+    TERMINATOR = "terminator"  # ends a block (func.return, kernel.yield)
+    REGION = "region"  # holds ops of its own (kernel.fused)
+
+
+class Anchor(Enum):
+    """The kind of computation a fusion anchor is, which decides its kernel template family."""
+
+    MATMUL = "matmul"
+    CONV = "conv"
+    POOL = "pool"
+    ATTENTION = "attention"
+
+
 OP_REGISTRY: dict[str, type[Operation]] = {}
 
 
@@ -113,8 +140,17 @@ def register_op(cls: type[Operation]) -> type[Operation]:
     """Class decorator: make an op kind known to the parser and the dialect registry."""
     if cls.name in OP_REGISTRY and OP_REGISTRY[cls.name] is not cls:
         raise IRError(f"op '{cls.name}' registered twice")
+    if (cls.ANCHOR is not None) != (Trait.ANCHOR in cls.TRAITS):
+        raise IRError(f"op '{cls.name}': Trait.ANCHOR and an ANCHOR kind go together, got "
+                      f"traits {sorted(t.value for t in cls.TRAITS)} and ANCHOR={cls.ANCHOR}")
     OP_REGISTRY[cls.name] = cls
     return cls
+
+
+def ops_with(trait: Trait) -> tuple[type[Operation], ...]:
+    """Every registered op class that carries `trait`, by name."""
+    return tuple(OP_REGISTRY[name] for name in sorted(OP_REGISTRY) if trait in
+                 OP_REGISTRY[name].TRAITS)
 
 
 def dialects() -> dict[str, list[str]]:
@@ -138,6 +174,8 @@ class Operation:
     NUM_REGIONS: ClassVar[int] = 0
     RESULT_TYPES_GIVEN: ClassVar[bool] = False  # result types come from the builder
     NUM_RESULTS: ClassVar[int | None] = 1  # None: variadic
+    TRAITS: ClassVar[frozenset[Trait]] = frozenset()
+    ANCHOR: ClassVar[Anchor | None] = None  # the anchor kind of a Trait.ANCHOR op
 
     __slots__ = ("_operands", "results", "attributes", "regions", "loc", "parent")
 
@@ -155,6 +193,11 @@ class Operation:
         for value in operands:
             self._operands.append(value)
             value.uses.append((self, len(self._operands) - 1))
+
+    @classmethod
+    def has(cls, *traits: Trait) -> bool:
+        """True when the op carries any of `traits`."""
+        return not cls.TRAITS.isdisjoint(traits)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -292,8 +335,12 @@ class Operation:
     def verify_(self) -> None:
         """Op-specific checks beyond operand counts, attributes and inferred types."""
 
-    def evaluate(self, ctx: EvalContext, *args: np.ndarray) -> Any:
-        """Numpy semantics: return an array (one result) or a tuple of arrays."""
+    def evaluate(self, ctx: EvalContext, *args: Any, **kwargs: Any) -> Any:
+        """Numpy semantics: return an array (one result) or a tuple of arrays.
+
+        The interpreter passes one array per operand; each op kind names them in its own
+        signature (`evaluate(self, ctx, lhs, rhs)`). `*args: Any, **kwargs: Any` is the typing
+        spelling of "any parameters", which lets those overrides type-check."""
         raise IRError(f"op '{self.name}' has no interpreter semantics")
 
     def verify(self) -> None:
@@ -317,7 +364,8 @@ class Operation:
         if not self.RESULT_TYPES_GIVEN:
             inferred = self.infer_types()
             got = [r.type for r in self.results]
-            if len(inferred) != len(got) or not all(a.same_as(b) for a, b in zip(inferred, got, strict=True)):
+            if len(inferred) != len(got) or not all(
+                    a.same_as(b) for a, b in zip(inferred, got, strict=True)):
                 raise VerifyError(self, "result type mismatch: inferred "
                                         f"({', '.join(map(str, inferred))}), "
                                         f"got ({', '.join(map(str, got))})")
@@ -344,8 +392,8 @@ class Block:
     def __init__(self, arg_types: Sequence[TensorType] = (),
                  arg_names: Sequence[str | None] | None = None) -> None:
         names = list(arg_names) if arg_names is not None else [None] * len(arg_types)
-        self.args = [BlockArgument(t, self, i, n) for i, (t, n) in enumerate(zip(arg_types,
-                                                                                   names, strict=True))]
+        self.args = [BlockArgument(t, self, i, n)
+                     for i, (t, n) in enumerate(zip(arg_types, names, strict=True))]
         self.ops: list[Operation] = []
         self.parent: Region | None = None
 

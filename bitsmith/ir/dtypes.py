@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ..errors import DTypeError
 
@@ -117,22 +118,28 @@ def _first_bad(a: object, ok: np.ndarray, who: str) -> None:
                          "cast() it first")
 
 
-_DERIVED = {"init": False, "repr": False, "compare": False}
-
-
 @dataclass(frozen=True, slots=True)
 class DType(ABC):
     """An element type: immutable, hashable, equal by its defining fields; str() is its name."""
 
-    # Derived facts, filled in by each subclass's __post_init__ (through `_settle`).
-    name: str = field(**_DERIVED)  # canonical text, the form parse_dtype reads
-    bits: int = field(**_DERIVED)  # bit width of one element (1 for bool)
-    is_float: bool = field(**_DERIVED)  # f32/f16/bf16 and the low-bit floats
-    is_int: bool = field(**_DERIVED)  # iN/uN, not bool
-    is_signed: bool = field(**_DERIVED)  # floats and iN
-    min_value: int | float = field(**_DERIVED)  # the range; for floats +-largest finite
-    max_value: int | float = field(**_DERIVED)
-    numpy_dtype: np.dtype = field(**_DERIVED)  # what the reference interpreter holds values in
+    # Derived facts, filled in by each subclass's __post_init__ (through `_settle`); not part of
+    # __init__, repr or comparison. The field() options are spelled out on each line because
+    # type checkers only read them from a literal field(...) call.
+    # canonical text, the form parse_dtype reads
+    name: str = field(init=False, repr=False, compare=False)
+    # bit width of one element (1 for bool)
+    bits: int = field(init=False, repr=False, compare=False)
+    # f32/f16/bf16 and the low-bit floats
+    is_float: bool = field(init=False, repr=False, compare=False)
+    # iN/uN, not bool
+    is_int: bool = field(init=False, repr=False, compare=False)
+    # floats and iN
+    is_signed: bool = field(init=False, repr=False, compare=False)
+    # the range; for floats +-largest finite
+    min_value: int | float = field(init=False, repr=False, compare=False)
+    max_value: int | float = field(init=False, repr=False, compare=False)
+    # what the reference interpreter holds values in
+    numpy_dtype: np.dtype = field(init=False, repr=False, compare=False)
 
     def _settle(self, name: str, bits: int, kind: str, signed: bool, lo: int | float,
                 hi: int | float, np_dtype: np.dtype) -> None:
@@ -446,12 +453,13 @@ def parse_dtype(text: str) -> DType:
     raise DTypeError(f"unknown dtype {text!r}: {_EXPECTED}")
 
 
-_FROM_NUMPY = {np.dtype(t.numpy_dtype): t for t in (f32, f16, bf16, boolean)}
+_FROM_NUMPY: dict[np.dtype, DType] = {np.dtype(t.numpy_dtype): t
+                                      for t in (f32, f16, bf16, boolean)}
 _FROM_NUMPY.update({np.dtype(f"{p}int{w}"): IntType(w, p == "")
                     for p in ("", "u") for w in (8, 16, 32, 64)})
 
 
-def from_numpy_dtype(dtype: object) -> DType:
+def from_numpy_dtype(dtype: DTypeLike) -> DType:
     """The dtype for a numpy float32/float16/bfloat16/int8..int64/uint8..uint64/bool dtype."""
     try:
         key = np.dtype(dtype)

@@ -52,6 +52,9 @@ def kernel_calls(module: Module, inputs: Sequence[np.ndarray]
                  ) -> Iterator[tuple[Operation, list[np.ndarray], EvalContext]]:
     """Interpret a fused module on `inputs`, yielding each `kernel.fused` op with the values
     it is fed (what a generated kernel is checked against)."""
+    if len(inputs) != len(module.inputs):
+        raise InputError(f"module @{module.name} takes {len(module.inputs)} input(s) "
+                         f"({', '.join(module.input_names)}), got {len(inputs)}")
     ctx = EvalContext(module.weights)
     env = {arg: bind_input(ctx, arg, np.asarray(a), f"input {i}")
            for i, (arg, a) in enumerate(zip(module.inputs, inputs, strict=True))}
@@ -75,7 +78,7 @@ def bind_input(ctx: EvalContext, arg: Value, array: np.ndarray, name: str) -> np
             if dim != got:
                 raise InputError(f"input '{name}': expected {want}, got shape "
                                  f"{list(array.shape)} (dim {axis} should be {dim})")
-        elif dim.is_Symbol:
+        elif isinstance(dim, sympy.Symbol):
             bound = ctx.bindings.setdefault(dim, got)
             if bound != got:
                 raise InputError(f"input '{name}': dim {axis} is {format_dim(dim)} = {bound} "
@@ -96,6 +99,8 @@ def bind_input(ctx: EvalContext, arg: Value, array: np.ndarray, name: str) -> np
 def interpret_block(block: Block, args: Sequence[np.ndarray], ctx: EvalContext,
                     env: dict[Value, np.ndarray] | None = None) -> list[np.ndarray]:
     """Evaluate a block given its argument arrays; return the terminator's operand arrays."""
+    if len(args) != len(block.args):
+        raise InputError(f"the block takes {len(block.args)} argument(s), got {len(args)}")
     env = dict(env or {})
     env.update(zip(block.args, args, strict=True))
     for op in block.ops:

@@ -402,8 +402,8 @@ class Parser:
         if self.pos != len(self.text):
             raise self.error(f"expected end of input after the module, got {self.found()}")
         got = module.output_types if module.body.ops else []
-        if len(got) != len(result_types) or not all(a.same_as(b)
-                                                     for a, b in zip(got, result_types, strict=True)):
+        if len(got) != len(result_types) or not all(
+                a.same_as(b) for a, b in zip(got, result_types, strict=True)):
             raise self.error("function result types do not match func.return operands: "
                              f"declared ({', '.join(map(str, result_types))}), returned "
                              f"({', '.join(map(str, got))})", results_pos)

@@ -5,14 +5,14 @@ import enum
 import functools
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import cast
 
 import sympy
 
 from ..errors import DTypeError, ShapeError
 from .dtypes import DType, IntType, LowFloatType, f16
 
-Dim = Union[int, sympy.Expr]
+Dim = int | sympy.Expr
 """A dimension: a non-negative int, or a sympy expression over symbols such as a batch `B`."""
 
 
@@ -61,7 +61,7 @@ def format_dim(d: Dim) -> str:
     """Text of a dimension: `16`, `B`, or a parenthesized expression `(16*B)`."""
     if isinstance(d, int):
         return str(d)
-    if d.is_Symbol and _is_bare_symbol(d.name):
+    if isinstance(d, sympy.Symbol) and _is_bare_symbol(d.name):
         return d.name
     return f"({sympy.sstr(d)})"
 
@@ -75,7 +75,7 @@ def evaluate_dim(d: Dim, bindings: dict[sympy.Symbol, int]) -> int:
     """The concrete value of a dimension under symbol bindings."""
     if isinstance(d, int):
         return d
-    value = d.subs(bindings)
+    value = d.subs(bindings.items())  # sympy's Mapping overload wants Basic keys and values
     if not value.is_Integer:
         missing = sorted(str(s) for s in value.free_symbols)
         raise ShapeError(f"dimension {format_dim(d)} has unbound symbols {missing}")
@@ -137,7 +137,7 @@ class QuantType:
         return self.name
 
 
-ElementType = Union[DType, QuantType]
+ElementType = DType | QuantType
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,13 +166,15 @@ class TensorType:
         out: set[sympy.Symbol] = set()
         for d in self.shape:
             if not isinstance(d, int):
-                out |= d.free_symbols
+                # sympy types free_symbols as set[Basic]; a shape only holds Symbols
+                out |= cast("set[sympy.Symbol]", d.free_symbols)
         return out
 
     def numel(self) -> Dim:
         """Element count (symbolic when the shape is)."""
-        if self.is_static:
-            return math.prod(self.shape)  # type: ignore[arg-type]
+        static = [d for d in self.shape if isinstance(d, int)]
+        if len(static) == self.rank:
+            return math.prod(static)
         return make_dim(sympy.Mul(*[sympy.sympify(d) for d in self.shape]))
 
     def with_shape(self, shape: tuple[Dim, ...]) -> TensorType:

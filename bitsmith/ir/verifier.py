@@ -55,7 +55,7 @@ def _verify_uses(value: Value) -> None:
 
 def _verify_weight(op: Operation, module: Module) -> None:
     ref = op.attributes.get("weight") if op.name == "graph.constant" else None
-    if ref is None or ref not in module.weights:
+    if not isinstance(ref, str) or ref not in module.weights:
         return
     array = module.weights[ref]
     want = op.results[0].type

@@ -24,6 +24,9 @@ LN_EPS = 1e-12
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
+    position_ids: torch.Tensor  # buffers, registered in __init__
+    token_type_ids: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(VOCAB, HIDDEN, padding_idx=PAD_ID)

@@ -132,6 +132,9 @@ class DecoderLayer(nn.Module):
 class Llama(nn.Module):
     """Token embedding, decoder stack, final RMSNorm and an untied LM head."""
 
+    rope_cos: torch.Tensor  # buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, seed: int = 0, cfg: LlamaConfig = LlamaConfig()) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.dim)

@@ -43,7 +43,8 @@ def init_module(module: nn.Module, gen: torch.Generator, std: float | None = Non
     elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
         module.weight.normal_(1.0, 0.1, generator=gen)
         module.bias.normal_(0.0, 0.1, generator=gen)
-    if isinstance(module, nn.BatchNorm2d):
+    if (isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
+            and module.running_var is not None):  # None without track_running_stats
         # Inference-mode BN must do real work: non-zero means, non-unit variances.
         module.running_mean.normal_(0.0, 0.2, generator=gen)
         module.running_var.uniform_(0.5, 1.5, generator=gen)

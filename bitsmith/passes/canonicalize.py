@@ -2,21 +2,22 @@
 and consecutive shape ops, transposes folded into matmul operands, batch norm into conv."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import PipelineError
-from ..ir import Block, DenseAttr, EvalContext, InterpretError, Module, Operation, Value
+from ..ir import Block, DenseAttr, EvalContext, InterpretError, Module, Operation, Trait, Value
 from ..ir.dialects import graph
+from ..ir.dialects.graph.elementwise import plain_dtype
 from ..ir.dtypes import DType
 from ..ir.interpreter import evaluate_op
-from ..ir.types import format_dim
+from ..ir.types import Dim, TensorType, format_dim
 from .cleanup import erase_dead_ops, prune_weights
 from .manager import ModulePass, PassContext, register_pass
 from .rewrite import PatternRewriter, apply_patterns, pattern
 
-SOURCES = ("graph.constant", "graph.full", "graph.arange")
 INLINE_ELEMENTS = 16  # folded results up to this size are printed inline, bigger become weights
 FOLD_GROWTH_BYTES = 4096  # folding may not grow the constant data by more than this
 
@@ -29,20 +30,28 @@ def producer(value: Value) -> Operation | None:
 def static_nbytes(value: Value) -> int | None:
     """Bytes of a statically shaped plain-dtype value, else None."""
     t = value.type
-    if not isinstance(t.dtype, DType) or not all(isinstance(d, int) for d in t.shape):
+    shape = [d for d in t.shape if isinstance(d, int)]
+    if not isinstance(t.dtype, DType) or len(shape) != t.rank:
         return None
-    return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype.numpy_dtype).itemsize
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(t.dtype.numpy_dtype).itemsize
 
 
 def constant_array(value: Value, module: Module) -> np.ndarray | None:
     """The array of a value made by a constant source op, else None."""
     op = producer(value)
-    if op is None or op.name not in SOURCES or static_nbytes(value) is None:
+    if op is None or not op.has(Trait.SOURCE) or static_nbytes(value) is None:
         return None
     name = op.attributes.get("weight")
     if name is not None and name not in module.weights:
         return None  # a weight not bound to the module (IR parsed without weights)
     return op.evaluate(EvalContext(module.weights))
+
+
+def constant_arrays(values: Sequence[Value], module: Module) -> list[np.ndarray] | None:
+    """The arrays of values all made by constant source ops, else None."""
+    arrays = [constant_array(v, module) for v in values]
+    present = [a for a in arrays if a is not None]
+    return present if len(present) == len(arrays) else None
 
 
 def splat_value(value: Value, module: Module) -> float | None:
@@ -79,30 +88,36 @@ def _weight_base(op: Operation) -> str:
 def _freed_bytes(op: Operation, arrays: list[np.ndarray]) -> int:
     """Constant data that folding `op` frees: literals and weights no other op uses."""
     return sum(array.nbytes for value, array in dict(zip(op.operands, arrays, strict=True)).items()
-               if producer(value).name == "graph.constant" and value.users == [op])
+               if _is_made_by(value, "graph.constant") and value.users == [op])
+
+
+def _is_made_by(value: Value, op_name: str) -> bool:
+    src = producer(value)
+    return src is not None and src.name == op_name
 
 
 @pattern()
 def fold_constant_op(op: Operation, rw: PatternRewriter) -> bool:
     """op(constants...) -> constant, evaluated by the interpreter."""
-    if op.name in SOURCES or op.regions or not op.operands or not op.results:
+    if op.has(Trait.SOURCE) or op.regions or not op.operands or not op.results:
         return False
-    arrays = [constant_array(v, rw.module) for v in op.operands]
-    if any(a is None for a in arrays):
+    arrays = constant_arrays(op.operands, rw.module)
+    if arrays is None:
         return False
-    sizes = [static_nbytes(r) for r in op.results]
-    if any(s is None for s in sizes):
+    sizes = [s for s in (static_nbytes(r) for r in op.results) if s is not None]
+    if len(sizes) != len(op.results):
         return False
     # graph.full/arange store no data, and a weight with other users stays: neither frees any
-    budget = max(_freed_bytes(op, arrays), FOLD_GROWTH_BYTES)  # type: ignore[arg-type]
-    if sum(sizes) > budget:  # type: ignore[arg-type]
+    budget = max(_freed_bytes(op, arrays), FOLD_GROWTH_BYTES)
+    if sum(sizes) > budget:
         return False
     try:
-        outs = evaluate_op(op, EvalContext(rw.module.weights), arrays)  # type: ignore[arg-type]
+        outs = evaluate_op(op, EvalContext(rw.module.weights), arrays)
     except (InterpretError, ArithmeticError, IndexError, ValueError):
         return False  # e.g. an integer division by zero: leave it to fail at run time
     base = _weight_base(op)
-    rw.replace_op(op, [make_constant(rw, a, r, base) for a, r in zip(outs, op.results, strict=True)])
+    rw.replace_op(op, [make_constant(rw, a, r, base)
+                       for a, r in zip(outs, op.results, strict=True)])
     return True
 
 
@@ -113,7 +128,7 @@ def _same_type(a: Value, b: Value) -> bool:
 def _identity(op: Operation, rw: PatternRewriter, keep: Value, other: Value,
               unit: float) -> bool:
     value = splat_value(other, rw.module)
-    if value != unit or np.signbit(value) != np.signbit(unit) \
+    if value is None or value != unit or np.signbit(value) != np.signbit(unit) \
             or not _same_type(keep, op.result):
         return False
     rw.replace_op(op, keep)
@@ -128,7 +143,7 @@ def fold_unit_operand(op: Operation, rw: PatternRewriter) -> bool:
     """
     unit = 1.0
     if op.name == "graph.add":
-        unit = -0.0 if op.result.type.dtype.is_float else 0.0
+        unit = -0.0 if plain_dtype(op, op.result.type).is_float else 0.0
     return (_identity(op, rw, op.lhs, op.rhs, unit)
             or _identity(op, rw, op.rhs, op.lhs, unit))
 
@@ -225,7 +240,6 @@ def permute_of_unit_dims_to_reshape(op: Operation, rw: PatternRewriter) -> bool:
 
 
 VIEW_CHAIN_ELEMENTS = 1 << 22  # chains over more elements (per batch row) are left alone
-VIEWS = ("graph.reshape", "graph.permute")  # ops that only re-index their operand
 
 
 def _view_chain(op: Operation) -> list[Operation]:
@@ -234,19 +248,20 @@ def _view_chain(op: Operation) -> list[Operation]:
     while True:
         value = chain[-1].x
         src = producer(value)
-        if src is None or src.name not in VIEWS or len(value.users) != 1:
+        if src is None or not src.has(Trait.VIEW) or len(value.users) != 1:
             return chain
         chain.append(src)
 
 
-def _row_shape(op_type: object, dim0: object) -> tuple[int, ...] | None:
+def _row_shape(op_type: TensorType, dim0: Dim) -> tuple[int, ...] | None:
     """The shape with dim 0 as 1 when it is `dim0` (a batch kept by every op), else static."""
-    shape = list(op_type.shape)  # type: ignore[attr-defined]
+    shape = list(op_type.shape)
     if shape and not isinstance(shape[0], int):
         if format_dim(shape[0]) != format_dim(dim0):
             return None
         shape[0] = 1
-    return tuple(shape) if all(isinstance(d, int) for d in shape) else None
+    static = [d for d in shape if isinstance(d, int)]
+    return tuple(static) if len(static) == len(shape) else None
 
 
 @pattern("graph.reshape", "graph.permute")
@@ -324,9 +339,9 @@ def fold_batch_norm_into_conv(op: Operation, rw: PatternRewriter) -> bool:
     out_axis, w_axis = _conv_out_axis(conv)
     if op.axis % op.x.type.rank != out_axis:
         return False
-    params = [constant_array(v, rw.module) for v in op.operands[1:]]
-    weights = [constant_array(v, rw.module) for v in conv.operands[1:]]
-    if any(a is None for a in params + weights):
+    params = constant_arrays(op.operands[1:], rw.module)
+    weights = constant_arrays(conv.operands[1:], rw.module)
+    if params is None or weights is None:
         return False
     mean, var, *affine = params
     gamma = affine[0] if affine else np.ones_like(mean)
@@ -335,7 +350,8 @@ def fold_batch_norm_into_conv(op: Operation, rw: PatternRewriter) -> bool:
     scale = (gamma / np.sqrt(var.astype(np.float32) + np.float32(op.eps))).astype(w.dtype)
     shape = [1] * w.ndim
     shape[w_axis] = -1
-    base = producer(conv.weight).attributes.get("weight") or "conv"
+    weight_src = producer(conv.weight)
+    base = (weight_src.attributes.get("weight") if weight_src is not None else None) or "conv"
     new_w = make_constant(rw, w * scale.reshape(shape), conv.weight, f"{base}.bn")
     new_b = make_constant(rw, ((bias - mean) * scale + beta).astype(w.dtype), op.operands[1],
                           f"{base}.bn_bias")

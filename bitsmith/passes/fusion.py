@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from ..errors import PipelineError
-from ..ir import Block, Module, Operation, Region, Value
+from ..ir import Block, Module, Operation, Region, Trait, Value
 from ..ir.dialects import graph
 from ..ir.dialects.kernel import FusedOp, YieldOp
-from .canonicalize import INLINE_ELEMENTS, VIEWS, producer, splat_value
+from .canonicalize import INLINE_ELEMENTS, producer, splat_value
 from .cleanup import erase_dead_ops
 from .manager import ModulePass, PassContext, register_pass
-from .op_kinds import ANCHORS, OpKind, classify, reduction_signature
-
-_PADDED = ("graph.conv2d", "graph.max_pool2d", "graph.avg_pool2d")
+from .op_kinds import OpKind, anchor_kind, classify, reduction_signature
 
 
 @dataclass(eq=False)
@@ -45,7 +43,7 @@ class Group:
         if self.closed:
             return "attention"
         if self.anchor is not None:
-            return ANCHORS.get(self.anchor.name, "reduction")
+            return anchor_kind(self.anchor)
         return {OpKind.ELEMENTWISE: "elementwise", OpKind.BROADCAST: "elementwise",
                 OpKind.INJECTIVE: "injective", OpKind.REDUCTION: "reduction"}.get(self.kind,
                                                                                     "opaque")
@@ -69,7 +67,7 @@ def describe(op: Operation) -> str:
 
 def _is_inline_constant(value: Value) -> bool:
     op = producer(value)
-    return (op is not None and op.name == "graph.constant" and op.value is not None
+    return (op is not None and isinstance(op, graph.ConstantOp) and op.value is not None
             and op.value.array.size <= INLINE_ELEMENTS)
 
 
@@ -90,12 +88,12 @@ class _Fuser:
 
     @staticmethod
     def _fusable(op: Operation) -> bool:
-        return op.name.startswith(("graph.", "quant.")) and op.name != "graph.constant"
+        return op.name.startswith(("graph.", "quant.")) and not isinstance(op, graph.ConstantOp)
 
     def run(self) -> list[Group]:
         """Form the groups: attention first, then greedy producer-consumer merging."""
         for op in self.ops:
-            if op.name in ("graph.matmul", "graph.attention") and op not in self.group_of:
+            if isinstance(op, (graph.MatmulOp, graph.AttentionOp)) and op not in self.group_of:
                 self._match_attention(op)
         for op in self.ops:
             if op not in self.group_of:
@@ -104,12 +102,12 @@ class _Fuser:
 
     # ---- attention ------------------------------------------------------------------------
     def _match_attention(self, root: Operation) -> None:
-        core = [root] if root.name == "graph.attention" else self._attention_chain(root)
+        core = [root] if isinstance(root, graph.AttentionOp) else self._attention_chain(root)
         if not core:
             return
         group = Group([], OpKind.OUT_FUSABLE, anchor=None, closed=True)
         members = list(core)
-        inputs = [root.q, root.k, root.v] if root.name == "graph.attention" else [
+        inputs = [root.q, root.k, root.v] if isinstance(root, graph.AttentionOp) else [
             core[0].lhs, core[0].rhs, core[-1].rhs]
         if len(core) > self.max_ops:
             self.ctx.remark(f"separate attention at {describe(root)}: its {len(core)} ops "
@@ -124,7 +122,7 @@ class _Fuser:
         for op in sorted(members, key=self.position.__getitem__):
             group.add(op, classify(op))
             self.group_of[op] = group
-        group.anchor = root if root.name == "graph.attention" else core[-1]
+        group.anchor = root if isinstance(root, graph.AttentionOp) else core[-1]
         group.kind = OpKind.OUT_FUSABLE
         self.groups.append(group)
         self.ctx.remark(f"attention kernel at {describe(group.anchor)}: "
@@ -133,7 +131,7 @@ class _Fuser:
     def _attention_chain(self, pv: Operation) -> list[Operation]:
         """[qk, scale/mask ops..., softmax, pv] when `pv` is the second matmul of attention."""
         soft = producer(pv.lhs)
-        if soft is None or soft.name != "graph.softmax" or _single_user(pv.lhs) is not pv:
+        if soft is None or not isinstance(soft, graph.SoftmaxOp) or _single_user(pv.lhs) is not pv:
             return []
         if pv.transpose_lhs or soft.axis % soft.x.type.rank != soft.x.type.rank - 1:
             return []
@@ -145,7 +143,7 @@ class _Fuser:
         op = producer(value)
         if op is None or op in self.group_of or _single_user(value) is not user:
             return None
-        if op.name == "graph.matmul":
+        if isinstance(op, graph.MatmulOp):
             return None if op.transpose_lhs else [op]
         if depth == 0 or op.name not in ("graph.mul", "graph.div", "graph.add"):
             return None
@@ -164,7 +162,7 @@ class _Fuser:
     def _view_chain_back(self, value: Value, members: set) -> list[Operation]:
         chain = []
         op = producer(value)
-        while (op is not None and op.name in VIEWS and op not in self.group_of
+        while (op is not None and op.has(Trait.VIEW) and op not in self.group_of
                and all(u in members or u in chain for u in op.result.users)):
             chain.append(op)
             op = producer(op.x)
@@ -173,7 +171,7 @@ class _Fuser:
     def _view_chain_forward(self, value: Value) -> list[Operation]:
         chain = []
         user = _single_user(value)
-        while user is not None and user.name in VIEWS and user not in self.group_of and \
+        while user is not None and user.has(Trait.VIEW) and user not in self.group_of and \
                 value not in self.module.outputs:
             chain.append(user)
             value = user.result
@@ -218,9 +216,9 @@ class _Fuser:
 
     def _is_padding_prologue(self, group: Group, op: Operation, value: Value) -> bool:
         """A pad feeding only a conv/pool's input: the kernel reads through the padding."""
-        return (op.name in _PADDED and value is op.operands[0] and len(value.users) == 1
+        return (op.has(Trait.PAD_PROLOGUE) and value is op.operands[0] and len(value.users) == 1
                 and value not in self.module.outputs
-                and all(o.name == "graph.pad" for o in group.ops))
+                and all(isinstance(o, graph.PadOp) for o in group.ops))
 
     def _kind_refusal(self, group: Group, op: Operation, kind: OpKind,
                       value: Value) -> str | None:
@@ -230,7 +228,7 @@ class _Fuser:
             return f"{op.name} does not absorb producers (it would recompute them per tile)"
         if group.kind == OpKind.OUT_FUSABLE:
             anchor = group.kernel_kind
-            view = op.name == "graph.reshape"  # of a contiguous result: free, no data moves
+            view = isinstance(op, graph.ReshapeOp)  # of a contiguous result: free, no data moves
             if kind > OpKind.BROADCAST and not view:
                 return f"{op.name} ({kind}) does not join a {anchor} kernel (only " \
                        "elementwise epilogues and reshapes do)"
@@ -245,7 +243,7 @@ class _Fuser:
         if group.kind == OpKind.REDUCTION:
             if kind == OpKind.REDUCTION and reduction_signature(op) not in group.reductions:
                 return "it reduces other rows than the reduction kernel it would join"
-            if kind == OpKind.INJECTIVE and op.name != "graph.reshape":
+            if kind == OpKind.INJECTIVE and not isinstance(op, graph.ReshapeOp):
                 return f"{op.name} (injective) after a reduction starts a new kernel"
         return None
 
@@ -333,7 +331,7 @@ def sort_block(block: Block) -> None:
 
 def kernel_name(group: Group, index: int) -> str:
     """`k3_linear_gelu`: a number and the non-view ops it holds."""
-    names = [op.name.split(".")[-1] for op in group.ops if op.name not in VIEWS]
+    names = [op.name.split(".")[-1] for op in group.ops if not op.has(Trait.VIEW)]
     names = list(dict.fromkeys(names or [op.name.split(".")[-1] for op in group.ops]))
     return f"k{index}_{'_'.join(names[:4])}"
 

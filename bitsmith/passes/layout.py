@@ -15,10 +15,9 @@ from typing import Literal
 import numpy as np
 
 from ..errors import PassError
-from ..ir import Module, Operation, Value
+from ..ir import Module, Operation, Trait, Value, ops_with
 from ..ir.dialects import graph
 from .canonicalize import (
-    SOURCES,
     fold_constant_op,
     merge_permutes,
     merge_reshapes,
@@ -35,8 +34,6 @@ from .rewrite import PatternRewriter, apply_patterns, pattern
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 OIHW_TO_HWIO = (2, 3, 1, 0)
-_WINDOWED = ("graph.conv2d", "quant.conv2d", "graph.max_pool2d", "graph.avg_pool2d",
-             "graph.adaptive_avg_pool2d")
 
 
 def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -61,7 +58,7 @@ def _packed_weight(rw: PatternRewriter, weight: Value) -> Value:
     return rw.value(graph.ConstantOp, weight=name, layout="HWIO", result_types=[t])
 
 
-@pattern(*_WINDOWED, "graph.batch_norm")
+@pattern(*ops_with(Trait.NCHW), graph.BatchNormOp)
 def convert_to_nhwc(op: Operation, rw: PatternRewriter) -> bool:
     """op{NCHW}(x) -> permute(op{NHWC}(permute(x)))"""
     if op.name == "graph.batch_norm":
@@ -132,12 +129,12 @@ def _sinkable(value: Value, rank: int) -> tuple[Value, tuple[int, ...]] | str | 
     if found is not None and found[1] == TO_NCHW and rank == 4:
         return found
     src = producer(value)
-    return "const" if src is not None and src.name in SOURCES else None
+    return "const" if src is not None and src.has(Trait.SOURCE) else None
 
 
 def _is_computed(value: Value) -> bool:
     src = producer(value)
-    return src is None or src.name not in SOURCES
+    return src is None or not src.has(Trait.SOURCE)
 
 
 @pattern("graph.pad", "graph.slice")
@@ -176,7 +173,7 @@ class Layout(ModulePass):
         if self.conv == "nchw":
             return
         fused = [op for op in module.ops if op.name == "kernel.fused"
-                 and any(inner.name in _WINDOWED + ("graph.batch_norm",)
+                 and any(inner.has(Trait.NCHW) or isinstance(inner, graph.BatchNormOp)
                          for inner in op.walk())]
         if fused:
             raise PassError(f"layout must run before fuse: kernel '{fused[0].kernel_name}' "

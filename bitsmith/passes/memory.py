@@ -15,15 +15,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import PassError, PipelineError
-from ..ir import Module, Operation, Value
+from ..ir import Module, Operation, OpResult, Value
+from ..ir.dialects.graph import ConstantOp  # weights and literals: never in the arena
 from ..ir.dtypes import BoolType
 from ..ir.types import TensorType, evaluate_dim
 from ..runtime import arena
 from ..runtime.arena import align_up
 from .manager import ModulePass, PassContext, register_pass
-
-WEIGHT_OPS = frozenset({"graph.constant"})
-"""Ops whose results are weights or literals: stored with the module, never in the arena."""
 
 
 class MemoryPlanError(PassError):
@@ -91,7 +89,7 @@ def plan_memory(module: Module, bindings: Mapping[str, int] | None = None, *,
     index = {op: i for i, op in enumerate(ops)}
     unplaced = [Buffer(value, align_up(tensor_bytes(value.type, bindings, value), alignment),
                        start, _last_use(value, start, index, module), 0)
-                for start, op in enumerate(ops) if op.name not in WEIGHT_OPS
+                for start, op in enumerate(ops) if not isinstance(op, ConstantOp)
                 for value in op.results]
     placed = assign_offsets(unplaced)
     return MemoryPlan(buffers=tuple(placed), naive_bytes=sum(b.size for b in placed),
@@ -179,9 +177,9 @@ def format_bytes(n: int) -> str:
     """Human size: `512 B`, `3.1 KiB`, `12.3 MiB`, `1.0 GiB`."""
     if n < 1024:
         return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
+    size, unit = float(n), "B"
+    for next_unit in ("KiB", "MiB", "GiB"):
+        size, unit = size / 1024, next_unit
         if size < 1024:
             break
     return f"{size:.1f} {unit}"
@@ -192,8 +190,8 @@ def _with_offset(buffer: Buffer, offset: int) -> Buffer:
 
 
 def _last_use(value: Value, start: int, index: dict[Operation, int], module: Module) -> int:
-    ends = (index.get(_top_level(user, module)) for user, _ in value.uses)
-    return max((e for e in ends if e is not None), default=start)
+    tops = (_top_level(user, module) for user, _ in value.uses)
+    return max((index[top] for top in tops if top is not None and top in index), default=start)
 
 
 def _top_level(op: Operation, module: Module) -> Operation | None:
@@ -219,8 +217,8 @@ def _checked_bindings(bindings: Mapping[str, int]) -> dict[str, int]:
 
 
 def _describe_value(value: Value) -> str:
-    op = getattr(value, "op", None)
-    if op is None:
+    if not isinstance(value, OpResult):
         return f"block argument '{value.name_hint or '?'}'"
+    op = value.op
     where = f" at {op.loc}" if op.loc else ""
     return f"result #{value.index} of '{op.name}'{where}"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from ..ir import Operation
-from ..ir.dialects import graph
+from ..ir import Operation, Trait
+from ..ir.dialects.graph.nn import NormOp
 from ..ir.shapes import normalize_axis
 from ..ir.types import format_dim
 
@@ -23,47 +23,35 @@ class OpKind(IntEnum):
         return self.name.lower().replace("_", "-")
 
 
-_ELEMENTWISE = {cls.name for cls in graph.UNARY_OPS.values()} | {
-    cls.name for cls in graph.BINARY_OPS.values()} | {
-    "graph.gelu", "graph.clamp", "graph.cast", "graph.where"}
-_BROADCAST = {"graph.batch_norm", "graph.expand"}
-_INJECTIVE = {"graph.reshape", "graph.permute", "graph.slice", "graph.concat", "graph.split",
-              "graph.pad", "graph.full", "graph.arange", "graph.gather", "graph.index_select",
-              "graph.index", "graph.embedding", "quant.dequantize"}
-_REDUCTION = {"graph.reduce_sum", "graph.reduce_mean", "graph.reduce_max", "graph.reduce_min",
-              "graph.reduce_prod", "graph.reduce_all", "graph.reduce_any", "graph.argmax",
-              "graph.argmin", "graph.softmax", "graph.log_softmax", "graph.layer_norm",
-              "graph.rms_norm"}
-ANCHORS = {"graph.matmul": "matmul", "graph.linear": "matmul", "graph.conv2d": "conv",
-           "graph.max_pool2d": "pool", "graph.avg_pool2d": "pool",
-           "graph.adaptive_avg_pool2d": "pool", "graph.attention": "attention",
-           "quant.linear": "matmul", "quant.conv2d": "conv"}
-
-
 def classify(op: Operation) -> OpKind:
-    """The fusion class of a graph op (unknown ops are opaque)."""
-    if op.name in _ELEMENTWISE:
+    """The fusion class of an op, from its traits (an op with none of them is opaque)."""
+    if op.has(Trait.ELEMENTWISE):
         out = op.results[0].type.shape
         same = all(len(v.type.shape) == len(out) and all(
             format_dim(a) == format_dim(b) for a, b in zip(v.type.shape, out, strict=True))
             for v in op.operands)
         return OpKind.ELEMENTWISE if same else OpKind.BROADCAST
-    if op.name in _BROADCAST:
+    if op.has(Trait.BROADCAST):
         return OpKind.BROADCAST
-    if op.name in _INJECTIVE:
+    if op.has(Trait.INJECTIVE):
         return OpKind.INJECTIVE
-    if op.name in _REDUCTION:
+    if op.has(Trait.REDUCTION):
         return OpKind.REDUCTION
-    if op.name in ANCHORS:
+    if op.has(Trait.ANCHOR):
         return OpKind.OUT_FUSABLE
     return OpKind.OPAQUE
+
+
+def anchor_kind(op: Operation) -> str:
+    """The kernel kind an anchored group becomes: its anchor's kind, or 'reduction'."""
+    return op.ANCHOR.value if op.ANCHOR is not None else "reduction"
 
 
 def reduction_signature(op: Operation) -> tuple[str, tuple[int, ...]]:
     """(input shape, reduced axes): reductions fuse together only when these agree."""
     x = op.operands[0].type
     rank = x.rank
-    if op.name in ("graph.layer_norm", "graph.rms_norm"):
+    if isinstance(op, NormOp):
         axes = tuple(range(rank - op.ndim, rank))
     elif "axis" in op.ATTRS:
         axes = (normalize_axis(op.axis, rank),)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from ..errors import PassError
 from ..ir.dialects.quant import dequantize, expand_groups, quantize, scale_shape, zero_dtype
-from ..ir.dtypes import IntType
+from ..ir.dtypes import DType, IntType
 from ..ir.types import GroupAxis, QuantType, ZeroPoint
 
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -88,9 +89,23 @@ def fit_params(w: np.ndarray, qtype: QuantType, shrink: float | np.ndarray = 1.0
         z = storage.min_value - lo / safe
         if qtype.zero_point is ZeroPoint.INT:
             z = np.clip(np.rint(z), storage.min_value, storage.max_value)
-        zero = zero_dtype(qtype).cast(z)
+        zero = _zero_dtype(qtype).cast(z)
     scale = scale_dt.cast(np.clip(scale, 0.0, top))
     return scale, zero
+
+
+def _zero_dtype(qtype: QuantType) -> DType:
+    """The element type of an asymmetric `qtype`'s zero points."""
+    dtype = zero_dtype(qtype)
+    if dtype is None:
+        raise PassError(f"{qtype} is symmetric: it has no zero points")
+    return dtype
+
+
+def _param_shape(qtype: QuantType, n: int, k: int) -> tuple[int, int]:
+    """The shape of the scales of a static [n, k] weight."""
+    rows, cols = scale_shape(qtype, (n, k))
+    return int(rows), int(cols)
 
 
 def _sq_error(w: np.ndarray, q: Quantized, hdiag: np.ndarray | None) -> np.ndarray:
@@ -105,23 +120,24 @@ def _sq_error(w: np.ndarray, q: Quantized, hdiag: np.ndarray | None) -> np.ndarr
 def rtn(w: np.ndarray, qtype: QuantType, hdiag: np.ndarray | None = None) -> Quantized:
     """Round to nearest, each group's clipping chosen from SHRINK by (H-weighted) error."""
     w = np.asarray(w, np.float32)
-    best: Quantized | None = None
-    best_err = None
-    for factor in SHRINK:
-        scale, zero = fit_params(w, qtype, factor)
-        cand = Quantized(qtype, quantize(w, scale, zero, qtype), scale, zero)
+    best = _rtn_candidate(w, qtype, SHRINK[0])
+    best_err = _sq_error(w, best, hdiag)
+    for factor in SHRINK[1:]:
+        cand = _rtn_candidate(w, qtype, factor)
         err = _sq_error(w, cand, hdiag)
-        if best is None:
-            best, best_err = cand, err
-            continue
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best.scale = np.where(better, cand.scale, best.scale)
-        if best.zero is not None:
+        if best.zero is not None and cand.zero is not None:
             best.zero = np.where(better, cand.zero, best.zero)
-    assert best is not None
     best.codes = quantize(w, best.scale, best.zero, qtype)
     return best
+
+
+def _rtn_candidate(w: np.ndarray, qtype: QuantType, factor: float) -> Quantized:
+    """W quantized with every group's range shrunk by `factor`."""
+    scale, zero = fit_params(w, qtype, factor)
+    return Quantized(qtype, quantize(w, scale, zero, qtype), scale, zero)
 
 
 def _column_rtn(col: np.ndarray, qtype: QuantType) -> tuple[np.ndarray, np.ndarray,
@@ -149,11 +165,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, qtype: QuantType, *, act_order: boo
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    per_in = qtype.axis is GroupAxis.IN
-    if not per_in:  # static groups: fitted on W, in the original column order
-        static = rtn(w.astype(np.float32), qtype, np.diag(h))
-        s_full = expand_groups(static.scale, qtype, (n, k))
-        z_full = None if static.zero is None else expand_groups(static.zero, qtype, (n, k))
+    params = (_ColumnGroups.empty(qtype, n, k) if qtype.axis is GroupAxis.IN
+              else _StaticGroups.fit(w, np.diag(h), qtype))
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     w = w[:, order]
     h = h[np.ix_(order, order)]
@@ -161,29 +174,13 @@ def gptq(w: np.ndarray, hessian: np.ndarray, qtype: QuantType, *, act_order: boo
     # upper Cholesky factor of H^-1: row i holds how column i's error spreads to later ones
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     qw = np.zeros_like(w)
-    col_scale = np.zeros(scale_shape(qtype, (n, k)), np.float32) if per_in else None
-    col_zero = None
-    if per_in and qtype.zero_point is not ZeroPoint.NONE:
-        col_zero = np.zeros(scale_shape(qtype, (n, k)), zero_dtype(qtype).numpy_dtype)
     for start in range(0, k, GPTQ_BLOCK):
         stop = min(start + GPTQ_BLOCK, k)
         block = w[:, start:stop].copy()
         errs = np.zeros_like(block)
         for i in range(stop - start):
             col = block[:, i]
-            j = order[start + i]  # the column's index in W
-            if per_in:
-                deq, s, z = _column_rtn(col.astype(np.float32), qtype)
-                col_scale[:, j] = s[:, 0]
-                if col_zero is not None:
-                    col_zero[:, j] = z[:, 0]
-            else:
-                one = QuantType(qtype.storage, 0, GroupAxis.OUT, qtype.scale_dtype,
-                                qtype.zero_point)
-                sc = s_full[:, j:j + 1]
-                zc = None if z_full is None else z_full[:, j:j + 1]
-                deq = dequantize(quantize(col[:, None].astype(np.float32), sc, zc, one),
-                                 sc, zc, one)[:, 0]
+            deq = params.quantize_column(col, int(order[start + i]))  # index in W
             qw[:, start + i] = deq
             err = (col - deq) / hinv[start + i, start + i]
             block[:, i:] -= np.outer(err, hinv[start + i, start + i:stop])
@@ -191,13 +188,73 @@ def gptq(w: np.ndarray, hessian: np.ndarray, qtype: QuantType, *, act_order: boo
         w[:, stop:] -= errs @ hinv[start:stop, stop:]
     inverse = np.argsort(order)
     qw = qw[:, inverse].astype(np.float32)
-    if per_in:
-        scale = qtype.scale_dtype.cast(col_scale)
-        zero = None if col_zero is None else zero_dtype(qtype).cast(col_zero)
-    else:
-        scale, zero = static.scale, static.zero
+    scale, zero = params.fitted()
     # the sweep's dequantized columns are exactly representable with these params
     return Quantized(qtype, quantize(qw, scale, zero, qtype), scale, zero)
+
+
+@dataclass
+class _StaticGroups:
+    """GPTQ's per-output-channel params: fitted on W before the sweep, in the original column
+    order ("static groups")."""
+
+    fitted_on_w: Quantized
+    scale: np.ndarray  # the scales repeated out to [N, K]
+    zero: np.ndarray | None  # the zero points repeated out to [N, K]
+
+    @classmethod
+    def fit(cls, w: np.ndarray, hdiag: np.ndarray, qtype: QuantType) -> _StaticGroups:
+        """Params of W [N, K] by the clipping search, weighted by diag(H)."""
+        n, k = w.shape
+        static = rtn(w.astype(np.float32), qtype, hdiag)
+        s_full = expand_groups(static.scale, qtype, (n, k))
+        z_full = None if static.zero is None else expand_groups(static.zero, qtype, (n, k))
+        return cls(static, s_full, z_full)
+
+    def quantize_column(self, col: np.ndarray, j: int) -> np.ndarray:
+        """Column `j` of W [N] quantized with its params, dequantized."""
+        qtype = self.fitted_on_w.qtype
+        one = QuantType(qtype.storage, 0, GroupAxis.OUT, qtype.scale_dtype, qtype.zero_point)
+        sc = self.scale[:, j:j + 1]
+        zc = None if self.zero is None else self.zero[:, j:j + 1]
+        return dequantize(quantize(col[:, None].astype(np.float32), sc, zc, one),
+                          sc, zc, one)[:, 0]
+
+    def fitted(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scales and zero points per group."""
+        return self.fitted_on_w.scale, self.fitted_on_w.zero
+
+
+@dataclass
+class _ColumnGroups:
+    """GPTQ's per-input-channel params: each column's are fitted when the sweep reaches it."""
+
+    qtype: QuantType
+    scale: np.ndarray
+    zero: np.ndarray | None
+
+    @classmethod
+    def empty(cls, qtype: QuantType, n: int, k: int) -> _ColumnGroups:
+        """Zeroed params of an [n, k] weight, to be filled column by column."""
+        shape = _param_shape(qtype, n, k)
+        zero = None
+        if qtype.zero_point is not ZeroPoint.NONE:
+            zero = np.zeros(shape, _zero_dtype(qtype).numpy_dtype)
+        return cls(qtype, np.zeros(shape, np.float32), zero)
+
+    def quantize_column(self, col: np.ndarray, j: int) -> np.ndarray:
+        """Column `j` of W [N] quantized by the clipping search (its params kept), dequantized."""
+        deq, s, z = _column_rtn(col.astype(np.float32), self.qtype)
+        self.scale[:, j] = s[:, 0]
+        if self.zero is not None and z is not None:
+            self.zero[:, j] = z[:, 0]
+        return deq
+
+    def fitted(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scales and zero points per group, in their dtypes."""
+        scale = self.qtype.scale_dtype.cast(self.scale)
+        zero = None if self.zero is None else _zero_dtype(self.qtype).cast(self.zero)
+        return scale, zero
 
 
 def rotation_block(block: int) -> np.ndarray:

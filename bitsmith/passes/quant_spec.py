@@ -56,6 +56,27 @@ def parse_quant_spec(text: str) -> dict[str, Any]:
     if not isinstance(text, str) or not text.strip():
         raise _fail(str(text), "it is empty")
     head, *options = text.strip().split(":")
+    out = _parse_format(text, head)
+    for option in options:
+        key, eq, value = option.partition("=")
+        name, setting = _parse_setting(text, key, value) if eq else _parse_flag(text, option)
+        out[name] = setting
+    if out.get("sym") is not None and "format" in out:
+        raise _fail(text, "low-bit float weights are always symmetric; drop :sym/:asym")
+    return out
+
+
+_FLAGS: dict[str, tuple[str, Any]] = {
+    "rtn": ("method", "rtn"), "gptq": ("method", "gptq"),
+    "sym": ("sym", True), "asym": ("sym", False),
+    "act-order": ("act_order", True), "no-act-order": ("act_order", False),
+    "rot": ("rotate", DEFAULT_ROTATION)}
+"""Options without a value: flag -> (option name, value)."""
+_SETTINGS = "axis=, scale=, keep=, promote=, damp=, rot="
+
+
+def _parse_format(text: str, head: str) -> dict[str, Any]:
+    """The options the format part (`w4g128`, `f6e3m2g64`) of spec `text` sets."""
     m = _FORMAT.fullmatch(head)
     if m is None:
         raise _fail(text, f"the format {head!r} should be wBITS[gGROUP] or fBeEmM[gGROUP]")
@@ -72,52 +93,48 @@ def parse_quant_spec(text: str) -> dict[str, Any]:
             raise _fail(text, str(exc)) from None
         out["format"] = fmt.name
     out["group"] = int(m["group"]) if m["group"] is not None else 0
-    for option in options:
-        key, eq, value = option.partition("=")
-        if not eq:
-            flags = {"rtn": ("method", "rtn"), "gptq": ("method", "gptq"),
-                     "sym": ("sym", True), "asym": ("sym", False),
-                     "act-order": ("act_order", True), "no-act-order": ("act_order", False),
-                     "rot": ("rotate", DEFAULT_ROTATION)}
-            if key not in flags:
-                raise _fail(text, f"unknown option {option!r} (flags: {', '.join(flags)}; "
-                                  "settings: axis=, scale=, keep=, promote=, damp=, rot=)")
-            name, flag = flags[key]
-            out[name] = flag
-        elif key == "axis":
-            if value not in ("out", "in", "auto"):
-                raise _fail(text, f"axis must be out, in or auto, got {value!r}")
-            out["axis"] = value
-        elif key == "scale":
-            if value not in ("f16", "bf16", "f32"):
-                raise _fail(text, f"scale must be f16, bf16 or f32, got {value!r}")
-            out["scale"] = value
-        elif key == "keep":
-            if not value:
-                raise _fail(text, "keep= needs at least one layer pattern")
-            out["keep"] = value
-        elif key == "promote":
-            fraction = _number(value)
-            if not 0.0 <= fraction <= 1.0:
-                raise _fail(text, f"promote= takes a fraction in 0..1, got {value!r}")
-            out["promote"] = fraction
-        elif key == "damp":
-            damp = _number(value)
-            if not 0.0 < damp <= 1.0:
-                raise _fail(text, f"damp= takes a fraction in (0, 1], got {value!r}")
-            out["damp"] = damp
-        elif key == "rot":
-            block = int(value) if value.isdigit() else 0
-            if block < 2 or block & (block - 1):
-                raise _fail(text, f"rot= takes a power of two >= 2 (the Hadamard block), "
-                                  f"got {value!r}")
-            out["rotate"] = block
-        else:
-            raise _fail(text, f"unknown setting {key!r} (settings: axis=, scale=, keep=, "
-                              "promote=, damp=, rot=)")
-    if out.get("sym") is not None and "format" in out:
-        raise _fail(text, "low-bit float weights are always symmetric; drop :sym/:asym")
     return out
+
+
+def _parse_flag(text: str, option: str) -> tuple[str, Any]:
+    """The option a flag (`gptq`, `sym`, ...) of spec `text` sets, and its value."""
+    if option not in _FLAGS:
+        raise _fail(text, f"unknown option {option!r} (flags: {', '.join(_FLAGS)}; "
+                          f"settings: {_SETTINGS})")
+    return _FLAGS[option]
+
+
+def _parse_setting(text: str, key: str, value: str) -> tuple[str, Any]:
+    """The option a `key=value` setting of spec `text` sets, and its checked value."""
+    if key == "axis":
+        if value not in ("out", "in", "auto"):
+            raise _fail(text, f"axis must be out, in or auto, got {value!r}")
+        return "axis", value
+    if key == "scale":
+        if value not in ("f16", "bf16", "f32"):
+            raise _fail(text, f"scale must be f16, bf16 or f32, got {value!r}")
+        return "scale", value
+    if key == "keep":
+        if not value:
+            raise _fail(text, "keep= needs at least one layer pattern")
+        return "keep", value
+    if key == "promote":
+        fraction = _number(value)
+        if not 0.0 <= fraction <= 1.0:
+            raise _fail(text, f"promote= takes a fraction in 0..1, got {value!r}")
+        return "promote", fraction
+    if key == "damp":
+        damp = _number(value)
+        if not 0.0 < damp <= 1.0:
+            raise _fail(text, f"damp= takes a fraction in (0, 1], got {value!r}")
+        return "damp", damp
+    if key == "rot":
+        block = int(value) if value.isdigit() else 0
+        if block < 2 or block & (block - 1):
+            raise _fail(text, f"rot= takes a power of two >= 2 (the Hadamard block), "
+                              f"got {value!r}")
+        return "rotate", block
+    raise _fail(text, f"unknown setting {key!r} (settings: {_SETTINGS})")
 
 
 def quant_pipeline_entry(text: str) -> str:

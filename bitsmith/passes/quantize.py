@@ -36,10 +36,10 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import PassError
-from ..ir import Module, Operation, Value, graph
+from ..ir import Module, Operation, OpResult, Value, graph
 from ..ir.builder import Builder
 from ..ir.dialects import quant
-from ..ir.dialects.graph.linalg import conv_windows, to_nchw, window_out
+from ..ir.dialects.graph.linalg import Window2dOp, conv_windows, to_nchw, window_out
 from ..ir.dtypes import DTypeError, IntType, LowFloatType, parse_dtype
 from ..ir.interpreter import EvalContext, bind_input, evaluate_op
 from ..ir.packing import pack_rows
@@ -89,7 +89,7 @@ def _target(op: Operation, module: Module) -> _Layer | str | None:
     """The layer when `op` is a linear layer or an ungrouped conv2d with a constant f32
     weight (W as [N, K]: a conv's OIHW weight flattened to [O, I*KH*KW]); why not, when it
     is a conv that cannot be quantized; None for anything else."""
-    if op.name == "graph.conv2d":
+    if op.name == "graph.conv2d" and isinstance(op, Window2dOp):
         return _conv_target(op, module)
     if op.name == "graph.linear":
         transposed = True
@@ -107,7 +107,7 @@ def _target(op: Operation, module: Module) -> _Layer | str | None:
                   operand=lambda w: w if transposed else w.T)
 
 
-def _conv_target(op: Operation, module: Module) -> _Layer | str | None:
+def _conv_target(op: Window2dOp, module: Module) -> _Layer | str | None:
     name = _constant_weight(module, op, 4)
     if name is None:
         return None
@@ -120,9 +120,9 @@ def _conv_target(op: Operation, module: Module) -> _Layer | str | None:
 
     def rows(x: np.ndarray) -> np.ndarray:  # im2col: one row per output pixel
         x = to_nchw(x, op.layout)
-        out_hw = tuple(window_out(x.shape[2 + i], (kh, kw)[i], op.stride[i], op.padding[i],
-                                  op.dilation[i]) for i in range(2))
-        win = conv_windows(op, x, (kh, kw), out_hw)  # [B, C, OH, OW, KH, KW]
+        oh, ow = (int(window_out(x.shape[2 + i], (kh, kw)[i], op.stride[i], op.padding[i],
+                                 op.dilation[i])) for i in range(2))
+        win = conv_windows(op, x, (kh, kw), (oh, ow))  # [B, C, OH, OW, KH, KW]
         return np.moveaxis(win, 1, 3).reshape(-1, oihw[0].size)
 
     def operand(w: np.ndarray) -> np.ndarray:
@@ -137,7 +137,10 @@ def _run_calibration(module: Module, layers: dict[Operation, _Layer],
     Hessian X^T X; `on_layer` (called when a layer's Hessian is complete) returns the weight
     [N, K] that layer then runs with (the quantized one), so later layers see its output."""
     envs = []
-    for batch in module.calibration:
+    for i, batch in enumerate(module.calibration):
+        if len(batch) != len(module.inputs):
+            raise PassError(f"quantize: calibration batch {i} has {len(batch)} input(s); the "
+                            f"model takes {len(module.inputs)} ({', '.join(module.input_names)})")
         ctx = EvalContext(module.weights)
         args = [bind_input(ctx, arg, np.asarray(x), name)
                 for arg, x, name in zip(module.inputs, batch, module.input_names, strict=True)]
@@ -156,10 +159,10 @@ def _run_calibration(module: Module, layers: dict[Operation, _Layer],
         weight = on_layer(layer) if (layer is not None and on_layer is not None) else None
         for ctx, env in envs:
             operands = [env[v] for v in op.operands]
-            if weight is not None:
+            if weight is not None and layer is not None:
                 operands[1] = layer.operand(weight)
             env.update(zip(op.results, evaluate_op(op, ctx, operands), strict=True))
-        for ctx, env in envs:  # drop values nothing later reads
+        for _ctx, env in envs:  # drop values nothing later reads
             for v in op.operands:
                 if all(u is op or _before(u, op) for u in v.users):
                     env.pop(v, None)
@@ -167,7 +170,15 @@ def _run_calibration(module: Module, layers: dict[Operation, _Layer],
 
 def _before(user: Operation, op: Operation) -> bool:
     block = op.parent
-    return user.parent is block and block.index(user) < block.index(op)
+    return block is not None and user.parent is block and block.index(user) < block.index(op)
+
+
+def _defining_op(value: Value) -> Operation:
+    """The op whose result `value` is (every weight `_target` accepts is one)."""
+    if not isinstance(value, OpResult):
+        raise PassError(f"quantize: expected an op's result, got block argument "
+                        f"'{value.name_hint or '?'}'")
+    return value.op
 
 
 @register_pass("quantize")
@@ -225,7 +236,7 @@ class Quantize(ModulePass):
         for op in module.ops:
             layer = _target(op, module)
             if isinstance(layer, str):
-                name = op.operands[1].op.weight
+                name = _defining_op(op.operands[1]).weight
                 kept.append({"layer": name, "shape": list(op.operands[1].type.shape),
                              "format": "f32", "reason": layer})
                 ctx.remark(f"{name}: {layer}")
@@ -278,7 +289,7 @@ class Quantize(ModulePass):
                                      rtn(layer.weight, self.qtype(self.bits, GroupAxis.OUT)),
                                      layer.hessian) for op, layer in layers.items()}
         count = math.ceil(self.promote * len(layers))
-        for op in sorted(errors, key=errors.get, reverse=True)[:count]:
+        for op in sorted(errors, key=errors.__getitem__, reverse=True)[:count]:
             layers[op].bits = min(8, self.bits + PROMOTE_BITS)
             ctx.remark(f"promoted {layers[op].name} to {layers[op].bits} bits "
                        f"(RTN error {errors[op]:.2e} at {self.bits})")
@@ -310,6 +321,9 @@ class Quantize(ModulePass):
         for axis in axes:
             qtype = self.qtype(layer.bits, axis)
             if self.method == "gptq":
+                if h is None:
+                    raise PassError(f"quantize: {layer.name}: method=gptq needs the layer's "
+                                    "Hessian, from calibration inputs")
                 q = gptq(w, h, qtype, act_order=self.act_order, damp=self.damp)
             else:
                 q = rtn(w, qtype, None if h is None else np.diag(h))
@@ -337,8 +351,8 @@ class Quantize(ModulePass):
         shape = quant.scale_shape(qt, (n, k))
         scale = constant("scale", qt.scale_dtype.cast(q.scale), TensorType(shape, qt.scale_dtype))
         zero = None
-        if q.zero is not None:
-            zdt = quant.zero_dtype(qt)
+        zdt = quant.zero_dtype(qt)
+        if q.zero is not None and zdt is not None:
             zero = constant("zero", zdt.cast(q.zero), TensorType(shape, zdt))
         x = op.operands[0]
         r = layer.rotation
@@ -366,12 +380,12 @@ class Quantize(ModulePass):
                 bias = b.value(graph.ReshapeOp, bias, result_types=[
                     bias.type.with_shape((bias.type.shape[0], 1, 1))])
             out = b.value(graph.BINARY_OPS["add"], out, bias)
-        src = op.operands[1].op
+        src = _defining_op(op.operands[1])
         op.result.replace_all_uses_with(out)
         op.erase()
         if not src.result.uses:
             src.erase()
-        nbytes = sum(module.weights[v.op.weight].nbytes for v in (codes, scale, zero)
+        nbytes = sum(module.weights[_defining_op(v).weight].nbytes for v in (codes, scale, zero)
                      if v is not None)
         return {"layer": layer.name, "op": op.name.split(".")[1], "shape": [n, k],
                 "format": qt.storage.name,

@@ -42,6 +42,9 @@ class Executor:
         for key in ("values", "inputs", "outputs", "weights", "steps"):
             if key not in plan:
                 raise ArtifactError(f"execution plan lacks '{key}'; recompile the model")
+        if len(plan["inputs"]) != len(artifact.manifest.inputs):
+            raise ArtifactError(f"execution plan has {len(plan['inputs'])} input(s), the "
+                                f"signature {len(artifact.manifest.inputs)}; recompile the model")
         self.plan = plan
         self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-")
         paths = artifact.extract_libraries(self._dir.name)
@@ -76,10 +79,10 @@ class Executor:
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Validate inputs against the signature, run every step, return the outputs."""
-        arrays = [np.asarray(a) for a in arrays]
+        inputs = [np.asarray(a) for a in arrays]
         with self._lock:
-            bound = self.bind(*arrays)
-            for view, array in zip(bound.inputs, arrays, strict=True):
+            bound = self.bind(*inputs)
+            for view, array in zip(bound.inputs, inputs, strict=True):
                 np.copyto(view, array)
             for kernel, args in bound.calls:
                 kernel(*args)
@@ -87,11 +90,11 @@ class Executor:
 
     def profile(self, *arrays: np.ndarray, repeat: int = 20) -> list[tuple[str, float]]:
         """Median seconds of each kernel call over `repeat` runs, in plan order."""
-        arrays = [np.asarray(a) for a in arrays]
+        inputs = [np.asarray(a) for a in arrays]
         times: list[list[float]] = []
         with self._lock:
-            bound = self.bind(*arrays)
-            for view, array in zip(bound.inputs, arrays, strict=True):
+            bound = self.bind(*inputs)
+            for view, array in zip(bound.inputs, inputs, strict=True):
                 np.copyto(view, array)
             times = [[] for _ in bound.calls]
             for _ in range(repeat + 1):
@@ -128,14 +131,15 @@ class _Bound:
         vids = list(live)
         sizes = [align_up(max(1, math.prod(shapes[v]) * dtypes[v].itemsize), ALIGNMENT)
                  for v in vids]
-        offsets = assign_offsets([(size, live[v][0], live[v][1]) for v, size in zip(vids, sizes, strict=True)])
+        offsets = assign_offsets([(size, live[v][0], live[v][1])
+                                  for v, size in zip(vids, sizes, strict=True)])
         total = max((o + s for o, s in zip(offsets, sizes, strict=True)), default=0)
         raw = np.empty(total + ALIGNMENT, np.uint8)
         first = -raw.ctypes.data % ALIGNMENT
         self.arena = raw[first:first + total]
         self.views: dict[str, np.ndarray] = {}
         tensors: dict[str, Any] = dict(executor.weights)
-        for vid, offset, size in zip(vids, offsets, sizes, strict=True):
+        for vid, offset, _size in zip(vids, offsets, sizes, strict=True):
             nbytes = math.prod(shapes[vid]) * dtypes[vid].itemsize
             view = self.arena[offset:offset + nbytes].view(dtypes[vid]).reshape(shapes[vid])
             self.views[vid] = view

@@ -32,15 +32,14 @@ class CompiledModel:
 
     def __call__(self, *inputs: Any) -> Any:
         torch = sys.modules.get("torch")  # torch tensors can only come from a loaded torch
-        as_torch = torch is not None and any(isinstance(x, torch.Tensor) for x in inputs)
-        if as_torch and hasattr(self.executor, "run_torch"):  # GPU tensors stay on the GPU
+        if torch is None or not any(isinstance(x, torch.Tensor) for x in inputs):
+            outs = self.executor.run(*[np.asarray(x) for x in inputs])
+        elif hasattr(self.executor, "run_torch"):  # GPU tensors stay on the GPU
             outs = self.executor.run_torch(*(torch.as_tensor(x) for x in inputs))
-            return outs[0] if len(outs) == 1 else tuple(outs)
-        arrays = [x.detach().cpu().numpy() if as_torch and isinstance(x, torch.Tensor)
-                  else np.asarray(x) for x in inputs]
-        outs = self.executor.run(*arrays)
-        if as_torch:
-            outs = [torch.from_numpy(o) for o in outs]
+        else:
+            arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+                      for x in inputs]
+            outs = [torch.from_numpy(o) for o in self.executor.run(*arrays)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def report(self) -> str:

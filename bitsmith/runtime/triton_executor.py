@@ -106,6 +106,10 @@ class TritonExecutor:
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
         self.plan = artifact.manifest.plan
+        inputs = self.plan.get("inputs", ())
+        if len(inputs) != len(artifact.manifest.inputs):
+            raise ArtifactError(f"execution plan has {len(inputs)} input(s), the signature "
+                                f"{len(artifact.manifest.inputs)}; recompile the model")
         self.device = device()
         self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-triton-")
         self.modules = {name: load_source(name, data.decode(), self._dir.name)
@@ -156,10 +160,10 @@ class TritonExecutor:
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Validate inputs against the signature, launch every kernel, return the outputs."""
         import torch  # noqa: PLC0415
-        arrays = [np.asarray(a) for a in arrays]
+        inputs = [np.asarray(a) for a in arrays]
         with self._lock:
-            buffers, calls = self._bind(bind_inputs(self.artifact.manifest.inputs, arrays))
-            for vid, array in zip(self.plan["inputs"], arrays, strict=True):
+            buffers, calls = self._bind(bind_inputs(self.artifact.manifest.inputs, inputs))
+            for vid, array in zip(self.plan["inputs"], inputs, strict=True):
                 buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
             launch(calls)
             return [buffers[v].cpu().numpy().copy() for v in self.plan["outputs"]]

@@ -184,7 +184,8 @@ def encode_response(model: str, request_id: str | None, specs: Sequence[TensorSp
                     arrays: Sequence[np.ndarray]) -> bytes:
     """The KServe v2 infer response body, tensor data flat in row-major order."""
     outputs = [{"name": s.name, "datatype": DATATYPES.get(s.dtype, s.dtype.upper()),
-                "shape": list(a.shape), "data": _jsonable(a)} for s, a in zip(specs, arrays, strict=True)]
+                "shape": list(a.shape), "data": _jsonable(a)}
+               for s, a in zip(specs, arrays, strict=True)]
     doc: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outputs}
     if request_id is not None:
         doc["id"] = request_id

@@ -86,7 +86,7 @@ def check_loopback(url: str) -> None:
     """Raise LoadTestError unless `url`'s host resolves to a loopback address."""
     host = urlsplit(url).hostname or ""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as exc:
         raise LoadTestError(f"cannot resolve {host!r}: {exc}") from None
     if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
@@ -133,13 +133,13 @@ def request_body(metadata: Mapping[str, Any], rows: int = 1,
 async def fetch_metadata(url: str, model: str) -> dict[str, Any]:
     """GET /v2/models/{model}; LoadTestError when the server cannot be reached or lacks it."""
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{url}/v2/models/{model}") as response:
-                doc = await response.json(content_type=None)
-                if response.status != 200:
-                    raise LoadTestError(f"{url}/v2/models/{model}: {response.status} "
-                                        f"{doc.get('error', doc)}")
-                return doc
+        async with (aiohttp.ClientSession() as session,
+                    session.get(f"{url}/v2/models/{model}") as response):
+            doc = await response.json(content_type=None)
+            if response.status != 200:
+                raise LoadTestError(f"{url}/v2/models/{model}: {response.status} "
+                                    f"{doc.get('error', doc)}")
+            return doc
     except aiohttp.ClientError as exc:
         raise LoadTestError(f"cannot reach {url}: {exc}") from None
 

@@ -133,7 +133,7 @@ class ServedModel:
                for s in self.inputs for axis, d in enumerate(s.shape)):
             return []
         sizes = self.sizes or (None,)
-        return [[np.zeros(tuple(size if (axis == 0 and size) else d
+        return [[np.zeros(tuple(size if (axis == 0 and size) else int(d)
                                 for axis, d in enumerate(s.shape)), NUMPY_DTYPES[s.dtype])
                  for s in self.inputs] for size in sizes]
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from bitsmith.autotune.fingerprint import (
 )
 from bitsmith.codegen.template import TEMPLATES, Target
 from bitsmith.codegen.tvm.target import host_target
+
+from ..support import assert_imports_without
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +111,5 @@ def test_descriptors_are_numbers_from_the_fingerprint() -> None:
 
 
 def test_fingerprint_imports_without_torch() -> None:
-    code = ("import sys, bitsmith.autotune.fingerprint, bitsmith.autotune.cost_model; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert_imports_without(["bitsmith.autotune.fingerprint", "bitsmith.autotune.cost_model"],
+                           ["torch"])

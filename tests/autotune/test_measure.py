@@ -103,6 +103,7 @@ def build(inp):
 '''
 
 
+@pytest.mark.slow  # waits out a hung build's 20 s timeout and restarts the pool: 39-53 s
 def test_a_crashing_and_a_hanging_candidate_do_not_stop_the_others(bert_kernels, tmp_path,
                                                                    monkeypatch) -> None:
     (tmp_path / "bitsmith_faults.py").write_text(FAULTS)

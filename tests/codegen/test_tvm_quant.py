@@ -14,7 +14,8 @@ from bitsmith.ir.dtypes import IntType, f16, f32, parse_dtype
 from bitsmith.ir.packing import pack_rows
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 
-from .tvm_checks import build_and_run, check_module, inputs_for, kernel_calls
+from ..support import random_inputs
+from .tvm_checks import build_and_run, check_module, kernel_calls
 
 
 def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0) -> Module:
@@ -100,7 +101,8 @@ def test_subnormal_decode_gives_nan_not_zeros_when_subnormals_are_flushed() -> N
     qt = QuantType(IntType(4, True), 64, GroupAxis.OUT, f16, ZeroPoint.NONE)
     module = qlinear_module(qt, 1, 8, 128)
     passes.run(module, "fuse")
-    kernel, args, ctx = next(kernel_calls(module, inputs_for(module, 1)))
+    arrays = random_inputs(module, 1, ints=(0, 5), floats_as=np.float32)
+    kernel, args, ctx = next(kernel_calls(module, arrays))
     want = kernel.evaluate(ctx, *args)
     template, problem = select(kernel, host_target())
     config = Config({**template.default_config(problem, host_target()),

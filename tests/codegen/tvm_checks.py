@@ -14,7 +14,11 @@ from bitsmith.codegen.tvm.templates import select
 from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
 
-RTOL = {"float32": 2e-5}
+from ..support import assert_outputs_match, random_inputs, tolerance
+
+RTOL = tolerance(np.float32)
+"""Every float output: the CPU templates compute in f32 and round once at the end, as the
+interpreter does, so even f16 and bf16 outputs agree to f32 rounding."""
 
 
 def build_and_run(kernel: ir.Operation, arrays: list[np.ndarray], want: list[np.ndarray],
@@ -40,31 +44,11 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
     want = kernel.evaluate(ctx, *arrays)
     name, outs = build_and_run(kernel, arrays, want, config)
     assert template is None or name == template, (name, template)
-    for got, expected in zip(outs, want, strict=True):
-        assert got.shape == expected.shape and got.dtype == expected.dtype
-        if expected.dtype.kind == "f":
-            finite = np.isfinite(expected)
-            np.testing.assert_array_equal(got[~finite], expected[~finite])  # inf/nan as is
-            want, have = expected[finite].astype(np.float64), got[finite].astype(np.float64)
-            scale = max(float(np.abs(want).max(initial=0.0)), 1e-6)
-            err = float(np.abs(have - want).max(initial=0.0)) / scale
-            assert err < RTOL["float32"], f"{kernel.kernel_name}: relative error {err:.2e}"
-        else:
-            np.testing.assert_array_equal(got, expected)
+    try:
+        assert_outputs_match(outs, want, RTOL)
+    except AssertionError as exc:
+        raise AssertionError(f"{kernel.kernel_name} ({name}): {exc}") from None
     return name
-
-
-def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for arg in module.inputs:
-        shape = tuple(d if isinstance(d, int) else batch for d in arg.type.shape)
-        dtype = arg.type.dtype
-        if dtype.is_float:
-            out.append(rng.standard_normal(shape).astype(np.float32))
-        else:
-            out.append(rng.integers(0, 5, shape).astype(dtype.numpy_dtype))
-    return out
 
 
 def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = None,
@@ -77,7 +61,8 @@ def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = 
         passes.run(module, pipeline)
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
     for batch in batches:
-        for op, args, ctx in kernel_calls(module, inputs or inputs_for(module, batch)):
+        arrays = inputs or random_inputs(module, batch, ints=(0, 5), floats_as=np.float32)
+        for op, args, ctx in kernel_calls(module, arrays):
             run_kernel(op, args, ctx, config, template)
     return len(kernels)
 

@@ -9,6 +9,8 @@ import torch
 
 from bitsmith import ir
 
+from ..support import assert_outputs_match
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 RTOL = 1e-4  # f32: the interpreter must match torch to this relative error
 
@@ -26,13 +28,7 @@ def torch_outputs(model: torch.nn.Module, inputs: tuple) -> list[np.ndarray]:
 def assert_matches_torch(module: ir.Module, model: torch.nn.Module, inputs: tuple) -> None:
     """Interpreter outputs equal torch's within RTOL (relative to each output's max)."""
     got = ir.interpret(module, *[t.numpy() for t in inputs])
-    want = torch_outputs(model, inputs)
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        scale = max(float(np.abs(w).max()), 1e-6)
-        err = float(np.abs(g.astype(np.float64) - w).max()) / scale
-        assert err < RTOL, f"relative error {err:.2e} >= {RTOL}"
+    assert_outputs_match(got, torch_outputs(model, inputs), RTOL)
 
 
 def assert_round_trips(module: ir.Module, inputs: tuple) -> None:

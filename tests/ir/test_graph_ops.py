@@ -6,7 +6,6 @@ compared with torch: floats within a per-dtype tolerance, ints, bools and shapes
 """
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -18,10 +17,8 @@ from bitsmith import ir
 from bitsmith.ir import dtypes, graph
 from bitsmith.ir.types import TensorType, symbol
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-TOL = {np.dtype(np.float32): {"rtol": 1e-5, "atol": 1e-6},
-       np.dtype(np.float16): {"rtol": 1e-3, "atol": 1e-3},
-       BF16: {"rtol": 8e-3, "atol": 8e-3}}
+from ..support import BF16, is_float, randint, randn, tolerance
+
 FLOATS = [np.float32, np.float16, BF16]
 SETTINGS = settings(derandomize=True, database=None, max_examples=60, deadline=None)
 
@@ -60,29 +57,19 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def expect(got: np.ndarray, want: torch.Tensor, exact: bool = False) -> None:
-    """Same shape and dtype; floats within TOL (NaNs where torch has them), else exact."""
+    """Same shape and dtype; floats element by element within the dtype's tolerance, relative
+    above 1 and absolute below (NaNs where torch has them), else exact."""
     ref = as_numpy(want)
     assert got.shape == ref.shape, f"shape {got.shape}, torch {ref.shape}"
     assert got.dtype == ref.dtype, f"dtype {got.dtype}, torch {ref.dtype}"
-    if ref.dtype in TOL and not exact:
+    if is_float(ref.dtype) and not exact:
+        tol = tolerance(ref.dtype)
         np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32),
-                                   equal_nan=True, **TOL[ref.dtype])
-    elif ref.dtype in TOL:  # numpy's comparisons do not see bfloat16 NaNs
+                                   equal_nan=True, rtol=tol, atol=tol)
+    elif is_float(ref.dtype):  # numpy's comparisons do not see bfloat16 NaNs
         np.testing.assert_array_equal(got.astype(np.float32), ref.astype(np.float32))
     else:
         np.testing.assert_array_equal(got, ref)
-
-
-def randn(*shape: int, dtype: object = np.float32, seed: int = 0) -> np.ndarray:
-    """Standard normal values, rounded into `dtype`."""
-    x = np.asarray(np.random.default_rng(seed).standard_normal(shape), np.float32)
-    return x.astype(dtype)
-
-
-def randint(*shape: int, lo: int = -9, hi: int = 10, dtype: object = np.int32,
-            seed: int = 0) -> np.ndarray:
-    """Uniform integers in [lo, hi)."""
-    return np.asarray(np.random.default_rng(seed).integers(lo, hi, shape)).astype(dtype)
 
 
 TESTED_OPS = [

@@ -13,14 +13,9 @@ from bitsmith.ir import dtypes, graph
 from bitsmith.ir.dialects.func import ReturnOp
 from bitsmith.ir.types import TensorType, symbol
 
-TOL = {np.dtype(np.float32): {"rtol": 1e-5, "atol": 1e-5},
-       np.dtype(np.float16): {"rtol": 2e-3, "atol": 2e-3}}
+from ..support import randn, tolerance
+
 NHWC_TO_NCHW, NCHW_TO_NHWC, OIHW_TO_HWIO = (0, 3, 1, 2), (0, 2, 3, 1), (2, 3, 1, 0)
-
-
-def randn(*shape: int, dtype: object = np.float32, seed: int = 0) -> np.ndarray:
-    """Standard normal values, rounded into `dtype`."""
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32).astype(dtype)
 
 
 def build(op_cls: type[ir.Operation], *types: TensorType, **attrs: object) -> ir.Module:
@@ -41,11 +36,13 @@ def run1(op_cls: type[ir.Operation], *arrays: np.ndarray, **attrs: object) -> np
 
 
 def expect(got: np.ndarray, want: torch.Tensor) -> None:
-    """Same shape and dtype as torch's result, values within the dtype's tolerance."""
+    """Same shape and dtype as torch's result; values element by element within the dtype's
+    tolerance, relative above 1 and absolute below."""
     ref = want.detach().numpy()
     assert got.shape == ref.shape, f"shape {got.shape}, torch {ref.shape}"
     assert got.dtype == ref.dtype, f"dtype {got.dtype}, torch {ref.dtype}"
-    np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), **TOL[ref.dtype])
+    tol = tolerance(ref.dtype)
+    np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol)
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:

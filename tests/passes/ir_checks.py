@@ -11,7 +11,7 @@ from bitsmith.ir import print_module
 from bitsmith.passes import PassManager
 from bitsmith.passes.manager import PassRecord
 
-SYMBOL_SIZE = 2  # what a symbolic input dim is bound to when making random inputs
+from ..support import assert_outputs_match, random_inputs
 
 
 def func(signature: str, body: str) -> str:
@@ -24,32 +24,6 @@ def func(signature: str, body: str) -> str:
 def text(module: ir.Module) -> str:
     """The printed module without locations (what before/expected pairs compare)."""
     return print_module(module, locations=False)
-
-
-def random_inputs(module: ir.Module, seed: int = 0) -> list[np.ndarray]:
-    """One random array per input (floats normal, ints small, symbolic dims SYMBOL_SIZE)."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for arg in module.inputs:
-        shape = tuple(d if isinstance(d, int) else SYMBOL_SIZE for d in arg.type.shape)
-        dtype = arg.type.dtype
-        if dtype.is_float:
-            arrays.append(dtype.cast(rng.standard_normal(shape)))
-        else:
-            arrays.append(dtype.cast(rng.integers(-5, 6, shape)))
-    return arrays
-
-
-def assert_same_outputs(got: list[np.ndarray], want: list[np.ndarray], rtol: float) -> None:
-    """Equal outputs: bit for bit when rtol is 0, else within rtol of each output's largest."""
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        if rtol == 0:
-            np.testing.assert_array_equal(a, b)
-        else:
-            scale = float(np.max(np.abs(b.astype(np.float64)))) if b.size else 0.0
-            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
 
 
 def check_pass(before: str, expected: str, pipeline: str, *,
@@ -66,7 +40,7 @@ def check_pass(before: str, expected: str, pipeline: str, *,
     report = PassManager(pipeline).run(module)
     got = text(module)
     assert got == text(ir.parse(expected, weights=module.weights))
-    assert_same_outputs(ir.interpret(module, *inputs), want, rtol)
+    assert_outputs_match(ir.interpret(module, *inputs), want, rtol)
     again = PassManager(pipeline).run(module)
     assert text(module) == got
     assert [r.stats for r in again.records] == [dict.fromkeys(r.stats, 0)

@@ -2,13 +2,14 @@
 outputs are unchanged, and fusion leaves far fewer kernels than there were ops."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from bitsmith import ir, models, passes
 from bitsmith.frontend import from_torch
 from bitsmith.models.hf import ARCHS
+
+from ..support import assert_outputs_match
 
 RTOL = 1e-5
 # Most kernels / ops fusion may leave. Attention models fuse to about a third; in a CNN every
@@ -33,10 +34,7 @@ def check_pipeline(module: ir.Module, inputs: tuple, target: str) -> tuple[int, 
     passes.run(module, passes.default_pipeline(target))
     top = {op.name for op in module.ops}
     assert top <= {"kernel.fused", "graph.constant", "func.return"}, top
-    got = ir.interpret(module, *arrays)
-    for g, w in zip(got, want, strict=True):
-        scale = max(float(np.abs(w).max()), 1e-6)
-        assert float(np.abs(g.astype(np.float64) - w).max()) / scale < RTOL
+    assert_outputs_match(ir.interpret(module, *arrays), want, RTOL)
     kernels = sum(op.name == "kernel.fused" for op in module.ops)
     return before, kernels
 

@@ -6,7 +6,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +98,42 @@ def metric(server: LiveServer, name: str, **labels: str) -> float:
     """The value of one sample in the server's registry (0 when it has none yet)."""
     value = server.state.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def answered(server: LiveServer, model: str) -> float:
+    """Infer requests the server answered for `model`, whatever the status."""
+    return sum(sample.value for family in server.state.metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == "bitsmith_requests_total" and sample.labels["model"] == model)
+
+
+def arrived(server: LiveServer, model: str) -> float:
+    """Requests that reached `model`'s queue: waiting, started or refused as overload."""
+    return (metric(server, "bitsmith_queue_depth", model=model)
+            + metric(server, "bitsmith_queue_seconds_count", model=model)
+            + metric(server, "bitsmith_requests_total", model=model, code="503",
+                     reason="queue_full"))
+
+
+def wait_for(condition: Callable[[], object], what: str, seconds: float = 60.0) -> None:
+    """Poll until `condition()` holds; fail saying `what` never happened. The bound is only
+    there so that a broken server fails the test instead of hanging it."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {seconds:g} s"
+        time.sleep(0.01)
+
+
+CLEAN_REFUSALS = {503: ("is full", "is overloaded", "is warming up", "shutting down"),
+                  504: ("timed out after",)}
+"""What the README documents a request may get instead of its outputs when the server is busy:
+503 with Retry-After (queue full, overloaded, warming up, draining) or 504 (deadline passed)."""
+
+
+def assert_refused_cleanly(answer: Answer) -> None:
+    """A documented 503 (with Retry-After) or 504, whose error says which."""
+    assert answer.status in CLEAN_REFUSALS, (answer.status, answer.body)
+    if answer.status == 503:
+        assert int(answer.headers["Retry-After"]) >= 1, answer.headers
+    error = answer.json()["error"]
+    assert any(why in error for why in CLEAN_REFUSALS[answer.status]), error

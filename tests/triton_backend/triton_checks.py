@@ -15,10 +15,11 @@ from bitsmith.ir.interpreter import EvalContext, kernel_calls
 from bitsmith.ir.packing import to_storage
 from bitsmith.runtime.triton_executor import as_torch, bind_launches, device, launch, load_source
 
-RTOL = {"float32": 2e-5, "float16": 1e-3}
-"""Max error relative to the largest magnitude: f32 kernels agree to f32 rounding; f16 ones to
-about an f16 ulp (tiled kernels feed f16 tiles to `tl.dot`, as the GPU will, where the
-interpreter rounds once at the end)."""
+from ..support import assert_outputs_match, random_inputs
+
+# Tolerances are the table's (tests/support): f32 kernels agree to f32 rounding; f16 ones to
+# about an f16 ulp (tiled kernels feed f16 tiles to `tl.dot`, as the GPU will, where the
+# interpreter rounds once at the end).
 
 
 def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
@@ -37,32 +38,11 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
         module = load_source(kernel.kernel_name, built.source, tmp)
         launch(bind_launches(module, built.launches, inputs, outs,
                              {str(k): v for k, v in ctx.bindings.items()}))
-    for got, expected in zip(outs, want, strict=True):
-        got = got.cpu().numpy()
-        assert got.shape == expected.shape and got.dtype == expected.dtype
-        if expected.dtype.kind == "f":
-            finite = np.isfinite(expected)
-            np.testing.assert_array_equal(got[~finite], expected[~finite])
-            w, h = expected[finite].astype(np.float64), got[finite].astype(np.float64)
-            scale = max(float(np.abs(w).max(initial=0.0)), 1e-6)
-            err = float(np.abs(h - w).max(initial=0.0)) / scale
-            assert err < RTOL[expected.dtype.name], (
-                f"{kernel.kernel_name}: relative error {err:.2e}\n{built.source}")
-        else:
-            np.testing.assert_array_equal(got, expected)
+    try:
+        assert_outputs_match([o.cpu().numpy() for o in outs], want)
+    except AssertionError as exc:
+        raise AssertionError(f"{kernel.kernel_name}: {exc}\n{built.source}") from None
     return built.source
-
-
-def inputs_for(module: ir.Module, batch: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for arg in module.inputs:
-        shape = tuple(d if isinstance(d, int) else batch for d in arg.type.shape)
-        if arg.type.dtype.is_float:
-            out.append(rng.standard_normal(shape).astype(np.float32))
-        else:
-            out.append(rng.integers(0, 5, shape).astype(arg.type.dtype.numpy_dtype))
-    return out
 
 
 def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = None,
@@ -74,16 +54,18 @@ def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = 
     if pipeline:
         passes.run(module, pipeline)
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    # floats as f32 and ints in [0, 5), as the kernels' callers hand them over
+    arrays = {b: random_inputs(module, b, ints=(0, 5), floats_as=np.float32) for b in batches}
     if template is None:
         for batch in batches:
-            for op, args, ctx in kernel_calls(module, inputs_for(module, batch)):
+            for op, args, ctx in kernel_calls(module, arrays[batch]):
                 run_kernel(op, args, ctx, config)
         return len(kernels)
     chosen = TEMPLATES[template]
     matched = {op for op in kernels if chosen.match(op) is not None}
     assert matched, f"template {template} matches none of the kernels"
     for batch in batches:
-        for op, args, ctx in kernel_calls(module, inputs_for(module, batch)):
+        for op, args, ctx in kernel_calls(module, arrays[batch]):
             if op in matched:
                 run_kernel(op, args, ctx, config, template)
             else:

@@ -166,10 +166,10 @@ class Emitter:
             yield var
 
     def reduce(self, combine: str, init: str, extents: Sequence[str],
-               body: Callable[[list[str]], str]) -> str:
-        """An f32 accumulator over the nested loops `extents`: acc = combine(acc, body(r))
-        where combine is "sum", "max", "min" or "prod"."""
-        acc = self.let(f"tl.zeros({self.lanes}, tl.float32) + {init}", "acc")
+               body: Callable[[list[str]], str], dtype: str = "tl.float32") -> str:
+        """An accumulator (f32 unless `dtype`) over the nested loops `extents`:
+        acc = combine(acc, body(r)) where combine is "sum", "max", "min" or "prod"."""
+        acc = self.let(f"tl.zeros({self.lanes}, {dtype}) + {init}", "acc")
 
         def nest(vars: list[str]) -> None:
             if len(vars) == len(extents):
@@ -277,12 +277,19 @@ def _unary(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     kind = op.name.split(".")[1]
     if kind == "sign" and not is_float(op.operands[0]):
         return f"tl.where({x} > 0, 1, tl.where({x} < 0, -1, 0)).to({tl_dtype(op.result.type)})"
+    if kind in ("floor", "ceil") and not is_float(op.operands[0]):
+        return x  # integers are whole already
     return _UNARY[kind].format(x)
 
 
 @rule("relu")
 def _relu(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
-    return f"tl.maximum({em.at(op.operands[0], idx)}, 0)"
+    x = em.at(op.operands[0], idx)
+    return f"tl.maximum({x}, 0{NAN_ARG if is_float(op.operands[0]) else ''})"
+
+
+NAN_ARG = ", propagate_nan=tl.PropagateNan.ALL"
+"""tl.maximum/tl.minimum keep a NaN operand only when asked (torch and numpy keep it)."""
 
 
 @rule("round")
@@ -358,10 +365,11 @@ def _where(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
 @rule("clamp")
 def _clamp(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     out = em.at(op.operands[0], idx)
+    nan = NAN_ARG if is_float(op.operands[0]) else ""
     if op.min is not None and not (isinstance(op.min, float) and math.isinf(op.min)):
-        out = f"tl.maximum({out}, {op.min!r})"
+        out = f"tl.maximum({out}, {op.min!r}{nan})"
     if op.max is not None and not (isinstance(op.max, float) and math.isinf(op.max)):
-        out = f"tl.minimum({out}, {op.max!r})"
+        out = f"tl.minimum({out}, {op.max!r}{nan})"
     return out
 
 

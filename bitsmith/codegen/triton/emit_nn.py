@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ...ir import Operation, Value
 from ...ir.dtypes import IntType, LowFloatType
 from ...ir.packing import WORD
@@ -125,6 +127,27 @@ def _gather(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     return em.at(op.x, src)
 
 
+@rule("index")
+def _index(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
+    """x[..., i0, i1, ...] at adjacent axes (the index tensors broadcast together and take the
+    indexed dims' place); negative indices count from the end."""
+    rank = op.x.type.rank
+    axes = [a % rank for a in op.axes]
+    if axes != list(range(axes[0], axes[-1] + 1)):
+        raise CodegenError("Triton lowering of graph.index over non-adjacent axes is not "
+                           "written yet")
+    indices = op.operands[1:]
+    picked = max(v.type.rank for v in indices)
+    at = idx[axes[0]:axes[0] + picked]
+    src = list(idx[:axes[0]])
+    for axis, value in zip(axes, indices, strict=True):
+        v = em.at(value, em.broadcast(value, at))
+        size = em.dim(op.x.type.shape[axis])
+        src.append(em.let(f"tl.where({v} < 0, {v} + {size}, {v})", "ix"))
+    src += idx[axes[0] + picked:]
+    return em.at(op.x, src)
+
+
 # ---- reductions -------------------------------------------------------------------------------
 def _reduced(op: Operation, axes: list[int], keepdim: bool, idx: list[str],
              loop: list[str]) -> list[str]:
@@ -155,33 +178,50 @@ def _reduce(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     combine, init = {"sum": ("sum", "0.0"), "mean": ("sum", "0.0"), "max": ("max", NEG_INF),
                      "min": ("min", POS_INF), "prod": ("prod", "1.0"), "all": ("min", "1.0"),
                      "any": ("max", "0.0")}[kind]
-    if not is_float(x) and kind not in ("all", "any", "max", "min"):
-        raise CodegenError(f"Triton lowering of integer {op.name} is not written yet")
-
-    def body(loop: list[str]) -> str:
-        v = em.at(x, _reduced(op, axes, op.keepdim, idx, loop))
-        return f"({v} != 0).to(tl.float32)" if kind in ("all", "any") else f"{v}.to(tl.float32)"
-    acc = em.reduce(combine, init, extents, body)
-    if kind == "mean":
-        return f"{acc} / ({' * '.join(extents)})"
     if kind in ("all", "any"):
+        acc = em.reduce(combine, init, extents, lambda loop: (
+            f"({em.at(x, _reduced(op, axes, op.keepdim, idx, loop))} != 0).to(tl.float32)"))
         return f"({acc} != 0)"
-    if not is_float(x):
-        return f"{acc}.to({tl_dtype(op.result.type)})"
-    return acc
+    if is_float(x):
+        acc = em.reduce(combine, init, extents, lambda loop: (
+            f"{em.at(x, _reduced(op, axes, op.keepdim, idx, loop))}.to(tl.float32)"))
+        return f"{acc} / ({' * '.join(extents)})" if kind == "mean" else acc
+    # integers accumulate in i64 (an f32 accumulator loses integers past 2**24), then wrap
+    low, high = _int_range(x)
+    init = {"sum": "0", "prod": "1", "max": str(low), "min": str(high)}[kind]
+    acc = em.reduce(combine, init, extents, lambda loop: (
+        f"{em.at(x, _reduced(op, axes, op.keepdim, idx, loop))}.to(tl.int64)"), "tl.int64")
+    return f"{acc}.to({tl_dtype(op.result.type)})"
+
+
+def _int_range(value: Value) -> tuple[int, int]:
+    """The smallest and largest value of an integer (or bool) tensor's element type."""
+    dtype = value.type.dtype.numpy_dtype
+    if dtype.kind == "b":
+        return 0, 1
+    info = np.iinfo(dtype)
+    return max(int(info.min), -(2**63) + 1), min(int(info.max), 2**63 - 1)
 
 
 @rule("argmax", "argmin")
 def _argmax(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
-    """The first index of the max (min), as numpy."""
+    """The first index of the max (min), as numpy: the first NaN where there is one."""
     x = op.operands[0]
     axis = op.axis % x.type.rank
-    best = em.let(f"tl.zeros({em.lanes}, tl.float32) + "
-                  f"{NEG_INF if op.name == 'graph.argmax' else POS_INF}", "best")
+    largest = op.name == "graph.argmax"
+    if is_float(x):
+        start, dtype = NEG_INF if largest else POS_INF, "tl.float32"
+    else:
+        low, high = _int_range(x)
+        start, dtype = str(low if largest else high), "tl.int64"
+    best = em.let(f"tl.zeros({em.lanes}, {dtype}) + {start}", "best")
     where = em.let(f"tl.zeros({em.lanes}, tl.int64)", "arg")
     with em.loop(em.dim(x.type.shape[axis])) as r:
         v = em.at(x, _reduced(op, [axis], op.keepdim, idx, [r]))
-        better = em.let(f"{v} {'>' if op.name == 'graph.argmax' else '<'} {best}")
+        better = f"{v} {'>' if largest else '<'} {best}"
+        if is_float(x):  # a NaN beats all but an earlier NaN
+            better = f"({better}) | (({v} != {v}) & ({best} == {best}))"
+        better = em.let(better)
         em.emit(f"{where} = tl.where({better}, {r}, {where})")
         em.emit(f"{best} = tl.where({better}, {v}, {best})")
     return where

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import re
 
+from ...ir.dialects.graph.nn import AxisOp, NormOp
+from ...ir.dialects.graph.reduce import ReduceOp
 from ...ir.dialects.kernel import FusedOp
 from ...ir.types import format_dim
 from .emit import Emitter, tl_dtype
@@ -22,9 +24,8 @@ from .emit_nn import unravel
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
 
-ROW_OPS = ("graph.softmax", "graph.log_softmax", "graph.layer_norm", "graph.rms_norm",
-           "graph.reduce_sum", "graph.reduce_mean", "graph.reduce_max", "graph.reduce_min",
-           "graph.reduce_all", "graph.reduce_any")
+ROW_OPS = (AxisOp, NormOp, ReduceOp)
+"""The reductions a row program computes across its lanes (softmax, norms, reduce_*)."""
 
 MAX_NESTING = 3
 LANES = [f"lr{d}" for d in range(MAX_NESTING)]
@@ -58,11 +59,12 @@ class RowEmitter(Emitter):
             self.roots[var] = lanes
         return var
 
-    def reduce(self, combine: str, init: str, extents: list[str], body) -> str:
+    def reduce(self, combine: str, init: str, extents: list[str], body,
+               dtype: str = "tl.float32") -> str:
         sizes = [int(e) for e in extents if e.isdigit()]
         if (combine not in _LANE_COMBINE or len(sizes) != len(extents)
-                or self.depth_lanes >= MAX_NESTING):
-            return super().reduce(combine, init, extents, body)
+                or self.depth_lanes >= MAX_NESTING or dtype != "tl.float32"):
+            return super().reduce(combine, init, extents, body, dtype)
         saved = (len(self.lines), [dict(s) for s in self.scopes], dict(self.roots))
         lane = f"lr{self.depth_lanes}"  # defined at the top of the function
         self.depth_lanes += 1
@@ -93,7 +95,7 @@ def row_block(kernel: FusedOp) -> int | None:
     """The lanes a row program needs (a power of two covering each output row and each
     reduced extent), or None when the region is not a row kernel."""
     ops = kernel.body_ops
-    if not any(o.name in ROW_OPS for o in ops):
+    if not any(isinstance(o, ROW_OPS) for o in ops):
         return None
     extents: list[object] = []
     for value in kernel.regions[0].block.terminator.operands:
@@ -102,11 +104,11 @@ def row_block(kernel: FusedOp) -> int | None:
         extents.append(value.type.shape[-1])
     for op in ops:
         x = op.operands[0] if op.operands else None
-        if op.name in ("graph.softmax", "graph.log_softmax"):
+        if isinstance(op, AxisOp):
             extents.append(x.type.shape[op.axis % x.type.rank])
-        elif op.name in ("graph.layer_norm", "graph.rms_norm"):
+        elif isinstance(op, NormOp):
             extents.append(_prod(x.type.shape[x.type.rank - op.ndim:]))
-        elif op.name.startswith("graph.reduce_"):
+        elif isinstance(op, ReduceOp):
             rank = x.type.rank
             axes = sorted(a % rank for a in op.axes) or list(range(rank))
             extents.append(_prod([x.type.shape[a] for a in axes]))

@@ -24,8 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...ir import Operation
-from ...ir.dialects import graph
+from ...ir import Operation, Trait
 from ...ir.dialects.kernel import FusedOp
 from ..template import (
     TEMPLATES,
@@ -43,7 +42,7 @@ from . import emit_nn  # noqa: F401 - registers the nn and quant rules
 from .attention import attention_op, generate_attention, head_blocks
 from .emit import generate
 from .rows import generate_rows, row_block
-from .tiles import ANCHORS, anchor_of, contraction, generate_contraction
+from .tiles import anchor_of, contraction, generate_contraction
 
 TRITON_VERSION = "3.6"
 """The Triton the generated sources are written for (`tl` API of 3.x)."""
@@ -60,15 +59,10 @@ class TritonKernel:
     packs: dict[int, Any] = field(default_factory=dict)  # no pre-packed weights on the GPU
 
 
-EPILOGUE = frozenset({c.name for c in graph.UNARY_OPS.values()}
-                     | {c.name for c in graph.BINARY_OPS.values()}
-                     | {"graph.gelu", "graph.clamp", "graph.cast", "graph.where",
-                        "graph.constant", "graph.full"})
-"""Elementwise ops: what the epilogue (or a prologue on an operand) of a tiled contraction may
-hold."""
-NOT_ROWS = frozenset(ANCHORS) | {"graph.attention", "graph.max_pool2d", "graph.avg_pool2d",
-                                 "graph.adaptive_avg_pool2d"}
-"""Ops that make a region a contraction, a window or attention rather than a row kernel."""
+def in_epilogue(op: Operation) -> bool:
+    """Elementwise ops and sources: what the epilogue (or a prologue on an operand) of a tiled
+    contraction may hold."""
+    return op.has(Trait.ELEMENTWISE, Trait.SOURCE)
 
 
 def signature(op: FusedOp) -> str:
@@ -98,19 +92,24 @@ class TritonTemplate(KernelTemplate):
     rank = 1
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        """No block (BLOCK_M/N/K) past the next power of two of the dim it tiles."""
-        return all(config[k] <= _block_cap(problem, d) for k, d in BLOCK_DIMS.items()
-                   if k in config)
+        """No block (BLOCK_M/N/K) past the next power of two of the dim it tiles, unless it
+        is the knob's smallest choice (a dim smaller than every block runs masked)."""
+        return all(config[k.name] <= self._cap(problem, k) for k in self.space.knobs
+                   if k.name in BLOCK_DIMS)
 
     def default_config(self, problem: Problem, target: Target) -> Config:
         """The space's defaults, each block shrunk to the largest choice that fits its dim."""
         values = dict(self.space.default())
         for knob in self.space.knobs:
             if knob.name in BLOCK_DIMS:
-                cap = _block_cap(problem, BLOCK_DIMS[knob.name])
+                cap = self._cap(problem, knob)
                 if values[knob.name] > cap:
                     values[knob.name] = max(c for c in knob.choices if c <= cap)
         return Config(values)
+
+    @staticmethod
+    def _cap(problem: Problem, knob: Knob) -> int:
+        return max(_block_cap(problem, BLOCK_DIMS[knob.name]), min(knob.choices))
 
     def kernel(self, generated: tuple[str, list[dict]], meta: dict, config: Config,
                zero: bool = False) -> TritonKernel:
@@ -152,7 +151,7 @@ class _Tiled(TritonTemplate):
     def match(self, op: Operation) -> Problem | None:
         if not isinstance(op, FusedOp):
             return None
-        anchor = anchor_of(op, EPILOGUE)
+        anchor = anchor_of(op, in_epilogue)
         c = contraction(anchor) if anchor is not None else None
         if c is None:
             return None
@@ -181,7 +180,7 @@ class _Tiled(TritonTemplate):
                                f"{dict(problem.params)}")
         op = problem.op
         meta = self.meta(problem, config)
-        generated = generate_contraction(op, contraction(anchor_of(op, EPILOGUE)), self.inner)
+        generated = generate_contraction(op, contraction(anchor_of(op, in_epilogue)), self.inner)
         return self.kernel(generated, meta, config, zero=meta["SPLIT_K"] > 1)
 
 
@@ -260,7 +259,7 @@ class Rows(TritonTemplate):
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
-        if not isinstance(op, FusedOp) or any(o.name in NOT_ROWS for o in op.body_ops):
+        if not isinstance(op, FusedOp) or any(o.has(Trait.ANCHOR) for o in op.body_ops):
             return None
         block = row_block(op)
         if block is None:

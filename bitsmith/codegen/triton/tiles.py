@@ -21,14 +21,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...ir import Operation, Value
+from ...ir import Anchor, Operation, Value
 from ...ir.dialects.kernel import FusedOp
 from ...ir.types import format_dim
 from ..template import CodegenError
 from .emit import TL_DTYPES, Emitter, tl_dtype
 from .emit_nn import ravel, unravel, weight_at
 
-ANCHORS = ("graph.linear", "graph.matmul", "graph.conv2d", "quant.linear", "quant.conv2d")
+TILED = (Anchor.MATMUL, Anchor.CONV)
+"""The anchor kinds a tiled contraction computes (pools and attention have templates of their
+own)."""
 
 Dim = int | object
 
@@ -176,11 +178,11 @@ def contraction(op: Operation) -> Contraction | None:
     return None
 
 
-def anchor_of(kernel: FusedOp, epilogue_ops: frozenset[str]) -> Operation | None:
+def anchor_of(kernel: FusedOp, in_epilogue: Callable[[Operation], bool]) -> Operation | None:
     """The region's one contraction when everything else is elementwise and the single output
     has the contraction's shape; None otherwise."""
-    anchors = [o for o in kernel.body_ops if o.name in ANCHORS]
-    if len(anchors) != 1 or any(o.name not in epilogue_ops for o in kernel.body_ops
+    anchors = [o for o in kernel.body_ops if o.ANCHOR in TILED]
+    if len(anchors) != 1 or any(not in_epilogue(o) for o in kernel.body_ops
                                 if o is not anchors[0]):
         return None
     outputs = kernel.regions[0].block.terminator.operands

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import sympy
 import tvm
@@ -26,8 +27,9 @@ from ...ir.packing import row_words
 from ...ir.types import QuantType, TensorType
 from ...runtime.artifact import NUMPY_DTYPES
 from ..template import CodegenError
+from .typed import compute, shape_of
 
-LowerFn = Callable[[Operation, list, "Lowering"], object]
+LowerFn = Callable[[Operation, list, "Lowering"], "te.Tensor | list[te.Tensor]"]
 RULES: dict[str, LowerFn] = {}
 
 
@@ -50,10 +52,10 @@ class Lowering:
     """
 
     def __init__(self, symbolic: bool = False) -> None:
-        self.vars: dict[sympy.Symbol, tvm.tirx.Var] = {}
+        self.vars: dict[sympy.Basic, tvm.tirx.Var] = {}
         self.index = "int64" if symbolic else "int32"
 
-    def dim(self, d: object) -> object:
+    def dim(self, d: object) -> Any:
         """A dim as an int, or a TIR expression over int64 variables."""
         if isinstance(d, int):
             return d if self.index == "int32" else tvm.tirx.const(d, "int64")
@@ -105,13 +107,17 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
         outs = out if isinstance(out, (list, tuple)) else [out]
         for result, tensor in zip(op.results, outs, strict=True):
             env[result] = _as_type(tensor, result.type, op)
-    outputs = []
-    for value in block.terminator.operands:
+    terminator = block.terminator
+    if terminator is None:
+        raise CodegenError(f"kernel '{kernel.kernel_name}': its region has no kernel.yield")
+    outputs: list[te.Tensor] = []
+    for value in terminator.operands:
         tensor = env[value]
         if any(tensor is t for t in inputs + outputs):  # a yielded input still needs a copy
             tensor = _map(tensor, lambda v: v, "copy")
         outputs.append(tensor)
-    return te.create_prim_func(inputs + outputs), inputs, outputs
+    params: list[te.Tensor | tvm.tirx.Var] = [*inputs, *outputs]
+    return te.create_prim_func(params), inputs, outputs
 
 
 def _placeholder(index: int, type: TensorType, lowering: Lowering) -> te.Tensor:
@@ -129,9 +135,9 @@ def _as_type(tensor: te.Tensor, type: TensorType, op: Operation) -> te.Tensor:
     want = tvm_dtype(op, type.dtype)
     if tensor.dtype != want:
         raise CodegenError(f"lowering '{op.name}' gave {tensor.dtype}, its type says {want}")
-    if len(tensor.shape) != type.rank:
-        raise CodegenError(f"lowering '{op.name}' gave rank {len(tensor.shape)}, its type says "
-                           f"{type}")
+    if len(shape_of(tensor)) != type.rank:
+        raise CodegenError(f"lowering '{op.name}' gave rank {len(shape_of(tensor))}, its type "
+                           f"says {type}")
     return tensor
 
 
@@ -145,22 +151,22 @@ def lower_constant(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     flat = [v for v in op.value.array.reshape(-1).tolist()]
     shape = lo.shape(op.result.type)
     if len(set(flat)) == 1:
-        return te.compute(shape, lambda *i: tvm.tirx.const(flat[0], dtype), name="splat")
+        return compute(shape, lambda *i: tvm.tirx.const(flat[0], dtype), name="splat")
     strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
 
-    def element(*idx: object) -> object:
-        flat_index = sum(i * s for i, s in zip(idx, strides, strict=True))
+    def element(*idx: Any) -> Any:
+        flat_index: Any = sum(i * s for i, s in zip(idx, strides, strict=True))
         out = tvm.tirx.const(flat[-1], dtype)
         for k in range(len(flat) - 2, -1, -1):
             out = tvm.tirx.Select(flat_index == k, tvm.tirx.const(flat[k], dtype), out)
         return out
-    return te.compute(shape, element, name="literal")
+    return compute(shape, element, name="literal")
 
 
 @lowers("full")
 def lower_full(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     dtype = tvm_dtype(op, op.result.type.dtype)
-    return te.compute(lo.shape(op.result.type), lambda *i: tvm.tirx.const(op.value, dtype))
+    return compute(lo.shape(op.result.type), lambda *i: tvm.tirx.const(op.value, dtype))
 
 
 # ---- elementwise ------------------------------------------------------------------------------
@@ -176,7 +182,8 @@ _BINARY = {"add": topi.add, "sub": topi.subtract, "mul": topi.multiply,
 
 
 def _float_only(op: Operation) -> None:
-    if not op.operands[0].type.dtype.is_float:
+    dtype = op.operands[0].type.dtype
+    if not (isinstance(dtype, DType) and dtype.is_float):
         raise CodegenError(f"generic lowering of '{op.name}' on {op.operands[0].type.dtype} "
                            "is not written yet (integer semantics differ from TVM's)")
 
@@ -200,14 +207,19 @@ def lower_float_binary(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 @lowers("reciprocal")
 def lower_reciprocal(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     x = args[0]
-    return te.compute(x.shape, lambda *i: tvm.tirx.const(1.0, x.dtype) / x(*i), name="recip")
+    return compute(x.shape, lambda *i: tvm.tirx.const(1.0, x.dtype) / x(*i), name="recip")
 
 
 @lowers("relu")
 def lower_relu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     x = args[0]
-    return te.compute(x.shape, lambda *i: tvm.tirx.max(x(*i), tvm.tirx.const(0, x.dtype)),
-                      name="relu")
+    return _map(x, lambda v: _nan_kept(v, tvm.tirx.max(v, tvm.tirx.const(0, x.dtype)), x.dtype),
+                "relu")
+
+
+def _nan_kept(v: Any, out: Any, dtype: object) -> Any:
+    """`out`, or v where v is NaN (LLVM's max/min would return the other operand)."""
+    return tvm.tirx.Select(tvm.tirx.isnan(v), v, out) if str(dtype).startswith("float") else out
 
 
 @lowers("silu")
@@ -221,20 +233,20 @@ def lower_gelu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     half, one = tvm.tirx.const(0.5, x.dtype), tvm.tirx.const(1.0, x.dtype)
     if op.approximate == "tanh":
         k, c = tvm.tirx.const(math.sqrt(2 / math.pi), x.dtype), tvm.tirx.const(0.044715, x.dtype)
-        return te.compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.tanh(
+        return compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.tanh(
             k * (x(*i) + c * x(*i) * x(*i) * x(*i)))), name="gelu")
     r = tvm.tirx.const(math.sqrt(0.5), x.dtype)
     if x.dtype == "float32":  # libm's erf is scalar; topi's rational approximation vectorises
-        scaled = te.compute(x.shape, lambda *i: x(*i) * r, name="gelu_scaled")
+        scaled = compute(x.shape, lambda *i: x(*i) * r, name="gelu_scaled")
         erf = topi.fast_erf(scaled)
-        return te.compute(x.shape, lambda *i: half * x(*i) * (one + erf(*i)), name="gelu")
-    return te.compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.erf(x(*i) * r)),
-                      name="gelu")
+        return compute(x.shape, lambda *i: half * x(*i) * (one + erf(*i)), name="gelu")
+    return compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.erf(x(*i) * r)),
+                   name="gelu")
 
 
 def _map(x: te.Tensor, fn: Callable[[object], object], name: str) -> te.Tensor:
     """out[i] = fn(x[i])"""
-    return te.compute(x.shape, lambda *i: fn(x(*i)), name=name)
+    return compute(shape_of(x), lambda *i: fn(x(*i)), name=name)
 
 
 @lowers("clamp")
@@ -244,8 +256,9 @@ def lower_clamp(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     high = None if op.max is None or math.isinf(op.max) else tvm.tirx.const(op.max, x.dtype)
 
     def clamp(v: object) -> object:
-        v = v if low is None else tvm.tirx.max(v, low)
-        return v if high is None else tvm.tirx.min(v, high)
+        out = v if low is None else tvm.tirx.max(v, low)
+        out = out if high is None else tvm.tirx.min(out, high)
+        return _nan_kept(v, out, x.dtype)
     return _map(x, clamp, "clamp")
 
 
@@ -260,7 +273,8 @@ def lower_cast(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     if src.is_float and op.dtype.is_int and op.dtype.bits < 64:
         raise CodegenError("generic lowering of float -> narrow int casts (wrap-around) is "
                            "not written yet")
-    return topi.cast(args[0], tvm_dtype(op, op.dtype))
+    # topi.cast of a tensor is one te.compute; its inferred type allows a tuple of outputs
+    return cast(te.Tensor, topi.cast(args[0], tvm_dtype(op, op.dtype)))
 
 
 # ---- shapes -----------------------------------------------------------------------------------
@@ -317,7 +331,7 @@ def lower_reshape(op: Operation, args: list, lo: Lowering) -> te.Tensor:
                 flat = flat // x.shape[axis]
             at[src[0]] = flat
         return x(*at)
-    return te.compute(out_shape, read, name="T_reshape")
+    return compute(out_shape, read, name="T_reshape")
 
 
 @lowers("permute")
@@ -336,7 +350,7 @@ def lower_slice(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     axis = op.axis % op.x.type.rank
     length = op.result.type.shape[axis]
     if not isinstance(length, int):
-        return te.compute(x.shape, lambda *i: x(*i), name="whole_slice")
+        return compute(x.shape, lambda *i: x(*i), name="whole_slice")
     dim = op.x.type.shape[axis]
     start = range(dim)[slice(op.start, op.end, op.step)].start if length else 0
 
@@ -344,7 +358,7 @@ def lower_slice(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         src = list(idx)
         src[axis] = idx[axis] * op.step + start
         return x(*src)
-    return te.compute(lo.shape(op.result.type), element, name="slice")
+    return compute(lo.shape(op.result.type), element, name="slice")
 
 
 @lowers("concat")
@@ -389,11 +403,11 @@ def lower_softmax(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 
 def _ones(shape: Sequence, dtype: str) -> te.Tensor:
-    return te.compute(shape, lambda *i: tvm.tirx.const(1.0, dtype), name="ones")
+    return compute(shape, lambda *i: tvm.tirx.const(1.0, dtype), name="ones")
 
 
 def _zeros(shape: Sequence, dtype: str) -> te.Tensor:
-    return te.compute(shape, lambda *i: tvm.tirx.const(0.0, dtype), name="zeros")
+    return compute(shape, lambda *i: tvm.tirx.const(0.0, dtype), name="zeros")
 
 
 @lowers("layer_norm", "rms_norm")
@@ -422,9 +436,10 @@ def lower_matmul(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     k = te.reduce_axis((0, k_dim), name="k")
     batch = len(out_shape) - 2
 
-    def operand(t: te.Tensor, idx: tuple, row: object, col: object) -> object:
-        lead = idx[batch - (len(t.shape) - 2):batch] if len(t.shape) > 2 else ()
-        lead = [0 if _is_one(t.shape[j]) else i for j, i in enumerate(lead)]
+    def operand(t: te.Tensor, idx: tuple, row: object, col: object) -> Any:
+        shape = shape_of(t)
+        lead = idx[batch - (len(shape) - 2):batch] if len(shape) > 2 else ()
+        lead = [0 if _is_one(shape[j]) else i for j, i in enumerate(lead)]
         return t(*lead, row, col)
 
     def element(*idx: object) -> object:
@@ -432,7 +447,7 @@ def lower_matmul(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         lhs = operand(a, idx, k, i) if op.transpose_lhs else operand(a, idx, i, k)
         rhs = operand(b, idx, j, k) if op.transpose_rhs else operand(b, idx, k, j)
         return te.sum(lhs * rhs, axis=k)
-    return te.compute(out_shape, element, name="matmul")
+    return compute(out_shape, element, name="matmul")
 
 
 def _is_one(d: object) -> bool:
@@ -444,7 +459,7 @@ def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     x, w, *bias = args
     _float_only(op)
     k = te.reduce_axis((0, w.shape[1]), name="k")
-    out = te.compute(lo.shape(op.result.type), lambda *i: te.sum(
+    out = compute(lo.shape(op.result.type), lambda *i: te.sum(
         x(*i[:-1], k) * w(i[-1], k), axis=k), name="linear")
     if bias:
         out = topi.add(out, bias[0])
@@ -480,4 +495,4 @@ def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Ex
     return compile_funcs({"main": func}, f"kernel '{kernel.kernel_name}'", target)
 
 
-from . import lower_nn, lower_quant  # noqa: E402,F401 - registers the nn and quant rules
+from . import lower_math, lower_nn, lower_quant, lower_reduce  # noqa: E402,F401 - registers rules

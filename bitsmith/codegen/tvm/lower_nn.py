@@ -12,6 +12,8 @@ from tvm import te, topi
 from ...ir import Operation
 from ..template import CodegenError
 from .lower import Lowering, lowers, tvm_dtype
+from .lower_reduce import nan_extreme
+from .typed import compute, shape_of
 
 
 def _nchw(op: Operation) -> bool:
@@ -22,8 +24,8 @@ def _padded(x: te.Tensor, op: Operation, value: float, hw_axes: tuple[int, int],
             extra: tuple[int, int] = (0, 0)) -> te.Tensor:
     """x padded by the op's padding on the H and W axes (plus `extra` at the far end)."""
     ph, pw = op.padding
-    before = [0] * len(x.shape)
-    after = [0] * len(x.shape)
+    before = [0] * len(shape_of(x))
+    after = [0] * len(shape_of(x))
     before[hw_axes[0]], before[hw_axes[1]] = ph, pw
     after[hw_axes[0]], after[hw_axes[1]] = ph + extra[0], pw + extra[1]
     if not any(before) and not any(after):
@@ -46,7 +48,7 @@ def lower_conv2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     if bias:
         b = bias[0]
         channel = 1 if _nchw(op) else 3
-        out = te.compute(out.shape, lambda *i: out(*i) + b[i[channel]], name="conv2d_bias")
+        out = compute(shape_of(out), lambda *i: out(*i) + b[i[channel]], name="conv2d_bias")
     return out
 
 
@@ -75,7 +77,7 @@ def conv2d_compute(op: Operation, x: te.Tensor, weight: Callable[..., Any],
         xv = xp[n, ic, iy, ix] if nchw else xp[n, iy, ix, ic]
         # NHWC reads input channels contiguously: make them the innermost reduction
         return te.sum(xv * weight(oc, rc, ry, rx), axis=[rc, ry, rx] if nchw else [ry, rx, rc])
-    return te.compute(lo.shape(op.result.type), element, name="conv2d")
+    return compute(lo.shape(op.result.type), element, name="conv2d")
 
 
 def _pool_extra(op: Operation, lo: Lowering) -> tuple[int, int]:
@@ -103,12 +105,14 @@ def lower_max_pool2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     xp = _padded(x, op, lowest, hw_axes, _pool_extra(op, lo))
     (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.stride, op.dilation
     ry, rx = te.reduce_axis((0, kh), name="ry"), te.reduce_axis((0, kw), name="rx")
+    combine, identity = nan_extreme(dtype, largest=True)  # NaN propagates, as in torch
+    window_max = te.comm_reducer(combine, lambda t: identity, name="window_max")
 
     def element(n: object, a: object, b: object, c: object) -> object:
         if nchw:
-            return te.max(xp[n, a, b * sh + ry * dh, c * sw + rx * dw], axis=[ry, rx])
-        return te.max(xp[n, a * sh + ry * dh, b * sw + rx * dw, c], axis=[ry, rx])
-    return te.compute(lo.shape(op.result.type), element, name="max_pool2d")
+            return window_max(xp[n, a, b * sh + ry * dh, c * sw + rx * dw], axis=[ry, rx])
+        return window_max(xp[n, a * sh + ry * dh, b * sw + rx * dw, c], axis=[ry, rx])
+    return compute(lo.shape(op.result.type), element, name="max_pool2d")
 
 
 @lowers("avg_pool2d")
@@ -138,7 +142,7 @@ def lower_batch_norm(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         if affine:
             out = out * affine[0][c]
         return out + affine[1][c] if len(affine) > 1 else out
-    return te.compute(x.shape, element, name="batch_norm")
+    return compute(x.shape, element, name="batch_norm")
 
 
 @lowers("pad")
@@ -153,11 +157,11 @@ def lower_split(op: Operation, args: list, lo: Lowering) -> list[te.Tensor]:
     axis = op.axis % op.x.type.rank
     outs, start = [], 0
     for result, size in zip(op.results, op.sizes, strict=True):
-        def element(*i: object, offset: int = start) -> object:
+        def element(*i: Any, offset: int = start) -> object:
             src = list(i)
             src[axis] = i[axis] + offset
             return x(*src)
-        outs.append(te.compute(lo.shape(result.type), _positional(element), name="split"))
+        outs.append(compute(lo.shape(result.type), _positional(element), name="split"))
         start += size
     return outs
 
@@ -186,10 +190,10 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             lead[-1] = lead[-1] // group
         return lead
 
-    qk = te.compute(score_shape, lambda *i: te.sum(q(*i[:-1], d) * k(*kv_index(i), i[-1], d),
+    qk = compute(score_shape, lambda *i: te.sum(q(*i[:-1], d) * k(*kv_index(i), i[-1], d),
                                                    axis=d), name="qk")
 
-    def score(*i: object) -> object:
+    def score(*i: Any) -> object:
         s = qk(*i) * tvm.tirx.const(scale, q.dtype)
         if op.is_causal:
             s = tvm.tirx.Select(i[-1] > i[-2], tvm.tirx.const(-math.inf, q.dtype), s)
@@ -202,19 +206,19 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             else:
                 s = s + m(*idx)
         return s
-    scores = te.compute(score_shape, score, name="scores")
+    scores = compute(score_shape, score, name="scores")
     peak = topi.max(scores, axis=rank - 1, keepdims=True)
-    hidden = te.compute(peak.shape, lambda *i: peak(*i) == tvm.tirx.const(-math.inf, q.dtype))
-    probs = te.compute(score_shape, lambda *i: tvm.tirx.Select(
+    hidden = compute(peak.shape, lambda *i: peak(*i) == tvm.tirx.const(-math.inf, q.dtype))
+    probs = compute(score_shape, lambda *i: tvm.tirx.Select(
         hidden(*i[:-1], 0), tvm.tirx.const(0.0, q.dtype),
         tvm.tirx.exp(scores(*i) - peak(*i[:-1], 0))), name="exp")
     total = topi.sum(probs, axis=rank - 1, keepdims=True)
     one = tvm.tirx.const(1.0, q.dtype)
     # normalised before P.V, so that the contraction's consumers need only its result
-    normed = te.compute(score_shape, lambda *i: probs(*i) / tvm.tirx.Select(
+    normed = compute(score_shape, lambda *i: probs(*i) / tvm.tirx.Select(
         total(*i[:-1], 0) > 0, total(*i[:-1], 0), one), name="probs")
     j = te.reduce_axis((0, lk), name="j")
-    return te.compute(lo.shape(op.result.type), lambda *i: te.sum(
+    return compute(lo.shape(op.result.type), lambda *i: te.sum(
         normed(*i[:-1], j) * v(*kv_index(i), j, i[-1]), axis=j), name="pv")
 
 
@@ -226,7 +230,7 @@ def _one(d: object) -> bool:
 def lower_arange(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     dtype = str(tvm_dtype(op, op.result.type.dtype))
     start, step = op.start, op.step
-    return te.compute(lo.shape(op.result.type), lambda i: tvm.tirx.const(start, dtype) + (
+    return compute(lo.shape(op.result.type), lambda i: tvm.tirx.const(start, dtype) + (
         i.astype(dtype) * tvm.tirx.const(step, dtype)), name="arange")
 
 
@@ -256,4 +260,4 @@ def lower_index(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             src.append(tvm.tirx.Select(v < 0, v + x.shape[axis], v))
         src += list(i[axes[0] + picked_rank:])
         return x(*src)
-    return te.compute(lo.shape(op.result.type), element, name="index")
+    return compute(lo.shape(op.result.type), element, name="index")

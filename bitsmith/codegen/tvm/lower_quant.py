@@ -20,6 +20,7 @@ from ...ir.packing import WORD
 from ...ir.types import GroupAxis, QuantType
 from .lower import RULES, Lowering
 from .lower_nn import conv2d_compute
+from .typed import compute
 
 U32 = "uint32"
 
@@ -88,7 +89,7 @@ def lower_dequantize(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     """quant.dequantize: every weight element, materialised."""
     words, scale, *zero = args
     qtype = op.weight.type.dtype
-    return te.compute(lo.shape(op.result.type), lambda n, k: weight_at(
+    return compute(lo.shape(op.result.type), lambda n, k: weight_at(
         qtype, words, scale, zero[0] if zero else None, n, k), name="dequantize")
 
 
@@ -98,7 +99,7 @@ def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     qtype = op.weight.type.dtype
     k = te.reduce_axis((0, op.weight.type.shape[1]), name="k")
     z = zero[0] if zero else None
-    return te.compute(lo.shape(op.result.type), lambda *i: te.sum(
+    return compute(lo.shape(op.result.type), lambda *i: te.sum(
         x(*i[:-1], k) * weight_at(qtype, words, scale, z, i[-1], k), axis=k), name="qlinear")
 
 

@@ -7,42 +7,44 @@ then tile, parallelise and vectorise what is left.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import tvm.s_tir as s_tir
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.schedule import ScheduleError
+from tvm.tirx import IntImm
 
 from ..template import CodegenError
+from .typed import block_of, fuse, loop_of, reorder
 
 REDUCE = 2
 """IterVar.iter_type of a reduction axis (CommReduce)."""
 
 
-def root_blocks(sch: s_tir.Schedule) -> list:
+def root_blocks(sch: s_tir.Schedule) -> list[SBlockRV]:
     """The top-level blocks of the function, in program order."""
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
-def block_name(sch: s_tir.Schedule, block: Any) -> str:
+def block_name(sch: s_tir.Schedule, block: SBlockRV) -> str:
     """The name a block was given (its TE compute's name)."""
-    return sch.get(block).name_hint
+    return block_of(sch, block).name_hint
 
 
-def is_reduction(sch: s_tir.Schedule, block: Any) -> bool:
+def is_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     """True when the block has a reduction axis."""
-    return any(int(iv.iter_type) == REDUCE for iv in sch.get(block).iter_vars)
+    return any(int(iv.iter_type) == REDUCE for iv in block_of(sch, block).iter_vars)
 
 
-def spatial_count(sch: s_tir.Schedule, block: Any) -> int:
+def spatial_count(sch: s_tir.Schedule, block: SBlockRV) -> int:
     """How many of the block's (leading) axes are spatial."""
-    return sum(int(iv.iter_type) != REDUCE for iv in sch.get(block).iter_vars)
+    return sum(int(iv.iter_type) != REDUCE for iv in block_of(sch, block).iter_vars)
 
 
-def static_extent(sch: s_tir.Schedule, loop: Any) -> int | None:
+def static_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
     """A loop's extent if it is a constant."""
-    extent = sch.get(loop).extent
-    return int(extent) if hasattr(extent, "value") else None
+    extent = loop_of(sch, loop).extent
+    return int(extent) if isinstance(extent, IntImm) else None
 
 
 def inline_injective(sch: s_tir.Schedule, keep: Iterable[str] = ()) -> None:
@@ -69,7 +71,7 @@ def inline_injective(sch: s_tir.Schedule, keep: Iterable[str] = ()) -> None:
                 break
 
 
-def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_parallel: int,
+def parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, *, lanes: int, min_parallel: int,
                        cores: int, vectorize: bool = True, vector_factor: int = 4) -> None:
     """Default schedule of one block: vectorise its innermost spatial loop (when it has a
     static extent that lanes divide and no reduction inside it), up to `vector_factor`
@@ -99,9 +101,10 @@ def parallel_vectorize(sch: s_tir.Schedule, block: Any, *, lanes: int, min_paral
     count = 1  # fuse outer loops until there are enough chunks for every core
     work = extents[0] if extents[0] is not None else 64
     while count < len(spatial) and work < 4 * cores:
-        work *= extents[count] if extents[count] is not None else 64
+        extent = extents[count]
+        work *= extent if extent is not None else 64
         count += 1
-    outer = sch.fuse(*spatial[:count]) if count > 1 else spatial[0]
+    outer = fuse(sch, *spatial[:count]) if count > 1 else spatial[0]
     sch.parallel(outer)
 
 
@@ -124,8 +127,8 @@ def auto_schedule(sch: s_tir.Schedule, *, lanes: int, cores: int,
                            vector_factor=vector_factor)
 
 
-def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: int, mr: int,
-                  nr: int, kc: int, order: str, parallel: bool, lanes: int) -> None:
+def register_tile(sch: s_tir.Schedule, compute: SBlockRV, out: SBlockRV | None, *, rows: int,
+                  mr: int, nr: int, kc: int, order: str, parallel: bool, lanes: int) -> None:
     """The CPU GEMM micro-kernel: `compute` (spatial axes ..., n; reduction axes) accumulates an
     mr x nr tile in registers (the tile's rows unrolled, its nr columns vectorised), the
     reduction outermost inside the tile; `out` (its elementwise consumer with the same spatial
@@ -140,13 +143,13 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
                            f"{len(loops)}")
     prefix = list(loops[:len(loops) - rows - 1])
     row_loops = loops[len(loops) - rows - 1:-1]
-    row = sch.fuse(*row_loops) if rows > 1 else row_loops[0]
+    row = fuse(sch, *row_loops) if rows > 1 else row_loops[0]
     col = loops[-1]
     io, ii = sch.split(row, [None, mr])
     jo, ji = sch.split(col, [None, nr])
     tiles = (io, jo) if order == "mn" else (jo, io)
-    sch.reorder(*prefix, *tiles, ii, ji)
-    outer = sch.fuse(*prefix, *tiles)
+    reorder(sch, *prefix, *tiles, ii, ji)
+    outer = fuse(sch, *prefix, *tiles)
     if parallel:
         sch.parallel(outer)
     sch.compute_at(compute, outer, preserve_unit_loops=True)
@@ -158,7 +161,7 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
     reduce = cloops[1 + n_spatial:]
     if len(reduce) == 1 and kc:
         reduce = list(sch.split(reduce[0], [None, kc]))
-    sch.reorder(*reduce, *tile)
+    reorder(sch, *reduce, *tile)
     for loop in tile[:-1]:
         sch.unroll(loop)
     vector = nr % lanes == 0 or nr < lanes
@@ -173,7 +176,7 @@ def register_tile(sch: s_tir.Schedule, compute: Any, out: Any | None, *, rows: i
             sch.unroll(columns)
 
 
-def try_vectorize(sch: s_tir.Schedule, loop: Any) -> bool:
+def try_vectorize(sch: s_tir.Schedule, loop: LoopRV) -> bool:
     """Vectorise `loop` if TensorIR allows it here (it refuses, for one, a loop whose blocks
     carry a predicate from a partial tile); the loop stays scalar otherwise."""
     try:
@@ -183,9 +186,9 @@ def try_vectorize(sch: s_tir.Schedule, loop: Any) -> bool:
     return True
 
 
-def tile_contraction(sch: s_tir.Schedule, compute: Any, consumers: list, fits: bool, *,
-                     rows: int, mr: int, nr: int, kc: int, order: str, parallel: bool,
-                     lanes: int, cores: int) -> None:
+def tile_contraction(sch: s_tir.Schedule, compute: SBlockRV, consumers: Sequence[SBlockRV],
+                     fits: bool, *, rows: int, mr: int, nr: int, kc: int, order: str,
+                     parallel: bool, lanes: int, cores: int) -> None:
     """Register-tile a contraction. When it `fits` (one elementwise consumer with the same
     loops), the tile is computed where that consumer writes it out; otherwise the contraction
     is materialised and every consumer gets the default schedule."""

@@ -30,10 +30,13 @@ import numpy as np
 import tvm
 import tvm.s_tir as s_tir
 from tvm import te, topi
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.schedule import ScheduleError
 
-from ...ir import Operation
+from ...ir import Operation, Trait
+from ...ir.dialects.graph import AttentionOp, Conv2dOp, LinearOp, MatmulOp, SoftmaxOp
 from ...ir.dialects.kernel import FusedOp
+from ...ir.dtypes import DType
 from ..template import (
     CodegenError,
     Config,
@@ -58,10 +61,14 @@ from .schedule import (
     try_vectorize,
 )
 from .target import vector_lanes
+from .typed import block_of, compute, fuse, loop_of, reorder
 
-ELEMENTWISE = frozenset(
-    f"graph.{n}" for n in ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "exp", "log", "sqrt", "rsqrt", "tanh", "erf", "sigmoid", "abs", "neg", "sin", "cos", "floor", "ceil", "reciprocal", "relu", "silu", "gelu", "clamp", "where", "cast", "constant", "full"])
-INJECTIVE = ELEMENTWISE | {f"graph.{n}" for n in ["reshape", "permute", "expand", "slice", "concat", "embedding"]}
+
+def inlinable(op: Operation) -> bool:
+    """Ops whose TE computes inline into the consumer's loop nest (elementwise, broadcasts,
+    data movement, sources): what an epilogue or an `elementwise` kernel may hold."""
+    return op.has(Trait.ELEMENTWISE, Trait.BROADCAST, Trait.INJECTIVE, Trait.SOURCE)
+
 
 
 @dataclass
@@ -92,7 +99,7 @@ class TvmTemplate(KernelTemplate):
             return self.schedule(problem, config, target)
         except (tvm.error.InternalError, ValueError, RuntimeError, ScheduleError) as exc:
             raise CodegenError(f"template {self.name} failed on kernel "
-                               f"'{problem.op.kernel_name}' with {config}: "
+                               f"'{problem.kernel_op.kernel_name}' with {config}: "
                                f"{str(exc).strip().splitlines()[-1]}") from exc
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
@@ -113,6 +120,11 @@ def _constant_input(kernel: FusedOp, value: Any) -> int | None:
 
 def _static(dims: Any) -> bool:
     return all(isinstance(d, int) for d in dims)
+
+
+def _is_float(dtype: object) -> bool:
+    """Whether an element type is a float type (a quantized type is not)."""
+    return isinstance(dtype, DType) and dtype.is_float
 
 
 def pack_panels(weight: np.ndarray, nr: int, transposed: bool) -> np.ndarray:
@@ -154,21 +166,23 @@ class Dense(TvmTemplate):
     def match(self, op: Operation) -> Problem | None:
         if op.name != "kernel.fused":
             return None
-        anchors = [o for o in op.body_ops if o.name in ("graph.linear", "graph.matmul")]
-        if len(anchors) != 1 or any(o.name not in INJECTIVE for o in op.body_ops
+        anchors = [o for o in op.body_ops if isinstance(o, (LinearOp, MatmulOp))]
+        if len(anchors) != 1 or any(not inlinable(o) for o in op.body_ops
                                     if o is not anchors[0]):
             return None
         anchor = anchors[0]
-        if anchor.name == "graph.matmul" and anchor.transpose_lhs:
+        if isinstance(anchor, MatmulOp) and anchor.transpose_lhs:
             return None
         x, w = anchor.operands[0], anchor.operands[1]
         w_index = _constant_input(op, w)
         if w_index is None or w.type.rank != 2 or x.type.rank < 2:
             return None
-        if not _static(x.type.shape[1:]) or not x.type.dtype.is_float:
+        if not _static(x.type.shape[1:]) or not _is_float(x.type.dtype):
             return None
         transposed = anchor.name == "graph.linear" or anchor.transpose_rhs
         n, k = (w.type.shape if transposed else w.type.shape[::-1])
+        if not isinstance(n, int) or not isinstance(k, int):  # a weight's shape is static
+            return None
         rows = x.type.shape[0]
         for d in x.type.shape[1:-1]:
             rows = rows * d
@@ -177,7 +191,7 @@ class Dense(TvmTemplate):
         # vectorised epilogue, and a tile that crossed from one sample into the next has no
         # rectangular footprint in an output that keeps the batch axis
         if x.type.rank > 2:
-            factor = math.prod(x.type.shape[1:-1])
+            factor = math.prod(int(d) for d in x.type.shape[1:-1])  # static: checked above
         else:
             factor = rows if isinstance(rows, int) else 1
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
@@ -187,22 +201,22 @@ class Dense(TvmTemplate):
                                    "transposed": transposed}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        n, k = problem["N"], problem["K"]
-        return (config["TILE_N"] <= -(-n // 16) * 16
-                and problem["row_factor"] % config["TILE_M"] == 0
-                and (config["TILE_K"] == 0 or config["TILE_K"] < k))
+        n, k = int(problem["N"]), int(problem["K"])
+        return (int(config["TILE_N"]) <= -(-n // 16) * 16
+                and int(problem["row_factor"]) % int(config["TILE_M"]) == 0
+                and (config["TILE_K"] == 0 or int(config["TILE_K"]) < k))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        n, k = problem["N"], problem["K"]
-        rows = int(problem["M"]) if problem["M"].isdigit() else 64
-        return Config({"TILE_M": row_tile(problem["row_factor"]),
+        n, k, m = int(problem["N"]), int(problem["K"]), str(problem["M"])
+        rows = int(m) if m.isdigit() else 64
+        return Config({"TILE_M": row_tile(int(problem["row_factor"])),
                        "TILE_N": column_tile(n, vector_lanes(target)), "TILE_K": 0,
                        "ORDER": "mn", "PARALLEL": rows * n * k >= 1 << 17})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        kernel: FusedOp = problem.op
-        anchor = next(o for o in kernel.body_ops if o.name in ("graph.linear", "graph.matmul"))
-        nr, n, k = int(config["TILE_N"]), problem["N"], problem["K"]
+        kernel: FusedOp = problem.kernel_op
+        anchor = next(o for o in kernel.body_ops if isinstance(o, (LinearOp, MatmulOp)))
+        nr, n, k = int(config["TILE_N"]), int(problem["N"]), int(problem["K"])
         dtype = tvm_dtype(anchor, anchor.result.type.dtype)
         packed = te.placeholder((-(-n // nr), k, nr), dtype, name="packed")
 
@@ -223,7 +237,7 @@ class Dense(TvmTemplate):
                     m = m // d
                 return x(m, *reversed(idx), kk)
             padded = -(-n // nr) * nr  # the packed weight's zero columns past N
-            dense = te.compute((rows, tvm.tirx.const(padded, index)), lambda m, j: te.sum(
+            dense = compute((rows, tvm.tirx.const(padded, index)), lambda m, j: te.sum(
                 x_at(m, r) * packed[j // nr, r, j % nr], axis=r), name="dense")
 
             def view(*i: Any) -> Any:
@@ -231,12 +245,12 @@ class Dense(TvmTemplate):
                 for axis, d in zip(i[1:-1], trailing, strict=True):
                     m = m * d + axis
                 return dense[m, i[-1]]
-            out = te.compute(lead + [tvm.tirx.const(n, index)], view, name="dense_rows")
+            out = compute(lead + [tvm.tirx.const(n, index)], view, name="dense_rows")
             if op.name == "graph.linear" and len(args) > 2:
                 out = topi.add(out, args[2])
             return out
-        func, _, _ = lower_kernel(kernel, rules={anchor: rule},
-                                  placeholders={problem["w_index"]: packed})
+        w_index = int(problem["w_index"])
+        func, _, _ = lower_kernel(kernel, rules={anchor: rule}, placeholders={w_index: packed})
         sch = s_tir.Schedule(func)
         inline_injective(sch, keep={"dense"})
         blocks = root_blocks(sch)
@@ -255,9 +269,9 @@ class Dense(TvmTemplate):
                          nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
                          parallel=bool(config["PARALLEL"]), lanes=vector_lanes(target),
                          cores=target.cores)
-        transposed = problem["transposed"]
+        transposed = bool(problem["transposed"])
         return TvmKernel(sch.mod["main"], self.name, config, packs={
-            problem["w_index"]: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
+            w_index: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
 
 
 @register_template
@@ -277,16 +291,17 @@ class Conv2dNHWC(TvmTemplate):
     def match(self, op: Operation) -> Problem | None:
         if op.name != "kernel.fused":
             return None
-        convs = [o for o in op.body_ops if o.name == "graph.conv2d"]
-        if len(convs) != 1 or any(o.name not in INJECTIVE | {"graph.pad"}
-                                  for o in op.body_ops if o is not convs[0]):
+        convs = [o for o in op.body_ops if isinstance(o, Conv2dOp)]
+        if len(convs) != 1 or any(not inlinable(o) for o in op.body_ops if o is not convs[0]):
             return None
         conv = convs[0]
         if getattr(conv, "layout", "NCHW") != "NHWC" or conv.groups != 1:
             return None
-        if _constant_input(op, conv.operands[1]) is None or not _static(conv.result.type.shape[1:]):
+        if _constant_input(op, conv.operands[1]) is None:
             return None
         _, oh, ow, oc = conv.result.type.shape
+        if not (isinstance(oh, int) and isinstance(ow, int) and isinstance(oc, int)):
+            return None
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not conv)
         return Problem(self.name, {
             "x": str(conv.operands[0].type), "w": str(conv.operands[1].type), "OW": ow, "OC": oc,
@@ -294,23 +309,24 @@ class Conv2dNHWC(TvmTemplate):
             "dilation": str(conv.dilation), "epilogue": epilogue}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        return (problem["OW"] % config["TILE_W"] == 0
-                and config["TILE_C"] <= -(-problem["OC"] // 16) * 16)
+        ow, oc = int(problem["OW"]), int(problem["OC"])
+        return (ow % int(config["TILE_W"]) == 0
+                and int(config["TILE_C"]) <= -(-oc // 16) * 16)
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        return Config({"TILE_W": row_tile(problem["OW"]),
-                       "TILE_C": column_tile(problem["OC"], vector_lanes(target)),
+        return Config({"TILE_W": row_tile(int(problem["OW"])),
+                       "TILE_C": column_tile(int(problem["OC"]), vector_lanes(target)),
                        "ORDER": "mn", "PARALLEL": True})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        func, _, _ = lower_kernel(problem.op)
+        func, _, _ = lower_kernel(problem.kernel_op)
         sch = s_tir.Schedule(func)
         inline_injective(sch, keep={"conv2d"})
         blocks = root_blocks(sch)
         conv = next(b for b in blocks if block_name(sch, b) == "conv2d")
-        consumers = [b for b in blocks if not sch.get(b).same_as(sch.get(conv))]
+        consumers = [b for b in blocks if not block_of(sch, b).same_as(block_of(sch, conv))]
         nr = int(config["TILE_C"])
-        fits = (len(consumers) == 1 and problem["OC"] % nr == 0
+        fits = (len(consumers) == 1 and int(problem["OC"]) % nr == 0
                 and len(sch.get_loops(consumers[0])) == 4)
         tile_contraction(sch, conv, consumers, fits, rows=1, mr=int(config["TILE_W"]), nr=nr,
                          kc=0, order=str(config["ORDER"]), parallel=bool(config["PARALLEL"]),
@@ -348,13 +364,14 @@ class Attention(TvmTemplate):
     def match(self, op: Operation) -> Problem | None:
         if op.name != "kernel.fused":
             return None
-        names = [o.name for o in op.body_ops]
-        fused = names.count("graph.attention") == 1
-        decomposed = names.count("graph.matmul") == 2 and "graph.softmax" in names
+        ops = op.body_ops
+        fused = sum(isinstance(o, AttentionOp) for o in ops) == 1
+        decomposed = (sum(isinstance(o, MatmulOp) for o in ops) == 2
+                      and any(isinstance(o, SoftmaxOp) for o in ops))
         if not (fused or decomposed):
             return None
-        if any(n not in INJECTIVE | {"graph.attention", "graph.matmul", "graph.softmax"}
-               for n in names):
+        if any(not (inlinable(o) or isinstance(o, (AttentionOp, MatmulOp, SoftmaxOp)))
+               for o in ops):
             return None
         problem = signature_problem(self.name, op)
         rows = op.results[0].type.shape[-2] if op.results[0].type.rank >= 2 else None
@@ -362,11 +379,11 @@ class Attention(TvmTemplate):
                                    else 0}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        chunks = config["ROW_CHUNKS"]
-        return chunks == 1 or (problem["rows"] >= 2 * chunks and problem["rows"] % chunks == 0)
+        chunks, rows = int(config["ROW_CHUNKS"]), int(problem["rows"])
+        return chunks == 1 or (rows >= 2 * chunks and rows % chunks == 0)
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        func, _, _ = lower_kernel(problem.op)
+        func, _, _ = lower_kernel(problem.kernel_op)
         sch = s_tir.Schedule(func)
         inline_injective(sch, keep=SOFTMAX_BLOCKS)
         blocks = root_blocks(sch)
@@ -380,11 +397,11 @@ class Attention(TvmTemplate):
         if chunks > 1:
             if static_extent(sch, loops[lead]) != problem["rows"]:
                 raise CodegenError(f"attention: expected {problem['rows']} query rows in the "
-                                   f"P.V loop, got extent {sch.get(loops[lead]).extent}")
+                                   f"P.V loop, got extent {loop_of(sch, loops[lead]).extent}")
             chunk, _ = sch.split(loops[lead], [chunks, None])
             loops = [*loops[:lead], chunk]
             lead += 1
-        outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        outer = fuse(sch, *loops[:lead]) if lead > 1 else loops[0]
         if config["PARALLEL"]:
             sch.parallel(outer)
         # producers whose every consumer is under the loop move in first, then the consumers
@@ -403,7 +420,7 @@ class Attention(TvmTemplate):
             _vectorize_over_keys(sch, reductions[0], outer)
         rows, cols, red = sch.get_loops(pv)[-3:]
         if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None:
-            sch.reorder(rows, red, cols)
+            reorder(sch, rows, red, cols)
             sch.decompose_reduction(pv, red)
             try_vectorize(sch, sch.get_loops(pv)[-1])
         return TvmKernel(sch.mod["main"], self.name, config)
@@ -414,16 +431,16 @@ def _uses(expr: Any, var: Any) -> bool:
     return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
 
 
-def _vectorize_over_keys(sch: s_tir.Schedule, qk: Any, outer: Any) -> None:
+def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV) -> None:
     """q.k^T with the keys innermost: K copied under `outer` into a buffer whose last axis is
     the keys (when it is not already), then the depth reduction outside the keys loop and the
     keys vectorised."""
     loops = sch.get_loops(qk)
-    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(outer))]
+    at = [i for i, loop in enumerate(loops) if loop_of(sch, loop).same_as(loop_of(sch, outer))]
     inner = loops[at[0] + 1:] if at else []
     if len(inner) != 3:
         return  # not under `outer`, or a unit rows/keys/depth loop was dropped: leave it
-    block = sch.get(qk)
+    block = block_of(sch, qk)
     keys_var = block.iter_vars[spatial_count(sch, qk) - 1].var
     reads = [i for i, r in enumerate(block.reads)
              if any(_uses(rng.min, keys_var) for rng in r.region)]
@@ -437,7 +454,7 @@ def _vectorize_over_keys(sch: s_tir.Schedule, qk: Any, outer: Any) -> None:
         sch.transform_layout(qk, ("read", reads[0]),
                              lambda *i: (*i[:axis], *i[axis + 1:], i[axis]))
     rows, keys, depth = inner
-    sch.reorder(rows, depth, keys)
+    reorder(sch, rows, depth, keys)
     sch.decompose_reduction(qk, depth)
     try_vectorize(sch, sch.get_loops(qk)[-1])
 
@@ -453,11 +470,11 @@ class _Auto(TvmTemplate):
     key = ("signature",)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        return config["VECTORIZE"] or config["VECTOR_FACTOR"] == 4  # no vectors, no factor
+        return bool(config["VECTORIZE"]) or config["VECTOR_FACTOR"] == 4  # no vectors, no factor
 
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        func, _, _ = lower_kernel(problem.op)
+        func, _, _ = lower_kernel(problem.kernel_op)
         sch = s_tir.Schedule(func)
         lanes = vector_lanes(target) if config["VECTORIZE"] else 1
         auto_schedule(sch, lanes=lanes, cores=target.cores,
@@ -473,7 +490,7 @@ class Elementwise(_Auto):
     name = "elementwise"
 
     def match(self, op: Operation) -> Problem | None:
-        if op.name != "kernel.fused" or any(o.name not in INJECTIVE for o in op.body_ops):
+        if not isinstance(op, FusedOp) or not all(inlinable(o) for o in op.body_ops):
             return None
         return signature_problem(self.name, op)
 

@@ -35,7 +35,7 @@ each decoded weight vector), UNROLL (unroll the positions of a chunk), PARALLEL,
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ import tvm.s_tir as s_tir
 from tvm import te, topi
 
 from ...ir import Operation
+from ...ir.dialects import quant
 from ...ir.dialects.kernel import FusedOp
 from ...ir.dtypes import IntType
 from ...ir.packing import CHUNK, WORD, lane_blocks, rows_to_lanes
@@ -53,7 +54,8 @@ from .lower import Lowering, lower_kernel
 from .lower_quant import decode, decode_factor
 from .schedule import block_name, inline_injective, root_blocks
 from .target import host_target, vector_lanes
-from .templates import INJECTIVE, TvmKernel, TvmTemplate, _constant_input, _static
+from .templates import TvmKernel, TvmTemplate, _constant_input, _static, inlinable
+from .typed import compute, reorder
 
 U32 = "uint32"
 
@@ -109,14 +111,19 @@ def _tree(terms: list) -> Any:
 MAGIC_ONE = 0x3F800000  # the bits of 1.0f: a code in the top mantissa bits gives 1 + code/2**b
 
 
+def _signed_codes(qtype: QuantType) -> bool:
+    """Whether the codes are two's complement integers."""
+    storage = qtype.storage
+    return isinstance(storage, IntType) and storage.signed
+
+
 def _magic(code: Any, qtype: QuantType) -> Any:
     """1 + u / 2**bits as f32 with no conversion instruction: the code moved into the top of
     the mantissa of 1.0, where u is the unsigned code, or for signed codes the code with its
     sign bit flipped (two's complement c -> c + 2**(bits-1)); one XOR does the flip and sets
     the exponent, as the bits are disjoint."""
     bits = qtype.bits
-    storage = qtype.storage
-    top = MAGIC_ONE | ((1 << 22) if storage.signed else 0)
+    top = MAGIC_ONE | ((1 << 22) if _signed_codes(qtype) else 0)
     return tvm.tirx.reinterpret("float32", (code << tvm.tirx.const(23 - bits, U32))
                                 ^ tvm.tirx.const(top, U32))
 
@@ -125,7 +132,7 @@ def _magic_offset(qtype: QuantType) -> float:
     """What to subtract from 2**bits * _magic(code) for the integer code: 2**bits, plus the
     2**(bits-1) that the sign flip added to signed codes."""
     bits = qtype.bits
-    return float((1 << bits) + ((1 << (bits - 1)) if qtype.storage.signed else 0))
+    return float((1 << bits) + ((1 << (bits - 1)) if _signed_codes(qtype) else 0))
 
 
 def _placement(i: Any, bits: int) -> tuple[Any, Any, Any]:
@@ -164,7 +171,7 @@ def _subnormal(words: te.Tensor, n: Any, blk: Any, i: Any, lane: Any, qtype: Qua
         (max(off - 16, 0) if high else off)
     source = _if(high, lo >> tvm.tirx.const(16, U32), lo)
     raw = _if(straddle, joined, source & (mask << u32(at)))
-    if qtype.storage.signed:
+    if _signed_codes(qtype):
         sign = tvm.tirx.const(1 << (bits - 1), U32)
         raw = raw ^ _if(straddle, sign, sign << u32(at))
     return tvm.tirx.reinterpret("float32", raw)
@@ -190,6 +197,224 @@ def _pad_blocks(words: Any, blocks: int) -> Any:
     return np.ascontiguousarray(np.concatenate([words, pad], axis=1))
 
 
+@dataclass(frozen=True, slots=True)
+class _Blocking:
+    """How qdense cuts K: blocks of CHUNK * lanes codes (K padded with zero codes to whole
+    blocks, or to whole groups of whole blocks), scale groups of `g` codes, and chunks (a group,
+    or a block of a longer group) of `positions` vectors, `per_block` chunks to a block."""
+
+    k: int
+    lanes: int
+    block: int
+    blocks: int
+    g: int
+    groups: int
+    chunk: int
+    per_block: int
+    positions: int
+
+    @classmethod
+    def of(cls, qtype: QuantType, k: int, lanes: int) -> _Blocking:
+        """The blocking of a weight of in_features `k` for `lanes` f32 lanes."""
+        block = CHUNK * lanes
+        blocks = lane_blocks(k, lanes)
+        g = qtype.group_size if 0 < qtype.group_size < k else blocks * block
+        if g > block:  # whole groups of whole blocks
+            blocks = -(-k // g) * (g // block)
+        chunk = min(g, block)  # elements of one chunk: a group, or a block of a longer group
+        return cls(k=k, lanes=lanes, block=block, blocks=blocks, g=g, groups=-(-k // g),
+                   chunk=chunk, per_block=block // chunk, positions=chunk // lanes)
+
+    @property
+    def kp(self) -> int:
+        """K padded to whole blocks."""
+        return self.blocks * self.block
+
+    def group_of(self, cb: Any, cs: Any) -> Any:
+        """The scale group of chunk cs of block cb (padding chunks past K: any group will do)."""
+        return tvm.tirx.min((cb * self.block + cs * self.chunk) // self.g, self.groups - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decode:
+    """How the DECODE knob turns a code into f32: the decoded weights are the true ones times
+    `factor` (undone on the output) and off their integer codes by `offset` (corrected with the
+    zero point)."""
+
+    mode: str
+    qtype: QuantType
+    factor: float
+    offset: float
+
+    @classmethod
+    def of(cls, mode: str, qtype: QuantType) -> _Decode:
+        """The decode of `qtype`'s codes by `mode` (subnormal, magic or convert)."""
+        bits = qtype.bits
+        if mode == "magic":  # w = 1 + u / 2**bits; the 2**bits and offset ride on scale, zero
+            return cls(mode, qtype, float(1 << bits), _magic_offset(qtype))
+        if mode == "subnormal":  # w = u * 2**(p-149), x pre-scaled by 2**(126-e-p): _Units
+            return cls(mode, qtype, 1.0, float(1 << (bits - 1)) if _signed_codes(qtype) else 0.0)
+        return cls(mode, qtype, decode_factor(qtype), 0.0)
+
+    def weight(self, words: te.Tensor, j: Any, cb: Any, i: Any, lane: Any) -> Any:
+        """The decoded weight at stream position i of a lane of row j, block cb."""
+        if self.mode == "subnormal":
+            return _subnormal(words, j, cb, i, lane, self.qtype)
+        code = _code(words, j, cb, i, lane, self.qtype.bits)
+        if self.mode == "magic":
+            return _magic(code, qtype=self.qtype)
+        return decode(code, qtype=self.qtype)
+
+
+@dataclass(frozen=True, slots=True)
+class _Units:
+    """The activations the decoded weights multiply (`xs`), and the unit the chunk sums come
+    out in, per row: their true value divided by it. With the subnormal decode the rows are
+    pre-scaled by their exponent `xexp`; otherwise the unit is the decode's constant factor."""
+
+    xs: te.Tensor
+    xexp: te.Tensor | None
+    factor: float
+
+    def unit(self, m: Any) -> Any:
+        """The unit of row m (the products' 2**(-23 - e), undone, or the decode's factor)."""
+        if self.xexp is None:
+            return tvm.tirx.const(self.factor, "float32")
+        return _pow2(23 + self.xexp[m])
+
+    def inverse_unit(self, m: Any) -> Any:
+        """1 / unit(m)."""
+        if self.xexp is None:
+            return tvm.tirx.const(1.0 / self.factor, "float32")
+        return _pow2(-23 - self.xexp[m])
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkTerm:
+    """One (row m, output j, block cb, chunk cs, lane) term of the accumulation: the chunk's
+    decoded weights times its activations, less d * x, d what each code is off its integer
+    value (zero point, sign flip, magic offset), when there is such a d (`xlane` is then the
+    chunk's activations summed per lane, in the units of the chunk sums)."""
+
+    cut: _Blocking
+    decode: _Decode
+    words: te.Tensor
+    xs: te.Tensor
+    xlane: te.Tensor | None
+    zero: te.Tensor | None
+
+    def __call__(self, m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
+        total = self.chunk_sum(m, j, cb, cs, lane)
+        if self.xlane is None:
+            return total
+        return total - self.off_by(j, self.cut.group_of(cb, cs)) * \
+            self.xlane[m, cb * self.cut.per_block + cs, lane]
+
+    def chunk_sum(self, m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
+        """The chunk's decoded weights times its activations, in lane `lane`."""
+        cut = self.cut
+        terms = []
+        for p in range(cut.positions):
+            # cs is unrolled by the schedule, so i is a constant there too
+            i = cs * cut.positions + p if cut.per_block > 1 else p
+            w = self.decode.weight(self.words, j, cb, i, lane)
+            terms.append(w * self.xs[m, cb * cut.block + i * cut.lanes + lane])
+        # two interleaved chains: the FMAs of a chunk need not wait on each other
+        chains = [terms[0::2], terms[1::2]] if len(terms) > 1 else [terms]
+        return _tree([_chain(c) for c in chains])
+
+    def off_by(self, j: Any, gi: Any) -> Any:
+        """d of output j in group gi: the zero point, plus the decode's offset."""
+        d = tvm.tirx.const(self.decode.offset, "float32")
+        if self.zero is None:
+            return d
+        z = self.zero[j, gi].astype("float32")
+        return z if not self.decode.offset else z + d
+
+
+@dataclass(frozen=True, slots=True)
+class _QLinear:
+    """qdense's lowering of its quant.linear: x @ dequantize(W)^T from the lanes-layout `words`
+    [N, blocks, bits, lanes], accumulated per lane in f32, the lanes added once per output."""
+
+    n: int
+    cut: _Blocking
+    decode: _Decode
+    words: te.Tensor
+
+    def __call__(self, op: Operation, args: list, lo: Lowering) -> te.Tensor:
+        x, _, scale, *zero = args
+        lead = list(x.shape[:-1])
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        k, cut, n = self.cut.k, self.cut, self.n
+        flat = topi.reshape(x, (rows, k)) if lead else topi.reshape(x, (1, k))
+        xp = compute((rows, cut.kp), lambda m, kk: tvm.tirx.if_then_else(
+            kk < k, flat[m, tvm.tirx.min(kk, k - 1)], tvm.tirx.const(0.0, "float32")),
+            name="xpad")
+        units = self.units(xp, rows)
+        # the correction d * x is one more FMA per chunk: the chunk's activations are summed
+        # per lane once per call (exact in the units of the chunk sums, powers of two)
+        xlane = self.lane_sums(xp, rows, units) if zero or self.decode.offset else None
+        term = _ChunkTerm(cut, self.decode, self.words, units.xs, xlane,
+                          zero[0] if zero else None)
+        rcb = te.reduce_axis((0, cut.blocks), name="cb")
+        rcs = te.reduce_axis((0, cut.per_block), name="cs")
+        acc = compute((rows, n, cut.lanes), lambda m, j, lane: te.sum(
+            scale[j, cut.group_of(rcb, rcs)].astype("float32") * term(m, j, rcb, rcs, lane),
+            axis=[rcb, rcs]), name="acc")
+        # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
+        dot = compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
+                                                     for lane in range(cut.lanes)]),
+                      name="dot")
+        dot = self.in_true_units(dot, xp, rows, units)
+        return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
+
+    def units(self, xp: te.Tensor, rows: Any) -> _Units:
+        """The activations the decoded weights multiply, and the unit of the chunk sums."""
+        if self.decode.mode != "subnormal":
+            return _Units(xp, None, self.decode.factor)
+        # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
+        # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
+        cut, bits = self.cut, self.decode.qtype.bits
+        rk = te.reduce_axis((0, cut.kp), name="kx")
+        xmax = compute((rows,), lambda m: te.max(tvm.tirx.abs(xp[m, rk]), axis=rk),
+                       name="xmax")
+        xexp = compute((rows,), lambda m: tvm.tirx.max(tvm.tirx.min(
+            (tvm.tirx.reinterpret(U32, xmax[m]) >> tvm.tirx.const(23, U32))
+            .astype("int32") - 127, 104), -1), name="xexp")
+        xs = compute((rows, cut.kp), lambda m, kk: xp[m, kk] * _pow2(
+            126 - xexp[m] - _subnormal_bit((kk % cut.block) // cut.lanes, bits)),
+            name="xscaled")
+        return _Units(xs, xexp, self.decode.factor)
+
+    def lane_sums(self, xp: te.Tensor, rows: Any, units: _Units) -> te.Tensor:
+        """Each chunk's activations summed per lane, in the units of the chunk sums."""
+        cut = self.cut
+        return compute((rows, cut.blocks * cut.per_block, cut.lanes), lambda m, c, lane: _chain(
+            [xp[m, c * cut.chunk + p * cut.lanes + lane] for p in range(cut.positions)])
+            * units.inverse_unit(m), name="xlane")
+
+    def in_true_units(self, dot: te.Tensor, xp: te.Tensor, rows: Any,
+                      units: _Units) -> te.Tensor:
+        """The dot products times their unit (when it is not 1)."""
+        n = self.n
+        if self.decode.mode == "subnormal":
+            # NaN if this thread treats subnormals as zero (DAZ, e.g.
+            # torch.set_flush_denormal(True)): then every weight would read as 0
+            probe = tvm.tirx.reinterpret("float32", tvm.tirx.const(1, U32) + (
+                tvm.tirx.reinterpret(U32, xp[0, 0]) >> tvm.tirx.const(31, U32)))
+            live = probe * tvm.tirx.const(2.0 ** 126, "float32") > tvm.tirx.const(
+                0.0, "float32")
+            return compute((rows, n), lambda m, j: tvm.tirx.Select(
+                live, dot[m, j] * units.unit(m), tvm.tirx.const(float("nan"), "float32")),
+                name="dot_scaled")
+        if self.decode.factor != 1.0:
+            return compute((rows, n), lambda m, j: dot[m, j] * units.unit(m), name="dot_scaled")
+        return dot
+
+
 @register_template
 class QDense(TvmTemplate):
     """out = epilogue(x @ dequantize(W)^T) for a packed constant W: fused dequant-GEMV/GEMM."""
@@ -206,17 +431,17 @@ class QDense(TvmTemplate):
     def match(self, op: Operation) -> Problem | None:
         if op.name != "kernel.fused":
             return None
-        anchors = [o for o in op.body_ops if o.name == "quant.linear"]
-        if len(anchors) != 1 or any(o.name not in INJECTIVE for o in op.body_ops
+        anchors = [o for o in op.body_ops if isinstance(o, quant.LinearOp)]
+        if len(anchors) != 1 or any(not inlinable(o) for o in op.body_ops
                                     if o is not anchors[0]):
             return None
         anchor = anchors[0]
         qtype = anchor.weight.type.dtype
-        indices = [_constant_input(op, v) for v in anchor.operands[1:]]
+        w_index, *others = [_constant_input(op, v) for v in anchor.operands[1:]]
         x = anchor.x
         n, k = anchor.weight.type.shape
-        if (any(i is None for i in indices) or not _static((n, k)) or x.type.rank < 1
-                or not _static(x.type.shape[1:])):
+        if (w_index is None or any(i is None for i in others) or not _static((n, k))
+                or x.type.rank < 1 or not _static(x.type.shape[1:])):
             return None
         if not fast_groups(qtype, k, vector_lanes(host_target())):
             return None
@@ -225,151 +450,39 @@ class QDense(TvmTemplate):
             rows = rows * d
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
         return Problem(self.name, {"M": str(rows), "N": n, "K": k, "qtype": str(qtype),
-                                   "epilogue": epilogue, "w_index": indices[0],
+                                   "epilogue": epilogue, "w_index": w_index,
                                    "int_codes": isinstance(qtype.storage, IntType),
                                    "row_factor": rows if isinstance(rows, int) else 1}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        return (problem["N"] % config["TILE_N"] == 0
-                and problem["row_factor"] % config["TILE_M"] == 0
-                and (config["DECODE"] == "convert" or problem["int_codes"]))
+        return (int(problem["N"]) % int(config["TILE_N"]) == 0
+                and int(problem["row_factor"]) % int(config["TILE_M"]) == 0
+                and (config["DECODE"] == "convert" or bool(problem["int_codes"])))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
         # one row at a time measured fastest for GEMV here (no spills, the x vector loads
         # fold into the FMAs); the tuner tries the taller tiles
         return Config({"TILE_N": 1, "TILE_M": 1,
-                       "UNROLL": True, "PARALLEL": problem["N"] * problem["K"] >= 1 << 16,
+                       "UNROLL": True,
+                       "PARALLEL": int(problem["N"]) * int(problem["K"]) >= 1 << 16,
                        "DECODE": "subnormal" if problem["int_codes"] else "convert"})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        kernel: FusedOp = problem.op
-        anchor = next(o for o in kernel.body_ops if o.name == "quant.linear")
+        kernel: FusedOp = problem.kernel_op
+        anchor = next(o for o in kernel.body_ops if isinstance(o, quant.LinearOp))
         qtype: QuantType = anchor.weight.type.dtype
-        n, k, bits = problem["N"], problem["K"], qtype.bits
+        n, k, bits = int(problem["N"]), int(problem["K"]), qtype.bits
         lanes = vector_lanes(target)
-        block = CHUNK * lanes
-        blocks = lane_blocks(k, lanes)
-        g = qtype.group_size if 0 < qtype.group_size < k else blocks * block
-        if g > block:  # whole groups of whole blocks
-            blocks = -(-k // g) * (g // block)
-        kp = blocks * block
-        groups = -(-k // g)
-        chunk = min(g, block)  # elements of one chunk: a group, or a block of a longer group
-        per_block, positions = block // chunk, chunk // lanes
-        words = te.placeholder((n, blocks, bits, lanes), U32, name="packed")
-        mode = config["DECODE"]
-        if mode == "magic":  # w = 1 + u / 2**bits; the 2**bits and offset ride on scale, zero
-            factor, offset = float(1 << bits), _magic_offset(qtype)
-            value = functools.partial(_magic, qtype=qtype)
-        elif mode == "subnormal":  # w = u * 2**(p-149), x pre-scaled by 2**(126-e-p): below
-            factor = 1.0
-            offset = float(1 << (bits - 1)) if qtype.storage.signed else 0.0
-        else:
-            factor, offset = decode_factor(qtype), 0.0
-            value = functools.partial(decode, qtype=qtype)
-
-        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-            x, _, scale, *zero = args
-            lead = list(x.shape[:-1])
-            rows = 1
-            for d in lead:
-                rows = rows * d
-            flat = topi.reshape(x, (rows, k)) if lead else topi.reshape(x, (1, k))
-            xp = te.compute((rows, kp), lambda m, kk: tvm.tirx.if_then_else(
-                kk < k, flat[m, tvm.tirx.min(kk, k - 1)], tvm.tirx.const(0.0, "float32")),
-                name="xpad")
-
-            # the chunk sums come out in units of unit(m): their true value divided by it
-            xs = xp  # the activations the decoded weights multiply
-            if mode == "subnormal":
-                # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
-                # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
-                rk = te.reduce_axis((0, kp), name="kx")
-                xmax = te.compute((rows,), lambda m: te.max(tvm.tirx.abs(xp[m, rk]), axis=rk),
-                                  name="xmax")
-                xexp = te.compute((rows,), lambda m: tvm.tirx.max(tvm.tirx.min(
-                    (tvm.tirx.reinterpret(U32, xmax[m]) >> tvm.tirx.const(23, U32))
-                    .astype("int32") - 127, 104), -1), name="xexp")
-                xs = te.compute((rows, kp), lambda m, kk: xp[m, kk] * _pow2(
-                    126 - xexp[m] - _subnormal_bit((kk % block) // lanes, bits)),
-                    name="xscaled")
-
-                def unit(m: Any) -> Any:  # the products' 2**(-23 - e), undone
-                    return _pow2(23 + xexp[m])
-
-                def inverse_unit(m: Any) -> Any:
-                    return _pow2(-23 - xexp[m])
-            else:
-                def unit(m: Any) -> Any:  # the decode's constant factor
-                    return tvm.tirx.const(factor, "float32")
-
-                def inverse_unit(m: Any) -> Any:
-                    return tvm.tirx.const(1.0 / factor, "float32")
-
-            def group_of(cb: Any, cs: Any) -> Any:  # padding chunks past K: any group will do
-                return tvm.tirx.min((cb * block + cs * chunk) // g, groups - 1)
-
-            def chunk_sum(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
-                terms = []
-                for p in range(positions):
-                    # cs is unrolled by the schedule, so i is a constant there too
-                    i = cs * positions + p if per_block > 1 else p
-                    w = (_subnormal(words, j, cb, i, lane, qtype) if mode == "subnormal"
-                         else value(_code(words, j, cb, i, lane, bits)))
-                    terms.append(w * xs[m, cb * block + i * lanes + lane])
-                # two interleaved chains: the FMAs of a chunk need not wait on each other
-                chains = [terms[0::2], terms[1::2]] if len(terms) > 1 else [terms]
-                return _tree([_chain(c) for c in chains])
-
-            term = chunk_sum
-            if zero or offset:
-                # subtract d * x, d what each code is off its integer value (zero point, sign
-                # flip, magic offset), lane by lane: the chunk's activations are summed per lane
-                # once per call (xlane, in the units of the chunk sums: exact, as the units are
-                # powers of two), so the correction is one more FMA per chunk
-                xlane = te.compute((rows, blocks * per_block, lanes), lambda m, c, lane: _chain(
-                    [xp[m, c * chunk + p * lanes + lane] for p in range(positions)])
-                    * inverse_unit(m), name="xlane")
-
-                def off_by(j: Any, gi: Any) -> Any:
-                    d = tvm.tirx.const(offset, "float32")
-                    if not zero:
-                        return d
-                    z = zero[0][j, gi].astype("float32")
-                    return z if not offset else z + d
-
-                def term(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
-                    return chunk_sum(m, j, cb, cs, lane) - off_by(j, group_of(cb, cs)) * \
-                        xlane[m, cb * per_block + cs, lane]
-            rcb = te.reduce_axis((0, blocks), name="cb")
-            rcs = te.reduce_axis((0, per_block), name="cs")
-            acc = te.compute((rows, n, lanes), lambda m, j, lane: te.sum(
-                scale[j, group_of(rcb, rcs)].astype("float32") * term(m, j, rcb, rcs, lane),
-                axis=[rcb, rcs]), name="acc")
-            # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
-            dot = te.compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
-                                                             for lane in range(lanes)]),
-                             name="dot")
-            if mode == "subnormal":
-                # NaN if this thread treats subnormals as zero (DAZ, e.g.
-                # torch.set_flush_denormal(True)): then every weight would read as 0
-                probe = tvm.tirx.reinterpret("float32", tvm.tirx.const(1, U32) + (
-                    tvm.tirx.reinterpret(U32, xp[0, 0]) >> tvm.tirx.const(31, U32)))
-                live = probe * tvm.tirx.const(2.0 ** 126, "float32") > tvm.tirx.const(
-                    0.0, "float32")
-                dot = te.compute((rows, n), lambda m, j: tvm.tirx.Select(
-                    live, dot[m, j] * unit(m), tvm.tirx.const(float("nan"), "float32")),
-                    name="dot_scaled")
-            elif factor != 1.0:
-                dot = te.compute((rows, n), lambda m, j: dot[m, j] * unit(m), name="dot_scaled")
-            return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
-
-        func, _, _ = lower_kernel(kernel, rules={anchor: rule},
-                                  placeholders={problem["w_index"]: words})
+        cut = _Blocking.of(qtype, k, lanes)
+        words = te.placeholder((n, cut.blocks, bits, lanes), U32, name="packed")
+        rule = _QLinear(n, cut, _Decode.of(str(config["DECODE"]), qtype), words)
+        w_index = int(problem["w_index"])
+        func, _, _ = lower_kernel(kernel, rules={anchor: rule}, placeholders={w_index: words})
         sch = s_tir.Schedule(func)
-        self._schedule(sch, config, target, per_block)
+        self._schedule(sch, config, target, cut.per_block)
+        blocks = cut.blocks
         return TvmKernel(sch.mod["main"], self.name, config, packs={
-            problem["w_index"]: (f"lanes{lanes}", lambda w: _pad_blocks(
+            w_index: (f"lanes{lanes}", lambda w: _pad_blocks(
                 rows_to_lanes(w, bits, k, lanes), blocks))})
 
     @staticmethod
@@ -381,14 +494,14 @@ class QDense(TvmTemplate):
         m, j = sch.get_loops(dot)
         mo, mi = sch.split(m, [None, tm])
         jo, ji = sch.split(j, [None, tn])
-        sch.reorder(jo, mo, mi, ji)
+        reorder(sch, jo, mo, mi, ji)
         sch.compute_at(acc, mo)
         # compute_at regenerates acc's loops under mo: the spatial ones of the tile (a unit
         # extent is dropped), then the reductions (cb, cs)
         own = sch.get_loops(acc)[2:]
         spatial = (tm > 1) + (tn > 1) + 1
         tile, red = own[:spatial], own[spatial:]
-        sch.reorder(*red, *tile)
+        reorder(sch, *red, *tile)
         if config["PARALLEL"]:
             sch.parallel(jo)
         sch.vectorize(tile[-1])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..core import Operation, register_op
+from ..core import Operation, Trait, register_op
 
 
 @register_op
@@ -11,6 +11,7 @@ class ReturnOp(Operation):
     """Return the function's outputs."""
 
     name = "func.return"
+    TRAITS = frozenset({Trait.TERMINATOR})
     OPERANDS = ("*values",)
     NUM_RESULTS: ClassVar[int | None] = 0
 

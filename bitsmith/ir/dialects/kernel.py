@@ -5,12 +5,12 @@ same types) and each other. `kernel.yield` returns the kernel's outputs.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 
 from ...errors import VerifyError
-from ..core import Operation, attr, register_op
+from ..core import Operation, Trait, attr, register_op
 from ..interpreter import EvalContext, interpret_block
 
 KERNEL_KINDS = ("matmul", "conv", "attention", "reduction", "pool", "elementwise", "injective",
@@ -23,6 +23,7 @@ class YieldOp(Operation):
     """Return a kernel region's outputs."""
 
     name = "kernel.yield"
+    TRAITS = frozenset({Trait.TERMINATOR})
     OPERANDS = ("*values",)
     NUM_RESULTS: ClassVar[int | None] = 0
 
@@ -44,6 +45,7 @@ class FusedOp(Operation):
     """A fused kernel: inputs, a region of graph ops, and the values it yields as results."""
 
     name = "kernel.fused"
+    TRAITS = frozenset({Trait.REGION})
     OPERANDS = ("*inputs",)
     ATTRS = {"kind": attr("str", choices=KERNEL_KINDS), "name": attr("str")}
     NUM_REGIONS = 1
@@ -53,7 +55,7 @@ class FusedOp(Operation):
     @property
     def kernel_name(self) -> str:
         """The `name` attribute (`op.name` is the op kind, "kernel.fused")."""
-        return self.attributes["name"]
+        return cast(str, self.attributes["name"])  # a str by ATTRS, checked by verify()
 
     @property
     def body_ops(self) -> list[Operation]:

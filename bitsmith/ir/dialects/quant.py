@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import VerifyError
-from ..core import Operation, Value, attr, register_op
+from ..core import Anchor, Operation, Trait, Value, attr, register_op
 from ..dtypes import DType, IntType, f32
 from ..interpreter import EvalContext
 from ..types import Dim, GroupAxis, QuantType, TensorType, ZeroPoint, dims_equal, format_dim
@@ -105,8 +105,8 @@ def check_params(op: Operation, weight: Value, scale: Value, zero: Value | None)
         raise VerifyError(op, f"weight must have a !quant.weight element type, got {wt}")
     if wt.rank != 2:
         raise VerifyError(op, f"a quantized weight is 2-d [out, in], got {wt}")
-    q = wt.dtype
-    want = TensorType(scale_shape(q, wt.shape), q.scale_dtype)
+    q, (n, k) = wt.dtype, wt.shape
+    want = TensorType(scale_shape(q, (n, k)), q.scale_dtype)
     if not scale.type.same_as(want):
         raise VerifyError(op, f"scale must be {want} for {wt}, got {scale.type}")
     zdt = zero_dtype(q)
@@ -134,6 +134,7 @@ class DequantizeOp(_QuantParams):
     """The f32 weight of a quantized one: (decode(q) - z) * s."""
 
     name = "quant.dequantize"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("weight", "scale", "zero?")
 
     def infer_types(self) -> list[TensorType]:
@@ -157,13 +158,19 @@ class QuantizeOp(Operation):
         x, out = self.x.type, self.result.type
         if x.dtype != f32:
             raise VerifyError(self, f"quantize takes an f32 tensor, got {x}")
-        if out.rank != 2 or not all(dims_equal(a, b) for a, b in zip(x.shape, out.shape, strict=True)):
-            raise VerifyError(self, f"result must be {x.rank}-d like x {x}, got {out}")
+        if x.rank != 2 or out.rank != 2 or not all(
+                dims_equal(a, b) for a, b in zip(x.shape, out.shape, strict=True)):
+            raise VerifyError(self, f"x and the result must be 2-d [N, K] of one shape, got "
+                                    f"x {x} and result {out}")
         check_params(self, self.result, self.scale, self.zero)
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, scale: np.ndarray,
                  zero: np.ndarray | None = None) -> np.ndarray:
-        return quantize(x, scale, zero, self.result.type.dtype)
+        qtype = self.result.type.dtype
+        if not isinstance(qtype, QuantType):
+            raise VerifyError(self, f"result must have a !quant.weight element type, got "
+                                    f"{self.result.type}")
+        return quantize(x, scale, zero, qtype)
 
 
 @register_op
@@ -171,6 +178,8 @@ class LinearOp(_QuantParams):
     """x @ dequantize(weight)^T for an f32 x [..., K] and a quantized weight [N, K]."""
 
     name = "quant.linear"
+    TRAITS = frozenset({Trait.ANCHOR})
+    ANCHOR = Anchor.MATMUL
     OPERANDS = ("x", "weight", "scale", "zero?")
 
     def infer_types(self) -> list[TensorType]:
@@ -194,6 +203,8 @@ class Conv2dOp(Window2dOp, _QuantParams):
     """graph.conv2d of an f32 x by a quantized weight [O, I/groups*KH*KW] (OIHW flattened)."""
 
     name = "quant.conv2d"
+    TRAITS = frozenset({Trait.ANCHOR, Trait.NCHW})
+    ANCHOR = Anchor.CONV
     OPERANDS = ("x", "weight", "scale", "zero?")
     ATTRS = {"kernel": attr("ints"), "stride": attr("ints", (1, 1)),
              "padding": attr("ints", (0, 0)), "dilation": attr("ints", (1, 1)),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from ....errors import VerifyError
-from ...core import Operation, attr, register_op
+from ...core import Operation, Trait, attr, register_op
 from ...interpreter import EvalContext
 from ...packing import unpack_rows
 from ...types import QuantType
+from .elementwise import plain_dtype
 
 
 @register_op
@@ -23,6 +24,7 @@ class ConstantOp(Operation):
     """
 
     name = "graph.constant"
+    TRAITS = frozenset({Trait.SOURCE})
     ATTRS = {"weight": attr("str", None, optional=True),
              "value": attr("dense", None, optional=True),
              "layout": attr("str", None, optional=True)}
@@ -57,6 +59,7 @@ class FullOp(Operation):
     """A tensor of the result type filled with one value."""
 
     name = "graph.full"
+    TRAITS = frozenset({Trait.SOURCE, Trait.INJECTIVE})
     ATTRS = {"value": attr("any")}
     RESULT_TYPES_GIVEN = True
 
@@ -65,7 +68,7 @@ class FullOp(Operation):
             raise VerifyError(self, f"value must be a number, got {self.value!r}")
 
     def evaluate(self, ctx: EvalContext) -> np.ndarray:
-        dtype = self.result.type.dtype
+        dtype = plain_dtype(self, self.result.type)
         return dtype.cast(np.full(ctx.shape(self.result.type), self.value))
 
 
@@ -74,6 +77,7 @@ class ArangeOp(Operation):
     """start, start + step, ... filling the 1-d result type."""
 
     name = "graph.arange"
+    TRAITS = frozenset({Trait.SOURCE, Trait.INJECTIVE})
     ATTRS = {"start": attr("any", 0), "step": attr("any", 1)}
     RESULT_TYPES_GIVEN = True
 
@@ -89,4 +93,4 @@ class ArangeOp(Operation):
         (n,) = ctx.shape(self.result.type)
         exact = all(isinstance(v, int) for v in (self.start, self.step))  # no float64 rounding
         values = self.start + np.arange(n, dtype=np.int64 if exact else np.float64) * self.step
-        return self.result.type.dtype.cast(values)
+        return plain_dtype(self, self.result.type).cast(values)

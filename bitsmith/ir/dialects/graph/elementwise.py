@@ -1,18 +1,18 @@
 """Elementwise graph ops: unary math and activations, broadcasting binary ops, where, cast."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 from scipy import special
 
 from ....errors import InterpretError, VerifyError
-from ...core import Operation, attr, register_op
+from ...core import Operation, Trait, attr, register_op
 from ...dtypes import DType, boolean
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, broadcast_shapes, normalize_axis
-from ...types import TensorType
+from ...types import Dim, TensorType
 
 
 def plain_dtype(op: Operation, type: TensorType) -> DType:
@@ -30,7 +30,7 @@ def checked_axis(op: Operation, axis: int, rank: int) -> int:
         raise VerifyError(op, str(exc)) from None
 
 
-def checked_broadcast(op: Operation, *shapes: tuple) -> tuple:
+def checked_broadcast(op: Operation, *shapes: Sequence[Dim]) -> tuple[Dim, ...]:
     """The broadcast of `shapes`, or a VerifyError naming the op."""
     try:
         return broadcast_shapes(*shapes)
@@ -47,6 +47,8 @@ def in_float(fn: Callable[..., np.ndarray], dtype: DType, *args: np.ndarray) -> 
 
 class UnaryOp(Operation):
     """Base of one-operand elementwise ops; `fn` is the numpy function on f32."""
+
+    TRAITS = frozenset({Trait.ELEMENTWISE})
 
     OPERANDS = ("x",)
     FLOAT_ONLY: ClassVar[bool] = True
@@ -155,6 +157,8 @@ class ClampOp(UnaryOp):
 class BinaryOp(Operation):
     """Base of broadcasting two-operand ops; both operands share one element type."""
 
+    TRAITS = frozenset({Trait.ELEMENTWISE})
+
     OPERANDS = ("lhs", "rhs")
     RESULT_BOOL: ClassVar[bool] = False
     fn: ClassVar[Callable[[np.ndarray, np.ndarray], np.ndarray]]
@@ -239,6 +243,7 @@ class WhereOp(Operation):
     """cond ? x : y, broadcasting all three."""
 
     name = "graph.where"
+    TRAITS = frozenset({Trait.ELEMENTWISE})
     OPERANDS = ("cond", "x", "y")
 
     def infer_types(self) -> list[TensorType]:
@@ -263,6 +268,7 @@ class CastOp(Operation):
     """Convert to another element type (floats round to nearest even, ints wrap)."""
 
     name = "graph.cast"
+    TRAITS = frozenset({Trait.ELEMENTWISE})
     OPERANDS = ("x",)
     ATTRS = {"dtype": attr("dtype")}
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ....errors import VerifyError
-from ...core import AttrSpec, Operation, attr, register_op
+from ...core import Anchor, AttrSpec, Operation, Trait, attr, register_op
 from ...interpreter import EvalContext
 from ...shapes import ShapeError
 from ...types import Dim, TensorType, dims_equal, format_dim
@@ -32,6 +33,8 @@ class MatmulOp(Operation):
     """
 
     name = "graph.matmul"
+    TRAITS = frozenset({Trait.ANCHOR})
+    ANCHOR = Anchor.MATMUL
     OPERANDS = ("lhs", "rhs")
     ATTRS = {"transpose_lhs": attr("bool", False), "transpose_rhs": attr("bool", False)}
 
@@ -50,9 +53,15 @@ class MatmulOp(Operation):
         shape = list(batch) + ([] if a1 else [a[-2]]) + ([] if b1 else [b[-1]])
         return [self.lhs.type.with_shape(tuple(shape))]
 
+    def _operand_type(self, which: str) -> TensorType:
+        value = self.operand(which)
+        if value is None:  # lhs and rhs are required: operand counts are checked first
+            raise VerifyError(self, f"missing operand '{which}'")
+        return value.type
+
     def _operand_shape(self, which: str) -> list[Dim]:
         """The operand's shape as it enters the product (last two dims swapped if asked)."""
-        t = self.operand(which).type
+        t = self._operand_type(which)
         shape = list(t.shape)
         if self.attributes[f"transpose_{which}"]:
             if t.rank < 2:
@@ -62,7 +71,7 @@ class MatmulOp(Operation):
         return shape
 
     def _describe(self, which: str) -> str:
-        t = self.operand(which).type
+        t = self._operand_type(which)
         return f"{t}^T" if self.attributes[f"transpose_{which}"] else str(t)
 
     def verify_(self) -> None:
@@ -82,6 +91,8 @@ class LinearOp(Operation):
     """x @ weight^T (+ bias), weight laid out [out_features, in_features] as in torch."""
 
     name = "graph.linear"
+    TRAITS = frozenset({Trait.ANCHOR})
+    ANCHOR = Anchor.MATMUL
     OPERANDS = ("x", "weight", "bias?")
 
     def infer_types(self) -> list[TensorType]:
@@ -117,8 +128,9 @@ _HWIO_TO_OIHW = (3, 2, 0, 1)
 
 def checked_layout(op: Operation) -> str:
     """The op's `layout` attribute, checked against LAYOUTS (types are inferred before verify)."""
-    LAYOUT_ATTR.check(op, "layout", op.attributes["layout"])
-    return op.attributes["layout"]
+    layout = op.attributes["layout"]
+    LAYOUT_ATTR.check(op, "layout", layout)
+    return cast(str, layout)  # check() accepts only one of LAYOUTS
 
 
 def to_nchw(x: np.ndarray, layout: str) -> np.ndarray:
@@ -138,6 +150,8 @@ def layout_shape(layout: str, n: Dim, c: Dim, h: Dim, w: Dim) -> tuple[Dim, ...]
 
 def _pair(op: Operation, key: str) -> tuple[int, int]:
     value = op.attributes[key]
+    if not isinstance(value, tuple):
+        raise VerifyError(op, f"attribute '{key}' needs 2 entries (h, w), got {value!r}")
     if len(value) != 2:
         raise VerifyError(op, f"attribute '{key}' needs 2 entries (h, w), got {list(value)}")
     return int(value[0]), int(value[1])
@@ -162,8 +176,8 @@ def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
              pads: tuple[int, int, int, int], dilation: tuple[int, int],
              fill: float) -> np.ndarray:
     """[N, C, OH, OW, KH, KW] windows of x padded by (top, bottom, left, right)."""
-    t, b, l, r = pads
-    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=fill)
+    top, bottom, left, right = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
     span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True))
     win = sliding_window_view(xp, span, axis=(2, 3))
     return win[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
@@ -193,13 +207,13 @@ class Window2dOp(Operation):
         x = self.operands[0].type
         _, _, h, w = self.nchw_dims()
         try:
-            hw = tuple(window_out(size, kernel[i], stride[i], padding[i], dilation[i],
-                                  ceil_mode) for i, size in enumerate((h, w)))
+            hw = (window_out(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode),
+                  window_out(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode))
         except ShapeError as exc:
             raise VerifyError(self, str(exc)) from None
         if any(isinstance(d, int) and d <= 0 for d in hw):
             raise VerifyError(self, f"window larger than the padded input {x}")
-        return hw  # type: ignore[return-value]
+        return hw
 
     def extra_pads(self, x: np.ndarray, kernel: tuple[int, int], out: tuple[int, int]
                    ) -> tuple[int, int, int, int]:
@@ -222,6 +236,8 @@ class Conv2dOp(Window2dOp):
     """
 
     name = "graph.conv2d"
+    TRAITS = frozenset({Trait.ANCHOR, Trait.NCHW, Trait.PAD_PROLOGUE})
+    ANCHOR = Anchor.CONV
     OPERANDS = ("x", "weight", "bias?")
     ATTRS = {"stride": attr("ints", (1, 1)), "padding": attr("ints", (0, 0)),
              "dilation": attr("ints", (1, 1)), "groups": attr("int", 1),
@@ -291,6 +307,10 @@ def conv2d_oihw(op: Window2dOp, ctx: EvalContext, x: np.ndarray, weight: np.ndar
 class Pool2dOp(Window2dOp):
     """Base of 2-d pooling: same channels, windowed height and width, NCHW or NHWC."""
 
+    TRAITS = frozenset({Trait.ANCHOR, Trait.NCHW, Trait.PAD_PROLOGUE})
+
+    ANCHOR = Anchor.POOL
+
     OPERANDS = ("x",)
 
     def infer_types(self) -> list[TensorType]:
@@ -355,6 +375,8 @@ class AdaptiveAvgPool2dOp(Operation):
     """Average over adaptive windows so that the output's H, W is `size` (torch's bounds)."""
 
     name = "graph.adaptive_avg_pool2d"
+    TRAITS = frozenset({Trait.ANCHOR, Trait.NCHW})
+    ANCHOR = Anchor.POOL
     OPERANDS = ("x",)
     ATTRS = {"size": attr("ints"), "layout": LAYOUT_ATTR}
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ....errors import VerifyError
-from ...core import Operation, attr, register_op
+from ...core import Anchor, Operation, Trait, attr, register_op
 from ...dtypes import boolean
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, broadcast_shapes
@@ -22,6 +22,8 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 class AxisOp(Operation):
     """Base of float ops along one axis that keep the input's type."""
+
+    TRAITS = frozenset({Trait.REDUCTION})
 
     OPERANDS = ("x",)
     ATTRS = {"axis": attr("int")}
@@ -60,6 +62,8 @@ class LogSoftmaxOp(AxisOp):
 
 class NormOp(Operation):
     """Base of normalizations over the last `ndim` axes with an optional affine weight/bias."""
+
+    TRAITS = frozenset({Trait.REDUCTION})
 
     ATTRS = {"ndim": attr("int", 1), "eps": attr("float", 1e-5)}
 
@@ -130,6 +134,7 @@ class BatchNormOp(Operation):
     """
 
     name = "graph.batch_norm"
+    TRAITS = frozenset({Trait.BROADCAST})
     OPERANDS = ("x", "mean", "var", "weight?", "bias?")
     ATTRS = {"eps": attr("float", 1e-5), "axis": attr("int", 1)}
 
@@ -173,6 +178,8 @@ class AttentionOp(Operation):
     """
 
     name = "graph.attention"
+    TRAITS = frozenset({Trait.ANCHOR})
+    ANCHOR = Anchor.ATTENTION
     OPERANDS = ("q", "k", "v", "mask?")
     ATTRS = {"is_causal": attr("bool", False), "scale": attr("float", None, optional=True),
              "gqa": attr("bool", False)}

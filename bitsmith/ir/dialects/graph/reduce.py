@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ....errors import VerifyError
-from ...core import Operation, attr, register_op
+from ...core import Operation, Trait, attr, register_op
 from ...dtypes import boolean, i64
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, normalize_axis
@@ -30,6 +30,8 @@ def reduced_shape(op: Operation, shape: tuple, axes: tuple[int, ...], keepdim: b
 
 class ReduceOp(Operation):
     """Base of reductions over `axes` (empty: all), keeping reduced dims when `keepdim`."""
+
+    TRAITS = frozenset({Trait.REDUCTION})
 
     OPERANDS = ("x",)
     ATTRS = {"axes": attr("ints", ()), "keepdim": attr("bool", False)}
@@ -77,6 +79,8 @@ ReduceAllOp = _make("all", np.all, "Logical and over axes.")
 class ArgReduceOp(Operation):
     """Base of index-of-extreme reductions along one axis (first index on ties); i64 result."""
 
+    TRAITS = frozenset({Trait.REDUCTION})
+
     OPERANDS = ("x",)
     ATTRS = {"axis": attr("int"), "keepdim": attr("bool", False)}
     fn: ClassVar[Callable[..., Any]]
@@ -111,6 +115,7 @@ class CumsumOp(Operation):
     """Inclusive cumulative sum along an axis."""
 
     name = "graph.cumsum"
+    TRAITS = frozenset({Trait.SCAN})
     OPERANDS = ("x",)
     ATTRS = {"axis": attr("int")}
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from ....errors import IndexOutOfRangeError, InterpretError, VerifyError
-from ...core import Operation, attr, register_op
+from ...core import Operation, Trait, attr, register_op
 from ...dtypes import DType
 from ...interpreter import EvalContext
 from ...shapes import product
-from ...types import TensorType, dims_equal, format_dim
+from ...types import Dim, TensorType, dims_equal, format_dim
 from .elementwise import checked_axis, checked_broadcast
 
 
@@ -22,6 +22,7 @@ class ReshapeOp(Operation):
     """View the elements in another shape (the target shape is the result type)."""
 
     name = "graph.reshape"
+    TRAITS = frozenset({Trait.INJECTIVE, Trait.VIEW})
     OPERANDS = ("x",)
     RESULT_TYPES_GIVEN = True
 
@@ -43,6 +44,7 @@ class PermuteOp(Operation):
     """Reorder axes: result dim i is input dim perm[i]."""
 
     name = "graph.permute"
+    TRAITS = frozenset({Trait.INJECTIVE, Trait.VIEW})
     OPERANDS = ("x",)
     ATTRS = {"perm": attr("ints")}
 
@@ -62,6 +64,7 @@ class ExpandOp(Operation):
     """Broadcast size-1 dims (and new leading dims) to the result type's shape."""
 
     name = "graph.expand"
+    TRAITS = frozenset({Trait.BROADCAST})
     OPERANDS = ("x",)
     RESULT_TYPES_GIVEN = True
 
@@ -83,6 +86,7 @@ class SliceOp(Operation):
     """x[start:end:step] along one axis (torch clamping of start and end; step > 0)."""
 
     name = "graph.slice"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("x",)
     ATTRS = {"axis": attr("int"), "start": attr("int", 0), "end": attr("int"),
              "step": attr("int", 1)}
@@ -111,6 +115,7 @@ class ConcatOp(Operation):
     """Join tensors along an axis."""
 
     name = "graph.concat"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("*inputs",)
     ATTRS = {"axis": attr("int")}
 
@@ -122,8 +127,8 @@ class ConcatOp(Operation):
         axis = checked_axis(self, self.axis, first.rank)
         for t in inputs[1:]:
             same = t.rank == first.rank and all(
-                i == axis or dims_equal(a, b) for i, (a, b) in enumerate(zip(t.shape,
-                                                                             first.shape, strict=True)))
+                i == axis or dims_equal(a, b)
+                for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=True)))
             if not same or t.dtype != first.dtype:
                 raise VerifyError(self, f"inputs {first} and {t} differ off axis {axis}")
         shape = list(first.shape)
@@ -134,7 +139,7 @@ class ConcatOp(Operation):
         return np.concatenate(xs, axis=self.axis % xs[0].ndim)
 
 
-def _sum_dims(dims: list) -> object:
+def _sum_dims(dims: list[Dim]) -> Dim:
     total = dims[0]
     for d in dims[1:]:
         total = total + d
@@ -146,6 +151,7 @@ class SplitOp(Operation):
     """Cut a tensor into pieces of the given sizes along an axis."""
 
     name = "graph.split"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("x",)
     ATTRS = {"axis": attr("int"), "sizes": attr("ints")}
     NUM_RESULTS = None
@@ -170,6 +176,7 @@ class GatherOp(Operation):
     """torch.gather: out[i][j] = x[index[i][j]][j] along `axis`; out has index's shape."""
 
     name = "graph.gather"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("x", "index")
     ATTRS = {"axis": attr("int")}
 
@@ -177,8 +184,9 @@ class GatherOp(Operation):
         x, index = self.x.type, self.index.type
         axis = checked_axis(self, self.axis, x.rank)
         _index_type(self, index, "index")
-        too_big = [i for i, (a, b) in enumerate(zip(index.shape, x.shape, strict=True))
-                   if i != axis and isinstance(a, int) and isinstance(b, int) and a > b]
+        too_big = index.rank == x.rank and any(
+            i != axis and isinstance(a, int) and isinstance(b, int) and a > b
+            for i, (a, b) in enumerate(zip(index.shape, x.shape, strict=True)))
         if index.rank != x.rank or too_big:
             raise VerifyError(self, f"index {index} must have the rank of x {x} and no "
                                     f"larger dims off axis {axis}")
@@ -196,6 +204,7 @@ class IndexSelectOp(Operation):
     """Pick slices along `axis` by a 0-d or 1-d index tensor (the dim becomes index's shape)."""
 
     name = "graph.index_select"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("x", "index")
     ATTRS = {"axis": attr("int")}
 
@@ -225,6 +234,7 @@ class EmbeddingOp(Operation):
     """Rows of `weight` picked by integer `indices`: result shape indices.shape + [D]."""
 
     name = "graph.embedding"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("weight", "indices")
 
     def infer_types(self) -> list[TensorType]:
@@ -247,6 +257,7 @@ class IndexOp(Operation):
     adjacent, else it goes first."""
 
     name = "graph.index"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("x", "*indices")
     ATTRS = {"axes": attr("ints")}
 
@@ -267,7 +278,7 @@ class IndexOp(Operation):
         return [x.with_shape(tuple(shape))]
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, *indices: np.ndarray) -> np.ndarray:
-        key: list[object] = [slice(None)] * x.ndim
+        key: list[slice | np.ndarray] = [slice(None)] * x.ndim
         for axis, idx in zip(self.axes, indices, strict=True):
             idx = idx.astype(np.int64)
             _check_bounds(self, idx, x.shape[axis % x.ndim], negative=True)
@@ -280,6 +291,7 @@ class PadOp(Operation):
     """Constant padding: `pads` holds (before, after) per axis, in axis order."""
 
     name = "graph.pad"
+    TRAITS = frozenset({Trait.INJECTIVE})
     OPERANDS = ("x",)
     ATTRS = {"pads": attr("ints"), "value": attr("float", 0.0)}
 

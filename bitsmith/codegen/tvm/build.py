@@ -1,0 +1,69 @@
+"""The CPU backend: every kernel scheduled by its TVM template, all compiled by LLVM into one
+shared library (`kernels.so`), weights a template wants pre-packed packed once, here."""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import tvm
+from rich.progress import Progress
+
+from ...ir import Module, Operation
+from ...runtime.artifact import Artifact
+from ...runtime.host import host_description
+from ..backend import LibraryStore, kernels_of, package
+from ..template import Config, Target
+from .lower import compile_funcs, library_key
+from .target import host_target, tvm_target
+from .templates import TvmKernel, build_kernel
+
+LIBRARY = "kernels.so"
+
+
+class TvmBackend:
+    """`target="cpu"`: TVM templates for this host's CPU; a compiled library found in
+    `libraries` (by the hash of the scheduled functions, target and TVM version) is reused."""
+
+    name = "cpu"
+
+    def __init__(self, libraries: LibraryStore | None = None) -> None:
+        self.libraries = libraries
+
+    def target(self) -> Target:
+        return host_target()
+
+    def build(self, module: Module, configs: Mapping[str, Config] | None = None, *,
+              progress: bool = False) -> Artifact:
+        target = self.target()
+        kernels = kernels_of(module)
+        configs = configs or {}
+        built: dict[Operation, TvmKernel] = {}
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"scheduling {module.name}", total=len(kernels))
+            for op in kernels:
+                bar.update(task, description=f"scheduling {op.kernel_name}")
+                built[op] = build_kernel(op, target, configs.get(op.kernel_name))
+                bar.advance(task)
+            bar.update(task, description=f"compiling {len(kernels)} kernels with LLVM")
+            library = self._library(module.name, {op.kernel_name: k.func
+                                                  for op, k in built.items()}, target)
+        return package(module, built, lambda op, kernel: {"library": LIBRARY},
+                       {LIBRARY: library},
+                       requires={"machine": host_description()["machine"]},
+                       toolchain={"tvm": tvm.__version__, "mcpu": target.mcpu})
+
+    def _library(self, name: str, funcs: dict, target: Target) -> bytes:
+        """The shared library of `funcs`: from the store, or compiled now (and stored)."""
+        key = library_key(funcs, tvm_target(target))
+        library = self.libraries.get(key) if self.libraries is not None else None
+        if library is not None:
+            return library
+        executable = compile_funcs(funcs, name, tvm_target(target))
+        with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
+            path = Path(tmp) / LIBRARY
+            executable.export_library(str(path))
+            library = path.read_bytes()
+        if self.libraries is not None:
+            self.libraries.put(key, library)
+        return library

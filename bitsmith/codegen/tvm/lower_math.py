@@ -1,0 +1,108 @@
+"""Generic lowering of the elementwise ops whose numerics need care: round, sign, and Python's
+floor division and remainder (the sign of the divisor), each as the interpreter defines it.
+
+Float ops compute in f32 and round once to the result type, as the interpreter does for f16 and
+bf16. Integer division by zero is undefined in a kernel (x86 traps): the divisor is replaced by 1
+there, so such an element is wrong but the process lives; the interpreter raises instead.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import te
+
+from ...ir import Operation
+from .lower import Lowering, lowers
+
+Expr = object
+T = tvm.tirx
+
+
+def _const(value: float | int, dtype: str) -> Expr:
+    return T.const(value, dtype)
+
+
+def _in_f32(x: Expr, dtype: str, fn: Callable[[Expr], Expr]) -> Expr:
+    """fn over x (of float type `dtype`) computed in f32, rounded back to `dtype`."""
+    out = fn(x if dtype == "float32" else x.astype("float32"))
+    return out if dtype == "float32" else out.astype(dtype)
+
+
+@lowers("round")
+def lower_round(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """Round half to even (floats); integers are already whole."""
+    x = args[0]
+    if not op.x.type.dtype.is_float:
+        return te.compute(x.shape, lambda *i: x(*i), name="round")
+    dtype = str(x.dtype)
+    return te.compute(x.shape, lambda *i: _in_f32(x(*i), dtype, T.nearbyint), name="round")
+
+
+@lowers("sign")
+def lower_sign(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """-1, 0 or 1; NaN gives 0 (both comparisons are false)."""
+    x = args[0]
+    one, zero = _const(1, str(x.dtype)), _const(0, str(x.dtype))
+
+    def sign(v: Expr) -> Expr:
+        return T.Select(v > zero, one, T.Select(v < zero, -one, zero))
+    return te.compute(x.shape, lambda *i: sign(x(*i)), name="sign")
+
+
+def _float_divmod(a: Expr, b: Expr) -> tuple[Expr, Expr]:
+    """numpy's npy_divmod in f32: (floor quotient, remainder with the divisor's sign), exact
+    where floor(a / b) is not (a / b rounding up to a whole number, infinite divisors)."""
+    f32 = "float32"
+    zero, one, half = _const(0.0, f32), _const(1.0, f32), _const(0.5, f32)
+    mod = T.call_pure_extern("float32", "fmodf", a, b)  # LLVM lowers no fmod intrinsic
+    div = (a - mod) / b
+    # (b < 0) != (mod < 0), spelled with & and | (TVM emits a float compare for bool !=)
+    fix = (mod != zero) & (((b < zero) & (mod > zero)) | ((b > zero) & (mod < zero)))
+    mod = T.Select(fix, mod + b, T.Select(mod == zero, T.copysign(zero, b), mod))
+    div = T.Select(fix, div - one, div)
+    floor = T.floor(div)
+    floor = T.Select(div - floor > half, floor + one, floor)
+    quotient = T.Select(div == zero, T.copysign(zero, a / b), floor)
+    quotient = T.Select(b == zero, a / b, quotient)
+    return quotient, mod
+
+
+def _int_divmod(a: Expr, b: Expr, dtype: str) -> tuple[Expr, Expr]:
+    """Floor quotient and remainder of integers; a zero divisor becomes 1 (see the module
+    docstring) and x // -1 is negation, so that neither traps."""
+    one, zero = _const(1, dtype), _const(0, dtype)
+    minus_one = b == zero - one
+    safe = T.Select((b == zero) | minus_one, one, b)  # Select evaluates both of its arms
+    quotient = T.Select(minus_one, zero - a, T.floordiv(a, safe))
+    remainder = T.Select(minus_one, zero, T.floormod(a, safe))
+    return quotient, remainder
+
+
+@lowers("floor_div", "remainder")
+def lower_floor_ops(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """floor(lhs / rhs) and lhs - floor(lhs / rhs) * rhs, broadcasting."""
+    lhs, rhs = args
+    pick = 0 if op.name == "graph.floor_div" else 1
+    is_float = op.lhs.type.dtype.is_float
+    shape = lo.shape(op.result.type)
+    dtype = str(lhs.dtype)
+
+    def element(*i: object) -> Expr:
+        a, b = _broadcast_read(lhs, i), _broadcast_read(rhs, i)
+        if not is_float:
+            return _int_divmod(a, b, dtype)[pick]
+        b32 = b if dtype == "float32" else b.astype("float32")
+        return _in_f32(a, dtype, lambda x: _float_divmod(x, b32)[pick])
+    return te.compute(shape, element, name=op.name.split(".")[1])
+
+
+def _broadcast_read(t: te.Tensor, idx: tuple) -> Expr:
+    """t at the trailing-aligned index `idx` (numpy broadcasting: size-1 dims read 0)."""
+    lead = len(idx) - len(t.shape)
+    at = [0 if _is_one(d) else idx[lead + j] for j, d in enumerate(t.shape)]
+    return t(*at)
+
+
+def _is_one(d: object) -> bool:
+    return isinstance(d, (int, T.IntImm)) and int(d) == 1
