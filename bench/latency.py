@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from functools import partial
 
 import torch
 
@@ -46,9 +47,9 @@ def main() -> None:
             call_args, call_kwargs = loaded.call_args(batch)
             arrays = example_arrays(cm.artifact, call_args, call_kwargs)
             with torch.no_grad():
-                ours = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
-                eager = median_ms(lambda: loaded.module(*call_args, **call_kwargs), args.repeat)
-                tc = (median_ms(lambda: compiled(*call_args, **call_kwargs), args.repeat)
+                ours = median_ms(partial(cm.executor.run, *arrays), args.repeat)
+                eager = median_ms(partial(loaded.module, *call_args, **call_kwargs), args.repeat)
+                tc = (median_ms(partial(compiled, *call_args, **call_kwargs), args.repeat)
                       if compiled is not None else float("nan"))
             print(f"| {name} | {batch} | {ours:.3f} | {eager:.3f} | {tc:.3f} | "
                   f"{ours / eager:.2f} | {ours / tc:.2f} |", flush=True)

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import time
 import warnings
+from functools import partial
 
 import torch
 
@@ -52,7 +53,7 @@ def main() -> None:
         cm = bitsmith.compile(model, (ids,), name="llama", quant=None if spec == "f32" else spec)
         seconds = time.perf_counter() - start
         arrays = example_arrays(cm.artifact, (ids,), {})
-        ms = median_ms(lambda: cm.executor.run(*arrays), args.repeat)
+        ms = median_ms(partial(cm.executor.run, *arrays), args.repeat)
         base = base or ms
         mib = sum(a.nbytes for a in cm.artifact.weights.values()) / 2**20
         print(f"| bitsmith {spec} | {mib:.0f} | {ms:.2f} | {base / ms:.2f}x | {eager / ms:.2f}x "

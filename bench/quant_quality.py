@@ -62,7 +62,13 @@ EVALUATION = [
 ]
 
 
-DOC_MODULES = ["json", "argparse", "collections", "functools", "itertools", "pathlib", "statistics", "textwrap", "threading", "subprocess", "logging", "datetime", "decimal", "fractions", "random", "shutil", "socket", "email.message", "http.client", "urllib.parse", "csv", "heapq", "bisect", "contextlib", "dataclasses", "enum", "string", "unittest", "zipfile", "tarfile", "gzip", "sqlite3", "asyncio.tasks", "queue", "sched", "calendar", "locale", "gettext", "pickle", "copy", "pprint", "difflib"]
+DOC_MODULES = """
+    json argparse collections functools itertools pathlib statistics textwrap threading
+    subprocess logging datetime decimal fractions random shutil socket email.message
+    http.client urllib.parse csv heapq bisect contextlib dataclasses enum string unittest
+    zipfile tarfile gzip sqlite3 asyncio.tasks queue sched calendar locale gettext pickle
+    copy pprint difflib
+""".split()
 
 
 def doc_paragraphs(count: int) -> list[str]:

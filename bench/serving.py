@@ -27,7 +27,7 @@ from typing import Any
 
 import bitsmith
 from bitsmith.frontend import load_model
-from bitsmith.runtime import loadtest
+from bitsmith.serving import loadtest
 
 
 def compile_model(name: str, directory: Path) -> Path:

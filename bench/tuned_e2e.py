@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,9 +95,9 @@ def main() -> None:
         compiled = torch.compile(loaded.module)
         with torch.no_grad():
             tuned, base, eager, tc = interleaved(
-                [lambda: cm.executor.run(*arrays), lambda: untuned.executor.run(*arrays),
-                 lambda: loaded.module(*call_args, **call_kwargs),
-                 lambda: compiled(*call_args, **call_kwargs)], args.repeat)
+                [partial(cm.executor.run, *arrays), partial(untuned.executor.run, *arrays),
+                 partial(loaded.module, *call_args, **call_kwargs),
+                 partial(compiled, *call_args, **call_kwargs)], args.repeat)
         latencies.append(f"| {name} | {tuned:.3f} | {base:.3f} | {eager:.3f} | {tc:.3f} | "
                          f"{tuned / base:.2f} | {tuned / eager:.2f} | {tuned / tc:.2f} |")
         print(compiles[-1], latencies[-1], sep="\n", flush=True)

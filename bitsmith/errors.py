@@ -74,7 +74,8 @@ class PackingError(IRError, ValueError):
 
 
 class AttributeValueError(IRError, TypeError):
-    """A value that cannot be an op attribute (wrong type, or a literal that contradicts its type)."""
+    """A value that cannot be an op attribute (of the wrong type, or a literal that
+    contradicts its type)."""
 
 
 def _describe(op: object) -> str:

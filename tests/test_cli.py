@@ -119,3 +119,33 @@ def test_compile_with_quant_and_calib(tmp_path, capsys) -> None:
     assert "needs calibration inputs" in capsys.readouterr().err
     assert main(["compile", "mlp", "--quant", "w9"]) == 2
     assert "integer weights take 1..8 bits, got 9" in capsys.readouterr().err
+
+
+UNSUPPORTED = '''
+import torch
+
+
+class Flip(torch.nn.Module):
+    def forward(self, x):
+        return torch.flip(x, [1]) * 2
+
+    def example_inputs(self, batch=1):
+        return (torch.randn(batch, 4),)
+'''
+
+
+def test_a_model_error_is_the_same_one_line_for_every_command(tmp_path, capsys) -> None:
+    """`ir`, `compile`, `tune` and `bench` load and import a model the same way: an unsupported
+    op is one line naming it, exit code 2, never a traceback."""
+    path = tmp_path / "flip.py"
+    path.write_text(UNSUPPORTED)
+    model = f"{path}:Flip"
+    lines = []
+    for argv in (["ir", model], ["compile", model, "-o", str(tmp_path / "f.bsm")],
+                 ["tune", model, "--budget", "1"], ["bench", model]):
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and "Traceback" not in err[0], (argv, err)
+        lines.append(err[0])
+    assert len(set(lines)) == 1
+    assert lines[0].startswith("error: 1 unsupported ATen op(s) in the model: aten.flip")

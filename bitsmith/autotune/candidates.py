@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import ir
+from ..codegen.backend import kernels_of
 from ..codegen.template import CodegenError
 from ..ir.dialects.kernel import FusedOp
 from ..ir.interpreter import EvalContext
@@ -112,7 +113,7 @@ class Runner(Protocol):
 
 
 def kernel_of(module: ir.Module) -> FusedOp:
-    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    kernels = kernels_of(module)
     if len(kernels) != 1:
         raise CodegenError(f"expected one kernel.fused in the candidate, got {len(kernels)}")
     return kernels[0]

@@ -80,9 +80,7 @@ def build_candidate(inp: MeasureInput) -> bytes:
     """Schedule and compile one candidate; the shared library's bytes."""
     kernel = _kernel_of(ir.parse(inp.kernel_ir))
     built = _built(inp, kernel)
-    # compile_funcs takes a tvm Target as well as a dict; codegen annotates it dict only
-    executable = compile_funcs({"main": built.func}, kernel.kernel_name,
-                               tvm_target(host_target()))  # pyright: ignore[reportArgumentType]
+    executable = compile_funcs({"main": built.func}, kernel.kernel_name, tvm_target(host_target()))
     with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
         path = Path(tmp) / "kernel.so"
         executable.export_library(str(path))

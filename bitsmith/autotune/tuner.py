@@ -314,9 +314,7 @@ class Tuner:
         done = [(Config(json.loads(r.config)), r.median if r.median is not None else math.inf)
                 for r in measured]
         configs: list[Config] = []
-        # every registered template has default_config; the KernelTemplate base lacks it
-        default = task.template.default_config(  # pyright: ignore[reportAttributeAccessIssue]
-            task.problem, self.target)
+        default = task.template.default_config(task.problem, self.target)
         if default not in {c for c, _ in done}:
             configs.append(default)
         if self.search == "random":
@@ -400,9 +398,7 @@ class Tuner:
         """Cache the template's default config for these kernels (their tuned winner lost in
         the model), so that later compiles use the default without measuring again."""
         for task in self.tasks(kernels):
-            # every registered template has default_config; the KernelTemplate base lacks it
-            default = task.template.default_config(  # pyright: ignore[reportAttributeAccessIssue]
-                task.problem, self.target)
+            default = task.template.default_config(task.problem, self.target)
             self.cache.put(CacheEntry(
                 key=self.cache_key(task), template=task.template.name,
                 config=config_json(default), median=None, times=(), library=b"",

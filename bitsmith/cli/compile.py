@@ -103,11 +103,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .. import compiler  # noqa: PLC0415 - imports torch; `run` must not
     from ..autotune.database import TuningDatabase, default_database_path  # noqa: PLC0415
     from ..autotune.tuner import Budget, Tuner  # noqa: PLC0415
+    from ..codegen.backend import kernels_of  # noqa: PLC0415
 
     budget = Budget.parse(args.budget)
     loaded = _load(args.model)
     module = compiler.fused_module(loaded, args.batch)
-    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    kernels = kernels_of(module)
     start = time.perf_counter()
     with TuningDatabase(default_database_path()) as database:
         tuner = Tuner(database=database, bindings={"B": args.batch}, search=args.search,

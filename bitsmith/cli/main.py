@@ -28,9 +28,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def one_line(exc: BitsmithError) -> str:
-    """The error's message on one line (multi-line messages joined with '; ')."""
+    """The error's message on one line: its lines joined with '; ' (with a space after a
+    line that ends in ':', which introduces the next)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines) if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    out = lines[0]
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from ..errors import CodegenError
 from ..ir import Operation
+from ..ir.dialects.kernel import FusedOp
 
 Scalar = int | float | str | bool
 
@@ -142,12 +143,12 @@ class Problem:
         return self.params[key]
 
     @property
-    def kernel_op(self) -> Operation:
-        """The matched op, which building a kernel needs (a problem made from a cached key
-        alone has none)."""
-        if self.op is None:
+    def kernel_op(self) -> FusedOp:
+        """The matched `kernel.fused` op, which building a kernel needs (a problem made from
+        a cached key alone has none)."""
+        if not isinstance(self.op, FusedOp):
             raise CodegenError(f"template {self.template}: the problem {dict(self.params)} "
-                               "carries no op to build a kernel from")
+                               f"carries no kernel.fused op to build a kernel from, got {self.op}")
         return self.op
 
 
@@ -181,6 +182,10 @@ class KernelTemplate:
     def build(self, problem: Problem, config: Config, target: Target) -> Any:
         """The compiled kernel for (problem, config, target); raises CodegenError."""
         raise NotImplementedError
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        """The config an untuned kernel runs: the space's defaults (templates refine this)."""
+        return self.space.default()
 
     def problem_key(self, problem: Problem) -> tuple:
         """The values of `key` for a problem: equal keys may share a tuned config."""

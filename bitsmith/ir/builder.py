@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import IRError
-from .core import Block, Operation, Value
+from .core import Block, Operation, OpT, Value
 
 
 class Builder:
@@ -29,12 +29,13 @@ class Builder:
             raise IRError(f"'{op.name}' is not in a block")
         return cls(op.parent, op, op.loc)
 
-    def insert(self, op: Operation) -> Operation:
+    def insert(self, op: OpT) -> OpT:
         """Insert an already-built op at the insertion point."""
         index = len(self.block.ops) if self.before is None else self.block.index(self.before)
-        return self.block.insert(index, op)
+        self.block.insert(index, op)
+        return op
 
-    def create(self, cls: type[Operation], *operands: Value | None, **kwargs: Any) -> Operation:
+    def create(self, cls: type[OpT], *operands: Value | None, **kwargs: Any) -> OpT:
         """Build an op (types inferred) and insert it; returns the op."""
         kwargs.setdefault("loc", self.loc)
         return self.insert(cls.create(*operands, **kwargs))
@@ -57,7 +58,7 @@ class Rewriter(Builder):
             raise IRError(f"'{op.name}' is not in a block")
         self.block, self.before, self.loc = op.parent, op, op.loc
 
-    def insert(self, op: Operation) -> Operation:
+    def insert(self, op: OpT) -> OpT:
         self.changed = True
         return super().insert(op)
 

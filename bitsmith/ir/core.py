@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from ..errors import IRError, VerifyError
 from .attributes import Attribute, DenseAttr, normalize_attr
@@ -134,9 +134,10 @@ class Anchor(Enum):
 
 
 OP_REGISTRY: dict[str, type[Operation]] = {}
+OpT = TypeVar("OpT", bound="Operation")
 
 
-def register_op(cls: type[Operation]) -> type[Operation]:
+def register_op(cls: type[OpT]) -> type[OpT]:
     """Class decorator: make an op kind known to the parser and the dialect registry."""
     if cls.name in OP_REGISTRY and OP_REGISTRY[cls.name] is not cls:
         raise IRError(f"op '{cls.name}' registered twice")
@@ -203,7 +204,7 @@ class Operation:
     @classmethod
     def create(cls, *operands: Value | None, loc: str | None = None,
                result_types: Sequence[TensorType] | None = None,
-               regions: Sequence[Region] = (), **attrs: Any) -> Operation:
+               regions: Sequence[Region] = (), **attrs: Any) -> Self:
         """Build an op from operands and attributes, filling defaults and inferring types."""
         present = cls._pack_operands(operands)
         full = cls._with_defaults(attrs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from ..errors import PipelineError
+from ..errors import PassError, PipelineError
 from ..ir import Block, Module, Operation, Region, Trait, Value
 from ..ir.dialects import graph
 from ..ir.dialects.kernel import FusedOp, YieldOp
@@ -185,7 +185,7 @@ class _Fuser:
         for value in op.operands:
             src = producer(value)
             group = self.group_of.get(src) if src is not None else None
-            if group is None or group in tried:
+            if src is None or group is None or group in tried:
                 continue
             tried.append(group)
             reason = self._refusal(group, op, kind, value)
@@ -233,8 +233,9 @@ class _Fuser:
                 return f"{op.name} ({kind}) does not join a {anchor} kernel (only " \
                        "elementwise epilogues and reshapes do)"
             if len(value.users) > 1 or value in self.module.outputs:
-                return f"the {producer(value).name} result is also used elsewhere, and a " \
-                       f"{anchor} kernel has one output"
+                src = producer(value)
+                return f"the {src.name if src else 'input'} result is also used elsewhere, " \
+                       f"and a {anchor} kernel has one output"
             # shapes only: a cast epilogue changes the dtype, not the tile
             if not view and not value.type.with_dtype(op.result.type.dtype).same_as(
                     op.result.type):
@@ -299,8 +300,11 @@ def build_kernel(module: Module, group: Group, name: str) -> FusedOp:
         for i, value in enumerate(op.operands):
             if value in inputs:
                 op.set_operand(i, block.args[inputs.index(value)])
-            elif producer(value) not in members:  # a small inline literal: copied in
-                copy = graph.ConstantOp.create(value=producer(value).value,
+            elif (literal := producer(value)) not in members:  # a small literal: copied in
+                if not isinstance(literal, graph.ConstantOp):
+                    raise PassError(f"fuse: {op.name} reads {value.type} from outside its "
+                                    "kernel that is neither an input nor a literal")
+                copy = graph.ConstantOp.create(value=literal.value,
                                                result_types=[value.type], loc=op.loc)
                 block.insert(block.index(op), copy)
                 op.set_operand(i, copy.result)
@@ -344,8 +348,8 @@ def _is_read(group: Group) -> bool:
 
 def _first_free_index(module: Module) -> int:
     """Kernel numbers go on after those of kernels already in the module (a second run)."""
-    found = (re.match(r"k(\d+)_", op.attributes["name"]) for op in module.body.ops
-             if op.name == "kernel.fused")
+    found = (re.match(r"k(\d+)_", op.kernel_name) for op in module.body.ops
+             if isinstance(op, FusedOp))
     return max((int(m.group(1)) + 1 for m in found if m), default=0)
 
 

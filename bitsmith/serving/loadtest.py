@@ -167,7 +167,7 @@ async def run_load(url: str, model: str, body: bytes, *, duration: float,
                 async with session.post(endpoint, data=body) as response:
                     await response.read()
                     status: int | str = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 status = type(exc).__name__
             report.statuses[status] += 1
             if status == 200:

@@ -16,10 +16,10 @@ from bitsmith.autotune.cache import ArtifactCache
 from bitsmith.autotune.cost_model import CostModel
 from bitsmith.autotune.database import TuningDatabase
 from bitsmith.autotune.measure import MeasureInput, MeasureResult
+from bitsmith.autotune.policy import keep_in_model_winners, model_tuner
 from bitsmith.autotune.tuner import Budget, Tuner, group_tasks, timing_regime, working_set
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.target import host_target
-from bitsmith.autotune.policy import keep_in_model_winners, model_tuner
 from bitsmith.compiler import build_artifact
 from bitsmith.errors import TuningError
 from bitsmith.frontend import from_torch

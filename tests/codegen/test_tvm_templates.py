@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.codegen.template import TEMPLATES, CodegenError, Config
+from bitsmith.codegen.template import TEMPLATES, Config
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.codegen.tvm.templates import Dense, pack_panels
 from bitsmith.errors import CodegenError

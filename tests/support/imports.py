@@ -6,7 +6,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-REPORT = "\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(_sys.modules)))\n"
+REPORT = ("\nimport sys as _sys\n_loaded = sorted(_sys.modules)\n"  # before json is imported
+          "import json as _json\nprint(_json.dumps(_loaded))\n")
 
 
 def assert_imports_without(modules: Sequence[str], forbidden: Sequence[str], *,

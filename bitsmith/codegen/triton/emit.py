@@ -23,10 +23,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from ...ir import Operation, Value
+from ...ir import Operation, OpResult, Value
 from ...ir.dialects.kernel import FusedOp
+from ...ir.dtypes import DType
 from ...ir.packing import row_words
-from ...ir.types import QuantType, TensorType, format_dim
+from ...ir.types import Dim, QuantType, TensorType, format_dim
 from ..template import CodegenError
 
 Rule = Callable[[Operation, int, list[str], "Emitter"], str]
@@ -55,7 +56,16 @@ def tl_dtype(type: TensorType) -> str:
 
 
 def is_float(value: Value) -> bool:
-    return value.type.dtype.is_float
+    dtype = value.type.dtype
+    return isinstance(dtype, DType) and dtype.is_float
+
+
+def yielded(kernel: FusedOp) -> tuple[Value, ...]:
+    """The values a kernel's region yields: its outputs."""
+    terminator = kernel.regions[0].block.terminator
+    if terminator is None:
+        raise CodegenError(f"kernel '{kernel.kernel_name}': its region has no kernel.yield")
+    return terminator.operands
 
 
 class Emitter:
@@ -64,7 +74,7 @@ class Emitter:
     def __init__(self, kernel: FusedOp) -> None:
         self.kernel = kernel
         block = kernel.regions[0].block
-        self.inputs = {arg: i for i, arg in enumerate(block.args)}
+        self.inputs: dict[Value, int] = {arg: i for i, arg in enumerate(block.args)}
         self.dim_args: dict[str, str] = {}  # symbolic dim text -> kernel argument
         self.lines: list[str] = []
         self.depth = 1
@@ -73,7 +83,7 @@ class Emitter:
         self.lanes = "[BLOCK]"  # the shape of a value: one lane per output element
 
     # ---- text -------------------------------------------------------------------------------
-    def dim(self, d: object) -> str:
+    def dim(self, d: Dim) -> str:
         """A dim as Triton source: an int literal, or the int argument that carries it."""
         if isinstance(d, int):
             return str(d)
@@ -105,7 +115,7 @@ class Emitter:
                 return scope[key]
         if value in self.inputs:
             expr = self.load(value, idx)
-        else:
+        elif isinstance(value, OpResult):
             op = value.op
             fn = RULES.get(op.name)
             if fn is None:
@@ -113,6 +123,9 @@ class Emitter:
                                    f"(kernel '{self.kernel.kernel_name}'); rules exist for "
                                    f"{', '.join(sorted(RULES))}")
             expr = fn(op, op.results.index(value), list(idx), self)
+        else:
+            raise CodegenError(f"kernel '{self.kernel.kernel_name}': a value that is neither a "
+                               "kernel input nor an op result")
         var = self.let(expr)
         self.scopes[-1][key] = var
         return var
@@ -200,7 +213,7 @@ def generate(kernel: FusedOp, fn_prefix: str = "out") -> tuple[str, list[dict]]:
     """Triton source with one `@triton.jit` function per yielded value (each recomputes what
     it needs), and per function its launch: name, flat output size and the dim arguments."""
     block = kernel.regions[0].block
-    outputs = block.terminator.operands
+    outputs = yielded(kernel)
     functions, launches = [], []
     for j, value in enumerate(outputs):
         em = Emitter(kernel)
@@ -242,7 +255,7 @@ def _constant(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     if op.value is None:
         raise CodegenError(f"weight '{op.weight}' inside a kernel region; pass it as an input")
     flat = op.value.array.reshape(-1).tolist()
-    dtype = "tl.float32" if op.result.type.dtype.is_float else tl_dtype(op.result.type)
+    dtype = "tl.float32" if is_float(op.result) else tl_dtype(op.result.type)
     if len(set(flat)) == 1:
         return em.full(flat[0], dtype)
     at = em.offset(em.shape(op.result), idx)

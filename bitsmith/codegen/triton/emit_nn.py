@@ -4,11 +4,12 @@ accumulate in f32 (see `emit.Emitter.reduce`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from ...ir import Operation, Value
-from ...ir.dtypes import IntType, LowFloatType
+from ...ir.dtypes import DType, IntType, LowFloatType
 from ...ir.packing import WORD
 from ...ir.types import GroupAxis, QuantType
 from ..template import CodegenError
@@ -196,7 +197,10 @@ def _reduce(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
 
 def _int_range(value: Value) -> tuple[int, int]:
     """The smallest and largest value of an integer (or bool) tensor's element type."""
-    dtype = value.type.dtype.numpy_dtype
+    element = value.type.dtype
+    if not isinstance(element, DType):
+        raise CodegenError(f"expected an integer or bool tensor, got {value.type}")
+    dtype = element.numpy_dtype
     if dtype.kind == "b":
         return 0, 1
     info = np.iinfo(dtype)
@@ -331,7 +335,7 @@ def _hw(op: Operation, em: Emitter) -> tuple[str, str]:
     return em.dim(h), em.dim(w)
 
 
-def _conv(op: Operation, idx: list[str], em: Emitter, weight: callable,
+def _conv(op: Operation, idx: list[str], em: Emitter, weight: Callable[..., str],
           kernel: tuple[int, int, int]) -> str:
     """The direct convolution: loops over (in channel of the group, kernel row, column);
     taps outside the input read 0."""
@@ -463,7 +467,9 @@ def weight_at(em: Emitter, weight: Value, scale: Value, zero: Value | None, n: s
               k: str) -> str:
     """The f32 dequantized element (n, k) of a packed weight: the code cut out of its word
     (and the next, for a code that straddles two), decoded, shifted and scaled."""
-    qtype: QuantType = weight.type.dtype
+    qtype = weight.type.dtype
+    if not isinstance(qtype, QuantType):
+        raise CodegenError(f"expected a quantized weight, got {weight.type}")
     bits = qtype.bits
     bit = em.let(f"({k}) * {bits}")
     word = em.let(f"{bit} // {WORD}")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 
 from ...ir.dialects.graph.nn import AxisOp, NormOp
 from ...ir.dialects.graph.reduce import ReduceOp
 from ...ir.dialects.kernel import FusedOp
-from ...ir.types import format_dim
-from .emit import Emitter, tl_dtype
+from ...ir.types import Dim, format_dim
+from .emit import Emitter, tl_dtype, yielded
 from .emit_nn import unravel
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
@@ -59,8 +60,8 @@ class RowEmitter(Emitter):
             self.roots[var] = lanes
         return var
 
-    def reduce(self, combine: str, init: str, extents: list[str], body,
-               dtype: str = "tl.float32") -> str:
+    def reduce(self, combine: str, init: str, extents: Sequence[str],
+               body: Callable[[list[str]], str], dtype: str = "tl.float32") -> str:
         sizes = [int(e) for e in extents if e.isdigit()]
         if (combine not in _LANE_COMBINE or len(sizes) != len(extents)
                 or self.depth_lanes >= MAX_NESTING or dtype != "tl.float32"):
@@ -97,13 +98,15 @@ def row_block(kernel: FusedOp) -> int | None:
     ops = kernel.body_ops
     if not any(isinstance(o, ROW_OPS) for o in ops):
         return None
-    extents: list[object] = []
-    for value in kernel.regions[0].block.terminator.operands:
+    extents: list[Dim | None] = []
+    for value in yielded(kernel):
         if value.type.rank == 0:
             return None
         extents.append(value.type.shape[-1])
     for op in ops:
-        x = op.operands[0] if op.operands else None
+        if not op.operands:  # a source (constant, arange) reduces nothing
+            continue
+        x = op.operands[0]
         if isinstance(op, AxisOp):
             extents.append(x.type.shape[op.axis % x.type.rank])
         elif isinstance(op, NormOp):
@@ -112,19 +115,21 @@ def row_block(kernel: FusedOp) -> int | None:
             rank = x.type.rank
             axes = sorted(a % rank for a in op.axes) or list(range(rank))
             extents.append(_prod([x.type.shape[a] for a in axes]))
-    if not all(isinstance(e, int) for e in extents):
+    sizes = [e for e in extents if isinstance(e, int)]
+    if len(sizes) != len(extents):
         return None
-    block = 1 << max(0, (max(extents) - 1).bit_length())
+    block = 1 << max(0, (max(sizes) - 1).bit_length())
     return block if block <= 16384 else None
 
 
-def _prod(dims: list[object]) -> object:
-    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+def _prod(dims: Sequence[Dim]) -> int | None:
+    sizes = [d for d in dims if isinstance(d, int)]
+    return math.prod(sizes) if len(sizes) == len(dims) else None
 
 
 def generate_rows(kernel: FusedOp) -> tuple[str, list[dict]]:
     """Triton source with one `@triton.jit` function per output, one program per output row."""
-    outputs = kernel.regions[0].block.terminator.operands
+    outputs = yielded(kernel)
     functions, launches = [], []
     for j, value in enumerate(outputs):
         em = RowEmitter(kernel)

@@ -94,7 +94,7 @@ class TritonTemplate(KernelTemplate):
     def valid(self, problem: Problem, config: Config) -> bool:
         """No block (BLOCK_M/N/K) past the next power of two of the dim it tiles, unless it
         is the knob's smallest choice (a dim smaller than every block runs masked)."""
-        return all(config[k.name] <= self._cap(problem, k) for k in self.space.knobs
+        return all(int(config[k.name]) <= self._cap(problem, k) for k in self.space.knobs
                    if k.name in BLOCK_DIMS)
 
     def default_config(self, problem: Problem, target: Target) -> Config:
@@ -103,13 +103,13 @@ class TritonTemplate(KernelTemplate):
         for knob in self.space.knobs:
             if knob.name in BLOCK_DIMS:
                 cap = self._cap(problem, knob)
-                if values[knob.name] > cap:
-                    values[knob.name] = max(c for c in knob.choices if c <= cap)
+                if int(values[knob.name]) > cap:
+                    values[knob.name] = max(int(c) for c in knob.choices if int(c) <= cap)
         return Config(values)
 
     @staticmethod
     def _cap(problem: Problem, knob: Knob) -> int:
-        return max(_block_cap(problem, BLOCK_DIMS[knob.name]), min(knob.choices))
+        return max(_block_cap(problem, BLOCK_DIMS[knob.name]), min(int(c) for c in knob.choices))
 
     def kernel(self, generated: tuple[str, list[dict]], meta: dict, config: Config,
                zero: bool = False) -> TritonKernel:
@@ -139,7 +139,7 @@ class Generic(TritonTemplate):
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
         meta = {"BLOCK": int(config["BLOCK"]), "num_warps": int(config["num_warps"])}
-        return self.kernel(generate(problem.op), meta, config)
+        return self.kernel(generate(problem.kernel_op), meta, config)
 
 
 class _Tiled(TritonTemplate):
@@ -152,7 +152,9 @@ class _Tiled(TritonTemplate):
         if not isinstance(op, FusedOp):
             return None
         anchor = anchor_of(op, in_epilogue)
-        c = contraction(anchor) if anchor is not None else None
+        if anchor is None:
+            return None
+        c = contraction(anchor)
         if c is None:
             return None
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
@@ -166,7 +168,8 @@ class _Tiled(TritonTemplate):
 
     def valid(self, problem: Problem, config: Config) -> bool:
         split = int(config["SPLIT_K"])
-        k = int(problem["K"]) if problem["K"].isdigit() else 1 << 30
+        k_text = str(problem["K"])
+        k = int(k_text) if k_text.isdigit() else 1 << 30
         return super().valid(problem, config) and (
             split == 1 or (bool(problem["plain"]) and k >= split * int(config["BLOCK_K"])))
 
@@ -178,9 +181,14 @@ class _Tiled(TritonTemplate):
         if not self.valid(problem, config):
             raise CodegenError(f"template {self.name}: config {config} is not valid for "
                                f"{dict(problem.params)}")
-        op = problem.op
+        op = problem.kernel_op
         meta = self.meta(problem, config)
-        generated = generate_contraction(op, contraction(anchor_of(op, in_epilogue)), self.inner)
+        anchor = anchor_of(op, in_epilogue)
+        c = contraction(anchor) if anchor is not None else None
+        if c is None:
+            raise CodegenError(f"template {self.name}: kernel '{op.kernel_name}' is not a tiled "
+                               "contraction")
+        generated = generate_contraction(op, c, self.inner)
         return self.kernel(generated, meta, config, zero=meta["SPLIT_K"] > 1)
 
 
@@ -231,7 +239,9 @@ class FlashAttention(TritonTemplate):
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
-        att = attention_op(op) if isinstance(op, FusedOp) else None
+        if not isinstance(op, FusedOp):
+            return None
+        att = attention_op(op)
         if att is None:
             return None
         length, keys = att.q.type.shape[-2], att.k.type.shape[-2]
@@ -241,11 +251,15 @@ class FlashAttention(TritonTemplate):
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
         config = self.space.check(config)
-        att = attention_op(problem.op)
+        kernel = problem.kernel_op
+        att = attention_op(kernel)
+        if att is None:
+            raise CodegenError(f"template {self.name}: kernel '{kernel.kernel_name}' holds no "
+                               "graph.attention alone")
         block_e, block_d = head_blocks(att)
         meta = {**{k: int(v) for k, v in config.items()}, "BLOCK_E": block_e,
                 "BLOCK_D": block_d}
-        return self.kernel(generate_attention(problem.op, att), meta, config)
+        return self.kernel(generate_attention(kernel, att), meta, config)
 
 
 @register_template
@@ -275,7 +289,7 @@ class Rows(TritonTemplate):
 
     def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
         meta = {"BLOCK": int(problem["BLOCK"]), "num_warps": int(config["num_warps"])}
-        return self.kernel(generate_rows(problem.op), meta, config)
+        return self.kernel(generate_rows(problem.kernel_op), meta, config)
 
 
 def select(op: FusedOp, target: Target) -> tuple[TritonTemplate, Problem]:
@@ -292,17 +306,17 @@ def build_kernel(op: FusedOp, target: Target, config: Config | None = None,
     """Build one kernel with its template (`select`'s, or the one named), at the default config
     unless `config`."""
     if template is None:
-        template, problem = select(op, target)
+        chosen, problem = select(op, target)
     else:
         found = TEMPLATES.get(template)
         problem = found.match(op) if isinstance(found, TritonTemplate) else None
-        if problem is None:
+        if problem is None or not isinstance(found, TritonTemplate):
             raise CodegenError(f"Triton template {template!r} does not match kernel "
                                f"'{op.kernel_name}'")
-        template = found
-    config = (template.space.check(config) if config is not None
-              else template.default_config(problem, target))
-    return template.build(problem, config, target)
+        chosen = found
+    config = (chosen.space.check(config) if config is not None
+              else chosen.default_config(problem, target))
+    return chosen.build(problem, config, target)
 
 
 def cuda_target() -> Target:

@@ -18,21 +18,19 @@ num_warps and num_stages (Triton's software pipelining of the K loop).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ...ir import Anchor, Operation, Value
 from ...ir.dialects.kernel import FusedOp
-from ...ir.types import format_dim
+from ...ir.types import Dim, format_dim
 from ..template import CodegenError
-from .emit import TL_DTYPES, Emitter, tl_dtype
+from .emit import TL_DTYPES, Emitter, tl_dtype, yielded
 from .emit_nn import ravel, unravel, weight_at
 
 TILED = (Anchor.MATMUL, Anchor.CONV)
 """The anchor kinds a tiled contraction computes (pools and attention have templates of their
 own)."""
-
-Dim = int | object
 
 
 class TileEmitter(Emitter):
@@ -43,7 +41,7 @@ class TileEmitter(Emitter):
         self.lanes = lanes
         self.pinned: dict[Value, tuple[tuple[str, ...], str]] = {}
 
-    def at(self, value: Value, idx: list[str] | tuple[str, ...]) -> str:
+    def at(self, value: Value, idx: Sequence[str]) -> str:
         if value in self.pinned:
             want, name = self.pinned[value]
             if tuple(idx) != want:
@@ -96,86 +94,101 @@ class Contraction:
 
     @property
     def static_m(self) -> int | None:
-        return math.prod(self.m) if all(isinstance(d, int) for d in self.m) else None
+        rows = [d for d in self.m if isinstance(d, int)]
+        return math.prod(rows) if len(rows) == len(self.m) else None
 
 
 def contraction(op: Operation) -> Contraction | None:
     """The GEMM view of an anchor op, or None where no tile template applies."""
-    name = op.name
-    result = op.results[0]
-    dtype = str(result.type.dtype)
+    dtype = str(op.results[0].type.dtype)
     if dtype not in ("f32", "f16", "bf16"):
         return None
     dot = TL_DTYPES[dtype]
-    if name in ("graph.linear", "quant.linear"):
-        x = op.operands[0]
-        if x.type.rank < 2 or str(x.type.dtype) != dtype:
-            return None
-        w = op.operands[1]
-        n, k = w.type.shape
-        if name == "graph.linear":
-            def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
-                return em.tile(w, [rn[0], rk], mask, dot)
-        else:
-            def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
-                value = weight_at(em, w, op.scale, op.zero, rn[0], rk)
-                return em.let(f"tl.where({mask}, {value}, 0.0).to({dot})", "b")
-        return Contraction(
-            op, [], list(x.type.shape[:-1]), n, k,
-            a=lambda em, bi, mi, rk, mask: em.tile(x, normalized(x, [*mi, rk]), mask, dot),
-            b=b, out=lambda bi, mi, rn: [*mi, rn], bias=getattr(op, "bias", None), dtype=dot)
-    if name == "graph.matmul":
-        lhs, rhs = op.operands
-        if lhs.type.rank < 2 or rhs.type.rank < 2 or str(rhs.type.dtype) != dtype:
-            return None
-        shape = result.type.shape
-        k = lhs.type.shape[-2] if op.transpose_lhs else lhs.type.shape[-1]
-
-        def a(em: TileEmitter, bi: list[str], mi: list[str], rk: str, mask: str) -> str:
-            tail = [rk, mi[0]] if op.transpose_lhs else [mi[0], rk]
-            return em.tile(lhs, normalized(lhs, _lead_index(lhs, bi, 2) + tail), mask, dot)
-
-        def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
-            tail = [rn[0], rk] if op.transpose_rhs else [rk, rn[0]]
-            return em.tile(rhs, normalized(rhs, _lead_index(rhs, bi, 2) + tail), mask, dot)
-        return Contraction(op, list(shape[:-2]), [shape[-2]], shape[-1], k, a=a, b=b,
-                           out=lambda bi, mi, rn: [*bi, *mi, rn], bias=None, dtype=dot)
-    if name in ("graph.conv2d", "quant.conv2d"):
-        if op.layout != "NCHW" or op.groups != 1:
-            return None
-        x = op.operands[0]
-        nb, c, h, w_ = x.type.shape
-        _, oc, oh, ow = result.type.shape
-        if name == "graph.conv2d":
-            kh, kw = op.weight.type.shape[2:]
-        else:
-            _, _, kh, kw = op.weight_oihw()
-        (sh, sw), (ph, pw), (dh, dw) = op.stride, op.padding, op.dilation
-
-        def split(em: TileEmitter, rk: str) -> tuple[str, str, str]:
-            return (em.let(f"{rk} // {kh * kw}", "ic"), em.let(f"({rk} // {kw}) % {kh}", "ky"),
-                    em.let(f"{rk} % {kw}", "kx"))
-
-        def a(em: TileEmitter, bi: list[str], mi: list[str], rk: str, mask: str) -> str:
-            n_, oy, ox = mi
-            ic, ky, kx = split(em, rk)
-            iy = em.let(f"{oy} * {sh} - {ph} + {ky} * {dh}", "iy")
-            ix = em.let(f"{ox} * {sw} - {pw} + {kx} * {dw}", "ix")
-            hh, ww = em.dim(h), em.dim(w_)
-            inside = f"{mask} & ({iy} >= 0) & ({iy} < {hh}) & ({ix} >= 0) & ({ix} < {ww})"
-            return em.tile(x, normalized(x, [n_, ic, iy, ix]), inside, dot)
-        if name == "graph.conv2d":
-            def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
-                ic, ky, kx = split(em, rk)
-                return em.tile(op.weight, normalized(op.weight, [rn[0], ic, ky, kx]), mask, dot)
-        else:
-            def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
-                value = weight_at(em, op.weight, op.scale, op.zero, rn[0], rk)
-                return em.let(f"tl.where({mask}, {value}, 0.0).to({dot})", "b")
-        return Contraction(op, [], [nb, oh, ow], oc, int(c) * kh * kw, a=a, b=b,
-                           out=lambda bi, mi, rn: [mi[0], rn, mi[1], mi[2]],
-                           bias=getattr(op, "bias", None), dtype=dot)
+    if op.name in ("graph.linear", "quant.linear"):
+        return _linear_contraction(op, dtype, dot)
+    if op.name == "graph.matmul":
+        return _matmul_contraction(op, dtype, dot)
+    if op.name in ("graph.conv2d", "quant.conv2d"):
+        return _conv_contraction(op, dot)
     return None
+
+
+def _linear_contraction(op: Operation, dtype: str, dot: str) -> Contraction | None:
+    """x [..., K] @ W^T for W [N, K], plain or packed (dequantized in registers)."""
+    x = op.operands[0]
+    if x.type.rank < 2 or str(x.type.dtype) != dtype:
+        return None
+    w = op.operands[1]
+    n, k = w.type.shape
+    if op.name == "graph.linear":
+        def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
+            return em.tile(w, [rn[0], rk], mask, dot)
+    else:
+        def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
+            value = weight_at(em, w, op.scale, op.zero, rn[0], rk)
+            return em.let(f"tl.where({mask}, {value}, 0.0).to({dot})", "b")
+    return Contraction(
+        op, [], list(x.type.shape[:-1]), n, k,
+        a=lambda em, bi, mi, rk, mask: em.tile(x, normalized(x, [*mi, rk]), mask, dot),
+        b=b, out=lambda bi, mi, rn: [*mi, rn], bias=getattr(op, "bias", None), dtype=dot)
+
+
+def _matmul_contraction(op: Operation, dtype: str, dot: str) -> Contraction | None:
+    """Batched lhs @ rhs, either side transposed, batch dims broadcast."""
+    lhs, rhs = op.operands
+    if lhs.type.rank < 2 or rhs.type.rank < 2 or str(rhs.type.dtype) != dtype:
+        return None
+    shape = op.results[0].type.shape
+    k = lhs.type.shape[-2] if op.transpose_lhs else lhs.type.shape[-1]
+
+    def a(em: TileEmitter, bi: list[str], mi: list[str], rk: str, mask: str) -> str:
+        tail = [rk, mi[0]] if op.transpose_lhs else [mi[0], rk]
+        return em.tile(lhs, normalized(lhs, _lead_index(lhs, bi, 2) + tail), mask, dot)
+
+    def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
+        tail = [rn[0], rk] if op.transpose_rhs else [rk, rn[0]]
+        return em.tile(rhs, normalized(rhs, _lead_index(rhs, bi, 2) + tail), mask, dot)
+    return Contraction(op, list(shape[:-2]), [shape[-2]], shape[-1], k, a=a, b=b,
+                       out=lambda bi, mi, rn: [*bi, *mi, rn], bias=None, dtype=dot)
+
+
+def _conv_contraction(op: Operation, dot: str) -> Contraction | None:
+    """An NCHW conv as an implicit GEMM: M over (image, output row, output column), N the
+    output channels, K over (input channel, kernel row, kernel column), gathered im2col-style."""
+    if op.layout != "NCHW" or op.groups != 1:
+        return None
+    x = op.operands[0]
+    nb, c, h, w_ = x.type.shape
+    _, oc, oh, ow = op.results[0].type.shape
+    if op.name == "graph.conv2d":
+        kh, kw = op.weight.type.shape[2:]
+    else:
+        _, _, kh, kw = op.weight_oihw()
+    (sh, sw), (ph, pw), (dh, dw) = op.stride, op.padding, op.dilation
+
+    def split(em: TileEmitter, rk: str) -> tuple[str, str, str]:
+        return (em.let(f"{rk} // {kh * kw}", "ic"), em.let(f"({rk} // {kw}) % {kh}", "ky"),
+                em.let(f"{rk} % {kw}", "kx"))
+
+    def a(em: TileEmitter, bi: list[str], mi: list[str], rk: str, mask: str) -> str:
+        n_, oy, ox = mi
+        ic, ky, kx = split(em, rk)
+        iy = em.let(f"{oy} * {sh} - {ph} + {ky} * {dh}", "iy")
+        ix = em.let(f"{ox} * {sw} - {pw} + {kx} * {dw}", "ix")
+        hh, ww = em.dim(h), em.dim(w_)
+        inside = f"{mask} & ({iy} >= 0) & ({iy} < {hh}) & ({ix} >= 0) & ({ix} < {ww})"
+        return em.tile(x, normalized(x, [n_, ic, iy, ix]), inside, dot)
+    if op.name == "graph.conv2d":
+        def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
+            ic, ky, kx = split(em, rk)
+            return em.tile(op.weight, normalized(op.weight, [rn[0], ic, ky, kx]), mask, dot)
+    else:
+        def b(em: TileEmitter, bi: list[str], rn: list[str], rk: str, mask: str) -> str:
+            value = weight_at(em, op.weight, op.scale, op.zero, rn[0], rk)
+            return em.let(f"tl.where({mask}, {value}, 0.0).to({dot})", "b")
+    return Contraction(op, [], [nb, oh, ow], oc, int(c) * kh * kw, a=a, b=b,
+                       out=lambda bi, mi, rn: [mi[0], rn, mi[1], mi[2]],
+                       bias=getattr(op, "bias", None), dtype=dot)
 
 
 def anchor_of(kernel: FusedOp, in_epilogue: Callable[[Operation], bool]) -> Operation | None:
@@ -185,7 +198,7 @@ def anchor_of(kernel: FusedOp, in_epilogue: Callable[[Operation], bool]) -> Oper
     if len(anchors) != 1 or any(not in_epilogue(o) for o in kernel.body_ops
                                 if o is not anchors[0]):
         return None
-    outputs = kernel.regions[0].block.terminator.operands
+    outputs = yielded(kernel)
     if len(outputs) != 1 or outputs[0].type.shape != anchors[0].results[0].type.shape:
         return None
     return anchors[0]
@@ -198,7 +211,7 @@ def _dims(dims: list[Dim]) -> list[int | str]:
 def generate_contraction(kernel: FusedOp, c: Contraction, inner: str) -> tuple[str, list[dict]]:
     """Triton source of a tiled contraction and its launch (grid: tiles x batch x split-K)."""
     em = TileEmitter(kernel, "[BLOCK_M, BLOCK_N]")
-    out = kernel.regions[0].block.terminator.operands[0]
+    out = yielded(kernel)[0]
     sizes = [*c.m, c.n, c.k, *c.batch, *out.type.shape] + [
         d for v in kernel.regions[0].block.args for d in v.type.shape]
     big = any(not isinstance(d, int) for d in sizes) or any(

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import sympy
 import tvm
@@ -27,7 +27,7 @@ from ...ir.packing import row_words
 from ...ir.types import QuantType, TensorType
 from ...runtime.artifact import NUMPY_DTYPES
 from ..template import CodegenError
-from .typed import compute, shape_of
+from .typed import cast_tensor, compute, shape_of
 
 LowerFn = Callable[[Operation, list, "Lowering"], "te.Tensor | list[te.Tensor]"]
 RULES: dict[str, LowerFn] = {}
@@ -273,8 +273,7 @@ def lower_cast(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     if src.is_float and op.dtype.is_int and op.dtype.bits < 64:
         raise CodegenError("generic lowering of float -> narrow int casts (wrap-around) is "
                            "not written yet")
-    # topi.cast of a tensor is one te.compute; its inferred type allows a tuple of outputs
-    return cast(te.Tensor, topi.cast(args[0], tvm_dtype(op, op.dtype)))
+    return cast_tensor(args[0], tvm_dtype(op, op.dtype))
 
 
 # ---- shapes -----------------------------------------------------------------------------------
@@ -479,8 +478,9 @@ def library_key(funcs: Mapping[str, tvm.tirx.PrimFunc], target: object) -> str:
 
 
 def compile_funcs(funcs: dict[str, tvm.tirx.PrimFunc], what: str,
-                  target: dict | None = None) -> tvm.runtime.Executable:
-    """Compile PrimFuncs (by symbol name) into one executable; TVM errors become CodegenError."""
+                  target: dict | tvm.target.Target | None = None) -> tvm.runtime.Executable:
+    """Compile PrimFuncs (by symbol name) into one executable, for `target` (a TVM target or
+    its dict; LLVM for the host by default); TVM errors become CodegenError."""
     module = _ir_module(funcs)
     try:
         return tvm.compile(module, target=tvm.target.Target(target or {"kind": "llvm"}))
@@ -495,4 +495,5 @@ def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Ex
     return compile_funcs({"main": func}, f"kernel '{kernel.kernel_name}'", target)
 
 
-from . import lower_math, lower_nn, lower_quant, lower_reduce  # noqa: E402,F401 - registers rules
+from . import lower_math, lower_nn, lower_quant  # noqa: E402,F401 - registers rules
+from . import lower_reduce as _reduce_rules  # noqa: E402,F401 - `lower_reduce` names a rule here

@@ -8,14 +8,16 @@ there, so such an element is wrong but the process lives; the interpreter raises
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import tvm
 from tvm import te
 
 from ...ir import Operation
 from .lower import Lowering, lowers
+from .typed import compute, shape_of
 
-Expr = object
+Expr = Any  # a TIR expression: TVM declares its arithmetic operators on no Python type
 T = tvm.tirx
 
 
@@ -34,9 +36,9 @@ def lower_round(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     """Round half to even (floats); integers are already whole."""
     x = args[0]
     if not op.x.type.dtype.is_float:
-        return te.compute(x.shape, lambda *i: x(*i), name="round")
+        return compute(x.shape, lambda *i: x(*i), name="round")
     dtype = str(x.dtype)
-    return te.compute(x.shape, lambda *i: _in_f32(x(*i), dtype, T.nearbyint), name="round")
+    return compute(x.shape, lambda *i: _in_f32(x(*i), dtype, T.nearbyint), name="round")
 
 
 @lowers("sign")
@@ -47,7 +49,7 @@ def lower_sign(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
     def sign(v: Expr) -> Expr:
         return T.Select(v > zero, one, T.Select(v < zero, -one, zero))
-    return te.compute(x.shape, lambda *i: sign(x(*i)), name="sign")
+    return compute(x.shape, lambda *i: sign(x(*i)), name="sign")
 
 
 def _float_divmod(a: Expr, b: Expr) -> tuple[Expr, Expr]:
@@ -94,13 +96,14 @@ def lower_floor_ops(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             return _int_divmod(a, b, dtype)[pick]
         b32 = b if dtype == "float32" else b.astype("float32")
         return _in_f32(a, dtype, lambda x: _float_divmod(x, b32)[pick])
-    return te.compute(shape, element, name=op.name.split(".")[1])
+    return compute(shape, element, name=op.name.split(".")[1])
 
 
 def _broadcast_read(t: te.Tensor, idx: tuple) -> Expr:
     """t at the trailing-aligned index `idx` (numpy broadcasting: size-1 dims read 0)."""
-    lead = len(idx) - len(t.shape)
-    at = [0 if _is_one(d) else idx[lead + j] for j, d in enumerate(t.shape)]
+    shape = shape_of(t)
+    lead = len(idx) - len(shape)
+    at = [0 if _is_one(d) else idx[lead + j] for j, d in enumerate(shape)]
     return t(*at)
 
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import tvm
-from tvm import te, topi
+from tvm import te
 
 from ...ir import Operation
 from .lower import Lowering, lowers
+from .typed import cast_tensor, compute, shape_of
 
 T = tvm.tirx
-Expr = object
+Expr = Any  # a TIR expression: TVM declares its arithmetic operators on no Python type
 
 
 def _axes(op: Operation) -> list[int]:
@@ -29,12 +31,13 @@ def _reduce(x: te.Tensor, op: Operation, lo: Lowering, combine: Callable[[Expr, 
     """out[kept] = combine over the reduced axes of value(x[...]), keepdim as the op says."""
     axes = _axes(op)
     reducer = te.comm_reducer(lambda a, b: combine(a, b), lambda t: identity, name=name)
-    raxes = {a: te.reduce_axis((0, x.shape[a]), name=f"r{a}") for a in axes}
+    shape = shape_of(x)
+    raxes = {a: te.reduce_axis((0, shape[a]), name=f"r{a}") for a in axes}
     out_shape = lo.shape(op.result.type)
 
     def element(*idx: object) -> Expr:
         src, k = [], 0
-        for a in range(len(x.shape)):
+        for a in range(len(shape)):
             if a in raxes:
                 src.append(raxes[a])
                 k += op.keepdim  # a kept size-1 dim: skip its output index
@@ -42,7 +45,7 @@ def _reduce(x: te.Tensor, op: Operation, lo: Lowering, combine: Callable[[Expr, 
                 src.append(idx[k])
                 k += 1
         return reducer(value(x(*src)), axis=list(raxes.values()))
-    return te.compute(out_shape, element, name=name)
+    return compute(out_shape, element, name=name)
 
 
 @lowers("reduce_prod")
@@ -52,7 +55,7 @@ def lower_reduce_prod(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     work = "float32" if op.x.type.dtype.is_float else "int64"
     out = _reduce(x, op, lo, lambda a, b: a * b, T.const(1, work),
                   lambda v: v.astype(work), "reduce_prod")
-    return out if work == dtype else topi.cast(out, dtype)
+    return out if work == dtype else cast_tensor(out, dtype)
 
 
 @lowers("reduce_all", "reduce_any")
@@ -64,12 +67,13 @@ def lower_reduce_logical(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     out = _reduce(x, op, lo, combine, T.const(is_all, "bool"),
                   lambda v: v if dtype == "bool" else v != T.const(0, dtype),
                   op.name.split(".")[1])
-    return out if dtype == "bool" else topi.cast(out, dtype)
+    return out if dtype == "bool" else cast_tensor(out, dtype)
 
 
 def nan_extreme(dtype: str, largest: bool) -> tuple[Callable[[Expr, Expr], Expr], Expr]:
     """The combine and identity of a max (min) that NaN wins, as numpy and torch define it."""
-    pick = T.max if largest else T.min
+    def pick(a: Expr, b: Expr) -> Expr:
+        return T.max(a, b) if largest else T.min(a, b)
     if dtype.startswith("float"):
         identity = T.const(-math.inf if largest else math.inf, dtype)
 
@@ -86,7 +90,7 @@ def lower_arg_extreme(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     x = args[0]
     out_shape = lo.shape(op.result.type)
     if not x.shape:
-        return te.compute(out_shape, lambda *i: T.const(0, "int64"), name="arg0")
+        return compute(out_shape, lambda *i: T.const(0, "int64"), name="arg0")
     axis = op.axis % len(x.shape)
     largest = op.name == "graph.argmax"
     combine, identity = nan_extreme(str(x.dtype), largest)
@@ -101,7 +105,7 @@ def lower_arg_extreme(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         return kept[:axis] + [at] + kept[axis:]
 
     r = te.reduce_axis((0, size), name="r")
-    best = te.compute(out_shape, lambda *i: extreme(x(*source(i, r)), axis=r), name="best")
+    best = compute(out_shape, lambda *i: extreme(x(*source(i, r)), axis=r), name="best")
     k = te.reduce_axis((0, size), name="k")
 
     def index(*i: object) -> Expr:
@@ -110,7 +114,7 @@ def lower_arg_extreme(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         if str(x.dtype).startswith("float"):
             hit = hit | (T.isnan(v) & T.isnan(m))
         return first(T.Select(hit, k.var.astype("int64"), T.const(2**62, "int64")), axis=k)
-    return te.compute(out_shape, index, name=op.name.split(".")[1])
+    return compute(out_shape, index, name=op.name.split(".")[1])
 
 
 def _clamped(v: Expr, size: Expr, negatives: bool) -> Expr:
@@ -132,7 +136,7 @@ def lower_gather(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         at = list(i)
         at[axis] = _clamped(index(*i), x.shape[axis], negatives=True)
         return x(*at)
-    return te.compute(lo.shape(op.result.type), element, name="gather")
+    return compute(lo.shape(op.result.type), element, name="gather")
 
 
 @lowers("index_select")
@@ -147,5 +151,5 @@ def lower_index_select(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         at.append(_clamped(index(*i[axis:axis + picked]), x.shape[axis], negatives=False))
         at += list(i[axis + picked:])
         return x(*at)
-    return te.compute(lo.shape(op.result.type), element, name="index_select")
+    return compute(lo.shape(op.result.type), element, name="index_select")
 

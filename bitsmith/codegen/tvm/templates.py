@@ -164,7 +164,7 @@ class Dense(TvmTemplate):
     key = ("M", "N", "K", "epilogue", "dtype")
 
     def match(self, op: Operation) -> Problem | None:
-        if op.name != "kernel.fused":
+        if not isinstance(op, FusedOp):
             return None
         anchors = [o for o in op.body_ops if isinstance(o, (LinearOp, MatmulOp))]
         if len(anchors) != 1 or any(not inlinable(o) for o in op.body_ops
@@ -289,7 +289,7 @@ class Conv2dNHWC(TvmTemplate):
     key = ("x", "w", "stride", "padding", "dilation", "epilogue")
 
     def match(self, op: Operation) -> Problem | None:
-        if op.name != "kernel.fused":
+        if not isinstance(op, FusedOp):
             return None
         convs = [o for o in op.body_ops if isinstance(o, Conv2dOp)]
         if len(convs) != 1 or any(not inlinable(o) for o in op.body_ops if o is not convs[0]):
@@ -362,7 +362,7 @@ class Attention(TvmTemplate):
     key = ("signature",)
 
     def match(self, op: Operation) -> Problem | None:
-        if op.name != "kernel.fused":
+        if not isinstance(op, FusedOp):
             return None
         ops = op.body_ops
         fused = sum(isinstance(o, AttentionOp) for o in ops) == 1
@@ -502,7 +502,7 @@ class Rows(_Auto):
     name = "rows"
 
     def match(self, op: Operation) -> Problem | None:
-        return signature_problem(self.name, op) if op.name == "kernel.fused" else None
+        return signature_problem(self.name, op) if isinstance(op, FusedOp) else None
 
 
 def select(op: FusedOp, target: Target) -> tuple[TvmTemplate, Problem]:

@@ -429,7 +429,7 @@ class QDense(TvmTemplate):
     key = ("M", "N", "K", "qtype", "epilogue")
 
     def match(self, op: Operation) -> Problem | None:
-        if op.name != "kernel.fused":
+        if not isinstance(op, FusedOp):
             return None
         anchors = [o for o in op.body_ops if isinstance(o, quant.LinearOp)]
         if len(anchors) != 1 or any(not inlinable(o) for o in op.body_ops

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tvm.s_tir as s_tir
-from tvm import te
+from tvm import te, topi
 from tvm.s_tir import SBlock
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.tirx import For
@@ -25,6 +25,14 @@ def compute(shape: Sequence[Any], fcompute: Callable[..., Any],
     out = te.compute(shape, fcompute, name=name)
     if not isinstance(out, te.Tensor):
         raise CodegenError(f"te.compute '{name}': expected one output tensor, got {len(out)}")
+    return out
+
+
+def cast_tensor(tensor: te.Tensor, dtype: str) -> te.Tensor:
+    """`topi.cast` of a tensor: one te.compute (its inferred type allows a tuple of them)."""
+    out = topi.cast(tensor, dtype)
+    if not isinstance(out, te.Tensor):
+        raise CodegenError(f"topi.cast to {dtype}: expected one tensor, got {type(out).__name__}")
     return out
 
 
