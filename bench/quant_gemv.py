@@ -34,7 +34,10 @@ import tvm
 from tvm import te
 
 from bitsmith.autotune.fingerprint import cache_sizes
+from bitsmith.codegen.backend import kernels_of
+from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.target import host_target
+from bitsmith.codegen.tvm.templates import select
 from bitsmith.compiler import build_artifact
 from bitsmith.ir import Builder, Module, TensorType, graph
 from bitsmith.ir.dialects import func, quant
@@ -145,6 +148,20 @@ def torch_timer(n: int, k: int, dtype: torch.dtype, llc: int, repeat: int):
     return timed
 
 
+def decode_configs(module: Module, decode: str) -> dict[str, Config] | None:
+    """Each kernel's default config with DECODE set to `decode` (None: the defaults)."""
+    if decode == "default":
+        return None
+    target = host_target()
+    configs = {}
+    for op in kernels_of(module):
+        template, problem = select(op, target)
+        config = template.default_config(problem, target)
+        if "DECODE" in config:
+            configs[op.kernel_name] = Config({**config, "DECODE": decode})
+    return configs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
@@ -152,6 +169,10 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--decode", nargs="+", default=["default"],
+                        choices=["default", "subnormal", "magic", "convert"],
+                        help="qdense DECODE to run (default: the template's default for this "
+                             "host); several give one row each, side by side")
     args = parser.parse_args()
     llc, cores = cache_sizes()["l3"] or 32 << 20, host_target().cores
     torch.set_num_threads(cores)
@@ -164,18 +185,19 @@ def main() -> None:
         t16, c16, _ = rounds(meter, torch_timer(n, k, torch.bfloat16, llc, 3), args.rounds)
         rows.append((f"{n}x{k}", "torch f32", "", n * k * 4, t32, c32, None, None, None))
         rows.append((f"{n}x{k}", "torch bf16", "", n * k * 2, t16, c16, None, None, None))
-        for bits in args.bits:
+        for bits, decode in [(b, d) for b in args.bits for d in args.decode]:
             probe = qgemv_module(n, k, bits, args.group, 1)
             layer_bytes = sum(a.nbytes for a in probe.weights.values()) + (k + n) * 4
             copies = max(2, -(-4 * llc // layer_bytes))
             module = qgemv_module(n, k, bits, args.group, copies)
             run(module, "fuse", verify=False)
-            executor = Executor(build_artifact(module))
+            executor = Executor(build_artifact(module, configs=decode_configs(module, decode)))
             x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
             t, cost, bw = rounds(meter, chain_timer(executor, x, args.repeat), args.rounds)
             ceiling = min(1.0, fmas * layer_bytes / (n * k) / bw)
             templates = {s["template"] for s in executor.plan["steps"]}
-            rows.append((f"{n}x{k}", f"{bits} ({','.join(sorted(templates))})", copies,
+            label = ",".join(sorted(templates)) + ("" if decode == "default" else f" {decode}")
+            rows.append((f"{n}x{k}", f"{bits} ({label})", copies,
                          layer_bytes, t, cost, t32 / t, t16 / t, ceiling))
             print(f"{n}x{k} w{bits}: {t * 1e6:.0f} us", flush=True)
     print(f"\nLLC {llc >> 20} MiB, {cores} cores; {args.rounds} rounds of (DRAM read "

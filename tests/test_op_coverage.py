@@ -87,6 +87,8 @@ def binary_cases() -> list[Case]:
         if short == "pow":
             lhs = np.abs(lhs)
         cases.append(Case(cls.name, [lhs, rhs]))
+        if short in ("maximum", "minimum", "add", "mul", "eq", "lt"):  # NaN and inf as torch
+            cases.append(Case(cls.name, [specials(3, 5, 7), specials(5, 7)[::-1].copy()]))
         if short in ("floor_div", "remainder"):
             nonzero = ints(5, 1, lo=1, hi=6) * np.where(ints(5, 1, lo=0, hi=2) > 0, 1, -1)
             cases.append(Case(cls.name, [ints(3, 5, 7, lo=-20, hi=21), nonzero.astype(np.int32)]))
@@ -130,6 +132,10 @@ CASES: list[Case] = [
     Case("graph.cast", [f32(3, 5, 7) > 0], {"dtype": dtypes.i64}),
     *[Case(f"graph.reduce_{k}", [f32(3, 5, 7)], {"axes": (1,), "keepdim": keep})
       for k in ("sum", "mean", "max", "min") for keep in (False, True)],
+    *[Case(f"graph.reduce_{k}", [specials(3, 5, 7)], {"axes": axes})
+      for k in ("sum", "max", "min") for axes in ((2,), (0, 1))],
+    *[Case(f"graph.reduce_{k}", [ints(3, 5, 7, lo=-100, hi=100)], {"axes": (1,)})
+      for k in ("sum", "max", "min")],
     Case("graph.reduce_prod", [f32(3, 5, 7, positive=True)], {"axes": (2,)}),
     Case("graph.reduce_prod", [ints(3, 5, 7, lo=-3, hi=4)], {"axes": (0, 2), "keepdim": True}),
     *[Case(f"graph.reduce_{k}", [x], {"axes": axes})

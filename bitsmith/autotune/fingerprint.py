@@ -108,6 +108,8 @@ def device_fingerprint(target: Target) -> dict[str, Any]:
         "isa": sorted(target.isa),
         "cores": int(target.cores),
         "cache": cache_sizes(),
+        "subnormals": ("slow" if target.attrs.get("slow_subnormals") else "fast")
+                      if target.kind == "llvm" else "",
         "gpu": ({**_gpu_description(), **{k: str(v) for k, v in target.attrs.items()}}
                 if target.kind == "cuda" else {}),
         "toolchain": _toolchain(target.kind),

@@ -64,9 +64,16 @@ def convert_gelu(ctx: ImportContext, x: Value, approximate: str = "none") -> Val
     return ctx.value(graph.GeluOp, x, approximate=approximate)
 
 
-@converts(aten.hardtanh.default, aten.clamp.default)
-def convert_clamp(ctx: ImportContext, x: Value, min: Any = -1.0, max: Any = 1.0) -> Value:
+@converts(aten.clamp.default)
+def convert_clamp(ctx: ImportContext, x: Value, min: Any = None, max: Any = None) -> Value:
+    """torch.clamp: an absent bound is no bound (hardtanh's -1/1 defaults are its own)."""
     return ctx.value(graph.ClampOp, x, min=min, max=max)
+
+
+@converts(aten.hardtanh.default)
+def convert_hardtanh(ctx: ImportContext, x: Value, min_val: Any = -1.0,
+                     max_val: Any = 1.0) -> Value:
+    return ctx.value(graph.ClampOp, x, min=min_val, max=max_val)
 
 
 @converts(aten.clamp_min.default)

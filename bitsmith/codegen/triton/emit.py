@@ -339,6 +339,8 @@ def _binary(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     a, b = _operands(op, idx, em)
     if op.name == "graph.div" and not is_float(op.operands[0]):
         raise CodegenError("Triton lowering of integer graph.div is not written yet")
+    if op.name in ("graph.maximum", "graph.minimum") and is_float(op.operands[0]):
+        return f"tl.{op.name[6:]}({a}, {b}{NAN_ARG})"
     return "(" + _BINARY[op.name.split(".")[1]].format(a, b) + ")"
 
 

@@ -175,7 +175,7 @@ _UNARY = {"exp": topi.exp, "log": topi.log, "sqrt": topi.sqrt, "rsqrt": topi.rsq
           "neg": topi.negative, "sin": topi.sin, "cos": topi.cos, "floor": topi.floor,
           "ceil": topi.ceil, "logical_not": topi.logical_not}
 _BINARY = {"add": topi.add, "sub": topi.subtract, "mul": topi.multiply,
-           "maximum": topi.maximum, "minimum": topi.minimum, "eq": topi.equal,
+           "eq": topi.equal,
            "ne": topi.not_equal, "lt": topi.less, "le": topi.less_equal, "gt": topi.greater,
            "ge": topi.greater_equal, "logical_and": topi.logical_and,
            "logical_or": topi.logical_or}
@@ -377,23 +377,6 @@ def _axes(op: Operation) -> list[int]:
     return sorted(a % rank for a in op.axes) or list(range(rank))
 
 
-@lowers("reduce_sum", "reduce_max", "reduce_min", "reduce_mean")
-def lower_reduce(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    kind = op.name.split("_")[-1]
-    axes = _axes(op)
-    if kind == "mean":
-        _float_only(op)
-        total = topi.sum(args[0], axis=axes, keepdims=op.keepdim)
-        count = 1
-        for a in axes:
-            count = count * lo.dim(op.x.type.shape[a])
-        return topi.divide(total, topi.cast(tvm.tirx.const(1, "int64") * count, total.dtype))
-    if kind == "sum" and not op.x.type.dtype.is_float:
-        raise CodegenError("generic lowering of integer sums is not written yet")
-    fn = {"sum": topi.sum, "max": topi.max, "min": topi.min}[kind]
-    return fn(args[0], axis=axes, keepdims=op.keepdim)
-
-
 @lowers("softmax", "log_softmax")
 def lower_softmax(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     axis = op.axis % op.x.type.rank
@@ -495,5 +478,4 @@ def build_generic(kernel: FusedOp, target: dict | None = None) -> tvm.runtime.Ex
     return compile_funcs({"main": func}, f"kernel '{kernel.kernel_name}'", target)
 
 
-from . import lower_math, lower_nn, lower_quant  # noqa: E402,F401 - registers rules
-from . import lower_reduce as _reduce_rules  # noqa: E402,F401 - `lower_reduce` names a rule here
+from . import lower_math, lower_nn, lower_quant, lower_reduce  # noqa: E402,F401 - registers rules

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import tvm
-from tvm import te
+from tvm import te, topi
 
 from ...ir import Operation
 from .lower import Lowering, lowers
@@ -29,6 +29,17 @@ def _in_f32(x: Expr, dtype: str, fn: Callable[[Expr], Expr]) -> Expr:
     """fn over x (of float type `dtype`) computed in f32, rounded back to `dtype`."""
     out = fn(x if dtype == "float32" else x.astype("float32"))
     return out if dtype == "float32" else out.astype(dtype)
+
+
+@lowers("maximum", "minimum")
+def lower_extreme(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """The larger (smaller) of two broadcast operands; a NaN in either gives NaN, as in torch
+    (LLVM's maxnum would return the other operand)."""
+    a, b = args
+    out = (topi.maximum if op.name == "graph.maximum" else topi.minimum)(a, b)
+    if not op.lhs.type.dtype.is_float:
+        return out
+    return topi.where(topi.isnan(a), a, topi.where(topi.isnan(b), b, out))
 
 
 @lowers("round")

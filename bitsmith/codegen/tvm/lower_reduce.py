@@ -1,5 +1,5 @@
-"""Generic lowering of the reductions beyond sum/mean/max/min (product, all, any, argmax,
-argmin) and of the index-reading ops (gather, index_select), each as the interpreter defines it.
+"""Generic lowering of the reductions (sum, mean, max, min, product, all, any, argmax, argmin)
+and of the index-reading ops (gather, index_select), each as the interpreter defines it.
 
 Indices past their dim cannot raise inside a kernel: they are clamped into the dim, so a kernel
 never reads outside its buffers; the interpreter raises IndexError for them.
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import tvm
-from tvm import te
+from tvm import te, topi
 
 from ...ir import Operation
 from .lower import Lowering, lowers
@@ -46,6 +46,30 @@ def _reduce(x: te.Tensor, op: Operation, lo: Lowering, combine: Callable[[Expr, 
                 k += 1
         return reducer(value(x(*src)), axis=list(raxes.values()))
     return compute(out_shape, element, name=name)
+
+
+@lowers("reduce_sum", "reduce_mean", "reduce_max", "reduce_min")
+def lower_reduce_arith(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """Sum, mean, max and min over axes: floats as topi does, except that max and min let NaN
+    win (as torch and numpy); integer sums in i64, then wrapped to the type, as the
+    interpreter does."""
+    x, dtype = args[0], str(args[0].dtype)
+    kind = op.name.split("_")[-1]
+    is_float = op.x.type.dtype.is_float
+    if kind in ("max", "min"):
+        combine, identity = nan_extreme(dtype, largest=kind == "max")
+        return _reduce(x, op, lo, combine, identity, lambda v: v, op.name.split(".")[1])
+    if kind == "mean":
+        total = topi.sum(x, axis=_axes(op), keepdims=op.keepdim)
+        count: Expr = T.const(1, "int64")
+        for a in _axes(op):
+            count = count * lo.dim(op.x.type.shape[a])
+        return topi.divide(total, count.astype(str(total.dtype)))
+    if is_float:
+        return topi.sum(x, axis=_axes(op), keepdims=op.keepdim)
+    out = _reduce(x, op, lo, lambda a, b: a + b, T.const(0, "int64"),
+                  lambda v: v.astype("int64"), "reduce_sum")
+    return out if dtype == "int64" else cast_tensor(out, dtype)
 
 
 @lowers("reduce_prod")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from ...runtime.host import host_description
+from ...runtime.host import host_description, slow_subnormals
 from ...runtime.tvm_runtime import tvm
 from ..template import Target
 
@@ -16,7 +16,7 @@ def host_target() -> Target:
     mcpu = str(tvm.target.codegen.llvm_get_system_cpu())
     lanes = 16 if "avx512f" in host["isa"] else 8 if "avx2" in host["isa"] else 4
     return Target(kind="llvm", mcpu=mcpu, isa=tuple(host["isa"]), cores=host["cores"],
-                  attrs={"vector_lanes_f32": lanes})
+                  attrs={"vector_lanes_f32": lanes, "slow_subnormals": slow_subnormals()})
 
 
 def tvm_target(target: Target) -> tvm.target.Target:

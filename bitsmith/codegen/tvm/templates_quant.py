@@ -17,15 +17,18 @@ weight vector, one FMA for d and one for the scale; the lanes are added once per
 a tree. K is padded with zero codes (and zero activations) to whole blocks of 32 * lanes.
 
 How integer codes become f32 (the DECODE knob):
-- `subnormal` (the default): the code is masked where it lies in its word, and the word read
+- `subnormal` (the default on CPUs that handle subnormal floats at full speed, such as AMD
+  Zen): the code is masked where it lies in its word, and the word read
   as a subnormal float, u * 2**(p - 149) for a code at bit p: one AND per weight (codes in
   the top half of a word are masked out of the word shifted down by 16, one shift per word).
   The activations are pre-scaled once per call by 2**(126 - e - p), e the row's largest
   exponent, so the products are u * x * 2**(-23 - e): exact, normal floats, the scale undone
   on the output. It needs subnormals to be honoured; a thread that treats them as zero (DAZ,
   `torch.set_flush_denormal(True)`) gets NaN outputs from a probe, never silent zeros.
-- `magic`: the code is moved to the top of the mantissa of 1.0 (1 + u / 2**bits): a shift and
-  one ternary-logic op per weight; 2**bits and the offset ride on the scale and d.
+- `magic` (the default where subnormals cost a microcode assist, as on Intel cores: measured
+  once per process, `runtime.host.subnormal_penalty`): the code is moved to the top of the
+  mantissa of 1.0 (1 + u / 2**bits): a shift and one ternary-logic op per weight; 2**bits and
+  the offset ride on the scale and d.
 - `convert`: shift, mask and an int-to-float conversion.
 Low-bit floats decode by moving their bits into a float32 (exact); the constant factor that
 leaves out rides on the scale.
@@ -415,6 +418,15 @@ class _QLinear:
         return dot
 
 
+def default_decode(int_codes: bool, target: Target) -> str:
+    """The DECODE an untuned kernel runs: `subnormal` (one AND per weight) where this CPU
+    handles subnormal floats at full speed, `magic` where they cost a microcode assist (30-50x
+    on Intel cores); low-bit float codes always `convert`."""
+    if not int_codes:
+        return "convert"
+    return "magic" if target.attrs.get("slow_subnormals", True) else "subnormal"
+
+
 @register_template
 class QDense(TvmTemplate):
     """out = epilogue(x @ dequantize(W)^T) for a packed constant W: fused dequant-GEMV/GEMM."""
@@ -465,7 +477,7 @@ class QDense(TvmTemplate):
         return Config({"TILE_N": 1, "TILE_M": 1,
                        "UNROLL": True,
                        "PARALLEL": int(problem["N"]) * int(problem["K"]) >= 1 << 16,
-                       "DECODE": "subnormal" if problem["int_codes"] else "convert"})
+                       "DECODE": default_decode(bool(problem["int_codes"]), target)})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         kernel: FusedOp = problem.kernel_op
