@@ -345,6 +345,30 @@ SOFTMAX_BLOCKS = frozenset({"exp", "probs", "T_softmax_exp", "T_softmax_norm"})
 """Blocks that compute exponentials: materialised, never recomputed inside a contraction."""
 
 
+def _points_under(sch: s_tir.Schedule, block: Any, outer: Any) -> int | None:
+    """How many points `block`'s loops inside `outer` iterate (None: a symbolic extent)."""
+    loops = sch.get_loops(block)
+    inner = loops[[str(loop_of(sch, lp)) for lp in loops].index(str(loop_of(sch, outer))) + 1:]
+    extents = [static_extent(sch, lp) for lp in inner]
+    return None if any(e is None for e in extents) else math.prod(e or 1 for e in extents)
+
+
+def _exact_under(sch: s_tir.Schedule, consumer: Any, pv: Any, outer: Any) -> bool:
+    """Whether moving `consumer` under `outer` makes each iteration compute exactly what that
+    iteration's P.V wrote. TVM covers the region a consumer reads with one box: a consumer that
+    interleaves the batch with the rows (sequence-first attention, `[S*B, H*D]`) gets a box
+    over other batches' rows, which it would fill from P.V values not computed yet. Such a
+    consumer stays at the root, after the parallel loop."""
+    trial = sch.copy()
+    try:
+        trial.reverse_compute_at(consumer, outer)
+    except ScheduleError:
+        return False
+    rows, cols = [static_extent(trial, lp) for lp in trial.get_loops(pv)[-3:-1]]
+    moved = _points_under(trial, consumer, outer)
+    return moved is not None and rows is not None and cols is not None and moved <= rows * cols
+
+
 @register_template
 class Attention(TvmTemplate):
     """softmax(q k^T ...) v, as `graph.attention` or decomposed (two matmuls around a softmax):
@@ -413,7 +437,8 @@ class Attention(TvmTemplate):
             except ScheduleError:
                 waiting.append(block)
         for block in blocks[blocks.index(pv) + 1:]:
-            sch.reverse_compute_at(block, outer)
+            if _exact_under(sch, block, pv, outer):
+                sch.reverse_compute_at(block, outer)
         for block in waiting:
             sch.compute_at(block, outer)
         if config["VECTORIZE_QK"] and reductions[0] is not pv:
