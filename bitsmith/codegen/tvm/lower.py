@@ -372,11 +372,6 @@ def lower_embedding(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 
 # ---- reductions and norms ---------------------------------------------------------------------
-def _axes(op: Operation) -> list[int]:
-    rank = op.x.type.rank
-    return sorted(a % rank for a in op.axes) or list(range(rank))
-
-
 @lowers("softmax", "log_softmax")
 def lower_softmax(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     axis = op.axis % op.x.type.rank
@@ -421,7 +416,7 @@ def lower_matmul(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     def operand(t: te.Tensor, idx: tuple, row: object, col: object) -> Any:
         shape = shape_of(t)
         lead = idx[batch - (len(shape) - 2):batch] if len(shape) > 2 else ()
-        lead = [0 if _is_one(shape[j]) else i for j, i in enumerate(lead)]
+        lead = [0 if is_one(shape[j]) else i for j, i in enumerate(lead)]
         return t(*lead, row, col)
 
     def element(*idx: object) -> object:
@@ -432,7 +427,8 @@ def lower_matmul(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     return compute(out_shape, element, name="matmul")
 
 
-def _is_one(d: object) -> bool:
+def is_one(d: object) -> bool:
+    """A dim that is statically 1 (an operand broadcast along it reads index 0)."""
     return isinstance(d, (int, tvm.tirx.IntImm)) and int(d) == 1
 
 

@@ -14,7 +14,7 @@ import tvm
 from tvm import te, topi
 
 from ...ir import Operation
-from .lower import Lowering, lowers
+from .lower import Lowering, is_one, lowers
 from .typed import compute, shape_of
 
 Expr = Any  # a TIR expression: TVM declares its arithmetic operators on no Python type
@@ -114,9 +114,5 @@ def _broadcast_read(t: te.Tensor, idx: tuple) -> Expr:
     """t at the trailing-aligned index `idx` (numpy broadcasting: size-1 dims read 0)."""
     shape = shape_of(t)
     lead = len(idx) - len(shape)
-    at = [0 if _is_one(d) else idx[lead + j] for j, d in enumerate(shape)]
+    at = [0 if is_one(d) else idx[lead + j] for j, d in enumerate(shape)]
     return t(*at)
-
-
-def _is_one(d: object) -> bool:
-    return isinstance(d, (int, T.IntImm)) and int(d) == 1

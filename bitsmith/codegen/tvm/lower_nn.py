@@ -11,7 +11,7 @@ from tvm import te, topi
 
 from ...ir import Operation
 from ..template import CodegenError
-from .lower import Lowering, lowers, tvm_dtype
+from .lower import Lowering, is_one, lowers, tvm_dtype
 from .lower_reduce import nan_extreme
 from .typed import compute, shape_of
 
@@ -199,7 +199,7 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             s = tvm.tirx.Select(i[-1] > i[-2], tvm.tirx.const(-math.inf, q.dtype), s)
         if mask:
             m = mask[0]
-            idx = [0 if _one(m.shape[j]) else i[len(i) - len(m.shape) + j]
+            idx = [0 if is_one(m.shape[j]) else i[len(i) - len(m.shape) + j]
                    for j in range(len(m.shape))]
             if m.dtype == "bool":
                 s = tvm.tirx.Select(m(*idx), s, tvm.tirx.const(-math.inf, q.dtype))
@@ -220,10 +220,6 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     j = te.reduce_axis((0, lk), name="j")
     return compute(lo.shape(op.result.type), lambda *i: te.sum(
         normed(*i[:-1], j) * v(*kv_index(i), j, i[-1]), axis=j), name="pv")
-
-
-def _one(d: object) -> bool:
-    return isinstance(d, (int, tvm.tirx.IntImm)) and int(d) == 1
 
 
 @lowers("arange")
@@ -254,7 +250,7 @@ def lower_index(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         picked = i[axes[0]:axes[0] + picked_rank]
         src = list(i[:axes[0]])
         for axis, t in zip(axes, indices, strict=True):
-            sub = [0 if _one(t.shape[j]) else picked[picked_rank - len(t.shape) + j]
+            sub = [0 if is_one(t.shape[j]) else picked[picked_rank - len(t.shape) + j]
                    for j in range(len(t.shape))]
             v = t(*sub).astype("int64")
             src.append(tvm.tirx.Select(v < 0, v + x.shape[axis], v))

@@ -348,7 +348,11 @@ SOFTMAX_BLOCKS = frozenset({"exp", "probs", "T_softmax_exp", "T_softmax_norm"})
 def _points_under(sch: s_tir.Schedule, block: Any, outer: Any) -> int | None:
     """How many points `block`'s loops inside `outer` iterate (None: a symbolic extent)."""
     loops = sch.get_loops(block)
-    inner = loops[[str(loop_of(sch, lp)) for lp in loops].index(str(loop_of(sch, outer))) + 1:]
+    target = loop_of(sch, outer)
+    at = next((i for i, lp in enumerate(loops) if loop_of(sch, lp).same_as(target)), None)
+    if at is None:
+        return None
+    inner = loops[at + 1:]
     extents = [static_extent(sch, lp) for lp in inner]
     return None if any(e is None for e in extents) else math.prod(e or 1 for e in extents)
 
