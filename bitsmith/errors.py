@@ -131,6 +131,12 @@ class CodegenError(BitsmithError):
     """A template cannot build a kernel: names the template, the problem and the reason."""
 
 
+class MismatchError(BitsmithError):
+    """A compiled model computes something other than the torch model on its example inputs;
+    the message names the output, the error, and the first kernel or imported op that
+    diverges. Nothing is written or returned."""
+
+
 class TuningError(BitsmithError):
     """A tuning or caching failure; the message says what failed, where, and the fix if known."""
 
