@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import selfcheck
 from .autotune.cache import LibraryCache
 from .autotune.policy import keep_in_model_winners, tuned_configs
 from .codegen.backend import Backend
@@ -47,7 +48,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
             pipeline: str | None = None, dynamic_batch: bool = False, name: str | None = None,
             example_kwargs: Mapping[str, Any] | None = None, tune: int | str | None = None,
             quant: str | None = None, calib: Iterable[Any] | None = None,
-            progress: bool = False) -> CompiledModel:
+            progress: bool = False, check: bool = True,
+            dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> CompiledModel:
     """Compile a torch model for `target`; returns a callable, savable CompiledModel.
 
     `tune` (trials, or a time like "10m") tunes every kernel that this device's cache does not
@@ -58,11 +60,20 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     "w3g128:gptq", "f6e3m2g64"; see `passes.quant_spec`); `calib` is an iterable of input
     tuples (or single inputs) that calibrates it, in the model's positional input order.
     `cm.report()` then lists every layer's format and error.
+
+    `dynamic_dims` makes more dims symbolic than `dynamic_batch`'s dim 0: {input name: {axis:
+    torch.export.Dim}}, e.g. a sequence dim S (`frontend.LoadedModel.dynamic_dims()`).
+
+    `check` (on by default) runs the built model on the example inputs and compares it with
+    torch (a quantized model: with the interpreter of its quantized graph) before returning;
+    a mismatch is a MismatchError naming the first kernel, or the first imported op, that
+    diverges (`selfcheck`).
     """
     builder = backend(target)
     device = builder.target()  # a missing GPU or Triton is an error before the import
     module = from_torch(model, tuple(example_inputs), dict(example_kwargs or {}),
-                        dynamic_batch=dynamic_batch, name=name or type(model).__name__.lower())
+                        dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims,
+                        name=name or type(model).__name__.lower())
     pipeline = pipeline or default_pipeline(target)
     if quant is not None:
         pipeline = f"canonicalize,cse,{quant_pipeline_entry(quant)},{pipeline}"
@@ -77,7 +88,13 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
         arrays = example_arrays(artifact, example_inputs, example_kwargs or {})
         artifact = keep_in_model_winners(module, artifact, configs, arrays, batch,
                                          backend=builder)
-    return CompiledModel(artifact)
+    cm = CompiledModel(artifact)
+    if check:
+        kwargs = dict(example_kwargs or {})
+        selfcheck.check(cm, module, example_arrays(artifact, example_inputs, kwargs),
+                        model=model, args=example_inputs, kwargs=kwargs,
+                        quantized=quant is not None, dynamic_batch=dynamic_batch)
+    return cm
 
 
 def example_arrays(artifact: Artifact, args: Sequence[Any],

@@ -9,7 +9,8 @@ imports nothing of ours, so every layer (the runtime included) can raise these.
 BitsmithError
 ├── IRError            VerifyError, ParseError, InterpretError (IndexOutOfRangeError),
 │                      DTypeError, ShapeError, PackingError, AttributeValueError
-├── ModelError         ModelLoadError, UnsupportedOpError, ConversionError
+├── ModelError         ModelLoadError, UnsupportedOpError, UnsupportedModelError,
+│                      ConversionError
 ├── PassError          PipelineError (+ QuantSpecError, MemoryPlanError in passes)
 ├── CodegenError
 ├── TuningError        CacheError
@@ -99,6 +100,12 @@ class ModelLoadError(ModelError):
 
 class ConversionError(ModelError):
     """One node could not be converted; the importer collects these."""
+
+
+class UnsupportedModelError(ModelError):
+    """The model does something a compiled graph cannot: data-dependent control flow, an
+    in-place update of an input or buffer, an output structure a flat tuple would lose. The
+    message names the construct, where it is (file:line) and the fix."""
 
 
 class UnsupportedOpError(ModelError):

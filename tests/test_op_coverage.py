@@ -122,6 +122,13 @@ def quant_module(kind: str) -> tuple[ir.Module, list[np.ndarray]]:
 CASES: list[Case] = [
     *unary_cases(),
     *binary_cases(),
+    Case("graph.log1p", [f32(3, 5, 7, scale=0.2)]),  # near 0, where log(1 + x) is inexact
+    Case("graph.expm1", [f32(3, 5, 7, scale=0.2)]),  # near 0, where exp(x) - 1 is inexact
+    Case("graph.fmod", [specials(3, 5, 7), specials(5, 7)[::-1].copy()]),
+    Case("graph.ne", [specials(3, 5, 7), specials(5, 7)[::-1].copy()]),  # NaN != anything
+    Case("graph.fmod", [ints(3, 5, 7, lo=-20, hi=21),
+                        (ints(5, 1, lo=1, hi=6) * np.where(ints(5, 1, lo=0, hi=2) > 0, 1, -1)
+                         ).astype(np.int32)]),
     Case("graph.gelu", [specials(3, 5, 7)], {"approximate": "tanh"}),
     Case("graph.gelu", [specials(3, 5, 7)]),
     Case("graph.clamp", [specials(3, 5, 7)], {"min": -0.5, "max": 0.75}),

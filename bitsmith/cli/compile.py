@@ -29,6 +29,11 @@ def add_parsers(sub: Any) -> None:
     comp.add_argument("--batch", type=int, default=1, help="batch size of the example inputs")
     comp.add_argument("--dynamic-batch", action="store_true",
                       help="accept any batch size (dim 0 of every input is a symbol B)")
+    comp.add_argument("--seq", type=int, metavar="N",
+                      help="sequence length of a token model's example inputs (default 16)")
+    comp.add_argument("--dynamic-seq", action="store_true",
+                      help="accept any sequence length (dim 1 of the token inputs is a "
+                           "symbol S)")
     comp.add_argument("--pipeline", help="passes to run (default: the target's pipeline)")
     comp.add_argument("--tune", metavar="BUDGET",
                       help="tune kernels not in the cache first: trials (200) or time (10m)")
@@ -38,11 +43,16 @@ def add_parsers(sub: Any) -> None:
                       help="calibration inputs for --quant: one array per model input, in "
                            "input order (arr_0, arr_1, ... or the input names), samples on "
                            "axis 0")
+    comp.add_argument("--no-check", action="store_true",
+                      help="skip comparing the built model with torch on the example inputs "
+                           "(by default a mismatch is an error and nothing is written)")
     comp.set_defaults(func=cmd_compile)
     tune = sub.add_parser("tune", help="tune a model's kernels into the cache")
     tune.add_argument("model")
     tune.add_argument("--budget", default="10m", help="trials (200) or time (10m, 90s)")
     tune.add_argument("--batch", type=int, default=8, help="batch size the kernels are timed at")
+    tune.add_argument("--seq", type=int, metavar="N",
+                      help="sequence length of a token model's inputs (default 16)")
     tune.add_argument("--search", choices=("model", "random"), default="model",
                       help="model-guided evolutionary search (default) or random search")
     tune.set_defaults(func=cmd_tune)
@@ -57,6 +67,8 @@ def add_parsers(sub: Any) -> None:
                                          "torch.compile)")
     bench.add_argument("model")
     bench.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    bench.add_argument("--seq", type=int, metavar="N",
+                       help="sequence length of a token model's inputs (default 16)")
     bench.add_argument("--repeat", type=int, default=20)
     bench.add_argument("--torch-compile", action="store_true",
                        help="also time torch.compile (its compile takes a while on CPU)")
@@ -65,22 +77,24 @@ def add_parsers(sub: Any) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
-def _load(name: str) -> Any:
+def _load(name: str, seq: int | None = None) -> Any:
     from ..frontend import load_model  # noqa: PLC0415 - torch only here
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's own noise
-    return load_model(name)
+    return load_model(name, seq)
 
 
 def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None,
              tune: str | None = None, quant: str | None = None,
-             calib: list[tuple[np.ndarray, ...]] | None = None) -> Any:
+             calib: list[tuple[np.ndarray, ...]] | None = None, check: bool = True,
+             dynamic_seq: bool = False) -> Any:
     from .. import compiler  # noqa: PLC0415 - imports torch; `run` must not
 
     args, kwargs = loaded.call_args(batch)
     return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
                             dynamic_batch=dynamic, pipeline=pipeline, tune=tune, progress=True,
-                            quant=quant, calib=calib)
+                            quant=quant, calib=calib, check=check,
+                            dynamic_dims=loaded.dynamic_dims() if dynamic_seq else None)
 
 
 def load_calibration(path: str, names: tuple[str, ...]) -> list[tuple[np.ndarray, ...]]:
@@ -106,7 +120,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..codegen.backend import kernels_of  # noqa: PLC0415
 
     budget = Budget.parse(args.budget)
-    loaded = _load(args.model)
+    loaded = _load(args.model, args.seq)
     module = compiler.fused_module(loaded, args.batch)
     kernels = kernels_of(module)
     start = time.perf_counter()
@@ -133,11 +147,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     """Compile, save, and print a summary table."""
     if args.batch < 1:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
-    loaded = _load(args.model)
+    loaded = _load(args.model, args.seq)
     start = time.perf_counter()
     calib = load_calibration(args.calib, loaded.input_names) if args.calib else None
     cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline, args.tune,
-                  args.quant, calib)
+                  args.quant, calib, check=not args.no_check, dynamic_seq=args.dynamic_seq)
     seconds = time.perf_counter() - start
     out = Path(args.output or f"{loaded.name}.bsm")
     cm.save(out)
@@ -221,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .. import compiler  # noqa: PLC0415 - imports torch; `run` must not
 
-    loaded = _load(args.model)
+    loaded = _load(args.model, args.seq)
     cm = _compile(loaded, 2, True, None)
     compiled = torch.compile(loaded.module) if args.torch_compile else None
     table = Table(title=f"{loaded.name}: median of {args.repeat} runs")

@@ -25,6 +25,10 @@ def add_parsers(sub: Any) -> None:
     ir_cmd.add_argument("--dynamic-batch", action="store_true",
                         help="make dim 0 of every input a symbolic batch dim B")
     ir_cmd.add_argument("--batch", type=int, default=1, help="batch size of the example inputs")
+    ir_cmd.add_argument("--seq", type=int, metavar="N",
+                        help="sequence length of a token model's example inputs (default 16)")
+    ir_cmd.add_argument("--dynamic-seq", action="store_true",
+                        help="make dim 1 of the token inputs a symbolic sequence dim S")
     ir_cmd.add_argument("--check", action="store_true",
                         help="also run the interpreter and compare with torch")
     ir_cmd.add_argument("-o", "--output", help="write the IR to this file instead of stdout")
@@ -56,12 +60,14 @@ def cmd_ir(args: argparse.Namespace) -> int:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
     warnings.filterwarnings("ignore", category=FutureWarning)
     with err.status(f"loading {args.model}"):
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, args.seq)
     call_args, call_kwargs = loaded.call_args(args.batch)
+    dynamic_dims = loaded.dynamic_dims() if args.dynamic_seq else None
     start = time.perf_counter()
     with err.status(f"importing {loaded.name} with torch.export"):
         module = from_torch(loaded.module, call_args, call_kwargs,
-                            dynamic_batch=args.dynamic_batch, name=loaded.name)
+                            dynamic_batch=args.dynamic_batch, dynamic_dims=dynamic_dims,
+                            name=loaded.name)
     err.print(f"imported {loaded.name}: {len(module.ops)} ops, {len(module.weights)} weights "
               f"in {time.perf_counter() - start:.1f}s", highlight=False)
     run_pipeline(module, args)

@@ -12,9 +12,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import __version__
-from ..errors import CodegenError
+from ..errors import CodegenError, IndexOutOfRangeError
 from ..ir import Module, Operation, Value
+from ..ir.core import BlockArgument, OpResult
 from ..ir.dialects.graph import ConstantOp
+from ..ir.dialects.graph.shape import IndexBound, IndexingOp, index_source
 from ..ir.dialects.kernel import FusedOp
 from ..ir.types import QuantType, format_dim
 from ..runtime.artifact import NUMPY_DTYPES, Artifact, Manifest, TensorSpec
@@ -85,12 +87,15 @@ class Planner:
                 self._constant(op, module)
             elif isinstance(op, FusedOp):
                 kernel = built[op]
+                inputs = [self._operand(v, kernel.packs.get(i))
+                          for i, v in enumerate(op.operands)]
+                checks = self._index_checks(op, inputs, module)
                 self.steps.append({"kernel": op.kernel_name, **step(op, kernel),
                                    "template": kernel.template, "config": str(kernel.config),
-                                   "inputs": [self._operand(v, kernel.packs.get(i))
-                                              for i, v in enumerate(op.operands)],
+                                   "inputs": inputs,
                                    "outputs": [self._name(r, f"v{len(self.ids)}")
-                                               for r in op.results]})
+                                               for r in op.results],
+                                   **({"index_checks": checks} if checks else {})})
             elif op.name != "func.return":
                 raise CodegenError(f"'{op.name}' at the top level after fusion; every op must "
                                    "be in a kernel.fused (run the fuse pass)")
@@ -138,6 +143,50 @@ class Planner:
             self.packed[key] = self._weight(f"{name}.{layout}", packed, dtype)
         return self.packed[key]
 
+    def _index_checks(self, kernel: FusedOp, inputs: Sequence[str],
+                      module: Module) -> list[dict]:
+        """The range checks of the index operands the kernel's ops read, run before it: on
+        a kernel input (a model input or an earlier kernel's output), or, for constant
+        indices, done here (or, where the range has a symbolic size, from their extremes)."""
+        block = kernel.regions[0].block
+        checks: list[dict] = []
+        for op in kernel.body_ops:
+            if not isinstance(op, IndexingOp):
+                continue
+            for bound in op.index_bounds():
+                source = index_source(op.operands[bound.operand], lambda o: o.parent is block)
+                where = f"{op.name}" + (f" at {op.loc}" if op.loc else "")
+                entry = {"what": f"{where}, operand {bound.name}", "axis": bound.axis,
+                         "size": _dim(bound.size), "negative": bound.negative}
+                if isinstance(source, BlockArgument) and source.block is block:
+                    outer = kernel.operands[source.index]
+                    array = self.constants[outer][1] if outer in self.constants else None
+                    if array is None:
+                        entry["what"] += self._origin(outer, module)
+                        checks.append({**entry, "value": inputs[source.index]})
+                        continue
+                elif isinstance(source, OpResult) and isinstance(source.op, ConstantOp) \
+                        and source.op.value is not None:
+                    array = source.op.value.array
+                else:
+                    raise CodegenError(f"kernel {kernel.kernel_name}: the {bound.name} operand "
+                                       f"of {where} is computed inside the kernel, where it "
+                                       "cannot be range-checked; run the fuse pass, which "
+                                       "keeps it out")
+                entry["what"] += " (constant indices)"
+                extremes = _constant_extremes(array, bound, entry["what"])
+                if extremes is not None:
+                    checks.append({**entry, "extremes": extremes})
+        return checks
+
+    def _origin(self, value: Value, module: Module) -> str:
+        """` (input 'ids')` or ` (from kernel k3_add)`, for messages."""
+        if value in module.inputs:
+            return f" (input '{module.input_names[module.inputs.index(value)]}')"
+        if isinstance(value, OpResult) and isinstance(value.op, FusedOp):
+            return f" (from kernel {value.op.kernel_name})"
+        return ""
+
     def specs(self, values: Sequence[Value], names: Sequence[str]) -> tuple[TensorSpec, ...]:
         """Signature entries of inputs or outputs."""
         return tuple(TensorSpec(n, tuple(_dim(d) for d in v.type.shape), str(v.type.dtype))
@@ -147,6 +196,24 @@ class Planner:
         """The execution plan."""
         return {"values": self.values, "inputs": self.inputs, "outputs": self.outputs,
                 "weights": self.weight_ids, "steps": self.steps}
+
+
+def _constant_extremes(array: Any, bound: IndexBound, what: str) -> list[int] | None:
+    """Check constant indices now where their range is static (raise IndexOutOfRangeError);
+    where it has a symbolic size, their [min, max] for the check at run time."""
+    values = np.asarray(array)
+    if values.size == 0:
+        return None
+    least, most = int(values.min()), int(values.max())
+    if not isinstance(bound.size, int):
+        return [least, most]
+    low = -bound.size if bound.negative else 0
+    if least < low or most >= bound.size:
+        bad = least if least < low else most
+        raise IndexOutOfRangeError(f"{what}: index {bad} out of range "
+                                   f"[{low}, {bound.size}) (dim {bound.axis} has size "
+                                   f"{bound.size}); the model indexes past the dim")
+    return None
 
 
 def _dim(d: Any) -> int | str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,8 +16,15 @@ from torch.export.graph_signature import InputKind
 from ..errors import ConversionError, ModelError, UnsupportedOpError
 from ..ir import Builder, Module, TensorType, Value, graph, symbol, verify
 from ..ir.dialects.func import ReturnOp
-from . import aten, aten_nn, aten_shape  # noqa: F401 - importing registers the converters
+from . import aten, aten_more, aten_nn, aten_shape  # noqa: F401 - importing registers converters
 from .context import CONVERTERS, ImportContext, ir_dtype
+from .refusals import (
+    constant_output_error,
+    export_error,
+    held_back_output,
+    refuse_lost_structure,
+    refuse_mutations,
+)
 
 BATCH = "B"
 
@@ -47,36 +54,73 @@ def decomposition_table() -> dict[Any, Any]:
 
 
 def export(model: torch.nn.Module, args: Sequence[torch.Tensor],
-           kwargs: dict[str, Any] | None = None, dynamic_batch: bool = False) -> ExportedProgram:
-    """torch.export the model (dim 0 of every input tensor symbolic when `dynamic_batch`)."""
+           kwargs: dict[str, Any] | None = None, dynamic_batch: bool = False,
+           dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> ExportedProgram:
+    """torch.export the model: dim 0 of every input tensor symbolic (B) when `dynamic_batch`,
+    and the dims `dynamic_dims` names ({input: {axis: torch.export.Dim}}) symbolic, each
+    imported under its Dim's name (a sequence dim: `Dim("S", min=1, max=512)`)."""
     kwargs = dict(kwargs or {})
     dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim(BATCH, min=1, max=1 << 16)
-        args, kwargs = [_two_rows(a) for a in args], {k: _two_rows(v) for k, v in kwargs.items()}
-        dynamic_shapes = {**dict(zip(_positional_names(model, len(args)),
-                                     [_batch_dim(a, batch) for a in args], strict=True)),
-                          **{k: _batch_dim(v, batch) for k, v in kwargs.items()}}
+    labels: dict[str, dict[int, str]] = {}
+    if dynamic_batch or dynamic_dims:
+        names = _positional_names(model, len(args))
+        inputs = {**dict(zip(names, args, strict=True)), **kwargs}
+        wanted = _wanted_dims(inputs, dynamic_batch, dynamic_dims or {})
+        # torch.export specializes size-1 dims: trace one as two copies of itself
+        inputs = {k: _widen(v, wanted.get(k, {})) for k, v in inputs.items()}
+        args, kwargs = [inputs[n] for n in names], {k: inputs[k] for k in kwargs}
+        dynamic_shapes = {k: wanted.get(k) for k in inputs}
+        labels = {k: {axis: dim.__name__ for axis, dim in dims.items()}
+                  for k, dims in wanted.items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), held_back_output():  # a failure is our one line, not torch's dump
             ep = torch.export.export(model.eval(), tuple(args), kwargs,
                                      dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # torch.export's own errors are many types; the model is the cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelError(f"torch.export could not trace {type(model).__name__}: "
-                         f"{type(exc).__name__}: {first}") from exc
-    return ep.run_decompositions(decomposition_table())
+        raise export_error(model, exc) from exc
+    ep = ep.run_decompositions(decomposition_table())
+    _label_dims(ep, labels)
+    return ep
 
 
-def _two_rows(value: Any) -> Any:
-    # torch.export specializes size-1 dims, so trace a batch of 1 as two copies of it
-    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
-        return torch.cat([value, value])
+def _wanted_dims(inputs: dict[str, Any], dynamic_batch: bool,
+                 dynamic_dims: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[int, Any]]:
+    """{input: {axis: Dim}} for every tensor input: the batch dim, then `dynamic_dims`."""
+    batch = torch.export.Dim(BATCH, min=1, max=1 << 16)
+    wanted: dict[str, dict[int, Any]] = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim():
+            wanted[name] = {0: batch} if dynamic_batch else {}
+    for name, dims in dynamic_dims.items():
+        if name not in wanted:
+            raise ModelError(f"dynamic dims name input '{name}', which is not a tensor input "
+                             f"of the model (tensor inputs: {', '.join(wanted) or 'none'})")
+        rank = inputs[name].dim()
+        for axis, dim in dims.items():
+            if not 0 <= axis < rank:
+                raise ModelError(f"dynamic dim {axis} of input '{name}' is out of range: "
+                                 f"it has {rank} dims")
+            wanted[name][axis] = dim
+    return {name: dims for name, dims in wanted.items() if dims}
+
+
+def _widen(value: Any, dims: Mapping[int, Any]) -> Any:
+    for axis in dims:
+        if value.shape[axis] == 1:
+            value = torch.cat([value, value], dim=axis)
     return value
 
 
-def _batch_dim(value: Any, batch: Any) -> Any:
-    return {0: batch} if isinstance(value, torch.Tensor) and value.dim() else None
+DIM_LABELS = "bitsmith_dim_labels"  # user-input placeholder meta: {axis: symbol name}
+
+
+def _label_dims(ep: ExportedProgram, labels: dict[str, dict[int, str]]) -> None:
+    """Record on each user input's placeholder the names `_name_symbols` gives its dims."""
+    user = {s.arg.name for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT}
+    for node in ep.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in user and node.name in labels:
+            node.meta[DIM_LABELS] = labels[node.name]
 
 
 def _positional_names(model: torch.nn.Module, count: int) -> list[str]:
@@ -90,15 +134,28 @@ def _positional_names(model: torch.nn.Module, count: int) -> list[str]:
 
 def from_torch(model: torch.nn.Module, args: Sequence[torch.Tensor] | torch.Tensor,
                kwargs: dict[str, Any] | None = None, *, dynamic_batch: bool = False,
-               name: str | None = None) -> Module:
-    """Import a torch.nn.Module traced on example inputs into a verified `graph` module."""
+               dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None,
+               name: str | None = None, flatten_outputs: bool = False) -> Module:
+    """Import a torch.nn.Module traced on example inputs into a verified `graph` module
+    (`dynamic_batch`, `dynamic_dims`: see `export`; `flatten_outputs`: see `import_program`)."""
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
-    ep = export(model, args, kwargs, dynamic_batch)
-    return import_program(ep, name or type(model).__name__)
+    ep = export(model, args, kwargs, dynamic_batch, dynamic_dims)
+    return import_program(ep, name or type(model).__name__, flatten_outputs=flatten_outputs)
 
 
-def import_program(ep: ExportedProgram, name: str) -> Module:
-    """Convert an ExportedProgram (already decomposed) into a module."""
+def import_program(ep: ExportedProgram, name: str,
+                   origins: dict[Value, fx.Node] | None = None, *,
+                   flatten_outputs: bool = False) -> Module:
+    """Convert an ExportedProgram (already decomposed) into a module; `origins`, when given,
+    receives the node each converted value first came from (to compare with torch's).
+
+    The module returns the model's output tensors as one flat tuple: nested tuples and lists
+    (and a transformers ModelOutput) flatten in order. Refused (UnsupportedModelError): in-place
+    updates of inputs or buffers, and, unless `flatten_outputs` asks to flatten on purpose,
+    outputs a flat tuple would misrepresent (a dict, a namedtuple, a constant such as None)."""
+    refuse_mutations(ep, name)
+    if not flatten_outputs:
+        refuse_lost_structure(ep, name)
     gm = ep.graph_module
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     user_inputs = [n for n in gm.graph.nodes
@@ -122,43 +179,73 @@ def import_program(ep: ExportedProgram, name: str) -> Module:
                 raise ConversionError(f"input '{node.name}' ({spec.kind.name}) names no tensor")
             else:
                 env[node] = _weight(ctx, module, spec.target, state[spec.target], node)
+        elif node.op == "get_attr":  # a subgraph (torch.cond's branches): its user is missing
+            env[node] = None
         elif node.op == "call_function":
             env[node] = _convert(ctx, node, env, missing)
+            if origins is not None and isinstance(env[node], Value):
+                origins.setdefault(env[node], node)
         elif node.op == "output":
             if missing:
                 raise UnsupportedOpError(missing)
-            outputs = _flatten_outputs(node.args[0], env)
+            outputs = _flatten_outputs(node.args[0], env, name, flatten_outputs)
             ctx.builder.create(ReturnOp, *outputs)
     verify(module)
     return module
 
 
-def _flatten_outputs(args: Any, env: dict[fx.Node, Any]) -> list[Value]:
+def _flatten_outputs(args: Any, env: dict[fx.Node, Any], name: str,
+                     flatten: bool = False) -> list[Value]:
+    """The output node's values in order; a constant among them is refused unless `flatten`
+    (which drops it)."""
     out: list[Value] = []
-    for item in args if isinstance(args, (tuple, list)) else [args]:
-        if isinstance(item, (tuple, list)):
-            out.extend(_flatten_outputs(item, env))
-        elif isinstance(item, fx.Node):
+    for position, item in enumerate(_leaves(args)):
+        if isinstance(item, fx.Node):
             value = env[item]
             if not isinstance(value, Value):
                 raise ConversionError(f"output {item} is not a tensor ({value!r})")
             out.append(value)
+        elif not flatten:
+            raise constant_output_error(item, position, name)
     return out
 
 
+def _leaves(args: Any) -> Iterator[Any]:
+    if isinstance(args, (tuple, list)):
+        for item in args:
+            yield from _leaves(item)
+    else:
+        yield args
+
+
 def _name_symbols(inputs: list[fx.Node]) -> dict[Any, Any]:
-    """Rename torch's size symbols: the batch dim becomes B, others S0, S1, ..."""
+    """Rename torch's size symbols: a dim `export` was asked for keeps its name (B, S, ...);
+    of the others, a batch dim becomes B and the rest S0, S1, ..."""
     symbols: dict[Any, Any] = {}
-    for node in inputs:
-        for axis, size in enumerate(node.meta["val"].shape):
-            if not isinstance(size, torch.SymInt):
-                continue
-            for sym in sorted(size.node.expr.free_symbols, key=str):
-                if sym not in symbols:
-                    taken = set(map(str, symbols.values()))
-                    label = BATCH if axis == 0 and BATCH not in taken else f"S{len(taken)}"
-                    symbols[sym] = symbol(label)
+    for labelled in (True, False):  # the asked-for names first, so that none is taken
+        for node in inputs:
+            labels = node.meta.get(DIM_LABELS, {})
+            for axis, size in enumerate(node.meta["val"].shape):
+                if not isinstance(size, torch.SymInt) or (axis in labels) != labelled:
+                    continue
+                free = sorted(size.node.expr.free_symbols, key=str)
+                for sym in free:
+                    if sym not in symbols:
+                        label = labels.get(axis) if len(free) == 1 else None
+                        symbols[sym] = symbol(_free_label(symbols, label, axis))
     return symbols
+
+
+def _free_label(symbols: dict[Any, Any], label: str | None, axis: int) -> str:
+    taken = set(map(str, symbols.values()))
+    if label is not None and label not in taken:
+        return label
+    if axis == 0 and BATCH not in taken:
+        return BATCH
+    index = len(taken)
+    while f"S{index}" in taken:
+        index += 1
+    return f"S{index}"
 
 
 def _weight(ctx: ImportContext, module: Module, target: str, tensor: torch.Tensor,

@@ -8,7 +8,10 @@ Rules, in the order they are applied:
    allow it (see `_refusal`): matmul/conv/pool kernels take elementwise epilogues; elementwise
    and injective chains merge; reductions take elementwise/injective prologues, elementwise
    epilogues and further reductions over the same rows; opaque ops and attention kernels stay
-   alone; no kernel grows past `max-ops`; no join may create a cycle.
+   alone; no kernel grows past `max-ops`; no join may create a cycle; an op that indexes
+   (gather, embedding, index_select, index) never joins the kernel that computes its indices
+   (beyond reshapes and widening int casts of them): the runtime checks indices against their
+   range between kernels, so they must come from an input, a weight or another kernel.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import networkx as nx
 from ..errors import PassError, PipelineError
 from ..ir import Block, Module, Operation, Region, Trait, Value
 from ..ir.dialects import graph
+from ..ir.dialects.graph.shape import IndexingOp, index_source
 from ..ir.dialects.kernel import FusedOp, YieldOp
 from .canonicalize import INLINE_ELEMENTS, producer, splat_value
 from .cleanup import erase_dead_ops
@@ -209,10 +213,24 @@ class _Fuser:
         if kind == OpKind.OPAQUE or group.kind == OpKind.OPAQUE:
             who = op.name if kind == OpKind.OPAQUE else "the producer kernel"
             return f"{who} is opaque and runs as its own kernel"
-        reason = self._kind_refusal(group, op, kind, value)
+        reason = self._index_refusal(group, op) or self._kind_refusal(group, op, kind, value)
         if reason is None and self._creates_cycle(group, op):
             reason = "fusing would create a cycle through another kernel"
         return reason
+
+    def _index_refusal(self, group: Group, op: Operation) -> str | None:
+        """Indices that `group` computes may not be read by `op` inside it: the runtime checks
+        them against their range before the kernel that reads them runs."""
+        if not isinstance(op, IndexingOp):
+            return None
+        for bound in op.index_bounds():
+            source = index_source(op.operands[bound.operand],
+                                  lambda o: self.group_of.get(o) is group)
+            src = producer(source)
+            if src is not None and self.group_of.get(src) is group:
+                return (f"its {bound.name} operand comes from {src.name} in that kernel, and "
+                        "indices are range-checked before the kernel that reads them")
+        return None
 
     def _is_padding_prologue(self, group: Group, op: Operation, value: Value) -> bool:
         """A pad feeding only a conv/pool's input: the kernel reads through the padding."""

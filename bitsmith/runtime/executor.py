@@ -2,7 +2,9 @@
 
 The execution plan (`manifest.plan`) names every value (`values`: shape with symbolic dims as
 text, dtype), which values are the model inputs, outputs and weights, and the `steps`: one
-kernel call each, with its input and output value ids; live intervals follow from the steps.
+kernel call each, with its input and output value ids, and the range checks of the index
+operands it reads (`index_checks`, see `index_checks.py`), run before it; live intervals follow
+from the steps.
 Nothing here imports torch or the compiler; TVM is needed only for its runtime (loading the
 library and wrapping the arena's views as its tensors, zero-copy through DLPack).
 """
@@ -13,14 +15,16 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ..errors import BitsmithError
 from .arena import align_up, assign_offsets
 from .artifact import NUMPY_DTYPES, Artifact, ArtifactError, bind_inputs
 from .dims import eval_dim
+from .index_checks import bind_checks, check_values
 from .tvm_runtime import tvm
 
 ALIGNMENT = 64
@@ -51,7 +55,7 @@ class Executor:
         self.libraries = {name: tvm.runtime.load_module(str(path))
                           for name, path in paths.items()}
         self.kernels = [self._kernel(step) for step in plan["steps"]]
-        self.weights = {vid: tvm.runtime.tensor(self._weight(name))
+        self.weights = {vid: tvm.runtime.tensor(self._weight(name, plan["values"][vid]["shape"]))
                         for vid, name in plan["weights"].items()}
         self._bound: dict[tuple, _Bound] = {}
         self._lock = threading.Lock()  # one arena per batch size: one run at a time
@@ -61,12 +65,18 @@ class Executor:
         if library is None:
             raise ArtifactError(f"step {step['kernel']} needs library {step['library']}, which "
                                 "the artifact lacks")
-        return library[step["kernel"]]
+        return _refusals_as_ours(step["kernel"], library[step["kernel"]])
 
-    def _weight(self, name: str) -> np.ndarray:
+    def _weight(self, name: str, shape: Sequence[int]) -> np.ndarray:
+        """A weight in the plan's shape: ascontiguousarray (and a saved artifact) turn a 0-d
+        weight into [1], which a kernel taking a 0-d buffer refuses."""
         if name not in self.artifact.weights:
             raise ArtifactError(f"the plan uses weight {name!r}, which the artifact lacks")
-        return np.ascontiguousarray(self.artifact.weights[name])
+        array = np.ascontiguousarray(self.artifact.weights[name])
+        if array.size != math.prod(shape):
+            raise ArtifactError(f"weight {name!r} holds {array.size} element(s), the plan "
+                                f"expects shape {list(shape)}; recompile the model")
+        return array.reshape(tuple(shape))
 
     def bind(self, *arrays: np.ndarray) -> _Bound:
         """Validate inputs against the signature; the arena and calls for their sizes."""
@@ -84,7 +94,9 @@ class Executor:
             bound = self.bind(*inputs)
             for view, array in zip(bound.inputs, inputs, strict=True):
                 np.copyto(view, array)
-            for kernel, args in bound.calls:
+            for (kernel, args), checks in zip(bound.calls, bound.checks, strict=True):
+                if checks:  # indices out of range: an error, not the row a kernel clamps to
+                    check_values(checks, bound.views)
                 kernel(*args)
             return [view.copy() for view in bound.outputs]
 
@@ -149,6 +161,23 @@ class _Bound:
                         else executor.weights[vid].numpy() for vid in plan["outputs"]]
         self.calls = [(kernel, [tensors[vid] for vid in step["inputs"] + step["outputs"]])
                       for kernel, step in zip(executor.kernels, steps, strict=True)]
+        self.checks = [bind_checks(step, bindings) for step in steps]
+
+
+def _refusals_as_ours(name: str, kernel: Any) -> Callable[..., None]:
+    """`kernel`, raising ArtifactError where TVM's FFI raises a bare ValueError/TypeError on
+    arguments it refuses (a buffer of another rank, dtype or shape than the plan's)."""
+    def call(*args: Any) -> None:
+        try:
+            kernel(*args)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            if isinstance(exc, BitsmithError):
+                raise
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            said = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else repr(exc)
+            raise ArtifactError(f"kernel {name} refused its arguments: {said}; the plan does "
+                                "not match the kernel, recompile the model") from exc
+    return call
 
 
 def value_spec(shape: Sequence[int | str], dtype: str) -> dict[str, Any]:

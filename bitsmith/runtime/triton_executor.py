@@ -11,6 +11,7 @@ Tensors live on the GPU, or, under `TRITON_INTERPRET=1` on a machine without one
 where Triton's interpreter runs the same kernels (that is how CI checks them). Every buffer of
 a binding of the symbolic dims is allocated, and every launch's grid and arguments worked out,
 once and reused, so a run is: copy the inputs in, launch each kernel, copy the outputs out.
+A step that reads indices first checks their range (`index_checks`): one device sync each.
 
 This is the one runtime module that needs torch (Triton launches take torch tensors); it is
 imported only for cuda artifacts, so CPU artifacts still load without torch.
@@ -33,6 +34,7 @@ import numpy as np
 
 from .artifact import NUMPY_DTYPES, Artifact, ArtifactError, bind_inputs
 from .dims import eval_dim
+from .index_checks import IndexCheck, bind_checks
 
 
 def device() -> str:
@@ -62,6 +64,8 @@ def load_source(name: str, source: str, directory: str | os.PathLike) -> ModuleT
 Call = tuple[Any, tuple[int, ...], list[Any], dict[str, Any], Any]
 """One bound launch: the jit function, its grid, its arguments, its keyword options, and the
 output to zero first (split-K programs add into it) or None."""
+_Step = tuple[list[IndexCheck], list[Call]]
+"""One plan step, bound: the index checks to run before it, and its launches."""
 
 
 def bind_launches(module: ModuleType, launches: Sequence[Mapping[str, Any]],
@@ -91,6 +95,22 @@ def launch(calls: Sequence[Call]) -> None:
         fn[grid](*args, **meta)
 
 
+def check_tensors(checks: Sequence[IndexCheck], buffers: Mapping[str, Any]) -> None:
+    """Run index checks on torch tensors (`buffers` by plan value id): one device sync
+    each (the min and max come back together), only for steps that read indices."""
+    import torch  # noqa: PLC0415
+    for check in checks:
+        if isinstance(check.source, tuple):
+            check.verify(*check.source)
+            continue
+        values = buffers[check.source]
+        if values.numel():
+            if values.dtype in (torch.uint16, torch.uint32, torch.uint64):
+                values = values.long()  # aminmax lacks these (torch only indexes by i32/i64)
+            least, most = torch.stack(torch.aminmax(values)).tolist()
+            check.verify(int(least), int(most))
+
+
 def as_torch(array: np.ndarray, dtype: str, where: str) -> Any:
     """A numpy array as a torch tensor on `where` (packed u32 words travel as int32)."""
     import torch  # noqa: PLC0415
@@ -117,11 +137,12 @@ class TritonExecutor:
         values = self.plan["values"]
         self.weights = {vid: as_torch(artifact.weights[name], values[vid]["dtype"], self.device)
                         for vid, name in self.plan["weights"].items()}
-        self._bound: dict[tuple, tuple[dict[str, Any], list[Call]]] = {}
+        self._bound: dict[tuple, tuple[dict[str, Any], list[_Step]]] = {}
         self._lock = threading.Lock()
 
-    def _bind(self, bindings: Mapping[str, int]) -> tuple[dict[str, Any], list[Call]]:
-        """The buffers and the bound launches of one binding, made once and reused."""
+    def _bind(self, bindings: Mapping[str, int]) -> tuple[dict[str, Any], list[_Step]]:
+        """The buffers, and each step's index checks and bound launches, of one binding,
+        made once and reused."""
         import torch  # noqa: PLC0415
         key = tuple(sorted(bindings.items()))
         if key not in self._bound:
@@ -132,17 +153,27 @@ class TritonExecutor:
                 shape = tuple(eval_dim(d, bindings) for d in spec["shape"])
                 dtype = getattr(torch, NUMPY_DTYPES[spec["dtype"]])
                 buffers[vid] = torch.empty(shape, dtype=dtype, device=self.device)
-            calls: list[Call] = []
+            steps: list[_Step] = []
             for step in self.plan["steps"]:
                 module = self.modules.get(step["library"])
                 if module is None:
                     raise ArtifactError(f"step {step['kernel']} needs kernel source "
                                         f"{step['library']}, which the artifact lacks")
-                calls += bind_launches(module, step["launches"],
-                                       [buffers[v] for v in step["inputs"]],
-                                       [buffers[v] for v in step["outputs"]], bindings)
-            self._bound[key] = (buffers, calls)
+                steps.append((bind_checks(step, bindings),
+                              bind_launches(module, step["launches"],
+                                            [buffers[v] for v in step["inputs"]],
+                                            [buffers[v] for v in step["outputs"]], bindings)))
+            self._bound[key] = (buffers, steps)
         return self._bound[key]
+
+    @staticmethod
+    def _launch(buffers: Mapping[str, Any], steps: Sequence[_Step]) -> None:
+        """Each step's launches, after its index checks (out-of-range indices are an
+        error, not the row a kernel clamps to)."""
+        for checks, calls in steps:
+            if checks:
+                check_tensors(checks, buffers)
+            launch(calls)
 
     def run_torch(self, *tensors: Any) -> list[Any]:
         """torch tensors in (on any device), torch tensors out on the kernels' device: inputs
@@ -151,10 +182,10 @@ class TritonExecutor:
         views = [np.broadcast_to(torch.empty(0, dtype=t.dtype).numpy().dtype.type(0), t.shape)
                  for t in tensors]  # shape and dtype only, for the signature check
         with self._lock:
-            buffers, calls = self._bind(bind_inputs(self.artifact.manifest.inputs, views))
+            buffers, steps = self._bind(bind_inputs(self.artifact.manifest.inputs, views))
             for vid, tensor in zip(self.plan["inputs"], tensors, strict=True):
                 buffers[vid].copy_(tensor)
-            launch(calls)
+            self._launch(buffers, steps)
             return [buffers[v].clone() for v in self.plan["outputs"]]
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -162,10 +193,10 @@ class TritonExecutor:
         import torch  # noqa: PLC0415
         inputs = [np.asarray(a) for a in arrays]
         with self._lock:
-            buffers, calls = self._bind(bind_inputs(self.artifact.manifest.inputs, inputs))
+            buffers, steps = self._bind(bind_inputs(self.artifact.manifest.inputs, inputs))
             for vid, array in zip(self.plan["inputs"], inputs, strict=True):
                 buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
-            launch(calls)
+            self._launch(buffers, steps)
             return [buffers[v].cpu().numpy().copy() for v in self.plan["outputs"]]
 
 

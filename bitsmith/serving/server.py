@@ -7,7 +7,8 @@ telemetry, dependency resolution) cost a fifth of the server's time under load.
 Endpoints: `/v2`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}`,
 `/v2/models/{name}/ready`, `POST /v2/models/{name}/infer` (JSON tensors) and `/metrics`
 (Prometheus). Errors are `{"error": message}` with the status that says what went wrong:
-- 400: the request cannot be served as sent (bad JSON, names, shapes, datatypes, values);
+- 400: the request cannot be served as sent (bad JSON, names, shapes, datatypes, values,
+  an index out of range of the table it indexes);
 - 404: no such model; 413: the body is over the size limit;
 - 503 with Retry-After: the queue is full, the model is warming up, or the server is draining;
 - 504: the request's deadline passed (unrun if it was still queued);
@@ -36,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import ServingError
+from ..errors import IndexOutOfRangeError, ServingError
 from .batcher import Batcher, DeadlineExceeded, QueueFull
 from .kserve import InvalidRequest, decode_request, encode_response
 from .metrics import ServerMetrics
@@ -213,6 +214,9 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
         what = "waiting in the queue; it was not run" if exc.unrun else "running; result discarded"
         return _json({"error": f"timed out after {state.options.timeout_ms:g} ms {what} "
                                "(raise --timeout-ms, lower the load or add replicas)"}, 504)
+    except IndexOutOfRangeError as exc:  # the request's indices, not the model, are wrong
+        metrics.answered(name, 400, "invalid")
+        return _json({"error": f"model '{name}' cannot take this request: {exc}"}, 400)
     except Exception as exc:  # noqa: BLE001 - this request failed alone; say how
         metrics.answered(name, 500, "failed")
         return _json({"error": f"model '{name}' failed on this request: "

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 from ...ir import Operation, OpResult, Value
 from ...ir.dialects.kernel import FusedOp
-from ...ir.dtypes import DType
+from ...ir.dtypes import DType, IntType, torch_int_via
 from ...ir.packing import row_words
 from ...ir.types import Dim, QuantType, TensorType, format_dim
 from ..template import CodegenError
@@ -320,7 +320,9 @@ def _gelu(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     if op.approximate == "tanh":
         inner = f"{math.sqrt(2 / math.pi)!r} * ({x} + 0.044715 * {x} * {x} * {x})"
         return f"0.5 * {x} * (2.0 * tl.sigmoid(2.0 * ({inner})))"
-    return f"0.5 * {x} * (1.0 + tl.erf({x} * {math.sqrt(0.5)!r}))"
+    # NaN at +-inf, as torch's CPU GELU (x - x is NaN exactly there and for NaN)
+    return (f"tl.where({x} - {x} != 0.0, {x} - {x}, "
+            f"0.5 * {x} * (1.0 + tl.erf({x} * {math.sqrt(0.5)!r})))")
 
 
 _BINARY = {"add": "{} + {}", "sub": "{} - {}", "mul": "{} * {}", "div": "{} / {}",
@@ -371,6 +373,40 @@ def _floor_ops(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     return f"tl.where({fix}, {a} // {b} - 1, {a} // {b})"
 
 
+@rule("fmod")
+def _fmod(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
+    """C's fmod (the sign of the dividend): Triton's % is LLVM's frem / srem, exactly that."""
+    a, b = _operands(op, idx, em)
+    return f"({a} % {b})"
+
+
+_SERIES_BELOW = 0.25  # below this |x|, log1p and expm1 by series (the plain forms lose bits)
+
+
+@rule("log1p")
+def _log1p(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
+    """log(1 + x), without libdevice (Triton's interpreter has none): for |x| < 1/4 the series
+    2 atanh(s) = 2 (s + s^3/3 + ... + s^9/9), s = x / (2 + x) (|s| < 1/7: the next term is
+    below 1e-9 relative), else log(1 + x); -1 gives -inf, below -1 and NaN give NaN."""
+    x = em.at(op.operands[0], idx)
+    s = em.let(f"{x} / (2.0 + {x})")
+    s2 = em.let(f"{s} * {s}")
+    series = (f"2.0 * {s} * (1.0 + {s2} * ({1 / 3!r} + {s2} * (0.2 + {s2} * ({1 / 7!r} + "
+              f"{s2} * {1 / 9!r}))))")
+    return f"tl.where(tl.abs({x}) < {_SERIES_BELOW!r}, {series}, tl.log(1.0 + {x}))"
+
+
+@rule("expm1")
+def _expm1(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
+    """e^x - 1: for |x| < 1/4 the Taylor series to x^8/8! (the rest is below 1e-9 relative),
+    else exp(x) - 1."""
+    x = em.at(op.operands[0], idx)
+    series = "1.0"
+    for n in range(8, 1, -1):
+        series = f"(1.0 + {x} * {1 / n!r} * {series})"
+    return f"tl.where(tl.abs({x}) < {_SERIES_BELOW!r}, {x} * {series}, tl.exp({x}) - 1.0)"
+
+
 @rule("where")
 def _where(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     c, x, y = _operands(op, idx, em)
@@ -390,17 +426,35 @@ def _clamp(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
 
 @rule("cast")
 def _cast(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
+    """torch's cast on x86 CPU (`dtypes.convert`), on every device: float -> int through int32
+    or int64, NaN/inf/out-of-range giving that int's minimum, then the low bits; int -> f16/bf16
+    through f32; bool is x != 0 (NaN true: Triton's != is unordered). On an NVIDIA GPU torch's
+    own float -> int of NaN/inf/out-of-range differs (CUDA's conversion saturates), and these
+    kernels keep the x86 values (not checked on a GPU); in-range values agree everywhere."""
     x = em.at(op.operands[0], idx)
     src, dst = op.x.type.dtype, op.dtype
     if str(dst) == "bool":
         return f"({x} != 0)"
+    if str(dst) == "bf16" and str(src) != "bf16":
+        return _round_to_bf16(em.let(f"{x}.to(tl.float32)"), em)
     if dst.is_float:  # held in f32: round through the narrower type
-        narrow = f"{x}.to({TL_DTYPES[str(dst)]})"
-        return f"{narrow}.to(tl.float32)" if str(dst) != "f32" else f"{x}.to(tl.float32)"
-    if src.is_float and dst.bits < 64:
-        raise CodegenError("Triton lowering of float -> narrow int casts (wrap-around) is not "
-                           "written yet")
+        wide = f"{x}.to(tl.float32)"
+        return f"{wide}.to({TL_DTYPES[str(dst)]}).to(tl.float32)" if str(dst) != "f32" else wide
+    if src.is_float and isinstance(dst, IntType):
+        via = torch_int_via(dst)
+        ok = em.let(f"({x} >= {-2.0 ** (via - 1)!r}) & ({x} < {2.0 ** (via - 1)!r})")
+        wide = em.let(f"tl.where({ok}, tl.where({ok}, {x}, 0.0).to(tl.int{via}), "
+                      f"{-(2 ** (via - 1))})")
+        return wide if str(dst) == f"i{via}" else f"{wide}.to({TL_DTYPES[str(dst)]})"
     return f"{x}.to({TL_DTYPES[str(dst)]})"
+
+
+def _round_to_bf16(f: str, em: Emitter) -> str:
+    """f32 `f` rounded to bf16 (nearest, ties to even; NaN stays NaN) by its bits, held in f32:
+    Triton's interpreter keeps a bf16 value in f32 without rounding it."""
+    u = em.let(f"{f}.to(tl.uint32, bitcast=True)")
+    bits = f"((({u} + 0x7FFF + (({u} >> 16) & 1)) >> 16) << 16)"
+    return f"tl.where({f} != {f}, {f}, {bits}.to(tl.float32, bitcast=True))"
 
 
 @rule("batch_norm")

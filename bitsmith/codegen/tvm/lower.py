@@ -22,7 +22,7 @@ from tvm import te, topi
 
 from ...ir import Operation, Value
 from ...ir.dialects.kernel import FusedOp
-from ...ir.dtypes import DType
+from ...ir.dtypes import DType, IntType, boolean, torch_int_via
 from ...ir.packing import row_words
 from ...ir.types import QuantType, TensorType
 from ...runtime.artifact import NUMPY_DTYPES
@@ -51,15 +51,39 @@ class Lowering:
     symbolic dim only lower with int64 sizes.
     """
 
-    def __init__(self, symbolic: bool = False) -> None:
-        self.vars: dict[sympy.Basic, tvm.tirx.Var] = {}
+    def __init__(self, symbolic: bool = False, params: Sequence[TensorType] = ()) -> None:
+        self.vars: dict[sympy.Basic, Any] = {}
         self.index = "int64" if symbolic else "int32"
+        self.scaled: dict[sympy.Basic, tvm.tirx.Var] = {}  # c * sym -> its own buffer var
+        self._derive_hidden_symbols(params)
+
+    def _derive_hidden_symbols(self, params: Sequence[TensorType]) -> None:
+        """TVM binds a symbolic var only from a buffer dim that is the var alone: a kernel whose
+        parameters hold `B` only as `7*B` (x.reshape(-1, 6) of [B, 7, 6]) would use a B that
+        no argument defines. Such a dim gets its own var `n`, which the buffer binds, and B is
+        n // 7 wherever else it appears."""
+        dims = [sympy.sympify(d) for t in params for d in t.shape if not isinstance(d, int)]
+        plain = {d for d in dims if d.is_Symbol}
+        for sym in sorted({s for d in dims for s in d.free_symbols} - plain, key=str):
+            factors = sorted(int(d / sym) for d in dims
+                             if d.free_symbols == {sym} and (d / sym).is_Integer and d / sym > 0)
+            if not factors:
+                shown = ", ".join(sorted({str(d) for d in dims if sym in d.free_symbols}))
+                raise CodegenError(f"symbolic dim {sym} appears in this kernel's buffers only as "
+                                   f"{shown}: expected it alone or times a constant somewhere, "
+                                   "so that a buffer's shape defines it")
+            c = factors[0]
+            var = te.var(f"{sym}_x{c}", dtype=self.index)
+            self.scaled[c * sym] = var
+            self.vars[sym] = tvm.tirx.floordiv(var, tvm.tirx.const(c, self.index))
 
     def dim(self, d: object) -> Any:
         """A dim as an int, or a TIR expression over int64 variables."""
         if isinstance(d, int):
             return d if self.index == "int32" else tvm.tirx.const(d, "int64")
         expr = sympy.sympify(d)
+        if expr in self.scaled:
+            return self.scaled[expr]
         for sym in sorted(expr.free_symbols, key=str):
             self.vars.setdefault(sym, te.var(str(sym), dtype=self.index))
         return sympy.lambdify(sorted(expr.free_symbols, key=str), expr, modules=[{}])(
@@ -89,10 +113,13 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
     placeholder for some inputs (`placeholders`, by input index: a pre-packed weight).
     """
     block = kernel.regions[0].block
+    terminator = block.terminator
+    if terminator is None:
+        raise CodegenError(f"kernel '{kernel.kernel_name}': its region has no kernel.yield")
     lowering = Lowering(symbolic=any(
         not isinstance(d, int) for v in list(block.args) + [r for o in kernel.body_ops
                                                               for r in o.results]
-        for d in v.type.shape))
+        for d in v.type.shape), params=[v.type for v in [*block.args, *terminator.operands]])
     placeholders = placeholders or {}
     inputs = [placeholders[i] if i in placeholders else _placeholder(i, a.type, lowering)
               for i, a in enumerate(block.args)]
@@ -107,9 +134,6 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
         outs = out if isinstance(out, (list, tuple)) else [out]
         for result, tensor in zip(op.results, outs, strict=True):
             env[result] = _as_type(tensor, result.type, op)
-    terminator = block.terminator
-    if terminator is None:
-        raise CodegenError(f"kernel '{kernel.kernel_name}': its region has no kernel.yield")
     outputs: list[te.Tensor] = []
     for value in terminator.operands:
         tensor = env[value]
@@ -239,9 +263,15 @@ def lower_gelu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     if x.dtype == "float32":  # libm's erf is scalar; topi's rational approximation vectorises
         scaled = compute(x.shape, lambda *i: x(*i) * r, name="gelu_scaled")
         erf = topi.fast_erf(scaled)
-        return compute(x.shape, lambda *i: half * x(*i) * (one + erf(*i)), name="gelu")
-    return compute(x.shape, lambda *i: half * x(*i) * (one + tvm.tirx.erf(x(*i) * r)),
-                   name="gelu")
+        return compute(x.shape, lambda *i: _nan_at_inf(x, i, half * x(*i) * (one + erf(*i))),
+                       name="gelu")
+    return compute(x.shape, lambda *i: _nan_at_inf(
+        x, i, half * x(*i) * (one + tvm.tirx.erf(x(*i) * r))), name="gelu")
+
+
+def _nan_at_inf(x: te.Tensor, i: tuple, y: Any) -> Any:
+    """y, but NaN where x[i] is infinite: torch's CPU GELU gives NaN at +-inf."""
+    return tvm.tirx.Select(tvm.tirx.isinf(x(*i)), tvm.tirx.const(float("nan"), x.dtype), y)
 
 
 def _map(x: te.Tensor, fn: Callable[[object], object], name: str) -> te.Tensor:
@@ -269,11 +299,46 @@ def lower_where(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 @lowers("cast")
 def lower_cast(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    src = op.x.type.dtype
-    if src.is_float and op.dtype.is_int and op.dtype.bits < 64:
-        raise CodegenError("generic lowering of float -> narrow int casts (wrap-around) is "
-                           "not written yet")
-    return cast_tensor(args[0], tvm_dtype(op, op.dtype))
+    """torch's cast on x86 CPU, bit for bit (`dtypes.convert`): LLVM's fptosi is poison out of
+    range, so float -> int selects x86's 'integer indefinite' itself; int -> f16/bf16 rounds
+    through f32 as torch does; bool is x != 0, NaN included. Math in f32: f16/bf16 widen
+    exactly."""
+    x, src, dst = args[0], op.x.type.dtype, op.dtype
+    out = tvm_dtype(op, dst)
+
+    def wide(v: Any) -> Any:
+        return v if x.dtype == "float32" else tvm.tirx.Cast("float32", v)
+    if dst == boolean and src.is_float:  # TIR's != on floats is ordered: NaN != 0 is False
+        return _map(x, lambda v: tvm.tirx.Or(wide(v) != tvm.tirx.const(0, "float32"),
+                                             tvm.tirx.isnan(wide(v))), "cast")
+    if src.is_float and isinstance(dst, IntType):
+        via, top = f"int{torch_int_via(dst)}", 2.0 ** (torch_int_via(dst) - 1)
+
+        def to_int(v: Any) -> Any:
+            f = wide(v)
+            ok = tvm.tirx.all(f >= tvm.tirx.const(-top, "float32"),
+                              f < tvm.tirx.const(top, "float32"))
+            safe = tvm.tirx.Select(ok, f, tvm.tirx.const(0, "float32"))
+            n = tvm.tirx.Select(ok, tvm.tirx.Cast(via, safe), tvm.tirx.min_value(via))
+            return n if via == out else tvm.tirx.Cast(out, n)
+        return _map(x, to_int, "cast")
+    if out == "bfloat16" and x.dtype != "bfloat16":
+        return _map(x, lambda v: round_to_bf16(wide(v)), "cast")
+    if src.is_int and out == "float16":
+        return cast_tensor(cast_tensor(x, "float32"), out)
+    return cast_tensor(x, out)
+
+
+def round_to_bf16(f: Any) -> Any:
+    """An f32 expression rounded to bf16 (nearest, ties to even; NaN stays NaN) by its bits:
+    TVM's bf16 legalization computes in f32 and drops the rounding of a cast whose result is
+    not stored (x.to(bf16).to(f32) came out as x)."""
+    u = tvm.tirx.reinterpret("uint32", f)
+    c16, one = tvm.tirx.const(16, "uint32"), tvm.tirx.const(1, "uint32")
+    rounded = (u + tvm.tirx.const(0x7FFF, "uint32") + ((u >> c16) & one)) >> c16
+    top = tvm.tirx.Select(tvm.tirx.isnan(f), (u >> c16) | tvm.tirx.const(0x40, "uint32"),
+                          rounded)
+    return tvm.tirx.reinterpret("bfloat16", tvm.tirx.Cast("uint16", top))
 
 
 # ---- shapes -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Generic lowering of the elementwise ops whose numerics need care: round, sign, and Python's
-floor division and remainder (the sign of the divisor), each as the interpreter defines it.
+floor division and remainder (the sign of the divisor), C's fmod (the sign of the dividend),
+log1p and expm1, each as the interpreter defines it.
 
 Float ops compute in f32 and round once to the result type, as the interpreter does for f16 and
 bf16. Integer division by zero is undefined in a kernel (x86 traps): the divisor is replaced by 1
@@ -116,3 +117,52 @@ def _broadcast_read(t: te.Tensor, idx: tuple) -> Expr:
     lead = len(idx) - len(shape)
     at = [0 if is_one(d) else idx[lead + j] for j, d in enumerate(shape)]
     return t(*at)
+
+
+@lowers("log1p", "expm1")
+def lower_log1p_expm1(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """log(1 + x) and e^x - 1 by libm's log1pf and expm1f (in f32), accurate near 0 where the
+    spelled-out forms are not."""
+    x = args[0]
+    dtype = str(x.dtype)
+    kind = op.name.split(".")[1]
+    return compute(x.shape, lambda *i: _in_f32(
+        x(*i), dtype, lambda v: T.call_pure_extern("float32", f"{kind}f", v)), name=kind)
+
+
+@lowers("fmod")
+def lower_fmod(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """C's fmod, broadcasting: the remainder of the truncated quotient (the sign of lhs).
+    Floats by libm's fmodf in f32 (exact); integers by truncmod, a zero divisor becoming 1 and
+    x % -1 being 0 (see the module docstring: neither may trap)."""
+    lhs, rhs = args
+    is_float = op.lhs.type.dtype.is_float
+    dtype = str(lhs.dtype)
+
+    def element(*i: object) -> Expr:
+        a, b = _broadcast_read(lhs, i), _broadcast_read(rhs, i)
+        if is_float:
+            b32 = b if dtype == "float32" else b.astype("float32")
+            return _in_f32(a, dtype, lambda x: T.call_pure_extern("float32", "fmodf", x, b32))
+        one, zero = _const(1, dtype), _const(0, dtype)
+        unsafe = (b == zero) | (b == zero - one)
+        return T.Select(unsafe, zero, T.truncmod(a, T.Select(unsafe, one, b)))
+    return compute(lo.shape(op.result.type), element, name="fmod")
+
+
+@lowers("eq", "ne")
+def lower_float_equality(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """== and != with IEEE NaN semantics for floats (NaN equals nothing, itself included).
+    TVM's own forms are not: its simplifier folds `x == x` to true and `x != x` to false, and
+    LLVM is given an ordered != (false when either side is NaN). This rule replaces the plain
+    topi.equal / topi.not_equal entries of lower.py's table (registered after them)."""
+    lhs, rhs = args
+    is_ne = op.name == "graph.ne"
+    if not op.lhs.type.dtype.is_float:
+        return (topi.not_equal if is_ne else topi.equal)(lhs, rhs)
+
+    def element(*i: object) -> Expr:
+        a, b = _broadcast_read(lhs, i), _broadcast_read(rhs, i)
+        nan = T.isnan(a) | T.isnan(b)
+        return (nan | (a != b)) if is_ne else ((a == b) & T.Not(nan))
+    return compute(lo.shape(op.result.type), element, name=op.name.split(".")[1])

@@ -9,7 +9,7 @@ from scipy import special
 
 from ....errors import InterpretError, VerifyError
 from ...core import Operation, Trait, attr, register_op
-from ...dtypes import DType, boolean
+from ...dtypes import DType, boolean, convert
 from ...interpreter import EvalContext
 from ...shapes import ShapeError, broadcast_shapes, normalize_axis
 from ...types import Dim, TensorType
@@ -79,7 +79,10 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 def _gelu_erf(x: np.ndarray) -> np.ndarray:
-    return np.float32(0.5) * x * (np.float32(1.0) + special.erf(x * np.float32(0.5 ** 0.5)))
+    """x * Phi(x); NaN at +-inf, as torch's CPU kernel gives (its GELU is x*0.5*(1+erf(...))
+    evaluated in a form where inf meets 0)."""
+    y = np.float32(0.5) * x * (np.float32(1.0) + special.erf(x * np.float32(0.5 ** 0.5)))
+    return np.where(np.isinf(x), np.float32(np.nan), y)
 
 
 LOGICAL = ("logical_not", "logical_and", "logical_or")  # bool results, as in torch
@@ -90,6 +93,8 @@ _UNARY: dict[str, tuple[Callable[[Any], Any], bool, str]] = {
     "abs": (np.abs, False, "|x|"),
     "exp": (np.exp, True, "e^x"),
     "log": (np.log, True, "natural logarithm"),
+    "log1p": (np.log1p, True, "log(1 + x), accurate for small x"),
+    "expm1": (np.expm1, True, "e^x - 1, accurate for small x"),
     "sqrt": (np.sqrt, True, "square root"),
     "rsqrt": (lambda x: np.float32(1.0) / np.sqrt(x), True, "1/sqrt(x)"),
     "reciprocal": (lambda x: np.float32(1.0) / x, True, "1/x"),
@@ -186,7 +191,7 @@ class BinaryOp(Operation):
             return out_dtype.cast(np.asarray(fn(lhs, rhs)))
 
 
-INT_DIVISIONS = ("graph.div", "graph.floor_div", "graph.remainder")
+INT_DIVISIONS = ("graph.div", "graph.floor_div", "graph.remainder", "graph.fmod")
 
 
 def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -213,6 +218,7 @@ _BINARY: dict[str, tuple[Callable[[Any, Any], Any], bool, str]] = {
     "div": (_int_div, False, "lhs / rhs (truncating for integers)"),
     "floor_div": (np.floor_divide, False, "floor(lhs / rhs)"),
     "remainder": (np.remainder, False, "lhs mod rhs with the sign of rhs (Python/torch)"),
+    "fmod": (np.fmod, False, "lhs mod rhs with the sign of lhs (C fmod, torch.fmod)"),
     "pow": (_pow, False, "lhs ** rhs"),
     "maximum": (np.maximum, False, "larger of the two (NaN propagates)"),
     "minimum": (np.minimum, False, "smaller of the two (NaN propagates)"),
@@ -265,7 +271,7 @@ class WhereOp(Operation):
 
 @register_op
 class CastOp(Operation):
-    """Convert to another element type (floats round to nearest even, ints wrap)."""
+    """Convert to another element type as torch does on x86 CPU (`dtypes.convert`)."""
 
     name = "graph.cast"
     TRAITS = frozenset({Trait.ELEMENTWISE})
@@ -279,7 +285,4 @@ class CastOp(Operation):
         plain_dtype(self, self.x.type)
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray) -> np.ndarray:
-        if self.dtype.is_int and x.dtype.kind == "f":
-            with np.errstate(all="ignore"):
-                x = np.trunc(x.astype(np.float64))
-        return self.dtype.cast(x)
+        return convert(x, self.dtype)

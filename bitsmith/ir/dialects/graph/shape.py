@@ -1,15 +1,18 @@
 """Shape and data-movement ops: reshape, permute, expand, slice, concat, split, gathers, pad."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from ....errors import IndexOutOfRangeError, InterpretError, VerifyError
-from ...core import Operation, Trait, attr, register_op
+from ...core import Operation, OpResult, Trait, Value, attr, register_op
 from ...dtypes import DType
 from ...interpreter import EvalContext
 from ...shapes import product
 from ...types import Dim, TensorType, dims_equal, format_dim
-from .elementwise import checked_axis, checked_broadcast
+from .elementwise import CastOp, checked_axis, checked_broadcast
 
 
 def _index_type(op: Operation, type: TensorType, what: str) -> None:
@@ -171,8 +174,67 @@ class SplitOp(Operation):
                      for p in np.split(x, bounds, axis=self.axis % x.ndim))
 
 
+@dataclass(frozen=True, slots=True)
+class IndexBound:
+    """An index operand and the values torch accepts in it: [-size, size) when `negative`
+    (negatives count from the end), else [0, size); `size` is dim `axis` of the indexed
+    tensor."""
+
+    operand: int  # position among the op's operands
+    name: str  # the operand's name, for messages
+    axis: int
+    size: Dim
+    negative: bool
+
+
+class IndexingOp(Operation):
+    """An op that reads a tensor at positions held in integer operands (gather, embedding,
+    index_select, index). An index out of range is an error: the interpreter raises
+    IndexOutOfRangeError; compiled code checks these operands before the kernel runs."""
+
+    def index_bounds(self) -> list[IndexBound]:
+        """Each index operand with its valid range."""
+        raise NotImplementedError
+
+    def check_indices(self, operands: tuple[np.ndarray, ...]) -> None:
+        """Raise IndexOutOfRangeError when an index operand holds a value out of range."""
+        for bound in self.index_bounds():
+            idx = operands[bound.operand]
+            size = int(operands[0].shape[bound.axis])
+            low = -size if bound.negative else 0
+            if idx.size and (idx.min() < low or idx.max() >= size):
+                bad = idx.min() if idx.min() < low else idx.max()
+                where = f"'{self.name}'" + (f" at {self.loc}" if self.loc else "")
+                raise IndexOutOfRangeError(
+                    f"{where}, operand {bound.name}: index {bad} out of range [{low}, {size}) "
+                    f"(dim {bound.axis} has size {size}); pass indices in that range")
+
+
+def carries_indices(op: Operation) -> bool:
+    """Whether every value of `op`'s result is a value of its one operand (reshape, permute,
+    expand, or a cast between int types that holds every value of the source type): a range
+    check of the operand then covers the result. Narrowing casts wrap and float casts
+    truncate, so they do not."""
+    if isinstance(op, (ReshapeOp, PermuteOp, ExpandOp)):
+        return True
+    if isinstance(op, CastOp):
+        src, dst = op.x.type.dtype, op.dtype
+        return (isinstance(src, DType) and isinstance(dst, DType) and src.is_int
+                and dst.is_int and dst.min_value <= src.min_value
+                and src.max_value <= dst.max_value)
+    return False
+
+
+def index_source(value: Value, inside: Callable[[Operation], bool]) -> Value:
+    """The value whose range check covers `value`: walk back through `carries_indices` ops
+    for which `inside` holds."""
+    while isinstance(value, OpResult) and inside(value.op) and carries_indices(value.op):
+        value = value.op.operands[0]
+    return value
+
+
 @register_op
-class GatherOp(Operation):
+class GatherOp(IndexingOp):
     """torch.gather: out[i][j] = x[index[i][j]][j] along `axis`; out has index's shape."""
 
     name = "graph.gather"
@@ -192,7 +254,12 @@ class GatherOp(Operation):
                                     f"larger dims off axis {axis}")
         return [index.with_dtype(x.dtype)]
 
+    def index_bounds(self) -> list[IndexBound]:
+        axis = self.axis % self.x.type.rank  # torch's gather takes no negative indices
+        return [IndexBound(1, "index", axis, self.x.type.shape[axis], negative=False)]
+
     def evaluate(self, ctx: EvalContext, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        self.check_indices((x, index))
         axis = self.axis % x.ndim
         # torch reads only the leading index.shape[d] entries of x in the other dims
         x = x[tuple(slice(None) if d == axis else slice(n) for d, n in enumerate(index.shape))]
@@ -200,7 +267,7 @@ class GatherOp(Operation):
 
 
 @register_op
-class IndexSelectOp(Operation):
+class IndexSelectOp(IndexingOp):
     """Pick slices along `axis` by a 0-d or 1-d index tensor (the dim becomes index's shape)."""
 
     name = "graph.index_select"
@@ -215,22 +282,18 @@ class IndexSelectOp(Operation):
         new = shape[:axis] + list(self.index.type.shape) + shape[axis + 1:]
         return [self.x.type.with_shape(tuple(new))]
 
+    def index_bounds(self) -> list[IndexBound]:
+        axis = self.axis % self.x.type.rank
+        return [IndexBound(1, "index", axis, self.x.type.shape[axis], negative=False)]
+
     def evaluate(self, ctx: EvalContext, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        self.check_indices((x, index))
         axis = self.axis % x.ndim
-        idx = index.astype(np.int64)
-        _check_bounds(self, idx, x.shape[axis])
-        return np.asarray(np.take(x, idx, axis=axis), order="C")
-
-
-def _check_bounds(op: Operation, idx: np.ndarray, size: int, negative: bool = False) -> None:
-    """Indices must lie in [0, size), or [-size, size) where negatives count from the end."""
-    if idx.size and (idx.min() < (-size if negative else 0) or idx.max() >= size):
-        raise IndexOutOfRangeError(f"'{op.name}' at {op.loc}: index out of range "
-                         f"[{idx.min()}, {idx.max()}] for a dim of size {size}")
+        return np.asarray(np.take(x, index.astype(np.int64), axis=axis), order="C")
 
 
 @register_op
-class EmbeddingOp(Operation):
+class EmbeddingOp(IndexingOp):
     """Rows of `weight` picked by integer `indices`: result shape indices.shape + [D]."""
 
     name = "graph.embedding"
@@ -244,14 +307,16 @@ class EmbeddingOp(Operation):
         shape = tuple(self.indices.type.shape) + (self.weight.type.shape[1],)
         return [self.weight.type.with_shape(shape)]
 
+    def index_bounds(self) -> list[IndexBound]:
+        return [IndexBound(1, "indices", 0, self.weight.type.shape[0], negative=False)]
+
     def evaluate(self, ctx: EvalContext, weight: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        idx = indices.astype(np.int64)
-        _check_bounds(self, idx, weight.shape[0])
-        return np.asarray(weight[idx], order="C")
+        self.check_indices((weight, indices))
+        return np.asarray(weight[indices.astype(np.int64)], order="C")
 
 
 @register_op
-class IndexOp(Operation):
+class IndexOp(IndexingOp):
     """Advanced indexing x[..., i0, i1, ...] at `axes` (numpy/torch rules): the index tensors
     broadcast together; their shape replaces the indexed dims in place when the axes are
     adjacent, else it goes first."""
@@ -277,12 +342,16 @@ class IndexOp(Operation):
             shape = list(picked) + rest
         return [x.with_shape(tuple(shape))]
 
+    def index_bounds(self) -> list[IndexBound]:
+        shape = self.x.type.shape
+        return [IndexBound(1 + k, f"indices[{k}]", a % len(shape), shape[a % len(shape)],
+                           negative=True) for k, a in enumerate(self.axes)]
+
     def evaluate(self, ctx: EvalContext, x: np.ndarray, *indices: np.ndarray) -> np.ndarray:
+        self.check_indices((x, *indices))
         key: list[slice | np.ndarray] = [slice(None)] * x.ndim
         for axis, idx in zip(self.axes, indices, strict=True):
-            idx = idx.astype(np.int64)
-            _check_bounds(self, idx, x.shape[axis % x.ndim], negative=True)
-            key[axis % x.ndim] = idx
+            key[axis % x.ndim] = idx.astype(np.int64)
         return np.asarray(x[tuple(key)], order="C")
 
 
