@@ -45,9 +45,11 @@ SCALE_FLOOR = 1e-6
 
 def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
           model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
-          quantized: bool, dynamic_batch: bool) -> None:
+          quantized: bool, dynamic_batch: bool,
+          dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> None:
     """Raise MismatchError when `cm` (built from the fused `module`) and the model disagree on
-    the example inputs; `arrays` are those inputs in the artifact's order."""
+    the example inputs; `arrays` are those inputs in the artifact's order. `dynamic_batch`
+    and `dynamic_dims` are the import's, for a fresh import that the diagnosis walks."""
     got = cm.executor.run(*arrays)
     if quantized:
         want, reference = interpret(module, *arrays), "the interpreter of the quantized graph"
@@ -68,7 +70,8 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
     elif quantized:
         where = "every kernel agrees with the interpreter: a pass changed the model's meaning"
     else:
-        op = first_diverging_import(model, args, kwargs, arrays, dynamic_batch, cm.name)
+        op = first_diverging_import(model, args, kwargs, arrays, cm.name,
+                                    dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
         where = (f"every kernel agrees with the interpreter; the first imported op that "
                  f"differs from torch: {op}" if op is not None else
                  "every kernel agrees with the interpreter and the import with torch: a pass "
@@ -203,15 +206,17 @@ def _aligned(shape: Sequence[int], dtype: str) -> np.ndarray:
 
 
 def first_diverging_import(model: torch.nn.Module, args: Sequence[Any],
-                           kwargs: Mapping[str, Any], arrays: Sequence[np.ndarray],
-                           dynamic_batch: bool, name: str) -> str | None:
+                           kwargs: Mapping[str, Any], arrays: Sequence[np.ndarray], name: str,
+                           *, dynamic_batch: bool = False,
+                           dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None
+                           ) -> str | None:
     """The first op of a fresh import whose value differs from torch's value of the node it
     came from, both run on the example inputs; None when all agree."""
     from .frontend.importer import export, import_program  # noqa: PLC0415
 
-    ep = export(model, list(args), dict(kwargs), dynamic_batch)
+    ep = export(model, list(args), dict(kwargs), dynamic_batch, dynamic_dims)
     origins: dict[Value, fx.Node] = {}
-    module = import_program(ep, name, origins)
+    module = import_program(ep, name, origins, flatten_outputs=True)
     expected = _node_values(ep, args, kwargs)
     ctx = EvalContext(module.weights)
     env = {arg: bind_input(ctx, arg, np.asarray(a), n)

@@ -131,17 +131,24 @@ FLATTENED: dict[str, tuple[Callable[[], torch.nn.Module], Inputs]] = {
 }
 
 
-def test_linear_on_flattened_batch() -> None:
-    """The fast representative of the `7*B` bug."""
-    build, inputs = FLATTENED["linear"]
-    check_dynamic(build(), inputs)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in FLATTENED if n != "linear"])
+@pytest.mark.parametrize("name", [
+    "linear", "norm_softmax", "conv",  # the dense, rows and conv templates: fast
+    *[pytest.param(n, marks=pytest.mark.slow) for n in ("matmul_relu", "heads_attention")]])
 def test_kernels_on_flattened_batch(name: str) -> None:
     build, inputs = FLATTENED[name]
     check_dynamic(build(), inputs)
+
+
+def test_linear_on_flattened_batch_and_sequence() -> None:
+    """[B, S, 6] -> [B*S, 6] -> linear: the kernel's buffers hold only the product B*S."""
+    model = FlatLinear().eval()
+    seq = torch.export.Dim("S", min=2, max=64)
+    cm = bitsmith.compile(model, (_randn(2, 7, 6),), dynamic_batch=True,
+                          dynamic_dims={"x": {1: seq}})
+    for batch, length in [(1, 3), (3, 7), (5, 11)]:
+        x = _randn(batch, length, 6)
+        with torch.no_grad():
+            assert_close(cm(x), _flat(model(x)))
 
 
 # ---- plain modules ------------------------------------------------------------------------
@@ -191,6 +198,8 @@ def test_plain_matmuls(name: str) -> None:
 
 class ScalarWeight(torch.nn.Module):
     """A 0-d parameter and a 0-d buffer read by the kernels."""
+
+    shift: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -243,6 +252,29 @@ def test_zero_d_inputs_outputs_and_intermediates(dynamic: bool) -> None:
     cm = bitsmith.compile(model, _scalar_inputs(3), dynamic_batch=dynamic)
     for batch in BATCHES if dynamic else (3,):
         args = _scalar_inputs(batch)
+        with torch.no_grad():
+            assert_close(cm(*args), _flat(model(*args)))
+
+
+class ReturnsScalarWeight(torch.nn.Module):
+    """A 0-d parameter returned as it is (an output that no kernel writes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.scale, self.scale
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_zero_d_on_each_target(target: str) -> None:
+    """The TVM and Triton executors alike (Triton's through its interpreter here)."""
+    x = _randn(3, 5)
+    for model, args in [(ScalarWeight(), (x,)), (ScalarInputOutput(), _scalar_inputs(3)),
+                        (ReturnsScalarWeight(), (x,))]:
+        model = model.eval()
+        cm = bitsmith.compile(model, args, target=target)
         with torch.no_grad():
             assert_close(cm(*args), _flat(model(*args)))
 
@@ -302,6 +334,32 @@ MORE_HF: dict[str, tuple[Callable[[], torch.nn.Module], Inputs]] = {
         use_cache=False)), _text),
     "whisper_encoder": (_whisper_encoder, _mel),
 }
+
+
+def _text_of(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch * 100 + length)
+    ids = torch.randint(1, 500, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[batch - 1, -2:] = 0
+    return ids, mask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["opt", "t5_encoder", "distilbert"])
+def test_transformers_model_dynamic_batch_and_sequence(name: str) -> None:
+    """OPT flattens [B, S] tokens into B*S rows: kernels that hold only B*S."""
+    torch.manual_seed(0)
+    model = MORE_HF[name][0]().eval()
+    seq = torch.export.Dim("S", min=2, max=60)
+    names = ["input_ids", "attention_mask"]
+    cm = bitsmith.compile(model, (), example_kwargs=dict(zip(names, _text_of(2, 12),
+                                                             strict=True)),
+                          dynamic_batch=True, dynamic_dims={n: {1: seq} for n in names})
+    for batch, length in [(1, 5), (3, 12), (2, 17)]:
+        args = _text_of(batch, length)
+        with torch.no_grad():
+            want = _flat(model(**dict(zip(names, args, strict=True))))
+        assert_close(cm(*args), want)
 
 
 @pytest.mark.slow

@@ -176,6 +176,12 @@ for _target, _name in _COMPARE.items():
     converts(_target)(_compare(_name))
 
 
+@converts(aten.isnan.default)
+def convert_isnan(ctx: ImportContext, x: Value) -> Value:
+    """x != x: true exactly for NaN (an unordered compare in every backend)."""
+    return _binary(ctx, "ne", x, x, plain_dtype(x.type))
+
+
 @converts(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
 def convert_where(ctx: ImportContext, cond: Value, a: Any, b: Any) -> Value:
     dtype = ctx.out_dtype()

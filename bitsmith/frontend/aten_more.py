@@ -5,7 +5,8 @@ both backends (TVM, Triton) cover them with no rules of their own:
   then a stride-1 conv2d by the spatially flipped weight with in/out channels swapped per group)
 - group norm and batch-statistics batch norm (instance norm): layer_norm over a reshaped view
 - nearest / nearest-exact / (bi/tri)linear upsampling: index_select by constant index tables
-  computed as torch's CPU kernels compute them (f32), neighbours weighted as torch weights them
+  (nearest: what torch's own kernel picks; linear: torch's f32 formulas), neighbours weighted
+  as torch's CPU kernels weight them
 - leaky_relu, elu, flip, and log1p, expm1 and fmod (graph ops of their own)
 - sort and topk along a short axis by ranks from broadcast compares (O(n^2), n <= MAX_SORT)
 - linalg_vector_norm for every real `ord`
@@ -337,22 +338,6 @@ def _scale_value(scale: float | None, size_in: int, size_out: int) -> np.float32
     return F32(size_in) / F32(size_out)
 
 
-def nearest_table(size_in: int, size_out: int, scale: float | None, exact: bool) -> np.ndarray:
-    """Source index of each output index, as torch's nearest_idx / nearest_exact_idx."""
-    dst = np.arange(size_out)
-    if not exact and size_out == size_in:
-        return dst
-    if not exact and size_out == 2 * size_in:
-        return dst >> 1
-    s = _scale_value(scale, size_in, size_out)
-    with np.errstate(all="ignore"):
-        if exact:  # floorf((dst + 0.5) * scale): the product in double, rounded to float
-            src = np.floor(((dst + 0.5) * np.float64(s)).astype(F32))
-        else:  # floorf(dst * scale) in float
-            src = np.floor(dst.astype(F32) * s)
-    return np.minimum(src.astype(np.int64), size_in - 1)
-
-
 def linear_table(size_in: int, size_out: int, scale: float | None, align_corners: bool
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(i0, i1, w0, w1) per output index, as torch's compute_source_index_and_lambda (f32)."""
@@ -372,50 +357,27 @@ def linear_table(size_in: int, size_out: int, scale: float | None, align_corners
     return i0, i1, (F32(1) - w1).astype(F32), w1
 
 
-def _upsample_args(ctx: ImportContext, x: Value, output_size: Any, scales: Any
-                   ) -> tuple[list[int], list[int], list[float | None]]:
-    spatial = x.type.rank - 2
+def _sizes(ctx: ImportContext, x: Value) -> tuple[list[int], list[int]]:
     ins = [_static(d, "upsampling") for d in x.type.shape[2:]]
-    outs = [_static(d, "upsampling") for d in ctx.out_type().shape[2:]]
-    scale_list: list[float | None] = [None] * spatial
-    if scales is not None and output_size is None:
-        scale_list = [float(s) for s in (scales if isinstance(scales, (list, tuple))
-                                         else [scales] * spatial)]
-    return ins, outs, scale_list
+    return ins, [_static(d, "upsampling") for d in ctx.out_type().shape[2:]]
 
 
-def _nearest(exact: bool) -> Any:
-    def convert(ctx: ImportContext, x: Value, output_size: Any = None, scales: Any = None
-                ) -> Value:
-        ins, outs, scale_list = _upsample_args(ctx, x, output_size, scales)
-        for axis, (i, o, s) in enumerate(zip(ins, outs, scale_list, strict=True), start=2):
-            table = nearest_table(i, o, s, exact)
-            if i == o and np.array_equal(table, np.arange(o)):
-                continue
-            x = ctx.value(graph.IndexSelectOp, x, _literal(ctx, table, dt.i64), axis=axis)
-        return x
-    return convert
+def _vec_scales(x: Value, output_size: Any, scales: Any) -> list[float | None]:
+    """The .vec overloads' scales: the scale factors when they, not a size, were given."""
+    if scales is None or output_size is not None:
+        return [None] * (x.type.rank - 2)
+    return [float(v) for v in scales]
 
 
-for _exact, _targets in (
-        (False, (aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec,
-                 aten.upsample_nearest3d.vec)),
-        (True, (aten._upsample_nearest_exact1d.vec, aten._upsample_nearest_exact2d.vec,
-                aten._upsample_nearest_exact3d.vec))):
-    converts(*_targets)(_nearest(_exact))
-
-
-@converts(aten.upsample_linear1d.vec, aten.upsample_bilinear2d.vec,
-          aten.upsample_trilinear3d.vec)
-def convert_upsample_linear(ctx: ImportContext, x: Value, output_size: Any = None,
-                            align_corners: bool = False, scales: Any = None) -> Value:
+def _linear_axes(ctx: ImportContext, x: Value, scales: list[float | None], align_corners: bool
+                 ) -> Value:
     """Per axis, last first: x[.., i0, ..] * w0 + x[.., i1, ..] * w1, torch's nesting and
     products (a zero weight still multiplies: 0 * inf is NaN in torch as here)."""
-    ins, outs, scale_list = _upsample_args(ctx, x, output_size, scales)
+    ins, outs = _sizes(ctx, x)
     dtype = plain_dtype(x.type)
     rank = x.type.rank
     for axis in reversed(range(2, rank)):
-        i0, i1, w0, w1 = linear_table(ins[axis - 2], outs[axis - 2], scale_list[axis - 2],
+        i0, i1, w0, w1 = linear_table(ins[axis - 2], outs[axis - 2], scales[axis - 2],
                                       align_corners)
         shape = (outs[axis - 2],) + (1,) * (rank - 1 - axis)
         parts = []
@@ -424,6 +386,64 @@ def convert_upsample_linear(ctx: ImportContext, x: Value, output_size: Any = Non
             parts.append(_bin(ctx, "mul", picked, _literal(ctx, weight.reshape(shape), dtype)))
         x = _bin(ctx, "add", parts[0], parts[1])
     return x
+
+
+NEAREST = (aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
+           aten.upsample_nearest1d.default, aten.upsample_nearest2d.default,
+           aten.upsample_nearest3d.default, aten._upsample_nearest_exact1d.vec,
+           aten._upsample_nearest_exact2d.vec, aten._upsample_nearest_exact3d.vec,
+           aten._upsample_nearest_exact1d.default, aten._upsample_nearest_exact2d.default,
+           aten._upsample_nearest_exact3d.default)
+"""torch.export decomposes all but upsample_nearest2d.vec (and bilinear2d.vec) unless an
+importer keeps them; each converts here all the same."""
+
+
+def nearest_tables(op: Any, sizes: Sequence[int], args: Sequence[Any],
+                   kwargs: dict[str, Any]) -> list[np.ndarray]:
+    """The source index of each output index, per spatial axis, as torch's own kernel for `op`
+    picks it: the op run on a ramp along that axis (its float rounding and special cases, such
+    as 2-d's exact copy and halving, differ between the overloads)."""
+    tables = []
+    for axis, n in enumerate(sizes):
+        view = [1] * len(sizes)
+        view[axis] = n
+        ramp = torch.arange(n, dtype=torch.float32).view(1, 1, *view).expand(1, 1, *sizes)
+        with torch.no_grad():
+            out = op(ramp.contiguous(), *args, **kwargs)
+        at = (0, 0, *(slice(None) if a == axis else 0 for a in range(len(sizes))))
+        tables.append(out[at].numpy().astype(np.int64))
+    return tables
+
+
+@converts(*NEAREST)
+def convert_upsample_nearest(ctx: ImportContext, x: Value, *args: Any, **kwargs: Any) -> Value:
+    """index_select along each spatial axis by a constant table (nearest_tables)."""
+    ins, outs = _sizes(ctx, x)
+    if any(n >= 1 << 24 for n in ins):
+        raise ConversionError(f"nearest upsampling of a dim of {max(ins)} (a float ramp "
+                              "indexes it: at most 2**24)")
+    for axis, table in enumerate(nearest_tables(ctx.current.target, ins, args, kwargs),
+                                 start=2):
+        if table.shape != (outs[axis - 2],):
+            raise ConversionError(f"nearest upsampling: torch gives {table.shape[0]} outputs "
+                                  f"along axis {axis}, the export {outs[axis - 2]}")
+        if not np.array_equal(table, np.arange(ins[axis - 2])):
+            x = ctx.value(graph.IndexSelectOp, x, _literal(ctx, table, dt.i64), axis=axis)
+    return x
+
+
+@converts(aten.upsample_linear1d.vec, aten.upsample_bilinear2d.vec,
+          aten.upsample_trilinear3d.vec)
+def convert_upsample_linear(ctx: ImportContext, x: Value, output_size: Any = None,
+                            align_corners: bool = False, scales: Any = None) -> Value:
+    return _linear_axes(ctx, x, _vec_scales(x, output_size, scales), align_corners)
+
+
+@converts(aten.upsample_bilinear2d.default)
+def convert_upsample_bilinear2d(ctx: ImportContext, x: Value, output_size: Any,
+                                align_corners: bool, scales_h: float | None = None,
+                                scales_w: float | None = None) -> Value:
+    return _linear_axes(ctx, x, [scales_h, scales_w], align_corners)
 
 
 # ---- sort and topk --------------------------------------------------------------------------
@@ -454,10 +474,16 @@ def _sorted_along_last(ctx: ImportContext, x: Value, k: int, descending: bool
     """The first k values and indices of x sorted along its last axis."""
     t = x.type
     n = t.shape[-1]
+    index = ctx.value(graph.ArangeOp, result_types=[TensorType((n,), dt.i64)])
+    # The ranks compare every x_i with every x_j, and they are a permutation only if each
+    # element has one value. A kernel that recomputes x (a softmax fused before the compares)
+    # may compute an element one way for x_i and another for x_j (Triton's row kernels: lanes
+    # vs a loop, a different rounding): reading x through an index_select (injective, which
+    # starts a new kernel after a reduction) makes the compares read one stored x.
+    x = ctx.value(graph.IndexSelectOp, x, index, axis=t.rank - 1)
     rank = ctx.reshape(_ranks(ctx, x, descending), TensorType((*t.shape[:-1], 1, n), dt.i64))
     slots = ctx.value(graph.ArangeOp, result_types=[TensorType((k,), dt.i64)])
     hit = _bin(ctx, "eq", rank, ctx.reshape(slots, TensorType((k, 1), dt.i64)))  # [.., k, n]
-    index = ctx.value(graph.ArangeOp, result_types=[TensorType((n,), dt.i64)])
     picked = ctx.value(graph.WhereOp, hit, index, ctx.scalar(0, dt.i64))
     indices = ctx.value(graph.ReduceSumOp, picked, axes=(t.rank,))  # [.., k]
     return ctx.value(graph.GatherOp, x, indices, axis=t.rank - 1), indices

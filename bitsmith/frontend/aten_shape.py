@@ -73,9 +73,29 @@ def convert_slice(ctx: ImportContext, x: Value, dim: int = 0, start: Any = None,
         return x
     start = 0 if start is None else start
     end = INT64_MAX if end is None else end
-    if not isinstance(start, int) or not isinstance(end, int):
+    axis = dim % x.type.rank
+    if not isinstance(start, int) or not isinstance(step, int):
         raise ConversionError(f"slice with symbolic bounds [{start}:{end}]")
-    return ctx.value(graph.SliceOp, x, axis=dim % x.type.rank, start=start, end=end, step=step)
+    whole = start == 0 and isinstance(end, int) and end >= 2**62 and step == 1
+    if not isinstance(end, int) or not (isinstance(x.type.shape[axis], int) or whole):
+        return _slice_rows(ctx, x, axis, start, step, out)
+    return ctx.value(graph.SliceOp, x, axis=axis, start=start, end=end, step=step)
+
+
+def _slice_rows(ctx: ImportContext, x: Value, axis: int, start: int, step: int,
+                out: TensorType) -> Value:
+    """A slice with a symbolic end (a position table cut to the sequence length S), or of a
+    symbolic dim (x[:, 0] of a B x S input): the rows start, start + step, ... picked by an
+    arange as long as torch's result dim. A dim too short at run time is an out-of-range index
+    (an error), never a read past the end."""
+    size = x.type.shape[axis]
+    if start < 0:
+        if not isinstance(size, int):
+            raise ConversionError(f"slice [{start}:...] from the end of symbolic dim {size}")
+        start += size
+    rows = ctx.value(graph.ArangeOp, result_types=[TensorType((out.shape[axis],), dt.i64)],
+                     start=start, step=step)
+    return ctx.value(graph.IndexSelectOp, x, rows, axis=axis)
 
 
 @converts(aten.select.int)
@@ -84,6 +104,10 @@ def convert_select(ctx: ImportContext, x: Value, dim: int, index: int) -> Value:
     if not isinstance(index, int):
         raise ConversionError("select with a symbolic index")
     end = index + 1 if index != -1 else INT64_MAX
+    if not isinstance(x.type.shape[axis], int):
+        picked = ctx.out_type()
+        one = TensorType(picked.shape[:axis] + (1,) + picked.shape[axis:], picked.dtype)
+        return ctx.reshape(_slice_rows(ctx, x, axis, index, 1, one), picked)
     piece = ctx.value(graph.SliceOp, x, axis=axis, start=index, end=end, step=1)
     return ctx.reshape(piece, ctx.out_type())
 

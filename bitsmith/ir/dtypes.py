@@ -23,10 +23,11 @@ vectorised paths alike). It differs from `cast` in two places:
   other widths through int64 (u32/u64 in range match torch's uint32/uint64; their NaN and
   negative values do not; the importer never makes them).
 - Int to f16/bf16 rounds twice, int -> f32 -> f16/bf16, as torch's c10::Half/BFloat16 take a
-  float (int32 1082130433 -> bf16 is 1073741824, not the nearest 1082130432).
+  float (int32 1077936129 -> bf16 is 1073741824, not the nearest 1082130432).
 Bool is `x != 0` (NaN -> True); float to float and int to f32 round once, to nearest even, as
-`cast`. On an NVIDIA GPU torch's float -> int of NaN/inf/out-of-range values differs (CUDA's
-conversion saturates); bitsmith's kernels give the x86 values above on every device.
+`cast`. On an NVIDIA GPU torch's own float -> int of NaN/inf/out-of-range values is CUDA's
+conversion, not x86's (unchecked here: no GPU); bitsmith's kernels give the x86 values above on
+every device, so in-range values agree everywhere and the rest match torch on CPU.
 
 Low-bit floats `f{B}e{E}m{M}` (B = 1+E+M, 3 <= B <= 8, E >= 1, M >= 0): sign bit on top, then E
 exponent bits with bias 2**(E-1)-1, then M mantissa bits; exponent field 0 holds zero and the

@@ -11,7 +11,7 @@ from ..errors import PipelineError
 from ..ir import Block, DenseAttr, EvalContext, InterpretError, Module, Operation, Trait, Value
 from ..ir.dialects import graph
 from ..ir.dialects.graph.elementwise import plain_dtype
-from ..ir.dtypes import DType
+from ..ir.dtypes import DType, convert
 from ..ir.interpreter import evaluate_op
 from ..ir.types import Dim, TensorType, format_dim
 from .cleanup import erase_dead_ops, prune_weights
@@ -165,7 +165,7 @@ def fold_shape_op_of_full(op: Operation, rw: PatternRewriter) -> bool:
         return False
     value = src.value
     if op.name == "graph.cast":
-        value = op.dtype.cast(np.asarray(value)).item()
+        value = convert(np.asarray(value), op.dtype).item()  # as graph.cast computes
     rw.replace_op(op, rw.value(graph.FullOp, value=value, result_types=[op.result.type]))
     return True
 

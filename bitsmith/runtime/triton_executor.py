@@ -114,7 +114,7 @@ def check_tensors(checks: Sequence[IndexCheck], buffers: Mapping[str, Any]) -> N
 def as_torch(array: np.ndarray, dtype: str, where: str) -> Any:
     """A numpy array as a torch tensor on `where` (packed u32 words travel as int32)."""
     import torch  # noqa: PLC0415
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # ascontiguousarray would make a 0-d array [1]
     if dtype == "u32" or array.dtype == np.uint32:
         array = array.view(np.int32)
     return torch.from_numpy(array.copy()).to(where)
@@ -195,7 +195,7 @@ class TritonExecutor:
         with self._lock:
             buffers, steps = self._bind(bind_inputs(self.artifact.manifest.inputs, inputs))
             for vid, array in zip(self.plan["inputs"], inputs, strict=True):
-                buffers[vid].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+                buffers[vid].copy_(torch.from_numpy(np.asarray(array, order="C")))
             self._launch(buffers, steps)
             return [buffers[v].cpu().numpy().copy() for v in self.plan["outputs"]]
 

@@ -17,7 +17,7 @@ import transformers
 import bitsmith
 from bitsmith import ir
 from bitsmith.cli import main
-from bitsmith.errors import ModelError, ModelLoadError, UnsupportedOpError
+from bitsmith.errors import ModelError, ModelLoadError
 from bitsmith.frontend import LoadedModel, from_torch, load_model
 from bitsmith.runtime.model import CompiledModel, load
 
@@ -125,14 +125,17 @@ def test_dynamic_seq_imports_encoders_and_masked_lms(folders: dict[str, Path],
         assert_interpreter_matches(module, loaded, loaded.call_args(batch, seq)[1])
 
 
-def test_dynamic_seq_of_a_sliced_position_buffer_is_a_clear_error(
-        folders: dict[str, Path]) -> None:
-    """BERT slices its position_ids buffer by the length; the IR's slice takes int bounds."""
-    loaded = load_model(str(folders["bert_cls"]))
+def test_dynamic_seq_slices_a_position_buffer(folders: dict[str, Path]) -> None:
+    """BERT cuts its position_ids (and token_type_ids) buffer to the length S: rows picked by
+    an arange of S, compiled and run at other lengths against torch."""
+    loaded = load_model(str(folders["bert_cls"]), seq=7)
     args, kwargs = loaded.call_args(2)
-    with pytest.raises(UnsupportedOpError, match=r"slice with symbolic bounds \[0:S\]\)  at "
-                                                 r"bert\.embeddings"):
-        from_torch(loaded.module, args, kwargs, dynamic_dims=loaded.dynamic_dims())
+    cm = bitsmith.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
+                          dynamic_batch=True, dynamic_dims=loaded.dynamic_dims())
+    for batch, seq in [(3, 12), (1, 1)]:
+        kwargs = loaded.call_args(batch, seq)[1]
+        assert_outputs_match(compiled_outputs(cm, loaded, kwargs),
+                             torch_reference(loaded, kwargs), RTOL)
 
 
 def test_dynamic_dims_name_their_symbols() -> None:

@@ -206,7 +206,15 @@ class Emitter:
         return out
 
     def full(self, value: object, dtype: str) -> str:
-        return f"tl.full({self.lanes}, {value!r}, {dtype})"
+        return f"tl.full({self.lanes}, {number(value)}, {dtype})"
+
+
+def number(value: object) -> str:
+    """A Python literal for `value` in kernel source (inf and NaN have no literal of their
+    own: repr gives the undefined names `inf` and `nan`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "float('nan')" if math.isnan(value) else f"float('{'-' if value < 0 else ''}inf')"
+    return repr(value)
 
 
 def generate(kernel: FusedOp, fn_prefix: str = "out") -> tuple[str, list[dict]]:
@@ -261,7 +269,7 @@ def _constant(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     at = em.offset(em.shape(op.result), idx)
     expr = em.full(flat[-1], dtype)
     for k in range(len(flat) - 2, -1, -1):
-        expr = f"tl.where({at} == {k}, {flat[k]!r}, {expr})"
+        expr = f"tl.where({at} == {k}, {number(flat[k])}, {expr})"
     return expr
 
 
@@ -429,8 +437,8 @@ def _cast(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     """torch's cast on x86 CPU (`dtypes.convert`), on every device: float -> int through int32
     or int64, NaN/inf/out-of-range giving that int's minimum, then the low bits; int -> f16/bf16
     through f32; bool is x != 0 (NaN true: Triton's != is unordered). On an NVIDIA GPU torch's
-    own float -> int of NaN/inf/out-of-range differs (CUDA's conversion saturates), and these
-    kernels keep the x86 values (not checked on a GPU); in-range values agree everywhere."""
+    own float -> int of NaN/inf/out-of-range values is CUDA's conversion, not x86's; these
+    kernels keep the x86 values there too (not checked on a GPU); in-range values agree."""
     x = em.at(op.operands[0], idx)
     src, dst = op.x.type.dtype, op.dtype
     if str(dst) == "bool":

@@ -54,36 +54,53 @@ class Lowering:
     def __init__(self, symbolic: bool = False, params: Sequence[TensorType] = ()) -> None:
         self.vars: dict[sympy.Basic, Any] = {}
         self.index = "int64" if symbolic else "int32"
-        self.scaled: dict[sympy.Basic, tvm.tirx.Var] = {}  # c * sym -> its own buffer var
+        self.scaled: dict[sympy.Basic, tvm.tirx.Var] = {}  # a dim like 7*B -> its own var
+        self.underived: set[sympy.Basic] = set()
         self._derive_hidden_symbols(params)
 
     def _derive_hidden_symbols(self, params: Sequence[TensorType]) -> None:
         """TVM binds a symbolic var only from a buffer dim that is the var alone: a kernel whose
         parameters hold `B` only as `7*B` (x.reshape(-1, 6) of [B, 7, 6]) would use a B that
-        no argument defines. Such a dim gets its own var `n`, which the buffer binds, and B is
-        n // 7 wherever else it appears."""
-        dims = [sympy.sympify(d) for t in params for d in t.shape if not isinstance(d, int)]
+        no argument defines. Each such dim gets its own var, which the buffer binds; a symbol
+        it holds linearly (a*B + b, a and b over bound symbols) is derived from it, as
+        (n - b) // a, wherever else the kernel uses it."""
+        dims = list(dict.fromkeys(sympy.sympify(d) for t in params for d in t.shape
+                                  if not isinstance(d, int)))
         plain = {d for d in dims if d.is_Symbol}
-        for sym in sorted({s for d in dims for s in d.free_symbols} - plain, key=str):
-            factors = sorted(int(d / sym) for d in dims
-                             if d.free_symbols == {sym} and (d / sym).is_Integer and d / sym > 0)
-            if not factors:
-                shown = ", ".join(sorted({str(d) for d in dims if sym in d.free_symbols}))
-                raise CodegenError(f"symbolic dim {sym} appears in this kernel's buffers only as "
-                                   f"{shown}: expected it alone or times a constant somewhere, "
-                                   "so that a buffer's shape defines it")
-            c = factors[0]
-            var = te.var(f"{sym}_x{c}", dtype=self.index)
-            self.scaled[c * sym] = var
-            self.vars[sym] = tvm.tirx.floordiv(var, tvm.tirx.const(c, self.index))
+        hidden = {s for d in dims for s in d.free_symbols} - plain
+        for d in dims:
+            if d.free_symbols & hidden:
+                self.scaled[d] = te.var(str(d), dtype=self.index)
+        for sym in sorted(hidden, key=str):
+            for d, var in self.scaled.items():
+                try:
+                    poly = sympy.Poly(d, sym)
+                except sympy.PolynomialError:
+                    continue
+                if poly.degree() != 1:
+                    continue
+                a, b = poly.all_coeffs()
+                if not (a.free_symbols | b.free_symbols) <= plain or a.is_Integer and a <= 0:
+                    continue
+                self.vars[sym] = tvm.tirx.floordiv(var - self.dim(b), self.dim(a))
+                break
+            else:
+                self.underived.add(sym)
 
     def dim(self, d: object) -> Any:
         """A dim as an int, or a TIR expression over int64 variables."""
+        if isinstance(d, sympy.Integer):
+            d = int(d)
         if isinstance(d, int):
             return d if self.index == "int32" else tvm.tirx.const(d, "int64")
         expr = sympy.sympify(d)
         if expr in self.scaled:
             return self.scaled[expr]
+        if expr.free_symbols & self.underived:
+            raise CodegenError(f"dim {expr} of a kernel value needs "
+                               f"{', '.join(sorted(map(str, expr.free_symbols & self.underived)))}"
+                               ", which no buffer of the kernel defines (its buffers hold it only "
+                               "in products with other symbols)")
         for sym in sorted(expr.free_symbols, key=str):
             self.vars.setdefault(sym, te.var(str(sym), dtype=self.index))
         return sympy.lambdify(sorted(expr.free_symbols, key=str), expr, modules=[{}])(
@@ -219,7 +236,12 @@ def lower_unary(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 @lowers(*_BINARY)
 def lower_binary(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    return _BINARY[op.name.split(".")[1]](args[0], args[1])
+    kind = op.name.split(".")[1]
+    if kind == "ne" and str(args[0].dtype).startswith(("float", "bfloat")):
+        # TIR's != is an ordered compare (false with NaN); IEEE and torch say NaN != anything
+        return topi.logical_or(topi.not_equal(args[0], args[1]), topi.logical_or(
+            topi.isnan(args[0]), topi.isnan(args[1])))
+    return _BINARY[kind](args[0], args[1])
 
 
 @lowers("div", "pow")
