@@ -168,6 +168,10 @@ def load_hf_directory(path: Path, seq: int | None = None) -> LoadedModel:
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"transformers could not build {path}: {exc}") from exc
     model.eval()
+    if hasattr(model, "set_experts_implementation") and _has_experts(model):
+        # the default ("grouped_mm") counts tokens per expert with histc: data-dependent
+        # shapes; "batched_mm" gathers each token's experts' weights: exact, and exportable
+        model.set_experts_implementation("batched_mm")
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # a KV cache in the outputs cannot be exported
     if getattr(model.config, "is_encoder_decoder", False):
@@ -187,6 +191,12 @@ def load_hf_directory(path: Path, seq: int | None = None) -> LoadedModel:
     make = _token_inputs(config, names)
     return LoadedModel(name, model, lambda batch: make(batch, seq), names, by_keyword=True,
                        make_seq_inputs=make, seq_inputs=names, max_seq=max_seq)
+
+
+def _has_experts(model: torch.nn.Module) -> bool:
+    implementation = model.get_experts_implementation()  # {sub-config: name}, or one name
+    values = implementation.values() if isinstance(implementation, dict) else [implementation]
+    return any(v not in (None, "eager", "batched_mm") for v in values)
 
 
 def _model_class(transformers: Any, config: Any, path: Path) -> Any:

@@ -18,14 +18,14 @@ from bitsmith.frontend import (
 from .conftest import assert_matches_torch
 
 
-class Sorter(torch.nn.Module):
+class KthValue(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sort(x, dim=-1).values
+        return torch.kthvalue(x, 2, dim=-1).values
 
 
-class TopK(torch.nn.Module):
+class Median(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.topk(x, 2).values
+        return torch.median(x, dim=-1).values
 
 
 class Unsupported(torch.nn.Module):
@@ -33,11 +33,11 @@ class Unsupported(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.first = Sorter()
-        self.second = TopK()
+        self.first = KthValue()
+        self.second = Median()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x)).relu()
+        return self.second(self.first(x).unsqueeze(-1)).relu()
 
 
 def test_unsupported_ops_are_listed_all_at_once_with_module_paths() -> None:
@@ -45,9 +45,9 @@ def test_unsupported_ops_are_listed_all_at_once_with_module_paths() -> None:
         from_torch(Unsupported(), (torch.randn(2, 5),))
     message = str(info.value)
     assert message.startswith("2 unsupported ATen op(s) in the model:")
-    assert "aten.sort.default  at first" in message
-    assert "aten.topk.default  at second" in message
-    assert set(info.value.missing) == {"aten.sort.default", "aten.topk.default"}
+    assert "aten.kthvalue.default  at first" in message
+    assert "aten.median.dim  at second" in message
+    assert set(info.value.missing) == {"aten.kthvalue.default", "aten.median.dim"}
 
 
 def test_training_mode_dropout_is_refused_not_ignored() -> None:

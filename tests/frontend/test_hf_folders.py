@@ -211,3 +211,22 @@ def test_cli_compile_with_seq_then_run_matches_torch(folders: dict[str, Path], t
     assert [str(v.type) for v in module.inputs] == ["tensor<1xSxi64>"] * 2
     assert main(["ir", "mlp", "--dynamic-seq"]) == 2
     assert "drop --dynamic-seq" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 20 s
+def test_a_mixture_of_experts_folder_compiles_its_routing_exactly(tmp_path: Path) -> None:
+    """Mixtral's default experts count tokens per expert with histc (data-dependent shapes);
+    the loader switches to the batched formulation (each token's top-k experts' weights
+    gathered), which is exact: logits against torch's default path."""
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, num_local_experts=4,
+        num_experts_per_tok=2, use_cache=False)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), seq=7)
+    args, kwargs = loaded.call_args(3)
+    cm = bitsmith.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name)
+    with torch.no_grad():
+        want = model(**kwargs).logits.numpy()  # the model as saved: grouped_mm experts
+    assert_outputs_match(compiled_outputs(cm, loaded, kwargs), [want], RTOL)

@@ -95,7 +95,7 @@ TORCH_UNARY = {
     "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh, "erf": torch.erf,
     "sigmoid": torch.sigmoid, "relu": torch.relu, "silu": F.silu, "floor": torch.floor,
     "ceil": torch.ceil, "round": torch.round, "sign": torch.sign,
-    "logical_not": torch.logical_not,
+    "logical_not": torch.logical_not, "log1p": torch.log1p, "expm1": torch.expm1,
 }
 POSITIVE = {"log", "sqrt", "rsqrt"}
 SPECIALS = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 0.5, 1.5, 2.5, -0.5, -2.5, 1e-30,
@@ -167,7 +167,9 @@ def _torch_binary(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return fn(a, b) if fn else getattr(torch, name)(a, b)
 
 
-ARITH = ["add", "sub", "mul", "div", "floor_div", "remainder", "pow", "maximum", "minimum"]
+ARITH = ["add", "sub", "mul", "div", "floor_div", "remainder", "fmod", "pow", "maximum",
+         "minimum"]
+DIVISIONS = ["div", "floor_div", "remainder", "fmod"]
 COMPARE = ["eq", "ne", "lt", "le", "gt", "ge"]
 
 
@@ -190,7 +192,7 @@ def test_binary_float(name: str, shapes: tuple, dtype: object) -> None:
     expect(run1(graph.BINARY_OPS[name], a, b), _torch_binary(name, tt(a), tt(b)))
 
 
-@pytest.mark.parametrize("name", ["div", "floor_div", "remainder"])
+@pytest.mark.parametrize("name", DIVISIONS)
 def test_division_sign_rules_float(name: str) -> None:
     a = np.array([5, -5, 5, -5, 6, -6, 1, -1, 0, -1, 7.5, -7.5, 1e30], np.float32)
     b = np.array([3, 3, -3, -3, 3, 3, 0, 0, 0, np.inf, 2, 2, 3], np.float32)
@@ -203,7 +205,7 @@ def test_binary_int(name: str, dtype: object) -> None:
     lo = 0 if dtype == np.uint8 else -20
     a = randint(3, 5, 7, lo=lo, hi=20, dtype=dtype, seed=1)
     b = randint(5, 1, lo=lo, hi=20, dtype=dtype, seed=2)
-    if name in ("div", "floor_div", "remainder"):
+    if name in DIVISIONS:
         b = np.where(b == 0, 3, b).astype(dtype)  # integer division by zero raises in torch
     if name == "pow":
         a = randint(3, 5, 7, lo=0 if dtype == np.uint8 else -3, hi=4, dtype=dtype)
@@ -214,11 +216,11 @@ def test_binary_int(name: str, dtype: object) -> None:
 def test_integer_division_sign_rules() -> None:
     a = np.array([7, -7, 7, -7, 6, -6, 0, -128], np.int8)
     b = np.array([2, 2, -2, -2, 3, -3, 5, -1], np.int8)
-    for name in ("div", "floor_div", "remainder"):
+    for name in DIVISIONS:
         expect(run1(graph.BINARY_OPS[name], a, b), _torch_binary(name, tt(a), tt(b)))
 
 
-@pytest.mark.parametrize("name", ["div", "floor_div", "remainder"])
+@pytest.mark.parametrize("name", DIVISIONS)
 def test_integer_division_by_zero_raises(name: str) -> None:
     a, b = np.array([1, 2], np.int32), np.array([1, 0], np.int32)
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
@@ -230,7 +232,7 @@ def test_integer_division_by_zero_raises(name: str) -> None:
 def test_int64_stays_exact_beyond_float_precision() -> None:
     a = np.array([2**62 + 1, -(2**62) - 7, 2**53 + 1, -9], np.int64)
     b = np.array([3, 3, 1, 2], np.int64)
-    for name in ("div", "floor_div", "remainder"):
+    for name in DIVISIONS:
         expect(run1(graph.BINARY_OPS[name], a, b), _torch_binary(name, tt(a), tt(b)))
     for name in ("floor", "ceil", "round", "sign", "neg"):
         expect(run1(graph.UNARY_OPS[name], a), TORCH_UNARY[name](tt(a)))

@@ -1,6 +1,7 @@
-"""Generic lowering of the elementwise ops whose numerics need care: round, sign, and Python's
-floor division and remainder (the sign of the divisor), C's fmod (the sign of the dividend),
-log1p and expm1, each as the interpreter defines it.
+"""Generic lowering of the elementwise ops whose numerics need care: float + - * / (kept from
+TVM's integer simplifier), round, sign, and Python's floor division and remainder (the sign of
+the divisor), C's fmod (the sign of the dividend), log1p and expm1, each as the interpreter
+defines it.
 
 Float ops compute in f32 and round once to the result type, as the interpreter does for f16 and
 bf16. Integer division by zero is undefined in a kernel (x86 traps): the divisor is replaced by 1
@@ -8,6 +9,7 @@ there, so such an element is wrong but the process lives; the interpreter raises
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,8 @@ import tvm
 from tvm import te, topi
 
 from ...ir import Operation
-from .lower import Lowering, is_one, lowers
+from ..template import CodegenError
+from .lower import Lowering, is_one, lowers, round_to_bf16
 from .typed import compute, shape_of
 
 Expr = Any  # a TIR expression: TVM declares its arithmetic operators on no Python type
@@ -150,19 +153,60 @@ def lower_fmod(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     return compute(lo.shape(op.result.type), element, name="fmod")
 
 
-@lowers("eq", "ne")
-def lower_float_equality(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    """== and != with IEEE NaN semantics for floats (NaN equals nothing, itself included).
-    TVM's own forms are not: its simplifier folds `x == x` to true and `x != x` to false, and
-    LLVM is given an ordered != (false when either side is NaN). This rule replaces the plain
-    topi.equal / topi.not_equal entries of lower.py's table (registered after them)."""
+@lowers("eq")
+def lower_float_equal(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """== with IEEE NaN semantics for floats: TVM's simplifier folds `x == x` to true, NaN
+    included, so a NaN operand makes it false explicitly (lower.py's table gives != its own
+    NaN rule). Replaces the topi.equal entry of lower.py's table (registered after it)."""
     lhs, rhs = args
-    is_ne = op.name == "graph.ne"
     if not op.lhs.type.dtype.is_float:
-        return (topi.not_equal if is_ne else topi.equal)(lhs, rhs)
+        return topi.equal(lhs, rhs)
 
     def element(*i: object) -> Expr:
         a, b = _broadcast_read(lhs, i), _broadcast_read(rhs, i)
-        nan = T.isnan(a) | T.isnan(b)
-        return (nan | (a != b)) if is_ne else ((a == b) & T.Not(nan))
-    return compute(lo.shape(op.result.type), element, name=op.name.split(".")[1])
+        return (a == b) & T.Not(T.isnan(a) | T.isnan(b))
+    return compute(lo.shape(op.result.type), element, name="eq")
+
+
+_ARITHMETIC = {"add": (operator.add, topi.add), "sub": (operator.sub, topi.subtract),
+               "mul": (operator.mul, topi.multiply), "div": (operator.truediv, None)}
+
+
+def opaque(x: Expr, dtype: str, via: str) -> Expr:
+    """x (of float type `dtype`) reinterpreted as `via` integers and back: a form TVM's
+    simplifier cannot see through, which LLVM folds away (no instruction, vectors included)."""
+    return T.reinterpret(dtype, T.reinterpret(f"{via}{dtype.removeprefix('float')}", x))
+
+
+@lowers(*_ARITHMETIC)
+def lower_arithmetic(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """+, -, * and / (floats only), broadcasting.
+
+    TVM's rewrite simplifier applies integer algebra to floats too (x - x -> 0, x * 0 -> 0,
+    (x + y) - y -> x, x + 0 -> x: wrong for NaN, infinities, -0 and rounding), when a kernel's
+    PrimFunc is made and again after its computes are inlined, with no switch to turn it off.
+    So both operands of a float op are made `opaque`, the left through signed and the right
+    through unsigned integers: no rule then finds a literal or a nested sum in an operand, nor
+    two equal operands. (LLVM's arithmetic fence would do too, but its calls keep LLVM from
+    vectorising the loops that TVM leaves scalar: any with an isnan, a relu's.) bf16 computes
+    in f32 and rounds each result itself: TVM's bf16 legalization would drop that rounding
+    inside a fused chain. Integers keep topi's forms: their algebra is exact, and index math
+    needs it."""
+    kind = op.name.split(".")[1]
+    fn, integer = _ARITHMETIC[kind]
+    lhs, rhs = args
+    if not op.lhs.type.dtype.is_float:
+        if integer is None:
+            raise CodegenError(f"generic lowering of '{op.name}' on {op.lhs.type.dtype} is not "
+                               "written yet (integer semantics differ from TVM's)")
+        return integer(lhs, rhs)
+    dtype = str(lhs.dtype)
+    wide = "float32" if dtype == "bfloat16" else dtype
+
+    def element(*i: object) -> Expr:
+        a, b = (_broadcast_read(t, i) for t in (lhs, rhs))
+        if dtype != wide:
+            a, b = a.astype(wide), b.astype(wide)
+        out = fn(opaque(a, wide, "int"), opaque(b, wide, "uint"))
+        return out if dtype == wide else round_to_bf16(out)
+    return compute(lo.shape(op.result.type), element, name=kind)
