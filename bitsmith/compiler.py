@@ -104,8 +104,8 @@ def example_arrays(artifact: Artifact, args: Sequence[Any],
     names = [spec.name for spec in artifact.manifest.inputs]
     # names holds the keyword inputs too: args is shorter when some come by keyword
     named = {**dict(zip(names, args, strict=False)), **kwargs}
-    return [np.asarray(named[n].detach().cpu().numpy() if hasattr(named[n], "detach")
-                       else named[n]) for n in names]
+    return [selfcheck.as_numpy(named[n]) if hasattr(named[n], "detach") else np.asarray(named[n])
+            for n in names]
 
 
 def fused_module(loaded: Any, batch: int, target: str = "cpu") -> Module:
@@ -127,7 +127,7 @@ def calibration_batches(module: Module, calib: Iterable[Any]) -> list[tuple[np.n
         if len(item) != arity:
             raise InputError(f"calibration item {i} has {len(item)} input(s); the model takes "
                              f"{arity} ({', '.join(module.input_names)})")
-    arrays = [tuple(np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+    arrays = [tuple(selfcheck.as_numpy(x) if hasattr(x, "detach") else np.asarray(x)
                     for x in item) for item in items]
     if not arrays:
         raise InputError("calib is empty: give at least one batch of example inputs")

@@ -27,7 +27,7 @@ from .ir import Module, Value
 from .ir.interpreter import EvalContext, bind_input, evaluate_op, interpret, kernel_calls
 from .runtime.artifact import NUMPY_DTYPES, bind_inputs
 from .runtime.dims import eval_dim
-from .runtime.executor import ALIGNMENT
+from .runtime.executor import ALIGNMENT, as_tvm
 from .runtime.model import CompiledModel
 
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -180,16 +180,15 @@ def run_step(executor: Any, k: int, inputs: Sequence[np.ndarray],
         launch(bind_launches(executor.modules[step["library"]], step["launches"], args, outs,
                              bindings))
         return [as_numpy(o) for o in outs]
-    from .runtime.tvm_runtime import tvm  # noqa: PLC0415
     held = []
     for vid, a in zip(step["inputs"], inputs, strict=True):
         array = _aligned(np.shape(a), NUMPY_DTYPES[values[vid]["dtype"]])
         np.copyto(array, a, casting="unsafe")
         held.append(array)
     results = [_aligned(s, d) for s, d in zip(shapes, dtypes, strict=True)]
-    args = [executor.weights[vid] if vid in executor.weights else tvm.runtime.from_dlpack(a)
+    args = [executor.weights[vid] if vid in executor.weights else as_tvm(a)
             for vid, a in zip(step["inputs"], held, strict=True)]
-    executor.kernels[k](*args, *(tvm.runtime.from_dlpack(r) for r in results))
+    executor.kernels[k](*args, *(as_tvm(r) for r in results))
     return results
 
 

@@ -155,7 +155,7 @@ class _Bound:
             nbytes = math.prod(shapes[vid]) * dtypes[vid].itemsize
             view = self.arena[offset:offset + nbytes].view(dtypes[vid]).reshape(shapes[vid])
             self.views[vid] = view
-            tensors[vid] = tvm.runtime.from_dlpack(view)
+            tensors[vid] = as_tvm(view)
         self.inputs = [self.views[vid] for vid in plan["inputs"]]
         self.outputs = [self.views[vid] if vid in self.views
                         else executor.weights[vid].numpy() for vid in plan["outputs"]]
@@ -178,6 +178,15 @@ def _refusals_as_ours(name: str, kernel: Any) -> Callable[..., None]:
             raise ArtifactError(f"kernel {name} refused its arguments: {said}; the plan does "
                                 "not match the kernel, recompile the model") from exc
     return call
+
+
+def as_tvm(view: np.ndarray) -> Any:
+    """A zero-copy TVM tensor over an aligned numpy array. numpy's DLPack export does not know
+    ml_dtypes' bfloat16: such an array goes out as its uint16 bits and is viewed back."""
+    if view.dtype.name == "bfloat16":
+        bits: Any = tvm.runtime.from_dlpack(view.view(np.uint16))  # a view keeps its base alive
+        return bits._create_view(view.shape, "bfloat16")
+    return tvm.runtime.from_dlpack(view)
 
 
 def value_spec(shape: Sequence[int | str], dtype: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .artifact import Artifact, load_artifact, save_artifact
@@ -37,9 +38,9 @@ class CompiledModel:
         elif hasattr(self.executor, "run_torch"):  # GPU tensors stay on the GPU
             outs = self.executor.run_torch(*(torch.as_tensor(x) for x in inputs))
         else:
-            arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            arrays = [_from_torch(x, torch) if isinstance(x, torch.Tensor) else np.asarray(x)
                       for x in inputs]
-            outs = [torch.from_numpy(o) for o in self.executor.run(*arrays)]
+            outs = [_to_torch(o, torch) for o in self.executor.run(*arrays)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def report(self) -> str:
@@ -78,6 +79,20 @@ class CompiledModel:
         m = self.artifact.manifest
         sig = ", ".join(map(str, m.inputs))
         return f"<CompiledModel {m.name}({sig}) -> {len(m.outputs)} output(s)>"
+
+
+def _from_torch(tensor: Any, torch: Any) -> np.ndarray:
+    """A CPU copy as numpy; bfloat16 (which torch cannot give numpy) as ml_dtypes' bfloat16."""
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _to_torch(array: np.ndarray, torch: Any) -> Any:
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def load(path: str | os.PathLike) -> CompiledModel:
