@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import operator
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConversionError
-from ..ir import DenseAttr, Module, Value, graph
+from ..ir import DenseAttr, Value, graph
 from ..ir import dtypes as dt
 from ..ir.shapes import product
 from ..ir.types import Dim, TensorType, dims_equal, format_dim
@@ -70,7 +69,8 @@ def _refuse_used_outputs(ctx: ImportContext, first: int, what: str) -> None:
     """A ConversionError if the model reads output `first` or a later one of the current node
     (outputs the converter does not compute)."""
     for user in ctx.current.users:
-        if user.target is operator.getitem and user.args[1] >= first and user.users:
+        index = user.args[1] if user.target is operator.getitem else None
+        if isinstance(index, int) and index >= first and user.users:
             raise ConversionError(f"{what}: output {user.args[1]} is used by the model and not "
                                   "supported (only output 0 is)")
 
@@ -102,21 +102,6 @@ def _channel_affine(ctx: ImportContext, y: Value, weight: Value | None, bias: Va
     return y
 
 
-def _weights_of(ctx: ImportContext) -> dict[str, np.ndarray] | None:
-    """The weights of the module being imported (the importer's ImportContext does not carry
-    the module: found as the caller's Module whose body is the builder's block)."""
-    module = getattr(ctx, "module", None)
-    if isinstance(module, Module):
-        return module.weights
-    frame = sys._getframe(1)
-    while frame is not None:
-        for value in frame.f_locals.values():
-            if isinstance(value, Module) and value.body is ctx.builder.block:
-                return value.weights
-        frame = frame.f_back
-    return None
-
-
 def _constant_array(ctx: ImportContext, value: Value) -> np.ndarray | None:
     """The value of `value` when import already knows it: an arange, a literal or a weight
     (through reshapes, casts and clones); else None."""
@@ -125,8 +110,8 @@ def _constant_array(ctx: ImportContext, value: Value) -> np.ndarray | None:
         inner = _constant_array(ctx, op.x)
         if inner is None:
             return None
-        shape = value.type.shape
-        if not all(isinstance(d, int) for d in shape):
+        shape = [d for d in value.type.shape if isinstance(d, int)]
+        if len(shape) != value.type.rank:
             return None
         return plain_dtype(value.type).cast(inner.reshape(shape))
     if isinstance(op, graph.ArangeOp):
@@ -137,9 +122,8 @@ def _constant_array(ctx: ImportContext, value: Value) -> np.ndarray | None:
     if isinstance(op, graph.ConstantOp):
         if op.value is not None:
             return op.value.array
-        weights = _weights_of(ctx)
-        if weights is not None and op.weight in weights:
-            return np.asarray(weights[op.weight])
+        if op.weight in ctx.weights:
+            return np.asarray(ctx.weights[op.weight])
     return None
 
 
@@ -236,7 +220,7 @@ def _conv_transpose2d(ctx: ImportContext, x: Value, weight: Value, bias: Value |
     n, c_in, h, w = x.type.shape
     w_in, c_out_g, kh, kw = weight.type.shape
     g = groups
-    if not isinstance(w_in, int) or not isinstance(c_out_g, int) or w_in % g:
+    if not all(isinstance(d, int) for d in (w_in, c_out_g, kh, kw)) or int(w_in) % g:
         raise ConversionError(f"transposed convolution weight {weight.type} with groups={g}")
     # the weight: [g*I, O/g, kh, kw] -> [g, I, O/g, kh, kw] -> [g, O/g, I, kh, kw] -> flipped
     wt = weight.type
@@ -255,7 +239,7 @@ def _conv_transpose2d(ctx: ImportContext, x: Value, weight: Value, bias: Value |
     # padding: before = d*(k-1) - p; after = the same + output_padding, less the s-1 trailing
     # zeros the stuffing already put there
     pads, crops = [0] * 8, []
-    for i, (k, s, p, d, op) in enumerate(zip((kh, kw), stride, padding, dilation,
+    for i, (k, s, p, d, op) in enumerate(zip((int(kh), int(kw)), stride, padding, dilation,
                                              output_padding, strict=True)):
         before = d * (k - 1) - p
         after = before + op - (s - 1)
@@ -604,7 +588,7 @@ def convert_embedding_bag(ctx: ImportContext, weight: Value, indices: Value, off
         filled = rows if mask is None else ctx.value(graph.WhereOp, mask, rows,
                                                       ctx.scalar(0.0, dtype))
         out = ctx.value(graph.ReduceSumOp, filled, axes=(1,))
-    if mask is None:
+    if mask is None or valid is None:
         if name == "mean":
             out = _bin(ctx, "div", out, ctx.scalar(float(longest), dtype))
         return out, None, None, None

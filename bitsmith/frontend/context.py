@@ -65,6 +65,8 @@ class ImportContext:
     builder: Builder
     symbols: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)
     node: fx.Node | None = None
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    """The module's weights so far (converters that need a constant's value read them)."""
 
     @property
     def current(self) -> fx.Node:

@@ -164,7 +164,7 @@ def import_program(ep: ExportedProgram, name: str,
     symbols = _name_symbols(user_inputs)
     types = [ImportContext.type_of_val_with(symbols, n.meta["val"]) for n in user_inputs]
     module = Module(_safe_name(name), types, [n.name for n in user_inputs])
-    ctx = ImportContext(Builder.at_end(module.body), symbols)
+    ctx = ImportContext(Builder.at_end(module.body), symbols, weights=module.weights)
     env: dict[fx.Node, Any] = dict(zip(user_inputs, module.inputs, strict=True))
     missing: dict[str, list[str]] = {}
     state = {**ep.state_dict, **ep.constants}

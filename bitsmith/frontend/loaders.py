@@ -193,8 +193,9 @@ def load_hf_directory(path: Path, seq: int | None = None) -> LoadedModel:
                        make_seq_inputs=make, seq_inputs=names, max_seq=max_seq)
 
 
-def _has_experts(model: torch.nn.Module) -> bool:
-    implementation = model.get_experts_implementation()  # {sub-config: name}, or one name
+def _has_experts(model: Any) -> bool:
+    """Whether a transformers model has experts whose implementation is not exportable."""
+    implementation = model.get_experts_implementation()  # {config: name} or a name
     values = implementation.values() if isinstance(implementation, dict) else [implementation]
     return any(v not in (None, "eager", "batched_mm") for v in values)
 
