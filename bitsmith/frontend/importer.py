@@ -41,6 +41,10 @@ KEEP = [
     torch.ops.aten.rms_norm.default, torch.ops.aten.scaled_dot_product_attention.default,
     torch.ops.aten.layer_norm.default, torch.ops.aten.softmax.int, torch.ops.aten.conv2d.default,
     torch.ops.aten.max_pool2d.default, torch.ops.aten.adaptive_avg_pool2d.default,
+    # upsampling: torch's decompositions of these give NaN where its kernels give inf (linear,
+    # trilinear) or round differently (nearest); aten_more converts them as the kernels compute
+    *aten_more.NEAREST, torch.ops.aten.upsample_linear1d.vec,
+    torch.ops.aten.upsample_trilinear3d.vec,
 ]
 
 

@@ -183,13 +183,14 @@ class Emitter:
         """An accumulator (f32 unless `dtype`) over the nested loops `extents`:
         acc = combine(acc, body(r)) where combine is "sum", "max", "min" or "prod"."""
         acc = self.let(f"tl.zeros({self.lanes}, {dtype}) + {init}", "acc")
+        nan = NAN_ARG if "float" in dtype else ""  # a NaN wins a max or min, as in torch
 
         def nest(vars: list[str]) -> None:
             if len(vars) == len(extents):
                 v = body(vars)
                 update = {"sum": f"{acc} + {v}", "prod": f"{acc} * {v}",
-                          "max": f"tl.maximum({acc}, {v})",
-                          "min": f"tl.minimum({acc}, {v})"}[combine]
+                          "max": f"tl.maximum({acc}, {v}{nan})",
+                          "min": f"tl.minimum({acc}, {v}{nan})"}[combine]
                 self.emit(f"{acc} = {update}")
                 return
             with self.loop(extents[len(vars)]) as r:

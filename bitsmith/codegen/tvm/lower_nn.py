@@ -12,7 +12,7 @@ from tvm import te, topi
 from ...ir import Operation
 from ..template import CodegenError
 from .lower import Lowering, is_one, lowers, tvm_dtype
-from .lower_reduce import nan_extreme
+from .lower_reduce import clamped_index, nan_extreme
 from .typed import compute, shape_of
 
 
@@ -237,7 +237,8 @@ def lower_cumsum(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 @lowers("index")
 def lower_index(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    """x[..., i0, i1, ...] with adjacent indexed axes (the common case); negatives wrap."""
+    """x[..., i0, i1, ...] with adjacent indexed axes (the common case); negatives wrap, and
+    an index past its dim is clamped (the runtime raises for it before this kernel runs)."""
     x, *indices = args
     rank = op.x.type.rank
     axes = [a % rank for a in op.axes]
@@ -252,8 +253,7 @@ def lower_index(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         for axis, t in zip(axes, indices, strict=True):
             sub = [0 if is_one(t.shape[j]) else picked[picked_rank - len(t.shape) + j]
                    for j in range(len(t.shape))]
-            v = t(*sub).astype("int64")
-            src.append(tvm.tirx.Select(v < 0, v + x.shape[axis], v))
+            src.append(clamped_index(t(*sub), x.shape[axis], negatives=True))
         src += list(i[axes[0] + picked_rank:])
         return x(*src)
     return compute(lo.shape(op.result.type), element, name="index")

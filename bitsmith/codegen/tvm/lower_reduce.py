@@ -141,13 +141,17 @@ def lower_arg_extreme(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     return compute(out_shape, index, name=op.name.split(".")[1])
 
 
-def _clamped(v: Expr, size: Expr, negatives: bool) -> Expr:
-    """An index as int64 inside [0, size): negatives count from the end where `negatives`."""
+def clamped_index(v: Expr, size: Expr, negatives: bool) -> Expr:
+    """An index inside [0, size), in the dim's own integer type (an int64 index where the
+    producer's loops are int32 cannot be inlined into it): computed in int64, negatives
+    counting from the end where `negatives`."""
+    dim_type = str(size.ty) if hasattr(size, "ty") else "int64"
     v = v.astype("int64")
     size = T.Cast("int64", size)
     if negatives:
         v = T.Select(v < 0, v + size, v)
-    return T.max(T.min(v, size - 1), T.const(0, "int64"))
+    inside: Expr = T.max(T.min(v, size - 1), T.const(0, "int64"))
+    return inside.astype(dim_type)
 
 
 @lowers("gather")
@@ -158,7 +162,7 @@ def lower_gather(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
     def element(*i: object) -> Expr:
         at = list(i)
-        at[axis] = _clamped(index(*i), x.shape[axis], negatives=True)
+        at[axis] = clamped_index(index(*i), x.shape[axis], negatives=True)
         return x(*at)
     return compute(lo.shape(op.result.type), element, name="gather")
 
@@ -172,7 +176,7 @@ def lower_index_select(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
     def element(*i: object) -> Expr:
         at = list(i[:axis])
-        at.append(_clamped(index(*i[axis:axis + picked]), x.shape[axis], negatives=False))
+        at.append(clamped_index(index(*i[axis:axis + picked]), x.shape[axis], negatives=False))
         at += list(i[axis + picked:])
         return x(*at)
     return compute(lo.shape(op.result.type), element, name="index_select")
