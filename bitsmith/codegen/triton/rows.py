@@ -90,7 +90,8 @@ class RowEmitter(Emitter):
         self.emit(f"{var} = {fn}(tl.where({live}, {value}, {identity}), axis=0)")
         if combine != "sum":  # tl.max / tl.min drop NaN; torch's max and min return it
             nans = self.name("nans")
-            self.emit(f"{nans} = tl.sum(tl.where({live} & ({value} != {value}), 1, 0), axis=0)")
+            self.emit(f"{nans} = tl.sum(tl.where({live}, tl.where({value} != {value}, 1, 0), 0), "
+                      "axis=0)")
             self.emit(f"{var} = tl.where({nans} > 0, float('nan'), {var})")
         self.scopes[-1][key] = var
         return var
