@@ -91,10 +91,10 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     cm = CompiledModel(artifact)
     if check:
         kwargs = dict(example_kwargs or {})
-        selfcheck.check(cm, module, example_arrays(artifact, example_inputs, kwargs),
-                        model=model, args=example_inputs, kwargs=kwargs,
-                        quantized=quant is not None, dynamic_batch=dynamic_batch,
-                        dynamic_dims=dynamic_dims)
+        arrays = example_arrays(artifact, example_inputs, kwargs)
+        cm.checked = selfcheck.check(cm, module, arrays, model=model, args=example_inputs,
+                                     kwargs=kwargs, quantized=quant is not None,
+                                     dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
     return cm
 
 

@@ -13,6 +13,7 @@ the unquantized one; the quantization's own error is `CompiledModel.report()`'s 
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,10 +47,11 @@ SCALE_FLOOR = 1e-6
 def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
           model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
           quantized: bool, dynamic_batch: bool,
-          dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> None:
+          dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> str:
     """Raise MismatchError when `cm` (built from the fused `module`) and the model disagree on
     the example inputs; `arrays` are those inputs in the artifact's order. `dynamic_batch`
-    and `dynamic_dims` are the import's, for a fresh import that the diagnosis walks."""
+    and `dynamic_dims` are the import's, for a fresh import that the diagnosis walks. Returns
+    a one-line summary of the agreement."""
     got = cm.executor.run(*arrays)
     if quantized:
         want, reference = interpret(module, *arrays), "the interpreter of the quantized graph"
@@ -62,7 +64,7 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
     diffs = [d for d in (difference(g, w, f"output {i}")
                          for i, (g, w) in enumerate(zip(got, want, strict=True))) if d]
     if not diffs:
-        return
+        return agreement(got, want, reference)
     head = f"{cm.name}: the compiled model differs from {reference} on the example inputs: "
     kernel = first_diverging_kernel(cm, module, arrays)
     if kernel is not None:
@@ -78,6 +80,24 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
                  "changed the model's meaning")
     raise MismatchError(f"{head}{diffs[0]}\n{where}\nnothing was written; compile with "
                         "check=False (--no-check) to get the artifact anyway")
+
+
+def agreement(got: Sequence[np.ndarray], want: Sequence[np.ndarray], reference: str) -> str:
+    """'matches torch on the example inputs: ...' with the largest float error, relative to
+    its output's largest magnitude."""
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        if _kind(w.dtype) != "float" or not w.size:
+            continue
+        g64, w64 = g.astype(np.float64), w.astype(np.float64)
+        finite = np.isfinite(w64) & np.isfinite(g64)
+        if finite.any():
+            scale = max(float(np.abs(w64[finite]).max()), SCALE_FLOOR)
+            worst = max(worst, float(np.abs(g64 - w64)[finite].max()) / scale)
+    return (f"matches {reference} on the example inputs: {len(got)} output(s), largest error "
+            f"{worst:.1e} of the output's largest magnitude (allowed "
+            f"{TOLERANCES['float32'][0]:g} in f32)")
 
 
 def torch_outputs(model: torch.nn.Module, args: Sequence[Any],
@@ -235,8 +255,15 @@ def first_diverging_import(model: torch.nn.Module, args: Sequence[Any],
                 continue
             diff = difference(array, as_numpy(value), "its value")
             if diff is not None:
-                return f"{node.target if node else op.name} at {op.loc} ('{op.name}'): {diff}"
+                return f"{_node_name(node) if node else op.name} at {op.loc} ('{op.name}'): {diff}"
     return None
+
+
+def _node_name(node: fx.Node) -> str:
+    """The ATen op a node calls; output k of a multi-output op as `op[k]`."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return f"{node.args[0].target}[{node.args[1]}]"
+    return str(node.target)
 
 
 def _node_values(ep: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[fx.Node, Any]:

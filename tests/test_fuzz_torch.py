@@ -20,7 +20,8 @@ from bitsmith import selfcheck
 
 SIZES = (1, 2, 3, 5, 7)
 UNARY = ("relu", "neg", "abs", "tanh", "sigmoid", "exp", "sqrt", "gelu", "silu", "clamp_min",
-         "square", "log_softmax", "softmax", "layer_norm")
+         "square", "log_softmax", "softmax", "layer_norm", "leaky_relu", "elu", "hardswish",
+         "flip", "fmod", "cumsum", "sort")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "where")
 REDUCE = ("sum", "mean", "amax", "amin")
 SHAPE = ("transpose", "flatten", "unsqueeze_expand", "slice", "cat")
@@ -81,6 +82,16 @@ def unary(kind: str, a: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.nn.functional.layer_norm(a, a.shape[-1:])
     if kind == "gelu":
         return torch.nn.functional.gelu(a)
+    if kind in ("leaky_relu", "elu", "hardswish"):
+        return getattr(torch.nn.functional, kind)(a)
+    if kind == "flip":
+        return a.flip(axis)
+    if kind == "fmod":
+        return torch.fmod(a, 1.5)
+    if kind == "cumsum":
+        return a.cumsum(axis)
+    if kind == "sort":
+        return torch.sort(a, axis).values
     if kind == "silu":
         return torch.nn.functional.silu(a)
     return getattr(torch, kind)(a)

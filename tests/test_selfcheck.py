@@ -71,6 +71,8 @@ def test_a_correct_model_passes_its_check() -> None:
     model, x = Planted().eval(), torch.randn(3, 3, 5)
     cm = bitsmith.compile(model, [x])
     np.testing.assert_allclose(cm(x.numpy()), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert cm.checked is not None and cm.checked.startswith("matches torch")
+    assert bitsmith.compile(model, [x], check=False).checked is None
 
 
 @pytest.mark.usefixtures("wrong_kernel")
@@ -108,6 +110,15 @@ def test_cli_writes_nothing_when_the_check_fails(tmp_path: Path,
     assert main(["compile", f"{source}:Planted", "--batch", "3", "-o", str(out),
                  "--no-check"]) == 0
     assert out.exists()
+    assert "not checked against torch" in capsys.readouterr().err
+
+
+def test_cli_says_what_it_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "planted.py"
+    source.write_text(MODEL_SOURCE)
+    assert main(["compile", f"{source}:Planted", "--batch", "2", "-o",
+                 str(tmp_path / "p.bsm")]) == 0
+    assert "checked: matches torch on the example inputs" in capsys.readouterr().err
 
 
 def test_difference_finds_what_torch_would_not_accept() -> None:

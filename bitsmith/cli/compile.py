@@ -165,6 +165,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   str(len(cm.artifact.manifest.outputs)), f"{seconds:.1f}")
     err.print(table)
     err.print(_template_table(steps))
+    err.print(f"checked: {cm.checked}" if cm.checked else
+              "[yellow]not checked against torch (--no-check)[/]", highlight=False)
     if args.quant:
         err.print(cm.report())
     return 0

@@ -158,8 +158,8 @@ def refuse_mutations(ep: ExportedProgram, name: str) -> None:
         raise UnsupportedModelError(
             f"{name} updates its {kind} '{target}' in place{where}: a compiled model cannot "
             f"change its {kind}s; modify a copy (`{target.rsplit('.', 1)[-1]} = {ref}.clone()` "
-            "first) or use the out-of-place op (`add` for `add_`), or return the new value as "
-            "an output instead")
+            "first) or use the out-of-place form of the op (the one without the trailing "
+            "underscore), or return the new value as an output instead")
 
 
 def refuse_lost_structure(ep: ExportedProgram, name: str) -> None:
@@ -174,10 +174,12 @@ def refuse_lost_structure(ep: ExportedProgram, name: str) -> None:
 
 
 def _lost_structure(spec: TreeSpec | None) -> TreeSpec | None:
-    """The first container in `spec` that is neither a tuple, a list nor a ModelOutput."""
+    """The first container in `spec` that is neither a tuple, a list, one of torch's
+    positional return tuples (`torch.return_types.topk`) nor a ModelOutput."""
     if spec is None or spec.is_leaf():
         return None
-    if not (spec.type in (tuple, list) or _is_model_output(spec.type)):
+    if not (spec.type in (tuple, list) or _is_model_output(spec.type)
+            or getattr(spec.type, "__module__", "") == "torch.return_types"):  # topk, max...
         return spec
     for child in spec.children():
         lost = _lost_structure(child)

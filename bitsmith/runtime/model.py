@@ -19,6 +19,8 @@ class CompiledModel:
 
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
+        self.checked: str | None = None
+        """How the compile's self-check went (None: not checked, e.g. loaded from a file)."""
         if artifact.manifest.requires.get("device") == "cuda":  # Triton kernels, torch tensors
             from .triton_executor import TritonExecutor  # noqa: PLC0415 - no TVM needed
             self.executor: Any = TritonExecutor(artifact)

@@ -201,6 +201,19 @@ def test_nested_tuples_and_lists_flatten_in_order() -> None:
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
 
 
+class TopTwo(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(x, 2)  # torch.return_types.topk: a positional tuple of two tensors
+
+
+def test_torchs_positional_return_tuples_flatten_as_tuples() -> None:
+    model = TopTwo()
+    values, indices = bitsmith.compile(model, [X])(X.numpy())
+    want = model(X)
+    np.testing.assert_array_equal(values, want.values.numpy())
+    np.testing.assert_array_equal(indices, want.indices.numpy())
+
+
 class Keyed(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"doubled": x * 2, "shifted": x + 1}
