@@ -16,7 +16,13 @@ from torch.export.graph_signature import InputKind
 from ..errors import ConversionError, ModelError, UnsupportedOpError
 from ..ir import Builder, Module, TensorType, Value, graph, symbol, verify
 from ..ir.dialects.func import ReturnOp
-from . import aten, aten_more, aten_nn, aten_shape  # noqa: F401 - importing registers converters
+from . import (  # noqa: F401 - importing registers the converters
+    aten,
+    aten_more,
+    aten_nn,
+    aten_resample,
+    aten_shape,
+)
 from .context import CONVERTERS, ImportContext, ir_dtype
 from .refusals import (
     constant_output_error,
@@ -42,8 +48,8 @@ KEEP = [
     torch.ops.aten.layer_norm.default, torch.ops.aten.softmax.int, torch.ops.aten.conv2d.default,
     torch.ops.aten.max_pool2d.default, torch.ops.aten.adaptive_avg_pool2d.default,
     # upsampling: torch's decompositions of these give NaN where its kernels give inf (linear,
-    # trilinear) or round differently (nearest); aten_more converts them as the kernels compute
-    *aten_more.NEAREST, torch.ops.aten.upsample_linear1d.vec,
+    # trilinear) or round differently (nearest); aten_resample converts them as the kernels do
+    *aten_resample.NEAREST, torch.ops.aten.upsample_linear1d.vec,
     torch.ops.aten.upsample_trilinear3d.vec,
 ]
 

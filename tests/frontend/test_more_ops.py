@@ -18,7 +18,7 @@ from torch import nn
 import bitsmith
 from bitsmith.errors import UnsupportedOpError
 from bitsmith.frontend import from_torch
-from bitsmith.frontend.aten_more import linear_table
+from bitsmith.frontend.aten_resample import linear_table
 from bitsmith.frontend.importer import decomposition_table, export, import_program
 
 from ..support import assert_outputs_match
