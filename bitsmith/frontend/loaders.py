@@ -174,6 +174,8 @@ def load_hf_directory(path: Path, seq: int | None = None) -> LoadedModel:
         model.set_experts_implementation("batched_mm")
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # a KV cache in the outputs cannot be exported
+        log.warning("note: %s is compiled without its KV cache (use_cache=False): one call "
+                    "computes the whole sequence's outputs", path)
     if getattr(model.config, "is_encoder_decoder", False):
         log.warning("note: %s is an encoder-decoder (%s): only its encoder is compiled",
                     path, type(model).__name__)

@@ -160,7 +160,9 @@ def test_notes_say_what_was_loaded(folders: dict[str, Path],
     with caplog.at_level(logging.WARNING, logger="bitsmith.frontend.loaders"):
         load_model(str(folders["no_architectures"]))
         load_model(str(folders["t5"]))
+        load_model(str(folders["gpt2_lm"]))
     assert "names no architectures: loading the base model (AutoModel)" in caplog.text
+    assert "gpt2_lm is compiled without its KV cache" in caplog.text
     assert "encoder-decoder (T5ForConditionalGeneration): only its encoder" in caplog.text
 
 
