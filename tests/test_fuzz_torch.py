@@ -81,7 +81,10 @@ def unary(kind: str, a: torch.Tensor, axis: int) -> torch.Tensor:
     if kind == "layer_norm":
         return torch.nn.functional.layer_norm(a, a.shape[-1:])
     if kind == "gelu":
-        return torch.nn.functional.gelu(a)
+        # torch's own GELU is NaN at +-inf on its vectorized CPU path and inf / NaN on its
+        # scalar path (one element, strided views): bitsmith follows the vectorized one, which
+        # a stacked contiguous copy always takes
+        return torch.nn.functional.gelu(torch.stack([a, a]))[0]
     if kind in ("leaky_relu", "elu", "hardswish"):
         return getattr(torch.nn.functional, kind)(a)
     if kind == "flip":
