@@ -81,3 +81,14 @@ def test_one_input_ops_treat_specials_as_torch(group: str) -> None:
 def test_binary_ops_treat_specials_as_torch() -> None:
     a = _specials(len(SPECIAL))
     _assert_as_torch(BINARY, [a, a.T.contiguous()])  # every special meets every other
+
+
+def test_scalar_powers_are_torchs_bit_for_bit() -> None:
+    """torch's CPU kernel computes x**2, x**3, x**-1, x**-2, x**0.5 and x**-0.5 as products,
+    reciprocals and square roots (not pow), and so does the import: equal to the last bit."""
+    exponents = (2.0, 3.0, -1.0, -2.0, 0.5, -0.5, 4.0)
+    model = Many({str(e): (lambda t, e=e: t ** e) for e in exponents})
+    x = _specials(3) * torch.tensor(1.37)
+    got = bitsmith.compile(model, [x])(x.numpy())
+    for e, g, w in zip(exponents, got, model(x), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w.numpy(), err_msg=f"x ** {e}")

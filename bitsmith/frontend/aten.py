@@ -100,6 +100,22 @@ def _scaled(ctx: ImportContext, b: Any, alpha: Any, dtype: dt.DType) -> Any:
     return ctx.value(graph.BINARY_OPS["mul"], ctx.cast(b, dtype), ctx.scalar(alpha, dtype))
 
 
+@converts(aten.pow.Tensor_Scalar)
+def convert_pow_scalar(ctx: ImportContext, x: Value, exponent: Any) -> Value:
+    """x ** c. torch's CPU kernel computes the exponents 2, 3, -1, -2, 0.5 and -0.5 of a float
+    tensor as x*x, x*x*x, 1/x, 1/(x*x), sqrt and rsqrt (not pow): so does this, bit for bit."""
+    dtype = ctx.out_dtype()
+    if not dtype.is_float or exponent not in (2, 3, -1, -2, 0.5, -0.5):
+        return _binary(ctx, "pow", x, exponent, dtype)
+    x = ctx.cast(x, dtype)
+    if exponent in (0.5, -0.5):
+        return ctx.value(graph.UNARY_OPS["sqrt" if exponent > 0 else "rsqrt"], x)
+    square = ctx.value(graph.BINARY_OPS["mul"], x, x)
+    power = {2: square, -2: square, -1: x}.get(exponent) or ctx.value(
+        graph.BINARY_OPS["mul"], square, x)
+    return power if exponent > 0 else ctx.value(graph.UNARY_OPS["reciprocal"], power)
+
+
 @converts(aten.add.Tensor, aten.add.Scalar)
 def convert_add(ctx: ImportContext, a: Any, b: Any, alpha: Any = 1) -> Value:
     dtype = ctx.out_dtype()
@@ -140,7 +156,7 @@ def _trunc(ctx: ImportContext, x: Value) -> Value:
 
 _SIMPLE_BINARY = {
     aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.div.Tensor: "div",
-    aten.div.Scalar: "div", aten.pow.Tensor_Scalar: "pow", aten.pow.Tensor_Tensor: "pow",
+    aten.div.Scalar: "div", aten.pow.Tensor_Tensor: "pow",
     aten.pow.Scalar: "pow", aten.maximum.default: "maximum", aten.minimum.default: "minimum",
     aten.remainder.Tensor: "remainder", aten.remainder.Scalar: "remainder",
     aten.floor_divide.default: "floor_div", aten.logical_and.default: "logical_and",
