@@ -59,7 +59,8 @@ def package(module: Module, built: Mapping[Operation, Any],
     """The artifact of built kernels: its execution plan (a `step` per kernel call, with the
     backend's entries), its manifest and weights, and the backend's `files`."""
     plan = Planner(module, built, step)
-    outputs = [f"output{i}" for i in range(len(module.outputs))]
+    outputs = module.metadata.get("output_names") or [f"output{i}"
+                                                      for i in range(len(module.outputs))]
     manifest = Manifest(
         name=module.name, inputs=plan.specs(module.inputs, module.input_names),
         outputs=plan.specs(module.outputs, outputs), plan=plan.to_json(), requires=requires,

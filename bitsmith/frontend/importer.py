@@ -200,8 +200,22 @@ def import_program(ep: ExportedProgram, name: str,
                 raise UnsupportedOpError(missing)
             outputs = _flatten_outputs(node.args[0], env, name, flatten_outputs)
             ctx.builder.create(ReturnOp, *outputs)
+            names = output_names(ep.call_spec.out_spec, len(outputs))
+            if names is not None:
+                module.metadata["output_names"] = names
     verify(module)
     return module
+
+
+def output_names(spec: Any, count: int) -> list[str] | None:
+    """The names a Hugging Face ModelOutput gives its `count` tensors (`logits`, ...), when it
+    holds exactly those, each a tensor; else None (outputs are then output0, output1, ...)."""
+    keys = getattr(spec, "context", None)
+    if (spec is None or not isinstance(keys, list) or len(keys) != count
+            or not all(isinstance(k, str) and re.fullmatch(r"[A-Za-z_]\w*", k) for k in keys)
+            or not all(child.is_leaf() for child in spec.children())):
+        return None
+    return list(keys)
 
 
 def _flatten_outputs(args: Any, env: dict[fx.Node, Any], name: str,

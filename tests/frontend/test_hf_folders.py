@@ -97,6 +97,9 @@ def test_folder_compiles_its_task_head_and_matches_torch(folders: dict[str, Path
     head = {"bert_cls": (2, 3), "gpt2_lm": (2, seq, 100), "roberta_mlm": (2, seq, 100)}
     if name in head:  # the task head's logits, not hidden states
         assert got[0].shape == head[name]
+    with torch.no_grad():  # outputs carry the ModelOutput's names
+        keys = [k for k, v in loaded.module(**kwargs).items() if isinstance(v, torch.Tensor)]
+    assert [spec.name for spec in cm.artifact.manifest.outputs] == keys
 
 
 @pytest.mark.slow  # about 13 s; the import tests below check dynamic S against torch too
