@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import CodegenError, IndexOutOfRangeError
 from ..ir import Module, Operation, Value
 from ..ir.core import BlockArgument, OpResult
-from ..ir.dialects.graph import ConstantOp
+from ..ir.dialects.graph import ArangeOp, ConstantOp
 from ..ir.dialects.graph.shape import IndexBound, IndexingOp, index_source
 from ..ir.dialects.kernel import FusedOp
 from ..ir.types import QuantType, format_dim
@@ -185,6 +185,11 @@ class Planner:
         if value in module.inputs:
             return f" (input '{module.input_names[module.inputs.index(value)]}')"
         if isinstance(value, OpResult) and isinstance(value.op, FusedOp):
+            symbolic = [format_dim(d) for d in value.type.shape if not isinstance(d, int)]
+            if symbolic and any(isinstance(o, ArangeOp) for o in value.op.body_ops):
+                # a table cut to a symbolic length (BERT's position_ids[:, :S])
+                return (f" (positions 0..{symbolic[0]}-1 from kernel {value.op.kernel_name}: "
+                        f"{symbolic[0]} is longer than the table the model slices by it)")
             return f" (from kernel {value.op.kernel_name})"
         return ""
 

@@ -17,7 +17,7 @@ import transformers
 import bitsmith
 from bitsmith import ir
 from bitsmith.cli import main
-from bitsmith.errors import ModelError, ModelLoadError
+from bitsmith.errors import IndexOutOfRangeError, ModelError, ModelLoadError
 from bitsmith.frontend import LoadedModel, from_torch, load_model
 from bitsmith.runtime.model import CompiledModel, load
 
@@ -139,6 +139,9 @@ def test_dynamic_seq_slices_a_position_buffer(folders: dict[str, Path]) -> None:
         kwargs = loaded.call_args(batch, seq)[1]
         assert_outputs_match(compiled_outputs(cm, loaded, kwargs),
                              torch_reference(loaded, kwargs), RTOL)
+    too_long = {n: torch.ones(1, 70, dtype=torch.int64) for n in loaded.input_names}
+    with pytest.raises(IndexOutOfRangeError, match=r"S is longer than the table .* \[0, 64\)"):
+        compiled_outputs(cm, loaded, too_long)
 
 
 def test_dynamic_dims_name_their_symbols() -> None:
