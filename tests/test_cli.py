@@ -149,3 +149,19 @@ def test_a_model_error_is_the_same_one_line_for_every_command(tmp_path, capsys) 
         lines.append(err[0])
     assert len(set(lines)) == 1
     assert lines[0].startswith("error: 1 unsupported ATen op(s) in the model: aten.kthvalue")
+
+
+def test_run_inputs_by_name_or_position() -> None:
+    import pytest
+
+    from bitsmith.cli.compile import ordered_inputs
+    from bitsmith.errors import CliError
+
+    names = ["input_ids", "attention_mask"]
+    assert ordered_inputs(["attention_mask=m.npy", "input_ids=i.npy"], names) == ["i.npy",
+                                                                                   "m.npy"]
+    assert ordered_inputs(["i.npy", "a=b.npy"], names) == ["i.npy", "a=b.npy"]  # positional
+    with pytest.raises(CliError, match="name every input"):
+        ordered_inputs(["input_ids=i.npy", "m.npy"], names)
+    with pytest.raises(CliError, match="each of input_ids, attention_mask once"):
+        ordered_inputs(["input_ids=i.npy", "input_ids=j.npy"], names)

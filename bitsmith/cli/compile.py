@@ -58,8 +58,8 @@ def add_parsers(sub: Any) -> None:
     tune.set_defaults(func=cmd_tune)
     run = sub.add_parser("run", help="run a .bsm artifact on .npy inputs")
     run.add_argument("artifact")
-    run.add_argument("--input", action="append", required=True, metavar="X.npy",
-                     help="one per model input, in order")
+    run.add_argument("--input", action="append", required=True, metavar="[NAME=]X.npy",
+                     help="one per model input: in order, or each named (input_ids=ids.npy)")
     run.add_argument("--output", required=True, metavar="Y.npy",
                      help="where to write the output (several outputs: Y.0.npy, Y.1.npy, ...)")
     run.set_defaults(func=cmd_run)
@@ -205,8 +205,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..runtime.model import load  # noqa: PLC0415 - keeps `bitsmith ir` free of TVM
 
     cm = load(args.artifact)
+    paths = ordered_inputs(args.input, [spec.name for spec in cm.artifact.manifest.inputs])
     try:
-        arrays = [np.load(path) for path in args.input]
+        arrays = [np.load(path) for path in paths]
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read an input: {exc}") from None
     outs = cm.executor.run(*arrays)
@@ -217,6 +218,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         np.save(path, array)
         err.print(f"wrote {path}: {array.dtype}{list(array.shape)}", highlight=False)
     return 0
+
+
+def ordered_inputs(given: list[str], names: list[str]) -> list[str]:
+    """--input values as paths in the model's input order: all positional, or all NAME=path
+    (a path that holds '=' is positional unless it starts with an input's name)."""
+    named = [g.split("=", 1) for g in given if g.split("=", 1)[0] in names and "=" in g]
+    if not named:
+        return given
+    if len(named) != len(given):
+        raise CliError("--input: name every input (NAME=X.npy) or none; inputs are "
+                       f"{', '.join(names)}")
+    by_name = dict(named)
+    if len(by_name) != len(named) or set(by_name) != set(names):
+        raise CliError(f"--input: expected each of {', '.join(names)} once, got "
+                       f"{', '.join(n for n, _ in named)}")
+    return [by_name[n] for n in names]
 
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
