@@ -46,6 +46,10 @@ def add_parsers(sub: Any) -> None:
     comp.add_argument("--no-check", action="store_true",
                       help="skip comparing the built model with torch on the example inputs "
                            "(by default a mismatch is an error and nothing is written)")
+    comp.add_argument("--sign", metavar="KEYFILE",
+                      help="sign the artifact with the secret in KEYFILE (at least 16 bytes, "
+                           "e.g. `head -c 32 /dev/urandom > bitsmith.key`); load it with "
+                           "--key KEYFILE / bitsmith.load(path, key=...)")
     comp.set_defaults(func=cmd_compile)
     tune = sub.add_parser("tune", help="tune a model's kernels into the cache")
     tune.add_argument("model")
@@ -62,6 +66,8 @@ def add_parsers(sub: Any) -> None:
                      help="one per model input: in order, or each named (input_ids=ids.npy)")
     run.add_argument("--output", required=True, metavar="Y.npy",
                      help="where to write the output (several outputs: Y.0.npy, Y.1.npy, ...)")
+    run.add_argument("--key", metavar="KEYFILE",
+                     help="refuse the artifact unless it is signed with the key in KEYFILE")
     run.set_defaults(func=cmd_run)
     bench = sub.add_parser("bench", help="median latency: bitsmith vs torch eager (and "
                                          "torch.compile)")
@@ -147,6 +153,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     """Compile, save, and print a summary table."""
     if args.batch < 1:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
+    key = read_key(args.sign) if args.sign else None  # a bad key fails before the compile
     loaded = _load(args.model, args.seq)
     start = time.perf_counter()
     calib = load_calibration(args.calib, loaded.input_names) if args.calib else None
@@ -154,7 +161,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   args.quant, calib, check=not args.no_check, dynamic_seq=args.dynamic_seq)
     seconds = time.perf_counter() - start
     out = Path(args.output or f"{loaded.name}.bsm")
-    cm.save(out)
+    cm.save(out, key=key)
     steps = cm.artifact.manifest.plan["steps"]
     table = Table(title=f"{loaded.name} -> {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     table.add_column("kernels")
@@ -204,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run an artifact on .npy inputs and write the outputs."""
     from ..runtime.model import load  # noqa: PLC0415 - keeps `bitsmith ir` free of TVM
 
-    cm = load(args.artifact)
+    cm = load(args.artifact, key=read_key(args.key) if args.key else None)
     paths = ordered_inputs(args.input, [spec.name for spec in cm.artifact.manifest.inputs])
     try:
         arrays = [np.load(path) for path in paths]
@@ -218,6 +225,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         np.save(path, array)
         err.print(f"wrote {path}: {array.dtype}{list(array.shape)}", highlight=False)
     return 0
+
+
+def read_key(path: str) -> bytes:
+    """The signing key held in the file at `path` (its bytes, a trailing newline dropped)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the key file {path}: {exc.strerror}") from None
+    raw = raw[:-1] if raw.endswith(b"\n") else raw
+    if len(raw) < 16:
+        raise CliError(f"the key in {path} is {len(raw)} bytes; a key must be at least 16 "
+                       "secret bytes (make one with `head -c 32 /dev/urandom > bitsmith.key`)")
+    return raw
 
 
 def ordered_inputs(given: list[str], names: list[str]) -> list[str]:

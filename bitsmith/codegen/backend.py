@@ -55,7 +55,7 @@ def kernels_of(module: Module) -> list[FusedOp]:
 
 def package(module: Module, built: Mapping[Operation, Any],
             step: Callable[[Operation, Any], dict], files: dict[str, bytes], *,
-            requires: dict[str, str], toolchain: dict[str, str]) -> Artifact:
+            requires: dict[str, Any], toolchain: dict[str, str]) -> Artifact:
     """The artifact of built kernels: its execution plan (a `step` per kernel call, with the
     backend's entries), its manifest and weights, and the backend's `files`."""
     plan = Planner(module, built, step)

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,7 @@ class Executor:
         self.plan = plan
         self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-")
         paths = artifact.extract_libraries(self._dir.name)
-        self.libraries = {name: tvm.runtime.load_module(str(path))
-                          for name, path in paths.items()}
+        self.libraries = {name: _load_library(name, path) for name, path in paths.items()}
         self.kernels = [self._kernel(step) for step in plan["steps"]]
         self.weights = {vid: tvm.runtime.tensor(self._weight(name, plan["values"][vid]["shape"]))
                         for vid, name in plan["weights"].items()}
@@ -162,6 +162,17 @@ class _Bound:
         self.calls = [(kernel, [tensors[vid] for vid in step["inputs"] + step["outputs"]])
                       for kernel, step in zip(executor.kernels, steps, strict=True)]
         self.checks = [bind_checks(step, bindings) for step in steps]
+
+
+def _load_library(name: str, path: Path) -> Any:
+    """A kernel library, loaded; one the loader refuses is an ArtifactError."""
+    try:
+        return tvm.runtime.load_module(str(path))
+    except (RuntimeError, ValueError, OSError) as exc:  # tvm.error.TVMError is a RuntimeError
+        said = str(exc).strip().splitlines()
+        raise ArtifactError(f"kernel library {name} does not load "
+                            f"({said[-1][:200] if said else type(exc).__name__}); "
+                            "recompile the model") from None
 
 
 def _refusals_as_ours(name: str, kernel: Any) -> Callable[..., None]:

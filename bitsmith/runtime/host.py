@@ -30,6 +30,13 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return flags & set(ISA_FLAGS)
 
 
+def code_isa(flags: set[str] | list[str] | tuple[str, ...]) -> list[str]:
+    """The flags a library built for a CPU with `flags` may need: every extension LLVM can
+    emit on its own for that CPU, so all but AMX (reached only through explicit intrinsics,
+    which our kernels do not use)."""
+    return sorted(f for f in flags if f in ISA_FLAGS and not f.startswith("amx"))
+
+
 def host_description() -> dict[str, Any]:
     """machine, isa (sorted flags), cores and cpu model name of this host."""
     model = ""

@@ -11,6 +11,7 @@ import numpy as np
 
 from .artifact import Artifact, load_artifact, save_artifact
 from .host import host_description
+from .plan_check import check_plan
 
 
 class CompiledModel:
@@ -21,6 +22,7 @@ class CompiledModel:
         self.artifact = artifact
         self.checked: str | None = None
         """How the compile's self-check went (None: not checked, e.g. loaded from a file)."""
+        check_plan(artifact)
         if artifact.manifest.requires.get("device") == "cuda":  # Triton kernels, torch tensors
             from .triton_executor import TritonExecutor  # noqa: PLC0415 - no TVM needed
             self.executor: Any = TritonExecutor(artifact)
@@ -72,10 +74,11 @@ class CompiledModel:
                      f"{before / 2**20:.2f} MiB -> {stored / 2**20:.2f} MiB")
         return "\n".join(lines)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the artifact (`.bsm`) to `path`."""
+    def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
+        """Write the artifact (`.bsm`) to `path`; with `key` (at least 16 secret bytes), sign
+        it, so that `load(path, key=key)` refuses it if anything in it changes."""
         save_artifact(path, self.artifact.manifest, weights=self.artifact.weights,
-                      libraries=self.artifact.libraries)
+                      libraries=self.artifact.libraries, key=key)
 
     def __repr__(self) -> str:
         m = self.artifact.manifest
@@ -97,6 +100,12 @@ def _to_torch(array: np.ndarray, torch: Any) -> Any:
     return torch.from_numpy(array)
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a `.bsm` artifact, checking it and that this host can run its kernels."""
-    return CompiledModel(load_artifact(path, host=host_description()))
+def load(path: str | os.PathLike, *, key: bytes | str | None = None) -> CompiledModel:
+    """Load a `.bsm` artifact, checking it (digest, checksums, plan) and that this host can
+    run its kernels, before any of its native code is loaded.
+
+    An artifact holds native code, like a pickle: load only artifacts you trust. With `key`,
+    an artifact not signed with that key (by `save(..., key=)` or `bitsmith compile --sign`)
+    is refused.
+    """
+    return CompiledModel(load_artifact(path, host=host_description(), key=key))

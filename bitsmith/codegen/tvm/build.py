@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from ...ir import Module, Operation
 from ...runtime.artifact import Artifact
-from ...runtime.host import host_description
+from ...runtime.host import code_isa, host_description
 from ..backend import LibraryStore, kernels_of, package
 from ..template import Config, Target
 from .lower import compile_funcs, library_key
@@ -50,7 +50,8 @@ class TvmBackend:
                                                   for op, k in built.items()}, target)
         return package(module, built, lambda op, kernel: {"library": LIBRARY},
                        {LIBRARY: library},
-                       requires={"machine": host_description()["machine"]},
+                       requires={"machine": host_description()["machine"],
+                                 "isa": code_isa(target.isa), "mcpu": target.mcpu},
                        toolchain={"tvm": tvm.__version__, "mcpu": target.mcpu})
 
     def _library(self, name: str, funcs: dict, target: Target) -> bytes:
