@@ -35,10 +35,12 @@ from ..errors import CacheError, TuningError
 ENV_CACHE_DIR = "BITSMITH_CACHE_DIR"
 FORMAT_VERSION = 1  # bump when the entry layout or the key's inputs change: old keys then miss
 MAGIC = b"BSMCACH1"
+LIBRARY_MAGIC = b"BSMLIB02"  # a library file; version 1 held only the library's sha256
 EXPORT_FORMAT = "bitsmith-cache-export"
 EXPORT_MANIFEST = "manifest.json"
 _LENGTH = struct.Struct(">Q")
 _PREFIX = len(MAGIC) + _LENGTH.size
+_LIBRARY_HEADER = len(LIBRARY_MAGIC) + 64 + 32  # magic, key (hex), sha256 of the library
 _KEY = re.compile(r"[0-9a-f]{64}\Z")
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([dhms])\s*\Z")
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -296,8 +298,10 @@ class LibraryCache:
     the target and the TVM version (`codegen.tvm.lower.library_key`), so that compiling a
     model whose kernels were scheduled exactly as before (a warm recompile) skips LLVM.
 
-    Each file holds the library's sha256, then the library; one that fails the check is
-    deleted with a `CacheCorruptWarning` and reported as a miss."""
+    Each file holds `LIBRARY_MAGIC`, its key (64 hex digits), the library's sha256 (32 bytes),
+    then the library. `get` checks all three against the key asked for, so a file swapped with
+    another key's, planted, truncated or edited is deleted with a `CacheCorruptWarning` and
+    reported as a miss, and the caller compiles again."""
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else cache_dir() / "libraries"
@@ -308,25 +312,28 @@ class LibraryCache:
         return self.root / f"{key}.so.bsl"
 
     def get(self, key: str) -> bytes | None:
-        """The library stored under `key`, or None (missing or corrupt)."""
+        """The library stored under `key`, or None (missing, or failing its checks)."""
         path = self.path(key)
         try:
-            blob = path.read_bytes()
+            with open(path, "rb") as fh:
+                identity = _identity(os.fstat(fh.fileno()))
+                blob = fh.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise CacheError(f"cannot read cached library {path}: {exc}") from None
-        digest, library = blob[:32], blob[32:]
-        if hashlib.sha256(library).digest() != digest:
-            _unlink(path)
-            warnings.warn(f"cached library {path.name} failed its checksum; deleted, it will "
-                          "be rebuilt", CacheCorruptWarning, stacklevel=2)
+        problem = _library_problem(key, blob)
+        if problem is not None:
+            _discard_if_same(path, identity)
+            warnings.warn(f"cached library {path.name} {problem}: deleted, it will be rebuilt",
+                          CacheCorruptWarning, stacklevel=2)
             return None
-        return library
+        return blob[_LIBRARY_HEADER:]
 
     def put(self, key: str, library: bytes) -> None:
         """Store `library` under `key` (atomically: readers see the old file or the new)."""
-        _write_atomic(self.path(key), hashlib.sha256(library).digest() + library)
+        _write_atomic(self.path(key), LIBRARY_MAGIC + key.encode()
+                      + hashlib.sha256(library).digest() + library)
 
     def prune(self, older_than_seconds: float = 0.0) -> int:
         """Delete the libraries last written more than `older_than_seconds` ago (all, at 0);
@@ -339,6 +346,21 @@ class LibraryCache:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _library_problem(key: str, blob: bytes) -> str | None:
+    """Why a library file is not the library of `key`; None if it is."""
+    if blob[:len(LIBRARY_MAGIC)] != LIBRARY_MAGIC:
+        return f"is not a library file: magic expected {LIBRARY_MAGIC!r}, got {blob[:8]!r}"
+    if len(blob) < _LIBRARY_HEADER:
+        return f"is truncated: {len(blob)} bytes, shorter than its {_LIBRARY_HEADER}-byte header"
+    stored = blob[len(LIBRARY_MAGIC):len(LIBRARY_MAGIC) + 64].decode("ascii", "replace")
+    if stored != key:
+        return f"holds the library of key {stored[:12]}, expected {key[:12]}"
+    digest, library = blob[_LIBRARY_HEADER - 32:_LIBRARY_HEADER], blob[_LIBRARY_HEADER:]
+    if hashlib.sha256(library).digest() != digest:
+        return "failed its checksum: library sha256 mismatch"
+    return None
 
 
 def _check_key(key: str) -> None:

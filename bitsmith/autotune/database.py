@@ -6,16 +6,23 @@ sizes, so that a cost model can learn from every task this device has measured, 
 the tasks of the current run. The file is in WAL mode, so readers run while a
 process writes, and has a long busy timeout, so concurrent writers wait for the lock instead of
 failing; every write is one `BEGIN IMMEDIATE` transaction.
+
+Reads are defensive: a row that does not read back as a record (edited, planted, or written by
+something else: text where a number belongs, JSON that does not parse, a config that is not
+canonical, a time that is not finite) is ignored, as if never measured, with one
+`CorruptRecordWarning` per query.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,11 @@ _SCHEMA = (
 _MIGRATIONS = {1: (_TASKS,)}
 """Statements that take a file from version v to v + 1 (its records are kept)."""
 _COLUMNS = "task_key, fingerprint, template, config, times, median, error, created"
+_RECORD_COLUMNS = ", ".join(f"r.{column}" for column in _COLUMNS.split(", "))
+
+
+class CorruptRecordWarning(UserWarning):
+    """Rows of the tuning database that do not read back as records were ignored."""
 
 
 def default_database_path() -> Path:
@@ -70,7 +82,7 @@ class Record:
                               f"got times {self.times} and median {self.median}")
         try:
             canonical = canonical_json(json.loads(self.config))
-        except (TypeError, ValueError, TuningError):
+        except (TypeError, ValueError, RecursionError, TuningError):  # nested past the limit
             canonical = None
         if canonical != self.config:
             raise TuningError(f"{where}: config expected canonical JSON ({canonical}), got "
@@ -157,19 +169,19 @@ class TuningDatabase:
         exclude = sorted(set(exclude))
         wanted = " OR ".join("(t.template = ? AND t.version = ?)" for _ in versions) or "0"
         rows = self._query(
-            "SELECT r.task_key, t.template, t.problem, r.config, r.median FROM records r "
-            "JOIN tasks t ON t.task_key = r.task_key WHERE r.fingerprint = ? AND "
+            f"SELECT {_RECORD_COLUMNS}, t.template, t.problem FROM records r JOIN tasks t "
+            "ON t.task_key = r.task_key WHERE r.fingerprint = ? AND "
             f"r.error IS NULL AND r.median IS NOT NULL AND ({wanted}) AND r.task_key NOT IN "
             f"({','.join('?' * len(exclude))}) ORDER BY r.created DESC, r.id DESC LIMIT ?",
             (fingerprint, *[x for item in sorted(versions.items()) for x in item], *exclude,
              limit))
-        return [(str(k), str(t), json.loads(p), str(c), float(m)) for k, t, p, c, m in rows]
+        return self._readable(rows, _history_row)
 
     def records(self, task_key: str, fingerprint: str) -> list[Record]:
         """Every record of one task on one device, oldest first."""
         rows = self._query(f"SELECT {_COLUMNS} FROM records WHERE task_key = ? AND "
                            "fingerprint = ? ORDER BY created, id", (task_key, fingerprint))
-        return [_record(row) for row in rows]
+        return self._readable(rows, _record)
 
     def best(self, task_key: str, fingerprint: str, noise: float = 0.02) -> Record | None:
         """The fastest successful record; within `noise` of it, the smallest sha256(config)."""
@@ -178,9 +190,9 @@ class TuningDatabase:
         rows = self._query(f"SELECT {_COLUMNS} FROM records WHERE task_key = ? AND "
                            "fingerprint = ? AND error IS NULL AND median IS NOT NULL "
                            "ORDER BY created, id", (task_key, fingerprint))
-        if not rows:
+        timed = [(r, r.median) for r in self._readable(rows, _record) if r.median is not None]
+        if not timed:
             return None
-        timed = [(r, r.median) for r in map(_record, rows) if r.median is not None]
         lowest = min(median for _, median in timed)
         # timings this close are noise: pick among them by a stable key, not by luck
         close = [r for r, median in timed if median <= lowest * (1.0 + noise)]
@@ -189,9 +201,9 @@ class TuningDatabase:
 
     def measured_configs(self, task_key: str, fingerprint: str) -> set[str]:
         """Every config already measured for a task, failed ones included."""
-        rows = self._query("SELECT DISTINCT config FROM records WHERE task_key = ? AND "
+        rows = self._query(f"SELECT {_COLUMNS} FROM records WHERE task_key = ? AND "
                            "fingerprint = ?", (task_key, fingerprint))
-        return {row[0] for row in rows}
+        return {record.config for record in self._readable(rows, _record)}
 
     def count(self) -> int:
         """How many records the database holds."""
@@ -230,6 +242,20 @@ class TuningDatabase:
         except sqlite3.Error as exc:
             raise TuningError(f"tuning database {self.path}: {exc}") from None
 
+    def _readable(self, rows: Sequence[Sequence[Any]], read: Any) -> list[Any]:
+        """`read` of every row that reads back; the others ignored, with one warning."""
+        out, skipped = [], []
+        for row in rows:
+            try:
+                out.append(read(row))
+            except TuningError as exc:
+                skipped.append(str(exc))
+        if skipped:
+            warnings.warn(f"tuning database {self.path}: ignored {len(skipped)} unreadable "
+                          f"record(s), first: {skipped[0]}; they count as never measured",
+                          CorruptRecordWarning, stacklevel=3)
+        return out
+
     def _create_or_check_schema(self) -> None:
         with self._transaction() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -251,6 +277,53 @@ class TuningDatabase:
 
 
 def _record(row: Sequence[Any]) -> Record:
+    """A row of `records` as a Record; TuningError if it is not one."""
     task_key, fingerprint, template, config, times, median, error, created = row
+    _texts(task_key=task_key, fingerprint=fingerprint, template=template, config=config)
+    if error is not None:
+        _texts(error=error)
+    seconds = None if times is None else _json(times, "times")
+    if seconds is not None and not (isinstance(seconds, list)
+                                    and all(_seconds(t) for t in seconds)):
+        raise TuningError(f"times expected a JSON list of finite seconds >= 0, got "
+                          f"{str(times)[:60]!r}")
+    if median is not None and not _seconds(median):
+        raise TuningError(f"median expected finite seconds >= 0, got {median!r}")
+    if not _seconds(created):
+        raise TuningError(f"created expected a finite time, got {created!r}")
     return Record(task_key, fingerprint, template, config,
-                  None if times is None else tuple(json.loads(times)), median, error, created)
+                  None if seconds is None else tuple(seconds), median, error, created)
+
+
+def _history_row(row: Sequence[Any]) -> tuple[str, str, dict[str, Any], str, float]:
+    """A row of `history`'s query (a record, its task's template and problem), checked;
+    TuningError if it is not one."""
+    record, (template, problem) = _record(row[:-2]), row[-2:]
+    _texts(template=template)
+    sizes = _json(problem, "problem")
+    if not isinstance(sizes, dict):
+        raise TuningError(f"problem expected a JSON object, got {str(problem)[:60]!r}")
+    if not isinstance(json.loads(record.config), dict):
+        raise TuningError(f"config expected a JSON object, got {record.config[:60]!r}")
+    if record.median is None:
+        raise TuningError("median expected seconds, got none")
+    return record.task_key, template, sizes, record.config, float(record.median)
+
+
+def _texts(**fields: Any) -> None:
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise TuningError(f"{name} expected text, got {type(value).__name__} "
+                              f"{str(value)[:60]!r}")
+
+
+def _json(text: Any, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TuningError(f"{name} expected JSON, got {str(text)[:60]!r} ({exc})") from None
+
+
+def _seconds(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)

@@ -15,21 +15,31 @@ interpreter before its time counts.
 
 `Runner` is the interface the tuner sees; `LocalRunner` is the worker-pool implementation on
 this machine (a Ray-backed runner, one actor per device, is the way past one machine).
+
+Workers die with the process that started them, even when it is killed (`kill -9`) and never
+closes its runner: on Linux each asks the kernel for SIGKILL at its parent's death
+(`PR_SET_PDEATHSIG`); elsewhere, or where that call fails, a thread in each worker polls its
+parent pid every second. Multiprocessing's resource tracker then goes too: it exits once no
+process holds its pipe, and only the parent and the workers did.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +141,42 @@ def _time_worker(inp: MeasureInput, library: bytes,
     return _guarded(time_candidate)(inp, library, options)
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 1.0
+
+
+def _die_with_parent(parent: int, by_signal: bool) -> None:
+    """Worker initializer: end this worker when `parent`, the runner's process, dies.
+
+    Linux signals a worker at the death of the *thread* that started it, so a pool started
+    from a thread other than the main one (`by_signal` false) polls instead.
+    """
+    if not (by_signal and _kill_at_parent_death()):
+        threading.Thread(target=_poll_parent, args=(parent,), name="bitsmith-parent-watch",
+                         daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the kernel was asked to tell us
+        os._exit(1)
+
+
+def _kill_at_parent_death() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that cannot be."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                          ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):  # no libc, or no prctl in it
+        return False
+
+
+def _poll_parent(parent: int) -> None:
+    """Exit this worker once it has been reparented, i.e. `parent` has died."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
 @contextlib.contextmanager
 def _without_main() -> Iterator[None]:
     """Start worker processes without the parent's `__main__`.
@@ -168,6 +214,7 @@ class LocalRunner:
         self._context = multiprocessing.get_context("spawn")
         self._builders: ProcessPoolExecutor | None = None
         self._timer: ProcessPoolExecutor | None = None
+        self.close_grace = 5.0  # seconds `close` waits for a busy worker before killing it
 
     def _submit(self, which: str, fn: Any, *args: Any) -> Future:
         with _without_main():
@@ -176,12 +223,17 @@ class LocalRunner:
     def _pool(self, which: str) -> ProcessPoolExecutor:
         if which == "build":
             if self._builders is None:
-                self._builders = ProcessPoolExecutor(self.build_workers,
-                                                     mp_context=self._context)
+                self._builders = self._new_pool(self.build_workers)
             return self._builders
         if self._timer is None:
-            self._timer = ProcessPoolExecutor(1, mp_context=self._context)
+            self._timer = self._new_pool(1)
         return self._timer
+
+    def _new_pool(self, workers: int) -> ProcessPoolExecutor:
+        """Workers that die with this process (see `_die_with_parent`)."""
+        main = threading.current_thread() is threading.main_thread()
+        return ProcessPoolExecutor(workers, mp_context=self._context,
+                                   initializer=_die_with_parent, initargs=(os.getpid(), main))
 
     def _reset(self, which: str) -> None:
         pool = self._builders if which == "build" else self._timer
@@ -235,12 +287,25 @@ class LocalRunner:
         return [r for r in results if r is not None]
 
     def close(self) -> None:
-        """Stop the worker processes."""
-        for which in ("build", "time"):
-            pool = self._builders if which == "build" else self._timer
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the worker processes: idle ones exit at once; one still busy, as when the run
+        was interrupted (Ctrl-C), is killed after `close_grace` seconds."""
+        pools = [pool for pool in (self._builders, self._timer) if pool is not None]
         self._builders = self._timer = None
+        processes = [process for pool in pools
+                     for process in list((getattr(pool, "_processes", None) or {}).values())]
+        managers = [thread for pool in pools
+                    if (thread := getattr(pool, "_executor_manager_thread", None)) is not None]
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        running = {process.sentinel: process for process in processes}
+        deadline = time.monotonic() + self.close_grace
+        while running and (left := deadline - time.monotonic()) > 0:
+            for sentinel in wait_for_exit(list(running), timeout=left):
+                del running[sentinel]
+        for process in running.values():
+            process.kill()
+        for thread in managers:  # each pool's manager ends once its workers have
+            thread.join(timeout=self.close_grace)
 
     def __enter__(self) -> LocalRunner:
         return self

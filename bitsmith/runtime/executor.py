@@ -65,7 +65,15 @@ class Executor:
         if library is None:
             raise ArtifactError(f"step {step['kernel']} needs library {step['library']}, which "
                                 "the artifact lacks")
-        return _refusals_as_ours(step["kernel"], library[step["kernel"]])
+        try:
+            kernel = library[step["kernel"]]
+        except (AttributeError, ValueError, RuntimeError) as exc:  # no such function; a
+            # non-string name; tvm.error.TVMError (a RuntimeError) from the loader
+            raise ArtifactError(f"step {step['kernel']!r} names a kernel that library "
+                                f"{step['library']} lacks ({str(exc).strip()[:200]}); the "
+                                "plan and the library do not match, recompile the model"
+                                ) from None
+        return _refusals_as_ours(step["kernel"], kernel)
 
     def _weight(self, name: str, shape: Sequence[int]) -> np.ndarray:
         """A weight in the plan's shape: ascontiguousarray (and a saved artifact) turn a 0-d

@@ -1,4 +1,6 @@
-"""The artifact cache: round trip, keys, corruption, concurrency, prune, export/import."""
+"""The artifact cache: round trip, keys, corruption, concurrency, prune, export/import; the
+library cache: a library file is checked against the key it is read for."""
+import dataclasses
 import hashlib
 import io
 import json
@@ -8,18 +10,25 @@ import tarfile
 import time
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
+from bitsmith import passes
 from bitsmith.autotune.cache import (
     ArtifactCache,
     CacheCorruptWarning,
     CacheEntry,
+    LibraryCache,
     cache_dir,
     cache_key,
     parse_age,
 )
 from bitsmith.autotune.fingerprint import fingerprint_hash
-from bitsmith.errors import CacheError
+from bitsmith.codegen.tvm.build import TvmBackend
+from bitsmith.errors import ArtifactError, CacheError
+from bitsmith.frontend import from_torch
+from bitsmith.runtime.executor import Executor
 
 FINGERPRINT = {"arch": "x86_64", "isa": ["avx2", "fma"], "cores": 16, "llvm": "19.1"}
 SPACE = json.dumps({"TILE_N": [8, 16, 32], "UNROLL_K": [1, 2, 4]})
@@ -254,3 +263,99 @@ def test_parse_age() -> None:
     for bad in ("30", "d", "30 days", "-1d", "1w"):
         with pytest.raises(CacheError, match="age expected a number and a unit d, h, m or s"):
             parse_age(bad)
+
+
+LIBRARY_A, LIBRARY_B = b"\x7fELF" + bytes(range(256)) * 4, b"\x7fELF" + bytes(1000)
+
+
+def test_library_round_trip_and_a_swapped_pair_misses(tmp_path) -> None:
+    store = LibraryCache(tmp_path / "libraries")
+    key_a, key_b = key_of(version=1), key_of(version=2)
+    assert store.get(key_a) is None
+    store.put(key_a, LIBRARY_A)
+    store.put(key_b, LIBRARY_B)
+    assert (store.get(key_a), store.get(key_b)) == (LIBRARY_A, LIBRARY_B)
+    path_a, path_b = store.path(key_a), store.path(key_b)
+    blob_a, blob_b = path_a.read_bytes(), path_b.read_bytes()
+    path_a.write_bytes(blob_b)  # each file whole and self-consistent, under the other's key
+    path_b.write_bytes(blob_a)
+    with pytest.warns(CacheCorruptWarning, match=f"holds the library of key {key_b[:12]}, "
+                                                 f"expected {key_a[:12]}"):
+        assert store.get(key_a) is None
+    with pytest.warns(CacheCorruptWarning, match="holds the library of key"):
+        assert store.get(key_b) is None
+    assert not path_a.exists() and not path_b.exists()  # the bad entries are gone
+
+
+@pytest.mark.parametrize("planted", [
+    b"garbage, not a library",
+    b"",
+    hashlib.sha256(LIBRARY_A).digest() + LIBRARY_A,  # a library file of the old layout
+    LIBRARY_A,  # a bare shared object dropped in
+], ids=["garbage", "empty", "old-layout", "bare-library"])
+def test_a_planted_library_file_misses(tmp_path, planted) -> None:
+    store = LibraryCache(tmp_path / "libraries")
+    key = key_of()
+    store.path(key).parent.mkdir(parents=True)
+    store.path(key).write_bytes(planted)
+    with pytest.warns(CacheCorruptWarning, match="is not a library file"):
+        assert store.get(key) is None
+    assert not store.path(key).exists()
+
+
+@pytest.mark.parametrize("keep", [10, 8 + 64 + 16, 8 + 64 + 32, -1])
+def test_a_truncated_library_file_misses(tmp_path, keep) -> None:
+    store = LibraryCache(tmp_path / "libraries")
+    key = key_of()
+    store.put(key, LIBRARY_A)
+    store.path(key).write_bytes(store.path(key).read_bytes()[:keep])
+    with pytest.warns(CacheCorruptWarning, match="truncated|checksum|key"):
+        assert store.get(key) is None
+    assert not store.path(key).exists()
+
+
+def tiny_model(relu: bool) -> tuple:
+    """A one-layer torch model, its example input, and its fused module."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), *([torch.nn.ReLU()] if relu else []))
+    x = torch.randn(2, 16)
+    module = from_torch(model.eval(), (x,), name="tiny_relu" if relu else "tiny")
+    passes.run(module, passes.default_pipeline("cpu"))
+    return model, x, module
+
+
+def assert_runs_like_torch(artifact, model, x) -> None:
+    (got,) = Executor(artifact).run(x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_build_over_swapped_libraries_compiles_again(tmp_path) -> None:
+    store = LibraryCache(tmp_path / "libraries")
+    backend = TvmBackend(store)
+    models = [tiny_model(relu) for relu in (False, True)]
+    for model, x, module in models:
+        assert_runs_like_torch(backend.build(module), model, x)
+    files = sorted(store.root.glob("*.so.bsl"))
+    assert len(files) == 2
+    blobs = [f.read_bytes() for f in files]
+    files[0].write_bytes(blobs[1])
+    files[1].write_bytes(blobs[0])
+    for model, x, module in models:
+        with pytest.warns(CacheCorruptWarning, match="holds the library of key"):
+            artifact = backend.build(module)
+        assert_runs_like_torch(artifact, model, x)
+    assert sorted(f.read_bytes() for f in files) == sorted(blobs)  # rebuilt, rightly keyed
+
+
+def test_a_plan_naming_a_kernel_the_library_lacks_is_refused_at_load(tmp_path) -> None:
+    model, x, module = tiny_model(relu=False)
+    artifact = TvmBackend(LibraryCache(tmp_path / "libraries")).build(module)
+    assert_runs_like_torch(artifact, model, x)
+    plan = json.loads(json.dumps(artifact.manifest.plan))
+    plan["steps"][0]["kernel"] = "k99_missing"
+    bad = dataclasses.replace(artifact,
+                              manifest=dataclasses.replace(artifact.manifest, plan=plan))
+    with pytest.raises(ArtifactError, match="'k99_missing' names a kernel that library "
+                                            "kernels.so lacks"):
+        Executor(bad)

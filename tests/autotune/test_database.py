@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from bitsmith.autotune.database import SCHEMA_VERSION, Record, TuningDatabase, default_database_path
+from bitsmith.autotune.database import (
+    SCHEMA_VERSION,
+    CorruptRecordWarning,
+    Record,
+    TuningDatabase,
+    default_database_path,
+)
 from bitsmith.errors import TuningError
 
 TASK, FP = "dense:N=64:K=128", "fp0"
@@ -174,3 +180,46 @@ def test_a_version_1_file_is_migrated_and_keeps_its_records(tmp_path) -> None:
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     check.close()
+
+
+PLANTED = [  # (config, times, median, error, created): rows no writer of ours makes
+    ('{"TILE_N":1}', "not json", 1e-9, None, 1.0),
+    ('{"TILE_N":2}', '{"a": 1}', 1e-9, None, 1.0),
+    ('{"TILE_N":3}', "[1e999]", 1e-9, None, 1.0),  # infinite seconds
+    ('{"TILE_N":4}', "[1e-9]", "fast", None, 1.0),  # text where a number belongs
+    ('{"TILE_N":5}', "[1e-9]", -1.0, None, 1.0),
+    ('{"TILE_N": 6}', "[1e-9]", 1e-9, None, 1.0),  # not canonical
+    ('{"TILE_N":7}', "[1e-9]", 1e-9, "boom", 1.0),  # failed, yet timed
+    ("[[[[" * 400 + "]]]]" * 400, "[1e-9]", 1e-9, None, 1.0),
+    ('{"TILE_N":9}', "[1e-9]", 1e-9, None, "yesterday"),
+    (b"\x00blob", "[1e-9]", 1e-9, None, 1.0),
+]
+
+
+def test_planted_records_are_ignored_with_a_warning(tmp_path) -> None:
+    path = tmp_path / "t.sqlite3"
+    with TuningDatabase(path) as db:
+        db.add_task(TASK, "dense", 1, {"M": 16})
+        db.add_task("planted", "dense", 1, {"M": 16})
+        db.add(ok('{"TILE_N":8}', 2e-3))
+    conn = sqlite3.connect(path)
+    conn.executemany("INSERT INTO records (task_key, fingerprint, template, config, times, "
+                     "median, error, created) VALUES (?, ?, 'dense', ?, ?, ?, ?, ?)",
+                     [(TASK, FP, *row) for row in PLANTED]
+                     + [("planted", FP, *row) for row in PLANTED])
+    conn.execute("UPDATE tasks SET problem = 'not json' WHERE task_key = 'planted'")
+    conn.commit()
+    conn.close()
+    with TuningDatabase(path) as db:
+        with pytest.warns(CorruptRecordWarning, match=f"ignored {len(PLANTED)} unreadable"):
+            assert db.records(TASK, FP) == [ok('{"TILE_N":8}', 2e-3)]
+        with pytest.warns(CorruptRecordWarning, match="unreadable record"):
+            best = db.best(TASK, FP)
+        assert best is not None and best.config == '{"TILE_N":8}'
+        with pytest.warns(CorruptRecordWarning, match="unreadable record"):
+            assert db.measured_configs(TASK, FP) == {'{"TILE_N":8}'}  # the rest are retried
+        with pytest.warns(CorruptRecordWarning, match="unreadable record"):
+            assert db.best("planted", FP) is None
+        with pytest.warns(CorruptRecordWarning, match="unreadable record"):
+            got = db.history(FP, {"dense": 1}, limit=100)
+        assert [(k, c, m) for k, _, _, c, m in got] == [(TASK, '{"TILE_N":8}', 2e-3)]
