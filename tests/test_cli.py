@@ -165,3 +165,28 @@ def test_run_inputs_by_name_or_position() -> None:
         ordered_inputs(["input_ids=i.npy", "m.npy"], names)
     with pytest.raises(CliError, match="each of input_ids, attention_mask once"):
         ordered_inputs(["input_ids=i.npy", "input_ids=j.npy"], names)
+
+
+def test_compile_sign_and_run_key(tmp_path, capsys) -> None:
+    """compile --sign KEYFILE; run --key refuses an unsigned artifact or another key in one
+    line (exit 2) and runs the signed one; a short key is refused before compiling."""
+    import numpy as np  # noqa: PLC0415
+
+    key, other, short = tmp_path / "k", tmp_path / "other", tmp_path / "short"
+    key.write_bytes(b"0123456789abcdef-key\n")
+    other.write_bytes(b"another-secret-0123456789")
+    short.write_bytes(b"tiny")
+    signed, plain = tmp_path / "signed.bsm", tmp_path / "plain.bsm"
+    assert main(["compile", "mlp", "--sign", str(short), "-o", str(signed)]) == 2
+    assert "at least 16 secret bytes" in capsys.readouterr().err and not signed.exists()
+    assert main(["compile", "mlp", "--sign", str(key), "-o", str(signed), "--no-check"]) == 0
+    assert main(["compile", "mlp", "-o", str(plain), "--no-check"]) == 0
+    np.save(tmp_path / "x.npy", np.ones((1, 64), np.float32))
+    run = ["--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]
+    capsys.readouterr()
+    assert main(["run", str(plain), "--key", str(key), *run]) == 2
+    assert "not signed" in capsys.readouterr().err
+    assert main(["run", str(signed), "--key", str(other), *run]) == 2
+    assert "signature does not match" in capsys.readouterr().err
+    assert main(["run", str(signed), "--key", str(key), *run]) == 0
+    assert np.load(tmp_path / "y.npy").shape == (1, 10)

@@ -17,25 +17,16 @@ interpreter before its time counts.
 this machine (a Ray-backed runner, one actor per device, is the way past one machine).
 
 Workers die with the process that started them, even when it is killed (`kill -9`) and never
-closes its runner: on Linux each asks the kernel for SIGKILL at its parent's death
-(`PR_SET_PDEATHSIG`); elsewhere, or where that call fails, a thread in each worker polls its
-parent pid every second. Multiprocessing's resource tracker then goes too: it exits once no
-process holds its pipe, and only the parent and the workers did.
+closes its runner (`runtime.processes.worker_pool`).
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import math
-import multiprocessing
 import os
-import signal
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -50,6 +41,7 @@ from ..codegen.tvm.target import host_target, tvm_target
 from ..codegen.tvm.templates import TvmKernel
 from ..ir.dialects.kernel import FusedOp
 from ..ir.packing import to_storage
+from ..runtime.processes import without_main, worker_pool
 from ..runtime.tvm_runtime import tvm
 from .candidates import (  # noqa: F401
     RTOL,
@@ -141,65 +133,6 @@ def _time_worker(inp: MeasureInput, library: bytes,
     return _guarded(time_candidate)(inp, library, options)
 
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_PARENT_POLL_SECONDS = 1.0
-
-
-def _die_with_parent(parent: int, by_signal: bool) -> None:
-    """Worker initializer: end this worker when `parent`, the runner's process, dies.
-
-    Linux signals a worker at the death of the *thread* that started it, so a pool started
-    from a thread other than the main one (`by_signal` false) polls instead.
-    """
-    if not (by_signal and _kill_at_parent_death()):
-        threading.Thread(target=_poll_parent, args=(parent,), name="bitsmith-parent-watch",
-                         daemon=True).start()
-    if os.getppid() != parent:  # the parent died before the kernel was asked to tell us
-        os._exit(1)
-
-
-def _kill_at_parent_death() -> bool:
-    """Ask Linux to SIGKILL this process when its parent dies; False where that cannot be."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
-                          ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
-    except (OSError, AttributeError):  # no libc, or no prctl in it
-        return False
-
-
-def _poll_parent(parent: int) -> None:
-    """Exit this worker once it has been reparented, i.e. `parent` has died."""
-    while os.getppid() == parent:
-        time.sleep(_PARENT_POLL_SECONDS)
-    os._exit(1)
-
-
-@contextlib.contextmanager
-def _without_main() -> Iterator[None]:
-    """Start worker processes without the parent's `__main__`.
-
-    A spawned process normally re-imports the parent's main script, which runs a script without
-    an `if __name__ == "__main__":` guard a second time in every worker (compiling, tuning...).
-    The workers need only bitsmith, so for the moment they start, the main module hides its
-    file and spec, from which multiprocessing would re-import it.
-    """
-    main = sys.modules.get("__main__")
-    saved = {name: getattr(main, name) for name in ("__file__", "__spec__")
-             if main is not None and hasattr(main, name)}
-    try:
-        if main is not None:
-            main.__spec__ = None
-            if "__file__" in saved:
-                del main.__file__
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(main, name, value)
-
-
 class LocalRunner:
     """Builds in `build_workers` processes, times in one process, on this machine."""
 
@@ -211,13 +144,12 @@ class LocalRunner:
         self.build_fn = build_fn or _build_worker
         self.time_fn = time_fn or _time_worker
         self.build_workers = build_workers or max(1, len(os.sched_getaffinity(0)))
-        self._context = multiprocessing.get_context("spawn")
         self._builders: ProcessPoolExecutor | None = None
         self._timer: ProcessPoolExecutor | None = None
         self.close_grace = 5.0  # seconds `close` waits for a busy worker before killing it
 
     def _submit(self, which: str, fn: Any, *args: Any) -> Future:
-        with _without_main():
+        with without_main():
             return self._pool(which).submit(fn, *args)
 
     def _pool(self, which: str) -> ProcessPoolExecutor:
@@ -230,10 +162,8 @@ class LocalRunner:
         return self._timer
 
     def _new_pool(self, workers: int) -> ProcessPoolExecutor:
-        """Workers that die with this process (see `_die_with_parent`)."""
-        main = threading.current_thread() is threading.main_thread()
-        return ProcessPoolExecutor(workers, mp_context=self._context,
-                                   initializer=_die_with_parent, initargs=(os.getpid(), main))
+        """Workers that die with this process (see `runtime.processes`)."""
+        return worker_pool(workers)
 
     def _reset(self, which: str) -> None:
         pool = self._builders if which == "build" else self._timer

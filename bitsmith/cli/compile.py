@@ -18,7 +18,7 @@ import numpy as np
 from rich.table import Table
 
 from ..errors import CliError
-from .console import err
+from .console import err, read_key
 
 
 def add_parsers(sub: Any) -> None:
@@ -225,19 +225,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         np.save(path, array)
         err.print(f"wrote {path}: {array.dtype}{list(array.shape)}", highlight=False)
     return 0
-
-
-def read_key(path: str) -> bytes:
-    """The signing key held in the file at `path` (its bytes, a trailing newline dropped)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read the key file {path}: {exc.strerror}") from None
-    raw = raw[:-1] if raw.endswith(b"\n") else raw
-    if len(raw) < 16:
-        raise CliError(f"the key in {path} is {len(raw)} bytes; a key must be at least 16 "
-                       "secret bytes (make one with `head -c 32 /dev/urandom > bitsmith.key`)")
-    return raw
 
 
 def ordered_inputs(given: list[str], names: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..errors import CliError
-from .console import err
+from .console import err, read_key
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
 _SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -38,9 +38,29 @@ def add_parsers(sub: Any) -> None:
                        help="a request's deadline from arrival (504 after it)")
     serve.add_argument("--max-body-mb", type=float, default=64.0,
                        help="largest request body (413 over it)")
+    serve.add_argument("--max-response-mb", type=float, default=64.0,
+                       help="largest response, bounded before encoding with every number at "
+                            "its widest JSON text (413 over it)")
+    serve.add_argument("--body-timeout-s", type=float, default=10.0,
+                       help="a body must arrive within this, plus 1 s per --min-body-rate-kb "
+                            "KiB of it (408 after it, and the connection closed)")
+    serve.add_argument("--min-body-rate-kb", type=float, default=64.0,
+                       help="KiB/s: a client sending its body at least this fast never times "
+                            "out")
+    serve.add_argument("--header-timeout-s", type=float, default=10.0,
+                       help="a connection whose request headers have not arrived this long "
+                            "after it opened (or after the request's first byte) is closed "
+                            "(408 if part of a request came)")
+    serve.add_argument("--drain-grace-ms", type=float, default=500.0,
+                       help="on SIGTERM, how long the server keeps listening while it drains "
+                            "(answering 503 with Connection: close) before it closes the "
+                            "listener and finishes the requests it accepted")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--key", metavar="KEYFILE",
+                       help="refuse any artifact not signed with the key in KEYFILE "
+                            "(bitsmith compile --sign KEYFILE)")
     serve.set_defaults(func=cmd_serve)
 
     load = sub.add_parser("loadtest", help="load-test a bitsmith (or any KServe v2) server on "
@@ -83,10 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"expected at most one --name per artifact ({len(args.artifacts)}), "
                        f"got {len(args.name)}")
     sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
+    key = read_key(args.key) if args.key else None
     models = []
     for i, path in enumerate(args.artifacts):
         name = args.name[i] if i < len(args.name) else Path(path).stem
-        compiled = load(path)
+        compiled = load(path, key=key)
         models.append(ServedModel.from_compiled(name, compiled, max_batch=args.max_batch,
                                                 batch_sizes=sizes))
         model = models[-1]
@@ -94,7 +115,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     else "no batching (dim 0 is not a batch dim of every input and output)")
         err.print(f"model [bold]{name}[/] from {path}: {batching}", highlight=False)
     options = ServeOptions(max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
-                           timeout_ms=args.timeout_ms, max_body_bytes=int(args.max_body_mb * 2**20))
+                           timeout_ms=args.timeout_ms, max_body_bytes=int(args.max_body_mb * 2**20),
+                           max_response_bytes=int(args.max_response_mb * 2**20),
+                           body_timeout_s=args.body_timeout_s,
+                           min_body_rate=int(args.min_body_rate_kb * 2**10),
+                           header_timeout_s=args.header_timeout_s,
+                           drain_grace_ms=args.drain_grace_ms)
     server = make_server(models, options, host=args.host, port=args.port,
                          log_level=args.log_level, access_log=args.access_log)
     server.run()

@@ -32,6 +32,11 @@ from .metrics import ServerMetrics
 from .served import BatchOutcome, ServedModel
 
 
+class StandingQueue(QueueFull):
+    """The queue has room, but a request queued now would likely time out (see
+    `Batcher.refusal`): refused as overload, told apart from a full queue in the metrics."""
+
+
 @dataclass(eq=False)
 class Pending:
     """One queued request."""
@@ -84,10 +89,10 @@ class Batcher:
     def refusal(self, rows: int = 1) -> QueueFull | None:
         """The QueueFull that a request of `rows` submitted now would raise, or None.
 
-        Besides a full queue, a standing one is refused: when the batch running and those
-        queued ahead of the request (at the recent time per batch), or the recent answers' time
-        from arrival, exceed half the deadline. Such a request would likely time out; a 503 now
-        is cheaper for both sides and tells the client when to come back."""
+        Besides a full queue, a standing one is refused (with StandingQueue): when the batch
+        running and those queued ahead of the request (at the recent time per batch), or the
+        recent answers' time from arrival, exceed half the deadline. Such a request would likely
+        time out; a 503 now is cheaper for both sides and tells the client when to come back."""
         ahead = math.ceil((self._rows_queued + rows) / max(self.capacity, 1))
         retry = max(1, math.ceil(ahead * max(self._batch_seconds, 0.001)))
         if self._queued >= self.queue_size:
@@ -97,9 +102,10 @@ class Batcher:
             return None  # nothing waits: nothing stands in the way
         wait = max((ahead + 1) * self._batch_seconds, self._sojourn)  # +1: the running batch
         if wait > self.overload_after:
-            return QueueFull(f"model {self.model.name} is overloaded: a new request would wait "
-                             f"about {wait * 1e3:.0f} ms, over half its {self.timeout * 1e3:g} "
-                             f"ms deadline; retry after {retry} s or add replicas", retry)
+            return StandingQueue(f"model {self.model.name} is overloaded: a new request would "
+                                 f"wait about {wait * 1e3:.0f} ms, over half its "
+                                 f"{self.timeout * 1e3:g} ms deadline; retry after {retry} s "
+                                 "or add replicas", retry)
         return None
 
     def start(self) -> None:

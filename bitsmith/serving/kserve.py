@@ -3,9 +3,14 @@
 Every check a request can fail is made here, before the request is queued, and fails with
 `InvalidRequest`: its message says what was expected and what came, and its `status` is the
 HTTP status to answer with. Nothing here knows about HTTP servers or the batcher.
+
+Requests may be hostile: orjson (>= 3.9.15) refuses JSON nested deeper than 1024 levels, and
+nothing here recurses into a request's values without a bound (error messages describe them
+with `_brief`, a few levels and characters deep, and echo names cut to `NAME_CHARS`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +31,11 @@ NUMPY_OF_DATATYPE = {**{DATATYPES[k]: v for k, v in NUMPY_DTYPES.items() if k in
                      "FP64": "float64"}
 """KServe v2 datatype -> numpy dtype name ("bfloat16" is known to numpy once ml_dtypes is
 imported)."""
-
-
+NAME_CHARS = 64
+"""The most characters of a name from a request that an error message repeats."""
+_FLOAT_CHARS = {2: 16, 4: 16, 8: 24}
+"""The widest JSON number orjson writes for a float of each size (f16 and bf16 go out as f32):
+-1.0000001e-38 and -2.2250738585072014e-308."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +91,26 @@ def decode_request(body: bytes, signature: Signature) -> InferRequest:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InvalidRequest(f"every input needs a string 'name', got {_brief(tensor)}")
         if tensor["name"] in by_name:
-            raise InvalidRequest(f"input '{tensor['name']}' is given twice")
+            raise InvalidRequest(f"input '{_cut(tensor['name'])}' is given twice")
         by_name[tensor["name"]] = tensor
     names = [s.name for s in signature.inputs]
     unknown = sorted(set(by_name) - set(names))
     missing = [n for n in names if n not in by_name]
     if unknown or missing:
-        got = ", ".join(by_name)
-        raise InvalidRequest(f"expected inputs {', '.join(names)}, got {got}"
-                             + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        raise InvalidRequest(f"expected inputs {', '.join(names)}, got {_names(by_name)}"
+                             + (f" (unknown: {_names(unknown)})" if unknown else "")
                              + (f" (missing: {', '.join(missing)})" if missing else ""))
+    _check_parameters(doc, "the request")
     arrays = tuple(_decode_tensor(by_name[s.name], i, signature)
                    for i, s in enumerate(signature.inputs))
     return InferRequest(_request_id(doc), arrays, _requested_outputs(doc, signature))
+
+
+def _check_parameters(doc: Mapping[str, Any], where: str) -> None:
+    """KServe v2 `parameters`, where given, are a JSON object (their keys are not used here)."""
+    params = doc.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidRequest(f"{where}: 'parameters' must be a JSON object, got {_brief(params)}")
 
 
 def _request_id(doc: Mapping[str, Any]) -> str | None:
@@ -114,17 +129,22 @@ def _requested_outputs(doc: Mapping[str, Any], signature: Signature) -> tuple[in
             isinstance(w, dict) and isinstance(w.get("name"), str) for w in wanted):
         raise InvalidRequest(f"'outputs' must be a list of {{\"name\": ...}}, got "
                              f"{_brief(wanted)}")
-    picked = []
+    picked: list[int] = []
     for w in wanted:
         if w["name"] not in names:
-            raise InvalidRequest(f"output '{w['name']}' is not an output of this model; "
+            raise InvalidRequest(f"output '{_cut(w['name'])}' is not an output of this model; "
                                  f"expected one of {', '.join(names)}")
+        if names.index(w["name"]) in picked:  # each would be answered again: a response bomb
+            raise InvalidRequest(f"output '{w['name']}' is asked for twice in 'outputs'; name "
+                                 "each output once")
+        _check_parameters(w, f"output '{w['name']}'")
         picked.append(names.index(w["name"]))
     return tuple(picked)
 
 
 def _decode_tensor(tensor: Mapping[str, Any], index: int, signature: Signature) -> np.ndarray:
     spec = signature.inputs[index]
+    _check_parameters(tensor, f"input '{spec.name}'")
     want_type = DATATYPES[spec.dtype]
     got_type = tensor.get("datatype")
     if got_type != want_type:
@@ -138,7 +158,7 @@ def _decode_tensor(tensor: Mapping[str, Any], index: int, signature: Signature) 
     expected = signature.shape_text(index)
     if len(shape) != len(spec.shape):
         raise InvalidRequest(f"input '{spec.name}': expected shape {expected} (rank "
-                             f"{len(spec.shape)}), got {shape}")
+                             f"{len(spec.shape)}), got {_brief(shape)}")
     for axis, (dim, got, variable) in enumerate(zip(spec.shape, shape,
                                                      signature.variable[index], strict=True)):
         if not variable and dim != got:
@@ -173,7 +193,7 @@ def _to_array(name: str, data: list, shape: list[int], datatype: str) -> np.ndar
     else:
         ok = kind in "iuf"
     if not ok:
-        sample = raw.ravel()[:1].tolist() if raw.size else []
+        sample = _brief(raw.ravel()[:1].tolist() if raw.size else [])  # may be a deep object
         what = "in range" if dtype.kind in "iu" and kind in "iu" else f"of kind {raw.dtype}"
         raise InvalidRequest(f"input '{name}': expected {datatype} values, got values {what} "
                              f"(first: {sample})")
@@ -190,6 +210,27 @@ def encode_response(model: str, request_id: str | None, specs: Sequence[TensorSp
     if request_id is not None:
         doc["id"] = request_id
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def response_bytes_bound(model: str, request_id: str | None, specs: Sequence[TensorSpec],
+                         arrays: Sequence[np.ndarray]) -> int:
+    """The most bytes `encode_response` can write for these outputs (every number at its
+    dtype's widest JSON text), known without encoding them."""
+    size = 100 + 6 * (len(model) + len(request_id or ""))  # 6: a control character's \u escape
+    for spec, array in zip(specs, arrays, strict=True):
+        size += 100 + 6 * len(spec.name) + 21 * array.ndim + array.size * (_json_chars(array) + 1)
+    return size
+
+
+def _json_chars(array: np.ndarray) -> int:
+    """The widest JSON text of one element of `array` (null for NaN and inf)."""
+    dtype = array.dtype
+    if dtype.kind == "b":
+        return len("false")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return max(len(str(info.min)), len(str(info.max)))
+    return _FLOAT_CHARS.get(dtype.itemsize, 32)
 
 
 def _jsonable(array: np.ndarray) -> np.ndarray:
@@ -227,6 +268,40 @@ def _datatype_of(array: np.ndarray) -> str:
     raise InvalidRequest(f"arrays of dtype {array.dtype} have no KServe v2 datatype")
 
 
-def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _brief(value: Any, limit: int = 60) -> str:
+    """A JSON value as an error message shows it: at most `limit` characters, and built from
+    its first few items a few levels deep (a value nested 1024 deep, which `repr` would
+    refuse with a RecursionError, costs no more than a flat one)."""
+    text = _sketch(value, depth=3)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _sketch(value: Any, depth: int) -> str:
+    """Python-like text of `value`, `depth` levels and four items per level at most."""
+    if isinstance(value, (list, dict)):
+        if not value:
+            return repr(value)
+        if depth == 0:
+            return "[...]" if isinstance(value, list) else "{...}"
+        if isinstance(value, list):
+            items = [_sketch(v, depth - 1) for v in value[:4]]
+        else:
+            items = [f"{_sketch(k, 0)}: {_sketch(v, depth - 1)}"
+                     for k, v in itertools.islice(value.items(), 4)]
+        more = ", ..." if len(value) > 4 else ""
+        opening, closing = ("[", "]") if isinstance(value, list) else ("{", "}")
+        return opening + ", ".join(items) + more + closing
+    if isinstance(value, str):
+        return repr(_cut(value))
+    return _cut(repr(value))  # numbers, bools, None, and numpy's objects
+
+
+def _cut(name: str) -> str:
+    """`name` cut to NAME_CHARS characters for an error message."""
+    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 3] + "..."
+
+
+def _names(names: Sequence[str] | Mapping[str, Any]) -> str:
+    """The first few names, cut, for an error message (a request may send thousands)."""
+    listed = [_cut(n) for n in itertools.islice(names, 8)]
+    return ", ".join(listed) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")

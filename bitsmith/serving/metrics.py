@@ -17,8 +17,12 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("bitsmith_requests", "Infer requests answered, by HTTP status "
-                                "and reason (ok, invalid, too_large, queue_full, timeout, "
-                                "failed, not_ready, draining, unknown_model)",
+                                "and reason: 200 ok; 400 invalid; 404 unknown_model; 408 "
+                                "body_timeout; 413 too_large (request body) or "
+                                "response_too_large; 499 disconnected (the client left before "
+                                "its body arrived); 500 failed; 503 queue_full, standing_queue "
+                                "(overloaded: it would likely time out), warming (not ready) "
+                                "or draining; 504 timeout",
                                 ["model", "code", "reason"], registry=r)
         self.latency = Histogram("bitsmith_request_seconds", "Infer request latency, from "
                                  "queuing to the answer", ["model"], buckets=_SECONDS,

@@ -6,46 +6,88 @@ telemetry, dependency resolution) cost a fifth of the server's time under load.
 
 Endpoints: `/v2`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}`,
 `/v2/models/{name}/ready`, `POST /v2/models/{name}/infer` (JSON tensors) and `/metrics`
-(Prometheus). Errors are `{"error": message}` with the status that says what went wrong:
-- 400: the request cannot be served as sent (bad JSON, names, shapes, datatypes, values,
-  an index out of range of the table it indexes);
-- 404: no such model; 413: the body is over the size limit;
-- 503 with Retry-After: the queue is full, the model is warming up, or the server is draining;
-- 504: the request's deadline passed (unrun if it was still queued);
-- 500: the model failed on this request (its batch-mates were re-run without it).
+(Prometheus). Errors are `{"error": message}` with the status that says what went wrong (the
+metrics' `reason` label in brackets):
+- 400: the request cannot be served as sent (bad JSON, names, shapes, datatypes, values, an
+  output asked for twice, an index out of range of the table it indexes) [invalid];
+- 404: no such model [unknown_model];
+- 408 (and the connection closed): the body did not arrive within --body-timeout-s plus one
+  second per --min-body-rate-kb KiB of it [body_timeout]; request headers that do not arrive
+  within --header-timeout-s get a 408 too, from the protocol (no model to count it for);
+- 413: the body is over --max-body-mb [too_large], or the response could be over
+  --max-response-mb (its size bound is checked before encoding) [response_too_large];
+- 503 with Retry-After: the queue is full [queue_full], a request queued now would likely
+  time out [standing_queue], the model is warming up [warming], or the server is draining
+  [draining];
+- 504: the request's deadline passed (unrun if it was still queued) [timeout];
+- 500: the model failed on this request (its batch-mates were re-run without it) [failed].
+A client that leaves before its body arrived is counted as 499 [disconnected].
 
-SIGTERM (or Ctrl-C): readiness turns false, the listening socket closes, every request already
-accepted (queued or running) is answered, then the process exits.
+Hostile clients: bodies over 1 MiB (and responses) are decoded (encoded) in a worker process,
+as orjson and numpy hold the GIL for a whole parse (the workers die with the server, and never
+re-run the script that started it). uvicorn times out only idle keep-alive connections: the
+protocol here also times out request headers that do not arrive. There is no cap on
+connections (uvicorn's `limit_concurrency` counts idle keep-alive connections, and would refuse
+every client while stalled ones hold it); the timeouts free stalled sockets instead.
+
+SIGTERM (or Ctrl-C): the server drains at once (readiness false, new infer requests answered
+503, every response says `Connection: close`); for --drain-grace-ms the listener and
+connections stay open, so that a request already written to a keep-alive connection is answered
+rather than reset; then the listening socket closes, every request already accepted (queued or
+running) is answered, and the process exits. A second signal ends the grace at once.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import IndexOutOfRangeError, ServingError
-from .batcher import Batcher, DeadlineExceeded, QueueFull
-from .kserve import InvalidRequest, decode_request, encode_response
+from ..runtime.processes import without_main, worker_pool
+from .batcher import Batcher, DeadlineExceeded, QueueFull, StandingQueue
+from .kserve import (
+    InferRequest,
+    InvalidRequest,
+    decode_request,
+    encode_response,
+    response_bytes_bound,
+)
 from .metrics import ServerMetrics
 from .served import ServedModel
 
 log = logging.getLogger("uvicorn.error")  # printed with, and like, uvicorn's own lines
 VERSION = "0.1.0"
 GIL_SWITCH_SECONDS = 1e-4
+OFFLOAD_BYTES = 2**20
+"""Bodies and responses over this size are decoded and encoded in a worker process."""
+OFFLOAD_WORKERS = 2
+BODY_SWEEP_SECONDS = 0.1
+ORJSON_SAFE = (3, 9, 15)
+"""Older orjson overflows its stack on deeply nested JSON and kills the process
+(CVE-2024-27454); from 3.9.15 it refuses nesting deeper than 1024 with a JSONDecodeError."""
+_STATUS_REASONS = {408: "body_timeout", 413: "too_large"}
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +98,20 @@ class ServeOptions:
     queue_size: int = 256
     timeout_ms: float = 1000.0
     max_body_bytes: int = 64 * 2**20
+    max_response_bytes: int = 64 * 2**20  # bounds the JSON every number at its widest could take
+    body_timeout_s: float = 10.0  # the body's deadline: this, plus a second per min_body_rate
+    min_body_rate: int = 64 * 2**10  # bytes per second: a client this fast never times out
+    header_timeout_s: float = 10.0  # from connecting, or a request's first byte, to its headers
+    drain_grace_ms: float = 500.0  # on SIGTERM, draining but still listening
 
     def __post_init__(self) -> None:
-        for name in ("max_delay_ms", "timeout_ms"):
+        for name in ("max_delay_ms", "timeout_ms", "drain_grace_ms"):
             if getattr(self, name) < 0:
                 raise ServingError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("queue_size", "max_body_bytes"):
+        for name in ("body_timeout_s", "header_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ServingError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("queue_size", "max_body_bytes", "max_response_bytes", "min_body_rate"):
             if getattr(self, name) < 1:
                 raise ServingError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -79,6 +129,8 @@ class ServerState:
         self.options = options
         self.metrics = ServerMetrics()
         self.batchers: dict[str, Batcher] = {}
+        self.offload = Offload(OFFLOAD_WORKERS)
+        self.reading: dict[asyncio.Timeout, float] = {}  # bodies being read: their deadlines
         self.draining = False
 
     @property
@@ -102,16 +154,28 @@ class ServerState:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         for b in self.batchers.values():
             b.start()
-        warmups = [asyncio.create_task(self._warm_up(name, b))
-                   for name, b in self.batchers.items()]
+        tasks = [asyncio.create_task(self._warm_up(name, b)) for name, b in self.batchers.items()]
+        tasks.append(asyncio.create_task(self._expire_bodies()))
         try:
             yield
         finally:
-            for task in warmups:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*warmups, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(b.close() for b in self.batchers.values()))
+            await self.offload.close()
             sys.setswitchinterval(switch)
+
+    async def _expire_bodies(self) -> None:
+        """Time out the body reads past their deadline, every BODY_SWEEP_SECONDS: one sweep
+        rather than a timer per request, which costs every request ~5 us in the loop's heap."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(BODY_SWEEP_SECONDS)
+            now = loop.time()
+            for timer in [t for t, deadline in self.reading.items() if deadline <= now]:
+                del self.reading[timer]
+                timer.reschedule(now)  # the read raises TimeoutError on the loop's next turn
 
     async def _warm_up(self, name: str, batcher: Batcher) -> None:
         start = time.perf_counter()
@@ -125,6 +189,72 @@ class ServerState:
                  time.perf_counter() - start)
 
 
+class Offload:
+    """Worker processes (started on first use) for decoding and encoding too long for the
+    event loop. Not threads: orjson and numpy hold the GIL for the whole of a parse (1.1 s for
+    57 MiB of JSON, measured), so a thread would block the loop as much. The body goes to the
+    worker and the arrays come back pickled: memory copies, during which the loop runs."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """fn(*args) in a worker process; what fn raises is raised here (InvalidRequest with its
+        status), ServingError if the worker died."""
+        if self._pool is None:  # spawn: the server's threads make fork unsafe
+            self._pool = worker_pool(self.workers)  # workers die with the server, even kill -9
+        pool = self._pool
+        try:
+            with without_main():  # workers start at a submit: never re-run the main script
+                future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            return await future
+        except BrokenProcessPool:
+            if self._pool is pool:
+                self._pool = None  # the next request gets fresh workers
+            pool.shutdown(wait=False)
+            raise ServingError("the worker process that decodes and encodes large bodies "
+                               "died; retry: the next request starts a new one") from None
+
+    async def close(self) -> None:
+        """Stop the workers, if any started."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+class CloseWhenDraining:
+    """ASGI middleware: once the server drains, every response says `Connection: close`, so
+    that clients send their next request elsewhere and no keep-alive connection is idle (where
+    a request could cross the server's close) when the grace ends."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and state.draining:
+                headers = list(message.get("headers", ()))
+                if (b"connection", b"close") not in headers:
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
+def _check_orjson() -> None:
+    version = tuple(int(part) for part in re.findall(r"\d+", orjson.__version__)[:3])
+    if version < ORJSON_SAFE:
+        raise ServingError(f"orjson {orjson.__version__} crashes the server on deeply nested "
+                           "JSON (CVE-2024-27454); expected orjson >= 3.9.15: pip install "
+                           "'orjson>=3.9.15'")
+
+
 def _json(doc: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(orjson.dumps(doc), status, headers=dict(headers or {}),
                     media_type="application/json")
@@ -132,6 +262,7 @@ def _json(doc: Any, status: int = 200, headers: Mapping[str, str] | None = None)
 
 def create_app(models: Sequence[ServedModel], options: ServeOptions | None = None) -> Starlette:
     """The ASGI app serving `models` (run it with uvicorn, or `serve`)."""
+    _check_orjson()
     state = ServerState(models, options or ServeOptions())
 
     async def server_metadata(_request: Request) -> Response:
@@ -169,14 +300,16 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions | None = Non
               Route("/v2/models/{name}/ready", model_ready),
               Route("/v2/models/{name}/infer", infer, methods=["POST"]),
               Route("/metrics", metrics)]
-    app = Starlette(routes=routes, lifespan=state.lifespan)
+    app = Starlette(routes=routes, lifespan=state.lifespan,
+                    middleware=[Middleware(CloseWhenDraining, state=state)])
     app.state.bitsmith = state
     return app
 
 
 def _unknown(state: ServerState, name: str) -> Response:
     served = ", ".join(sorted(state.models)) or "none"
-    return _json({"error": f"model '{name}' is not served here; served: {served}"}, 404)
+    shown = name if len(name) <= 64 else name[:61] + "..."
+    return _json({"error": f"model '{shown}' is not served here; served: {served}"}, 404)
 
 
 async def _infer(state: ServerState, name: str, request: Request) -> Response:
@@ -187,26 +320,37 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
         return _unknown(state, name)
     batcher = state.batchers[name]
     if state.draining or not batcher.ready:
-        reason = "draining" if state.draining else "not_ready"
+        reason = "draining" if state.draining else "warming"
         metrics.answered(name, 503, reason)
-        message = ("the server is shutting down" if state.draining
+        message = ("the server is shutting down; send to another replica" if state.draining
                    else f"model '{name}' is warming up; wait for /v2/models/{name}/ready")
         return _json({"error": message}, 503, {"Retry-After": "1"})
     refused = batcher.refusal()
     if refused is not None:  # refuse before paying for the JSON
-        return _queue_full(state, name, refused)
+        return _refuse(state, name, refused)
     try:
-        body = await _read_body(request, state.options.max_body_bytes)
-        decoded = decode_request(body, model.signature)
+        body = await _read_body(request, state)
+        if len(body) > OFFLOAD_BYTES:
+            decoded = await state.offload.run(decode_request, body, model.signature)
+        else:
+            decoded = decode_request(body, model.signature)
         rows = model.rows_of(decoded.arrays)
     except InvalidRequest as exc:
-        metrics.answered(name, exc.status, "too_large" if exc.status == 413 else "invalid")
-        return _json({"error": str(exc)}, exc.status)
+        metrics.answered(name, exc.status, _STATUS_REASONS.get(exc.status, "invalid"))
+        # the rest of the body may never come, or is not worth reading: end the connection
+        close = {"Connection": "close"} if exc.status in _STATUS_REASONS else None
+        return _json({"error": str(exc)}, exc.status, close)
+    except ClientDisconnect:  # nobody is there to answer, and it is no server error
+        metrics.answered(name, 499, "disconnected")
+        return Response(status_code=499)
+    except ServingError as exc:  # the offload worker died
+        metrics.answered(name, 500, "failed")
+        return _json({"error": str(exc)}, 500)
     start = time.monotonic()
     try:
         pending = batcher.submit(decoded.arrays, rows)
     except QueueFull as exc:
-        return _queue_full(state, name, exc)
+        return _refuse(state, name, exc)
     try:
         outs = await pending.future
     except DeadlineExceeded as exc:
@@ -222,47 +366,164 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
         return _json({"error": f"model '{name}' failed on this request: "
                                f"{type(exc).__name__}: {exc}"}, 500)
     metrics.latency.labels(name).observe(time.monotonic() - start)
+    return await _answer(state, model, decoded, outs)
+
+
+async def _answer(state: ServerState, model: ServedModel, decoded: InferRequest,
+                  outs: Sequence[np.ndarray]) -> Response:
+    """The outputs asked for, unless their JSON could be over the response limit (413)."""
     specs = [model.outputs[i] for i in decoded.outputs]
-    body = encode_response(name, decoded.id, specs, [outs[i] for i in decoded.outputs])
-    metrics.answered(name, 200, "ok")
+    arrays = [outs[i] for i in decoded.outputs]
+    limit = state.options.max_response_bytes
+    bound = response_bytes_bound(model.name, decoded.id, specs, arrays)
+    if bound > limit:
+        state.metrics.answered(model.name, 413, "response_too_large")
+        return _json({"error": f"the response could take up to {bound} bytes of JSON, over the "
+                               f"limit of {limit} bytes (--max-response-mb); send fewer rows, "
+                               "ask for fewer outputs ('outputs') or raise --max-response-mb"},
+                     413)
+    try:
+        if bound > OFFLOAD_BYTES:
+            body = await state.offload.run(encode_response, model.name, decoded.id, specs,
+                                           arrays)
+        else:
+            body = encode_response(model.name, decoded.id, specs, arrays)
+    except ServingError as exc:  # the offload worker died
+        state.metrics.answered(model.name, 500, "failed")
+        return _json({"error": str(exc)}, 500)
+    state.metrics.answered(model.name, 200, "ok")
     return Response(body, 200, media_type="application/json")
 
 
-def _queue_full(state: ServerState, name: str, exc: QueueFull) -> Response:
-    state.metrics.answered(name, 503, "queue_full")
+def _refuse(state: ServerState, name: str, exc: QueueFull) -> Response:
+    reason = "standing_queue" if isinstance(exc, StandingQueue) else "queue_full"
+    state.metrics.answered(name, 503, reason)
     return _json({"error": str(exc)}, 503, {"Retry-After": str(exc.retry_after)})
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) one over `limit` bytes before reading it all."""
+async def _read_body(request: Request, state: ServerState) -> bytes:
+    """The body, refusing (413) one over the size limit before reading it all, and (408) one
+    that does not arrive within `body_timeout_s` plus a second per `min_body_rate` bytes of it
+    received (a client sending that fast never times out; a stalled one, or a Content-Length
+    longer than the body, is answered at that deadline)."""
+    options, reading = state.options, state.reading
+    limit, timeout, rate = options.max_body_bytes, options.body_timeout_s, options.min_body_rate
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise InvalidRequest(f"body of {int(declared)} bytes is over the limit of {limit} bytes "
+    whole = int(declared) if declared is not None and declared.isdigit() else -1
+    if whole > limit:
+        raise InvalidRequest(f"body of {whole} bytes is over the limit of {limit} bytes "
                              "(--max-body-mb)", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequest(f"body is over the limit of {limit} bytes (--max-body-mb)", 413)
-        chunks.append(chunk)
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(None) as timer:  # expired by ServerState._expire_bodies
+            reading[timer] = start + timeout
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise InvalidRequest(f"body is over the limit of {limit} bytes "
+                                             "(--max-body-mb)", 413)
+                    chunks.append(chunk)
+                    if size != whole and timer in reading:  # more to come, not yet expired
+                        reading[timer] = start + timeout + size / rate
+            finally:
+                reading.pop(timer, None)
+    except TimeoutError:
+        expected = f"{declared} bytes" if declared is not None else "the whole body"
+        raise InvalidRequest(f"timed out reading the body: expected {expected} within "
+                             f"{timeout:g} s plus 1 s per {rate / 1024:g} KiB, got {size} bytes "
+                             "(--body-timeout-s, --min-body-rate-kb); send the body as fast as "
+                             "the headers, and a Content-Length equal to its size", 408) from None
     return b"".join(chunks)
+
+
+class HeaderTimeoutHttp(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, which also closes a connection whose request headers have
+    not all arrived `header_timeout` seconds after it opened or after the request's first byte
+    (uvicorn times out only idle keep-alive connections: a silent new connection or half-sent
+    headers would hold a socket forever). A half-sent request is answered 408 first."""
+
+    header_timeout = 10.0  # make_server sets it on a subclass per server
+    _header_timer: asyncio.TimerHandle | None = None
+    _partial = False  # some of a request arrived, not yet all its headers
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102 - asyncio's hook
+        super().data_received(data)
+        # a later request on a keep-alive connection, its headers cut (whole ones, the usual
+        # case, set no timer)
+        if self._partial and self._header_timer is None and not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def on_message_begin(self) -> None:  # noqa: D102 - httptools' callback
+        super().on_message_begin()
+        self._partial = True
+
+    def on_headers_complete(self) -> None:  # noqa: D102 - httptools' callback
+        self._partial = False
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102 - asyncio's hook
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # a request is served
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+            return
+        if self._partial:
+            body = orjson.dumps({"error": f"request headers not received within "
+                                          f"{self.header_timeout:g} s (--header-timeout-s)"})
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: "
+                                 b"application/json\r\nconnection: close\r\ncontent-length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, which on SIGTERM/SIGINT first marks the app as draining (readiness
-    false, new infer requests on open connections refused) and then shuts down gracefully:
-    uvicorn closes the listening socket and waits for every request in progress."""
+    false, new infer requests refused, every response closing its connection) for the grace,
+    and then shuts down gracefully: uvicorn closes the listening socket and idle connections and
+    waits for every request in progress."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self._graced_signal: int | None = None  # the signal whose exit waits for the grace
+        self._grace_ends = 0.0
 
     def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: D102 - uvicorn's hook
         if sig in (signal.SIGTERM, signal.SIGINT) and not self.state.draining:
             self.state.draining = True
+            grace = self.state.options.drain_grace_ms / 1e3
             queued = sum(b.depth for b in self.state.batchers.values())
-            log.info("draining: %d queued request(s) to finish", queued)
+            log.info("draining: %d queued request(s) to finish; listening %g s more", queued,
+                     grace)
+            if grace > 0:
+                self._graced_signal, self._grace_ends = sig, time.monotonic() + grace
+                return
+        self._graced_signal = None  # a second signal ends the grace
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:  # noqa: D102 - uvicorn's hook, every 0.1 s
+        sig = self._graced_signal
+        if sig is not None and time.monotonic() >= self._grace_ends:
+            self._graced_signal = None
+            super().handle_exit(sig, None)
+        return await super().on_tick(counter)
 
 
 def make_server(models: Sequence[ServedModel], options: ServeOptions | None = None, *,
@@ -270,6 +531,9 @@ def make_server(models: Sequence[ServedModel], options: ServeOptions | None = No
                 access_log: bool = False) -> DrainingServer:
     """A uvicorn server for `models`, not yet started (`.run()` blocks until it has drained)."""
     app = create_app(models, options)
+    state: ServerState = app.state.bitsmith
+    protocol = type("HeaderTimeoutHttp", (HeaderTimeoutHttp,),
+                    {"header_timeout": state.options.header_timeout_s})
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            access_log=access_log, timeout_keep_alive=30)
-    return DrainingServer(config, app.state.bitsmith)
+                            access_log=access_log, timeout_keep_alive=30, http=protocol)
+    return DrainingServer(config, state)

@@ -112,7 +112,9 @@ def arrived(server: LiveServer, model: str) -> float:
     return (metric(server, "bitsmith_queue_depth", model=model)
             + metric(server, "bitsmith_queue_seconds_count", model=model)
             + metric(server, "bitsmith_requests_total", model=model, code="503",
-                     reason="queue_full"))
+                     reason="queue_full")
+            + metric(server, "bitsmith_requests_total", model=model, code="503",
+                     reason="standing_queue"))
 
 
 def wait_for(condition: Callable[[], object], what: str, seconds: float = 60.0) -> None:

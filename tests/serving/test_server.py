@@ -112,7 +112,7 @@ def test_warm_up_runs_every_batch_size_before_ready() -> None:
                                                                     "ready": True}
         check_answer(post(server.infer_url("fake"), body(rows(2, 1))), rows(2, 1))
         assert metric(server, "bitsmith_requests_total", model="fake", code="503",
-                      reason="not_ready") == 1
+                      reason="warming") == 1
 
 
 def test_metadata_health_and_unknown_models() -> None:

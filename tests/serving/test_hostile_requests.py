@@ -1,0 +1,620 @@
+"""Hostile and careless clients: every malformed request is a 4xx saying why, never a 500 or a
+crash; responses are bounded; slow or silent clients are timed out; large bodies are decoded
+off the event loop; refusals say which limit refused; SIGTERM answers every request that
+reached an open connection.
+
+Most tests drive the ASGI app in this process (no sockets); those about the protocol
+(timeouts, bad Content-Length, SIGTERM) use a live server on loopback and raw sockets."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from bitsmith.errors import ServingError
+from bitsmith.runtime.artifact import NUMPY_DTYPES, TensorSpec
+from bitsmith.serving.batcher import StandingQueue
+from bitsmith.serving.kserve import (
+    decode_response,
+    encode_request,
+    encode_response,
+    response_bytes_bound,
+)
+from bitsmith.serving.served import ServedModel
+from bitsmith.serving.server import OFFLOAD_BYTES, ServeOptions, ServerState, create_app
+
+from .fakes import expected, fake_model
+from .live import Answer, LiveServer, metric, post, wait_for
+
+LONG = ServeOptions(timeout_ms=30_000)
+
+
+def int_model() -> ServedModel:
+    """i: (B, 2) i32 -> o = i + 1."""
+    return ServedModel("ints", [TensorSpec("i", ("B", 2), "i32")],
+                       [TensorSpec("o", ("B", 2), "i32")], lambda i: [i + 1], max_batch=4)
+
+
+def wide_model() -> ServedModel:
+    """x: (B, N) f32 -> y = 2x, any N: as large a request and response as a test wants."""
+    return ServedModel("wide", [TensorSpec("x", ("B", "N"), "f32")],
+                       [TensorSpec("y", ("B", "N"), "f32")], lambda x: [x * 2], max_batch=2)
+
+
+@contextlib.asynccontextmanager
+async def serving(models: Sequence[ServedModel],
+                  options: ServeOptions = LONG) -> AsyncIterator[tuple[Any, ServerState]]:
+    """The app with its batchers started and warmed up, in this event loop."""
+    app = create_app(models, options)
+    state: ServerState = app.state.bitsmith
+    async with state.lifespan(app):
+        while not state.ready:
+            await asyncio.sleep(0.01)
+        yield app, state
+
+
+async def call(app: Any, path: str, body: bytes | None = None) -> Answer:
+    """One request straight to the ASGI app: POST `body`, or GET when None."""
+    content = body or b""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET" if body is None else "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-length", str(len(content)).encode())]}
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": content, "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return Answer(sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def count(state: ServerState, model: str, code: int, reason: str) -> float:
+    value = state.metrics.registry.get_sample_value(
+        "bitsmith_requests_total", {"model": model, "code": str(code), "reason": reason})
+    return value or 0.0
+
+
+def tensor(**fields: Any) -> dict:
+    """A valid input x of the fake model (one row), with `fields` replaced."""
+    return {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3], **fields}
+
+
+def request(**fields: Any) -> bytes:
+    """A valid request to the fake model, with top-level `fields` replaced."""
+    return orjson.dumps({"inputs": [tensor()], **fields})
+
+
+def deep(levels: int, leaf: bytes = b"1", key: bytes | None = None) -> bytes:
+    """`levels` nested lists (or objects under `key`) around `leaf`."""
+    if key is None:
+        return b"[" * levels + leaf + b"]" * levels
+    return b'{"' + key + b'": ' * levels + leaf + b"}" * levels
+
+
+VALID = request()
+X = b'{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": '
+MALFORMED: list[tuple[str, str, bytes]] = [
+    # deep nesting, past orjson's limit of 1024 and just under it (where repr would recurse)
+    ("deep lists outside data", "fake", b'{"inputs": ' + deep(100_000) + b"}"),
+    ("deep lists inside data", "fake", b'{"inputs": [' + X + deep(100_000) + b"}]}"),
+    ("deep objects", "fake", deep(100_000, key=b"inputs")),
+    ("unclosed deep lists", "fake", b"[" * 100_000),
+    ("1000-deep inputs", "fake", b'{"inputs": ' + deep(1000) + b"}"),
+    ("1000-deep tensor", "fake", b'{"inputs": [' + deep(999) + b"]}"),
+    ("1000-deep name", "fake", b'{"inputs": [{"name": ' + deep(998) + b"}]}"),
+    ("1000-deep id", "fake", VALID[:-1] + b', "id": ' + deep(999) + b"}"),
+    ("1000-deep outputs", "fake", VALID[:-1] + b', "outputs": ' + deep(999) + b"}"),
+    ("1000-deep parameters", "fake", VALID[:-1] + b', "parameters": ' + deep(999) + b"}"),
+    ("1000-deep shape", "fake", b'{"inputs": [{"name": "x", "shape": ' + deep(997) + b"}]}"),
+    ("1000-deep data", "fake", b'{"inputs": [' + X + deep(997) + b"}]}"),
+    ("1000-deep object in data", "fake",
+     b'{"inputs": [' + X + b"[" + deep(995, key=b"a") + b", 2, 3]}]}"),
+    # not JSON, or not an object
+    ("empty body", "fake", b""),
+    ("whitespace", "fake", b"  \n"),
+    ("truncated", "fake", VALID[:-5]),
+    ("trailing garbage", "fake", VALID + b" x"),
+    ("non-UTF-8", "fake", b"\xff\xfe\x00{"),
+    ("non-UTF-8 name", "fake", b'{"inputs": [{"name": "\xff\xfe"}]}'),
+    ("NaN", "fake", b'{"inputs": [' + X + b"[NaN, 1, 2]}]}"),
+    ("Infinity", "fake", b'{"inputs": [' + X + b"[Infinity, 1, 2]}]}"),
+    ("-Infinity", "fake", b'{"inputs": [' + X + b"[-Infinity, 1, 2]}]}"),
+    ("1e400", "fake", b'{"inputs": [' + X + b"[1e400, 1, 2]}]}"),
+    ("a number", "fake", b"5"),
+    ("a string", "fake", b'"inputs"'),
+    ("null", "fake", b"null"),
+    ("a list", "fake", b"[" + VALID + b"]"),
+    ("duplicate keys, the last bad", "fake", VALID[:-1] + b', "inputs": 5}'),
+    # wrong types everywhere
+    ("inputs an object", "fake", orjson.dumps({"inputs": tensor()})),
+    ("inputs a string", "fake", orjson.dumps({"inputs": "x"})),
+    ("inputs null", "fake", orjson.dumps({"inputs": None})),
+    ("inputs of numbers", "fake", orjson.dumps({"inputs": [1]})),
+    ("name a number", "fake", orjson.dumps({"inputs": [tensor(name=1)]})),
+    ("name a list", "fake", orjson.dumps({"inputs": [tensor(name=["x"])]})),
+    ("a 1 MB name", "fake", orjson.dumps({"inputs": [tensor(name="n" * 2**20)]})),
+    ("10k unknown names", "fake", orjson.dumps({"inputs": [tensor(name=f"n{i}")
+                                                           for i in range(10_000)]})),
+    ("datatype a number", "fake", orjson.dumps({"inputs": [tensor(datatype=32)]})),
+    ("datatype a list", "fake", orjson.dumps({"inputs": [tensor(datatype=["FP32"])]})),
+    ("datatype lower case", "fake", orjson.dumps({"inputs": [tensor(datatype="fp32")]})),
+    ("shape a string", "fake", orjson.dumps({"inputs": [tensor(shape="1,3")]})),
+    ("shape of floats", "fake", orjson.dumps({"inputs": [tensor(shape=[1.0, 3])]})),
+    ("shape of bools", "fake", orjson.dumps({"inputs": [tensor(shape=[True, 3])]})),
+    ("shape nested", "fake", orjson.dumps({"inputs": [tensor(shape=[[1], 3])]})),
+    ("shape null", "fake", orjson.dumps({"inputs": [tensor(shape=None)]})),
+    ("negative shape", "fake", orjson.dumps({"inputs": [tensor(shape=[-1, 3])]})),
+    ("shape of rank 100k", "fake", orjson.dumps({"inputs": [tensor(shape=[1] * 100_000)]})),
+    ("shape 2**70", "fake", b'{"inputs": [{"name": "x", "shape": [1180591620717411303424, 3], '
+                            b'"datatype": "FP32", "data": [1, 2, 3]}]}'),
+    ("shape over int64", "fake", orjson.dumps({"inputs": [tensor(shape=[2**64 - 1, 3])]})),
+    ("shape product over int64", "wide",
+     orjson.dumps({"inputs": [{"name": "x", "shape": [2**62, 2**62], "datatype": "FP32",
+                               "data": [1, 2, 3]}]})),
+    ("too few values", "fake", orjson.dumps({"inputs": [tensor(data=[1, 2])]})),
+    ("too many values", "fake", orjson.dumps({"inputs": [tensor(data=[1, 2, 3, 4])]})),
+    ("data an object", "fake", orjson.dumps({"inputs": [tensor(data={"a": 1})]})),
+    ("data a number", "fake", orjson.dumps({"inputs": [tensor(data=1)]})),
+    ("data null", "fake", orjson.dumps({"inputs": [tensor(data=None)]})),
+    ("data of strings", "fake", orjson.dumps({"inputs": [tensor(data=["1", "2", "3"])]})),
+    ("data with null", "fake", orjson.dumps({"inputs": [tensor(data=[None, 2, 3])]})),
+    ("data of bools", "fake", orjson.dumps({"inputs": [tensor(data=[True, False, True])]})),
+    ("data of objects", "fake", orjson.dumps({"inputs": [tensor(data=[{}, {}, {}])]})),
+    ("data ragged", "fake", orjson.dumps({"inputs": [tensor(data=[[1, 2], [3]])]})),
+    ("data mixed depth", "fake", orjson.dumps({"inputs": [tensor(data=[1, [2, 3]])]})),
+    ("2**70 for INT32", "ints", b'{"inputs": [{"name": "i", "shape": [1, 2], "datatype": '
+                                b'"INT32", "data": [1180591620717411303424, 1]}]}'),
+    ("2**64-1 for INT32", "ints", b'{"inputs": [{"name": "i", "shape": [1, 2], "datatype": '
+                                  b'"INT32", "data": [18446744073709551615, 1]}]}'),
+    ("2**31 for INT32", "ints", b'{"inputs": [{"name": "i", "shape": [1, 2], "datatype": '
+                                b'"INT32", "data": [2147483648, 1]}]}'),
+    ("1e10 for INT32", "ints", b'{"inputs": [{"name": "i", "shape": [1, 2], "datatype": '
+                               b'"INT32", "data": [1e10, 1]}]}'),
+    ("1.5 for INT32", "ints", b'{"inputs": [{"name": "i", "shape": [1, 2], "datatype": '
+                              b'"INT32", "data": [1.5, 1]}]}'),
+    ("id a number", "fake", request(id=7)),
+    ("id an object", "fake", request(id={"a": 1})),
+    # outputs
+    ("outputs an object", "fake", request(outputs={"name": "y"})),
+    ("outputs a string", "fake", request(outputs="y")),
+    ("outputs of strings", "fake", request(outputs=["y"])),
+    ("outputs of numbers", "fake", request(outputs=[1])),
+    ("output name a number", "fake", request(outputs=[{"name": 1}])),
+    ("output without a name", "fake", request(outputs=[{}])),
+    ("unknown output", "fake", request(outputs=[{"name": "w"}])),
+    ("output twice", "fake", request(outputs=[{"name": "y"}, {"name": "y"}])),
+    ("an output 10k times", "fake", request(outputs=[{"name": "s"}] * 10_000)),
+    # parameters
+    ("parameters a number", "fake", request(parameters=5)),
+    ("parameters a string", "fake", request(parameters="binary")),
+    ("parameters a list", "fake", request(parameters=[{"a": 1}])),
+    ("input parameters a list", "fake",
+     orjson.dumps({"inputs": [tensor(parameters=[1])]})),
+    ("output parameters a bool", "fake",
+     request(outputs=[{"name": "y", "parameters": True}])),
+]
+
+
+def test_every_malformed_request_is_a_4xx_saying_why_and_never_reaches_the_model() -> None:
+    model, recorder = fake_model()
+
+    async def scenario() -> tuple[list[Answer], Answer, ServerState, int]:
+        async with serving([model, int_model(), wide_model()]) as (app, state):
+            warm = len(recorder.calls)
+            answers = [await call(app, f"/v2/models/{m}/infer", body)
+                       for _, m, body in MALFORMED]
+            runs = len(recorder.calls) - warm
+            after = await call(app, "/v2/models/fake/infer", VALID)
+            return answers, after, state, runs
+
+    answers, after, state, runs = asyncio.run(scenario())
+    for (what, _, _), answer in zip(MALFORMED, answers, strict=True):
+        assert 400 <= answer.status < 500, (what, answer.status, answer.body[:300])
+        error = answer.json()["error"]
+        assert error and len(error) < 1000, (what, error[:300])  # says why, briefly
+    assert runs == 0, "a malformed request reached the model"
+    assert after.status == 200, after.body
+    invalid = sum(count(state, m, 400, "invalid") for m in ("fake", "ints", "wide"))
+    assert invalid == len(MALFORMED)
+
+
+def test_deep_nesting_is_refused_by_orjson_itself() -> None:
+    """The server relies on orjson >= 3.9.15 refusing nesting past 1024 (older versions crash
+    the process) and refuses to start with an older one."""
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(deep(1025))
+    assert orjson.loads(deep(1024)) is not None
+
+
+def test_an_orjson_that_crashes_on_deep_nesting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = fake_model()
+    monkeypatch.setattr(orjson, "__version__", "3.8.3")
+    with pytest.raises(ServingError, match=r"CVE-2024-27454.*orjson>=3\.9\.15"):
+        create_app([model])
+
+
+def test_outputs_are_answered_once_each() -> None:
+    model, _ = fake_model()
+
+    async def scenario() -> tuple[Answer, Answer]:
+        async with serving([model]) as (app, _state):
+            twice = await call(app, "/v2/models/fake/infer",
+                               request(outputs=[{"name": "s"}, {"name": "y"}, {"name": "s"}]))
+            both = await call(app, "/v2/models/fake/infer",
+                              request(outputs=[{"name": "s"}, {"name": "y"}]))
+            return twice, both
+
+    twice, both = asyncio.run(scenario())
+    assert twice.status == 400
+    assert "output 's' is asked for twice in 'outputs'" in twice.json()["error"]
+    assert both.status == 200
+    assert [o["name"] for o in both.json()["outputs"]] == ["s", "y"]
+
+
+def extreme_outputs() -> tuple[list[TensorSpec], list[np.ndarray]]:
+    """One output per dtype, holding the values with the longest JSON text."""
+    specs, arrays = [], []
+    for dtype in ("bool", "u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64"):
+        np_dtype = np.dtype(NUMPY_DTYPES[dtype])
+        values = [False, True] if dtype == "bool" else [np.iinfo(np_dtype).min,
+                                                        np.iinfo(np_dtype).max]
+        specs.append(TensorSpec(f"o_{dtype}", (2,), dtype))
+        arrays.append(np.array(values, np_dtype))
+    f32 = np.array([-1.00000005e-38, -3.4028235e38, -1.4e-45, np.nan, -np.inf], np.float32)
+    f64 = np.array([-2.2250738585072014e-308, -1.7976931348623157e308, 5e-324])
+    bits = np.random.default_rng(0).integers(0, 2**32, 100_000, dtype=np.uint64)
+    random32 = bits.astype(np.uint32).view(np.float32)
+    with np.errstate(over="ignore"):  # f32 extremes are inf in f16: written as null
+        halves = (("f16", f32.astype(np.float16)), ("r16", random32.astype(np.float16)))
+    for name, array in (("f32", f32), ("f64", f64), ("r32", random32), *halves):
+        dtype = {"r32": "f32", "r16": "f16"}.get(name, name)
+        specs.append(TensorSpec(f"o_{name}", (len(array),), dtype))
+        arrays.append(array)
+    return specs, arrays
+
+
+def test_the_response_bound_holds_for_the_widest_values_of_every_dtype() -> None:
+    specs, arrays = extreme_outputs()
+    rid = "\x00\x01" * 50  # escaped as \u0000: six bytes each
+    for spec, array in zip(specs, arrays, strict=True):
+        body = encode_response("m" * 70, rid, [spec], [array])
+        assert len(body) <= response_bytes_bound("m" * 70, rid, [spec], [array]), spec
+    body = encode_response("m", rid, specs, arrays)
+    assert len(body) <= response_bytes_bound("m", rid, specs, arrays)
+
+
+def test_a_response_over_the_limit_is_refused_before_encoding() -> None:
+    model, _ = fake_model()
+    one = [np.zeros((1, 3), np.float32), np.zeros(1, np.float32)]
+    specs = list(model.outputs)
+    limit = response_bytes_bound("fake", None, specs, one)
+
+    async def scenario() -> tuple[Answer, Answer, Answer, ServerState]:
+        async with serving([model], ServeOptions(max_response_bytes=limit,
+                                                 timeout_ms=30_000)) as (app, state):
+            fits = await call(app, "/v2/models/fake/infer", request())
+            over = await call(app, "/v2/models/fake/infer",
+                              encode_request(["x"], [np.ones((2, 3), np.float32)]))
+            fewer = await call(app, "/v2/models/fake/infer",
+                               encode_request(["x"], [np.ones((2, 3), np.float32)])[:-1]
+                               + b', "outputs": [{"name": "s"}]}')
+            return fits, over, fewer, state
+
+    fits, over, fewer, state = asyncio.run(scenario())
+    assert fits.status == 200, fits.body
+    assert over.status == 413
+    error = over.json()["error"]
+    assert f"over the limit of {limit} bytes (--max-response-mb)" in error
+    assert count(state, "fake", 413, "response_too_large") == 1
+    assert fewer.status == 200 and decode_response(fewer.body)["s"].tolist() == [3.0, 3.0]
+
+
+def test_each_refusal_says_which_limit_refused() -> None:
+    model, _ = fake_model()
+
+    async def scenario() -> tuple[list[Answer], Answer, ServerState]:
+        async with serving([model]) as (app, state):
+            batcher = state.batchers["fake"]
+            overloaded = StandingQueue("model fake is overloaded: ...", 2)
+            batcher.refusal = lambda rows=1: overloaded  # type: ignore[method-assign]
+            answers = [await call(app, "/v2/models/fake/infer", VALID)]
+            batcher.ready = False
+            answers.append(await call(app, "/v2/models/fake/infer", VALID))
+            batcher.ready = True
+            live = await call(app, "/v2/health/live")
+            state.draining = True
+            answers.append(await call(app, "/v2/models/fake/infer", VALID))
+            answers.append(await call(app, "/v2/health/live"))
+            return answers, live, state
+
+    (standing, warming, draining, health), live, state = asyncio.run(scenario())
+    assert standing.status == 503 and standing.headers["retry-after"] == "2"
+    assert count(state, "fake", 503, "standing_queue") == 1
+    assert count(state, "fake", 503, "queue_full") == 0
+    assert warming.status == 503 and "warming up" in warming.json()["error"]
+    assert count(state, "fake", 503, "warming") == 1
+    assert draining.status == 503 and "shutting down" in draining.json()["error"]
+    assert count(state, "fake", 503, "draining") == 1
+    assert "connection" not in live.headers
+    # draining, every response closes its connection: clients reconnect elsewhere
+    assert draining.headers["connection"] == "close" and health.headers["connection"] == "close"
+    assert health.status == 200
+
+
+def test_large_bodies_are_decoded_off_the_event_loop() -> None:
+    """While a 16 MiB body is decoded, the loop answers a small request; were it decoded on
+    the loop, the small one would wait for it. (On a thread it would wait less, but still
+    for seconds: orjson and numpy keep the GIL for a whole parse. No clock is read here.)"""
+    n = 8 * 2**20
+    big = (b'{"inputs": [{"name": "x", "shape": [1, ' + str(n).encode()
+           + b'], "datatype": "FP32", "data": [' + b"0," * (n - 1) + b"0]}]}")
+    assert len(big) > OFFLOAD_BYTES
+
+    async def scenario() -> tuple[Answer, bool, Answer, list[Answer], ServerState]:
+        async with serving([wide_model()]) as (app, state):
+            large = asyncio.create_task(call(app, "/v2/models/wide/infer", big))
+            await asyncio.sleep(0)  # it reads its body and hands it to a worker
+            small = await call(app, "/v2/models/wide/infer",
+                               encode_request(["x"], [np.ones((1, 4), np.float32)]))
+            overtaken = not large.done()
+            wide = np.arange(300_000, dtype=np.float32).reshape(1, -1)
+            offloaded = [await call(app, "/v2/models/wide/infer", body) for body in (
+                encode_request(["x"], [wide]),  # decoded and encoded by the worker
+                encode_request(["x"], [wide])[:-3] + b"]}",  # and refused there
+            )]
+            return await large, overtaken, small, offloaded, state
+
+    large, overtaken, small, (wide_ok, wide_bad), state = asyncio.run(scenario())
+    assert small.status == 200 and overtaken, "the small request waited for the large one"
+    # 8M floats could take 136 MB of JSON: refused before encoding
+    assert large.status == 413 and "--max-response-mb" in large.json()["error"]
+    assert wide_ok.status == 200, wide_ok.body[:300]
+    np.testing.assert_array_equal(decode_response(wide_ok.body)["y"],
+                                  np.arange(300_000, dtype=np.float32).reshape(1, -1) * 2)
+    assert wide_bad.status == 400 and "malformed JSON" in wide_bad.json()["error"]
+    assert count(state, "wide", 400, "invalid") == 1
+
+
+# --- live: the protocol ---------------------------------------------------------------------
+
+HEAD = (b"POST /v2/models/fake/infer HTTP/1.1\r\nhost: test\r\n"
+        b"content-type: application/json\r\n")
+REQUEST = HEAD + f"content-length: {len(VALID)}\r\n\r\n".encode() + VALID
+
+
+def connect(server: LiveServer) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])),
+                                    timeout=30)
+    return sock
+
+
+def read_answer(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from a socket's file; ConnectionError at EOF."""
+    status_line = stream.readline()
+    if not status_line:
+        raise ConnectionError("the server closed the connection without an answer")
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = stream.read(int(headers.get("content-length", 0)))
+    return int(status_line.split()[1]), headers, body
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_stalled_clients_are_timed_out_and_slow_ones_are_not() -> None:
+    model, _ = fake_model()
+    options = ServeOptions(body_timeout_s=0.3, header_timeout_s=0.3, timeout_ms=30_000)
+    with LiveServer([model], options) as server:
+        silent = [connect(server) for _ in range(20)]
+        half_headers = [connect(server) for _ in range(20)]
+        short_bodies = [connect(server) for _ in range(20)]
+        for sock in half_headers:
+            sock.sendall(HEAD)  # no blank line: the headers never end
+        kept = [connect(server) for _ in range(5)]  # the same, after a first request
+        for sock in kept:
+            sock.sendall(REQUEST)
+            assert read_answer(sock.makefile("rb"))[0] == 200
+            sock.sendall(HEAD)
+        for sock in short_bodies:
+            sock.sendall(HEAD + b"content-length: 100\r\n\r\n" + VALID[:10])
+        # a client sending at 10x the minimum rate, for longer than body_timeout_s
+        slow = connect(server)
+        body = VALID + b" " * (256 * 1024)
+        slow.sendall(HEAD + f"content-length: {len(body)}\r\n\r\n".encode())
+        for start in range(0, len(body), 64 * 1024):
+            slow.sendall(body[start:start + 64 * 1024])
+            time.sleep(0.1)
+        slow_answer = read_answer(slow.makefile("rb"))
+        for sock in silent:
+            assert read_to_eof(sock) == b"", "a silent connection got an answer"
+        for sock in half_headers + kept:
+            answer = read_to_eof(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"--header-timeout-s" in answer
+        for sock in short_bodies:
+            status, headers, error = read_answer(sock.makefile("rb"))
+            assert status == 408 and headers["connection"] == "close", (status, headers)
+            assert "expected 100 bytes within 0.3 s" in orjson.loads(error)["error"]
+            assert read_to_eof(sock) == b""
+        assert metric(server, "bitsmith_requests_total", model="fake", code="408",
+                      reason="body_timeout") == len(short_bodies)
+        after = post(server.infer_url("fake"), VALID)
+        for sock in [*silent, *half_headers, *kept, *short_bodies, slow]:
+            sock.close()
+    assert slow_answer[0] == 200, slow_answer
+    assert after.status == 200
+
+
+@pytest.mark.parametrize("header", [b"content-length: abc\r\n", b"content-length: -5\r\n",
+                                    b"content-length: 5\r\ncontent-length: 7\r\n"])
+def test_a_bad_content_length_is_a_400(header: bytes) -> None:
+    model, _ = fake_model()
+    with LiveServer([model], LONG) as server:
+        sock = connect(server)
+        sock.sendall(HEAD + header + b"\r\n" + VALID)
+        status, _, _ = read_answer(sock.makefile("rb"))
+        sock.close()
+        assert status == 400
+        assert post(server.infer_url("fake"), VALID).status == 200
+
+
+def test_a_content_length_shorter_than_the_body_is_a_400() -> None:
+    """The body is cut short (malformed JSON) and the rest is not HTTP: whichever the server
+    sees first, the answer is a 400."""
+    model, _ = fake_model()
+    with LiveServer([model], LONG) as server:
+        sock = connect(server)
+        sock.sendall(HEAD + b"content-length: 10\r\n\r\n" + VALID)
+        status, _, _ = read_answer(sock.makefile("rb"))
+        sock.close()
+        assert status == 400
+        assert post(server.infer_url("fake"), VALID).status == 200
+
+
+def test_during_the_grace_an_idle_keep_alive_connection_is_answered() -> None:
+    """A client idle on a keep-alive connection at SIGTERM sends once the server has ticked
+    (when uvicorn alone would have closed the connection): during the grace it gets a 503 and
+    `Connection: close`, as does a new connection. A second signal ends the grace."""
+    model, _ = fake_model()
+    with LiveServer([model], ServeOptions(drain_grace_ms=600_000, timeout_ms=30_000)) as server:
+        ticks: list[int] = []
+        tick = server.server.on_tick
+
+        async def counted(counter: int) -> bool:
+            ticks.append(counter)
+            return await tick(counter)
+
+        server.server.on_tick = counted  # type: ignore[method-assign]
+        idle = connect(server)
+        stream = idle.makefile("rb")
+        idle.sendall(REQUEST)
+        status, headers, _ = read_answer(stream)
+        assert status == 200 and "connection" not in headers
+        server.server.handle_exit(signal.SIGTERM, None)
+        seen = len(ticks)
+        wait_for(lambda: len(ticks) >= seen + 3 or not server.thread.is_alive(),
+                 "the server ticked")
+        idle.sendall(REQUEST)
+        status, headers, body = read_answer(stream)
+        assert status == 503 and headers["connection"] == "close", (status, headers)
+        assert b"shutting down" in body
+        assert read_to_eof(idle) == b""
+        fresh = connect(server)
+        fresh.sendall(REQUEST)
+        status, headers, _ = read_answer(fresh.makefile("rb"))
+        assert status == 503 and headers["connection"] == "close", (status, headers)
+        idle.close()
+        fresh.close()
+        server.server.handle_exit(signal.SIGTERM, None)
+        server.thread.join(60)
+        assert not server.thread.is_alive(), "a second signal did not end the grace"
+
+
+def keep_alive_client(port: int, log: list, stop: threading.Event) -> None:
+    """Send on one keep-alive connection until told `Connection: close`, then reconnect;
+    log each answer and whether its connection was fresh; stop when refused or lost."""
+    request = REQUEST
+    sock = stream = None
+    fresh = True
+    while not stop.is_set():
+        if sock is None:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            except OSError:
+                log.append(("refused", True))
+                return
+            stream, fresh = sock.makefile("rb"), True
+        try:
+            sock.sendall(request)
+            status, headers, body = read_answer(stream)
+        except OSError:
+            log.append(("lost", fresh))
+            return
+        log.append((status, headers.get("connection"), body, fresh))
+        fresh = False
+        if headers.get("connection") == "close":
+            sock.close()
+            sock = None
+    if sock is not None:
+        sock.close()
+
+
+def test_sigterm_answers_every_request_on_an_open_connection() -> None:
+    """Clients send continuously on keep-alive connections through a SIGTERM: each request
+    written to an open connection gets 200 or 503, none a closed connection. A fresh
+    connection may be refused (or lost, if it crossed the listener's close: it never reached
+    the server) once the grace is over."""
+    model, _ = fake_model()
+    options = ServeOptions(drain_grace_ms=1500, timeout_ms=30_000)
+    logs: list[list] = [[] for _ in range(4)]
+    stop = threading.Event()
+    with LiveServer([model], options) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        clients = [threading.Thread(target=keep_alive_client, args=(port, log, stop))
+                   for log in logs]
+        for client in clients:
+            client.start()
+        wait_for(lambda: all(len(log) >= 3 for log in logs), "every client was answered")
+        server.server.handle_exit(signal.SIGTERM, None)
+        server.thread.join(60)
+        assert not server.thread.is_alive(), "the server did not exit after the grace"
+        stop.set()
+        for client in clients:
+            client.join(60)
+    answers = [entry for log in logs for entry in log]
+    lost = [entry for entry in answers if entry[0] == "lost" and not entry[1]]
+    assert not lost, f"{len(lost)} request(s) on an open keep-alive connection got no answer"
+    statuses = {entry[0] for entry in answers if entry[0] not in ("lost", "refused")}
+    assert statuses == {200, 503}, statuses
+    for _, connection, body, _ in (e for e in answers if e[0] == 503):
+        assert connection == "close" and b"shutting down" in body
+
+
+def test_the_options_refuse_nonsense() -> None:
+    for field, value in (("body_timeout_s", 0), ("header_timeout_s", -1), ("min_body_rate", 0),
+                         ("max_response_bytes", 0), ("drain_grace_ms", -1)):
+        with pytest.raises(ServingError, match=field):
+            ServeOptions(**{field: value})
+
+
+def test_fixtures_answer_as_the_fake_model() -> None:
+    """The in-process driver sees what a client would: the fake model's outputs."""
+    model, _ = fake_model()
+
+    async def scenario() -> Answer:
+        async with serving([model]) as (app, _state):
+            return await call(app, "/v2/models/fake/infer", VALID)
+
+    answer = asyncio.run(scenario())
+    assert answer.status == 200
+    np.testing.assert_array_equal(decode_response(answer.body)["y"],
+                                  expected(np.array([[1, 2, 3]], np.float32))[0])
