@@ -1,4 +1,11 @@
-"""Parser for the generic text form; errors carry line:column and what was expected."""
+"""Parser for the generic text form; errors carry line:column and what was expected.
+
+IR text is data: nothing in it is evaluated (dims are read by `ir.dimexpr`'s grammar), and
+the grammar bounds what it builds, so that any text ends in a Module or a `ParseError`:
+nesting of regions and attribute lists (MAX_NESTING), tensor rank (MAX_RANK), dims (at most
+2**62), integer literals (64 bits), result counts. Verification afterwards raises
+`VerifyError`.
+"""
 from __future__ import annotations
 
 import difflib
@@ -7,14 +14,22 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
-import sympy
 
-from ..errors import IRError, ParseError
+from ..errors import IRError, ParseError, VerifyError
 from .attributes import Attribute, DenseAttr
 from .core import OP_REGISTRY, Block, Operation, Region, Value
+from .dimexpr import (
+    MAX_DIGITS,
+    MAX_DIM,
+    MAX_TERMS,
+    error_at,
+    expanded_terms,
+    read_parenthesized_dim,
+    symbol,
+)
 from .dtypes import DType, parse_dtype
 from .module import Module
-from .types import Dim, GroupAxis, QuantType, TensorType, ZeroPoint, make_dim, symbol
+from .types import Dim, GroupAxis, QuantType, TensorType, ZeroPoint
 from .verifier import verify
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.$-]*")
@@ -23,6 +38,16 @@ _NUMBER = re.compile(r"-?(inf|nan|[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?)")
 _WORD = re.compile(r"[A-Za-z0-9_]+")
 _UPPER = re.compile(r"[A-Z][A-Z0-9_]*")
 _DTYPE = re.compile(r"[a-z][a-z0-9]*")
+_DIGITS = re.compile(r"[0-9]+")
+_KEYWORD = re.compile(r"(none|true|false)\b")
+_KEYWORDS: dict[str, Attribute] = {"none": None, "true": True, "false": False}
+
+MAX_NESTING = 64
+"""Deepest nesting of regions and of attribute lists."""
+MAX_RANK = 64
+MAX_RESULTS = 1 << 16
+INT_RANGE = (-(2**63), 2**64 - 1)
+"""Integer attributes hold i64 or u64 values."""
 
 
 class Parser:
@@ -32,16 +57,19 @@ class Parser:
         self.text = text
         self.pos = 0
         self.scopes: list[dict[str, Value]] = [{}]
+        self.depth = 0
+        self.op_positions: dict[Operation, int] = {}  # where each op starts, for verify
 
     # ---- low level ----------------------------------------------------------------------
     def error(self, message: str, pos: int | None = None) -> ParseError:
         """A ParseError at `pos` (default: the current position)."""
-        pos = self.pos if pos is None else pos
-        line = self.text.count("\n", 0, pos) + 1
-        start = self.text.rfind("\n", 0, pos) + 1
-        end = self.text.find("\n", pos)
-        source = self.text[start:end if end >= 0 else len(self.text)]
-        return ParseError(line, pos - start + 1, message, source)
+        return error_at(self.text, self.pos if pos is None else pos, message)
+
+    def nest(self, what: str) -> None:
+        """Enter one more level of regions or attribute lists, refusing too many."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"{what} nested deeper than {MAX_NESTING} levels")
 
     def skip(self) -> None:
         """Skip whitespace and `//` comments."""
@@ -106,40 +134,52 @@ class Parser:
     def tensor_type(self) -> TensorType:
         """`tensor<d0xd1x...xelement>`."""
         self.expect("tensor<", "a tensor type 'tensor<...>'")
+        type_pos = self.pos
         dims: list[Dim] = []
         while True:
             start = self.pos
+            if len(dims) > MAX_RANK:
+                raise self.error(f"tensor rank above {MAX_RANK}", type_pos)
             if self.text[self.pos:self.pos + 1].isdigit():
-                dims.append(int(self.match(re.compile(r"[0-9]+"), "a dimension")))
+                dims.append(self.integer(0, MAX_DIM, "a dimension"))
             elif self.text.startswith("(", self.pos):
-                dims.append(self.dim_expr())
+                expr, self.pos = read_parenthesized_dim(self.text, self.pos)
+                dims.append(expr)
             elif _UPPER.match(self.text, self.pos):
                 dims.append(symbol(self.match(_UPPER, "a symbol")))
             else:
                 element = self.element_type()
                 self.expect(">", "'>' closing the tensor type")
-                return TensorType(tuple(dims), element)
+                self.check_dims_product(dims, type_pos)
+                try:
+                    return TensorType(tuple(dims), element)
+                except IRError as exc:
+                    raise self.error(f"bad tensor type: {exc}", type_pos) from None
             if not self.text.startswith("x", self.pos):
                 raise self.error(f"expected 'x' after dimension, got {self.found()}", start)
             self.pos += 1
 
-    def dim_expr(self) -> Dim:
-        """A parenthesized sympy expression over symbols."""
-        start, depth = self.pos, 0
-        while self.pos < len(self.text):
-            ch = self.text[self.pos]
-            depth += ch == "("
-            depth -= ch == ")"
-            self.pos += 1
-            if depth == 0:
-                break
-        body = self.text[start + 1:self.pos - 1]
-        names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", body))
-        try:
-            expr = sympy.parse_expr(body, local_dict={n: symbol(n) for n in names})
-            return make_dim(expr)
-        except (SyntaxError, TypeError, ValueError, sympy.SympifyError) as exc:
-            raise self.error(f"bad dimension expression '({body})': {exc}", start) from None
+    def check_dims_product(self, dims: list[Dim], pos: int) -> None:
+        """The element count of a shape is simplified by the verifier: it must expand to at
+        most MAX_TERMS terms, as each dim must (see `ir.dimexpr`)."""
+        terms = 1
+        for d in dims:
+            terms = min(MAX_TERMS + 1, terms * expanded_terms(d))
+        if terms > MAX_TERMS:
+            raise self.error(f"tensor type too complex: the product of its dims expands to "
+                             f"more than {MAX_TERMS} terms", pos)
+
+    def integer(self, low: int, high: int, what: str) -> int:
+        """A decimal literal (an optional '-' when `low` < 0) within [low, high]."""
+        self.skip()
+        start = self.pos
+        sign = -1 if low < 0 and self.accept("-") else 1
+        digits = self.match(_DIGITS, what)
+        if len(digits) > MAX_DIGITS + 1 or not low <= sign * int(digits) <= high:
+            shown = digits if len(digits) <= 24 else digits[:24] + "..."
+            raise self.error(f"{what} {'-' if sign < 0 else ''}{shown} is out of range: "
+                             f"expected {low} .. {high}", start)
+        return sign * int(digits)
 
     def element_type(self) -> DType | QuantType:
         """A dtype name or a `!quant.weight<...>` type."""
@@ -186,19 +226,21 @@ class Parser:
         if self.peek('"'):
             return self.string()
         if self.accept("["):
+            self.nest("attribute lists")
             items: list[Attribute] = []
             if not self.accept("]"):
                 items.append(self.attribute())
                 while self.accept(","):
                     items.append(self.attribute())
                 self.expect("]", "']' or ','")
+            self.depth -= 1
             return tuple(items)
         if self.accept("dense<"):
             return self.dense()
-        for word, value in (("none", None), ("true", True), ("false", False)):
-            if re.match(word + r"\b", self.text[self.pos:]):
-                self.pos += len(word)
-                return value
+        keyword = _KEYWORD.match(self.text, self.pos)  # not on a copy of the rest: linear
+        if keyword:
+            self.pos = keyword.end()
+            return _KEYWORDS[keyword.group(0)]
         if _NUMBER.match(self.text, self.pos):
             return self.number()
         if _DTYPE.match(self.text, self.pos):
@@ -207,10 +249,12 @@ class Parser:
 
     def number(self) -> int | float:
         """An int or float literal (floats have '.', an exponent, inf or nan)."""
+        start = self.pos
         text = self.match(_NUMBER, "a number")
         if any(c in text for c in ".eEn") or "inf" in text:
             return float(text)
-        return int(text)
+        self.pos = start
+        return self.integer(*INT_RANGE, "an integer literal")
 
     def dense(self) -> DenseAttr:
         """`dense<tensor<...> [v, ...]>` (after `dense<`)."""
@@ -230,7 +274,7 @@ class Parser:
             array = np.array(values, dtype=type.dtype.numpy_dtype).reshape(
                 tuple(int(d) for d in type.shape))
             return DenseAttr(type, array)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError, IRError) as exc:
             raise self.error(f"bad dense literal: {exc}", start) from None
 
     def attr_dict(self) -> dict[str, Attribute]:
@@ -272,7 +316,7 @@ class Parser:
             count = 1
             result_name = self.match(re.compile(r"%[0-9]+"), "a result name like %3")[1:]
             if self.accept(":"):
-                count = int(self.match(re.compile(r"[0-9]+"), "a result count"))
+                count = self.integer(0, MAX_RESULTS, "a result count")
             self.expect("=")
         name_pos = self.pos
         name = self.string()
@@ -300,7 +344,7 @@ class Parser:
         attrs = self.attr_dict() if self.accept("{") else {}
         try:
             attrs = cls._with_defaults(attrs)
-        except IRError as exc:
+        except (IRError, ValueError, TypeError, OverflowError) as exc:  # float("text") too
             raise self.error(str(exc), attrs_pos) from None
         self.expect(":", "':' and the op's type signature")
         sig_pos = self.pos
@@ -313,6 +357,7 @@ class Parser:
             loc = self.string()
             self.expect(")")
         op = cls([v for v, _ in operands], out_types, attrs, regions, loc)
+        self.op_positions[op] = start
         if result_name is not None:
             if len(op.results) == 1:
                 self.define(result_name, op.results[0], start)
@@ -340,6 +385,7 @@ class Parser:
     def regions(self) -> list[Region]:
         """`({ ^bb0(...): ops }, ...)`."""
         self.expect("(")
+        self.nest("regions")
         regions: list[Region] = []
         while True:
             self.expect("{", "'{' opening a region")
@@ -350,6 +396,7 @@ class Parser:
             self.scopes.pop()
             regions.append(Region([block]))
             if self.accept(")"):
+                self.depth -= 1
                 return regions
             self.expect(",", "',' or ')'")
 
@@ -395,8 +442,12 @@ class Parser:
         module = Module(name, types, names, weights)
         for arg, arg_name, pos in zip(module.body.args, names, positions, strict=True):
             self.define(arg_name, arg, pos)
-        while not self.accept("}"):
+        while not self.peek("}"):
             module.body.append(self.op())
+        last = module.body.terminator
+        if last is not None and last.name != "func.return":
+            raise self.error(f"expected the body to end with 'func.return', got '{last.name}'")
+        self.expect("}")
         self.expect("}")
         self.skip()
         if self.pos != len(self.text):
@@ -412,8 +463,46 @@ class Parser:
 
 def parse(text: str, weights: Mapping[str, np.ndarray] | None = None,
           verify_module: bool = True) -> Module:
-    """Parse a module from its text form (weights are attached by name), then verify it."""
-    module = Parser(text).module(weights)
+    """Parse a module from its text form (weights are attached by name), then verify it.
+
+    Text that is not a module raises ParseError (line:col); a module that breaks an IR rule
+    raises VerifyError."""
+    parser = Parser(text)
+    try:
+        module = parser.module(weights)
+    except ParseError:
+        raise
+    except IRError as exc:  # a rule the grammar leaves to the IR (no func.return, ...)
+        raise parser.error(str(exc)) from None
+    except (RecursionError, ArithmeticError, ValueError, TypeError, LookupError,
+            AttributeError) as exc:  # the last line of defence: the grammar bounds all this
+        raise parser.error(f"cannot parse this text: {type(exc).__name__}: {exc}") from None
     if verify_module:
-        verify(module)
+        _verify(module, parser)
     return module
+
+
+def _verify(module: Module, parser: Parser) -> None:
+    """`verify`, where an op whose rules crash on what the text gave it is a ParseError at
+    that op (its attributes or types are what the op's checks could not take)."""
+    try:
+        verify(module)
+    except VerifyError:
+        raise
+    except (IRError, RecursionError, ArithmeticError, ValueError, TypeError, LookupError,
+            AttributeError) as exc:
+        op = next((op for op in module.walk() if _crashes(op)), None)
+        pos = parser.op_positions.get(op, 0) if op is not None else 0
+        what = f"op '{op.name}'" if op is not None else "the module"
+        raise parser.error(f"{what} cannot be verified: {type(exc).__name__}: {exc}",
+                           pos) from None
+
+
+def _crashes(op: Operation) -> bool:
+    try:
+        op.verify()
+    except VerifyError:
+        return False
+    except Exception:  # any crash: this looks for the op whose checks crash, to name it
+        return True
+    return False

@@ -9,7 +9,9 @@ from typing import cast
 
 import sympy
 
-from ..errors import DTypeError, ShapeError
+from ..errors import DTypeError, ParseError, ShapeError
+from .dimexpr import parse_dim
+from .dimexpr import symbol as symbol  # re-exported: ir.types.symbol is the public name
 from .dtypes import DType, IntType, LowFloatType, f16
 
 Dim = int | sympy.Expr
@@ -17,14 +19,16 @@ Dim = int | sympy.Expr
 
 
 def make_dim(value: object) -> Dim:
-    """Normalize an int / str / sympy value to a Dim (an int whenever it is constant)."""
+    """Normalize an int / str / sympy value to a Dim (an int whenever it is constant).
+
+    A str is read by the dim grammar of `ir.dimexpr` (`"B"`, `"2*S + 1"`), never evaluated."""
     if isinstance(value, bool):
         raise ShapeError(f"a dimension must be an int or a sympy expression, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ShapeError(f"a dimension must be >= 0, got {value}")
         return value
-    expr = sympy.sympify(value) if isinstance(value, str) else value
+    expr = _dim_from_text(value) if isinstance(value, str) else value
     if not isinstance(expr, sympy.Expr):
         raise ShapeError(f"a dimension must be an int or a sympy expression, got {value!r}")
     expr = _simplified(expr) if not expr.is_Symbol else expr
@@ -33,22 +37,30 @@ def make_dim(value: object) -> Dim:
     return expr
 
 
+def _dim_from_text(text: str) -> sympy.Expr:
+    try:
+        return parse_dim(text)
+    except ParseError as exc:
+        raise ShapeError(f"bad dimension {text[:80]!r}: {exc.reason} (column {exc.col}); "
+                         "expected an integer expression over symbols such as '2*S + 1'"
+                         ) from None
+
+
+def _as_expr(d: Dim) -> sympy.Expr:
+    return sympy.Integer(d) if isinstance(d, int) else d
+
+
 @functools.lru_cache(maxsize=4096)
 def _simplified(expr: sympy.Expr) -> sympy.Expr:
     """sympy.simplify, memoized: the same few dim expressions recur in every op of a model."""
     return sympy.simplify(expr)
 
 
-def symbol(name: str) -> sympy.Symbol:
-    """A symbolic dimension (positive integer symbol) such as the batch `B`."""
-    return sympy.Symbol(name, integer=True, positive=True)
-
-
 def dims_equal(a: Dim, b: Dim) -> bool:
     """True when two dimensions are provably equal."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    a, b = sympy.sympify(a), sympy.sympify(b)
+    a, b = _as_expr(a), _as_expr(b)
     return a == b or _simplified(a - b) == 0
 
 
@@ -175,7 +187,7 @@ class TensorType:
         static = [d for d in self.shape if isinstance(d, int)]
         if len(static) == self.rank:
             return math.prod(static)
-        return make_dim(sympy.Mul(*[sympy.sympify(d) for d in self.shape]))
+        return make_dim(sympy.Mul(*[_as_expr(d) for d in self.shape]))
 
     def with_shape(self, shape: tuple[Dim, ...]) -> TensorType:
         """The same element type with another shape."""
