@@ -41,8 +41,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -83,6 +85,9 @@ OFFLOAD_BYTES = 2**20
 """Bodies and responses over this size are decoded and encoded in a worker process."""
 OFFLOAD_WORKERS = 2
 BODY_SWEEP_SECONDS = 0.1
+DRAIN_LINGER_SECONDS = 1.0
+"""After the listener closes, how long connections already accepted may take to send their
+request and get its answer (every answer closes its connection while draining)."""
 ORJSON_SAFE = (3, 9, 15)
 """Older orjson overflows its stack on deeply nested JSON and kills the process
 (CVE-2024-27454); from 3.9.15 it refuses nesting deeper than 1024 with a JSONDecodeError."""
@@ -518,12 +523,69 @@ class DrainingServer(uvicorn.Server):
         self._graced_signal = None  # a second signal ends the grace
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        """Close the listener, then let the connections already accepted finish on their own
+        (while draining every answer closes its connection) for up to DRAIN_LINGER_SECONDS:
+        one accepted just before the close may hold a request not yet read, which uvicorn's
+        shutdown would drop with the idle connections. Then uvicorn's graceful shutdown."""
+        backlog = [socket.socket(fileno=os.dup(sock.fileno()))
+                   for server in self.servers for sock in server.sockets]
+        for server in self.servers:
+            server.close()
+        await _refuse_backlog(backlog)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_LINGER_SECONDS
+        while self.server_state.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets)
+
     async def on_tick(self, counter: int) -> bool:  # noqa: D102 - uvicorn's hook, every 0.1 s
         sig = self._graced_signal
         if sig is not None and time.monotonic() >= self._grace_ends:
             self._graced_signal = None
             super().handle_exit(sig, None)
         return await super().on_tick(counter)
+
+
+_DRAINING = orjson.dumps({"error": "the server is shutting down; send to another replica"})
+
+
+async def _refuse_backlog(listeners: Sequence[socket.socket]) -> None:
+    """Answer 503 to the connections still waiting in the listeners' accept queues (which a
+    plain close of a listening socket resets, with the request they carry), then close them."""
+    tasks = []
+    for sock in listeners:
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            tasks.append(asyncio.create_task(_refuse_one(conn)))
+        sock.close()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _refuse_one(conn: socket.socket) -> None:
+    """Read one request (headers and Content-Length body, within a second), answer 503 and
+    close: reading the request first, so the close does not reset the answer away."""
+    conn.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=conn)
+    try:
+        async with asyncio.timeout(1.0):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")
+                           and line.split(b":", 1)[1].strip().isdigit()), 0)
+            await reader.readexactly(min(length, 2**26))
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                     b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
+                     + str(len(_DRAINING)).encode() + b"\r\n\r\n" + _DRAINING)
+        await writer.drain()
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
 
 
 def make_server(models: Sequence[ServedModel], options: ServeOptions | None = None, *,

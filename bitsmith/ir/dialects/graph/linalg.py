@@ -160,6 +160,10 @@ def _pair(op: Operation, key: str) -> tuple[int, int]:
 def window_out(size: Dim, kernel: int, stride: int, pad: int, dilation: int,
                ceil_mode: bool = False) -> Dim:
     """Output length of a sliding window (torch's formula, including ceil_mode)."""
+    if stride < 1 or dilation < 1 or kernel < 1 or pad < 0:
+        raise ShapeError(f"a window needs kernel, stride and dilation >= 1 and padding >= 0, "
+                         f"got kernel {kernel}, stride {stride}, dilation {dilation}, "
+                         f"padding {pad}")
     span = dilation * (kernel - 1) + 1
     if not isinstance(size, int):
         if stride == 1:
