@@ -27,11 +27,17 @@ How integer codes become f32 (the DECODE knob):
   `torch.set_flush_denormal(True)`) gets NaN outputs from a probe, never silent zeros.
 - `magic` (the default where subnormals cost a microcode assist, as on Intel cores: measured
   once per process, `runtime.host.subnormal_penalty`): the code is moved to the top of the
-  mantissa of 1.0 (1 + u / 2**bits): a shift and one ternary-logic op per weight; 2**bits and
-  the offset ride on the scale and d.
+  mantissa of 1.0 (1 + u / 2**bits): a shift and one ternary-logic op per weight; 2**bits
+  rides on the activations, the offset on d.
 - `convert`: shift, mask and an int-to-float conversion.
 Low-bit floats decode by moving their bits into a float32 (exact); the constant factor that
-leaves out rides on the scale.
+leaves out rides on the activations.
+
+Every decode scales each activation row once per call by a power of two, 2**-e with e the
+row's largest exponent (with the constant factors above folded in), and the sums are scaled
+back on the output: products, chunk sums and d * x stay well inside the f32 range for any
+activations, subnormal to the largest float: an output is inf only where the true one
+overflows, and tiny activations (or a low-bit float's tiny decoded values) keep full precision.
 
 Knobs: TILE_N (weight rows sharing each activation vector), TILE_M (activation rows sharing
 each decoded weight vector), UNROLL (unroll the positions of a chunk), PARALLEL, DECODE.
@@ -104,10 +110,11 @@ def _chain(terms: list) -> Any:
     return out
 
 
-def _tree(terms: list) -> Any:
+def _tree(terms: list, combine: Any = None) -> Any:
+    """The terms added (or combined by `combine`) pairwise, as a tree."""
     while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
-                 for i in range(0, len(terms), 2)]
+        terms = [(combine(terms[i], terms[i + 1]) if combine else terms[i] + terms[i + 1])
+                 if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
     return terms[0]
 
 
@@ -191,6 +198,15 @@ def _pow2(e: Any) -> Any:
     return tvm.tirx.reinterpret("float32", ((e + 127).astype(U32)) << tvm.tirx.const(23, U32))
 
 
+def _pow2_half(e: Any, h: Any) -> Any:
+    """Half h (0 or 1) of 2**e, for an int32 e in [-252, 254]: two normal powers of two of the
+    same sign whose product is 2**e, which need not be a normal float itself (and a subnormal
+    factor would read as 0 on a thread that flushes them); multiplying by both is exact
+    unless the result is subnormal or overflows."""
+    half = e >> tvm.tirx.const(1, "int32")
+    return _pow2(tvm.tirx.Select(h == 0, half, e - half))
+
+
 def _pad_blocks(words: Any, blocks: int) -> Any:
     """Lanes-layout words [N, b, bits, lanes] padded with zero blocks to `blocks`."""
     extra = blocks - words.shape[1]
@@ -240,9 +256,9 @@ class _Blocking:
 
 @dataclass(frozen=True, slots=True)
 class _Decode:
-    """How the DECODE knob turns a code into f32: the decoded weights are the true ones times
-    `factor` (undone on the output) and off their integer codes by `offset` (corrected with the
-    zero point)."""
+    """How the DECODE knob turns a code into f32: the decoded weights times `factor` (folded
+    into the activations) are the codes' values off by `offset` (corrected with the zero
+    point)."""
 
     mode: str
     qtype: QuantType
@@ -272,24 +288,30 @@ class _Decode:
 @dataclass(frozen=True, slots=True)
 class _Units:
     """The activations the decoded weights multiply (`xs`), and the unit the chunk sums come
-    out in, per row: their true value divided by it. With the subnormal decode the rows are
-    pre-scaled by their exponent `xexp`; otherwise the unit is the decode's constant factor."""
+    out in, per row: 2**(shift + e), e the row's largest exponent (|x| < 2**(e + 1)); the sums
+    are their true value divided by it. Scaling each row by its own power of two keeps the
+    products and sums well inside the f32 range whatever the activations' magnitude, from
+    subnormal to near the largest float; `shift` is 23 with the subnormal decode (products
+    u * x * 2**(-23 - e)), 0 otherwise. `down` [rows, 2] holds the halves of 2**-e, `up` those
+    of the unit (`_pow2_half`), computed once per row."""
 
     xs: te.Tensor
-    xexp: te.Tensor | None
-    factor: float
+    down: te.Tensor
+    up: te.Tensor
+    shift: int
 
-    def unit(self, m: Any) -> Any:
-        """The unit of row m (the products' 2**(-23 - e), undone, or the decode's factor)."""
-        if self.xexp is None:
-            return tvm.tirx.const(self.factor, "float32")
-        return _pow2(23 + self.xexp[m])
+    def to_true(self, v: Any, m: Any) -> Any:
+        """v, in the units of row m, as its true value."""
+        return v * self.up[m, 0] * self.up[m, 1]
 
-    def inverse_unit(self, m: Any) -> Any:
-        """1 / unit(m)."""
-        if self.xexp is None:
-            return tvm.tirx.const(1.0 / self.factor, "float32")
-        return _pow2(-23 - self.xexp[m])
+    def normalized(self, v: Any, m: Any) -> Any:
+        """A true value v of row m times 2**-e."""
+        return v * self.down[m, 0] * self.down[m, 1]
+
+    def from_true(self, v: Any, m: Any) -> Any:
+        """A true value v of row m in the row's units."""
+        v = self.normalized(v, m)
+        return v * tvm.tirx.const(2.0 ** -self.shift, "float32") if self.shift else v
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +380,7 @@ class _QLinear:
             name="xpad")
         units = self.units(xp, rows)
         # the correction d * x is one more FMA per chunk: the chunk's activations are summed
-        # per lane once per call (exact in the units of the chunk sums, powers of two)
+        # per lane once per call (in the units of the chunk sums, scaled by powers of two)
         xlane = self.lane_sums(xp, rows, units) if zero or self.decode.offset else None
         term = _ChunkTerm(cut, self.decode, self.words, units.xs, xlane,
                           zero[0] if zero else None)
@@ -375,33 +397,51 @@ class _QLinear:
         return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
 
     def units(self, xp: te.Tensor, rows: Any) -> _Units:
-        """The activations the decoded weights multiply, and the unit of the chunk sums."""
-        if self.decode.mode != "subnormal":
-            return _Units(xp, None, self.decode.factor)
-        # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
-        # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
-        cut, bits = self.cut, self.decode.qtype.bits
-        rk = te.reduce_axis((0, cut.kp), name="kx")
-        xmax = compute((rows,), lambda m: te.max(tvm.tirx.abs(xp[m, rk]), axis=rk),
-                       name="xmax")
-        xexp = compute((rows,), lambda m: tvm.tirx.max(tvm.tirx.min(
+        """The activations the decoded weights multiply, and the unit of the chunk sums: each
+        row scaled by 2**-e, e its largest exponent, so that the decoded weights times the
+        activations are the true products over 2**e, never overflowing or underflowing."""
+        cut, decode = self.cut, self.decode
+        # |x| maximised per lane (a serial reduction over the row is as slow as the whole
+        # GEMV of a small layer), then over the lanes as a tree
+        lanes = cut.lanes
+        rk = te.reduce_axis((0, cut.kp // lanes), name="kx")
+        xmax_lanes = compute((rows, lanes), lambda m, lane: te.max(
+            tvm.tirx.abs(xp[m, rk.var * lanes + lane]), axis=rk), name="xmax_lanes")
+        xmax = compute((rows,), lambda m: _tree([xmax_lanes[m, lane] for lane in range(lanes)],
+                                                tvm.tirx.max), name="xmax")
+        # e in [-127, 127] (-127 for a row of zeros or subnormals; inf and NaN give 127)
+        xexp = compute((rows,), lambda m: tvm.tirx.min(
             (tvm.tirx.reinterpret(U32, xmax[m]) >> tvm.tirx.const(23, U32))
-            .astype("int32") - 127, 104), -1), name="xexp")
-        xs = compute((rows, cut.kp), lambda m, kk: xp[m, kk] * _pow2(
-            126 - xexp[m] - _subnormal_bit((kk % cut.block) // cut.lanes, bits)),
-            name="xscaled")
-        return _Units(xs, xexp, self.decode.factor)
+            .astype("int32") - 127, 127), name="xexp")
+        shift = 23 if decode.mode == "subnormal" else 0
+        down = compute((rows, 2), lambda m, h: _pow2_half(-xexp[m], h), name="xdown")
+        up = compute((rows, 2), lambda m, h: _pow2_half(xexp[m] + shift, h), name="xup")
+        units = _Units(xp, down, up, shift)
+        if decode.mode == "subnormal":
+            # x * 2**(126 - e - p) for |x| < 2**(e+1) over the row: below 2**127 for every
+            # placement p, and the products come out as u * x * 2**(-23 - e), normal floats
+            bits = decode.qtype.bits
+            xs = compute((rows, cut.kp), lambda m, kk: units.normalized(xp[m, kk], m) * _pow2(
+                126 - _subnormal_bit((kk % cut.block) // cut.lanes, bits)), name="xscaled")
+        else:
+            # x * factor * 2**-e, the decode's constant factor folded in: the products are the
+            # true ones (code, zero point and offsets) times 2**-e, of the magnitude of codes
+            factor = tvm.tirx.const(decode.factor, "float32")
+            xs = compute((rows, cut.kp), lambda m, kk: units.normalized(xp[m, kk], m) * factor,
+                         name="xscaled")
+        return _Units(xs, down, up, shift)
 
     def lane_sums(self, xp: te.Tensor, rows: Any, units: _Units) -> te.Tensor:
-        """Each chunk's activations summed per lane, in the units of the chunk sums."""
+        """Each chunk's activations summed per lane, in the units of the chunk sums (each
+        scaled before the sum, which then cannot overflow)."""
         cut = self.cut
         return compute((rows, cut.blocks * cut.per_block, cut.lanes), lambda m, c, lane: _chain(
-            [xp[m, c * cut.chunk + p * cut.lanes + lane] for p in range(cut.positions)])
-            * units.inverse_unit(m), name="xlane")
+            [units.from_true(xp[m, c * cut.chunk + p * cut.lanes + lane], m)
+             for p in range(cut.positions)]), name="xlane")
 
     def in_true_units(self, dot: te.Tensor, xp: te.Tensor, rows: Any,
                       units: _Units) -> te.Tensor:
-        """The dot products times their unit (when it is not 1)."""
+        """The dot products times their unit."""
         n = self.n
         if self.decode.mode == "subnormal":
             # NaN if this thread treats subnormals as zero (DAZ, e.g.
@@ -411,11 +451,9 @@ class _QLinear:
             live = probe * tvm.tirx.const(2.0 ** 126, "float32") > tvm.tirx.const(
                 0.0, "float32")
             return compute((rows, n), lambda m, j: tvm.tirx.Select(
-                live, dot[m, j] * units.unit(m), tvm.tirx.const(float("nan"), "float32")),
+                live, units.to_true(dot[m, j], m), tvm.tirx.const(float("nan"), "float32")),
                 name="dot_scaled")
-        if self.decode.factor != 1.0:
-            return compute((rows, n), lambda m, j: dot[m, j] * units.unit(m), name="dot_scaled")
-        return dot
+        return compute((rows, n), lambda m, j: units.to_true(dot[m, j], m), name="dot_scaled")
 
 
 def default_decode(int_codes: bool, target: Target) -> str:
@@ -499,9 +537,19 @@ class QDense(TvmTemplate):
 
     @staticmethod
     def _schedule(sch: s_tir.Schedule, config: Config, target: Target, per_block: int) -> None:
-        inline_injective(sch, keep={"acc", "dot", "xpad", "xlane", "xmax", "xscaled"})
+        inline_injective(sch, keep={"acc", "dot", "xpad", "xlane", "xmax", "xscaled", "xdown",
+                                    "xup"})
         blocks = {block_name(sch, b): b for b in root_blocks(sch)}
-        acc, dot = blocks["acc"], blocks["dot"]
+        acc, dot, xmax = blocks["acc"], blocks["dot"], blocks["xmax_lanes"]
+        _, lane, kx = sch.get_loops(xmax)
+        reorder(sch, kx, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(xmax, kx)
+        # the per-call passes over the activations, a vector at a time
+        _, kk = sch.get_loops(blocks["xscaled"])
+        sch.vectorize(sch.split(kk, [None, vector_lanes(target)])[1])
+        if "xlane" in blocks:
+            sch.vectorize(sch.get_loops(blocks["xlane"])[-1])
         tn, tm = int(config["TILE_N"]), int(config["TILE_M"])
         m, j = sch.get_loops(dot)
         mo, mi = sch.split(m, [None, tm])
