@@ -165,17 +165,23 @@ def crafted_bodies(valid: dict[str, Any]) -> Iterator[tuple[str, bytes]]:
     yield "duplicate keys", orjson.dumps(valid)[:-1] + b', "inputs": 5}'
 
 
-def mutate_bytes(body: bytes, rng: random.Random) -> bytes:
+JSON_BYTES = b'[]{}",:0123456789-.eE \x00\xff'
+
+
+def mutate_bytes(body: bytes, rng: random.Random, alphabet: bytes = JSON_BYTES,
+                 edits: int = 4, span: int = 40) -> bytes:
+    """1..`edits` random edits: a byte replaced from `alphabet`, a run deleted, or a span of
+    the text copied elsewhere."""
     data = bytearray(body)
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, edits)):
         where = rng.randrange(len(data))
         choice = rng.random()
         if choice < 0.4:
-            data[where] = rng.choice(b'[]{}",:0123456789-.eE \x00\xff')
+            data[where] = rng.choice(alphabet)
         elif choice < 0.7:
-            del data[where:where + rng.randint(1, 20)]
+            del data[where:where + rng.randint(1, span // 2)]
         else:
-            data[where:where] = data[rng.randrange(len(data)):][:rng.randint(1, 40)]
+            data[where:where] = data[rng.randrange(len(data)):][:rng.randint(1, span)]
     return bytes(data)
 
 
@@ -446,20 +452,12 @@ def parser_campaign(n: int, seed: int) -> Tally:
     marker = Path(tempfile.gettempdir()) / MARKER_NAME
     marker.unlink(missing_ok=True)
     for i in range(n):
-        text = bytearray(rng.choice(texts).encode())
+        text = rng.choice(texts)
         if i % 5 == 0:
-            mutated = text.decode().replace("x", "x" + rng.choice(PAYLOADS) + "x", 1)
+            mutated = text.replace("x", "x" + rng.choice(PAYLOADS) + "x", 1)
         else:
-            for _ in range(rng.randint(1, 5)):
-                where = rng.randrange(len(text))
-                op = rng.random()
-                if op < 0.4:
-                    text[where] = rng.choice(b"<>(){}[]x%:=,\"'0123456789-+*/BS \n")
-                elif op < 0.7:
-                    del text[where:where + rng.randint(1, 30)]
-                else:
-                    text[where:where] = text[rng.randrange(len(text)):][:rng.randint(1, 60)]
-            mutated = text.decode(errors="replace")
+            mutated = mutate_bytes(text.encode(), rng, b"<>(){}[]x%:=,\"'0123456789-+*/BS \n",
+                                   edits=5, span=60).decode(errors="replace")
         start = time.perf_counter()
         try:
             parse(mutated)

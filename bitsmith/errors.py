@@ -7,7 +7,8 @@ imports nothing of ours, so every layer (the runtime included) can raise these.
 
 ```
 BitsmithError
-├── IRError            VerifyError, ParseError, InterpretError (IndexOutOfRangeError),
+├── IRError            VerifyError, ParseError (TextVerifyError: both), InterpretError
+│                      (IndexOutOfRangeError),
 │                      DTypeError, ShapeError, PackingError, AttributeValueError
 ├── ModelError         ModelLoadError, UnsupportedOpError, UnsupportedModelError,
 │                      ConversionError
@@ -47,11 +48,21 @@ class ParseError(IRError):
     """Text that is not valid IR; carries line and column (1-based)."""
 
     def __init__(self, line: int, col: int, message: str, source_line: str = "") -> None:
-        self.line, self.col, self.reason = line, col, message
+        self.line, self.col, self.reason, self.source_line = line, col, message, source_line
         text = f"{line}:{col}: {message}"
         if source_line:
             text += f"\n  {source_line}\n  {' ' * (col - 1)}^"
-        super().__init__(text)
+        IRError.__init__(self, text)  # not super(): in TextVerifyError that is VerifyError's
+
+
+class TextVerifyError(ParseError, VerifyError):
+    """IR text that parses into a module breaking an IR rule: a ParseError at the op that
+    breaks it (line and column) and a VerifyError naming the op and the rule."""
+
+    def __init__(self, line: int, col: int, message: str, source_line: str = "",
+                 op: object = None) -> None:
+        self.op = op
+        ParseError.__init__(self, line, col, message, source_line)
 
 
 class InterpretError(IRError):

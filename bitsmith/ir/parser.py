@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..errors import IRError, ParseError, VerifyError
+from ..errors import IRError, ParseError, TextVerifyError, VerifyError
 from .attributes import Attribute, DenseAttr
 from .core import OP_REGISTRY, Block, Operation, Region, Value
 from .dimexpr import (
@@ -465,8 +465,9 @@ def parse(text: str, weights: Mapping[str, np.ndarray] | None = None,
           verify_module: bool = True) -> Module:
     """Parse a module from its text form (weights are attached by name), then verify it.
 
-    Text that is not a module raises ParseError (line:col); a module that breaks an IR rule
-    raises VerifyError."""
+    Every failure is a ParseError with line and column: text that is not a module, or (a
+    TextVerifyError, also a VerifyError) a module that breaks an IR rule, at the op that
+    breaks it."""
     parser = Parser(text)
     try:
         module = parser.module(weights)
@@ -487,8 +488,11 @@ def _verify(module: Module, parser: Parser) -> None:
     that op (its attributes or types are what the op's checks could not take)."""
     try:
         verify(module)
-    except VerifyError:
-        raise
+    except VerifyError as exc:  # at the op's place in the text
+        pos = parser.op_positions.get(exc.op, 0) if isinstance(exc.op, Operation) else 0
+        where = parser.error(str(exc), pos)
+        raise TextVerifyError(where.line, where.col, str(exc), where.source_line,
+                              exc.op) from None
     except (IRError, RecursionError, ArithmeticError, ValueError, TypeError, LookupError,
             AttributeError) as exc:
         op = next((op for op in module.walk() if _crashes(op)), None)

@@ -20,22 +20,23 @@ import torch
 import tvm
 
 import bitsmith
-from bitsmith import ir, passes
+from bitsmith import passes
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.lower import compile_funcs
 from bitsmith.codegen.tvm.target import host_target, tvm_target
 from bitsmith.codegen.tvm.templates import select
 from bitsmith.frontend import from_torch
-from bitsmith.ir import Builder, Module, Operation, OpResult, TensorType, Value, graph
-from bitsmith.ir.dialects import func, quant
+from bitsmith.ir import Module, Operation, OpResult, Value
+from bitsmith.ir.dialects import quant
 from bitsmith.ir.dialects.kernel import FusedOp
-from bitsmith.ir.dtypes import IntType, f16, f32, parse_dtype
+from bitsmith.ir.dtypes import IntType, f16, parse_dtype
 from bitsmith.ir.interpreter import EvalContext, evaluate_op, kernel_calls
-from bitsmith.ir.packing import pack_rows, to_storage
+from bitsmith.ir.packing import to_storage
 from bitsmith.ir.types import GroupAxis, QuantType, ZeroPoint
 from bitsmith.passes.quant_spec import quant_pipeline_entry
 
 from ..support import tolerance
+from .test_tvm_quant import qlinear_module
 
 FMAX = float(np.finfo(np.float32).max)
 RTOL = tolerance(np.dtype(np.float32))
@@ -59,29 +60,6 @@ dequantize-then-FMA path (groups along the input axis)."""
 CASES = [(name, decode) for name, (qt, _) in FORMATS.items()
          for decode in (("subnormal", "magic", "convert") if isinstance(qt.storage, IntType)
                         and qt.axis is GroupAxis.OUT else ("convert",))]
-
-
-def qlinear_module(qt: QuantType, m: int, n: int, k: int) -> Module:
-    """x [m, k] -> quant.linear(x, W): random codes, scales and zero points."""
-    rng = np.random.default_rng(0)
-    shape = tuple(int(d) for d in quant.scale_shape(qt, (n, k)))
-    module = Module("q", [TensorType((m, k), f32)], ["x"])
-    storage = qt.storage
-    codes = storage.to_bits(storage.cast(rng.standard_normal((n, k)) * 3))
-    module.weights.update({"w": pack_rows(codes, qt.bits),
-                           "s": (rng.random(shape) * 0.1 + 0.01).astype(np.float16)})
-    b = Builder.at_end(module.body)
-    w = b.value(graph.ConstantOp, weight="w", result_types=[TensorType((n, k), qt)])
-    s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(shape, f16)])
-    z = None
-    zdt = quant.zero_dtype(qt)
-    if zdt is not None:
-        lo, hi = int(storage.min_value), int(storage.max_value)
-        module.weights["z"] = zdt.cast(rng.integers(lo, hi + 1, shape))
-        z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(shape, zdt)])
-    b.create(func.ReturnOp, b.value(quant.LinearOp, module.inputs[0], w, s, z))
-    ir.verify(module)
-    return module
 
 
 def producer(value: Value) -> Operation:
@@ -137,7 +115,7 @@ def test_quantized_linear_matches_the_dequantized_reference_at_every_scale(
         name: str, decode: str) -> None:
     qt, k = FORMATS[name]
     m, n = 4, 47
-    module = qlinear_module(qt, m, n, k)
+    module = qlinear_module(qt, m, n, k, epilogue=False)
     wdq = dequantized_weight(module)
     passes.run(module, "fuse")
     xs = inputs(m, k)

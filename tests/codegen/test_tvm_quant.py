@@ -18,28 +18,33 @@ from ..support import random_inputs
 from .tvm_checks import build_and_run, check_module, kernel_calls
 
 
-def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0) -> Module:
-    """x [m, k] -> gelu(quant.linear(x, W) + b): a quantized layer with an epilogue."""
+def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0,
+                   epilogue: bool = True) -> Module:
+    """x [m, k] -> gelu(quant.linear(x, W) + b): a quantized layer with an epilogue (without
+    it, quant.linear(x, W) alone). Random codes, f16 scales and, where the format has them,
+    zero points."""
     rng = np.random.default_rng(seed)
-    shape = quant.scale_shape(qt, (n, k))
+    shape = tuple(int(d) for d in quant.scale_shape(qt, (n, k)))
     module = Module("q", [TensorType((m, k), f32)], ["x"])
     storage = qt.storage
     codes = storage.to_bits(storage.cast(rng.standard_normal((n, k)) * 3))
     module.weights.update({"w": pack_rows(codes, qt.bits),
-                           "s": (rng.random(shape) * 0.1 + 0.01).astype(np.float16),
-                           "b": rng.standard_normal(n).astype(np.float32)})
+                           "s": (rng.random(shape) * 0.1 + 0.01).astype(np.float16)})
+    if epilogue:
+        module.weights["b"] = rng.standard_normal(n).astype(np.float32)
     b = Builder.at_end(module.body)
     w = b.value(graph.ConstantOp, weight="w", result_types=[TensorType((n, k), qt)])
     s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(shape, f16)])
     z = None
     zdt = quant.zero_dtype(qt)
     if zdt is not None:
-        lo, hi = storage.min_value, storage.max_value
+        lo, hi = int(storage.min_value), int(storage.max_value)
         module.weights["z"] = zdt.cast(rng.integers(lo, hi + 1, shape))
         z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(shape, zdt)])
-    bias = b.value(graph.ConstantOp, weight="b", result_types=[TensorType((n,), f32)])
     y = b.value(quant.LinearOp, module.inputs[0], w, s, z)
-    y = b.value(graph.GeluOp, b.value(graph.BINARY_OPS["add"], y, bias))
+    if epilogue:
+        bias = b.value(graph.ConstantOp, weight="b", result_types=[TensorType((n,), f32)])
+        y = b.value(graph.GeluOp, b.value(graph.BINARY_OPS["add"], y, bias))
     b.create(func.ReturnOp, y)
     ir.verify(module)
     return module
