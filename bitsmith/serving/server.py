@@ -33,18 +33,17 @@ every client while stalled ones hold it); the timeouts free stalled sockets inst
 SIGTERM (or Ctrl-C): the server drains at once (readiness false, new infer requests answered
 503, every response says `Connection: close`); for --drain-grace-ms the listener and
 connections stay open, so that a request already written to a keep-alive connection is answered
-rather than reset; then the listening socket closes, every request already accepted (queued or
-running) is answered, and the process exits. A second signal ends the grace at once.
+rather than reset; then the listening socket closes (the accept queue answered 503), every
+request already accepted (queued or running) is answered, and the process exits. A second
+signal ends the grace at once. The HTTP layer (header timeouts and size, the drain) is in
+`connections`.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -63,11 +62,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import IndexOutOfRangeError, ServingError
 from ..runtime.processes import without_main, worker_pool
 from .batcher import Batcher, DeadlineExceeded, QueueFull, StandingQueue
+from .connections import DrainingServer, HeaderTimeoutHttp
 from .kserve import (
     InferRequest,
     InvalidRequest,
@@ -85,9 +84,6 @@ OFFLOAD_BYTES = 2**20
 """Bodies and responses over this size are decoded and encoded in a worker process."""
 OFFLOAD_WORKERS = 2
 BODY_SWEEP_SECONDS = 0.1
-DRAIN_LINGER_SECONDS = 1.0
-"""After the listener closes, how long connections already accepted may take to send their
-request and get its answer (every answer closes its connection while draining)."""
 ORJSON_SAFE = (3, 9, 15)
 """Older orjson overflows its stack on deeply nested JSON and kills the process
 (CVE-2024-27454); from 3.9.15 it refuses nesting deeper than 1024 with a JSONDecodeError."""
@@ -441,151 +437,6 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
                              "(--body-timeout-s, --min-body-rate-kb); send the body as fast as "
                              "the headers, and a Content-Length equal to its size", 408) from None
     return b"".join(chunks)
-
-
-class HeaderTimeoutHttp(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol, which also closes a connection whose request headers have
-    not all arrived `header_timeout` seconds after it opened or after the request's first byte
-    (uvicorn times out only idle keep-alive connections: a silent new connection or half-sent
-    headers would hold a socket forever). A half-sent request is answered 408 first."""
-
-    header_timeout = 10.0  # make_server sets it on a subclass per server
-    _header_timer: asyncio.TimerHandle | None = None
-    _partial = False  # some of a request arrived, not yet all its headers
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
-
-    def data_received(self, data: bytes) -> None:  # noqa: D102 - asyncio's hook
-        super().data_received(data)
-        # a later request on a keep-alive connection, its headers cut (whole ones, the usual
-        # case, set no timer)
-        if self._partial and self._header_timer is None and not self.transport.is_closing():
-            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
-
-    def on_message_begin(self) -> None:  # noqa: D102 - httptools' callback
-        super().on_message_begin()
-        self._partial = True
-
-    def on_headers_complete(self) -> None:  # noqa: D102 - httptools' callback
-        self._partial = False
-        self._cancel_header_timer()
-        super().on_headers_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102 - asyncio's hook
-        self._cancel_header_timer()
-        super().connection_lost(exc)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_late(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is not None and not self.cycle.response_complete:  # a request is served
-            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
-            return
-        if self._partial:
-            body = orjson.dumps({"error": f"request headers not received within "
-                                          f"{self.header_timeout:g} s (--header-timeout-s)"})
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: "
-                                 b"application/json\r\nconnection: close\r\ncontent-length: "
-                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self.transport.close()
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which on SIGTERM/SIGINT first marks the app as draining (readiness
-    false, new infer requests refused, every response closing its connection) for the grace,
-    and then shuts down gracefully: uvicorn closes the listening socket and idle connections and
-    waits for every request in progress."""
-
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
-        super().__init__(config)
-        self.state = state
-        self._graced_signal: int | None = None  # the signal whose exit waits for the grace
-        self._grace_ends = 0.0
-
-    def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: D102 - uvicorn's hook
-        if sig in (signal.SIGTERM, signal.SIGINT) and not self.state.draining:
-            self.state.draining = True
-            grace = self.state.options.drain_grace_ms / 1e3
-            queued = sum(b.depth for b in self.state.batchers.values())
-            log.info("draining: %d queued request(s) to finish; listening %g s more", queued,
-                     grace)
-            if grace > 0:
-                self._graced_signal, self._grace_ends = sig, time.monotonic() + grace
-                return
-        self._graced_signal = None  # a second signal ends the grace
-        super().handle_exit(sig, frame)
-
-    async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        """Close the listener, then let the connections already accepted finish on their own
-        (while draining every answer closes its connection) for up to DRAIN_LINGER_SECONDS:
-        one accepted just before the close may hold a request not yet read, which uvicorn's
-        shutdown would drop with the idle connections. Then uvicorn's graceful shutdown."""
-        backlog = [socket.socket(fileno=os.dup(sock.fileno()))
-                   for server in self.servers for sock in server.sockets]
-        for server in self.servers:
-            server.close()
-        await _refuse_backlog(backlog)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_LINGER_SECONDS
-        while self.server_state.connections and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        await super().shutdown(sockets)
-
-    async def on_tick(self, counter: int) -> bool:  # noqa: D102 - uvicorn's hook, every 0.1 s
-        sig = self._graced_signal
-        if sig is not None and time.monotonic() >= self._grace_ends:
-            self._graced_signal = None
-            super().handle_exit(sig, None)
-        return await super().on_tick(counter)
-
-
-_DRAINING = orjson.dumps({"error": "the server is shutting down; send to another replica"})
-
-
-async def _refuse_backlog(listeners: Sequence[socket.socket]) -> None:
-    """Answer 503 to the connections still waiting in the listeners' accept queues (which a
-    plain close of a listening socket resets, with the request they carry), then close them."""
-    tasks = []
-    for sock in listeners:
-        sock.setblocking(False)
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:  # BlockingIOError: the queue is empty
-                break
-            tasks.append(asyncio.create_task(_refuse_one(conn)))
-        sock.close()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _refuse_one(conn: socket.socket) -> None:
-    """Read one request (headers and Content-Length body, within a second), answer 503 and
-    close: reading the request first, so the close does not reset the answer away."""
-    conn.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=conn)
-    try:
-        async with asyncio.timeout(1.0):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")
-                           and line.split(b":", 1)[1].strip().isdigit()), 0)
-            await reader.readexactly(min(length, 2**26))
-        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                     b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-                     + str(len(_DRAINING)).encode() + b"\r\n\r\n" + _DRAINING)
-        await writer.drain()
-    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        pass
-    finally:
-        writer.close()
 
 
 def make_server(models: Sequence[ServedModel], options: ServeOptions | None = None, *,

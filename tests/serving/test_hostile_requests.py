@@ -487,6 +487,32 @@ def test_a_bad_content_length_is_a_400(header: bytes) -> None:
         assert post(server.infer_url("fake"), VALID).status == 200
 
 
+def test_headers_past_the_limit_are_a_431_and_the_server_goes_on() -> None:
+    """Header lines without end: httptools would keep them all; the protocol answers 431 once
+    they pass MAX_HEADER_BYTES, whether they come at once or a line at a time."""
+    model, _ = fake_model()
+    with LiveServer([model], LONG) as server:
+        line = b"x-filler: " + b"a" * 1000 + b"\r\n"
+        at_once, by_line = connect(server), connect(server)
+        at_once.sendall(HEAD + line * 100)
+        by_line.sendall(HEAD)
+        for _ in range(100):
+            try:
+                by_line.sendall(line)
+            except OSError:  # closed by the server once past the limit
+                break
+        for sock in (at_once, by_line):
+            answer = read_to_eof(sock)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+            assert b"over 65536 bytes" in answer
+            sock.close()
+        sock = connect(server)
+        sock.sendall(HEAD + line * 20 + b"content-length: " + str(len(VALID)).encode()
+                     + b"\r\n\r\n" + VALID)  # 20 KB of headers: within the limit
+        assert read_answer(sock.makefile("rb"))[0] == 200
+        sock.close()
+
+
 def test_a_content_length_shorter_than_the_body_is_a_400() -> None:
     """The body is cut short (malformed JSON) and the rest is not HTTP: whichever the server
     sees first, the answer is a 400."""
