@@ -314,8 +314,9 @@ def _reseal(members: dict[str, bytes]) -> dict[str, bytes]:
     """Checksums and digest re-made, as an attacker who knows the format would; the signature
     is kept (it cannot be re-made without the key)."""
     manifest = json.loads(members["manifest.json"])
-    manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()
-                         if n not in ("manifest.json", "integrity.json")}
+    listed = {n: d for n, d in members.items() if n not in ("manifest.json", "integrity.json")}
+    manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in listed.items()}
+    manifest["sizes"] = {n: len(d) for n, d in listed.items()}
     raw = json.dumps(manifest).encode()
     sig = json.loads(members["integrity.json"]).get("signature")
     return {**members, "manifest.json": raw,

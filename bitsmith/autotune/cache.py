@@ -497,9 +497,12 @@ def _read_export(path: Path, fingerprint: str | None) -> list[tuple[str, bytes]]
                 raise CacheError(f"cannot import {path}: cache format expected "
                                  f"{FORMAT_VERSION}, got {manifest.get('version')}; export it "
                                  "again with this version of bitsmith")
-            return [_verify_member(tar, path, item, fingerprint)
-                    for item in manifest.get("entries", [])]
-    except (OSError, EOFError, ValueError, tarfile.TarError) as exc:
+            entries = manifest.get("entries", [])
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise CacheError(f"cannot import {path}: manifest 'entries' expected a list of "
+                                 f"objects, got {type(entries).__name__}")
+            return [_verify_member(tar, path, item, fingerprint) for item in entries]
+    except (OSError, EOFError, ValueError, RecursionError, tarfile.TarError) as exc:
         raise CacheError(f"cannot import {path}: expected a file written by `bitsmith cache "
                          f"export`, got an unreadable one ({exc})") from None
 
@@ -530,6 +533,11 @@ def _verify_member(tar: tarfile.TarFile, path: Path, item: Mapping[str, Any],
     return key, blob
 
 
+MAX_EXPORT_MEMBER_BYTES = 256 * 2**20
+"""A kernel library or an export's manifest is far smaller; bounds what a crafted export makes
+an import read."""
+
+
 def _member(tar: tarfile.TarFile, name: str, path: Path) -> bytes | None:
     try:
         info = tar.getmember(name)
@@ -538,4 +546,7 @@ def _member(tar: tarfile.TarFile, name: str, path: Path) -> bytes | None:
     fh = tar.extractfile(info) if info.isfile() else None
     if fh is None:
         raise CacheError(f"cannot import {path}: member {name} expected a regular file")
-    return fh.read()
+    if info.size > MAX_EXPORT_MEMBER_BYTES:
+        raise CacheError(f"cannot import {path}: member {name} is {info.size} bytes, over the "
+                         f"limit of {MAX_EXPORT_MEMBER_BYTES}")
+    return fh.read(MAX_EXPORT_MEMBER_BYTES)

@@ -58,6 +58,7 @@ MAX_RATIO = 20
 """bitsmith stores members uncompressed; a deflated member may shrink at most this much (weights
 and code deflate 1.1-3x; a zip bomb, 1000x)."""
 MIN_KEY_BYTES = 16
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ class Manifest:
     requires: dict[str, Any] = field(default_factory=dict)  # machine, isa: [...]
     toolchain: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # member -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # member -> bytes
     weight_dtypes: dict[str, str] = field(default_factory=dict)  # stored as bits, see _as_bits
     format_version: int = FORMAT_VERSION
     bitsmith_version: str = ""
@@ -112,22 +114,28 @@ class Manifest:
                 "name": self.name, "inputs": [s.to_json() for s in self.inputs],
                 "outputs": [s.to_json() for s in self.outputs], "requires": self.requires,
                 "toolchain": self.toolchain, "plan": self.plan, "files": self.files,
+                "sizes": self.sizes,
                 "weight_dtypes": self.weight_dtypes, "metadata": self.metadata}
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
         """Read the JSON document back (the format version is checked by the caller); every
         field is checked for its type: ArtifactError names the first that is wrong."""
-        fields = _fields(data, MANIFEST, ("name", "inputs", "outputs", "files",
+        fields = _fields(data, MANIFEST, ("name", "inputs", "outputs", "files", "sizes",
                                            "format_version"))
-        kinds = {"name": str, "inputs": list, "outputs": list, "files": dict, "plan": dict,
+        kinds = {"name": str, "inputs": list, "outputs": list, "files": dict, "sizes": dict,
+                 "plan": dict,
                  "requires": dict, "toolchain": dict, "weight_dtypes": dict, "metadata": dict,
                  "bitsmith_version": str, "format_version": int}
         for key, kind in kinds.items():
             if key in fields and not isinstance(fields[key], kind):
                 raise ArtifactError(f"{MANIFEST}: field {key!r} should be a {kind.__name__}, "
                                     f"got {type(fields[key]).__name__}")
-        files, views = fields["files"], fields.get("weight_dtypes", {})
+        files, sizes, views = fields["files"], fields["sizes"], fields.get("weight_dtypes", {})
+        if set(sizes) != set(files) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62
+                for n in sizes.values()):
+            raise ArtifactError(f"{MANIFEST}: 'sizes' should give every member's size in bytes")
         for member, digest in files.items():
             if not isinstance(digest, str) or not _SHA256.match(digest):
                 raise ArtifactError(f"{MANIFEST}: the checksum of {member!r} should be a sha256 "
@@ -142,7 +150,8 @@ class Manifest:
                    inputs=tuple(TensorSpec.from_json(s) for s in fields["inputs"]),
                    outputs=tuple(TensorSpec.from_json(s) for s in fields["outputs"]),
                    plan=fields.get("plan", {}), requires=fields.get("requires", {}),
-                   toolchain=fields.get("toolchain", {}), files=files, weight_dtypes=views,
+                   toolchain=fields.get("toolchain", {}), files=files, sizes=sizes,
+                   weight_dtypes=views,
                    format_version=fields["format_version"],
                    bitsmith_version=fields.get("bitsmith_version", ""),
                    metadata=fields.get("metadata", {}))
@@ -236,6 +245,7 @@ def save_artifact(path: str | os.PathLike, manifest: Manifest, *,
         members[LIB_DIR + name] = bytes(data)
     final = Manifest(**{**manifest.__dict__,
                         "files": {k: _sha256(v) for k, v in members.items()},
+                        "sizes": {k: len(v) for k, v in members.items()},
                         "weight_dtypes": views,
                         "format_version": FORMAT_VERSION})
     raw = json.dumps(final.to_json(), indent=1, sort_keys=True).encode()
@@ -274,13 +284,16 @@ def load_artifact(path: str | os.PathLike, *, host: Mapping[str, Any] | None = N
             extra = sorted(set(infos) - {MANIFEST, INTEGRITY} - set(manifest.files))
             if extra:
                 raise ArtifactError(f"member {_brief(extra[0])} is not listed in the manifest")
-            members = {}
-            for name, digest in manifest.files.items():
-                data = _read(zf, infos, name, None)
-                if _sha256(data) != digest:
-                    raise ArtifactError(f"checksum mismatch for {name} (the file is corrupt or "
-                                        "was modified); recompile the model")
-                members[name] = data
+            on_disk = path.stat().st_size
+            for name in manifest.files:
+                info = infos.get(name)
+                if info is not None and (info.file_size != manifest.sizes[name]
+                                         or info.compress_size > on_disk):
+                    raise ArtifactError(f"member {name} claims {info.file_size} bytes "
+                                        f"({info.compress_size} compressed, in a file of "
+                                        f"{on_disk}), the manifest says {manifest.sizes[name]}")
+            members = {name: _read(zf, infos, name, None, digest)
+                       for name, digest in manifest.files.items()}
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
@@ -321,20 +334,30 @@ def _members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
 
 
 def _read(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], name: str,
-          limit: int | None) -> bytes:
-    """A member's bytes, by name, never more than its declared size (or `limit`)."""
+          limit: int | None, digest: str | None = None) -> bytes:
+    """A member's bytes, by name, never more than its declared size (or `limit`), read in
+    chunks (never one allocation of what a header claims); with `digest`, checked."""
     info = infos.get(name)
     if info is None:
         what = "not a bitsmith artifact" if name == MANIFEST else "listed in the manifest"
         raise ArtifactError(f"missing member {name} ({what})")
     if limit is not None and info.file_size > limit:
         raise ArtifactError(f"member {name} is {info.file_size} bytes, over the limit of {limit}")
+    hasher, chunks, size = hashlib.sha256(), [], 0
     with zf.open(info) as fh:
-        data = fh.read(info.file_size + 1)
-    if len(data) != info.file_size:
-        raise ArtifactError(f"member {name} holds {len(data)} bytes, its header says "
-                            f"{info.file_size}")
-    return data
+        while chunk := fh.read(min(_CHUNK, info.file_size + 1 - size)):
+            size += len(chunk)
+            if size > info.file_size:
+                break
+            hasher.update(chunk)
+            chunks.append(chunk)
+    if size != info.file_size:
+        raise ArtifactError(f"member {name} holds {'more than ' if size > info.file_size else ''}"
+                            f"{size} bytes, its header says {info.file_size}")
+    if digest is not None and hasher.hexdigest() != digest:
+        raise ArtifactError(f"checksum mismatch for {name} (the file is corrupt or was "
+                            "modified); recompile the model")
+    return b"".join(chunks)
 
 
 def _check_integrity(raw: bytes, manifest: bytes, key: bytes | None) -> bool:
@@ -344,15 +367,17 @@ def _check_integrity(raw: bytes, manifest: bytes, key: bytes | None) -> bool:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         doc = None
-    if not isinstance(doc, dict) or not isinstance(doc.get("digest"), str):
-        raise ArtifactError(f"{INTEGRITY} is malformed; recompile the model")
+    if not isinstance(doc, dict) or not isinstance(doc.get("digest"), str) or not _SHA256.match(
+            doc["digest"]):
+        raise ArtifactError(f"{INTEGRITY} is malformed (expected a sha256 hex digest); "
+                            "recompile the model")
     if not hmac.compare_digest(doc["digest"], _sha256(manifest)):
         raise ArtifactError(f"{MANIFEST} does not match its digest in {INTEGRITY} (the file is "
                             "corrupt or was modified); recompile the model")
     if key is None:
         return False
     signature = doc.get("signature")
-    if not isinstance(signature, str):
+    if not isinstance(signature, str) or not _SHA256.match(signature):
         raise ArtifactError("the artifact is not signed, and a key was given: refusing it; sign "
                             "it with `bitsmith compile --sign KEYFILE`")
     if not hmac.compare_digest(signature, _signature(key, manifest)):

@@ -19,7 +19,7 @@ MAX_DIM_TEXT = 256
 MAX_DIM = 2**62
 
 
-def dim_symbols(dim: int | str) -> set[str]:
+def dim_symbols(dim: object) -> set[str]:
     """The symbols a dim uses (checking that it is a well-formed dim expression)."""
     if isinstance(dim, int) and not isinstance(dim, bool):
         if not 0 <= dim < MAX_DIM:

@@ -92,7 +92,13 @@ class Executor:
         key = tuple(sorted(bindings.items()))
         bound = self._bound.get(key)
         if bound is None:
-            bound = self._bound[key] = _Bound(self, bindings)
+            try:
+                bound = _Bound(self, bindings)
+            except (MemoryError, ValueError, OverflowError) as exc:
+                raise ArtifactError(f"the plan's buffers for {dict(bindings)} cannot be "
+                                    f"allocated ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    "the plan is damaged, recompile the model") from None
+            self._bound[key] = bound
         return bound
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:

@@ -55,7 +55,7 @@ def bind_checks(step: Mapping[str, Any], bindings: Mapping[str, int]) -> list[In
             checks.append(IndexCheck(str(entry["what"]), source,
                                      -size if entry["negative"] else 0, size,
                                      int(entry["axis"])))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise ArtifactError(f"step {step.get('kernel')}: malformed index check {entry!r} "
                                 f"({exc!r}); recompile the model") from None
     return checks

@@ -138,6 +138,24 @@ def _step(index: int, step: Any, values: Mapping[str, Any], defined: set[str],
                                 "defined (an input, a weight or an earlier step's output)")
         defined.add(vid)
     checks = step.get("index_checks", [])
-    if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
-        raise ArtifactError(f"step {index} ({name}): 'index_checks' should be a list of "
-                            "objects")
+    if not isinstance(checks, list):
+        raise ArtifactError(f"step {index} ({name}): 'index_checks' should be a list")
+    for check in checks:
+        _index_check(index, name, check, step["inputs"])
+
+
+def _index_check(index: int, name: str, check: Any, inputs: Sequence[str]) -> None:
+    """One index check: what (str), size (a dim), negative (bool), axis (an int) and either
+    the value it reads (one of the step's inputs) or the constant indices' [min, max]."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62
+    ok = (isinstance(check, dict) and isinstance(check.get("what"), str)
+          and isinstance(check.get("negative"), bool) and whole(check.get("axis")))
+    value, extremes = (check.get("value"), check.get("extremes")) if ok else (None, None)
+    ok = ok and ((value is None) != (extremes is None)) and (
+        value in inputs if value is not None else
+        isinstance(extremes, list) and len(extremes) == 2 and all(map(whole, extremes)))
+    if not ok:
+        raise ArtifactError(f"step {index} ({name}): a malformed index check (expected what, "
+                            "size, negative, axis, and a value the step reads or [min, max])")
+    dim_symbols(check.get("size"))

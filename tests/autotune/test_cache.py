@@ -249,6 +249,16 @@ def test_import_verifies_checksums(cache, tmp_path) -> None:
     assert other.keys() == []
 
 
+@pytest.mark.parametrize("manifest_bytes", [
+    b'{"format": "bitsmith-cache-export", "version": 1, "entries": 5}',
+    b'{"format": "bitsmith-cache-export", "version": 1, "entries": ["x"]}',
+    b"[" * 100_000 + b"]" * 100_000, b'{"format": 1e999}', b"\xff\xfe"])
+def test_a_crafted_export_manifest_is_a_cache_error(tmp_path, manifest_bytes: bytes) -> None:
+    write_tar(tmp_path / "c.tar", {"manifest.json": manifest_bytes})
+    with pytest.raises(CacheError, match="cannot import"):
+        ArtifactCache(tmp_path / "elsewhere").import_(tmp_path / "c.tar")
+
+
 def test_show_of_a_missing_key_says_how_to_list(cache) -> None:
     with pytest.raises(CacheError, match="no cache entry .* run `bitsmith cache ls`"):
         cache.show(key_of())

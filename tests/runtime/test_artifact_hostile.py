@@ -66,8 +66,9 @@ def _reseal(members: dict[str, bytes]) -> None:
     """Re-write the member checksums and the manifest's digest, as an attacker who knows the
     format would; the signature stays as it was (it cannot be remade without the key)."""
     manifest = json.loads(members["manifest.json"])
-    manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()
-                         if n not in ("manifest.json", "integrity.json")}
+    listed = {n: d for n, d in members.items() if n not in ("manifest.json", "integrity.json")}
+    manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in listed.items()}
+    manifest["sizes"] = {n: len(d) for n, d in listed.items()}
     raw = json.dumps(manifest).encode()
     members["manifest.json"] = raw
     sig = json.loads(members["integrity.json"])["signature"]
@@ -117,6 +118,23 @@ def test_duplicate_members_and_bombs_are_refused_before_reading(built, tmp_path:
         bitsmith.load(bad)
 
 
+def test_a_size_a_zip_header_lies_about_is_refused_before_reading(built, tmp_path) -> None:
+    """The weights' central-directory entry claims 4 GiB (stored, so 4 GiB compressed too):
+    refused against the manifest's size (and the file's) before any of it is read or
+    allocated, signed or not."""
+    path, _, _ = built
+    data = bytearray(path.read_bytes())
+    name = b"weights.safetensors"
+    at = data.index(b"PK\x01\x02")  # the central directory's entries, after the members
+    while data[at + 46:at + 46 + len(name)] != name:
+        at = data.index(b"PK\x01\x02", at + 4)
+    data[at + 20:at + 28] = (0xF0000000).to_bytes(4, "little") * 2  # compressed, file size
+    bad = tmp_path / "liar.bsm"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors claims 4026531840 bytes"):
+        bitsmith.load(bad)
+
+
 def test_manifest_edits_fail_the_digest_and_plan_edits_fail_the_plan(built, tmp_path) -> None:
     path, x, want = built
     bad = tmp_path / "edit.bsm"
@@ -146,6 +164,21 @@ def test_manifest_edits_fail_the_digest_and_plan_edits_fail_the_plan(built, tmp_
     with pytest.raises(ArtifactError, match=r"weight .* holds \d+ element\(s\), the plan"):
         bitsmith.load(bad)
     np.testing.assert_array_equal(bitsmith.load(path)(x), want)  # the original still runs
+
+
+def test_a_malformed_integrity_member_is_refused(built, tmp_path: Path) -> None:
+    path, _, _ = built
+    bad = tmp_path / "integrity.bsm"
+    for doc in ({"digest": "\u00e9" * 64}, {"digest": 5}, [], {"digest": "ab" * 32 + "\u00e9"}):
+        _write(bad, list({**_members(path), "integrity.json": json.dumps(doc).encode()}.items()))
+        with pytest.raises(ArtifactError, match="integrity.json is malformed"):
+            bitsmith.load(bad)
+    members = _members(path)
+    digest = json.loads(members["integrity.json"])["digest"]
+    members["integrity.json"] = json.dumps({"digest": digest, "signature": "\u00e9"}).encode()
+    _write(bad, list(members.items()))
+    with pytest.raises(ArtifactError, match="not signed"):
+        bitsmith.load(bad, key=KEY)
 
 
 def test_signed_artifacts_refuse_any_change_and_any_other_key(built, tmp_path: Path) -> None:
@@ -187,6 +220,11 @@ def test_a_library_with_a_constructor_never_runs(built, tmp_path: Path) -> None:
     members = _members(path)
     members["lib/kernels.so"] = lib.read_bytes()
     _write(bad, members)
+    with pytest.raises(ArtifactError, match=r"member lib/kernels\.so claims \d+ bytes .*the "
+                                            r"manifest says \d+"):
+        bitsmith.load(bad)
+    members["lib/kernels.so"] += bytes(len(_members(path)["lib/kernels.so"]) - lib.stat().st_size)
+    _write(bad, members)  # the size the manifest says: the checksum refuses it
     with pytest.raises(ArtifactError, match="checksum mismatch for lib/kernels.so"):
         bitsmith.load(bad)
     signed = tmp_path / "signed.bsm"
@@ -285,3 +323,33 @@ def test_malformed_manifest_fields_are_refused_or_harmless(built, tmp_path: Path
             continue
         np.testing.assert_array_equal(got, want, err_msg=f"{where} changed")
     assert refused > 0
+
+
+def test_malformed_index_checks_are_refused_at_load(tmp_path: Path) -> None:
+    """An embedding's index check, each field replaced by junk (JSON Infinity included):
+    refused when the artifact loads, not as a raw error at the first request."""
+    table = torch.nn.Embedding(11, 4)
+    ids = torch.tensor([[1, 2, 10]])
+    path = tmp_path / "emb.bsm"
+    bitsmith.compile(table, (ids,)).save(path)
+    doc = json.loads(_members(path)["manifest.json"])
+    (step,) = [s for s in doc["plan"]["steps"] if s.get("index_checks")]
+    assert bitsmith.load(path)(ids.numpy()).shape == (1, 3, 4)
+    bad = tmp_path / "bad.bsm"
+    for field in step["index_checks"][0]:
+        for junk in (None, "x", 1e999, [1], True, -(2**70)):
+            members = _members(path)
+
+            def change(m: dict, field: str = field, junk: object = junk) -> None:
+                (s,) = [s for s in m["plan"]["steps"] if s.get("index_checks")]
+                s["index_checks"][0][field] = junk
+            _edit_manifest(members, change)
+            _reseal(members)
+            _write(bad, members)
+            try:
+                bitsmith.load(bad)(ids.numpy())
+            except ArtifactError:
+                continue
+            harmless = (field == "what" and isinstance(junk, str)) or (
+                field == "negative" and isinstance(junk, bool))  # a message, a wider range
+            assert harmless, (field, junk)
