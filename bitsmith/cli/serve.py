@@ -38,6 +38,10 @@ def add_parsers(sub: Any) -> None:
                        help="a request's deadline from arrival (504 after it)")
     serve.add_argument("--max-body-mb", type=float, default=64.0,
                        help="largest request body (413 over it)")
+    serve.add_argument("--max-pending-body-mb", type=float, default=1024.0,
+                       help="most request body bytes being read at once, all connections "
+                            "together, each body counted from its Content-Length (503 over "
+                            "it); at least --max-body-mb")
     serve.add_argument("--max-response-mb", type=float, default=64.0,
                        help="largest response, bounded before encoding with every number at "
                             "its widest JSON text (413 over it)")
@@ -102,6 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if len(args.name) > len(args.artifacts):
         raise CliError(f"expected at most one --name per artifact ({len(args.artifacts)}), "
                        f"got {len(args.name)}")
+    if not args.max_pending_body_mb > 0 or args.max_pending_body_mb < args.max_body_mb:
+        raise CliError(f"--max-pending-body-mb must be > 0 and >= --max-body-mb "
+                       f"({args.max_body_mb:g}), got {args.max_pending_body_mb:g}")
     sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
     key = read_key(args.key) if args.key else None
     models = []
@@ -116,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         err.print(f"model [bold]{name}[/] from {path}: {batching}", highlight=False)
     options = ServeOptions(max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
                            timeout_ms=args.timeout_ms, max_body_bytes=int(args.max_body_mb * 2**20),
+                           max_pending_body_bytes=max(int(args.max_pending_body_mb * 2**20), 1),
                            max_response_bytes=int(args.max_response_mb * 2**20),
                            body_timeout_s=args.body_timeout_s,
                            min_body_rate=int(args.min_body_rate_kb * 2**10),

@@ -4,6 +4,8 @@ size limit, and the server that drains on SIGTERM without dropping a request.
 uvicorn times out only idle keep-alive connections, and httptools keeps every header line it
 is sent: `HeaderTimeoutHttp` answers 408 to request headers that do not all arrive within
 `--header-timeout-s` (closing a silent connection) and 431 to headers over MAX_HEADER_BYTES.
+A connection answered before its request's body was read (which uvicorn would keep alive with
+no timer left to close it) is ended after the answer.
 
 `DrainingServer`, on SIGTERM/SIGINT: the app drains at once (readiness false, infer answered
 503, every answer closing its connection); for `--drain-grace-ms` the listener stays open;
@@ -14,6 +16,7 @@ own, and uvicorn shuts down gracefully (every request in progress is answered).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +38,12 @@ MAX_HEADER_BYTES = 64 * 2**10
 itself sets no limit)."""
 
 REFUSED_LINGER_SECONDS = 1.0
-"""How long a connection refused by the protocol (408, 431) stays open after its answer."""
+"""How long a connection refused by the protocol (408, 431), or answered before its request's
+body was read, stays open after its answer."""
+
+BACKLOG_READ_SECONDS = 1.0
+"""While draining, how long a connection from the accept queue may take to send its request
+(read before its 503, so that the close does not reset the answer away)."""
 
 DRAIN_LINGER_SECONDS = 1.0
 """After the listener closes, how long connections already accepted may take to send their
@@ -107,13 +115,32 @@ class HeaderTimeoutHttp(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, status: bytes, message: str) -> None:
-        """Answer `status` with a JSON reason (the request was never handed on), end our side
-        and close a second later, reading and dropping what the client still sends meanwhile:
-        closing with its bytes unread would reset the connection, answer and all."""
+        """Answer `status` with a JSON reason (the request was never handed on) and `_end`."""
         body = orjson.dumps({"error": message})
         self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
                              b"connection: close\r\ncontent-length: " + str(len(body)).encode()
                              + b"\r\n\r\n" + body)
+        self._end()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's hook once a response is sent. One sent before the request's body was all
+        read (a GET with a body, an unknown model, an infer refused before reading) ends the
+        connection: uvicorn would keep it alive, and its keep-alive timer, cancelled by the
+        next byte of that body, is never armed again (nor the header timer, cancelled when the
+        headers were complete), so a client that stalls would hold the socket forever."""
+        cycle = self.cycle
+        if cycle.more_body and cycle.response_complete and not self.transport.is_closing():
+            self.server_state.total_requests += 1
+            self._unset_keepalive_if_required()
+            self.flow.resume_reading()  # drain what arrives (a large body paused reading)
+            self._end()
+            return
+        super().on_response_complete()
+
+    def _end(self) -> None:
+        """End our side now and close REFUSED_LINGER_SECONDS later, reading and dropping what
+        the client still sends meanwhile: closing with its bytes unread would reset the
+        connection, answer and all."""
         self._discarding = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -189,22 +216,43 @@ async def _refuse_backlog(listeners: Sequence[socket.socket]) -> None:
 
 
 async def _refuse_one(conn: socket.socket) -> None:
-    """Read one request (headers and Content-Length body, within a second), answer 503 and
-    close: reading the request first, so the close does not reset the answer away."""
+    """Answer 503 and close, having read the request first (its headers and Content-Length
+    body, for up to BACKLOG_READ_SECONDS) so that the close does not reset the answer away.
+    Whatever the request: one that does not come in time, headers saying `Expect:
+    100-continue` (its client waits for our answer before sending the body), a Content-Length
+    that is no number, headers over the reader's limit. After the answer, what still arrives
+    is dropped for up to REFUSED_LINGER_SECONDS, until the client closes."""
     conn.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=conn)
     try:
-        async with asyncio.timeout(1.0):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")
-                           and line.split(b":", 1)[1].strip().isdigit()), 0)
-            await reader.readexactly(min(length, 2**26))
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError,
+                                 asyncio.LimitOverrunError):
+            async with asyncio.timeout(BACKLOG_READ_SECONDS):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length, expect = 0, False
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    name, value = name.strip().lower(), value.strip()
+                    if name == b"content-length" and value.isdigit() and len(value) <= 18:
+                        length = int(value)
+                    elif name == b"expect" and value.lower() == b"100-continue":
+                        expect = True
+                while length > 0 and not expect:  # read and dropped, a chunk at a time
+                    chunk = await reader.read(min(length, 2**16))
+                    if not chunk:
+                        break
+                    length -= len(chunk)
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                      b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
                      + str(len(_DRAINING)).encode() + b"\r\n\r\n" + _DRAINING)
+        if writer.can_write_eof():
+            writer.write_eof()
         await writer.drain()
-    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REFUSED_LINGER_SECONDS):
+                while await reader.read(2**16):
+                    pass
+    except OSError:
         pass
     finally:
         writer.close()

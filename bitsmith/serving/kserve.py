@@ -31,6 +31,8 @@ NUMPY_OF_DATATYPE = {**{DATATYPES[k]: v for k, v in NUMPY_DTYPES.items() if k in
                      "FP64": "float64"}
 """KServe v2 datatype -> numpy dtype name ("bfloat16" is known to numpy once ml_dtypes is
 imported)."""
+MAX_DIM = 2**31 - 1
+"""The largest dim a request may give (and every variable dim past the first must be >= 1)."""
 NAME_CHARS = 64
 """The most characters of a name from a request that an error message repeats."""
 _FLOAT_CHARS = {2: 16, 4: 16, 8: 24}
@@ -101,7 +103,8 @@ def decode_request(body: bytes, signature: Signature) -> InferRequest:
                              + (f" (unknown: {_names(unknown)})" if unknown else "")
                              + (f" (missing: {', '.join(missing)})" if missing else ""))
     _check_parameters(doc, "the request")
-    arrays = tuple(_decode_tensor(by_name[s.name], i, signature)
+    most = (len(body) + 1) // 2  # each value takes a character and a separator
+    arrays = tuple(_decode_tensor(by_name[s.name], i, signature, most)
                    for i, s in enumerate(signature.inputs))
     return InferRequest(_request_id(doc), arrays, _requested_outputs(doc, signature))
 
@@ -142,7 +145,9 @@ def _requested_outputs(doc: Mapping[str, Any], signature: Signature) -> tuple[in
     return tuple(picked)
 
 
-def _decode_tensor(tensor: Mapping[str, Any], index: int, signature: Signature) -> np.ndarray:
+def _decode_tensor(tensor: Mapping[str, Any], index: int, signature: Signature,
+                   most: int) -> np.ndarray:
+    """The input `index` as an array; `most`: the most values its body could carry."""
     spec = signature.inputs[index]
     _check_parameters(tensor, f"input '{spec.name}'")
     want_type = DATATYPES[spec.dtype]
@@ -164,6 +169,15 @@ def _decode_tensor(tensor: Mapping[str, Any], index: int, signature: Signature) 
         if not variable and dim != got:
             raise InvalidRequest(f"input '{spec.name}': expected shape {expected}, got {shape} "
                                  f"(dim {axis} must be {dim})")
+        # before numpy, which raises on huge dims (a batch of 0 rows is the model's to refuse)
+        if got > MAX_DIM or (variable and got == 0 and axis > 0):
+            raise InvalidRequest(f"input '{spec.name}': expected shape {expected} with every "
+                                 f"dim from 1 to {MAX_DIM}, got {shape} (dim {axis} is {got})")
+    count = math.prod(max(d, 1) for d in shape)  # a fixed dim of 0 holds no value
+    if count > most:
+        raise InvalidRequest(f"input '{spec.name}': expected a shape of at most {most} values "
+                             f"(all this request's body can carry), got {shape} ({count} "
+                             "values, counting a 0 dim as 1); send a shape that matches 'data'")
     data = tensor.get("data")
     if not isinstance(data, list):
         raise InvalidRequest(f"input '{spec.name}': 'data' must be a JSON list (binary tensor "

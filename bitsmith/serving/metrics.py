@@ -21,8 +21,9 @@ class ServerMetrics:
                                 "body_timeout; 413 too_large (request body) or "
                                 "response_too_large; 499 disconnected (the client left before "
                                 "its body arrived); 500 failed; 503 queue_full, standing_queue "
-                                "(overloaded: it would likely time out), warming (not ready) "
-                                "or draining; 504 timeout",
+                                "(overloaded: it would likely time out), warming (not ready), "
+                                "draining or body_budget (the bodies being read would be over "
+                                "--max-pending-body-mb); 504 timeout",
                                 ["model", "code", "reason"], registry=r)
         self.latency = Histogram("bitsmith_request_seconds", "Infer request latency, from "
                                  "queuing to the answer", ["model"], buckets=_SECONDS,

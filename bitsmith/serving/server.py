@@ -17,8 +17,10 @@ metrics' `reason` label in brackets):
 - 413: the body is over --max-body-mb [too_large], or the response could be over
   --max-response-mb (its size bound is checked before encoding) [response_too_large];
 - 503 with Retry-After: the queue is full [queue_full], a request queued now would likely
-  time out [standing_queue], the model is warming up [warming], or the server is draining
-  [draining];
+  time out [standing_queue], the model is warming up [warming], the server is draining
+  [draining], or the bodies being read would hold over --max-pending-body-mb with this one
+  (counted from the Content-Length, before reading it, or as a chunked body arrives)
+  [body_budget];
 - 504: the request's deadline passed (unrun if it was still queued) [timeout];
 - 500: the model failed on this request (its batch-mates were re-run without it) [failed].
 A client that leaves before its body arrived is counted as 499 [disconnected].
@@ -87,7 +89,11 @@ BODY_SWEEP_SECONDS = 0.1
 ORJSON_SAFE = (3, 9, 15)
 """Older orjson overflows its stack on deeply nested JSON and kills the process
 (CVE-2024-27454); from 3.9.15 it refuses nesting deeper than 1024 with a JSONDecodeError."""
-_STATUS_REASONS = {408: "body_timeout", 413: "too_large"}
+_STATUS_REASONS = {408: "body_timeout", 413: "too_large", 503: "body_budget"}
+_STATUS_HEADERS = {503: {"Retry-After": "1"}}
+"""Refused while reading the body (408, 413, 503): no `Connection: close`, on which uvicorn
+would close at once and, with the body's bytes unread, reset the answer away; the protocol
+ends a connection answered before its body was read (`connections.HeaderTimeoutHttp`)."""
 _T = TypeVar("_T")
 
 
@@ -103,6 +109,7 @@ class ServeOptions:
     body_timeout_s: float = 10.0  # the body's deadline: this, plus a second per min_body_rate
     min_body_rate: int = 64 * 2**10  # bytes per second: a client this fast never times out
     header_timeout_s: float = 10.0  # from connecting, or a request's first byte, to its headers
+    max_pending_body_bytes: int = 1024 * 2**20  # all the bodies being read at once, together
     drain_grace_ms: float = 500.0  # on SIGTERM, draining but still listening
 
     def __post_init__(self) -> None:
@@ -112,9 +119,14 @@ class ServeOptions:
         for name in ("body_timeout_s", "header_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ServingError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("queue_size", "max_body_bytes", "max_response_bytes", "min_body_rate"):
+        for name in ("queue_size", "max_body_bytes", "max_response_bytes", "min_body_rate",
+                     "max_pending_body_bytes"):
             if getattr(self, name) < 1:
                 raise ServingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_pending_body_bytes < self.max_body_bytes:  # that body would never be read
+            raise ServingError(f"max_pending_body_bytes must be >= max_body_bytes "
+                               f"({self.max_body_bytes}), got {self.max_pending_body_bytes}; "
+                               "raise --max-pending-body-mb or lower --max-body-mb")
 
 
 class ServerState:
@@ -132,6 +144,7 @@ class ServerState:
         self.batchers: dict[str, Batcher] = {}
         self.offload = Offload(OFFLOAD_WORKERS)
         self.reading: dict[asyncio.Timeout, float] = {}  # bodies being read: their deadlines
+        self.pending_body = 0  # bytes of the bodies being read (declared or arrived)
         self.draining = False
 
     @property
@@ -338,9 +351,7 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
         rows = model.rows_of(decoded.arrays)
     except InvalidRequest as exc:
         metrics.answered(name, exc.status, _STATUS_REASONS.get(exc.status, "invalid"))
-        # the rest of the body may never come, or is not worth reading: end the connection
-        close = {"Connection": "close"} if exc.status in _STATUS_REASONS else None
-        return _json({"error": str(exc)}, exc.status, close)
+        return _json({"error": str(exc)}, exc.status, _STATUS_HEADERS.get(exc.status))
     except ClientDisconnect:  # nobody is there to answer, and it is no server error
         metrics.answered(name, 499, "disconnected")
         return Response(status_code=499)
@@ -406,7 +417,9 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
     """The body, refusing (413) one over the size limit before reading it all, and (408) one
     that does not arrive within `body_timeout_s` plus a second per `min_body_rate` bytes of it
     received (a client sending that fast never times out; a stalled one, or a Content-Length
-    longer than the body, is answered at that deadline)."""
+    longer than the body, is answered at that deadline). The bodies being read together hold
+    at most `max_pending_body_bytes` (503 over it): each is counted from its Content-Length,
+    before any byte is read, or as its chunks arrive."""
     options, reading = state.options, state.reading
     limit, timeout, rate = options.max_body_bytes, options.body_timeout_s, options.min_body_rate
     declared = request.headers.get("content-length")
@@ -414,6 +427,10 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
     if whole > limit:
         raise InvalidRequest(f"body of {whole} bytes is over the limit of {limit} bytes "
                              "(--max-body-mb)", 413)
+    charged = whole if whole > 0 else 0  # before any byte is read: refused at once if over
+    if state.pending_body + charged > options.max_pending_body_bytes:
+        raise _over_budget(state, charged, charged)
+    state.pending_body += charged
     chunks, size = [], 0
     start = asyncio.get_running_loop().time()
     try:
@@ -425,6 +442,11 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
                     if size > limit:
                         raise InvalidRequest(f"body is over the limit of {limit} bytes "
                                              "(--max-body-mb)", 413)
+                    if size > charged:  # no Content-Length: counted as it arrives
+                        if state.pending_body + size - charged > options.max_pending_body_bytes:
+                            raise _over_budget(state, size - charged, size)
+                        state.pending_body += size - charged
+                        charged = size
                     chunks.append(chunk)
                     if size != whole and timer in reading:  # more to come, not yet expired
                         reading[timer] = start + timeout + size / rate
@@ -436,7 +458,18 @@ async def _read_body(request: Request, state: ServerState) -> bytes:
                              f"{timeout:g} s plus 1 s per {rate / 1024:g} KiB, got {size} bytes "
                              "(--body-timeout-s, --min-body-rate-kb); send the body as fast as "
                              "the headers, and a Content-Length equal to its size", 408) from None
+    finally:
+        state.pending_body -= charged
     return b"".join(chunks)
+
+
+def _over_budget(state: ServerState, more: int, body: int) -> InvalidRequest:
+    """The 503 for a body (`body` bytes, `more` not yet counted) that would take the bodies
+    being read over --max-pending-body-mb."""
+    return InvalidRequest(f"the request bodies being read would hold {state.pending_body + more}"
+                          f" bytes with this one ({body} bytes): expected at most "
+                          f"{state.options.max_pending_body_bytes} (--max-pending-body-mb); "
+                          "retry later or send to another replica", 503)
 
 
 def make_server(models: Sequence[ServedModel], options: ServeOptions | None = None, *,

@@ -22,6 +22,7 @@ import pytest
 
 from bitsmith.errors import ServingError
 from bitsmith.runtime.artifact import NUMPY_DTYPES, TensorSpec
+from bitsmith.serving import connections
 from bitsmith.serving.batcher import StandingQueue
 from bitsmith.serving.kserve import (
     decode_response,
@@ -173,6 +174,14 @@ MALFORMED: list[tuple[str, str, bytes]] = [
     ("shape product over int64", "wide",
      orjson.dumps({"inputs": [{"name": "x", "shape": [2**62, 2**62], "datatype": "FP32",
                                "data": [1, 2, 3]}]})),
+    # empty data, where numpy would reshape to any dims a 0 dim makes hold no values
+    *((f"empty data, shape {shape}", "wide",
+       orjson.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}))
+      for shape in ([0, 2**64 - 1], [0, 2**62], [0, 2**31 - 1], [0, 2**31], [1, 0], [0, 0],
+                    [0, 3])),
+    ("a 0 dim past the batch", "wide",
+     orjson.dumps({"inputs": [{"name": "x", "shape": [2, 0], "datatype": "FP32",
+                               "data": [[], []]}]})),
     ("too few values", "fake", orjson.dumps({"inputs": [tensor(data=[1, 2])]})),
     ("too many values", "fake", orjson.dumps({"inputs": [tensor(data=[1, 2, 3, 4])]})),
     ("data an object", "fake", orjson.dumps({"inputs": [tensor(data={"a": 1})]})),
@@ -462,7 +471,7 @@ def test_stalled_clients_are_timed_out_and_slow_ones_are_not() -> None:
             assert b"--header-timeout-s" in answer
         for sock in short_bodies:
             status, headers, error = read_answer(sock.makefile("rb"))
-            assert status == 408 and headers["connection"] == "close", (status, headers)
+            assert status == 408, (status, headers)
             assert "expected 100 bytes within 0.3 s" in orjson.loads(error)["error"]
             assert read_to_eof(sock) == b""
         assert metric(server, "bitsmith_requests_total", model="fake", code="408",
@@ -513,6 +522,27 @@ def test_headers_past_the_limit_are_a_431_and_the_server_goes_on() -> None:
         sock.close()
 
 
+def test_a_body_refused_while_it_is_sent_still_gets_its_answer() -> None:
+    """413 from the Content-Length while the client keeps sending the body: the client reads
+    its answer, and the server goes on."""
+    model, _ = fake_model()
+    with LiveServer([model], ServeOptions(max_body_bytes=4096, max_pending_body_bytes=4096,
+                                          timeout_ms=30_000)) as server:
+        for _ in range(3):
+            sock = connect(server)
+            sock.sendall(HEAD + b"content-length: 8000000\r\n\r\n")
+            time.sleep(0.2)  # answered by now: the body arrives after the answer
+            try:
+                for _ in range(64):
+                    sock.sendall(b" " * 65536)
+            except OSError:  # the server stopped reading: the answer is there regardless
+                pass
+            status, _, error = read_answer(sock.makefile("rb"))
+            assert status == 413 and "over the limit of 4096 bytes" in error.decode()
+            sock.close()
+        assert post(server.infer_url("fake"), VALID).status == 200
+
+
 def test_a_content_length_shorter_than_the_body_is_a_400() -> None:
     """The body is cut short (malformed JSON) and the rest is not HTTP: whichever the server
     sees first, the answer is a 400."""
@@ -524,6 +554,102 @@ def test_a_content_length_shorter_than_the_body_is_a_400() -> None:
         sock.close()
         assert status == 400
         assert post(server.infer_url("fake"), VALID).status == 200
+
+
+def test_an_answer_sent_before_the_body_is_read_ends_the_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routes that answer without reading the body (a GET, an unknown model) leave it
+    outstanding: uvicorn's keep-alive timer, cancelled by its next byte, would never come back,
+    and a client stalling there would hold the socket forever. The answer arrives, then EOF,
+    and the socket is closed; a client that sends whole requests keeps its connection."""
+    monkeypatch.setattr(connections, "REFUSED_LINGER_SECONDS", 0.05)
+    model, _ = fake_model()
+    with LiveServer([model], ServeOptions(header_timeout_s=60, timeout_ms=30_000)) as server:
+        triggers = [(b"GET /v2/health/live HTTP/1.1\r\nhost: test\r\ncontent-length: 1000\r\n"
+                     b"\r\n", 200),
+                    (b"POST /v2/models/nope/infer HTTP/1.1\r\nhost: test\r\ncontent-length: "
+                     b"1000000\r\n\r\n" + VALID, 404)]
+        for head, status in triggers:
+            sock = connect(server)
+            sock.settimeout(10)  # a server that keeps it open fails here, not hangs
+            stream = sock.makefile("rb")
+            sock.sendall(head)
+            assert read_answer(stream)[0] == status
+            sock.sendall(b"x")  # one byte more of the body, then silence
+            assert stream.read() == b"", "more than one answer"
+            wait_for(lambda: not server.server.server_state.connections,
+                     "the server closed the stalled connection")
+            sock.close()
+        kept = connect(server)
+        stream = kept.makefile("rb")
+        unknown = (b"POST /v2/models/nope/infer HTTP/1.1\r\nhost: test\r\ncontent-length: "
+                   + str(len(VALID)).encode() + b"\r\n\r\n" + VALID)
+        answers = []
+        for whole in (b"GET /v2/health/live HTTP/1.1\r\nhost: test\r\n\r\n", REQUEST, unknown,
+                      REQUEST):
+            kept.sendall(whole)
+            status, headers, _ = read_answer(stream)
+            answers.append((status, headers.get("connection")))
+        kept.close()
+    assert answers == [(200, None), (200, None), (404, None), (200, None)]
+
+
+def test_the_bodies_being_read_are_bounded_together() -> None:
+    """A body counts against --max-pending-body-mb from its Content-Length (before any byte
+    is read) or, chunked, as it arrives; over the budget it is refused 503 with Retry-After,
+    and the budget is released when the read ends."""
+    model, _ = fake_model()
+    size = 100_000
+    options = ServeOptions(max_body_bytes=150_000, max_pending_body_bytes=150_000,
+                           timeout_ms=30_000)
+    body = VALID + b" " * (size - len(VALID))
+    whole = HEAD + f"content-length: {size}\r\n\r\n".encode()
+    with LiveServer([model], options) as server:
+        state = server.state
+        first = connect(server)
+        first.sendall(whole + body[:1000])
+        wait_for(lambda: state.pending_body == size, "the first body was counted")
+        declared, chunked = connect(server), connect(server)
+        declared.sendall(whole)  # refused before its body is sent
+        chunked.sendall(HEAD + b"transfer-encoding: chunked\r\n\r\n"
+                        + f"{60_000:x}\r\n".encode() + b" " * 60_000 + b"\r\n")
+        refused = [read_answer(sock.makefile("rb")) for sock in (declared, chunked)]
+        first.sendall(body[1000:])
+        first_answer = read_answer(first.makefile("rb"))
+        wait_for(lambda: state.pending_body == 0, "the budget was released")
+        third = connect(server)
+        third.sendall(whole + body)
+        third_answer = read_answer(third.makefile("rb"))
+        budget = metric(server, "bitsmith_requests_total", model="fake", code="503",
+                        reason="body_budget")
+        for sock in (first, declared, chunked, third):
+            sock.close()
+    for status, headers, error in refused:
+        assert status == 503 and int(headers["retry-after"]) >= 1, (status, headers)
+        assert "expected at most 150000 (--max-pending-body-mb)" in orjson.loads(error)["error"]
+    assert first_answer[0] == 200 and third_answer[0] == 200, (first_answer, third_answer)
+    assert budget == 2
+
+
+@pytest.mark.parametrize("sent", [
+    REQUEST,
+    HEAD + b"expect: 100-continue\r\ncontent-length: 5000000\r\n\r\n",  # waits for a 100
+    HEAD + b"content-length: " + b"9" * 5000 + b"\r\n\r\n",
+    HEAD + b"x-filler: " + b"a" * 70_000 + b"\r\n\r\n",  # over the reader's limit
+    b"",  # silent
+], ids=["whole", "expect-100-continue", "huge-content-length", "huge-headers", "silent"])
+def test_the_drain_answers_every_backlog_connection_503(sent: bytes,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connections, "BACKLOG_READ_SECONDS", 0.2)
+    monkeypatch.setattr(connections, "REFUSED_LINGER_SECONDS", 0.05)
+    client, accepted = socket.socketpair()
+    with client:
+        client.sendall(sent)
+        asyncio.run(connections._refuse_one(accepted))
+        client.settimeout(10)
+        answer = read_to_eof(client)
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+    assert b"retry-after: 1" in answer and answer.endswith(b"send to another replica\"}")
 
 
 def test_during_the_grace_an_idle_keep_alive_connection_is_answered() -> None:
@@ -627,9 +753,12 @@ def test_sigterm_answers_every_request_on_an_open_connection() -> None:
 
 def test_the_options_refuse_nonsense() -> None:
     for field, value in (("body_timeout_s", 0), ("header_timeout_s", -1), ("min_body_rate", 0),
-                         ("max_response_bytes", 0), ("drain_grace_ms", -1)):
+                         ("max_response_bytes", 0), ("drain_grace_ms", -1),
+                         ("max_pending_body_bytes", 0)):
         with pytest.raises(ServingError, match=field):
             ServeOptions(**{field: value})
+    with pytest.raises(ServingError, match=r"max_pending_body_bytes must be >= max_body_bytes"):
+        ServeOptions(max_body_bytes=2**20, max_pending_body_bytes=2**20 - 1)
 
 
 def test_fixtures_answer_as_the_fake_model() -> None:
