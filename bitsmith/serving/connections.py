@@ -162,6 +162,10 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: D102 - uvicorn's hook
         if sig in (signal.SIGTERM, signal.SIGINT) and not self.state.draining:
             self.state.draining = True
+            for connection in list(self.server_state.connections):  # answers not yet started
+                cycle = getattr(connection, "cycle", None)
+                if cycle is not None and not cycle.response_started:
+                    cycle.keep_alive = False  # uvicorn then says `Connection: close`
             grace = self.state.options.drain_grace_ms / 1e3
             queued = sum(b.depth for b in self.state.batchers.values())
             log.info("draining: %d queued request(s) to finish; listening %g s more", queued,

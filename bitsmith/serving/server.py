@@ -240,13 +240,15 @@ class Offload:
 class CloseWhenDraining:
     """ASGI middleware: once the server drains, every response says `Connection: close`, so
     that clients send their next request elsewhere and no keep-alive connection is idle (where
-    a request could cross the server's close) when the grace ends."""
+    a request could cross the server's close) when the grace ends. Requests that arrived before
+    the drain began pass untouched (nothing per request while serving): `DrainingServer` tells
+    their connections not to keep alive, and uvicorn then says `Connection: close` itself."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.state.draining:
             await self.app(scope, receive, send)
             return
         state = self.state
