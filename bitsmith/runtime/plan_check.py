@@ -28,8 +28,12 @@ def check_plan(artifact: Artifact) -> None:
     plan, manifest = artifact.manifest.plan, artifact.manifest
     try:
         values = _mapping(plan, "values")
+        symbols = {d for spec in manifest.inputs for d in spec.shape if isinstance(d, str)}
         for vid, spec in values.items():
-            _value(vid, spec)
+            unbound = _value(vid, spec) - symbols
+            if unbound:
+                raise ArtifactError(f"value {vid!r} has a dim over {', '.join(sorted(unbound))}, "
+                                    "which no input binds")
         inputs = _ids(plan, "inputs", values)
         outputs = _ids(plan, "outputs", values)
         _against(inputs, manifest.inputs, values, "input")
@@ -40,12 +44,6 @@ def check_plan(artifact: Artifact) -> None:
         defined = set(inputs) | set(weights)
         if len(defined) != len(inputs) + len(weights):
             raise ArtifactError("a value is both an input and a weight, or an input twice")
-        symbols = {d for spec in manifest.inputs for d in spec.shape if isinstance(d, str)}
-        for vid in values:
-            unbound = set().union(*(dim_symbols(d) for d in values[vid]["shape"])) - symbols
-            if unbound:
-                raise ArtifactError(f"value {vid!r} has a dim over {', '.join(sorted(unbound))}, "
-                                    "which no input binds")
         steps = plan.get("steps")
         if not isinstance(steps, list) or len(steps) > MAX_ITEMS:
             raise ArtifactError("'steps' should be a list of kernel calls")
@@ -65,7 +63,8 @@ def _mapping(plan: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def _value(vid: str, spec: Any) -> None:
+def _value(vid: str, spec: Any) -> set[str]:
+    """Check one value's shape and dtype; the symbols its dims use."""
     if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
         raise ArtifactError(f"value {vid!r} should have a shape list and a dtype")
     if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in NUMPY_DTYPES:
@@ -73,8 +72,7 @@ def _value(vid: str, spec: Any) -> None:
                             f"runtime stores {', '.join(NUMPY_DTYPES)}")
     if len(spec["shape"]) > 64:
         raise ArtifactError(f"value {vid!r} has {len(spec['shape'])} dims (at most 64)")
-    for dim in spec["shape"]:
-        dim_symbols(dim)
+    return set().union(*(dim_symbols(dim) for dim in spec["shape"]))
 
 
 def _ids(plan: Mapping[str, Any], key: str, values: Mapping[str, Any]) -> list[str]:

@@ -116,10 +116,7 @@ class HeaderTimeoutHttp(HttpToolsProtocol):
 
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer `status` with a JSON reason (the request was never handed on) and `_end`."""
-        body = orjson.dumps({"error": message})
-        self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
-                             b"connection: close\r\ncontent-length: " + str(len(body)).encode()
-                             + b"\r\n\r\n" + body)
+        self.transport.write(raw_answer(status, message))
         self._end()
 
     def on_response_complete(self) -> None:
@@ -200,7 +197,17 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-_DRAINING = orjson.dumps({"error": "the server is shutting down; send to another replica"})
+def raw_answer(status: bytes, message: str, headers: bytes = b"") -> bytes:
+    """An HTTP/1.1 answer written below the app: `status` (b"408 Request Timeout"), a JSON
+    `{"error": message}`, `Connection: close`."""
+    body = orjson.dumps({"error": message})
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n" + headers
+            + b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+            + body)
+
+
+_DRAINING = raw_answer(b"503 Service Unavailable", "the server is shutting down; send to "
+                       "another replica", b"retry-after: 1\r\n")
 
 
 async def _refuse_backlog(listeners: Sequence[socket.socket]) -> None:
@@ -246,9 +253,7 @@ async def _refuse_one(conn: socket.socket) -> None:
                     if not chunk:
                         break
                     length -= len(chunk)
-        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                     b"retry-after: 1\r\nconnection: close\r\ncontent-length: "
-                     + str(len(_DRAINING)).encode() + b"\r\n\r\n" + _DRAINING)
+        writer.write(_DRAINING)
         if writer.can_write_eof():
             writer.write_eof()
         await writer.drain()
