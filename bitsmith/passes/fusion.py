@@ -92,7 +92,8 @@ class _Fuser:
 
     @staticmethod
     def _fusable(op: Operation) -> bool:
-        return op.name.startswith(("graph.", "quant.")) and not isinstance(op, graph.ConstantOp)
+        return op.name.startswith(("graph.", "quant.", "kv.")) \
+            and not isinstance(op, graph.ConstantOp)
 
     def run(self) -> list[Group]:
         """Form the groups: attention first, then greedy producer-consumer merging."""

@@ -5,6 +5,9 @@ text, dtype), which values are the model inputs, outputs and weights, and the `s
 kernel call each, with its input and output value ids, and the range checks of the index
 operands it reads (`index_checks`, see `index_checks.py`), run before it; live intervals follow
 from the steps.
+`state` (optional) lists inputs the kernels update in place, such as an LLM's paged KV cache:
+they stay out of the arena, the caller's array itself is handed to the kernels, and it must be
+C-contiguous, 64-byte aligned and of the exact element type (`state_array` makes one).
 Nothing here imports torch or the compiler; TVM is needed only for its runtime (loading the
 library and wrapping the arena's views as its tensors, zero-copy through DLPack).
 """
@@ -51,6 +54,7 @@ class Executor:
             raise ArtifactError(f"execution plan has {len(plan['inputs'])} input(s), the "
                                 f"signature {len(artifact.manifest.inputs)}; recompile the model")
         self.plan = plan
+        self.state = _state_ids(plan)
         self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-")
         paths = artifact.extract_libraries(self._dir.name)
         self.libraries = {name: _load_library(name, path) for name, path in paths.items()}
@@ -102,12 +106,16 @@ class Executor:
         return bound
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        """Validate inputs against the signature, run every step, return the outputs."""
+        """Validate inputs against the signature, run every step, return the outputs (a
+        `state` input is updated in place)."""
         inputs = [np.asarray(a) for a in arrays]
         with self._lock:
             bound = self.bind(*inputs)
             for view, array in zip(bound.inputs, inputs, strict=True):
+                if view is None:
+                    continue
                 np.copyto(view, array)
+            bound.attach_state(inputs)
             for (kernel, args), checks in zip(bound.calls, bound.checks, strict=True):
                 if checks:  # indices out of range: an error, not the row a kernel clamps to
                     check_values(checks, bound.views)
@@ -121,7 +129,9 @@ class Executor:
         with self._lock:
             bound = self.bind(*inputs)
             for view, array in zip(bound.inputs, inputs, strict=True):
-                np.copyto(view, array)
+                if view is not None:
+                    np.copyto(view, array)
+            bound.attach_state(inputs)
             times = [[] for _ in bound.calls]
             for _ in range(repeat + 1):
                 for k, (kernel, args) in enumerate(bound.calls):
@@ -141,7 +151,8 @@ class _Bound:
         values = plan["values"]
         live: dict[str, list[int]] = {}
         for vid in plan["inputs"]:
-            live[vid] = [0, 0]
+            if vid not in executor.state:
+                live[vid] = [0, 0]
         for i, step in enumerate(steps):
             for vid in step["outputs"]:
                 live.setdefault(vid, [i, i])
@@ -149,6 +160,8 @@ class _Bound:
                 if vid in live:
                     live[vid][1] = max(live[vid][1], i)
         for vid in plan["outputs"]:
+            if vid in executor.state:
+                raise ArtifactError(f"state input {vid} is also an output; recompile the model")
             if vid in live:
                 live[vid][1] = len(steps)
         shapes = {vid: tuple(eval_dim(d, bindings) for d in values[vid]["shape"])
@@ -170,12 +183,60 @@ class _Bound:
             view = self.arena[offset:offset + nbytes].view(dtypes[vid]).reshape(shapes[vid])
             self.views[vid] = view
             tensors[vid] = as_tvm(view)
-        self.inputs = [self.views[vid] for vid in plan["inputs"]]
+        self.inputs: list[np.ndarray | None] = [self.views.get(vid) for vid in plan["inputs"]]
+        # where each state input goes in the argument lists: (input position, call, argument)
+        self.state_slots = [(plan["inputs"].index(vid), c, a)
+                            for c, step in enumerate(steps)
+                            for a, vid in enumerate(step["inputs"]) if vid in executor.state]
+        self.state_dtypes = {plan["inputs"].index(vid): np.dtype(NUMPY_DTYPES[
+            values[vid]["dtype"]]) for vid in executor.state}
+        self._attached: dict[int, tuple[int, Any]] = {}
         self.outputs = [self.views[vid] if vid in self.views
                         else executor.weights[vid].numpy() for vid in plan["outputs"]]
-        self.calls = [(kernel, [tensors[vid] for vid in step["inputs"] + step["outputs"]])
+        self.calls = [(kernel, [tensors.get(vid) for vid in step["inputs"] + step["outputs"]])
                       for kernel, step in zip(executor.kernels, steps, strict=True)]
         self.checks = [bind_checks(step, bindings) for step in steps]
+
+    def attach_state(self, inputs: Sequence[np.ndarray]) -> None:
+        """Hand the caller's state arrays to the kernels that read and write them."""
+        for position, dtype in self.state_dtypes.items():
+            array = inputs[position]
+            held = self._attached.get(position)
+            if held is not None and held[2] is array:
+                continue
+            if array.dtype != dtype or not array.flags.c_contiguous or not \
+                    array.flags.writeable or array.ctypes.data % ALIGNMENT:
+                raise ArtifactError(f"state input {position} must be a writable, C-contiguous, "
+                                    f"{ALIGNMENT}-byte aligned {dtype} array (make it with "
+                                    f"runtime.executor.state_array), got {array.dtype} "
+                                    f"contiguous={array.flags.c_contiguous} at address "
+                                    f"{array.ctypes.data:#x}")
+            self._attached[position] = (array.ctypes.data, as_tvm(array), array)
+        for position, call, argument in self.state_slots:
+            self.calls[call][1][argument] = self._attached[position][1]
+
+
+def _state_ids(plan: Mapping[str, Any]) -> frozenset[str]:
+    """The plan's state inputs, each checked to be one of its inputs."""
+    state = plan.get("state", [])
+    if not isinstance(state, list) or any(v not in plan["inputs"] for v in state):
+        raise ArtifactError(f"the plan's state {_brief(state)} must list some of its inputs "
+                            f"{_brief(plan['inputs'])}; recompile the model")
+    return frozenset(state)
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def state_array(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A zeroed, C-contiguous, 64-byte aligned array: what a `state` input must be."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+    first = -raw.ctypes.data % ALIGNMENT
+    return raw[first:first + nbytes].view(dtype).reshape(tuple(shape))
 
 
 def _load_library(name: str, path: Path) -> Any:

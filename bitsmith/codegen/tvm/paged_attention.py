@@ -1,0 +1,153 @@
+"""The CPU kernel of `kv.paged_attention`: append the step's K/V to the paged cache, then
+attend each query row over its sequence's pages.
+
+Written as TensorIR by hand (TVMScript): the loop bounds come from the page tables at run
+time, which no TE compute expresses. One parallel loop runs over (sequence, KV head); in it,
+the sequence's new rows are written into their slots, then every query row of the chunk walks
+the sequence's pages a page at a time: the page's K is read once for the whole GQA group, the
+scores of its positions are computed for each query head, and an online softmax (running
+max and sum, the accumulator rescaled once per page) folds the page's V in, vectorised over
+the head dim. Rows past the batch's last sequence (padding) are zeroed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm.script import tirx as T
+
+from ...ir import Operation
+from ...ir.dialects.kernel import FusedOp
+from ...ir.dialects.kv import PagedAttentionOp
+from ..template import Config, KnobSpace, Problem, Target, register_template
+from .templates import TvmKernel, TvmTemplate
+
+_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
+        *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
+        page_size: int, page_slots: int, layer: int, scale: float, window: int,
+        cache_dtype: str) -> tvm.tirx.PrimFunc:
+    """The PrimFunc `(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out)`;
+    the cache's page count is symbolic (sized at run time)."""
+    group = heads // kv_heads
+    storage = _STORAGE[cache_dtype]
+    tt, bb, hq, hk, dd, ll, ss, ns = (tokens, batch, heads, kv_heads, head_dim, layers,
+                                      page_size, page_slots)
+    sc = float(scale)
+    win = int(window)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(  # noqa: C901 - TIR loops
+            q: T.Buffer((tt, hq, dd), "float32"), k: T.Buffer((tt, hk, dd), "float32"),
+               v: T.Buffer((tt, hk, dd), "float32"), var_cache: T.handle,
+               seq_indptr: T.Buffer((bb + 1,), "int32"), kv_len: T.Buffer((bb,), "int32"),
+               page_indptr: T.Buffer((bb + 1,), "int32"),
+               page_indices: T.Buffer((ns,), "int32"), out: T.Buffer((tt, hq, dd), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        pages = T.int64()
+        cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), storage)
+        for task in T.parallel(bb * hk):
+            b = task // hk
+            h = task % hk
+            start = seq_indptr[b]
+            n = seq_indptr[b + 1] - start
+            length = kv_len[b]
+            first_pos = length - n
+            base = page_indptr[b]
+            for j in range(n):
+                pos = first_pos + j
+                page = page_indices[base + pos // ss]
+                for d in T.vectorized(dd):
+                    cache[layer, page, 0, h, pos % ss, d] = T.Cast(storage, k[start + j, h, d])
+                    cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage, v[start + j, h, d])
+            m = T.decl_buffer((group,), "float32", scope="local")
+            total = T.decl_buffer((group,), "float32", scope="local")
+            acc = T.decl_buffer((group, dd), "float32", scope="local")
+            score = T.decl_buffer((group, ss), "float32", scope="local")
+            keys = T.decl_buffer((ss, dd), "float32", scope="local")
+            for j in range(n):
+                pos_q = first_pos + j
+                lo = T.max(pos_q - win + 1, 0) if win > 0 else 0
+                for g in range(group):
+                    m[g] = T.float32(-3.0e38)
+                    total[g] = T.float32(0)
+                    for d in T.vectorized(dd):
+                        acc[g, d] = T.float32(0)
+                for pg in range(lo // ss, pos_q // ss + 1):
+                    page = page_indices[base + pg]
+                    for o in range(ss):
+                        for d in T.vectorized(dd):
+                            keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d])
+                    for g in range(group):
+                        for o in range(ss):
+                            score[g, o] = T.float32(0)
+                            for d in range(dd):
+                                score[g, o] = score[g, o] + q[start + j, h * group + g, d] \
+                                    * keys[o, d]
+                        mx = T.decl_buffer((1,), "float32", scope="local")
+                        mx[0] = m[g]
+                        for o in range(ss):
+                            if pg * ss + o >= lo and pg * ss + o <= pos_q:
+                                score[g, o] = score[g, o] * T.float32(sc)
+                                mx[0] = T.max(mx[0], score[g, o])
+                        correction = T.exp(m[g] - mx[0])
+                        total[g] = total[g] * correction
+                        for d in T.vectorized(dd):
+                            acc[g, d] = acc[g, d] * correction
+                        for o in range(ss):
+                            if pg * ss + o >= lo and pg * ss + o <= pos_q:
+                                p = T.exp(score[g, o] - mx[0])
+                                total[g] = total[g] + p
+                                for d in T.vectorized(dd):
+                                    acc[g, d] = acc[g, d] + p * T.Cast(
+                                        "float32", cache[layer, page, 1, h, o, d])
+                        m[g] = mx[0]
+                for g in range(group):
+                    for d in T.vectorized(dd):
+                        out[start + j, h * group + g, d] = acc[g, d] / total[g]
+        for t in T.parallel(tt):
+            if t >= seq_indptr[bb]:
+                for c in range(hq):
+                    for d in T.vectorized(dd):
+                        out[t, c, d] = T.float32(0)
+
+    return kernel
+
+
+@register_template
+class PagedAttention(TvmTemplate):
+    """`kv.paged_attention` alone in its kernel (the fuse pass keeps it alone: it has no
+    fusion traits)."""
+
+    name = "paged_attention"
+    version = 1
+    space = KnobSpace()
+    key = ("tokens", "batch", "heads", "kv_heads", "head_dim", "layers", "page_size",
+           "page_slots", "window", "cache_dtype")
+
+    def match(self, op: Operation) -> Problem | None:
+        if not isinstance(op, FusedOp):
+            return None
+        body = op.body_ops
+        if len(body) != 1 or not isinstance(body[0], PagedAttentionOp):
+            return None
+        attn = body[0]
+        q, cache, table = attn.q.type, attn.cache.type, attn.page_indices.type
+        dims: list[Any] = [*q.shape, cache.shape[0], cache.shape[3], cache.shape[4],
+                           table.shape[0], attn.kv_len.type.shape[0]]
+        if not all(isinstance(d, int) for d in dims):
+            return None  # a symbolic step size: not built yet
+        tokens, heads, head_dim, layers, kv_heads, page_size, slots, batch = dims
+        return Problem(self.name, {
+            "tokens": tokens, "batch": batch, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "layers": layers, "page_size": page_size,
+            "page_slots": slots, "layer": attn.layer, "scale": attn.scale,
+            "window": attn.window, "cache_dtype": str(cache.dtype)}, op)
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        params = {k: problem[k] for k in ("tokens", "batch", "heads", "kv_heads", "head_dim",
+                                          "layers", "page_size", "page_slots", "layer",
+                                          "scale", "window", "cache_dtype")}
+        return TvmKernel(paged_attention_func(**params), self.name, config)  # type: ignore[arg-type]

@@ -1,0 +1,275 @@
+"""A decoder's forward step as a bitsmith IR module, built from its config and weights.
+
+One step takes a token-flattened (ragged) batch: `T` rows of tokens from `B` sequences, each
+sequence's rows contiguous (`seq_indptr`), at the positions the host gives. It appends their
+K/V to the paged cache (`kv.paged_attention`, which reads and writes the cache in place) and
+returns the logits of one row per sequence (`last`: the row of its last token). A prefill
+chunk and a decode step are the same module at different sizes: decode is T = B.
+
+The weights keep their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`), so the
+quantize pass, its report and the loaders all speak of the same tensors.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelLoadError, UnsupportedModelError
+from ..ir import Builder, Module, TensorType, Value, graph, verify
+from ..ir.attributes import DenseAttr
+from ..ir.dialects.func import ReturnOp
+from ..ir.dialects.graph.elementwise import BINARY_OPS, UNARY_OPS
+from ..ir.dialects.kv import PagedAttentionOp, cache_type
+from ..ir.dtypes import DType, f16, f32, i32, parse_dtype
+
+ARCHS = ("llama", "mistral", "qwen2")
+"""Config `model_type`s built here: the Llama family (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+STEP_INPUTS = ("tokens", "positions", "seq_indptr", "kv_len", "page_indptr", "page_indices",
+               "last", "cache")
+"""The step's inputs, in order; `cache` is read and written in place."""
+
+
+@dataclass(frozen=True)
+class LlmSpec:
+    """What the graph builder needs of a decoder's config (Hugging Face names in comments)."""
+
+    arch: str  # model_type
+    vocab: int  # vocab_size
+    hidden: int  # hidden_size
+    layers: int  # num_hidden_layers
+    heads: int  # num_attention_heads
+    kv_heads: int  # num_key_value_heads
+    head_dim: int
+    intermediate: int  # intermediate_size
+    norm_eps: float  # rms_norm_eps
+    rope_theta: float
+    max_positions: int  # max_position_embeddings
+    tie_embeddings: bool  # tie_word_embeddings
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v projections
+    rope_scaling: Mapping[str, Any] | None = None
+    sliding_window: int = 0
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LlmSpec:
+        """The spec of a Hugging Face config (as a dict: `config.to_dict()` or config.json)."""
+        arch = str(config.get("model_type", ""))
+        if arch not in ARCHS:
+            raise UnsupportedModelError(f"LLM architecture {arch!r} is not supported yet; "
+                                        f"supported: {', '.join(ARCHS)}")
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            head_dim = int(config.get("head_dim") or hidden // heads)
+            rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+            theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            eos = config.get("eos_token_id")
+            window = config.get("sliding_window") if config.get("use_sliding_window",
+                                                                arch == "mistral") else None
+            return cls(
+                arch=arch, vocab=int(config["vocab_size"]), hidden=hidden,
+                layers=int(config["num_hidden_layers"]), heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
+                intermediate=int(config["intermediate_size"]),
+                norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                max_positions=int(config.get("max_position_embeddings", 2048)),
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                qkv_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
+                rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
+                sliding_window=int(window or 0),
+                bos_id=config.get("bos_token_id"),
+                eos_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"the model config is incomplete or malformed ({exc!r}); "
+                                 "expected a Hugging Face decoder config") from None
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight the step reads, by Hugging Face name, with its shape."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab,
+                                                                           self.hidden),
+                                              "model.norm.weight": (self.hidden,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab, self.hidden)
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (self.hidden,),
+                p + "post_attention_layernorm.weight": (self.hidden,),
+                p + "self_attn.q_proj.weight": (q, self.hidden),
+                p + "self_attn.k_proj.weight": (kv, self.hidden),
+                p + "self_attn.v_proj.weight": (kv, self.hidden),
+                p + "self_attn.o_proj.weight": (self.hidden, q),
+                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.down_proj.weight": (self.hidden, self.intermediate)})
+            if self.qkv_bias:
+                shapes.update({p + "self_attn.q_proj.bias": (q,),
+                               p + "self_attn.k_proj.bias": (kv,),
+                               p + "self_attn.v_proj.bias": (kv,)})
+        return shapes
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The static sizes one compiled step is specialised to."""
+
+    tokens: int  # T: query rows (padded)
+    batch: int  # B: sequences
+    page_slots: int  # capacity of page_indices
+    page_size: int
+    max_positions: int  # rows of the RoPE tables
+
+
+def rope_tables(spec: LlmSpec, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin `[positions, head_dim / 2]` as transformers computes them in float32
+    (inverse frequencies, scaled per `rope_scaling`, times the position; then cos/sin)."""
+    dim = spec.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(spec.rope_theta), exponent)
+                ).astype(np.float32)
+    attention_scale = 1.0
+    scaling = dict(spec.rope_scaling or {})
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind != "default":
+        raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported yet; supported: "
+                                    "default, linear, llama3")
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos = (np.cos(freqs) * np.float32(attention_scale)).astype(np.float32)
+    sin = (np.sin(freqs) * np.float32(attention_scale)).astype(np.float32)
+    return cos, sin
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
+    """Llama 3.1's frequency-dependent scaling (transformers' `_compute_llama3_parameters`)."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+class _Graph:
+    """Builds ops at the end of a module's body: thin names over `Builder`."""
+
+    def __init__(self, module: Module) -> None:
+        self.module = module
+        self.b = Builder.at_end(module.body)
+
+    def weight(self, name: str) -> Value:
+        array = self.module.weights[name]
+        type = TensorType(array.shape, parse_dtype(str(array.dtype).replace("float", "f")))
+        return self.b.value(graph.ConstantOp, result_types=[type], weight=name)
+
+    def literal(self, value: float, dtype: DType = f32) -> Value:
+        type = TensorType((), dtype)
+        return self.b.value(graph.ConstantOp, result_types=[type],
+                            value=DenseAttr(type, dtype.cast(np.asarray(value))))
+
+    def linear(self, x: Value, name: str, bias: bool = False) -> Value:
+        b = self.weight(name.replace(".weight", ".bias")) if bias else None
+        return self.b.value(graph.LinearOp, x, self.weight(name), b)
+
+    def binary(self, kind: str, a: Value, b: Value) -> Value:
+        return self.b.value(BINARY_OPS[kind], a, b)
+
+    def unary(self, kind: str, x: Value) -> Value:
+        return self.b.value(UNARY_OPS[kind], x)
+
+    def reshape(self, x: Value, shape: tuple) -> Value:
+        return self.b.value(graph.ReshapeOp, x, result_types=[x.type.with_shape(shape)])
+
+    def rms_norm(self, x: Value, name: str, eps: float) -> Value:
+        return self.b.value(graph.RmsNormOp, x, self.weight(name), eps=eps)
+
+    def slice(self, x: Value, axis: int, start: int, end: int) -> Value:
+        return self.b.value(graph.SliceOp, x, axis=axis, start=start, end=end)
+
+    def rope(self, x: Value, cos: Value, sin: Value) -> Value:
+        """Rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+        half = x.type.shape[-1] // 2
+        x1, x2 = self.slice(x, 2, 0, half), self.slice(x, 2, half, 2 * half)
+        lo = self.binary("sub", self.binary("mul", x1, cos), self.binary("mul", x2, sin))
+        hi = self.binary("add", self.binary("mul", x2, cos), self.binary("mul", x1, sin))
+        return self.b.value(graph.ConcatOp, lo, hi, axis=2)
+
+
+def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepShape, *,
+                cache_dtype: DType = f16, name: str = "step") -> Module:
+    """The forward step of `spec` at `shape` as a verified IR module (inputs `STEP_INPUTS`,
+    one output: logits `[B, vocab]`). `weights` are float32 arrays by Hugging Face name."""
+    missing = sorted(set(spec.weight_shapes()) - set(weights))
+    if missing:
+        raise ModelLoadError(f"the weights lack {len(missing)} tensor(s) the "
+                             f"{spec.arch} config needs, e.g. {missing[:3]}")
+    for key, want in spec.weight_shapes().items():
+        if tuple(weights[key].shape) != want:
+            raise ModelLoadError(f"weight {key} has shape {list(weights[key].shape)}, the "
+                                 f"config implies {list(want)}")
+    t, b = shape.tokens, shape.batch
+    idx = TensorType
+    types = [idx((t,), i32), idx((t,), i32), idx((b + 1,), i32), idx((b,), i32),
+             idx((b + 1,), i32), idx((shape.page_slots,), i32), idx((b,), i32),
+             cache_type(spec.layers, "P", spec.kv_heads, shape.page_size, spec.head_dim,
+                        cache_dtype)]
+    module = Module(name, types, list(STEP_INPUTS))
+    module.weights.update({k: np.ascontiguousarray(weights[k], np.float32)
+                           for k in spec.weight_shapes()})
+    cos, sin = rope_tables(spec, shape.max_positions)
+    module.weights.update({"rope.cos": cos, "rope.sin": sin})
+    tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
+        module.inputs
+    g = _Graph(module)
+    half = spec.head_dim // 2
+    cos_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.cos"), positions),
+                      (t, 1, half))
+    sin_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.sin"), positions),
+                      (t, 1, half))
+    h = g.b.value(graph.EmbeddingOp, g.weight("model.embed_tokens.weight"), tokens)
+    scale = 1.0 / math.sqrt(spec.head_dim)
+    for i in range(spec.layers):
+        p = f"model.layers.{i}."
+        x = g.rms_norm(h, p + "input_layernorm.weight", spec.norm_eps)
+        q = g.reshape(g.linear(x, p + "self_attn.q_proj.weight", spec.qkv_bias),
+                      (t, spec.heads, spec.head_dim))
+        k = g.reshape(g.linear(x, p + "self_attn.k_proj.weight", spec.qkv_bias),
+                      (t, spec.kv_heads, spec.head_dim))
+        v = g.reshape(g.linear(x, p + "self_attn.v_proj.weight", spec.qkv_bias),
+                      (t, spec.kv_heads, spec.head_dim))
+        q, k = g.rope(q, cos_t, sin_t), g.rope(k, cos_t, sin_t)
+        a = g.b.value(PagedAttentionOp, q, k, v, cache, seq_indptr, kv_len, page_indptr,
+                      page_indices, layer=i, scale=scale, window=spec.sliding_window)
+        a = g.reshape(a, (t, spec.heads * spec.head_dim))
+        h = g.binary("add", h, g.linear(a, p + "self_attn.o_proj.weight"))
+        x = g.rms_norm(h, p + "post_attention_layernorm.weight", spec.norm_eps)
+        gate = g.unary("silu", g.linear(x, p + "mlp.gate_proj.weight"))
+        mlp = g.binary("mul", gate, g.linear(x, p + "mlp.up_proj.weight"))
+        h = g.binary("add", h, g.linear(mlp, p + "mlp.down_proj.weight"))
+    h = g.b.value(graph.IndexSelectOp, h, last, axis=0)
+    h = g.rms_norm(h, "model.norm.weight", spec.norm_eps)
+    head = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+    logits = g.linear(h, head)
+    g.b.create(ReturnOp, logits)
+    module.metadata["output_names"] = ["logits"]
+    verify(module)
+    return module
+
+
+__all__ = ["ARCHS", "STEP_INPUTS", "LlmSpec", "StepShape", "rope_tables", "step_module", "f16",
+           "f32"]
