@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {"ir", "frontend", "passes", "codegen", "autotune", "runtime", "serving", "models",
-               "compiler", "errors", "cli"}
+               "compiler", "errors", "cli", "llm"}
 _FUNCTIONS = {"compile": "compiler", "load": "runtime.model"}  # bitsmith.load needs no torch
 
 

@@ -19,3 +19,15 @@ def structural_hash(item: Module | Operation, *, locations: bool = False) -> str
         text = "\n".join(print_op(item, namer, "", locations))
     return hashlib.sha256(text.encode()).hexdigest()
 
+
+
+def kernel_signature(op: Operation) -> str:
+    """The structural hash of a `kernel.fused` op without its name: kernels with equal
+    signatures compute the same function of their inputs (one compiled function serves
+    all of them)."""
+    name = op.attributes.get("name")
+    op.attributes["name"] = ""
+    try:
+        return structural_hash(op)
+    finally:
+        op.attributes["name"] = name

@@ -127,6 +127,12 @@ class StepShape:
     page_slots: int  # capacity of page_indices
     page_size: int
     max_positions: int  # rows of the RoPE tables
+    rows: int = 0  # R: rows whose logits come out (`last`); 0 means one per sequence (B)
+
+    @property
+    def out_rows(self) -> int:
+        """R, the logits' rows."""
+        return self.rows or self.batch
 
 
 def rope_tables(spec: LlmSpec, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +231,7 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
     t, b = shape.tokens, shape.batch
     idx = TensorType
     types = [idx((t,), i32), idx((t,), i32), idx((b + 1,), i32), idx((b,), i32),
-             idx((b + 1,), i32), idx((shape.page_slots,), i32), idx((b,), i32),
+             idx((b + 1,), i32), idx((shape.page_slots,), i32), idx((shape.out_rows,), i32),
              cache_type(spec.layers, "P", spec.kv_heads, shape.page_size, spec.head_dim,
                         cache_dtype)]
     module = Module(name, types, list(STEP_INPUTS))

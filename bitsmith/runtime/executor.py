@@ -44,7 +44,9 @@ class Executor:
     is: copy the inputs in, call each kernel, copy the outputs out.
     """
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, shared: dict[tuple, Any] | None = None) -> None:
+        """`shared`: weights already on the device, by (name, shape, dtype), filled and reused
+        across executors (an LLM's entry points hold the same weights once)."""
         self.artifact = artifact
         plan = artifact.manifest.plan
         for key in ("values", "inputs", "outputs", "weights", "steps"):
@@ -59,8 +61,14 @@ class Executor:
         paths = artifact.extract_libraries(self._dir.name)
         self.libraries = {name: _load_library(name, path) for name, path in paths.items()}
         self.kernels = [self._kernel(step) for step in plan["steps"]]
-        self.weights = {vid: tvm.runtime.tensor(self._weight(name, plan["values"][vid]["shape"]))
-                        for vid, name in plan["weights"].items()}
+        shared = {} if shared is None else shared
+        self.weights = {}
+        for vid, name in plan["weights"].items():
+            array = self._weight(name, plan["values"][vid]["shape"])
+            key = (name, array.shape, array.dtype.str)
+            if key not in shared:
+                shared[key] = tvm.runtime.tensor(array)
+            self.weights[vid] = shared[key]
         self._bound: dict[tuple, _Bound] = {}
         self._lock = threading.Lock()  # one arena per batch size: one run at a time
 
@@ -69,8 +77,12 @@ class Executor:
         if library is None:
             raise ArtifactError(f"step {step['kernel']} needs library {step['library']}, which "
                                 "the artifact lacks")
+        function = step.get("function", step["kernel"])  # a kernel equal to an earlier one
+        if not isinstance(function, str):                 # calls that one's function
+            raise ArtifactError(f"step {step['kernel']!r} names function {function!r}; "
+                                "recompile the model")
         try:
-            kernel = library[step["kernel"]]
+            kernel = library[function]
         except (AttributeError, ValueError, RuntimeError) as exc:  # no such function; a
             # non-string name; tvm.error.TVMError (a RuntimeError) from the loader
             raise ArtifactError(f"step {step['kernel']!r} names a kernel that library "

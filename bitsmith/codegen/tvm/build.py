@@ -10,6 +10,8 @@ import tvm
 from rich.progress import Progress
 
 from ...ir import Module, Operation
+from ...ir.dialects.kernel import FusedOp
+from ...ir.hashing import kernel_signature
 from ...runtime.artifact import Artifact
 from ...runtime.host import code_isa, host_description
 from ..backend import LibraryStore, kernels_of, package
@@ -39,16 +41,27 @@ class TvmBackend:
         kernels = kernels_of(module)
         configs = configs or {}
         built: dict[Operation, TvmKernel] = {}
+        # a kernel equal to an earlier one (same region, types and config: a decoder's layers)
+        # is scheduled and compiled once, and its steps call the first one's function
+        first: dict[tuple[str, str], FusedOp] = {}
+        calls: dict[Operation, str] = {}
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task(f"scheduling {module.name}", total=len(kernels))
             for op in kernels:
-                bar.update(task, description=f"scheduling {op.kernel_name}")
-                built[op] = build_kernel(op, target, configs.get(op.kernel_name))
+                config = configs.get(op.kernel_name)
+                key = (kernel_signature(op), str(config))
+                if key in first:
+                    built[op], calls[op] = built[first[key]], first[key].kernel_name
+                else:
+                    bar.update(task, description=f"scheduling {op.kernel_name}")
+                    built[op] = build_kernel(op, target, config)
+                    first[key], calls[op] = op, op.kernel_name
                 bar.advance(task)
-            bar.update(task, description=f"compiling {len(kernels)} kernels with LLVM")
-            library = self._library(module.name, {op.kernel_name: k.func
-                                                  for op, k in built.items()}, target)
-        return package(module, built, lambda op, kernel: {"library": LIBRARY},
+            bar.update(task, description=f"compiling {len(first)} kernels with LLVM")
+            library = self._library(module.name, {op.kernel_name: built[op].func
+                                                  for op in first.values()}, target)
+        return package(module, built,
+                       lambda op, kernel: {"function": calls[op], "library": LIBRARY},
                        {LIBRARY: library},
                        requires={"machine": host_description()["machine"],
                                  "isa": code_isa(target.isa), "mcpu": target.mcpu},

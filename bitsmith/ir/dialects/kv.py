@@ -99,6 +99,8 @@ class PagedAttentionOp(Operation):
                 seq_indptr, kv_len, page_indptr, page_indices, q.shape[0], layer.shape[0],
                 page_size)):
             n = len(positions)
+            if n == 0:  # a sequence with no rows in this step (a padded batch slot)
+                continue
             new = slice(first, first + n)
             slots = pages[positions // page_size], positions % page_size
             layer[slots[0], 0, :, slots[1], :] = k[new].astype(held)
