@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import BitsmithError
-from . import cache, compile, ir, serve
+from . import cache, compile, generate, ir, serve
 from .console import err
 
 
@@ -49,4 +49,5 @@ def build_parser() -> argparse.ArgumentParser:
     compile.add_parsers(sub)
     cache.add_parsers(sub)
     serve.add_parsers(sub)
+    generate.add_parsers(sub)
     return parser

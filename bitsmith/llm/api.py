@@ -107,7 +107,8 @@ class LLM:
         """Sampling parameters: the artifact's defaults, then `overrides`."""
         return SamplingParams(**{**self.defaults, **overrides})
 
-    def generate(self, prompts: str | Sequence[str], **params: Any) -> list[str]:
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 **params: Any) -> list[str]:
         """Continue each prompt; returns the generated texts (`complete` gives ids, finish
         reasons and logprobs). `params` are `SamplingParams` fields."""
         return [c.text for c in self.complete(prompts, **params)]
@@ -169,7 +170,10 @@ class LLM:
         blocks.add(seq)
         rows = []
         try:
-            step = max(e.tokens for e in self.engine.entries if e.scores_all)
+            step = max((e.tokens for e in self.engine.entries if e.scores_all), default=0)
+            if not step:
+                raise InputError(f"{self.name} was compiled without a scoring step "
+                                 "(score_chunk=0): it cannot compute perplexity")
             for at in range(0, len(ids), step):
                 rows.append(self.engine.step([(seq, ids[at:at + step])], scores_all=True))
         finally:

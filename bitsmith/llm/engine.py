@@ -9,7 +9,7 @@ logits per sequence (or per token, for scoring). Everything here is runtime side
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

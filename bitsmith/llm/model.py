@@ -207,9 +207,9 @@ class _Graph:
     def slice(self, x: Value, axis: int, start: int, end: int) -> Value:
         return self.b.value(graph.SliceOp, x, axis=axis, start=start, end=end)
 
-    def rope(self, x: Value, cos: Value, sin: Value) -> Value:
-        """Rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
-        half = x.type.shape[-1] // 2
+    def rope(self, x: Value, cos: Value, sin: Value, half: int) -> Value:
+        """Rotate-half RoPE over head dims of 2 * half: (x1, x2) -> (x1 cos - x2 sin,
+        x2 cos + x1 sin)."""
         x1, x2 = self.slice(x, 2, 0, half), self.slice(x, 2, half, 2 * half)
         lo = self.binary("sub", self.binary("mul", x1, cos), self.binary("mul", x2, sin))
         hi = self.binary("add", self.binary("mul", x2, cos), self.binary("mul", x1, sin))
@@ -258,7 +258,7 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
                       (t, spec.kv_heads, spec.head_dim))
         v = g.reshape(g.linear(x, p + "self_attn.v_proj.weight", spec.qkv_bias),
                       (t, spec.kv_heads, spec.head_dim))
-        q, k = g.rope(q, cos_t, sin_t), g.rope(k, cos_t, sin_t)
+        q, k = g.rope(q, cos_t, sin_t, half), g.rope(k, cos_t, sin_t, half)
         a = g.b.value(PagedAttentionOp, q, k, v, cache, seq_indptr, kv_len, page_indptr,
                       page_indices, layer=i, scale=scale, window=spec.sliding_window)
         a = g.reshape(a, (t, spec.heads * spec.head_dim))

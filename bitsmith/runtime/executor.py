@@ -202,7 +202,7 @@ class _Bound:
                             for a, vid in enumerate(step["inputs"]) if vid in executor.state]
         self.state_dtypes = {plan["inputs"].index(vid): np.dtype(NUMPY_DTYPES[
             values[vid]["dtype"]]) for vid in executor.state}
-        self._attached: dict[int, tuple[int, Any]] = {}
+        self._attached: dict[int, tuple[int, Any, np.ndarray]] = {}
         self.outputs = [self.views[vid] if vid in self.views
                         else executor.weights[vid].numpy() for vid in plan["outputs"]]
         self.calls = [(kernel, [tensors.get(vid) for vid in step["inputs"] + step["outputs"]])

@@ -1,3 +1,5 @@
+# pyright: reportInvalidTypeForm=false, reportMissingModuleSource=false
+# (TVMScript: buffer annotations are calls that the TVMScript parser reads, not types)
 """The CPU kernel of `kv.paged_attention`: append the step's K/V to the paged cache, then
 attend each query row over its sequence's pages.
 

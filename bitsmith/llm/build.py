@@ -36,7 +36,8 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             kv_memory: int | None = None, tune: int | str | None = None,
             progress: bool = False) -> LLM:
     """Compile a decoder for this CPU: decode steps at batch 1, 2, 4, ... max_batch, prefill
-    steps of `prefill` tokens, a scoring step of `score_chunk` tokens (perplexity), all over
+    steps of `prefill` tokens, a scoring step of `score_chunk` tokens (perplexity; 0: none), all
+    over
     one KV cache of `kv` elements sized by `kv_memory` bytes.
 
     `quant` quantizes the linear layers (a spec such as "w4g128"; see `passes.quant_spec`);
@@ -44,7 +45,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     if kv not in KV_DTYPES:
         raise InputError(f"kv={kv!r}: expected one of {', '.join(KV_DTYPES)}")
     for name, value, low in (("max_batch", max_batch, 1), ("max_seq", max_seq, 2),
-                             ("page_size", page_size, 1), ("score_chunk", score_chunk, 2)):
+                             ("page_size", page_size, 1), ("score_chunk", score_chunk, 0)):
         if not isinstance(value, int) or value < low:
             raise InputError(f"{name} must be an int >= {low}, got {value!r}")
     source = resolve(model)
@@ -53,8 +54,9 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     layout = CacheLayout(spec.layers, spec.kv_heads, page_size, spec.head_dim, kv)
     sizes = entry_sizes(max_batch, max_seq, page_size, [t for t in prefill if t <= max_seq])
     pages = math.ceil(max_seq / page_size)
-    score = min(score_chunk, max_seq)
-    sizes.append({"tokens": score, "batch": 1, "rows": score, "page_slots": pages})
+    if score_chunk:  # a step with logits after every token (perplexity); 0: none
+        score = max(2, min(score_chunk, max_seq))
+        sizes.append({"tokens": score, "batch": 1, "rows": score, "page_slots": pages})
     entries: list[Entry] = []
     shared: dict[tuple, Any] = {}
     pipeline = default_pipeline("cpu")
