@@ -44,10 +44,11 @@ SUPPORTED_ARCHS = ("llama", "qwen2")
 
 VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
-# Caps far above any real model (the largest vocabularies with scores, types and merges hold
-# under 1M array items; a dense model has a few thousand tensors). They bound what a crafted
-# file costs here and in transformers, whose gguf reader spends ~0.5 kB per array item.
-MAX_ARRAY_ITEMS = 1 << 22
+# Caps well above any real model (the largest vocabularies, with their scores, types and
+# merges, hold under 800k array items; a dense model has a few thousand tensors). They bound
+# what a crafted file costs here and in transformers, whose gguf reader spends ~1 kB of memory
+# per array item: 2 GiB at most.
+MAX_ARRAY_ITEMS = 1 << 21
 MAX_ENTRIES = 1 << 16  # metadata keys, and tensors
 DEFAULT_ALIGNMENT = 32
 DAMAGED = "the file is damaged, truncated or not a GGUF file"
@@ -233,7 +234,7 @@ class _HeaderReader:
         n_keys = self.scalar("<Q", "the metadata count")
         if max(n_tensors, n_keys) > MAX_ENTRIES:
             raise self.fail(f"the file declares {n_tensors} tensors and {n_keys} metadata "
-                            f"keys; more than {MAX_ENTRIES} of either is not a model")
+                            f"keys; no model has more than {MAX_ENTRIES} of either")
         metadata = self.metadata(n_keys)
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
@@ -284,7 +285,7 @@ class _HeaderReader:
             return _StringArray(self.data, starts, self.path)
         if item not in _SCALARS:
             raise self.fail(f"{what} is an array of value type {item}, expected numbers or "
-                            "strings (nested arrays are not GGUF)")
+                            "strings (nested arrays, which llama.cpp refuses too)")
         dtype = np.dtype(_SCALARS[item])
         self.enough(count, dtype.itemsize, f"items of {what}")
         start = self.take(count * dtype.itemsize, what)
@@ -383,7 +384,8 @@ def _can_dequantize(ggml_type: str) -> bool:
 # --- config, tensors, tokenizer -------------------------------------------------------------
 
 
-def _config(path: str, arch: str, meta: dict[str, Any], infos: dict) -> dict[str, Any]:
+def _config(path: str, arch: str, meta: dict[str, Any],
+            infos: dict[str, _TensorInfo]) -> dict[str, Any]:
     """The HF config keys this file's metadata gives (transformers' GGUF_CONFIG_MAPPING)."""
     hyper = _Hyperparameters(path, arch, meta)
     hidden, heads = hyper.integer("embedding_length"), hyper.integer("attention.head_count")
@@ -407,8 +409,8 @@ def _config(path: str, arch: str, meta: dict[str, Any], infos: dict) -> dict[str
         "rope_theta": hyper.number("rope.freq_base", 10000.0),
         "rope_scaling": _rope_scaling(arch, meta, "rope_freqs.weight" in infos),
         "max_position_embeddings": hyper.integer("context_length"),
-        "vocab_size": hyper.integer("vocab_size",
-                                len(tokens) if isinstance(tokens, _StringArray) else None),
+        "vocab_size": hyper.integer(
+            "vocab_size", len(tokens) if isinstance(tokens, _StringArray) else None),
         "tie_word_embeddings": "output.weight" not in infos,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),

