@@ -107,6 +107,8 @@ class ZeroPoint(enum.Enum):
     NONE = "none"  # symmetric
     INT = "int"  # asymmetric, zero point stored in the storage integer type
     FLOAT = "float"  # asymmetric, zero point stored in the scale dtype
+    MIN = "min"  # scale and minimum (llama.cpp's Q4_1): w = decode(q) * s + m, m in the scale
+    # dtype; the zero-point operand holds m
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from ..runtime.executor import Executor
 from .api import LLM
 from .engine import CacheLayout, Engine, Entry, entry_sizes
 from .model import STEP_INPUTS, LlmSpec, StepShape, step_module
-from .sources import resolve
+from .sources import gguf_quantized, resolve
 from .text import Tokenizer
 
 KV_DTYPES = ("f32", "f16", "bf16")
@@ -40,7 +40,9 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     over
     one KV cache of `kv` elements sized by `kv_memory` bytes.
 
-    `quant` quantizes the linear layers (a spec such as "w4g128"; see `passes.quant_spec`);
+    `quant` quantizes the linear layers (a spec such as "w4g128"; see `passes.quant_spec`).
+    A GGUF file's Q4_0/Q4_1/Q8_0 layers run as they are stored (llama.cpp's very weights)
+    unless `quant` is given: "f32" dequantizes them, any other spec re-quantizes;
     `tune` tunes every kernel at the compiled sizes (trials or a time such as "5m")."""
     if kv not in KV_DTYPES:
         raise InputError(f"kv={kv!r}: expected one of {', '.join(KV_DTYPES)}")
@@ -60,7 +62,10 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     entries: list[Entry] = []
     shared: dict[tuple, Any] = {}
     pipeline = default_pipeline("cpu")
-    if quant is not None:
+    native = gguf_quantized(source.gguf) if source.gguf is not None and quant is None else {}
+    if quant == "f32":
+        quant = None
+    elif quant is not None:
         pipeline = f"canonicalize,cse,{quant_pipeline_entry(quant)},{pipeline}"
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"compiling {source.name}", total=len(sizes))
@@ -71,7 +76,8 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
                               page_slots=size["page_slots"], page_size=page_size,
                               max_positions=max_seq, rows=size["rows"])
             module = step_module(spec, source.weights, shape, cache_dtype=parse_dtype(kv),
-                                 name=f"{_symbol(source.name)}_t{shape.tokens}_b{shape.batch}")
+                                 name=f"{_symbol(source.name)}_t{shape.tokens}_b{shape.batch}",
+                                 quantized=native)
             run(module, pipeline, verify=False)
             configs, _ = tuned_configs(module, tune, shape.batch, progress)
             artifact = build_artifact(module, configs=configs)
@@ -88,7 +94,8 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
                           add_bos=source.add_bos)
     return LLM(engine, tokenizer, chat_template=source.chat_template, name=source.name,
                prefill_chunk=max((t for t in prefill if t <= max_seq), default=None),
-               info={"vocab": spec.vocab, "arch": spec.arch, "quant": quant, "kv": kv,
+               info={"vocab": spec.vocab, "arch": spec.arch, "kv": kv,
+                     "quant": quant or ("gguf" if native else "f32"),
                      "layers": spec.layers})
 
 

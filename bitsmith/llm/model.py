@@ -24,7 +24,10 @@ from ..ir.attributes import DenseAttr
 from ..ir.dialects.func import ReturnOp
 from ..ir.dialects.graph.elementwise import BINARY_OPS, UNARY_OPS
 from ..ir.dialects.kv import PagedAttentionOp, cache_type
+from ..ir.dialects import quant
 from ..ir.dtypes import DType, f16, f32, i32, parse_dtype
+from ..ir.packing import pack_rows
+from ..ir.types import QuantType
 
 ARCHS = ("llama", "mistral", "qwen2")
 """Config `model_type`s built here: the Llama family (RMSNorm, RoPE, GQA, SwiGLU)."""
@@ -119,6 +122,21 @@ class LlmSpec:
 
 
 @dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear layer's weight already quantized (a GGUF file's Q4_0/Q4_1/Q8_0 blocks): bit
+    codes `[N, K]` (the storage format's `to_bits`), scales and zero points or minimums."""
+
+    qtype: QuantType
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray | None = None
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight it stands for (the quant dialect's semantics)."""
+        return quant.dequantize(self.codes, self.scale, self.zero, self.qtype)
+
+
+@dataclass(frozen=True)
 class StepShape:
     """The static sizes one compiled step is specialised to."""
 
@@ -174,9 +192,14 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.nda
 class _Graph:
     """Builds ops at the end of a module's body: thin names over `Builder`."""
 
-    def __init__(self, module: Module) -> None:
+    def __init__(self, module: Module, quantized: Mapping[str, QuantizedWeight]) -> None:
         self.module = module
         self.b = Builder.at_end(module.body)
+        self.quantized = quantized
+
+    def constant(self, name: str, array: np.ndarray, type: TensorType) -> Value:
+        self.module.weights[name] = array
+        return self.b.value(graph.ConstantOp, result_types=[type], weight=name)
 
     def weight(self, name: str) -> Value:
         array = self.module.weights[name]
@@ -190,7 +213,19 @@ class _Graph:
 
     def linear(self, x: Value, name: str, bias: bool = False) -> Value:
         b = self.weight(name.replace(".weight", ".bias")) if bias else None
-        return self.b.value(graph.LinearOp, x, self.weight(name), b)
+        q = self.quantized.get(name)
+        if q is None:
+            return self.b.value(graph.LinearOp, x, self.weight(name), b)
+        shape = tuple(int(d) for d in q.codes.shape)
+        scales = tuple(int(d) for d in q.scale.shape)
+        w = self.constant(f"{name}.codes", pack_rows(q.codes, q.qtype.bits),
+                          TensorType(shape, q.qtype))
+        s = self.constant(f"{name}.scale", q.scale, TensorType(scales, q.qtype.scale_dtype))
+        zdt = quant.zero_dtype(q.qtype)
+        z = None if q.zero is None or zdt is None else self.constant(
+            f"{name}.zero", q.zero, TensorType(scales, zdt))
+        y = self.b.value(quant.LinearOp, x, w, s, z)
+        return y if b is None else self.binary("add", y, b)
 
     def binary(self, kind: str, a: Value, b: Value) -> Value:
         return self.b.value(BINARY_OPS[kind], a, b)
@@ -217,14 +252,25 @@ class _Graph:
 
 
 def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepShape, *,
-                cache_dtype: DType = f16, name: str = "step") -> Module:
+                cache_dtype: DType = f16, name: str = "step",
+                quantized: Mapping[str, QuantizedWeight] | None = None) -> Module:
     """The forward step of `spec` at `shape` as a verified IR module (inputs `STEP_INPUTS`,
-    one output: logits `[B, vocab]`). `weights` are float32 arrays by Hugging Face name."""
+    one output: logits `[R, vocab]`). `weights` are float32 arrays by Hugging Face name;
+    linear layers named in `quantized` read those codes instead (`quant.linear`), and their
+    float weights are not read (a tied embedding's still is, for the token lookup)."""
+    quantized = dict(quantized or {})
+    for key, q in quantized.items():
+        want = spec.weight_shapes().get(key)
+        if want is None or tuple(q.codes.shape) != want:
+            raise ModelLoadError(f"quantized weight {key} has shape {list(q.codes.shape)}, "
+                                 f"the config implies {want}")
     missing = sorted(set(spec.weight_shapes()) - set(weights))
     if missing:
         raise ModelLoadError(f"the weights lack {len(missing)} tensor(s) the "
                              f"{spec.arch} config needs, e.g. {missing[:3]}")
-    for key, want in spec.weight_shapes().items():
+    needed = {k: v for k, v in spec.weight_shapes().items() if k not in quantized
+              or k == "model.embed_tokens.weight"}
+    for key, want in needed.items():
         if tuple(weights[key].shape) != want:
             raise ModelLoadError(f"weight {key} has shape {list(weights[key].shape)}, the "
                                  f"config implies {list(want)}")
@@ -235,13 +281,12 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
              cache_type(spec.layers, "P", spec.kv_heads, shape.page_size, spec.head_dim,
                         cache_dtype)]
     module = Module(name, types, list(STEP_INPUTS))
-    module.weights.update({k: np.ascontiguousarray(weights[k], np.float32)
-                           for k in spec.weight_shapes()})
+    module.weights.update({k: np.ascontiguousarray(weights[k], np.float32) for k in needed})
     cos, sin = rope_tables(spec, shape.max_positions)
     module.weights.update({"rope.cos": cos, "rope.sin": sin})
     tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
         module.inputs
-    g = _Graph(module)
+    g = _Graph(module, quantized)
     half = spec.head_dim // 2
     cos_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.cos"), positions),
                       (t, 1, half))

@@ -160,6 +160,43 @@ def byte_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
+GGUF_NATIVE = ("Q4_0", "Q4_1", "Q8_0")
+"""GGUF block types that are bitsmith quant types exactly: groups of 32 along the inputs with
+an f16 scale (and, for Q4_1, an f16 minimum)."""
+
+
+def gguf_quantized(model: Any) -> dict[str, Any]:
+    """The linear weights of a GGUF model (`gguf_file.GgufModel`) stored in a native block
+    type, as quantized weights with the file's own codes and scales (a tied embedding's
+    blocks serve the output head)."""
+    from ..ir.dtypes import IntType, f16  # noqa: PLC0415
+    from ..ir.types import GroupAxis, QuantType, ZeroPoint  # noqa: PLC0415
+    from .model import QuantizedWeight  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for name, tensor in model.tensors.items():
+        if tensor.ggml_type not in GGUF_NATIVE or len(tensor.shape) != 2:
+            continue
+        if not (name.endswith("_proj.weight") or name in ("lm_head.weight",
+                                                          "model.embed_tokens.weight")):
+            continue
+        codes, scale, minimum = tensor.blocks()
+        scale16 = scale.astype(np.float16)  # exact: the file's f16 values
+        if tensor.ggml_type == "Q8_0":
+            storage = IntType(8, True)
+            qtype = QuantType(storage, 32, GroupAxis.OUT, f16, ZeroPoint.NONE)
+            out[name] = QuantizedWeight(qtype, storage.to_bits(codes), scale16)
+        elif tensor.ggml_type == "Q4_1":
+            qtype = QuantType(IntType(4, False), 32, GroupAxis.OUT, f16, ZeroPoint.MIN)
+            assert minimum is not None
+            out[name] = QuantizedWeight(qtype, codes, scale16, minimum.astype(np.float16))
+        else:  # Q4_0: w = d * (q - 8)
+            qtype = QuantType(IntType(4, False), 32, GroupAxis.OUT, f16, ZeroPoint.INT)
+            out[name] = QuantizedWeight(qtype, codes, scale16,
+                                        np.full(scale.shape, 8, np.uint8))
+    return out
+
+
 class _LazyWeights(Mapping[str, np.ndarray]):
     """Weights dequantized on first read (a GGUF file's tensors, by Hugging Face name)."""
 

@@ -37,7 +37,10 @@ def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0,
     s = b.value(graph.ConstantOp, weight="s", result_types=[TensorType(shape, f16)])
     z = None
     zdt = quant.zero_dtype(qt)
-    if zdt is not None:
+    if zdt is not None and qt.zero_point is ZeroPoint.MIN:  # a float minimum per group
+        module.weights["z"] = zdt.cast(rng.standard_normal(shape) * 0.3)
+        z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(shape, zdt)])
+    elif zdt is not None:
         lo, hi = int(storage.min_value), int(storage.max_value)
         module.weights["z"] = zdt.cast(rng.integers(lo, hi + 1, shape))
         z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(shape, zdt)])

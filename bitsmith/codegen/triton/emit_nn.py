@@ -11,7 +11,7 @@ import numpy as np
 from ...ir import Operation, Value
 from ...ir.dtypes import DType, IntType, LowFloatType
 from ...ir.packing import WORD
-from ...ir.types import GroupAxis, QuantType
+from ...ir.types import GroupAxis, QuantType, ZeroPoint
 from ..template import CodegenError
 from .emit import Emitter, is_float, rule, tl_dtype
 
@@ -502,6 +502,8 @@ def weight_at(em: Emitter, weight: Value, scale: Value, zero: Value | None, n: s
     else:
         gi = ["0" if g == 0 else f"({n}) // {g}", k]
     value = em.let(value, "w")
+    if zero is not None and qtype.zero_point is ZeroPoint.MIN:
+        return f"{value} * {em.at(scale, gi)} + {em.at(zero, gi)}"
     if zero is not None:
         value = f"({value} - {em.at(zero, gi)})"
     return f"{value} * {em.at(scale, gi)}"

@@ -17,7 +17,7 @@ from ...ir import Operation
 from ...ir.dialects import quant
 from ...ir.dtypes import IntType, LowFloatType
 from ...ir.packing import WORD
-from ...ir.types import GroupAxis, QuantType
+from ...ir.types import GroupAxis, QuantType, ZeroPoint
 from .lower import RULES, Lowering
 from .lower_nn import conv2d_compute
 from .typed import compute
@@ -80,6 +80,8 @@ def weight_at(qtype: QuantType, words: te.Tensor, scale: te.Tensor, zero: te.Ten
     if factor != 1.0:
         v = v * tvm.tirx.const(factor, "float32")
     gi = group_index(qtype, n, k)
+    if zero is not None and qtype.zero_point is ZeroPoint.MIN:
+        return v * scale(*gi).astype("float32") + zero(*gi).astype("float32")
     if zero is not None:
         v = v - zero(*gi).astype("float32")
     return v * scale(*gi).astype("float32")

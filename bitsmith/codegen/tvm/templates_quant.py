@@ -57,7 +57,7 @@ from ...ir.dialects import quant
 from ...ir.dialects.kernel import FusedOp
 from ...ir.dtypes import IntType
 from ...ir.packing import CHUNK, WORD, lane_blocks, rows_to_lanes
-from ...ir.types import GroupAxis, QuantType
+from ...ir.types import GroupAxis, QuantType, ZeroPoint
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
 from .lower import Lowering, lower_kernel
 from .lower_quant import decode, decode_factor
@@ -382,13 +382,24 @@ class _QLinear:
         # the correction d * x is one more FMA per chunk: the chunk's activations are summed
         # per lane once per call (in the units of the chunk sums, scaled by powers of two)
         xlane = self.lane_sums(xp, rows, units) if zero or self.decode.offset else None
+        # zero_point=min: w = v * s + m, so the chunk adds m * (its activations) after the
+        # scale; the zero-point operand is then no offset of the codes
+        minimum = zero[0] if zero and self.decode.qtype.zero_point is ZeroPoint.MIN else None
         term = _ChunkTerm(cut, self.decode, self.words, units.xs, xlane,
-                          zero[0] if zero else None)
+                          zero[0] if zero and minimum is None else None)
+
+        def chunk(m: Any, j: Any, cb: Any, cs: Any, lane: Any) -> Any:
+            gi = cut.group_of(cb, cs)
+            value = scale[j, gi].astype("float32") * term(m, j, cb, cs, lane)
+            if minimum is None or xlane is None:
+                return value
+            return value + minimum[j, gi].astype("float32") * \
+                xlane[m, cb * cut.per_block + cs, lane]
+
         rcb = te.reduce_axis((0, cut.blocks), name="cb")
         rcs = te.reduce_axis((0, cut.per_block), name="cs")
         acc = compute((rows, n, cut.lanes), lambda m, j, lane: te.sum(
-            scale[j, cut.group_of(rcb, rcs)].astype("float32") * term(m, j, rcb, rcs, lane),
-            axis=[rcb, rcs]), name="acc")
+            chunk(m, j, rcb, rcs, lane), axis=[rcb, rcs]), name="acc")
         # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
         dot = compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
                                                      for lane in range(cut.lanes)]),

@@ -18,7 +18,10 @@ Scales (and zero points) come as separate operands, one per group:
   it holds the remaining channels, and its scale was chosen for them alone.
 
 Semantics (f32 throughout): `dequantize` is w = (decode(q) - z) * s, where decode gives the
-format's value of the code and z is 0 for symmetric weights; `quantize` is
+format's value of the code and z is 0 for symmetric weights, or, for `zero_point=min` (a
+scale and a minimum per group, as llama.cpp's Q4_1 stores them), w = decode(q) * s + m with
+the minimum m in the zero-point operand (computed in that order, so that a GGUF file's weights
+dequantize bit for bit as gguf's own dequantizer gives them); `quantize` is
 q = clamp(round_half_even(x / s + z)) for integer storage, and the format's round-to-nearest-
 even, saturating cast of x / s + z for low-bit floats (a zero scale gives code of 0 + z).
 `quant.linear` is x @ dequantize(w)^T. `quant.conv2d` is graph.conv2d of x by dequantize(w)
@@ -52,7 +55,7 @@ def zero_dtype(qtype: QuantType) -> DType | None:
     the storage range (int), the scale type (float), or None for symmetric weights."""
     if qtype.zero_point is ZeroPoint.INT:
         return IntType(8, qtype.storage.is_signed)
-    if qtype.zero_point is ZeroPoint.FLOAT:
+    if qtype.zero_point in (ZeroPoint.FLOAT, ZeroPoint.MIN):
         return qtype.scale_dtype
     return None
 
@@ -77,6 +80,8 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     """w = (decode(q) - z) * s, in float32, for codes [N, K]."""
     shape = codes.shape
     v = decode(codes, qtype)
+    if qtype.zero_point is ZeroPoint.MIN and zero is not None:
+        return v * expand_groups(scale, qtype, shape) + expand_groups(zero, qtype, shape)
     if zero is not None:
         v = v - expand_groups(zero, qtype, shape)
     return v * expand_groups(scale, qtype, shape)
@@ -90,7 +95,12 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     s = expand_groups(scale, qtype, shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(s != 0, np.asarray(x, np.float32) / s, np.float32(0))
-    if zero is not None:
+    if qtype.zero_point is ZeroPoint.MIN and zero is not None:  # (x - m) / s
+        s = expand_groups(scale, qtype, shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(s != 0, (np.asarray(x, np.float32) - expand_groups(
+                zero, qtype, shape)) / s, np.float32(0))
+    elif zero is not None:
         t = t + expand_groups(zero, qtype, shape)
     storage = qtype.storage
     if isinstance(storage, IntType):
