@@ -23,3 +23,10 @@ def test_runtime_imports_without_torch() -> None:
     assert_imports_without(["bitsmith.runtime", "bitsmith.ir", "bitsmith.runtime.model",
                             "bitsmith.serving.server", "bitsmith.serving.loadtest"],
                            ["torch", "bitsmith.frontend", "bitsmith.passes", "bitsmith.autotune"])
+
+
+def test_llm_runtime_imports_without_the_compiler() -> None:
+    assert_imports_without(["bitsmith.llm.artifact", "bitsmith.llm.api"],
+                           ["torch", "transformers", "gguf", "bitsmith.frontend",
+                            "bitsmith.passes", "bitsmith.autotune", "bitsmith.codegen",
+                            "bitsmith.llm.build"])

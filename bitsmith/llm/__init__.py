@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_FUNCTIONS = {"compile": "build", "LLM": "api", "SamplingParams": "sampling"}
+_FUNCTIONS = {"compile": "build", "load": "artifact", "LLM": "api", "SamplingParams": "sampling"}
 
 
 def __getattr__(name: str) -> Any:

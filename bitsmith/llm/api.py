@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,11 +93,19 @@ class LLM:
         self.engine = engine
         self.tokenizer = tokenizer
         self.template = ChatTemplate(chat_template) if chat_template else None
+        self.template_source = chat_template
         self.defaults = dict(defaults or {})
         self.name = name
         self.prefill_chunk = prefill_chunk or engine.max_tokens()
         self.info = dict(info or {})
         self._ids = itertools.count()
+
+    def save(self, path: str | os.PathLike[str], *, key: bytes | str | None = None) -> None:
+        """Write the LLM as one `.bsm` file (`bitsmith.llm.load` reads it back with the runtime
+        alone); with `key`, signed."""
+        from .artifact import save  # noqa: PLC0415 - artifact imports this module
+
+        save(self, path, key=key)
 
     @property
     def vocab_size(self) -> int:

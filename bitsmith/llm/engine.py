@@ -63,6 +63,7 @@ class Engine:
         self.entries = sorted(entries, key=lambda e: (e.tokens, e.batch))
         self.layout = layout
         self.max_seq = max_seq
+        self.kv_memory = kv_memory
         pages = kv_memory // layout.page_bytes()
         need = math.ceil(max_seq / layout.page_size)
         if pages < need:

@@ -21,10 +21,10 @@ import numpy as np
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..ir import Builder, Module, TensorType, Value, graph, verify
 from ..ir.attributes import DenseAttr
+from ..ir.dialects import quant
 from ..ir.dialects.func import ReturnOp
 from ..ir.dialects.graph.elementwise import BINARY_OPS, UNARY_OPS
 from ..ir.dialects.kv import PagedAttentionOp, cache_type
-from ..ir.dialects import quant
 from ..ir.dtypes import DType, f16, f32, i32, parse_dtype
 from ..ir.packing import pack_rows
 from ..ir.types import QuantType

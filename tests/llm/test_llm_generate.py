@@ -146,3 +146,17 @@ def test_refusals(llm: bllm.LLM) -> None:
         bllm.compile("llama", kv="i7")
     with pytest.raises(InputError, match="kv_memory"):
         bllm.compile("llama", kv_memory=1000, max_seq=64, prefill=(16,))
+
+
+def test_save_load_roundtrip(llm: bllm.LLM, tmp_path) -> None:
+    path = tmp_path / "zoo.bsm"
+    llm.save(path)
+    again = bllm.load(path)
+    prompts = _prompts()[:3]
+    want = [c.token_ids for c in llm.complete(prompts, max_new_tokens=8, ignore_eos=True)]
+    got = [c.token_ids for c in again.complete(prompts, max_new_tokens=8, ignore_eos=True)]
+    assert got == want
+    assert again.chat_prompt([{"role": "user", "content": "hi"}]) == \
+        llm.chat_prompt([{"role": "user", "content": "hi"}])
+    np.testing.assert_allclose(again._score(prompts[2]), llm._score(prompts[2]), rtol=0,
+                               atol=0)
