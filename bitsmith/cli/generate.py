@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..errors import CliError
-from .console import err
+from .console import err, read_key
 
 
 def add_parsers(sub: Any) -> None:
@@ -30,8 +30,17 @@ def add_parsers(sub: Any) -> None:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="a zoo name (llama), an installed model (smollm2), a .gguf file "
-                             "or a Hugging Face model directory")
+                        help="an LLM artifact (.bsm, from --save), or, compiled now: a zoo "
+                             "name (llama), an installed model (smollm2), a .gguf file or a "
+                             "Hugging Face model directory")
+    parser.add_argument("--save", metavar="FILE.bsm",
+                        help="write the compiled LLM here (run it later with MODEL=FILE.bsm)")
+    parser.add_argument("--key", metavar="KEYFILE",
+                        help="sign --save's artifact with this key, or refuse a .bsm that is "
+                             "not signed with it")
+    parser.add_argument("--kv-memory-mb", type=float,
+                        help="KV cache budget in MiB (default: what max-batch sequences of "
+                             "max-seq tokens need, at most 1024)")
     parser.add_argument("--quant", help="quantize the linear layers (e.g. w4g128, w8g128)")
     parser.add_argument("--kv", default="f16", help="KV cache element type: f32, f16, bf16")
     parser.add_argument("--max-seq", type=int, default=2048,
@@ -51,14 +60,29 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> Any:
+    key = read_key(args.key) if args.key else None
+    memory = int(args.kv_memory_mb * 2**20) if args.kv_memory_mb else None
+    start = time.perf_counter()
+    if args.model.endswith(".bsm"):
+        if args.quant or args.save:
+            raise CliError(f"{args.model} is compiled already: --quant and --save apply to a "
+                           "model compiled now")
+        from ..llm.artifact import load  # noqa: PLC0415 - the runtime alone
+
+        llm = load(args.model, key=key, kv_memory=memory)
+        err.print(f"[dim]loaded {llm.name} in {time.perf_counter() - start:.1f} s[/]",
+                  highlight=False)
+        return llm
     from ..llm import compile as compile_llm  # noqa: PLC0415 - the compiler, torch: lazily
 
-    start = time.perf_counter()
     llm = compile_llm(args.model, quant=args.quant, kv=args.kv, max_batch=1,
                       max_seq=args.max_seq, page_size=args.page_size, score_chunk=0,
-                      progress=sys.stderr.isatty())
+                      kv_memory=memory, progress=sys.stderr.isatty())
     err.print(f"[dim]compiled {llm.name} in {time.perf_counter() - start:.1f} s[/]",
               highlight=False)
+    if args.save:
+        llm.save(args.save, key=key)
+        err.print(f"[dim]saved {args.save}[/]", highlight=False)
     return llm
 
 

@@ -318,3 +318,16 @@ def test_crafted_tensor_infos(tmp_path):
         data = _gguf(_arch("llama") + info, 1, n_tensors=1) + b"\0" * 64
         with pytest.raises(ModelLoadError, match=message):
             read_gguf(_write(tmp_path, data))
+
+
+def test_native_quant_types_dequantize_as_transformers_bit_for_bit(model, reference):
+    """The GGUF layers bitsmith runs natively (Q4_1 as zero_point=min, Q8_0 as i8), through
+    the quant dialect's own dequantize, equal transformers' float weights exactly."""
+    from bitsmith.llm.sources import gguf_quantized
+
+    _, state = reference
+    native = gguf_quantized(model)
+    assert {q.qtype.zero_point.value for q in native.values()} == {"min", "none"}
+    assert len(native) == 30 * 7 + 1  # every projection, and the tied head's Q8_0 blocks
+    for name, q in native.items():
+        assert np.array_equal(q.dequantize(), state[name]), name

