@@ -61,6 +61,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
         sizes.append({"tokens": score, "batch": 1, "rows": score, "page_slots": pages})
     entries: list[Entry] = []
     shared: dict[tuple, Any] = {}
+    memo: dict[str, Any] = {}  # stacked weights, built once for every step size
     pipeline = default_pipeline("cpu")
     native = gguf_quantized(source.gguf) if source.gguf is not None and quant is None else {}
     if quant == "f32":
@@ -77,7 +78,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
                               max_positions=max_seq, rows=size["rows"])
             module = step_module(spec, source.weights, shape, cache_dtype=parse_dtype(kv),
                                  name=f"{_symbol(source.name)}_t{shape.tokens}_b{shape.batch}",
-                                 quantized=native)
+                                 quantized=native, memo=memo)
             run(module, pipeline, verify=False)
             configs, _ = tuned_configs(module, tune, shape.batch, progress)
             artifact = build_artifact(module, configs=configs)

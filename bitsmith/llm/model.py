@@ -192,10 +192,13 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.nda
 class _Graph:
     """Builds ops at the end of a module's body: thin names over `Builder`."""
 
-    def __init__(self, module: Module, quantized: Mapping[str, QuantizedWeight]) -> None:
+    def __init__(self, module: Module, weights: Mapping[str, np.ndarray],
+                 quantized: Mapping[str, QuantizedWeight], memo: dict[str, Any]) -> None:
         self.module = module
         self.b = Builder.at_end(module.body)
+        self.weights = weights
         self.quantized = quantized
+        self.memo = memo
 
     def constant(self, name: str, array: np.ndarray, type: TensorType) -> Value:
         self.module.weights[name] = array
@@ -211,11 +214,32 @@ class _Graph:
         return self.b.value(graph.ConstantOp, result_types=[type],
                             value=DenseAttr(type, dtype.cast(np.asarray(value))))
 
-    def linear(self, x: Value, name: str, bias: bool = False) -> Value:
-        b = self.weight(name.replace(".weight", ".bias")) if bias else None
-        q = self.quantized.get(name)
-        if q is None:
-            return self.b.value(graph.LinearOp, x, self.weight(name), b)
+    def linears(self, x: Value, names: list[str], name: str, bias: bool = False) -> list[Value]:
+        """x times each of `names`' weights, as one linear layer of their rows stacked (one
+        kernel reads them all: a decode step's q/k/v, or gate/up, in one GEMV), cut apart."""
+        rows = [self.quantized[n].codes.shape[0] if n in self.quantized
+                else self.weights[n].shape[0] for n in names]
+        kinds = {self.quantized[n].qtype if n in self.quantized else None for n in names}
+        if len(kinds) != 1:  # stored in different formats: one layer each
+            return [self.linear(x, n, bias) for n in names]
+        if name not in self.memo:  # stacked once per compile, shared by every step size
+            self.memo[name] = _stack(names, self.weights, self.quantized, bias)
+        stacked, stacked_bias = self.memo[name]
+        if isinstance(stacked, QuantizedWeight):
+            y = self.quant_linear(x, name, stacked)
+        else:
+            self.module.weights.setdefault(name, stacked)
+            y = self.b.value(graph.LinearOp, x, self.weight(name))
+        if stacked_bias is not None:
+            self.module.weights.setdefault(name + ".bias", stacked_bias)
+            y = self.binary("add", y, self.weight(name + ".bias"))
+        out, at = [], 0
+        for n in rows:
+            out.append(self.slice(y, 1, at, at + n))
+            at += n
+        return out
+
+    def quant_linear(self, x: Value, name: str, q: QuantizedWeight) -> Value:
         shape = tuple(int(d) for d in q.codes.shape)
         scales = tuple(int(d) for d in q.scale.shape)
         w = self.constant(f"{name}.codes", pack_rows(q.codes, q.qtype.bits),
@@ -224,7 +248,14 @@ class _Graph:
         zdt = quant.zero_dtype(q.qtype)
         z = None if q.zero is None or zdt is None else self.constant(
             f"{name}.zero", q.zero, TensorType(scales, zdt))
-        y = self.b.value(quant.LinearOp, x, w, s, z)
+        return self.b.value(quant.LinearOp, x, w, s, z)
+
+    def linear(self, x: Value, name: str, bias: bool = False) -> Value:
+        b = self.weight(name.replace(".weight", ".bias")) if bias else None
+        q = self.quantized.get(name)
+        if q is None:
+            return self.b.value(graph.LinearOp, x, self.weight(name), b)
+        y = self.quant_linear(x, name, q)
         return y if b is None else self.binary("add", y, b)
 
     def binary(self, kind: str, a: Value, b: Value) -> Value:
@@ -251,13 +282,31 @@ class _Graph:
         return self.b.value(graph.ConcatOp, lo, hi, axis=2)
 
 
+def _stack(names: list[str], weights: Mapping[str, np.ndarray],
+           quantized: Mapping[str, QuantizedWeight], bias: bool) -> tuple[Any, Any]:
+    """The weights (and biases) of `names` stacked along the output rows."""
+    biases = (np.concatenate([weights[n.replace(".weight", ".bias")] for n in names])
+              .astype(np.float32) if bias else None)
+    if names[0] not in quantized:
+        return np.ascontiguousarray(np.concatenate([weights[n] for n in names]),
+                                    np.float32), biases
+    parts = [quantized[n] for n in names]
+    zero = None if parts[0].zero is None else np.concatenate([p.zero for p in parts
+                                                              if p.zero is not None])
+    return QuantizedWeight(parts[0].qtype, np.concatenate([p.codes for p in parts]),
+                           np.concatenate([p.scale for p in parts]), zero), biases
+
+
 def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepShape, *,
                 cache_dtype: DType = f16, name: str = "step",
-                quantized: Mapping[str, QuantizedWeight] | None = None) -> Module:
+                quantized: Mapping[str, QuantizedWeight] | None = None,
+                memo: dict[str, Any] | None = None) -> Module:
     """The forward step of `spec` at `shape` as a verified IR module (inputs `STEP_INPUTS`,
     one output: logits `[R, vocab]`). `weights` are float32 arrays by Hugging Face name;
     linear layers named in `quantized` read those codes instead (`quant.linear`), and their
-    float weights are not read (a tied embedding's still is, for the token lookup)."""
+    float weights are not read (a tied embedding's still is, for the token lookup). q/k/v and
+    gate/up run as one stacked layer each; `memo` keeps the stacked weights across calls (one
+    dict per compile, so that every step size shares them)."""
     quantized = dict(quantized or {})
     for key, q in quantized.items():
         want = spec.weight_shapes().get(key)
@@ -281,12 +330,14 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
              cache_type(spec.layers, "P", spec.kv_heads, shape.page_size, spec.head_dim,
                         cache_dtype)]
     module = Module(name, types, list(STEP_INPUTS))
-    module.weights.update({k: np.ascontiguousarray(weights[k], np.float32) for k in needed})
+    stacked = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    module.weights.update({k: np.ascontiguousarray(weights[k], np.float32) for k in needed
+                           if not any(f".{s}." in k for s in stacked)})
     cos, sin = rope_tables(spec, shape.max_positions)
     module.weights.update({"rope.cos": cos, "rope.sin": sin})
     tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
         module.inputs
-    g = _Graph(module, quantized)
+    g = _Graph(module, weights, quantized, {} if memo is None else memo)
     half = spec.head_dim // 2
     cos_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.cos"), positions),
                       (t, 1, half))
@@ -297,20 +348,20 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
     for i in range(spec.layers):
         p = f"model.layers.{i}."
         x = g.rms_norm(h, p + "input_layernorm.weight", spec.norm_eps)
-        q = g.reshape(g.linear(x, p + "self_attn.q_proj.weight", spec.qkv_bias),
-                      (t, spec.heads, spec.head_dim))
-        k = g.reshape(g.linear(x, p + "self_attn.k_proj.weight", spec.qkv_bias),
-                      (t, spec.kv_heads, spec.head_dim))
-        v = g.reshape(g.linear(x, p + "self_attn.v_proj.weight", spec.qkv_bias),
-                      (t, spec.kv_heads, spec.head_dim))
+        q, k, v = g.linears(x, [p + f"self_attn.{n}_proj.weight" for n in "qkv"],
+                            p + "self_attn.qkv_proj.weight", spec.qkv_bias)
+        q = g.reshape(q, (t, spec.heads, spec.head_dim))
+        k = g.reshape(k, (t, spec.kv_heads, spec.head_dim))
+        v = g.reshape(v, (t, spec.kv_heads, spec.head_dim))
         q, k = g.rope(q, cos_t, sin_t, half), g.rope(k, cos_t, sin_t, half)
         a = g.b.value(PagedAttentionOp, q, k, v, cache, seq_indptr, kv_len, page_indptr,
                       page_indices, layer=i, scale=scale, window=spec.sliding_window)
         a = g.reshape(a, (t, spec.heads * spec.head_dim))
         h = g.binary("add", h, g.linear(a, p + "self_attn.o_proj.weight"))
         x = g.rms_norm(h, p + "post_attention_layernorm.weight", spec.norm_eps)
-        gate = g.unary("silu", g.linear(x, p + "mlp.gate_proj.weight"))
-        mlp = g.binary("mul", gate, g.linear(x, p + "mlp.up_proj.weight"))
+        gate, up = g.linears(x, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                             p + "mlp.gate_up_proj.weight")
+        mlp = g.binary("mul", g.unary("silu", gate), up)
         h = g.binary("add", h, g.linear(mlp, p + "mlp.down_proj.weight"))
     h = g.b.value(graph.IndexSelectOp, h, last, axis=0)
     h = g.rms_norm(h, "model.norm.weight", spec.norm_eps)

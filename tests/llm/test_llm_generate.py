@@ -38,10 +38,16 @@ def _prompts() -> list[list[int]]:
 
 
 def _greedy(hf: transformers.LlamaForCausalLM, prompt: list[int], new: int) -> list[int]:
+    """transformers' greedy decoding with its KV cache, EOS allowed (generate's
+    min_new_tokens would mask it)."""
+    out, past, step = [], None, torch.tensor([prompt])
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        for _ in range(new):
+            res = hf(step, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            out.append(int(res.logits[0, -1].argmax()))
+            step = torch.tensor([[out[-1]]])
+    return out
 
 
 def _agree(got: list[int], want: list[int], hf: transformers.LlamaForCausalLM,

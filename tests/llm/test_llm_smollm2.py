@@ -56,18 +56,30 @@ def test_greedy_matches_transformers_generate(llm_f32, hf) -> None:
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     outs = llm_f32.complete(prompts, max_new_tokens=NEW, ignore_eos=True)
     for ids, out in zip(prompts, outs, strict=True):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW,
-                                 do_sample=False)[0, len(ids):].tolist()
+        ref, logits = hf_greedy(model, ids, NEW)
         for i, (a, b) in enumerate(zip(out.token_ids, ref, strict=True)):
             if a != b:
-                with torch.no_grad():
-                    logits = model(torch.tensor([ids + ref[:i]])).logits[0, -1].numpy()
-                top = np.sort(logits)[-2:]
+                top = np.sort(logits[i])[-2:]
                 assert top[1] - top[0] <= 1e-5, (
                     f"{tok.decode(ids)!r}: token {i} is {a}, transformers {b}")
                 print(f"prompt {tok.decode(ids)!r}: token {i} ties within 1e-5; either kept")
                 break
+
+
+def hf_greedy(model, ids: list[int], new: int) -> tuple[list[int], list[np.ndarray]]:
+    """transformers' model decoding greedily with its KV cache, EOS included (`generate`
+    with min_new_tokens would mask EOS, which the compiled model may rightly pick)."""
+    out, logits, past = [], [], None
+    step = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(new):
+            res = model(step, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            row = res.logits[0, -1].numpy()
+            out.append(int(row.argmax()))
+            logits.append(row)
+            step = torch.tensor([[out[-1]]])
+    return out, logits
 
 
 def test_native_q4_1_answers_paris(tmp_path) -> None:
@@ -82,4 +94,5 @@ def test_native_q4_1_answers_paris(tmp_path) -> None:
     again = bllm.load(path)
     assert again.chat([{"role": "user", "content": "What is the capital of France?"}],
                       max_new_tokens=24) == answer
-    assert os.path.getsize(path) < 200 * 2**20
+    # Q4_1 codes, scales and minimums, the Q8_0 head, and the f32 embedding the lookup reads
+    assert os.path.getsize(path) < 300 * 2**20
