@@ -60,7 +60,9 @@ class Executor:
         self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-")
         paths = artifact.extract_libraries(self._dir.name)
         self.libraries = {name: _load_library(name, path) for name, path in paths.items()}
-        self.kernels = [self._kernel(step) for step in plan["steps"]]
+        self.raw_kernels = [self._kernel(step) for step in plan["steps"]]
+        self.kernels = [_refusals_as_ours(step["kernel"], kernel)
+                        for step, kernel in zip(plan["steps"], self.raw_kernels, strict=True)]
         shared = {} if shared is None else shared
         self.weights = {}
         for vid, name in plan["weights"].items():
@@ -89,7 +91,7 @@ class Executor:
                                 f"{step['library']} lacks ({str(exc).strip()[:200]}); the "
                                 "plan and the library do not match, recompile the model"
                                 ) from None
-        return _refusals_as_ours(step["kernel"], kernel)
+        return kernel
 
     def _weight(self, name: str, shape: Sequence[int]) -> np.ndarray:
         """A weight in the plan's shape: ascontiguousarray (and a saved artifact) turn a 0-d
@@ -128,10 +130,17 @@ class Executor:
                     continue
                 np.copyto(view, array)
             bound.attach_state(inputs)
-            for (kernel, args), checks in zip(bound.calls, bound.checks, strict=True):
-                if checks:  # indices out of range: an error, not the row a kernel clamps to
-                    check_values(checks, bound.views)
-                kernel(*args)
+            k = 0
+            try:  # the raw kernels (a wrapper per call costs a Python frame each)
+                for k, ((kernel, args), checks) in enumerate(zip(bound.calls, bound.checks,
+                                                                 strict=True)):
+                    if checks:  # indices out of range: an error, not the row a kernel clamps to
+                        check_values(checks, bound.views)
+                    kernel(*args)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                if isinstance(exc, BitsmithError):
+                    raise
+                raise _refused(self.plan["steps"][k]["kernel"], exc) from exc
             return [view.copy() for view in bound.outputs]
 
     def profile(self, *arrays: np.ndarray, repeat: int = 20) -> list[tuple[str, float]]:
@@ -208,7 +217,7 @@ class _Bound:
         self.outputs = [self.views[vid] if vid in self.views
                         else executor.weights[vid].numpy() for vid in plan["outputs"]]
         self.calls = [(kernel, [tensors.get(vid) for vid in step["inputs"] + step["outputs"]])
-                      for kernel, step in zip(executor.kernels, steps, strict=True)]
+                      for kernel, step in zip(executor.raw_kernels, steps, strict=True)]
         self.checks = [bind_checks(step, bindings) for step in steps]
 
     def attach_state(self, inputs: Sequence[np.ndarray]) -> None:
@@ -273,11 +282,15 @@ def _refusals_as_ours(name: str, kernel: Any) -> Callable[..., None]:
         except (ValueError, TypeError, RuntimeError) as exc:
             if isinstance(exc, BitsmithError):
                 raise
-            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-            said = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else repr(exc)
-            raise ArtifactError(f"kernel {name} refused its arguments: {said}; the plan does "
-                                "not match the kernel, recompile the model") from exc
+            raise _refused(name, exc) from exc
     return call
+
+
+def _refused(name: str, exc: Exception) -> ArtifactError:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    said = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else repr(exc)
+    return ArtifactError(f"kernel {name} refused its arguments: {said}; the plan does not "
+                         "match the kernel, recompile the model")
 
 
 def as_tvm(view: np.ndarray) -> Any:

@@ -249,6 +249,18 @@ class _Blocking:
         """K padded to whole blocks."""
         return self.blocks * self.block
 
+    @property
+    def full(self) -> int:
+        """Blocks that hold only codes of K (the rest is the tail block, if any)."""
+        return self.k // self.block if self.g <= self.block else self.blocks
+
+    @property
+    def tail(self) -> int:
+        """Chunks of the last, partial block that hold codes of K: only those are read (a K
+        of 576 in blocks of 512 reads 576 + 64 codes a row, not 1024)."""
+        return -(-(self.k - self.full * self.block) // self.chunk) if self.g <= self.block \
+            else 0
+
     def group_of(self, cb: Any, cs: Any) -> Any:
         """The scale group of chunk cs of block cb (padding chunks past K: any group will do)."""
         return tvm.tirx.min((cb * self.block + cs * self.chunk) // self.g, self.groups - 1)
@@ -396,14 +408,19 @@ class _QLinear:
             return value + minimum[j, gi].astype("float32") * \
                 xlane[m, cb * cut.per_block + cs, lane]
 
-        rcb = te.reduce_axis((0, cut.blocks), name="cb")
-        rcs = te.reduce_axis((0, cut.per_block), name="cs")
-        acc = compute((rows, n, cut.lanes), lambda m, j, lane: te.sum(
-            chunk(m, j, rcb, rcs, lane), axis=[rcb, rcs]), name="acc")
+        parts = []
+        if cut.full:
+            rcb = te.reduce_axis((0, cut.full), name="cb")
+            rcs = te.reduce_axis((0, cut.per_block), name="cs")
+            parts.append(compute((rows, n, cut.lanes), lambda m, j, lane: te.sum(
+                chunk(m, j, rcb, rcs, lane), axis=[rcb, rcs]), name="acc"))
+        if cut.tail:  # the chunks of the last block that hold codes, the padding skipped
+            rct = te.reduce_axis((0, cut.tail), name="ct")
+            parts.append(compute((rows, n, cut.lanes), lambda m, j, lane: te.sum(
+                chunk(m, j, cut.full, rct, lane), axis=[rct]), name="acc_tail"))
         # the lanes are added as a tree (a reduction loop would be a serial chain of adds)
-        dot = compute((rows, n), lambda m, j: _tree([acc[m, j, lane]
-                                                     for lane in range(cut.lanes)]),
-                      name="dot")
+        dot = compute((rows, n), lambda m, j: _tree([
+            _tree([p[m, j, lane] for p in parts]) for lane in range(cut.lanes)]), name="dot")
         dot = self.in_true_units(dot, xp, rows, units)
         return topi.reshape(dot, lead + [n]) if lead else topi.reshape(dot, (n,))
 
@@ -481,7 +498,7 @@ class QDense(TvmTemplate):
     """out = epilogue(x @ dequantize(W)^T) for a packed constant W: fused dequant-GEMV/GEMM."""
 
     name = "qdense"
-    version = 1
+    version = 2
     space = KnobSpace(Knob("TILE_N", (4, 1, 2, 8)),
                       Knob("TILE_M", (1, 2, 4)),
                       Knob("UNROLL", (True, False)),
@@ -548,10 +565,10 @@ class QDense(TvmTemplate):
 
     @staticmethod
     def _schedule(sch: s_tir.Schedule, config: Config, target: Target, per_block: int) -> None:
-        inline_injective(sch, keep={"acc", "dot", "xpad", "xlane", "xmax", "xscaled", "xdown",
-                                    "xup"})
+        inline_injective(sch, keep={"acc", "acc_tail", "dot", "xpad", "xlane", "xmax",
+                                    "xscaled", "xdown", "xup"})
         blocks = {block_name(sch, b): b for b in root_blocks(sch)}
-        acc, dot, xmax = blocks["acc"], blocks["dot"], blocks["xmax_lanes"]
+        dot, xmax = blocks["dot"], blocks["xmax_lanes"]
         _, lane, kx = sch.get_loops(xmax)
         reorder(sch, kx, lane)
         sch.vectorize(lane)
@@ -566,20 +583,25 @@ class QDense(TvmTemplate):
         mo, mi = sch.split(m, [None, tm])
         jo, ji = sch.split(j, [None, tn])
         reorder(sch, jo, mo, mi, ji)
-        sch.compute_at(acc, mo)
-        # compute_at regenerates acc's loops under mo: the spatial ones of the tile (a unit
-        # extent is dropped), then the reductions (cb, cs)
-        own = sch.get_loops(acc)[2:]
-        spatial = (tm > 1) + (tn > 1) + 1
-        tile, red = own[:spatial], own[spatial:]
-        reorder(sch, *red, *tile)
         if config["PARALLEL"]:
             sch.parallel(jo)
-        sch.vectorize(tile[-1])
-        if config["UNROLL"]:
-            for loop in tile[:-1]:
-                sch.unroll(loop)
-        if per_block > 1:  # the chunk loop: unrolled, its code positions become constants
-            sch.unroll(red[-1])
-        if red:
-            sch.decompose_reduction(acc, red[0])
+        for name in ("acc", "acc_tail"):
+            if name not in blocks:
+                continue
+            acc = blocks[name]
+            sch.compute_at(acc, mo)
+            # compute_at regenerates acc's loops under mo: the spatial ones of the tile (a
+            # unit extent is dropped), then the reductions ((cb, cs), or the tail's ct)
+            own = sch.get_loops(acc)[2:]
+            spatial = (tm > 1) + (tn > 1) + 1
+            tile, red = own[:spatial], own[spatial:]
+            reorder(sch, *red, *tile)
+            sch.vectorize(tile[-1])
+            if config["UNROLL"]:
+                for loop in tile[:-1]:
+                    sch.unroll(loop)
+            # the chunk loop: unrolled, its code positions become constants
+            if red and (per_block > 1 or name == "acc_tail"):
+                sch.unroll(red[-1])
+            if red:
+                sch.decompose_reduction(acc, red[0])
