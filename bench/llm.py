@@ -96,7 +96,7 @@ class HfRival:
         import transformers
         torch.set_num_threads(THREADS)
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+        self.model: Any = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
 
     def greedy(self, ids: list[int], new: int) -> list[int]:
@@ -165,7 +165,7 @@ def median(values: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--variants", nargs="+", default=["gguf", "f32", "w8g128", "w4g128",
                                                           "w3g128"])
@@ -226,9 +226,20 @@ def main() -> None:
                 record((name, f"decode{b}"), lambda rival=rival, b=b: rival.decode(
                     b, args.gen_len))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    bw = median(bandwidth)
+    print_table(args, llms, rivals, timings, median(bandwidth))
+    if args.ppl_tokens:
+        ids = _text_ids(reference, args.ppl_tokens)
+        print(f"\nperplexity, first {len(ids)} tokens of pydoc_data.topics, windows of 512")
+        print("| model | perplexity |\n|---|---|")
+        for name, llm in llms.items():
+            print(f"| {name} | {llm.perplexity(ids, window=512):.3f} |", flush=True)
+
+
+def print_table(args: argparse.Namespace, llms: dict[str, Any], rivals: dict[str, Any],
+                timings: dict[tuple[str, str], list[float]], bw: float) -> None:
+    """The speed table: one row per bitsmith variant and rival."""
     print(f"\n{args.model}, KV {args.kv}; DRAM read bandwidth {bw / 1e9:.1f} GB/s (median of "
-          f"{len(bandwidth)}); medians of {args.rounds} interleaved rounds; {THREADS} threads")
+          f"{args.rounds}); medians of {args.rounds} interleaved rounds; {THREADS} threads")
     heads = ([f"prefill {n} tok/s" for n in args.prompt_len]
              + [f"TTFT {n} ms" for n in args.prompt_len]
              + [f"decode b{b} tok/s" for b in args.batch] + ["decode b1 vs llama.cpp",
@@ -248,12 +259,6 @@ def main() -> None:
         else:
             cells.append("-")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if args.ppl_tokens:
-        ids = _text_ids(reference, args.ppl_tokens)
-        print(f"\nperplexity, first {len(ids)} tokens of pydoc_data.topics, windows of 512")
-        print("| model | perplexity |\n|---|---|")
-        for name, llm in llms.items():
-            print(f"| {name} | {llm.perplexity(ids, window=512):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

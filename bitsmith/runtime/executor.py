@@ -130,17 +130,17 @@ class Executor:
                     continue
                 np.copyto(view, array)
             bound.attach_state(inputs)
-            k = 0
+            done = 0
             try:  # the raw kernels (a wrapper per call costs a Python frame each)
-                for k, ((kernel, args), checks) in enumerate(zip(bound.calls, bound.checks,
-                                                                 strict=True)):
+                for (kernel, args), checks in zip(bound.calls, bound.checks, strict=True):
                     if checks:  # indices out of range: an error, not the row a kernel clamps to
                         check_values(checks, bound.views)
                     kernel(*args)
+                    done += 1
             except (ValueError, TypeError, RuntimeError) as exc:
                 if isinstance(exc, BitsmithError):
                     raise
-                raise _refused(self.plan["steps"][k]["kernel"], exc) from exc
+                raise _refused(self.plan["steps"][done]["kernel"], exc) from exc
             return [view.copy() for view in bound.outputs]
 
     def profile(self, *arrays: np.ndarray, repeat: int = 20) -> list[tuple[str, float]]:
