@@ -17,7 +17,7 @@ from ..passes import default_pipeline, run
 from ..passes.quant_spec import quant_pipeline_entry
 from ..runtime.executor import Executor
 from .api import LLM
-from .engine import CacheLayout, Engine, Entry, entry_sizes
+from .engine import CacheLayout, Engine, Entry, cache_pages, entry_sizes
 from .model import STEP_INPUTS, LlmSpec, StepShape, step_module
 from .sources import gguf_quantized, resolve
 from .text import Tokenizer
@@ -59,6 +59,9 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     if score_chunk:  # a step with logits after every token (perplexity); 0: none
         score = max(2, min(score_chunk, max_seq))
         sizes.append({"tokens": score, "batch": 1, "rows": score, "page_slots": pages})
+    budget = kv_memory if kv_memory is not None else min(
+        DEFAULT_KV_MEMORY, layout.page_bytes() * pages * max_batch)
+    cache_pages(layout, budget, max_seq)  # a budget too small is refused before compiling
     entries: list[Entry] = []
     shared: dict[tuple, Any] = {}
     memo: dict[str, Any] = {}  # stacked weights, built once for every step size
@@ -87,8 +90,6 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             entries.append(Entry(shape.tokens, shape.batch, shape.out_rows, shape.page_slots,
                                  Executor(artifact, shared)))
             bar.advance(task)
-    budget = kv_memory if kv_memory is not None else min(
-        DEFAULT_KV_MEMORY, layout.page_bytes() * pages * max_batch)
     engine = Engine(entries, layout, kv_memory=budget, max_seq=max_seq)
     eos = source.eos_ids or spec.eos_ids
     tokenizer = Tokenizer(source.tokenizer_json, bos_id=source.bos_id, eos_ids=eos,

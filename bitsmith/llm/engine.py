@@ -64,13 +64,7 @@ class Engine:
         self.layout = layout
         self.max_seq = max_seq
         self.kv_memory = kv_memory
-        pages = kv_memory // layout.page_bytes()
-        need = math.ceil(max_seq / layout.page_size)
-        if pages < need:
-            raise InputError(f"kv_memory of {kv_memory / 2**20:.1f} MiB holds {pages} page(s) "
-                             f"of {layout.page_size} tokens ({layout.page_bytes()} bytes each); "
-                             f"one sequence of max_seq={max_seq} needs {need}: raise kv_memory "
-                             "or lower max_seq")
+        pages = cache_pages(layout, kv_memory, max_seq)
         self.cache = state_array((layout.layers, pages, 2, layout.kv_heads, layout.page_size,
                                   layout.head_dim), NUMPY_DTYPES[layout.dtype])
         self.blocks = BlockManager(pages, layout.page_size)
@@ -138,6 +132,18 @@ class Engine:
                                                            page_indptr[-1], np.int32)])
         return [tokens, positions, seq_indptr, kv_len, page_indptr.astype(np.int32),
                 page_indices.astype(np.int32), last]
+
+
+def cache_pages(layout: CacheLayout, kv_memory: int, max_seq: int) -> int:
+    """The pages `kv_memory` bytes hold; at least one sequence of max_seq tokens must fit."""
+    pages = kv_memory // layout.page_bytes()
+    need = math.ceil(max_seq / layout.page_size)
+    if pages < need:
+        raise InputError(f"kv_memory of {kv_memory / 2**20:.1f} MiB holds {pages} page(s) of "
+                         f"{layout.page_size} tokens ({layout.page_bytes()} bytes each); one "
+                         f"sequence of max_seq={max_seq} needs {need}: raise kv_memory or "
+                         "lower max_seq")
+    return pages
 
 
 def entry_sizes(max_batch: int, max_seq: int, page_size: int,

@@ -9,7 +9,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .artifact import Artifact, load_artifact, save_artifact
+from .artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from .host import host_description
 from .plan_check import check_plan
 
@@ -22,6 +22,10 @@ class CompiledModel:
         self.artifact = artifact
         self.checked: str | None = None
         """How the compile's self-check went (None: not checked, e.g. loaded from a file)."""
+        if "llm" in artifact.manifest.metadata:  # its steps take page tables that only the
+            raise ArtifactError(                   # LLM engine builds (and keeps consistent)
+                f"{artifact.manifest.name} is an LLM artifact: load it with bitsmith.llm.load "
+                "(or run it with bitsmith generate / chat)")
         check_plan(artifact)
         if artifact.manifest.requires.get("device") == "cuda":  # Triton kernels, torch tensors
             from .triton_executor import TritonExecutor  # noqa: PLC0415 - no TVM needed

@@ -363,7 +363,7 @@ def test_a_plan_naming_a_kernel_the_library_lacks_is_refused_at_load(tmp_path) -
     artifact = TvmBackend(LibraryCache(tmp_path / "libraries")).build(module)
     assert_runs_like_torch(artifact, model, x)
     plan = json.loads(json.dumps(artifact.manifest.plan))
-    plan["steps"][0]["kernel"] = "k99_missing"
+    plan["steps"][0]["kernel"] = plan["steps"][0]["function"] = "k99_missing"
     bad = dataclasses.replace(artifact,
                               manifest=dataclasses.replace(artifact.manifest, plan=plan))
     with pytest.raises(ArtifactError, match="'k99_missing' names a kernel that library "

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 import bitsmith.llm as bllm
-from bitsmith.errors import InputError
+import bitsmith
+from bitsmith.errors import ArtifactError, InputError
 from bitsmith.ir import interpret
 from bitsmith.ir.dtypes import f32
 from bitsmith.llm.model import LlmSpec, StepShape, step_module
@@ -162,6 +163,8 @@ def test_save_load_roundtrip(llm: bllm.LLM, tmp_path) -> None:
     want = [c.token_ids for c in llm.complete(prompts, max_new_tokens=8, ignore_eos=True)]
     got = [c.token_ids for c in again.complete(prompts, max_new_tokens=8, ignore_eos=True)]
     assert got == want
+    with pytest.raises(ArtifactError, match="bitsmith.llm.load"):
+        bitsmith.load(path)  # its steps take page tables only the LLM engine builds
     assert again.chat_prompt([{"role": "user", "content": "hi"}]) == \
         llm.chat_prompt([{"role": "user", "content": "hi"}])
     np.testing.assert_allclose(again._score(prompts[2]), llm._score(prompts[2]), rtol=0,

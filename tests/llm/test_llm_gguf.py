@@ -48,6 +48,7 @@ def reference() -> tuple[object, dict[str, np.ndarray]]:
     return hf.config, state
 
 
+@pytest.mark.slow  # transformers loads SmolLM2 (seconds); the tiny files cover the paths
 def test_config_matches_transformers(model, reference):
     config, _ = reference
     for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -65,6 +66,7 @@ def test_config_matches_transformers(model, reference):
             model.config["num_key_value_heads"], model.config["hidden_size"]) == (30, 9, 3, 576)
 
 
+@pytest.mark.slow  # transformers loads SmolLM2 (seconds); the tiny files cover the paths
 def test_every_tensor_equals_transformers_bit_for_bit(model, reference):
     config, state = reference
     assert config.tie_word_embeddings and "lm_head.weight" not in model.tensors
@@ -215,6 +217,12 @@ def test_tiny_model_of_every_type_equals_transformers(tmp_path, arch):
             centred = (codes.astype(np.int8) - np.int8(8)).astype(np.float32)
             rebuilt = np.repeat(scale, 32, axis=-1) * centred
             assert minimum is None and np.array_equal(rebuilt, tensor.dequantize())
+    # the layers bitsmith runs natively, through the quant dialect's own dequantize
+    from bitsmith.llm.sources import gguf_quantized
+    native = gguf_quantized(ours)
+    assert {q.qtype.zero_point.value for q in native.values()} >= {"min", "int"}
+    for name, q in native.items():
+        assert np.array_equal(q.dequantize(), state[name]), name
 
 
 # --- hostile files --------------------------------------------------------------------------
@@ -320,6 +328,7 @@ def test_crafted_tensor_infos(tmp_path):
             read_gguf(_write(tmp_path, data))
 
 
+@pytest.mark.slow  # transformers loads SmolLM2 (seconds); the tiny files cover the paths
 def test_native_quant_types_dequantize_as_transformers_bit_for_bit(model, reference):
     """The GGUF layers bitsmith runs natively (Q4_1 as zero_point=min, Q8_0 as i8), through
     the quant dialect's own dequantize, equal transformers' float weights exactly."""

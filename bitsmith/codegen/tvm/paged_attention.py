@@ -60,7 +60,9 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
             base = page_indptr[b]
             for j in range(n):
                 pos = first_pos + j
-                page = page_indices[base + pos // ss]
+                # clamped: a table that names a page past the cache cannot write outside it
+                # (the engine builds consistent tables; the interpreter refuses the others)
+                page = T.min(T.max(page_indices[base + pos // ss], 0), pages - 1)
                 for d in T.vectorized(dd):
                     cache[layer, page, 0, h, pos % ss, d] = T.Cast(storage, k[start + j, h, d])
                     cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage, v[start + j, h, d])
@@ -78,7 +80,7 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
                     for d in T.vectorized(dd):
                         acc[g, d] = T.float32(0)
                 for pg in range(lo // ss, pos_q // ss + 1):
-                    page = page_indices[base + pg]
+                    page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
                     for o in range(ss):
                         for d in T.vectorized(dd):
                             keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d])

@@ -1,0 +1,86 @@
+"""The CPU kernel of `kv.paged_attention` against the interpreter: a ragged batch with a
+sequence that has no rows this step, a decode row, a prefill chunk after cached positions,
+padding rows, pages in any order, GQA, sliding windows and every cache dtype; and the
+interpreter's own refusals of inconsistent page tables."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from bitsmith.codegen.tvm.lower import compile_funcs
+from bitsmith.codegen.tvm.paged_attention import paged_attention_func
+from bitsmith.errors import IndexOutOfRangeError
+from bitsmith.ir import Builder, Module, TensorType, interpret
+from bitsmith.ir.dialects.func import ReturnOp
+from bitsmith.ir.dialects.kv import PagedAttentionOp
+from bitsmith.ir.dtypes import bf16, f16, f32, i32
+from bitsmith.runtime.executor import as_tvm, state_array
+
+T, B, HQ, HK, D, L, S, SLOTS, PAGES = 13, 4, 6, 2, 16, 2, 4, 12, 9
+# sequence 0: a chunk of 5 after 2 cached positions; 1: one decode row at position 8;
+# 2: no rows this step (a padded batch slot); 3: a fresh prompt of 4; rows 10..12: padding
+SEQ_INDPTR = [0, 5, 6, 6, 10]
+KV_LEN = [7, 9, 3, 4]
+PAGE_INDPTR = [0, 2, 5, 6, 7]
+PAGE_INDICES = [3, 0, 8, 1, 5, 6, 2, 0, 0, 0, 0, 0]
+
+
+def _module(window: int, dtype) -> Module:
+    types = [TensorType((T, HQ, D), f32), TensorType((T, HK, D), f32),
+             TensorType((T, HK, D), f32), TensorType((L, PAGES, 2, HK, S, D), dtype),
+             TensorType((B + 1,), i32), TensorType((B,), i32), TensorType((B + 1,), i32),
+             TensorType((SLOTS,), i32)]
+    module = Module("m", types)
+    b = Builder.at_end(module.body)
+    b.create(ReturnOp, b.value(PagedAttentionOp, *module.inputs, layer=1, scale=0.25,
+                               window=window))
+    return module
+
+
+def _inputs(npdtype, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((T, HQ, D)).astype(np.float32),
+            rng.standard_normal((T, HK, D)).astype(np.float32),
+            rng.standard_normal((T, HK, D)).astype(np.float32),
+            rng.standard_normal((L, PAGES, 2, HK, S, D)).astype(npdtype),
+            *(np.array(a, np.int32) for a in (SEQ_INDPTR, KV_LEN, PAGE_INDPTR, PAGE_INDICES))]
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("dtype, npdtype", [(f32, np.float32), (f16, np.float16),
+                                            (bf16, ml_dtypes.bfloat16)])
+def test_kernel_matches_the_interpreter(window: int, dtype, npdtype) -> None:
+    inputs = _inputs(npdtype)
+    want_cache = inputs[3].copy()
+    want = interpret(_module(window, dtype), *inputs[:3], want_cache, *inputs[4:])[0]
+    func = paged_attention_func(tokens=T, batch=B, heads=HQ, kv_heads=HK, head_dim=D,
+                                layers=L, page_size=S, page_slots=SLOTS, layer=1, scale=0.25,
+                                window=window, cache_dtype=str(dtype))
+    kernel = compile_funcs({"pa": func}, "paged attention")["pa"]
+    args = [state_array(a.shape, a.dtype) for a in inputs]
+    for held, a in zip(args, inputs, strict=True):
+        held[...] = a
+    out = state_array((T, HQ, D), np.float32)
+    out[...] = 7.0  # padding rows must come out as zeros, not what the buffer held
+    kernel(*[as_tvm(a) for a in args], as_tvm(out))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert not out[10:].any()
+    # every new row is in its page, nothing else changed
+    assert np.array_equal(args[3].view(np.uint8), want_cache.view(np.uint8))
+    assert not np.array_equal(want_cache, inputs[3])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (5, [7, 9, 3, 40], "holds 40 position"),         # more positions than its pages hold
+    (5, [2, 9, 3, 4], "after a chunk of 5"),          # fewer positions than its new rows
+    (7, [3, 0, 8, 1, 5, 6, 99, 0, 0, 0, 0, 0], "names pages"),  # a page past the cache
+    (4, [0, 5, 4, 6, 10], "must rise"),               # rows that go backwards
+    (6, [0, 2, 5, 6, 13], "must rise"),               # a page table past its entries
+])
+def test_interpreter_refuses_inconsistent_tables(field: int, value: list[int],
+                                                 message: str) -> None:
+    inputs = _inputs(np.float32)
+    inputs[field] = np.array(value, np.int32)
+    with pytest.raises(IndexOutOfRangeError, match=message):
+        interpret(_module(0, f32), *inputs)
