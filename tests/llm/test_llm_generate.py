@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-import bitsmith.llm as bllm
 import bitsmith
+import bitsmith.llm as bllm
 from bitsmith.errors import ArtifactError, InputError
 from bitsmith.ir import interpret
 from bitsmith.ir.dtypes import f32
