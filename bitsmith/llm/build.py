@@ -18,12 +18,12 @@ from ..passes.quant_spec import quant_pipeline_entry
 from ..runtime.executor import Executor
 from .api import LLM
 from .engine import CacheLayout, Engine, Entry, cache_pages, entry_sizes
-from .model import STEP_INPUTS, LlmSpec, StepShape, step_module
+from .model import STATE_INPUTS, LlmSpec, StepShape, step_module
 from .sources import gguf_quantized, resolve
 from .text import Tokenizer
 
-KV_DTYPES = ("f32", "f16", "bf16")
-"""Cache element types (int8/int4 pages come with their scales in a later format)."""
+KV_DTYPES = ("f32", "f16", "bf16", "int8")
+"""Cache element types (int8: per token and head scales)."""
 
 DEFAULT_KV_MEMORY = 1 << 30
 """The KV cache budget when none is given: at most 1 GiB, less when max_batch sequences of
@@ -46,6 +46,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     `tune` tunes every kernel at the compiled sizes (trials or a time such as "5m")."""
     if kv not in KV_DTYPES:
         raise InputError(f"kv={kv!r}: expected one of {', '.join(KV_DTYPES)}")
+    kv = "i8" if kv == "int8" else kv
     for name, value, low in (("max_batch", max_batch, 1), ("max_seq", max_seq, 2),
                              ("page_size", page_size, 1), ("score_chunk", score_chunk, 0)):
         if not isinstance(value, int) or value < low:
@@ -86,7 +87,8 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             configs, _ = tuned_configs(module, tune, shape.batch, progress)
             artifact = build_artifact(module, configs=configs)
             plan = artifact.manifest.plan
-            plan["state"] = [plan["inputs"][STEP_INPUTS.index("cache")]]
+            plan["state"] = [plan["inputs"][i] for i, n in enumerate(module.input_names)
+                             if n in STATE_INPUTS]
             entries.append(Entry(shape.tokens, shape.batch, shape.out_rows, shape.page_slots,
                                  Executor(artifact, shared)))
             bar.advance(task)

@@ -47,10 +47,16 @@ class CacheLayout:
     head_dim: int
     dtype: str  # IR name: f32, f16, bf16
 
+    @property
+    def scaled(self) -> bool:
+        """Whether the rows are int8 with a scale each (per token and head)."""
+        return self.dtype == "i8"
+
     def page_bytes(self) -> int:
-        """Bytes of one page across all layers (K and V)."""
-        return (self.layers * 2 * self.kv_heads * self.page_size * self.head_dim
-                * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize)
+        """Bytes of one page across all layers (K and V, and their scales)."""
+        rows = self.layers * 2 * self.kv_heads * self.page_size
+        return rows * (self.head_dim * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
+                       + (4 if self.scaled else 0))
 
 
 class Engine:
@@ -67,6 +73,9 @@ class Engine:
         pages = cache_pages(layout, kv_memory, max_seq)
         self.cache = state_array((layout.layers, pages, 2, layout.kv_heads, layout.page_size,
                                   layout.head_dim), NUMPY_DTYPES[layout.dtype])
+        self.state = [self.cache]
+        if layout.scaled:
+            self.state.append(state_array(self.cache.shape[:5], np.float32))
         self.blocks = BlockManager(pages, layout.page_size)
 
     @property
@@ -103,9 +112,10 @@ class Engine:
                                  f" tokens, over max_seq={self.max_seq}")
         copies = [c for seq, new in work for c in self.blocks.grow(seq, len(new))]
         for src, dst in copies:
-            self.cache[:, dst] = self.cache[:, src]
+            for tensor in self.state:
+                tensor[:, dst] = tensor[:, src]
         inputs = self._inputs(entry, work, count)
-        return entry.executor.run(*inputs, self.cache)[0][:count if scores_all else len(work)]
+        return entry.executor.run(*inputs, *self.state)[0][:count if scores_all else len(work)]
 
     def _inputs(self, entry: Entry, work: Sequence[tuple[int, Sequence[int]]],
                 count: int) -> list[np.ndarray]:

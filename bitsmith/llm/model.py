@@ -24,8 +24,8 @@ from ..ir.attributes import DenseAttr
 from ..ir.dialects import quant
 from ..ir.dialects.func import ReturnOp
 from ..ir.dialects.graph.elementwise import BINARY_OPS, UNARY_OPS
-from ..ir.dialects.kv import PagedAttentionOp, cache_type
-from ..ir.dtypes import DType, f16, f32, i32, parse_dtype
+from ..ir.dialects.kv import PagedAttentionOp, cache_type, scales_type
+from ..ir.dtypes import DType, f16, f32, i8, i32, parse_dtype
 from ..ir.packing import pack_rows
 from ..ir.types import QuantType
 
@@ -34,7 +34,10 @@ ARCHS = ("llama", "mistral", "qwen2")
 
 STEP_INPUTS = ("tokens", "positions", "seq_indptr", "kv_len", "page_indptr", "page_indices",
                "last", "cache")
-"""The step's inputs, in order; `cache` is read and written in place."""
+"""The step's inputs, in order; `cache` is read and written in place (an i8 cache is followed
+by `cache_scales`, written in place too)."""
+
+STATE_INPUTS = ("cache", "cache_scales")
 
 
 @dataclass(frozen=True)
@@ -329,14 +332,19 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
              idx((b + 1,), i32), idx((shape.page_slots,), i32), idx((shape.out_rows,), i32),
              cache_type(spec.layers, "P", spec.kv_heads, shape.page_size, spec.head_dim,
                         cache_dtype)]
-    module = Module(name, types, list(STEP_INPUTS))
+    names: list[str] = list(STEP_INPUTS)
+    if cache_dtype == i8:  # per token and head scales of the int8 rows
+        types.append(scales_type(types[-1]))
+        names.append("cache_scales")
+    module = Module(name, types, names)
     stacked = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     module.weights.update({k: np.ascontiguousarray(weights[k], np.float32) for k in needed
                            if not any(f".{s}." in k for s in stacked)})
     cos, sin = rope_tables(spec, shape.max_positions)
     module.weights.update({"rope.cos": cos, "rope.sin": sin})
     tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
-        module.inputs
+        module.inputs[:8]
+    cache_scales = module.inputs[8] if cache_dtype == i8 else None
     g = _Graph(module, weights, quantized, {} if memo is None else memo)
     half = spec.head_dim // 2
     cos_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.cos"), positions),
@@ -355,7 +363,8 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
         v = g.reshape(v, (t, spec.kv_heads, spec.head_dim))
         q, k = g.rope(q, cos_t, sin_t, half), g.rope(k, cos_t, sin_t, half)
         a = g.b.value(PagedAttentionOp, q, k, v, cache, seq_indptr, kv_len, page_indptr,
-                      page_indices, layer=i, scale=scale, window=spec.sliding_window)
+                      page_indices, cache_scales, layer=i, scale=scale,
+                      window=spec.sliding_window)
         a = g.reshape(a, (t, spec.heads * spec.head_dim))
         h = g.binary("add", h, g.linear(a, p + "self_attn.o_proj.weight"))
         x = g.rms_norm(h, p + "post_attention_layernorm.weight", spec.norm_eps)

@@ -14,7 +14,7 @@ from bitsmith.errors import IndexOutOfRangeError
 from bitsmith.ir import Builder, Module, TensorType, interpret
 from bitsmith.ir.dialects.func import ReturnOp
 from bitsmith.ir.dialects.kv import PagedAttentionOp
-from bitsmith.ir.dtypes import bf16, f16, f32, i32
+from bitsmith.ir.dtypes import bf16, f16, f32, i8, i32
 from bitsmith.runtime.executor import as_tvm, state_array
 
 T, B, HQ, HK, D, L, S, SLOTS, PAGES = 13, 4, 6, 2, 16, 2, 4, 12, 9
@@ -31,6 +31,8 @@ def _module(window: int, dtype) -> Module:
              TensorType((T, HK, D), f32), TensorType((L, PAGES, 2, HK, S, D), dtype),
              TensorType((B + 1,), i32), TensorType((B,), i32), TensorType((B + 1,), i32),
              TensorType((SLOTS,), i32)]
+    if dtype == i8:
+        types.append(TensorType((L, PAGES, 2, HK, S), f32))
     module = Module("m", types)
     b = Builder.at_end(module.body)
     b.create(ReturnOp, b.value(PagedAttentionOp, *module.inputs, layer=1, scale=0.25,
@@ -40,20 +42,29 @@ def _module(window: int, dtype) -> Module:
 
 def _inputs(npdtype, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((T, HQ, D)).astype(np.float32),
-            rng.standard_normal((T, HK, D)).astype(np.float32),
-            rng.standard_normal((T, HK, D)).astype(np.float32),
-            rng.standard_normal((L, PAGES, 2, HK, S, D)).astype(npdtype),
-            *(np.array(a, np.int32) for a in (SEQ_INDPTR, KV_LEN, PAGE_INDPTR, PAGE_INDICES))]
+    cache = rng.standard_normal((L, PAGES, 2, HK, S, D))
+    inputs = [rng.standard_normal((T, HQ, D)).astype(np.float32),
+              rng.standard_normal((T, HK, D)).astype(np.float32),
+              rng.standard_normal((T, HK, D)).astype(np.float32),
+              (cache * 40).clip(-127, 127).astype(npdtype) if npdtype == np.int8
+              else cache.astype(npdtype),
+              *(np.array(a, np.int32) for a in (SEQ_INDPTR, KV_LEN, PAGE_INDPTR,
+                                                 PAGE_INDICES))]
+    if npdtype == np.int8:  # the rows already cached, with their scales
+        inputs.append((rng.random((L, PAGES, 2, HK, S)) * 0.05).astype(np.float32))
+    inputs[2][3, 1] = 0.0  # a row of zeros: its scale is 1, its codes 0
+    return inputs
 
 
 @pytest.mark.parametrize("window", [0, 3])
 @pytest.mark.parametrize("dtype, npdtype", [(f32, np.float32), (f16, np.float16),
-                                            (bf16, ml_dtypes.bfloat16)])
+                                            (bf16, ml_dtypes.bfloat16), (i8, np.int8)])
 def test_kernel_matches_the_interpreter(window: int, dtype, npdtype) -> None:
     inputs = _inputs(npdtype)
     want_cache = inputs[3].copy()
-    want = interpret(_module(window, dtype), *inputs[:3], want_cache, *inputs[4:])[0]
+    want_scales = [a.copy() for a in inputs[8:]]
+    want = interpret(_module(window, dtype), *inputs[:3], want_cache, *inputs[4:8],
+                     *want_scales)[0]
     func = paged_attention_func(tokens=T, batch=B, heads=HQ, kv_heads=HK, head_dim=D,
                                 layers=L, page_size=S, page_slots=SLOTS, layer=1, scale=0.25,
                                 window=window, cache_dtype=str(dtype))
@@ -66,9 +77,11 @@ def test_kernel_matches_the_interpreter(window: int, dtype, npdtype) -> None:
     kernel(*[as_tvm(a) for a in args], as_tvm(out))
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     assert not out[10:].any()
-    # every new row is in its page, nothing else changed
+    # every new row is in its page (quantized as the interpreter does), nothing else changed
     assert np.array_equal(args[3].view(np.uint8), want_cache.view(np.uint8))
     assert not np.array_equal(want_cache, inputs[3])
+    for got_scales, want_s in zip(args[8:], want_scales, strict=True):
+        assert np.array_equal(got_scales, want_s)
 
 
 @pytest.mark.parametrize("field, value, message", [

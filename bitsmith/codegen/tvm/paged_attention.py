@@ -24,32 +24,27 @@ from ...ir.dialects.kv import PagedAttentionOp
 from ..template import Config, KnobSpace, Problem, Target, register_template
 from .templates import TvmKernel, TvmTemplate
 
-_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8"}
 
 
 def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
         *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
         page_size: int, page_slots: int, layer: int, scale: float, window: int,
         cache_dtype: str) -> tvm.tirx.PrimFunc:
-    """The PrimFunc `(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out)`;
-    the cache's page count is symbolic (sized at run time)."""
+    """The PrimFunc `(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices[,
+    scales], out)`; the cache's page count is symbolic (sized at run time). An `i8` cache
+    takes its scales, rows quantized as they are written (the op's semantics)."""
     group = heads // kv_heads
-    storage = _STORAGE[cache_dtype]
+    quantized = cache_dtype == "i8"
+    storage = "int8" if quantized else _STORAGE[cache_dtype]
     tt, bb, hq, hk, dd, ll, ss, ns = (tokens, batch, heads, kv_heads, head_dim, layers,
                                       page_size, page_slots)
     sc = float(scale)
     win = int(window)
 
-    @T.prim_func(private=True, check_well_formed=False)
-    def kernel(  # noqa: C901 - TIR loops
-            q: T.Buffer((tt, hq, dd), "float32"), k: T.Buffer((tt, hk, dd), "float32"),
-               v: T.Buffer((tt, hk, dd), "float32"), var_cache: T.handle,
-               seq_indptr: T.Buffer((bb + 1,), "int32"), kv_len: T.Buffer((bb,), "int32"),
-               page_indptr: T.Buffer((bb + 1,), "int32"),
-               page_indices: T.Buffer((ns,), "int32"), out: T.Buffer((tt, hq, dd), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        pages = T.int64()
-        cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), storage)
+    @T.macro
+    def body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out,  # noqa: C901
+             scales, pages):
         for task in T.parallel(bb * hk):
             b = task // hk
             h = task % hk
@@ -58,14 +53,32 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
             length = kv_len[b]
             first_pos = length - n
             base = page_indptr[b]
+            amax = T.decl_buffer((1,), "float32", scope="local")
             for j in range(n):
                 pos = first_pos + j
                 # clamped: a table that names a page past the cache cannot write outside it
                 # (the engine builds consistent tables; the interpreter refuses the others)
                 page = T.min(T.max(page_indices[base + pos // ss], 0), pages - 1)
-                for d in T.vectorized(dd):
-                    cache[layer, page, 0, h, pos % ss, d] = T.Cast(storage, k[start + j, h, d])
-                    cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage, v[start + j, h, d])
+                if quantized:  # per token and head: s = max|x| / 127, codes rint(x / s)
+                    for kv in range(2):
+                        amax[0] = T.float32(0)
+                        for d in range(dd):
+                            amax[0] = T.max(amax[0], T.abs(T.if_then_else(
+                                kv == 0, k[start + j, h, d], v[start + j, h, d])))
+                        row_scale = T.if_then_else(amax[0] > T.float32(0),
+                                                   amax[0] / T.float32(127), T.float32(1))
+                        scales[layer, page, kv, h, pos % ss] = row_scale
+                        for d in range(dd):
+                            cache[layer, page, kv, h, pos % ss, d] = T.Cast("int8", T.max(
+                                T.min(T.nearbyint(T.if_then_else(
+                                    kv == 0, k[start + j, h, d], v[start + j, h, d])
+                                    / row_scale), T.float32(127)), T.float32(-127)))
+                else:
+                    for d in T.vectorized(dd):
+                        cache[layer, page, 0, h, pos % ss, d] = T.Cast(storage,
+                                                                       k[start + j, h, d])
+                        cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage,
+                                                                       v[start + j, h, d])
             m = T.decl_buffer((group,), "float32", scope="local")
             total = T.decl_buffer((group,), "float32", scope="local")
             acc = T.decl_buffer((group, dd), "float32", scope="local")
@@ -83,7 +96,11 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
                     page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
                     for o in range(ss):
                         for d in T.vectorized(dd):
-                            keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d])
+                            if quantized:
+                                keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d]) \
+                                    * scales[layer, page, 0, h, o]
+                            else:
+                                keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d])
                     for g in range(group):
                         for o in range(ss):
                             score[g, o] = T.float32(0)
@@ -104,9 +121,15 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
                             if pg * ss + o >= lo and pg * ss + o <= pos_q:
                                 p = T.exp(score[g, o] - mx[0])
                                 total[g] = total[g] + p
-                                for d in T.vectorized(dd):
-                                    acc[g, d] = acc[g, d] + p * T.Cast(
-                                        "float32", cache[layer, page, 1, h, o, d])
+                                if quantized:
+                                    pv = p * scales[layer, page, 1, h, o]
+                                    for d in T.vectorized(dd):
+                                        acc[g, d] = acc[g, d] + pv * T.Cast(
+                                            "float32", cache[layer, page, 1, h, o, d])
+                                else:
+                                    for d in T.vectorized(dd):
+                                        acc[g, d] = acc[g, d] + p * T.Cast(
+                                            "float32", cache[layer, page, 1, h, o, d])
                         m[g] = mx[0]
                 for g in range(group):
                     for d in T.vectorized(dd):
@@ -116,6 +139,34 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
                 for c in range(hq):
                     for d in T.vectorized(dd):
                         out[t, c, d] = T.float32(0)
+
+    if quantized:
+        @T.prim_func(private=True, check_well_formed=False)
+        def kernel_i8(
+                q: T.Buffer((tt, hq, dd), "float32"), k: T.Buffer((tt, hk, dd), "float32"),
+                v: T.Buffer((tt, hk, dd), "float32"), var_cache: T.handle,
+                seq_indptr: T.Buffer((bb + 1,), "int32"), kv_len: T.Buffer((bb,), "int32"),
+                page_indptr: T.Buffer((bb + 1,), "int32"),
+                page_indices: T.Buffer((ns,), "int32"), var_scales: T.handle,
+                out: T.Buffer((tt, hq, dd), "float32")):
+            T.func_attr({"tirx.noalias": True})
+            pages = T.int64()
+            cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), "int8")
+            scales = T.match_buffer(var_scales, (ll, pages, 2, hk, ss), "float32")
+            body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out, scales,
+                 pages)
+        return kernel_i8
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(q: T.Buffer((tt, hq, dd), "float32"), k: T.Buffer((tt, hk, dd), "float32"),
+               v: T.Buffer((tt, hk, dd), "float32"), var_cache: T.handle,
+               seq_indptr: T.Buffer((bb + 1,), "int32"), kv_len: T.Buffer((bb,), "int32"),
+               page_indptr: T.Buffer((bb + 1,), "int32"),
+               page_indices: T.Buffer((ns,), "int32"), out: T.Buffer((tt, hq, dd), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        pages = T.int64()
+        cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), storage)
+        body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out, None, pages)
 
     return kernel
 

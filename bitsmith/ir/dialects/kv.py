@@ -6,6 +6,11 @@ pages, given in CSR form (`page_indptr [B + 1]`, `page_indices`): token position
 b lives in page `page_indices[page_indptr[b] + p // S]` at offset `p % S`. The host decides
 every page (`bitsmith.llm.blocks`); the ops only read and write where the tables say.
 
+An `i8` cache holds each K/V row quantized per token and per head: a scale per (layer, page, K
+or V, head, slot) in the `scales` operand `[L, P, 2, H_kv, S]` (f32), s = max|x| / 127 over
+the row's D lanes (1 for a row of zeros), codes round-half-even(x / s) in [-127, 127]; a row
+reads back as code * s.
+
 A step's query tokens are flattened over the batch (a ragged batch, as FlashInfer and vLLM
 lay it out): the chunk of sequence b is rows `seq_indptr[b] .. seq_indptr[b + 1] - 1`, at
 positions `kv_len[b] - n_b .. kv_len[b] - 1` (n_b its chunk length, kv_len[b] its length once
@@ -25,8 +30,8 @@ from ..dtypes import DType, f16, f32, i32
 from ..interpreter import EvalContext
 from ..types import TensorType, dims_equal, symbol
 
-CACHE_DTYPES = ("f32", "f16", "bf16")
-"""Element types a cache may hold (int8/int4 pages with scales come as their own ops)."""
+CACHE_DTYPES = ("f32", "f16", "bf16", "i8")
+"""Element types a cache may hold (`i8` with a `scales` operand)."""
 
 
 @register_op
@@ -40,9 +45,10 @@ class PagedAttentionOp(Operation):
     """
 
     name = "kv.paged_attention"
-    OPERANDS = ("q", "k", "v", "cache", "seq_indptr", "kv_len", "page_indptr", "page_indices")
+    OPERANDS = ("q", "k", "v", "cache", "seq_indptr", "kv_len", "page_indptr", "page_indices",
+                "scales?")
     ATTRS = {"layer": attr("int"), "scale": attr("float"), "window": attr("int", 0)}
-    WRITES: ClassVar[tuple[str, ...]] = ("cache",)
+    WRITES: ClassVar[tuple[str, ...]] = ("cache", "scales")
 
     def infer_types(self) -> list[TensorType]:
         q, k, v, cache = self.q.type, self.k.type, self.v.type, self.cache.type
@@ -75,10 +81,18 @@ class PagedAttentionOp(Operation):
         if str(self.cache.type.dtype) not in CACHE_DTYPES:
             raise VerifyError(self, f"cache element type must be one of {CACHE_DTYPES}, got "
                                     f"{self.cache.type.dtype}")
-        for name in self.OPERANDS[4:]:
+        for name in self.OPERANDS[4:8]:
             t = getattr(self, name).type
             if t.rank != 1 or t.dtype != i32:
                 raise VerifyError(self, f"{name} must be a 1-d i32 tensor, got {t}")
+        quantized = str(self.cache.type.dtype) == "i8"
+        if quantized != (self.scales is not None):
+            raise VerifyError(self, "an i8 cache needs a scales operand [L, P, 2, H_kv, S] of "
+                                    "f32, and only an i8 cache takes one")
+        if self.scales is not None:
+            want = TensorType(self.cache.type.shape[:5], f32)
+            if not self.scales.type.same_as(want):
+                raise VerifyError(self, f"scales must be {want}, got {self.scales.type}")
         layers = self.cache.type.shape[0]
         if self.layer < 0 or (isinstance(layers, int) and self.layer >= layers):
             raise VerifyError(self, f"layer {self.layer} is outside the cache's {layers} layers")
@@ -89,8 +103,10 @@ class PagedAttentionOp(Operation):
 
     def evaluate(self, ctx: EvalContext, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                  cache: np.ndarray, seq_indptr: np.ndarray, kv_len: np.ndarray,
-                 page_indptr: np.ndarray, page_indices: np.ndarray) -> np.ndarray:
+                 page_indptr: np.ndarray, page_indices: np.ndarray,
+                 scales: np.ndarray | None = None) -> np.ndarray:
         layer = cache[self.layer]
+        row_scales = scales[self.layer] if scales is not None else None
         page_size = layer.shape[3]
         out = np.zeros(q.shape, np.float32)
         group = q.shape[1] // k.shape[1]
@@ -103,13 +119,21 @@ class PagedAttentionOp(Operation):
                 continue
             new = slice(first, first + n)
             slots = pages[positions // page_size], positions % page_size
-            layer[slots[0], 0, :, slots[1], :] = k[new].astype(held)
-            layer[slots[0], 1, :, slots[1], :] = v[new].astype(held)
+            for kv, rows in ((0, k[new]), (1, v[new])):
+                if row_scales is None:
+                    layer[slots[0], kv, :, slots[1], :] = rows.astype(held)
+                else:
+                    codes, s = quantize_rows(rows)
+                    layer[slots[0], kv, :, slots[1], :] = codes
+                    row_scales[slots[0], kv, :, slots[1]] = s
             length = int(kv_len[b])
             everything = np.arange(length)
             where = pages[everything // page_size], everything % page_size
             keys = layer[where[0], 0, :, where[1], :].astype(np.float32)  # [len, H_kv, D]
             values = layer[where[0], 1, :, where[1], :].astype(np.float32)
+            if row_scales is not None:
+                keys = keys * row_scales[where[0], 0, :, where[1]][..., None]
+                values = values * row_scales[where[0], 1, :, where[1]][..., None]
             keys = np.repeat(keys, group, axis=1).transpose(1, 0, 2)  # [H_q, len, D]
             values = np.repeat(values, group, axis=1).transpose(1, 0, 2)
             scores = np.einsum("thd,hld->thl", q[new], keys) * np.float32(self.scale)
@@ -121,6 +145,15 @@ class PagedAttentionOp(Operation):
             probs = scores / scores.sum(axis=-1, keepdims=True)
             out[new] = np.einsum("thl,hld->thd", probs, values)
         return out
+
+
+def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and f32 scales of rows [..., D]: s = max|x| / 127 (1 for zeros), codes
+    round-half-even(x / s)."""
+    amax = np.abs(rows).max(axis=-1)
+    s = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint(rows / s[..., None]), -127, 127).astype(np.int8)
+    return codes, s
 
 
 def _sequences(seq_indptr: np.ndarray, kv_len: np.ndarray, page_indptr: np.ndarray,
@@ -149,6 +182,11 @@ def _sequences(seq_indptr: np.ndarray, kv_len: np.ndarray, page_indptr: np.ndarr
             raise IndexOutOfRangeError(f"kv.paged_attention: sequence {b} names pages "
                                        f"{pages.tolist()}, the cache has {num_pages}")
         yield first, np.arange(length - n, length), pages.astype(np.int64)
+
+
+def scales_type(cache: TensorType) -> TensorType:
+    """The type of an i8 cache's scales: one f32 per (layer, page, K or V, head, slot)."""
+    return TensorType(cache.shape[:5], f32)
 
 
 def cache_type(layers: int, pages: int | str, kv_heads: int, page_size: int, head_dim: int,
