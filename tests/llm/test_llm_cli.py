@@ -20,7 +20,7 @@ def _run(argv: list[str], monkeypatch: pytest.MonkeyPatch, stdin: str = "") -> t
 def test_generate_save_then_run_the_artifact(tmp_path, monkeypatch) -> None:
     path = str(tmp_path / "zoo.bsm")
     common = ["--prompt", "Hello", "--max-tokens", "6"]
-    code, first = _run(["generate", "llama", *common, "--max-seq", "256", "--kv", "f32",
+    code, first = _run(["generate", "llama", *common, "--max-seq", "200", "--kv", "f32",
                         "--save", path], monkeypatch)
     assert code == 0 and first.strip()
     code, again = _run(["generate", path, *common], monkeypatch)

@@ -79,6 +79,7 @@ def test_every_tensor_equals_transformers_bit_for_bit(model, reference):
         assert np.array_equal(got, expected), name
 
 
+@pytest.mark.slow  # reads SmolLM2 (seconds); the tiny files cover the paths
 def test_tensor_types_and_layout(model):
     types: dict[str, int] = {}
     for tensor in model.tensors.values():
@@ -94,6 +95,7 @@ def test_tensor_types_and_layout(model):
     assert norm.raw.dtype == np.float32 and norm.shape == (576,)
 
 
+@pytest.mark.slow  # reads SmolLM2 (seconds); the tiny files cover the paths
 def test_unpermute_moves_rows_as_llama_cpp_stored_them(model):
     """HF row h*D + i*D/2 + j (head h, half i, j < D/2) is stored at row h*D + 2*j + i."""
     for name in ("model.layers.0.self_attn.q_proj.weight",
@@ -106,6 +108,7 @@ def test_unpermute_moves_rows_as_llama_cpp_stored_them(model):
             assert np.array_equal(hf[h * dim + i * dim // 2 + j], stored[h * dim + 2 * j + i])
 
 
+@pytest.mark.slow  # reads SmolLM2 (seconds); the tiny files cover the paths
 def test_blocks_rebuild_q4_1_bit_exactly(model):
     q4_1 = [t for t in model.tensors.values() if t.ggml_type == "Q4_1"]
     assert len(q4_1) == 210
@@ -121,6 +124,7 @@ def test_blocks_rebuild_q4_1_bit_exactly(model):
         assert np.array_equal(rebuilt, tensor.dequantize()), tensor.name
 
 
+@pytest.mark.slow  # reads SmolLM2 (seconds); the tiny files cover the paths
 def test_blocks_rebuild_q8_0_and_refuse_floats(model):
     embed = model.tensors["model.embed_tokens.weight"]
     codes, scale, minimum = embed.blocks()
@@ -131,6 +135,7 @@ def test_blocks_rebuild_q8_0_and_refuse_floats(model):
         model.tensors["model.norm.weight"].blocks()
 
 
+@pytest.mark.slow  # reads SmolLM2 (seconds); the tiny files cover the paths
 def test_tokenizer_encodes_like_transformers(model):
     hf = transformers.AutoTokenizer.from_pretrained(
         os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2))
