@@ -17,6 +17,7 @@ from ..passes import default_pipeline, run
 from ..passes.quant_spec import quant_pipeline_entry
 from ..runtime.executor import Executor
 from .api import LLM
+from .archs import canonical_weights
 from .engine import CacheLayout, Engine, Entry, cache_pages, entry_sizes
 from .model import STATE_INPUTS, LlmSpec, StepShape, step_module
 from .sources import gguf_quantized, resolve
@@ -53,6 +54,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             raise InputError(f"{name} must be an int >= {low}, got {value!r}")
     source = resolve(model)
     spec = LlmSpec.from_config(source.config)
+    weights = canonical_weights(spec.arch, source.weights, spec.layers)
     max_seq = min(max_seq, spec.max_positions)
     layout = CacheLayout(spec.layers, spec.kv_heads, page_size, spec.head_dim, kv)
     sizes = entry_sizes(max_batch, max_seq, page_size, [t for t in prefill if t <= max_seq])
@@ -80,7 +82,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             shape = StepShape(tokens=size["tokens"], batch=size["batch"],
                               page_slots=size["page_slots"], page_size=page_size,
                               max_positions=max_seq, rows=size["rows"])
-            module = step_module(spec, source.weights, shape, cache_dtype=parse_dtype(kv),
+            module = step_module(spec, weights, shape, cache_dtype=parse_dtype(kv),
                                  name=f"{_symbol(source.name)}_t{shape.tokens}_b{shape.batch}",
                                  quantized=native, memo=memo)
             run(module, pipeline, verify=False)

@@ -29,8 +29,7 @@ from ..ir.dtypes import DType, f16, f32, i8, i32, parse_dtype
 from ..ir.packing import pack_rows
 from ..ir.types import QuantType
 
-ARCHS = ("llama", "mistral", "qwen2")
-"""Config `model_type`s built here: the Llama family (RMSNorm, RoPE, GQA, SwiGLU)."""
+from .archs import ARCHS, canonical_config
 
 STEP_INPUTS = ("tokens", "positions", "seq_indptr", "kv_len", "page_indptr", "page_indices",
                "last", "cache")
@@ -61,15 +60,19 @@ class LlmSpec:
     sliding_window: int = 0
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = ()
+    norm: str = "rms"  # "rms", or "layer" (LayerNorm with a bias: GPT-2)
+    act: str = "silu"  # the MLP's activation: "silu", or "gelu_tanh"
+    gated: bool = True  # act(gate) * up (SwiGLU/GeGLU), or act(up) (GPT-2)
+    embed_scale: float = 1.0  # Gemma: sqrt(hidden)
+    learned_positions: bool = False  # GPT-2: a position table instead of RoPE
+    out_bias: bool = False  # GPT-2: biases on o_proj and the MLP
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LlmSpec:
         """The spec of a Hugging Face config (as a dict: `config.to_dict()` or config.json)."""
-        arch = str(config.get("model_type", ""))
-        if arch not in ARCHS:
-            raise UnsupportedModelError(f"LLM architecture {arch!r} is not supported yet; "
-                                        f"supported: {', '.join(ARCHS)}")
+        config = canonical_config(config)
+        arch = str(config["model_type"])
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
@@ -92,7 +95,12 @@ class LlmSpec:
                 rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
                 sliding_window=int(window or 0),
                 bos_id=config.get("bos_token_id"),
-                eos_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
+                eos_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+                norm=str(config.get("norm", "rms")), act=str(config.get("act", "silu")),
+                gated=bool(config.get("gated", True)),
+                embed_scale=float(config.get("embed_scale", 1.0)),
+                learned_positions=bool(config.get("learned_positions", False)),
+                out_bias=bool(config.get("out_bias", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"the model config is incomplete or malformed ({exc!r}); "
                                  "expected a Hugging Face decoder config") from None
@@ -103,6 +111,11 @@ class LlmSpec:
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab,
                                                                            self.hidden),
                                               "model.norm.weight": (self.hidden,)}
+        layer_norm = self.norm == "layer"
+        if layer_norm:
+            shapes["model.norm.bias"] = (self.hidden,)
+        if self.learned_positions:
+            shapes["model.embed_positions.weight"] = (self.max_positions, self.hidden)
         if not self.tie_embeddings:
             shapes["lm_head.weight"] = (self.vocab, self.hidden)
         for i in range(self.layers):
@@ -114,13 +127,21 @@ class LlmSpec:
                 p + "self_attn.k_proj.weight": (kv, self.hidden),
                 p + "self_attn.v_proj.weight": (kv, self.hidden),
                 p + "self_attn.o_proj.weight": (self.hidden, q),
-                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
                 p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
                 p + "mlp.down_proj.weight": (self.hidden, self.intermediate)})
+            if self.gated:
+                shapes[p + "mlp.gate_proj.weight"] = (self.intermediate, self.hidden)
+            if layer_norm:
+                shapes.update({p + "input_layernorm.bias": (self.hidden,),
+                               p + "post_attention_layernorm.bias": (self.hidden,)})
             if self.qkv_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,),
                                p + "self_attn.k_proj.bias": (kv,),
                                p + "self_attn.v_proj.bias": (kv,)})
+            if self.out_bias:
+                shapes.update({p + "self_attn.o_proj.bias": (self.hidden,),
+                               p + "mlp.up_proj.bias": (self.intermediate,),
+                               p + "mlp.down_proj.bias": (self.hidden,)})
         return shapes
 
 
@@ -270,8 +291,18 @@ class _Graph:
     def reshape(self, x: Value, shape: tuple) -> Value:
         return self.b.value(graph.ReshapeOp, x, result_types=[x.type.with_shape(shape)])
 
-    def rms_norm(self, x: Value, name: str, eps: float) -> Value:
-        return self.b.value(graph.RmsNormOp, x, self.weight(name), eps=eps)
+    def norm(self, x: Value, name: str, spec: LlmSpec) -> Value:
+        """RMSNorm, or LayerNorm with its bias (`{name}.weight`, `{name}.bias`)."""
+        if spec.norm == "layer":
+            return self.b.value(graph.LayerNormOp, x, self.weight(name + ".weight"),
+                                self.weight(name + ".bias"), eps=spec.norm_eps)
+        return self.b.value(graph.RmsNormOp, x, self.weight(name + ".weight"),
+                            eps=spec.norm_eps)
+
+    def act(self, x: Value, kind: str) -> Value:
+        if kind == "gelu_tanh":
+            return self.b.value(graph.GeluOp, x, approximate="tanh")
+        return self.unary(kind, x)
 
     def slice(self, x: Value, axis: int, start: int, end: int) -> Value:
         return self.b.value(graph.SliceOp, x, axis=axis, start=start, end=end)
@@ -337,43 +368,53 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
         types.append(scales_type(types[-1]))
         names.append("cache_scales")
     module = Module(name, types, names)
-    stacked = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    stacked = ("q_proj", "k_proj", "v_proj", "gate_proj") + (("up_proj",) if spec.gated else ())
     module.weights.update({k: np.ascontiguousarray(weights[k], np.float32) for k in needed
                            if not any(f".{s}." in k for s in stacked)})
-    cos, sin = rope_tables(spec, shape.max_positions)
-    module.weights.update({"rope.cos": cos, "rope.sin": sin})
     tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
         module.inputs[:8]
     cache_scales = module.inputs[8] if cache_dtype == i8 else None
     g = _Graph(module, weights, quantized, {} if memo is None else memo)
     half = spec.head_dim // 2
-    cos_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.cos"), positions),
-                      (t, 1, half))
-    sin_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.sin"), positions),
-                      (t, 1, half))
     h = g.b.value(graph.EmbeddingOp, g.weight("model.embed_tokens.weight"), tokens)
+    if spec.embed_scale != 1.0:  # Gemma
+        h = g.binary("mul", h, g.literal(spec.embed_scale))
+    if spec.learned_positions:  # GPT-2
+        h = g.binary("add", h, g.b.value(graph.EmbeddingOp, g.weight(
+            "model.embed_positions.weight"), positions))
+    else:
+        cos, sin = rope_tables(spec, shape.max_positions)
+        module.weights.update({"rope.cos": cos, "rope.sin": sin})
+        cos_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.cos"), positions),
+                          (t, 1, half))
+        sin_t = g.reshape(g.b.value(graph.EmbeddingOp, g.weight("rope.sin"), positions),
+                          (t, 1, half))
     scale = 1.0 / math.sqrt(spec.head_dim)
     for i in range(spec.layers):
         p = f"model.layers.{i}."
-        x = g.rms_norm(h, p + "input_layernorm.weight", spec.norm_eps)
+        x = g.norm(h, p + "input_layernorm", spec)
         q, k, v = g.linears(x, [p + f"self_attn.{n}_proj.weight" for n in "qkv"],
                             p + "self_attn.qkv_proj.weight", spec.qkv_bias)
         q = g.reshape(q, (t, spec.heads, spec.head_dim))
         k = g.reshape(k, (t, spec.kv_heads, spec.head_dim))
         v = g.reshape(v, (t, spec.kv_heads, spec.head_dim))
-        q, k = g.rope(q, cos_t, sin_t, half), g.rope(k, cos_t, sin_t, half)
+        if not spec.learned_positions:
+            q, k = g.rope(q, cos_t, sin_t, half), g.rope(k, cos_t, sin_t, half)
         a = g.b.value(PagedAttentionOp, q, k, v, cache, seq_indptr, kv_len, page_indptr,
                       page_indices, cache_scales, layer=i, scale=scale,
                       window=spec.sliding_window)
         a = g.reshape(a, (t, spec.heads * spec.head_dim))
-        h = g.binary("add", h, g.linear(a, p + "self_attn.o_proj.weight"))
-        x = g.rms_norm(h, p + "post_attention_layernorm.weight", spec.norm_eps)
-        gate, up = g.linears(x, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-                             p + "mlp.gate_up_proj.weight")
-        mlp = g.binary("mul", g.unary("silu", gate), up)
-        h = g.binary("add", h, g.linear(mlp, p + "mlp.down_proj.weight"))
+        h = g.binary("add", h, g.linear(a, p + "self_attn.o_proj.weight", spec.out_bias))
+        x = g.norm(h, p + "post_attention_layernorm", spec)
+        if spec.gated:
+            gate, up = g.linears(x, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                                 p + "mlp.gate_up_proj.weight")
+            mlp = g.binary("mul", g.act(gate, spec.act), up)
+        else:
+            mlp = g.act(g.linear(x, p + "mlp.up_proj.weight", spec.out_bias), spec.act)
+        h = g.binary("add", h, g.linear(mlp, p + "mlp.down_proj.weight", spec.out_bias))
     h = g.b.value(graph.IndexSelectOp, h, last, axis=0)
-    h = g.rms_norm(h, "model.norm.weight", spec.norm_eps)
+    h = g.norm(h, "model.norm", spec)
     head = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
     logits = g.linear(h, head)
     g.b.create(ReturnOp, logits)
