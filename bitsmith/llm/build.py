@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from rich.progress import Progress
 
 from ..autotune.policy import tuned_configs
 from ..compiler import build_artifact
 from ..errors import InputError
-from ..ir.dtypes import parse_dtype
+from ..ir import Module, OpResult, graph
+from ..ir.dialects import quant as qdialect
+from ..ir.dtypes import f32, parse_dtype
+from ..ir.packing import unpack_rows
 from ..passes import default_pipeline, run
 from ..passes.quant_spec import quant_pipeline_entry
 from ..runtime.executor import Executor
 from .api import LLM
 from .archs import canonical_weights
 from .engine import CacheLayout, Engine, Entry, cache_pages, entry_sizes
-from .model import STATE_INPUTS, LlmSpec, StepShape, step_module
+from .model import STATE_INPUTS, LlmSpec, QuantizedWeight, StepShape, step_module
 from .sources import gguf_quantized, resolve
 from .text import Tokenizer
 
@@ -35,15 +40,18 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             max_batch: int = 8, max_seq: int = 2048, page_size: int = 16,
             prefill: Sequence[int] = (64, 256), score_chunk: int = 128,
             kv_memory: int | None = None, tune: int | str | None = None,
-            progress: bool = False) -> LLM:
+            calib: str | Sequence[int] | None = None, progress: bool = False) -> LLM:
     """Compile a decoder for this CPU: decode steps at batch 1, 2, 4, ... max_batch, prefill
-    steps of `prefill` tokens, a scoring step of `score_chunk` tokens (perplexity; 0: none), all
-    over
-    one KV cache of `kv` elements sized by `kv_memory` bytes.
+    steps of `prefill` tokens, a scoring step of `score_chunk` tokens (perplexity; 0: none),
+    all over one KV cache of `kv` elements sized by `kv_memory` bytes.
 
-    `quant` quantizes the linear layers (a spec such as "w4g128"; see `passes.quant_spec`).
+    `quant` quantizes the linear layers (a spec such as "w4g128", "w4g128:gptq",
+    "w3g128:gptq:rot"; see `passes.quant_spec`) once, for every step; the output head stays
+    f32 unless the spec says `keep=`. GPTQ (and RTN's clipping search) calibrate on `calib`
+    (text or token ids; by default 2048 tokens of Python's own documentation,
+    `pydoc_data.topics`, from past its first 16384 tokens, which perplexity tests read).
     A GGUF file's Q4_0/Q4_1/Q8_0 layers run as they are stored (llama.cpp's very weights)
-    unless `quant` is given: "f32" dequantizes them, any other spec re-quantizes;
+    unless `quant` is given: "f32" dequantizes them, any other spec re-quantizes.
     `tune` tunes every kernel at the compiled sizes (trials or a time such as "5m")."""
     if kv not in KV_DTYPES:
         raise InputError(f"kv={kv!r}: expected one of {', '.join(KV_DTYPES)}")
@@ -70,10 +78,12 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     memo: dict[str, Any] = {}  # stacked weights, built once for every step size
     pipeline = default_pipeline("cpu")
     native = gguf_quantized(source.gguf) if source.gguf is not None and quant is None else {}
-    if quant == "f32":
-        quant = None
-    elif quant is not None:
-        pipeline = f"canonicalize,cse,{quant_pipeline_entry(quant)},{pipeline}"
+    report = None
+    tokenizer = Tokenizer(source.tokenizer_json, bos_id=source.bos_id,
+                          eos_ids=source.eos_ids or spec.eos_ids, add_bos=source.add_bos)
+    if quant is not None and quant != "f32":
+        ids = calibration_ids(tokenizer, calib)
+        native, report = quantize_once(spec, weights, quant, ids, page_size, memo)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"compiling {source.name}", total=len(sizes))
         for size in sizes:
@@ -95,14 +105,88 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
                                  Executor(artifact, shared)))
             bar.advance(task)
     engine = Engine(entries, layout, kv_memory=budget, max_seq=max_seq)
-    eos = source.eos_ids or spec.eos_ids
-    tokenizer = Tokenizer(source.tokenizer_json, bos_id=source.bos_id, eos_ids=eos,
-                          add_bos=source.add_bos)
     return LLM(engine, tokenizer, chat_template=source.chat_template, name=source.name,
                prefill_chunk=max((t for t in prefill if t <= max_seq), default=None),
                info={"vocab": spec.vocab, "arch": spec.arch, "kv": kv,
+                     "quantization": report,
                      "quant": quant or ("gguf" if native else "f32"),
                      "layers": spec.layers})
+
+
+CALIB_TOKENS = 2048
+CALIB_CHUNK = 512
+CALIB_SKIP = 16384
+
+
+def calibration_ids(tokenizer: Tokenizer, calib: str | Sequence[int] | None) -> list[int]:
+    """Token ids to calibrate on: `calib` (text or ids), or Python's documentation past the
+    tokens that perplexity is measured on."""
+    if calib is None:
+        import pydoc_data.topics  # noqa: PLC0415 - in every Python
+
+        text = "\n\n".join(pydoc_data.topics.topics.values())
+        ids = tokenizer.encode(text)
+        return ids[CALIB_SKIP:CALIB_SKIP + CALIB_TOKENS] or ids[:CALIB_TOKENS]
+    ids = tokenizer.encode(calib) if isinstance(calib, str) else [int(t) for t in calib]
+    if len(ids) < 16:
+        raise InputError(f"calib holds {len(ids)} token(s); give at least 16 (a few thousand "
+                         "calibrate GPTQ well)")
+    return ids
+
+
+def quantize_once(spec: LlmSpec, weights: Mapping[str, np.ndarray], quant: str,
+                  ids: Sequence[int], page_size: int, memo: dict[str, Any]
+                  ) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
+    """Quantize the linear layers of `spec` by `quant`, calibrated on `ids` (chunks of
+    CALIB_CHUNK tokens through the interpreter, each its own sequence): the quantized weights,
+    by name (a stacked q/k/v or gate/up under its stacked name), and the quantize pass's
+    report. Every compiled step then reads these same codes."""
+    if "keep=" not in quant:  # the output head stays f32 (as llama.cpp keeps it wide)
+        quant = f"{quant}:keep=lm_head.weight|model.embed_tokens.weight"
+    chunk = min(CALIB_CHUNK, len(ids))
+    pages = -(-chunk // page_size)
+    shape = StepShape(tokens=chunk, batch=1, page_slots=pages, page_size=page_size,
+                      max_positions=chunk)
+    module = step_module(spec, weights, shape, cache_dtype=f32, name="calibration", memo=memo)
+    module.calibration = [
+        (np.asarray(ids[at:at + chunk], np.int32), np.arange(chunk, dtype=np.int32),
+         np.array([0, chunk], np.int32), np.array([chunk], np.int32),
+         np.array([0, pages], np.int32), np.arange(pages, dtype=np.int32),
+         np.array([chunk - 1], np.int32),
+         np.zeros((spec.layers, pages, 2, spec.kv_heads, page_size, spec.head_dim),
+                  np.float32))
+        for at in range(0, len(ids) - chunk + 1, chunk)]
+    run(module, f"canonicalize,cse,{quant_pipeline_entry(quant)}", verify=False)
+    out: dict[str, QuantizedWeight] = {}
+    for op in module.walk():
+        if not isinstance(op, qdialect.LinearOp):
+            continue
+        codes, scale, zero = (_constant(module, v) for v in (op.weight, op.scale, op.zero))
+        assert codes is not None and scale is not None
+        name = codes[0][:-len(".q")]
+        qtype = op.weight.type.dtype
+        n, k = (int(d) for d in op.weight.type.shape)
+        x = _producer(op.x)
+        rotation = None
+        inner = _producer(x.x) if isinstance(x, graph.ReshapeOp) else None
+        if isinstance(inner, graph.MatmulOp):  # x R from the quantize pass (`rot` specs)
+            rot = _constant(module, inner.rhs)
+            rotation = rot[1] if rot is not None else None
+        out[name] = QuantizedWeight(qtype, unpack_rows(codes[1], qtype.bits, k).reshape(n, k),
+                                    scale[1], None if zero is None else zero[1], rotation)
+    return out, module.metadata.get("quantization")
+
+
+def _producer(value: Any) -> Any:
+    return value.op if isinstance(value, OpResult) else None
+
+
+def _constant(module: Module, value: Any) -> tuple[str, np.ndarray] | None:
+    """(weight name, array) of a value a `graph.constant` of a module weight defines."""
+    op = _producer(value)
+    if not isinstance(op, graph.ConstantOp) or op.weight is None:
+        return None
+    return op.weight, module.weights[op.weight]
 
 
 def _symbol(name: str) -> str:

@@ -28,7 +28,6 @@ from ..ir.dialects.kv import PagedAttentionOp, cache_type, scales_type
 from ..ir.dtypes import DType, f16, f32, i8, i32, parse_dtype
 from ..ir.packing import pack_rows
 from ..ir.types import QuantType
-
 from .archs import ARCHS, canonical_config
 
 STEP_INPUTS = ("tokens", "positions", "seq_indptr", "kv_len", "page_indptr", "page_indices",
@@ -105,6 +104,17 @@ class LlmSpec:
             raise ModelLoadError(f"the model config is incomplete or malformed ({exc!r}); "
                                  "expected a Hugging Face decoder config") from None
 
+    def stacked_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The layers the step runs stacked: q/k/v (and gate/up), by their stacked names."""
+        rows = (self.heads + 2 * self.kv_heads) * self.head_dim
+        out: dict[str, tuple[int, ...]] = {}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out[p + "self_attn.qkv_proj.weight"] = (rows, self.hidden)
+            if self.gated:
+                out[p + "mlp.gate_up_proj.weight"] = (2 * self.intermediate, self.hidden)
+        return out
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight the step reads, by Hugging Face name, with its shape."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -154,6 +164,7 @@ class QuantizedWeight:
     codes: np.ndarray
     scale: np.ndarray
     zero: np.ndarray | None = None
+    rotation: np.ndarray | None = None  # R_b: the layer runs on x R (blocks of b), `rot` specs
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight it stands for (the quant dialect's semantics)."""
@@ -241,6 +252,16 @@ class _Graph:
     def linears(self, x: Value, names: list[str], name: str, bias: bool = False) -> list[Value]:
         """x times each of `names`' weights, as one linear layer of their rows stacked (one
         kernel reads them all: a decode step's q/k/v, or gate/up, in one GEMV), cut apart."""
+        if name in self.quantized:  # quantized as one stacked layer (by the quantize pass)
+            q = self.quantized[name]
+            y = self.quant_linear(x, name, q)
+            if bias:
+                if name + ".bias" not in self.memo:
+                    self.memo[name + ".bias"] = _stack(names, self.weights, {}, True)[1]
+                self.module.weights.setdefault(name + ".bias", self.memo[name + ".bias"])
+                y = self.binary("add", y, self.weight(name + ".bias"))
+            return self._cut(y, [self.weights[n].shape[0] if n not in self.quantized
+                                 else self.quantized[n].codes.shape[0] for n in names])
         rows = [self.quantized[n].codes.shape[0] if n in self.quantized
                 else self.weights[n].shape[0] for n in names]
         kinds = {self.quantized[n].qtype if n in self.quantized else None for n in names}
@@ -257,6 +278,9 @@ class _Graph:
         if stacked_bias is not None:
             self.module.weights.setdefault(name + ".bias", stacked_bias)
             y = self.binary("add", y, self.weight(name + ".bias"))
+        return self._cut(y, rows)
+
+    def _cut(self, y: Value, rows: list[int]) -> list[Value]:
         out, at = [], 0
         for n in rows:
             out.append(self.slice(y, 1, at, at + n))
@@ -265,6 +289,13 @@ class _Graph:
 
     def quant_linear(self, x: Value, name: str, q: QuantizedWeight) -> Value:
         shape = tuple(int(d) for d in q.codes.shape)
+        if q.rotation is not None:  # x R, block by block (as the quantize pass builds it)
+            rb, k = q.rotation.shape[0], shape[1]
+            lead = tuple(x.type.shape[:-1])
+            rot = self.constant(f"quantize.rotation{rb}", q.rotation,
+                                TensorType(q.rotation.shape, f32))
+            blocks = self.reshape(x, (*lead, k // rb, rb))
+            x = self.reshape(self.b.value(graph.MatmulOp, blocks, rot), (*lead, k))
         scales = tuple(int(d) for d in q.scale.shape)
         w = self.constant(f"{name}.codes", pack_rows(q.codes, q.qtype.bits),
                           TensorType(shape, q.qtype))
@@ -342,8 +373,9 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
     gate/up run as one stacked layer each; `memo` keeps the stacked weights across calls (one
     dict per compile, so that every step size shares them)."""
     quantized = dict(quantized or {})
+    shapes = {**spec.weight_shapes(), **spec.stacked_shapes()}
     for key, q in quantized.items():
-        want = spec.weight_shapes().get(key)
+        want = shapes.get(key)
         if want is None or tuple(q.codes.shape) != want:
             raise ModelLoadError(f"quantized weight {key} has shape {list(q.codes.shape)}, "
                                  f"the config implies {want}")

@@ -203,3 +203,43 @@ def test_int8_kv_stays_close_to_f16_over_256_tokens() -> None:
     assert err[-64:].mean() < 2 * err[:64].mean() + 1e-3  # no drift along the sequence
     agree = np.mean(got.argmax(axis=1) == want.argmax(axis=1))
     assert agree > 0.95, agree
+
+
+def test_quantized_llm_runs_the_weights_it_quantized(hf) -> None:
+    """GPTQ with Hadamard rotations, quantized once from text for every step: the compiled
+    model's logits equal transformers' with each layer's weight replaced by the dequantized
+    codes (rotated back), so the steps run exactly the weights the pass chose."""
+    from bitsmith.llm.build import calibration_ids, quantize_once
+    from bitsmith.llm.model import LlmSpec
+    from bitsmith.llm.text import Tokenizer
+
+    spec_text = "w4g32:gptq:rot=32"
+    llm = bllm.compile("llama", quant=spec_text, kv="f32", max_batch=1, max_seq=64,
+                       prefill=(16,), score_chunk=16)
+    source = zoo_source("llama")
+    spec = LlmSpec.from_config(source.config)
+    tok = Tokenizer(source.tokenizer_json, bos_id=1, eos_ids=[2], add_bos=True)
+    quantized, report = quantize_once(spec, source.weights, spec_text,
+                                      calibration_ids(tok, None), PAGE, {})
+    assert report is not None and {r["method"] for r in report["layers"]
+                                   if r["format"] != "f32"} == {"gptq"}
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    for name, q in quantized.items():
+        w = q.dequantize()
+        if q.rotation is not None:  # the layer runs on x R with W R quantized: W = (W R) R^T
+            rb = q.rotation.shape[0]
+            w = (w.reshape(w.shape[0], -1, rb) @ q.rotation.T).reshape(w.shape)
+        parts = (["q_proj", "k_proj", "v_proj"] if "qkv_proj" in name else
+                 ["gate_proj", "up_proj"] if "gate_up_proj" in name else [None])
+        at = 0
+        for part in parts:
+            key = name if part is None else name.replace(name.split(".")[-2], part)
+            rows = state[key].shape[0]
+            state[key] = torch.from_numpy(np.ascontiguousarray(w[at:at + rows]))
+            at += rows
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ZOO["llama"])).eval()
+    reference.load_state_dict(state)
+    ids = _prompts()[6]
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(llm._score(ids), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
