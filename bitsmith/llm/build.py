@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from rich.progress import Progress
 
 from ..autotune.policy import tuned_configs

@@ -411,6 +411,7 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
     h = g.b.value(graph.EmbeddingOp, g.weight("model.embed_tokens.weight"), tokens)
     if spec.embed_scale != 1.0:  # Gemma
         h = g.binary("mul", h, g.literal(spec.embed_scale))
+    cos_t = sin_t = None
     if spec.learned_positions:  # GPT-2
         h = g.binary("add", h, g.b.value(graph.EmbeddingOp, g.weight(
             "model.embed_positions.weight"), positions))
@@ -430,7 +431,7 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
         q = g.reshape(q, (t, spec.heads, spec.head_dim))
         k = g.reshape(k, (t, spec.kv_heads, spec.head_dim))
         v = g.reshape(v, (t, spec.kv_heads, spec.head_dim))
-        if not spec.learned_positions:
+        if cos_t is not None and sin_t is not None:
             q, k = g.rope(q, cos_t, sin_t, half), g.rope(k, cos_t, sin_t, half)
         a = g.b.value(PagedAttentionOp, q, k, v, cache, seq_indptr, kv_len, page_indptr,
                       page_indices, cache_scales, layer=i, scale=scale,
