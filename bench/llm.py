@@ -2,11 +2,13 @@
 (torch eager, f32) and llama.cpp (llama-cpp-python) on the same GGUF file, and the
 bytes/bandwidth limit.
 
-    python bench/llm.py [--model smollm2] [--variants gguf f32 w8g128 w4g128 w3g128]
+    python bench/llm.py [--model smollm2] [--variants gguf gguf/int8 f32 w4g128:gptq ...]
                         [--batch 1 8] [--prompt-len 128 512] [--gen-len 64] [--rounds 3]
                         [--ppl-tokens 8192] [--no-rivals]
 
-Per variant: prefill tokens/s of a --prompt-len prompt (and the time to its first token),
+A variant is a quant spec (`gguf`: the file's own blocks; `f32`; `w4g128:gptq`, ...) and
+optionally `/KV`, the cache's element type (default --kv). Per variant: prefill tokens/s
+of a --prompt-len prompt (and the time to its first token),
 decode tokens/s at each --batch (B sequences stepping together, --gen-len steps after a
 32-token prompt each). Rounds interleave every variant and rival; the table shows medians.
 Every rival's greedy tokens are checked against bitsmith's before it is timed. The bandwidth
@@ -167,8 +169,8 @@ def median(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--variants", nargs="+", default=["gguf", "f32", "w8g128", "w4g128",
-                                                          "w3g128"])
+    parser.add_argument("--variants", nargs="+", default=[
+        "gguf", "gguf/int8", "f32", "w8g128", "w4g128", "w4g128:gptq", "w3g128:gptq:rot"])
     parser.add_argument("--kv", default="f16")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", nargs="+", type=int, default=[128, 512])
@@ -182,9 +184,11 @@ def main() -> None:
     llms: dict[str, Any] = {}
     for variant in args.variants:
         start = time.perf_counter()
-        quant = None if variant == "gguf" else variant
-        llms[variant] = bllm.compile(args.model, quant=quant, kv=args.kv, max_batch=max_batch,
-                                     max_seq=max_seq, prefill=(128,), score_chunk=128)
+        spec, _, kv = variant.partition("/")
+        quant = None if spec == "gguf" else spec
+        llms[variant] = bllm.compile(args.model, quant=quant, kv=kv or args.kv,
+                                     max_batch=max_batch, max_seq=max_seq, prefill=(128,),
+                                     score_chunk=128)
         print(f"compiled {variant} in {time.perf_counter() - start:.0f} s", flush=True)
     reference = next(iter(llms.values()))
     prompts = {n: _text_ids(reference, n) for n in args.prompt_len}
