@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 import bitsmith.llm as bllm
+from bitsmith.llm.measure import decode_rate, prefill_seconds
 from bitsmith.llm.sources import smollm2_path
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -43,39 +44,6 @@ def _text_ids(llm: Any, count: int) -> list[int]:
 
     text = "\n\n".join(pydoc_data.topics.topics.values())
     return llm.tokenizer.encode(text)[:count]
-
-
-def bitsmith_prefill(llm: Any, ids: list[int]) -> float:
-    """Seconds from a fresh prompt to its first token's logits."""
-    engine = llm.engine
-    seq = next(llm._ids)
-    engine.blocks.add(seq)
-    try:
-        start = time.perf_counter()
-        chunk = llm.prefill_chunk
-        for at in range(0, len(ids), chunk):
-            engine.step([(seq, ids[at:at + chunk])])
-        return time.perf_counter() - start
-    finally:
-        engine.blocks.free(seq)
-
-
-def bitsmith_decode(llm: Any, batch: int, steps: int) -> float:
-    """Tokens/s of `batch` sequences decoding together (after a 32-token prompt each)."""
-    engine = llm.engine
-    seqs = [next(llm._ids) for _ in range(batch)]
-    for s in seqs:
-        engine.blocks.add(s)
-    try:
-        engine.step([(s, list(range(10, 42))) for s in seqs])
-        start = time.perf_counter()
-        for _ in range(steps):
-            logits = engine.step([(s, [7]) for s in seqs])
-            logits.argmax(axis=-1)
-        return batch * steps / (time.perf_counter() - start)
-    finally:
-        for s in seqs:
-            engine.blocks.free(s)
 
 
 def decode_bytes(llm: Any, context: int) -> int:
@@ -219,9 +187,9 @@ def main() -> None:
         bandwidth.append(meter.measure())
         for name, llm in llms.items():
             for n, ids in prompts.items():
-                record((name, f"prefill{n}"), lambda llm=llm, ids=ids: bitsmith_prefill(llm, ids))
+                record((name, f"prefill{n}"), lambda llm=llm, ids=ids: prefill_seconds(llm, ids))
             for b in args.batch:
-                record((name, f"decode{b}"), lambda llm=llm, b=b: bitsmith_decode(
+                record((name, f"decode{b}"), lambda llm=llm, b=b: decode_rate(
                     llm, b, args.gen_len))
         for name, rival in rivals.items():
             for n, ids in prompts.items():

@@ -80,6 +80,16 @@ def add_parsers(sub: Any) -> None:
                        help="also time torch.compile (its compile takes a while on CPU)")
     bench.add_argument("--profile", action="store_true",
                        help="also print the median time of every kernel at the last batch size")
+    bench.add_argument("--generate", action="store_true",
+                       help="an LLM (a zoo decoder, smollm2, a .gguf file, a Hugging Face "
+                            "directory or a .bsm): prefill and decode tokens/s, time to first "
+                            "token")
+    bench.add_argument("--prompt-len", type=int, nargs="+", default=[128],
+                       help="with --generate: prompt lengths to prefill")
+    bench.add_argument("--gen-len", type=int, default=64,
+                       help="with --generate: decode steps timed per batch size")
+    bench.add_argument("--quant", help="with --generate: quantize (e.g. w4g128:gptq)")
+    bench.add_argument("--kv", default="f16", help="with --generate: KV cache element type")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -257,6 +267,8 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Median latencies of bitsmith, torch eager (and torch.compile), side by side."""
+    if args.generate:
+        return bench_generate(args)
     import torch  # noqa: PLC0415 - only the commands that need torch import it
 
     from .. import compiler  # noqa: PLC0415 - imports torch; `run` must not
@@ -285,4 +297,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
         err.print(profile_table(cm, arrays, args.repeat))
     err.print(f"{len(cm.artifact.manifest.plan['steps'])} kernels, untuned (each template's "
               "default config)", highlight=False)
+    return 0
+
+
+def bench_generate(args: argparse.Namespace) -> int:
+    """`bitsmith bench MODEL --generate`: an LLM's prefill and decode speed (medians of
+    --repeat rounds, capped at 5)."""
+    from ..llm.measure import decode_rate, prefill_seconds  # noqa: PLC0415
+
+    max_seq = max(args.prompt_len) + args.gen_len + 64
+    if args.model.endswith(".bsm"):
+        from ..llm.artifact import load as load_llm  # noqa: PLC0415 - the runtime alone
+
+        llm = load_llm(args.model)
+    else:
+        from ..llm import compile as compile_llm  # noqa: PLC0415 - the compiler, torch
+
+        llm = compile_llm(args.model, quant=args.quant, kv=args.kv, max_batch=max(args.batch),
+                          max_seq=max_seq, prefill=(128,), score_chunk=0,
+                          progress=err.is_terminal)
+    rounds = max(1, min(args.repeat, 5))
+    table = Table(title=f"{llm.name} ({llm.info.get('quant')}, KV {llm.info.get('kv')}): "
+                        f"medians of {rounds} rounds")
+    for col in ("what", "tokens/s", "ms"):
+        table.add_column(col, justify="right" if col != "what" else "left")
+    for n in args.prompt_len:
+        ids = [(11 + 7 * i) % llm.vocab_size for i in range(n)]
+        seconds = statistics.median(prefill_seconds(llm, ids) for _ in range(rounds))
+        table.add_row(f"prefill {n} tokens (time to first token)", f"{n / seconds:.0f}",
+                      f"{seconds * 1e3:.1f}")
+    for batch in args.batch:
+        rate = statistics.median(decode_rate(llm, batch, args.gen_len) for _ in range(rounds))
+        table.add_row(f"decode, batch {batch}", f"{rate:.1f}", f"{batch / rate * 1e3:.2f}")
+    err.print(table)
     return 0

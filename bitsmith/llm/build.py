@@ -64,7 +64,8 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     weights = canonical_weights(spec.arch, source.weights, spec.layers)
     max_seq = min(max_seq, spec.max_positions)
     layout = CacheLayout(spec.layers, spec.kv_heads, page_size, spec.head_dim, kv)
-    sizes = entry_sizes(max_batch, max_seq, page_size, [t for t in prefill if t <= max_seq])
+    chunks = sorted({min(t, max_seq) for t in prefill})  # a chunk longer than max_seq: clipped
+    sizes = entry_sizes(max_batch, max_seq, page_size, chunks)
     pages = math.ceil(max_seq / page_size)
     if score_chunk:  # a step with logits after every token (perplexity); 0: none
         score = max(2, min(score_chunk, max_seq))
@@ -105,7 +106,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             bar.advance(task)
     engine = Engine(entries, layout, kv_memory=budget, max_seq=max_seq)
     return LLM(engine, tokenizer, chat_template=source.chat_template, name=source.name,
-               prefill_chunk=max((t for t in prefill if t <= max_seq), default=None),
+               prefill_chunk=max(chunks, default=None),
                info={"vocab": spec.vocab, "arch": spec.arch, "kv": kv,
                      "quantization": report,
                      "quant": quant or ("gguf" if native else "f32"),

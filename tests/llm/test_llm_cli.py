@@ -37,3 +37,12 @@ def test_refusals_are_one_line_errors(tmp_path, monkeypatch, capsys) -> None:
     assert code == 2 and "no such artifact" in capsys.readouterr().err
     code, _ = _run(["generate", "nosuchmodel", "--prompt", "x"], monkeypatch)
     assert code == 2 and "zoo name" in capsys.readouterr().err
+
+
+def test_bench_generate_reports_prefill_and_decode(monkeypatch, capsys) -> None:
+    code, _ = _run(["bench", "llama", "--generate", "--batch", "1", "2", "--prompt-len", "20",
+                    "--gen-len", "4", "--repeat", "1"], monkeypatch)
+    table = capsys.readouterr().err
+    assert code == 0
+    for row in ("prefill 20 tokens", "decode, batch 1", "decode, batch 2"):
+        assert row in table
