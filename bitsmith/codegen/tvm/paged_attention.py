@@ -13,6 +13,7 @@ the head dim. Rows past the batch's last sequence (padding) are zeroed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import tvm
@@ -27,13 +28,21 @@ from .templates import TvmKernel, TvmTemplate
 _STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8"}
 
 
-def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
-        *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
-        page_size: int, page_slots: int, layer: int, scale: float, window: int,
-        cache_dtype: str) -> tvm.tirx.PrimFunc:
+def paged_attention_func(*, layer: int, **sizes: Any) -> tvm.tirx.PrimFunc:
     """The PrimFunc `(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices[,
-    scales], out)`; the cache's page count is symbolic (sized at run time). An `i8` cache
-    takes its scales, rows quantized as they are written (the op's semantics)."""
+    scales], out)` of one layer; the cache's page count is symbolic (sized at run time). An
+    `i8` cache takes its scales, rows quantized as they are written (the op's semantics).
+    The TVMScript is parsed once per set of sizes and specialised to each layer."""
+    func: Any = _layer_generic(**sizes)  # TVM's stubs lack PrimFunc.params
+    return func.specialize({func.params[-1]: tvm.tirx.IntImm("int32", layer)})
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
+        *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
+        page_size: int, page_slots: int, scale: float, window: int,
+        cache_dtype: str) -> tvm.tirx.PrimFunc:
+    """The kernel with the layer as its last parameter (a scalar)."""
     group = heads // kv_heads
     quantized = cache_dtype == "i8"
     storage = "int8" if quantized else _STORAGE[cache_dtype]
@@ -44,7 +53,7 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
 
     @T.macro
     def body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out,  # noqa: C901
-             scales, pages):
+             scales, pages, layer):
         for task in T.parallel(bb * hk):
             b = task // hk
             h = task % hk
@@ -148,13 +157,13 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
                 seq_indptr: T.Buffer((bb + 1,), "int32"), kv_len: T.Buffer((bb,), "int32"),
                 page_indptr: T.Buffer((bb + 1,), "int32"),
                 page_indices: T.Buffer((ns,), "int32"), var_scales: T.handle,
-                out: T.Buffer((tt, hq, dd), "float32")):
+                out: T.Buffer((tt, hq, dd), "float32"), layer: T.int32):
             T.func_attr({"tirx.noalias": True})
             pages = T.int64()
             cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), "int8")
             scales = T.match_buffer(var_scales, (ll, pages, 2, hk, ss), "float32")
             body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out, scales,
-                 pages)
+                 pages, layer)
         return kernel_i8
 
     @T.prim_func(private=True, check_well_formed=False)
@@ -162,11 +171,13 @@ def paged_attention_func(  # noqa: C901 - TVMScript: its loops are TIR, not Pyth
                v: T.Buffer((tt, hk, dd), "float32"), var_cache: T.handle,
                seq_indptr: T.Buffer((bb + 1,), "int32"), kv_len: T.Buffer((bb,), "int32"),
                page_indptr: T.Buffer((bb + 1,), "int32"),
-               page_indices: T.Buffer((ns,), "int32"), out: T.Buffer((tt, hq, dd), "float32")):
+               page_indices: T.Buffer((ns,), "int32"), out: T.Buffer((tt, hq, dd), "float32"),
+               layer: T.int32):
         T.func_attr({"tirx.noalias": True})
         pages = T.int64()
         cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), storage)
-        body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out, None, pages)
+        body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out, None, pages,
+             layer)
 
     return kernel
 
