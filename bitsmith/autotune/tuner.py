@@ -252,7 +252,10 @@ class Tuner:
     def tune(self, kernels: Sequence[FusedOp], budget: int | str | Budget) -> dict[str, Config]:
         """Tune every kernel not cached for this device; the chosen config of each kernel."""
         budget = Budget.parse(budget)
-        tasks = [t for t in self.tasks(kernels) if self.cache.get(self.cache_key(t)) is None]
+        # a template without knobs has one config: nothing to measure (nor, for kernels that
+        # take page tables, inputs a random draw could make valid)
+        tasks = [t for t in self.tasks(kernels) if t.template.space.knobs
+                 and self.cache.get(self.cache_key(t)) is None]
         if tasks:
             self._run(tasks, budget)
             for task in tasks:

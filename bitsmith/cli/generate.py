@@ -65,8 +65,12 @@ def _compile(args: argparse.Namespace) -> Any:
     memory = int(args.kv_memory_mb * 2**20) if args.kv_memory_mb else None
     start = time.perf_counter()
     if args.model.endswith(".bsm"):
-        if args.quant or args.save:
-            raise CliError(f"{args.model} is compiled already: --quant and --save apply to a "
+        given = [flag for flag, value, default in (
+            ("--quant", args.quant, None), ("--save", args.save, None), ("--kv", args.kv, "f16"),
+            ("--max-seq", args.max_seq, 2048), ("--page-size", args.page_size, 16))
+            if value != default]
+        if given:
+            raise CliError(f"{args.model} is compiled already: {', '.join(given)} apply to a "
                            "model compiled now")
         from ..llm.artifact import load  # noqa: PLC0415 - the runtime alone
 
@@ -118,12 +122,12 @@ def _stream(llm: Any, prompt: Any, params: dict[str, Any]) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     """`bitsmith generate`."""
     params = _params(args)
+    if args.system and not args.chat:
+        raise CliError("--system needs --chat")
     llm = _compile(args)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt: Any = llm.chat_prompt([*messages, {"role": "user", "content": args.prompt}])
-    elif args.system:
-        raise CliError("--system needs --chat")
     else:
         prompt = args.prompt
     _stream(llm, prompt, params)

@@ -126,6 +126,10 @@ class LLM:
                  **params: Any) -> list[Completion]:
         """Like `generate`, with everything about each result; prompts may be token ids."""
         items = [prompts] if isinstance(prompts, str) else list(prompts)
+        if items and all(isinstance(p, int) for p in items):
+            raise InputError("prompts: expected a list of prompts (texts, or lists of token "
+                             f"ids), got a flat list of {len(items)} ints; wrap it: "
+                             "[[1, 2, 3]]")
         encoded = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
                    for p in items]
         sampling = self.params(**params)

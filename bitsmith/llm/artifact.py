@@ -23,7 +23,7 @@ from ..runtime.host import host_description
 from ..runtime.plan_check import check_plan
 from .api import LLM
 from .engine import CacheLayout, Engine, Entry
-from .text import Tokenizer
+from .text import TextError, Tokenizer
 
 LLM_FORMAT = 1
 MAX_ENTRIES = 64
@@ -74,19 +74,25 @@ def load(path: str | os.PathLike, *, key: bytes | str | None = None,
     """Load an LLM artifact (checked as any artifact: digest, checksums, each step's plan, the
     host's instruction sets); `kv_memory` (bytes) overrides the KV cache budget it was saved
     with. With `key`, an artifact not signed with it is refused."""
+    if kv_memory is not None and (not isinstance(kv_memory, int) or kv_memory < 1):
+        raise InputError(f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
     artifact = load_artifact(path, host=host_description(), key=key)
     meta = artifact.manifest.metadata.get("llm")
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} is a model artifact, not an LLM one: load it with "
                             "bitsmith.load")
     try:
-        return _build(artifact, meta, kv_memory)
-    except (KeyError, TypeError, ValueError, InputError) as exc:
+        llm = _build(artifact, meta)
+    except (KeyError, TypeError, ValueError, InputError, TextError, MemoryError) as exc:
         raise ArtifactError(f"{path}: the LLM description is malformed ({type(exc).__name__}: "
                             f"{str(exc)[:200]}); recompile the model") from None
+    if kv_memory is not None:  # the caller's budget: its errors are the caller's
+        llm.engine = Engine(llm.engine.entries, llm.engine.layout, kv_memory=kv_memory,
+                            max_seq=llm.engine.max_seq)
+    return llm
 
 
-def _build(artifact: Artifact, meta: Mapping[str, Any], kv_memory: int | None) -> LLM:
+def _build(artifact: Artifact, meta: Mapping[str, Any]) -> LLM:
     if meta.get("format") != LLM_FORMAT:
         raise ArtifactError(f"LLM format {meta.get('format')!r}, this runtime reads "
                             f"{LLM_FORMAT}; recompile the model")
@@ -95,26 +101,34 @@ def _build(artifact: Artifact, meta: Mapping[str, Any], kv_memory: int | None) -
         raise ArtifactError(f"an LLM artifact holds 1..{MAX_ENTRIES} steps")
     shared: dict[tuple, Any] = {}
     entries = []
+    cache = meta["cache"]
+    layout = CacheLayout(*(_int(cache, k, 1, 1 << 20) for k in ("layers", "kv_heads",
+                                                                "page_size", "head_dim")),
+                         dtype=str(cache["dtype"]))
     for item in raw:
         sizes = {k: _int(item, k, 1, 1 << 24) for k in _INT_FIELDS}
+        inputs = tuple(TensorSpec.from_json(s) for s in item["inputs"])
+        _check_sizes(sizes, inputs, layout)
         plan = item["plan"]
         if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list):
             raise ArtifactError("an LLM step's plan must be an object with steps")
         names = {s.get("library") for s in plan["steps"] if isinstance(s, dict)}
-        view = Artifact(replace(artifact.manifest, plan=plan,
-                                inputs=tuple(TensorSpec.from_json(s) for s in item["inputs"]),
+        view = Artifact(replace(artifact.manifest, plan=plan, inputs=inputs,
                                 outputs=tuple(TensorSpec.from_json(s) for s in item["outputs"])),
                         artifact.weights,
                         {n: b for n, b in artifact.libraries.items() if n in names},
                         artifact.signed)
         check_plan(view)
         entries.append(Entry(**sizes, executor=Executor(view, shared)))
-    cache = meta["cache"]
-    layout = CacheLayout(*(_int(cache, k, 1, 1 << 20) for k in ("layers", "kv_heads",
-                                                                "page_size", "head_dim")),
-                         dtype=str(cache["dtype"]))
-    engine = Engine(entries, layout, kv_memory=kv_memory or _int(meta, "kv_memory", 1, 1 << 50),
-                    max_seq=_int(meta, "max_seq", 2, 1 << 24))
+    max_seq = _int(meta, "max_seq", 2, 1 << 24)
+    positions = [artifact.weights[n].shape[0] for n in ("rope.cos",
+                                                        "model.embed_positions.weight")
+                 if n in artifact.weights]
+    if positions and max_seq > min(positions):
+        raise ArtifactError(f"max_seq {max_seq} is past the {min(positions)} positions the "
+                            "steps were compiled for")
+    engine = Engine(entries, layout, kv_memory=_int(meta, "kv_memory", 1, 1 << 40),
+                    max_seq=max_seq)
     tok = meta["tokenizer"]
     tokenizer = Tokenizer(str(tok["json"]), bos_id=tok["bos_id"], eos_ids=tok["eos_ids"],
                           add_bos=bool(tok["add_bos"]))
@@ -127,9 +141,25 @@ def _build(artifact: Artifact, meta: Mapping[str, Any], kv_memory: int | None) -
     return llm
 
 
+def _check_sizes(sizes: Mapping[str, int], inputs: tuple[TensorSpec, ...],
+                 layout: CacheLayout) -> None:
+    """The step's sizes and the cache layout, against its own input signature."""
+    if len(inputs) < 8:
+        raise ArtifactError(f"an LLM step takes at least 8 inputs, got {len(inputs)}")
+    got = {"tokens": inputs[0].shape[0], "batch": inputs[3].shape[0],
+           "page_slots": inputs[5].shape[0], "rows": inputs[6].shape[0]}
+    cache = inputs[7].shape
+    want_cache = [layout.layers, cache[1] if len(cache) > 1 else None, 2, layout.kv_heads,
+                  layout.page_size, layout.head_dim]
+    if any(sizes[k] != v for k, v in got.items()) or list(cache) != want_cache \
+            or inputs[7].dtype != layout.dtype:
+        raise ArtifactError(f"an LLM step's sizes {dict(sizes)} and cache {layout} do not "
+                            f"match its inputs ({', '.join(map(str, inputs))})")
+
+
 def _int(data: Mapping[str, Any], key: str, low: int, high: int) -> int:
     value = data[key]
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ArtifactError(f"LLM field {key!r} must be an int in [{low}, {high}], got "
+        raise ArtifactError(f"LLM field {key!r}: expected an int in [{low}, {high}], got "
                             f"{str(value)[:40]}")
     return value

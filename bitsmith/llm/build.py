@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from ..autotune.policy import tuned_configs
 from ..compiler import build_artifact
-from ..errors import InputError
+from ..errors import CodegenError, InputError
 from ..ir import Module, OpResult, graph
 from ..ir.dialects import quant as qdialect
 from ..ir.dtypes import f32, parse_dtype
@@ -76,6 +76,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     entries: list[Entry] = []
     shared: dict[tuple, Any] = {}
     memo: dict[str, Any] = {}  # stacked weights, built once for every step size
+    pool: dict[tuple, np.ndarray] = {}  # one host copy of each (packed) weight
     pipeline = default_pipeline("cpu")
     native = gguf_quantized(source.gguf) if source.gguf is not None and quant is None else {}
     report = None
@@ -98,6 +99,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
             run(module, pipeline, verify=False)
             configs, _ = tuned_configs(module, tune, shape.batch, progress)
             artifact = build_artifact(module, configs=configs)
+            _share_weights(artifact.weights, pool)
             plan = artifact.manifest.plan
             plan["state"] = [plan["inputs"][i] for i, n in enumerate(module.input_names)
                              if n in STATE_INPUTS]
@@ -174,7 +176,26 @@ def quantize_once(spec: LlmSpec, weights: Mapping[str, np.ndarray], quant: str,
             rotation = rot[1] if rot is not None else None
         out[name] = QuantizedWeight(qtype, unpack_rows(codes[1], qtype.bits, k).reshape(n, k),
                                     scale[1], None if zero is None else zero[1], rotation)
-    return out, module.metadata.get("quantization")
+    report = module.metadata.get("quantization")
+    rotated = {r["layer"] for r in (report or {}).get("layers", []) if r.get("rotation")}
+    missed = sorted(n for n in rotated if out.get(n) is None or out[n].rotation is None)
+    if missed:
+        raise CodegenError(f"the quantize pass rotated {missed[0]} (and {len(missed) - 1} "
+                           "more), but its x R is not where the LLM build looks for it; "
+                           "the steps would run the wrong weights")
+    return out, report
+
+
+def _share_weights(weights: dict[str, np.ndarray], pool: dict[tuple, np.ndarray]) -> None:
+    """Point `weights` at the pool's copy of every array an earlier step already holds (each
+    step size packs its weights anew), so that one copy of each stays in memory."""
+    for name, array in weights.items():
+        key = (name, array.shape, array.dtype.str)
+        held = pool.setdefault(key, array)
+        if held is not array:
+            if held.nbytes != array.nbytes or held.tobytes() != array.tobytes():
+                raise CodegenError(f"two step sizes hold different weights named {name!r}")
+            weights[name] = held
 
 
 def _producer(value: Any) -> Any:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError
 from ..runtime.artifact import NUMPY_DTYPES
 from ..runtime.executor import state_array
-from .blocks import BlockManager
+from .blocks import BlockManager, CacheFullError
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,15 @@ class Engine:
             if self.blocks.length(seq) + len(new) > self.max_seq:
                 raise InputError(f"sequence {seq} would hold {self.blocks.length(seq) + len(new)}"
                                  f" tokens, over max_seq={self.max_seq}")
-        copies = [c for seq, new in work for c in self.blocks.grow(seq, len(new))]
-        for src, dst in copies:
-            for tensor in self.state:
-                tensor[:, dst] = tensor[:, src]
+        # all or nothing: every sequence's pages are found before any grows
+        needed = sum(self.blocks.pages_needed(seq, len(new)) for seq, new in work)
+        if needed > self.blocks.free_pages:
+            raise CacheFullError(work[0][0], count, needed, self.blocks.free_pages,
+                                 self.blocks.num_pages)
+        for seq, new in work:
+            for src, dst in self.blocks.grow(seq, len(new)):  # copy-on-write, then write
+                for tensor in self.state:
+                    tensor[:, dst] = tensor[:, src]
         inputs = self._inputs(entry, work, count)
         return entry.executor.run(*inputs, *self.state)[0][:count if scores_all else len(work)]
 
@@ -144,10 +149,17 @@ class Engine:
                 page_indices.astype(np.int32), last]
 
 
+MAX_PAGES = 1 << 22
+"""More pages than any host's memory holds at any page size (bounds a crafted budget)."""
+
+
 def cache_pages(layout: CacheLayout, kv_memory: int, max_seq: int) -> int:
     """The pages `kv_memory` bytes hold; at least one sequence of max_seq tokens must fit."""
     pages = kv_memory // layout.page_bytes()
     need = math.ceil(max_seq / layout.page_size)
+    if pages > MAX_PAGES:
+        raise InputError(f"kv_memory of {kv_memory / 2**30:.1f} GiB makes {pages} pages; at "
+                         f"most {MAX_PAGES} are allowed: lower kv_memory")
     if pages < need:
         raise InputError(f"kv_memory of {kv_memory / 2**20:.1f} MiB holds {pages} page(s) of "
                          f"{layout.page_size} tokens ({layout.page_bytes()} bytes each); one "

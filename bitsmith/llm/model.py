@@ -80,8 +80,8 @@ class LlmSpec:
             theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
             kind = rope.get("rope_type", rope.get("type", "default"))
             eos = config.get("eos_token_id")
-            window = config.get("sliding_window") if config.get("use_sliding_window",
-                                                                arch == "mistral") else None
+            window = config.get("sliding_window") if config.get(
+                "use_sliding_window", arch in ("mistral", "phi3")) else None
             return cls(
                 arch=arch, vocab=int(config["vocab_size"]), hidden=hidden,
                 layers=int(config["num_hidden_layers"]), heads=heads,
@@ -266,6 +266,14 @@ class _Graph:
                 else self.weights[n].shape[0] for n in names]
         kinds = {self.quantized[n].qtype if n in self.quantized else None for n in names}
         if len(kinds) != 1:  # stored in different formats: one layer each
+            for n in names:  # the float ones (and biases) step_module left to the stack
+                if n not in self.quantized:
+                    self.module.weights.setdefault(n, np.ascontiguousarray(self.weights[n],
+                                                                           np.float32))
+                if bias:
+                    b = n.replace(".weight", ".bias")
+                    self.module.weights.setdefault(b, np.ascontiguousarray(self.weights[b],
+                                                                           np.float32))
             return [self.linear(x, n, bias) for n in names]
         if name not in self.memo:  # stacked once per compile, shared by every step size
             self.memo[name] = _stack(names, self.weights, self.quantized, bias)

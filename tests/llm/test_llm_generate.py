@@ -3,6 +3,8 @@ compiled steps against transformers (logits, greedy tokens) and against the inte
 the invariances a paged cache must keep (alone or batched, chunked prefill, page edges)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +245,49 @@ def test_quantized_llm_runs_the_weights_it_quantized(hf) -> None:
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(llm._score(ids), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_step_that_does_not_fit_changes_nothing(llm: bllm.LLM) -> None:
+    from bitsmith.llm.blocks import CacheFullError
+
+    blocks = llm.engine.blocks
+    hog, small, big = next(llm._ids), next(llm._ids), next(llm._ids)
+    for seq in (hog, small, big):
+        blocks.add(seq)
+    try:
+        blocks.grow(hog, (blocks.free_pages - 1) * PAGE)  # one page left, two wanted
+        free = blocks.free_pages
+        with pytest.raises(CacheFullError):
+            llm.engine.step([(small, [5] * PAGE), (big, [5] * PAGE)])
+        assert blocks.free_pages == free and blocks.length(small) == blocks.length(big) == 0
+    finally:
+        for seq in (hog, small, big):
+            blocks.free(seq)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tokens", 999),            # sizes that disagree with the step's own signature
+    ("kv_memory", 2**40),       # a budget of more pages than any host holds
+    ("max_seq", 10**6),         # past the positions the steps were compiled for
+    ("tokenizer", {"json": "{", "bos_id": 1, "eos_ids": [2], "add_bos": True}),
+    ("defaults", {"temperature": -1.0}),
+])
+def test_crafted_llm_artifacts_are_refused(llm: bllm.LLM, tmp_path, field, value) -> None:
+    import dataclasses
+
+    from bitsmith.runtime.artifact import load_artifact, save_artifact
+
+    path = tmp_path / "good.bsm"
+    llm.save(path)
+    art = load_artifact(path)
+    meta = json.loads(json.dumps(art.manifest.metadata["llm"]))
+    if field == "tokens":
+        meta["entries"][0]["tokens"] = value
+    else:
+        meta[field] = value
+    manifest = dataclasses.replace(art.manifest, metadata={**art.manifest.metadata,
+                                                           "llm": meta})
+    save_artifact(tmp_path / "bad.bsm", manifest, weights=art.weights,
+                  libraries=art.libraries)
+    with pytest.raises(ArtifactError):
+        bllm.load(tmp_path / "bad.bsm")

@@ -345,3 +345,24 @@ def test_native_quant_types_dequantize_as_transformers_bit_for_bit(model, refere
     assert len(native) == 30 * 7 + 1  # every projection, and the tied head's Q8_0 blocks
     for name, q in native.items():
         assert np.array_equal(q.dequantize(), state[name]), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_compiles_natively_and_matches_transformers(tmp_path, arch):
+    """Compiled as stored: q/k/v and gate/up in different block types (the fallback to one
+    layer each), Q4_0/Q4_1/Q8_0 natively, qwen2's biases and tied head: logits after every
+    token equal transformers' (the same weights, dequantized) to f32 accuracy."""
+    import torch
+
+    import bitsmith.llm as bllm
+
+    path = _tiny_gguf(tmp_path / f"tiny-{arch}.gguf", arch)
+    llm = bllm.compile(path, kv="f32", max_batch=1, max_seq=64, prefill=(16,), score_chunk=16)
+    assert llm.info["quant"] == "gguf"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=f"tiny-{arch}.gguf", torch_dtype=torch.float32).eval()
+    ids = [5, 17, 40, 3, 66, 90, 12, 8, 33, 51, 70, 2, 9]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(llm._score(ids), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
