@@ -28,9 +28,10 @@ NOT_CODEGEN = {
 Trait.REGION instead)."""
 
 OWN_TESTS = {
-    "kv.paged_attention": "tests/codegen/test_paged_attention.py checks its CPU kernel against "
-                          "the interpreter on ragged batches, padding, windows and every cache "
-                          "dtype; it has no Triton kernel yet",
+    "kv.paged_attention": "tests/codegen/test_paged_attention.py checks its CPU kernel and "
+                          "tests/triton_backend/test_triton_paged_attention.py its Triton one "
+                          "against the interpreter on ragged batches, padding, windows and "
+                          "cache dtypes",
 }
 """Ops whose kernels a dedicated test file covers (they take page tables, not the random
 inputs of a case here)."""

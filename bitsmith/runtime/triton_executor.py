@@ -117,6 +117,8 @@ def as_torch(array: np.ndarray, dtype: str, where: str) -> Any:
     array = np.asarray(array, order="C")  # ascontiguousarray would make a 0-d array [1]
     if dtype == "u32" or array.dtype == np.uint32:
         array = array.view(np.int32)
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bf16: torch takes its bits
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).to(where)
     return torch.from_numpy(array.copy()).to(where)
 
 

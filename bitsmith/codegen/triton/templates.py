@@ -41,6 +41,7 @@ from ..template import (
 from . import emit_nn  # noqa: F401 - registers the nn and quant rules
 from .attention import attention_op, generate_attention, head_blocks
 from .emit import generate
+from .paged_attention import generate_paged_attention, paged_attention_op
 from .rows import generate_rows, row_block
 from .tiles import anchor_of, contraction, generate_contraction
 
@@ -260,6 +261,33 @@ class FlashAttention(TritonTemplate):
         meta = {**{k: int(v) for k, v in config.items()}, "BLOCK_E": block_e,
                 "BLOCK_D": block_d}
         return self.kernel(generate_attention(kernel, att), meta, config)
+
+
+@register_template
+class PagedAttention(TritonTemplate):
+    """`kv.paged_attention` alone in its region (float caches): a program per sequence and
+    KV head, pages streamed through an online softmax."""
+
+    name = "triton.paged_attention"
+    version = 1
+    space = KnobSpace(Knob("num_warps", (4, 2, 8)))
+    key = ("signature",)
+
+    def match(self, op: Operation) -> Problem | None:
+        if not isinstance(op, FusedOp) or paged_attention_op(op) is None:
+            return None
+        return Problem(self.name, {"signature": signature(op)}, op)
+
+    def build(self, problem: Problem, config: Config, target: Target) -> TritonKernel:
+        config = self.space.check(config)
+        kernel = problem.kernel_op
+        op = paged_attention_op(kernel)
+        if op is None:
+            raise CodegenError(f"template {self.name}: kernel '{kernel.kernel_name}' holds no "
+                               "kv.paged_attention with a float cache alone")
+        source, launches = generate_paged_attention(kernel, op)
+        meta = {**{k: int(v) for k, v in config.items()}, **launches[0].pop("blocks")}
+        return self.kernel((source, launches), meta, config)
 
 
 @register_template
