@@ -120,8 +120,8 @@ def generate_paged_attention(kernel: FusedOp, op: Operation) -> tuple[str, list[
     lo = f"tl.maximum(pos_q - {op.window - 1}, 0)" if op.window else "0"
     source = _SOURCE.format(
         name=kernel.kernel_name, T=tokens, B=batch, HQ=heads, HK=kv_heads, D=dim, S=page_size,
-        G=group, NP=int(op.page_indices.type.shape[0]), LAYER=op.layer, SCALE=repr(float(op.scale)), LO=lo,
-        CACHE=_TL[str(op.cache.type.dtype)])
+        G=group, NP=int(op.page_indices.type.shape[0]), LAYER=op.layer,
+        SCALE=repr(float(op.scale)), LO=lo, CACHE=_TL[str(op.cache.type.dtype)])
     meta = {"BLOCK_D": _pow2(dim), "BLOCK_G": _pow2(group), "BLOCK_S": _pow2(page_size),
             "BLOCK_F": _pow2(heads * dim)}
     source = source.replace("def out0(q, k, v, cache, seq_indptr, kv_len, page_indptr, "
