@@ -104,13 +104,11 @@ class LlamaCppRival:
                          n_batch=512, verbose=False, logits_all=False)
 
     def greedy(self, ids: list[int], new: int) -> list[int]:
-        self.llm.reset()
-        self.llm.eval(ids)
-        out = []
-        for _ in range(new):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            out.append(token)
-            self.llm.eval([token])
+        out: list[int] = []
+        for token in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            out.append(int(token))
+            if len(out) == new:
+                break
         return out
 
     def prefill(self, ids: list[int]) -> float:

@@ -43,7 +43,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                              "max-seq tokens need, at most 1024)")
     parser.add_argument("--quant", help="quantize the linear layers (e.g. w4g128, w8g128)")
     parser.add_argument("--kv", default="f16", help="KV cache element type: f32, f16, "
-                        "bf16, int8 (per token and head scales)")
+                        "bf16, int8 (per token and head scales), int4 (groups of 32)")
     parser.add_argument("--max-seq", type=int, default=2048,
                         help="longest sequence, prompt and reply together")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")

@@ -57,7 +57,7 @@ def save(llm: LLM, path: str | os.PathLike, *, key: bytes | str | None = None) -
     meta = {"format": LLM_FORMAT, "name": llm.name, "entries": entries,
             "cache": {"layers": layout.layers, "kv_heads": layout.kv_heads,
                       "page_size": layout.page_size, "head_dim": layout.head_dim,
-                      "dtype": layout.dtype},
+                      "dtype": layout.dtype, "groups": layout.groups},
             "max_seq": llm.engine.max_seq, "kv_memory": llm.engine.kv_memory,
             "prefill_chunk": llm.prefill_chunk,
             "tokenizer": {"json": llm.tokenizer.to_json_text(), "bos_id": llm.tokenizer.bos_id,
@@ -104,7 +104,7 @@ def _build(artifact: Artifact, meta: Mapping[str, Any]) -> LLM:
     cache = meta["cache"]
     layout = CacheLayout(*(_int(cache, k, 1, 1 << 20) for k in ("layers", "kv_heads",
                                                                 "page_size", "head_dim")),
-                         dtype=str(cache["dtype"]))
+                         dtype=str(cache["dtype"]), groups=_int(cache, "groups", 1, 1 << 20))
     for item in raw:
         sizes = {k: _int(item, k, 1, 1 << 24) for k in _INT_FIELDS}
         inputs = tuple(TensorSpec.from_json(s) for s in item["inputs"])
@@ -150,9 +150,11 @@ def _check_sizes(sizes: Mapping[str, int], inputs: tuple[TensorSpec, ...],
            "page_slots": inputs[5].shape[0], "rows": inputs[6].shape[0]}
     cache = inputs[7].shape
     want_cache = [layout.layers, cache[1] if len(cache) > 1 else None, 2, layout.kv_heads,
-                  layout.page_size, layout.head_dim]
+                  layout.page_size, layout.lanes]
+    scales = list(inputs[8].shape) if len(inputs) > 8 else None
+    want_scales = [*want_cache[:5], *layout.scale_shape] if layout.scaled else None
     if any(sizes[k] != v for k, v in got.items()) or list(cache) != want_cache \
-            or inputs[7].dtype != layout.dtype:
+            or inputs[7].dtype != layout.dtype or scales != want_scales:
         raise ArtifactError(f"an LLM step's sizes {dict(sizes)} and cache {layout} do not "
                             f"match its inputs ({', '.join(map(str, inputs))})")
 

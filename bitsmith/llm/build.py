@@ -15,6 +15,7 @@ from ..compiler import build_artifact
 from ..errors import CodegenError, InputError
 from ..ir import Module, OpResult, graph
 from ..ir.dialects import quant as qdialect
+from ..ir.dialects.kv import int4_group
 from ..ir.dtypes import f32, parse_dtype
 from ..ir.packing import unpack_rows
 from ..passes import default_pipeline, run
@@ -27,8 +28,9 @@ from .model import STATE_INPUTS, LlmSpec, QuantizedWeight, StepShape, step_modul
 from .sources import gguf_quantized, resolve
 from .text import Tokenizer
 
-KV_DTYPES = ("f32", "f16", "bf16", "int8")
-"""Cache element types (int8: per token and head scales)."""
+KV_DTYPES = ("f32", "f16", "bf16", "int8", "int4")
+"""Cache element types (int8: per token and head scales; int4: per token, head and group of
+32 lanes, a scale and a minimum; KIVI/QServe-style)."""
 
 DEFAULT_KV_MEMORY = 1 << 30
 """The KV cache budget when none is given: at most 1 GiB, less when max_batch sequences of
@@ -54,7 +56,7 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     `tune` tunes every kernel at the compiled sizes (trials or a time such as "5m")."""
     if kv not in KV_DTYPES:
         raise InputError(f"kv={kv!r}: expected one of {', '.join(KV_DTYPES)}")
-    kv = "i8" if kv == "int8" else kv
+    kv = {"int8": "i8", "int4": "u8"}.get(kv, kv)
     for name, value, low in (("max_batch", max_batch, 1), ("max_seq", max_seq, 2),
                              ("page_size", page_size, 1), ("score_chunk", score_chunk, 0)):
         if not isinstance(value, int) or value < low:
@@ -63,7 +65,8 @@ def compile(model: str | os.PathLike[str], *, quant: str | None = None, kv: str 
     spec = LlmSpec.from_config(source.config)
     weights = canonical_weights(spec.arch, source.weights, spec.layers)
     max_seq = min(max_seq, spec.max_positions)
-    layout = CacheLayout(spec.layers, spec.kv_heads, page_size, spec.head_dim, kv)
+    layout = CacheLayout(spec.layers, spec.kv_heads, page_size, spec.head_dim, kv,
+                         spec.head_dim // int4_group(spec.head_dim) if kv == "u8" else 1)
     chunks = sorted({min(t, max_seq) for t in prefill})  # a chunk longer than max_seq: clipped
     sizes = entry_sizes(max_batch, max_seq, page_size, chunks)
     pages = math.ceil(max_seq / page_size)

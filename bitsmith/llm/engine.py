@@ -45,18 +45,29 @@ class CacheLayout:
     kv_heads: int
     page_size: int
     head_dim: int
-    dtype: str  # IR name: f32, f16, bf16
+    dtype: str  # IR name: f32, f16, bf16, i8, u8 (4-bit codes, two a byte)
+    groups: int = 1  # u8: (scale, min) groups per row (`ir.dialects.kv.int4_group`)
 
     @property
     def scaled(self) -> bool:
-        """Whether the rows are int8 with a scale each (per token and head)."""
-        return self.dtype == "i8"
+        """Whether the rows are quantized with scales (int8, or 4-bit)."""
+        return self.dtype in ("i8", "u8")
+
+    @property
+    def lanes(self) -> int:
+        """Elements of one cached row: head_dim, or head_dim / 2 bytes of 4-bit codes."""
+        return self.head_dim // 2 if self.dtype == "u8" else self.head_dim
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Per row: nothing, one scale (int8), or (scale, min) per group (4-bit)."""
+        return (self.groups, 2) if self.dtype == "u8" else ()
 
     def page_bytes(self) -> int:
         """Bytes of one page across all layers (K and V, and their scales)."""
         rows = self.layers * 2 * self.kv_heads * self.page_size
-        return rows * (self.head_dim * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize
-                       + (4 if self.scaled else 0))
+        scales = 4 * math.prod(self.scale_shape) if self.scaled else 0
+        return rows * (self.lanes * np.dtype(NUMPY_DTYPES[self.dtype]).itemsize + scales)
 
 
 class Engine:
@@ -72,10 +83,11 @@ class Engine:
         self.kv_memory = kv_memory
         pages = cache_pages(layout, kv_memory, max_seq)
         self.cache = state_array((layout.layers, pages, 2, layout.kv_heads, layout.page_size,
-                                  layout.head_dim), NUMPY_DTYPES[layout.dtype])
+                                  layout.lanes), NUMPY_DTYPES[layout.dtype])
         self.state = [self.cache]
         if layout.scaled:
-            self.state.append(state_array(self.cache.shape[:5], np.float32))
+            self.state.append(state_array((*self.cache.shape[:5], *layout.scale_shape),
+                                          np.float32))
         self.blocks = BlockManager(pages, layout.page_size)
 
     @property

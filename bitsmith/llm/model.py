@@ -404,8 +404,8 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
              cache_type(spec.layers, "P", spec.kv_heads, shape.page_size, spec.head_dim,
                         cache_dtype)]
     names: list[str] = list(STEP_INPUTS)
-    if cache_dtype == i8:  # per token and head scales of the int8 rows
-        types.append(scales_type(types[-1]))
+    if str(cache_dtype) in ("i8", "u8"):  # the scales of the int8 / int4 rows
+        types.append(scales_type(types[-1], spec.head_dim))
         names.append("cache_scales")
     module = Module(name, types, names)
     stacked = ("q_proj", "k_proj", "v_proj", "gate_proj") + (("up_proj",) if spec.gated else ())
@@ -413,7 +413,7 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
                            if not any(f".{s}." in k for s in stacked)})
     tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
         module.inputs[:8]
-    cache_scales = module.inputs[8] if cache_dtype == i8 else None
+    cache_scales = module.inputs[8] if len(module.inputs) > 8 else None
     g = _Graph(module, weights, quantized, {} if memo is None else memo)
     half = spec.head_dim // 2
     h = g.b.value(graph.EmbeddingOp, g.weight("model.embed_tokens.weight"), tokens)

@@ -13,8 +13,8 @@ from bitsmith.codegen.tvm.paged_attention import paged_attention_func
 from bitsmith.errors import IndexOutOfRangeError
 from bitsmith.ir import Builder, Module, TensorType, interpret
 from bitsmith.ir.dialects.func import ReturnOp
-from bitsmith.ir.dialects.kv import PagedAttentionOp
-from bitsmith.ir.dtypes import bf16, f16, f32, i8, i32
+from bitsmith.ir.dialects.kv import PagedAttentionOp, cache_type, int4_group, scales_type
+from bitsmith.ir.dtypes import bf16, f16, f32, i8, i32, u8
 from bitsmith.runtime.executor import as_tvm, state_array
 
 T, B, HQ, HK, D, L, S, SLOTS, PAGES = 13, 4, 6, 2, 16, 2, 4, 12, 9
@@ -27,12 +27,13 @@ PAGE_INDICES = [3, 0, 8, 1, 5, 6, 2, 0, 0, 0, 0, 0]
 
 
 def _module(window: int, dtype) -> Module:
+    cache = cache_type(L, PAGES, HK, S, D, dtype)
     types = [TensorType((T, HQ, D), f32), TensorType((T, HK, D), f32),
-             TensorType((T, HK, D), f32), TensorType((L, PAGES, 2, HK, S, D), dtype),
+             TensorType((T, HK, D), f32), cache,
              TensorType((B + 1,), i32), TensorType((B,), i32), TensorType((B + 1,), i32),
              TensorType((SLOTS,), i32)]
-    if dtype == i8:
-        types.append(TensorType((L, PAGES, 2, HK, S), f32))
+    if dtype in (i8, u8):
+        types.append(scales_type(cache, D))
     module = Module("m", types)
     b = Builder.at_end(module.body)
     b.create(ReturnOp, b.value(PagedAttentionOp, *module.inputs, layer=1, scale=0.25,
@@ -43,22 +44,32 @@ def _module(window: int, dtype) -> Module:
 def _inputs(npdtype, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     cache = rng.standard_normal((L, PAGES, 2, HK, S, D))
+    if npdtype == np.uint8:  # 4-bit codes, two a byte
+        held = rng.integers(0, 256, (L, PAGES, 2, HK, S, D // 2)).astype(np.uint8)
+    elif npdtype == np.int8:
+        held = (cache * 40).clip(-127, 127).astype(npdtype)
+    else:
+        held = cache.astype(npdtype)
     inputs = [rng.standard_normal((T, HQ, D)).astype(np.float32),
               rng.standard_normal((T, HK, D)).astype(np.float32),
-              rng.standard_normal((T, HK, D)).astype(np.float32),
-              (cache * 40).clip(-127, 127).astype(npdtype) if npdtype == np.int8
-              else cache.astype(npdtype),
+              rng.standard_normal((T, HK, D)).astype(np.float32), held,
               *(np.array(a, np.int32) for a in (SEQ_INDPTR, KV_LEN, PAGE_INDPTR,
                                                  PAGE_INDICES))]
     if npdtype == np.int8:  # the rows already cached, with their scales
         inputs.append((rng.random((L, PAGES, 2, HK, S)) * 0.05).astype(np.float32))
+    if npdtype == np.uint8:  # (scale, min) per group
+        params = rng.random((L, PAGES, 2, HK, S, D // int4_group(D), 2)).astype(np.float32)
+        params[..., 0] *= 0.1
+        params[..., 1] -= 0.5
+        inputs.append(params)
     inputs[2][3, 1] = 0.0  # a row of zeros: its scale is 1, its codes 0
     return inputs
 
 
 @pytest.mark.parametrize("window", [0, 3])
 @pytest.mark.parametrize("dtype, npdtype", [(f32, np.float32), (f16, np.float16),
-                                            (bf16, ml_dtypes.bfloat16), (i8, np.int8)])
+                                            (bf16, ml_dtypes.bfloat16), (i8, np.int8),
+                                            (u8, np.uint8)])
 def test_kernel_matches_the_interpreter(window: int, dtype, npdtype) -> None:
     inputs = _inputs(npdtype)
     want_cache = inputs[3].copy()

@@ -205,6 +205,15 @@ def test_int8_kv_stays_close_to_f16_over_256_tokens() -> None:
     assert err[-64:].mean() < 2 * err[:64].mean() + 1e-3  # no drift along the sequence
     agree = np.mean(got.argmax(axis=1) == want.argmax(axis=1))
     assert agree > 0.95, agree
+    # int4 (groups of lanes with a scale and a minimum): coarser, and reported, not bounded
+    # as tightly; no drift either
+    i4 = bllm.compile("llama", kv="int4", max_batch=1, max_seq=320, prefill=(16,),
+                      score_chunk=0)
+    assert i4.engine.state[0].dtype == np.uint8 and i4.engine.state[0].shape[-1] == 8
+    got4 = _teacher_forced(i4, prompt, tokens)
+    err4 = np.abs(got4 - want).max(axis=1) / spread
+    print(f"int4 vs f16 KV: max {err4.max():.4f}, int8 {err.max():.4f} of the logit range")
+    assert err4.max() < 0.1 and err4[-64:].mean() < 2 * err4[:64].mean() + 1e-3
 
 
 def test_quantized_llm_runs_the_weights_it_quantized(hf) -> None:

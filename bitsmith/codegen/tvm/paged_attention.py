@@ -21,11 +21,12 @@ from tvm.script import tirx as T
 
 from ...ir import Operation
 from ...ir.dialects.kernel import FusedOp
-from ...ir.dialects.kv import PagedAttentionOp
+from ...ir.dialects.kv import PagedAttentionOp, int4_group
 from ..template import Config, KnobSpace, Problem, Target, register_template
 from .templates import TvmKernel, TvmTemplate
 
-_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8"}
+_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8",
+            "u8": "uint8"}
 
 
 def paged_attention_func(*, layer: int, **sizes: Any) -> tvm.tirx.PrimFunc:
@@ -44,8 +45,13 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
         cache_dtype: str) -> tvm.tirx.PrimFunc:
     """The kernel with the layer as its last parameter (a scalar)."""
     group = heads // kv_heads
-    quantized = cache_dtype == "i8"
-    storage = "int8" if quantized else _STORAGE[cache_dtype]
+    int8 = cache_dtype == "i8"
+    int4 = cache_dtype == "u8"  # 4-bit codes, two a byte; (scale, min) per group of lanes
+    quantized = int8 or int4
+    storage = _STORAGE[cache_dtype]
+    gs = int4_group(head_dim)  # lanes of a 4-bit group
+    ng = head_dim // gs
+    lanes = head_dim // 2 if int4 else head_dim
     tt, bb, hq, hk, dd, ll, ss, ns = (tokens, batch, heads, kv_heads, head_dim, layers,
                                       page_size, page_slots)
     sc = float(scale)
@@ -57,18 +63,48 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
         for task in T.parallel(bb * hk):
             b = task // hk
             h = task % hk
-            start = seq_indptr[b]
-            n = seq_indptr[b + 1] - start
+            # the tables bounded: rows inside [0, T), pages read inside page_indices (the
+            # engine builds consistent tables, the interpreter refuses the others; these
+            # bounds keep a crafted one from reaching memory outside the buffers)
+            start = T.min(T.max(seq_indptr[b], 0), tt)
+            n = T.max(T.min(seq_indptr[b + 1], tt) - start, 0)
             length = kv_len[b]
-            first_pos = length - n
-            base = page_indptr[b]
-            amax = T.decl_buffer((1,), "float32", scope="local")
-            for j in range(n):
+            first_pos = T.max(length - n, 0)
+            base = T.min(T.max(page_indptr[b], 0), ns - 1)
+            last_page = T.min(T.max(page_indptr[b + 1], base), ns) - base
+            amax = T.decl_buffer((2,), "float32", scope="local")
+            for j in range(T.min(n, last_page * ss - first_pos)):
                 pos = first_pos + j
                 # clamped: a table that names a page past the cache cannot write outside it
                 # (the engine builds consistent tables; the interpreter refuses the others)
                 page = T.min(T.max(page_indices[base + pos // ss], 0), pages - 1)
-                if quantized:  # per token and head: s = max|x| / 127, codes rint(x / s)
+                if int4:  # per token, head and group: s = (max - min) / 15, codes rint((x-m)/s)
+                    for kv in range(2):
+                        for gi in range(ng):
+                            amax[0] = T.float32(3.0e38)
+                            amax[1] = T.float32(-3.0e38)
+                            for d in range(gs):
+                                x = T.if_then_else(kv == 0, k[start + j, h, gi * gs + d],
+                                                   v[start + j, h, gi * gs + d])
+                                amax[0] = T.min(amax[0], x)
+                                amax[1] = T.max(amax[1], x)
+                            s4 = T.if_then_else(amax[1] > amax[0],
+                                                (amax[1] - amax[0]) / T.float32(15),
+                                                T.float32(1))
+                            scales[layer, page, kv, h, pos % ss, gi, 0] = s4
+                            scales[layer, page, kv, h, pos % ss, gi, 1] = amax[0]
+                            for i in range(gs // 2):
+                                lo4 = T.Cast("int32", T.max(T.min(T.nearbyint((T.if_then_else(
+                                    kv == 0, k[start + j, h, gi * gs + 2 * i],
+                                    v[start + j, h, gi * gs + 2 * i]) - amax[0]) / s4),
+                                    T.float32(15)), T.float32(0)))
+                                hi4 = T.Cast("int32", T.max(T.min(T.nearbyint((T.if_then_else(
+                                    kv == 0, k[start + j, h, gi * gs + 2 * i + 1],
+                                    v[start + j, h, gi * gs + 2 * i + 1]) - amax[0]) / s4),
+                                    T.float32(15)), T.float32(0)))
+                                cache[layer, page, kv, h, pos % ss, gi * (gs // 2) + i] = \
+                                    T.Cast("uint8", lo4 + hi4 * 16)
+                elif int8:  # per token and head: s = max|x| / 127, codes rint(x / s)
                     for kv in range(2):
                         amax[0] = T.float32(0)
                         for d in range(dd):
@@ -101,11 +137,16 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                     total[g] = T.float32(0)
                     for d in T.vectorized(dd):
                         acc[g, d] = T.float32(0)
-                for pg in range(lo // ss, pos_q // ss + 1):
+                for pg in range(lo // ss, T.min(pos_q // ss + 1, last_page)):
                     page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
                     for o in range(ss):
                         for d in T.vectorized(dd):
-                            if quantized:
+                            if int4:
+                                keys[o, d] = T.Cast("float32", T.shift_right(T.Cast(
+                                    "int32", cache[layer, page, 0, h, o, d // 2]),
+                                    (d % 2) * 4) & 15) * scales[layer, page, 0, h, o, d // gs, 0] \
+                                    + scales[layer, page, 0, h, o, d // gs, 1]
+                            elif int8:
                                 keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d]) \
                                     * scales[layer, page, 0, h, o]
                             else:
@@ -130,7 +171,15 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                             if pg * ss + o >= lo and pg * ss + o <= pos_q:
                                 p = T.exp(score[g, o] - mx[0])
                                 total[g] = total[g] + p
-                                if quantized:
+                                if int4:
+                                    for d in T.vectorized(dd):
+                                        acc[g, d] = acc[g, d] + p * (T.Cast(
+                                            "float32", T.shift_right(T.Cast(
+                                                "int32", cache[layer, page, 1, h, o, d // 2]),
+                                                (d % 2) * 4) & 15)
+                                            * scales[layer, page, 1, h, o, d // gs, 0]
+                                            + scales[layer, page, 1, h, o, d // gs, 1])
+                                elif int8:
                                     pv = p * scales[layer, page, 1, h, o]
                                     for d in T.vectorized(dd):
                                         acc[g, d] = acc[g, d] + pv * T.Cast(
@@ -160,8 +209,11 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                 out: T.Buffer((tt, hq, dd), "float32"), layer: T.int32):
             T.func_attr({"tirx.noalias": True})
             pages = T.int64()
-            cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, dd), "int8")
-            scales = T.match_buffer(var_scales, (ll, pages, 2, hk, ss), "float32")
+            cache = T.match_buffer(var_cache, (ll, pages, 2, hk, ss, lanes), storage)
+            if int4:
+                scales = T.match_buffer(var_scales, (ll, pages, 2, hk, ss, ng, 2), "float32")
+            else:
+                scales = T.match_buffer(var_scales, (ll, pages, 2, hk, ss), "float32")
             body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out, scales,
                  pages, layer)
         return kernel_i8

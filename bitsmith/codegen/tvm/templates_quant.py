@@ -538,9 +538,13 @@ class QDense(TvmTemplate):
                 and (config["DECODE"] == "convert" or bool(problem["int_codes"])))
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        # one row at a time measured fastest for GEMV here (no spills, the x vector loads
-        # fold into the FMAs); the tuner tries the taller tiles
-        return Config({"TILE_N": 1, "TILE_M": 1,
+        # one weight row at a time measured fastest for GEMV here (no spills, the x vector
+        # loads fold into the FMAs); several activation rows share each decoded weight vector
+        # (a batch-8 decode step decoded every weight 8 times with TILE_M=1); the tuner tries
+        # the other tiles
+        rows = int(problem["row_factor"])
+        tile_m = next(t for t in (4, 2, 1) if rows % t == 0)
+        return Config({"TILE_N": 1, "TILE_M": tile_m,
                        "UNROLL": True,
                        "PARALLEL": int(problem["N"]) * int(problem["K"]) >= 1 << 16,
                        "DECODE": default_decode(bool(problem["int_codes"]), target)})

@@ -11,6 +11,13 @@ or V, head, slot) in the `scales` operand `[L, P, 2, H_kv, S]` (f32), s = max|x|
 the row's D lanes (1 for a row of zeros), codes round-half-even(x / s) in [-127, 127]; a row
 reads back as code * s.
 
+A `u8` cache holds 4-bit codes, two to a byte (the cache's last dim is D / 2; element 2i in
+the low nibble of byte i, 2i + 1 in the high one), quantized per token, per head and per
+group of `int4_group(D)` lanes (32, or D when 32 does not divide it), asymmetric as KIVI and
+QServe do: per group a scale s = (max - min) / 15 (1 when max = min) and the minimum m, held
+in `scales` `[L, P, 2, H_kv, S, D / group, 2]` (f32: s, then m); codes round-half-even((x -
+m) / s) in [0, 15]; a lane reads back as code * s + m.
+
 A step's query tokens are flattened over the batch (a ragged batch, as FlashInfer and vLLM
 lay it out): the chunk of sequence b is rows `seq_indptr[b] .. seq_indptr[b + 1] - 1`, at
 positions `kv_len[b] - n_b .. kv_len[b] - 1` (n_b its chunk length, kv_len[b] its length once
@@ -20,7 +27,7 @@ the chunk is in). A prefill chunk and a decode step (n_b = 1) are the same op. R
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -30,8 +37,16 @@ from ..dtypes import DType, f16, f32, i32
 from ..interpreter import EvalContext
 from ..types import TensorType, dims_equal, symbol
 
-CACHE_DTYPES = ("f32", "f16", "bf16", "i8")
-"""Element types a cache may hold (`i8` with a `scales` operand)."""
+CACHE_DTYPES = ("f32", "f16", "bf16", "i8", "u8")
+"""Element types a cache may hold (`i8`, and `u8` holding packed 4-bit codes, with a
+`scales` operand)."""
+
+INT4_GROUP = 32
+
+
+def int4_group(head_dim: int) -> int:
+    """The lanes of one scale group of a 4-bit cache row."""
+    return INT4_GROUP if head_dim % INT4_GROUP == 0 else head_dim
 
 
 @register_op
@@ -65,9 +80,13 @@ class PagedAttentionOp(Operation):
             if not dims_equal(t.shape[1], cache.shape[3]):
                 raise VerifyError(self, f"{what} has {t.shape[1]} heads, the cache "
                                         f"{cache.shape[3]}")
-        if not (dims_equal(cache.shape[2], 2) and dims_equal(cache.shape[5], dim)):
+        packed = str(cache.dtype) == "u8"  # two 4-bit codes a byte
+        lanes = dim // 2 if packed and isinstance(dim, int) else dim
+        if packed and isinstance(dim, int) and dim % 2:
+            raise VerifyError(self, f"a 4-bit cache needs an even head_dim, got {dim}")
+        if not (dims_equal(cache.shape[2], 2) and dims_equal(cache.shape[5], lanes)):
             raise VerifyError(self, f"cache {cache} must hold K and V (dim 2 of size 2) of "
-                                    f"head_dim {dim}")
+                                    f"{lanes} {'bytes' if packed else 'lanes'} (head_dim {dim})")
         kv_heads = cache.shape[3]
         if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
             raise VerifyError(self, f"q has {heads} heads, not a multiple of the cache's "
@@ -85,12 +104,12 @@ class PagedAttentionOp(Operation):
             t = getattr(self, name).type
             if t.rank != 1 or t.dtype != i32:
                 raise VerifyError(self, f"{name} must be a 1-d i32 tensor, got {t}")
-        quantized = str(self.cache.type.dtype) == "i8"
+        quantized = str(self.cache.type.dtype) in ("i8", "u8")
         if quantized != (self.scales is not None):
-            raise VerifyError(self, "an i8 cache needs a scales operand [L, P, 2, H_kv, S] of "
-                                    "f32, and only an i8 cache takes one")
+            raise VerifyError(self, "an i8 or u8 (4-bit) cache needs a scales operand of f32, "
+                                    "and only those take one")
         if self.scales is not None:
-            want = TensorType(self.cache.type.shape[:5], f32)
+            want = scales_type(self.cache.type, self.q.type.shape[2])
             if not self.scales.type.same_as(want):
                 raise VerifyError(self, f"scales must be {want}, got {self.scales.type}")
         layers = self.cache.type.shape[0]
@@ -122,6 +141,10 @@ class PagedAttentionOp(Operation):
             for kv, rows in ((0, k[new]), (1, v[new])):
                 if row_scales is None:
                     layer[slots[0], kv, :, slots[1], :] = rows.astype(held)
+                elif held == np.uint8:
+                    codes, params = quantize_rows_int4(rows)
+                    layer[slots[0], kv, :, slots[1], :] = codes
+                    row_scales[slots[0], kv, :, slots[1]] = params
                 else:
                     codes, s = quantize_rows(rows)
                     layer[slots[0], kv, :, slots[1], :] = codes
@@ -129,9 +152,15 @@ class PagedAttentionOp(Operation):
             length = int(kv_len[b])
             everything = np.arange(length)
             where = pages[everything // page_size], everything % page_size
-            keys = layer[where[0], 0, :, where[1], :].astype(np.float32)  # [len, H_kv, D]
-            values = layer[where[0], 1, :, where[1], :].astype(np.float32)
-            if row_scales is not None:
+            if held == np.uint8:
+                keys = dequantize_rows_int4(layer[where[0], 0, :, where[1], :],
+                                            row_scales[where[0], 0, :, where[1]])
+                values = dequantize_rows_int4(layer[where[0], 1, :, where[1], :],
+                                              row_scales[where[0], 1, :, where[1]])
+            else:
+                keys = layer[where[0], 0, :, where[1], :].astype(np.float32)  # [len, H_kv, D]
+                values = layer[where[0], 1, :, where[1], :].astype(np.float32)
+            if row_scales is not None and held != np.uint8:
                 keys = keys * row_scales[where[0], 0, :, where[1]][..., None]
                 values = values * row_scales[where[0], 1, :, where[1]][..., None]
             keys = np.repeat(keys, group, axis=1).transpose(1, 0, 2)  # [H_q, len, D]
@@ -154,6 +183,30 @@ def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
     codes = np.clip(np.rint(rows / s[..., None]), -127, 127).astype(np.int8)
     return codes, s
+
+
+def quantize_rows_int4(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Packed 4-bit codes [..., D / 2] and (scale, min) per group [..., D / group, 2] of rows
+    [..., D] (see the module docstring)."""
+    dim = rows.shape[-1]
+    group = int4_group(dim)
+    g = rows.reshape(*rows.shape[:-1], dim // group, group).astype(np.float32)
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    s = np.where(hi > lo, (hi - lo) / np.float32(15), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint((g - lo[..., None]) / s[..., None]), 0, 15).astype(np.uint8)
+    codes = codes.reshape(rows.shape)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return packed, np.stack([s, lo], axis=-1).astype(np.float32)
+
+
+def dequantize_rows_int4(packed: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """f32 rows [..., D] of packed codes and their (scale, min) groups."""
+    codes = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.float32)
+    codes[..., 0::2] = packed & 15
+    codes[..., 1::2] = packed >> 4
+    groups = params.shape[-2]
+    g = codes.reshape(*codes.shape[:-1], groups, -1)
+    return (g * params[..., 0:1] + params[..., 1:2]).reshape(codes.shape).astype(np.float32)
 
 
 def _sequences(seq_indptr: np.ndarray, kv_len: np.ndarray, page_indptr: np.ndarray,
@@ -184,14 +237,19 @@ def _sequences(seq_indptr: np.ndarray, kv_len: np.ndarray, page_indptr: np.ndarr
         yield first, np.arange(length - n, length), pages.astype(np.int64)
 
 
-def scales_type(cache: TensorType) -> TensorType:
-    """The type of an i8 cache's scales: one f32 per (layer, page, K or V, head, slot)."""
+def scales_type(cache: TensorType, head_dim: Any) -> TensorType:
+    """The type of a quantized cache's scales: one f32 per (layer, page, K or V, head, slot)
+    for i8; (scale, min) per group of the slot's lanes for u8 (4-bit)."""
+    if str(cache.dtype) == "u8" and isinstance(head_dim, int):
+        return TensorType((*cache.shape[:5], head_dim // int4_group(head_dim), 2), f32)
     return TensorType(cache.shape[:5], f32)
 
 
 def cache_type(layers: int, pages: int | str, kv_heads: int, page_size: int, head_dim: int,
                dtype: DType = f16) -> TensorType:
-    """The type of a model's cache tensor (pages may be a symbol: sized at run time)."""
+    """The type of a model's cache tensor (pages may be a symbol: sized at run time); a `u8`
+    (4-bit) cache packs two lanes a byte."""
+    lanes = head_dim // 2 if str(dtype) == "u8" else head_dim
     dims = (layers, symbol(pages) if isinstance(pages, str) else pages, 2, kv_heads, page_size,
-            head_dim)
+            lanes)
     return TensorType(dims, dtype)
