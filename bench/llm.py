@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import bitsmith.llm as bllm
 from bitsmith.llm.measure import decode_rate, prefill_seconds
 from bitsmith.llm.sources import smollm2_path

@@ -25,7 +25,7 @@ from ..ir.dialects import quant
 from ..ir.dialects.func import ReturnOp
 from ..ir.dialects.graph.elementwise import BINARY_OPS, UNARY_OPS
 from ..ir.dialects.kv import PagedAttentionOp, cache_type, scales_type
-from ..ir.dtypes import DType, f16, f32, i8, i32, parse_dtype
+from ..ir.dtypes import DType, f16, f32, i32, parse_dtype
 from ..ir.packing import pack_rows
 from ..ir.types import QuantType
 from .archs import ARCHS, canonical_config

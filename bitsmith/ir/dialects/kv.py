@@ -152,7 +152,7 @@ class PagedAttentionOp(Operation):
             length = int(kv_len[b])
             everything = np.arange(length)
             where = pages[everything // page_size], everything % page_size
-            if held == np.uint8:
+            if held == np.uint8 and row_scales is not None:  # verify_ pairs them
                 keys = dequantize_rows_int4(layer[where[0], 0, :, where[1], :],
                                             row_scales[where[0], 0, :, where[1]])
                 values = dequantize_rows_int4(layer[where[0], 1, :, where[1], :],
