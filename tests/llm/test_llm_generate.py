@@ -225,13 +225,14 @@ def test_quantized_llm_runs_the_weights_it_quantized(hf) -> None:
     from bitsmith.llm.text import Tokenizer
 
     spec_text = "w4g32:gptq:rot=32"
+    calib = list(range(3, 259))  # one chunk of 256 tokens: enough to exercise GPTQ
     llm = bllm.compile("llama", quant=spec_text, kv="f32", max_batch=1, max_seq=64,
-                       prefill=(16,), score_chunk=16)
+                       prefill=(16,), score_chunk=16, calib=calib)
     source = zoo_source("llama")
     spec = LlmSpec.from_config(source.config)
     tok = Tokenizer(source.tokenizer_json, bos_id=1, eos_ids=[2], add_bos=True)
     quantized, report = quantize_once(spec, source.weights, spec_text,
-                                      calibration_ids(tok, None), PAGE, {})
+                                      calibration_ids(tok, calib), PAGE, {})
     assert report is not None and {r["method"] for r in report["layers"]
                                    if r["format"] != "f32"} == {"gptq"}
     state = {k: v.clone() for k, v in hf.state_dict().items()}

@@ -347,7 +347,7 @@ def test_native_quant_types_dequantize_as_transformers_bit_for_bit(model, refere
         assert np.array_equal(q.dequantize(), state[name]), name
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_tiny_gguf_compiles_natively_and_matches_transformers(tmp_path, arch):
     """Compiled as stored: q/k/v and gate/up in different block types (the fallback to one
     layer each), Q4_0/Q4_1/Q8_0 natively, qwen2's biases and tied head: logits after every
