@@ -85,7 +85,7 @@ def canonical_weights(arch: str, weights: Mapping[str, np.ndarray],
                 if norm else _take(weights, k)
     else:  # gpt2
         loaders.update(_gpt2(weights, layers))
-    return _Lazy(loaders)
+    return LazyWeights(loaders)
 
 
 def _take(weights: Mapping[str, np.ndarray], key: str) -> Callable[[], np.ndarray]:
@@ -148,8 +148,8 @@ def _gpt2(weights: Mapping[str, np.ndarray], layers: int) -> dict[str, Callable]
     return out
 
 
-class _Lazy(Mapping[str, np.ndarray]):
-    """Weights made on first read, then kept."""
+class LazyWeights(Mapping[str, np.ndarray]):
+    """Weights made on first read (float32, contiguous), then kept."""
 
     def __init__(self, loaders: Mapping[str, Callable[[], np.ndarray]]) -> None:
         self._loaders = dict(loaders)

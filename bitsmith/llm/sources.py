@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError
+from .archs import LazyWeights
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -87,7 +88,7 @@ def gguf_source(path: Path) -> Source:
 
     model = read_gguf(path)
     config = dict(model.config)
-    weights = _LazyWeights({name: t.dequantize for name, t in model.tensors.items()})
+    weights = LazyWeights({name: t.dequantize for name, t in model.tensors.items()})
     eos = config.get("eos_token_id")
     return Source(path.stem, config, weights, model.tokenizer_json,
                   model.special.get("bos_token_id", config.get("bos_token_id")),
@@ -195,25 +196,6 @@ def gguf_quantized(model: Any) -> dict[str, Any]:
             out[name] = QuantizedWeight(qtype, codes, scale16,
                                         np.full(scale.shape, 8, np.uint8))
     return out
-
-
-class _LazyWeights(Mapping[str, np.ndarray]):
-    """Weights dequantized on first read (a GGUF file's tensors, by Hugging Face name)."""
-
-    def __init__(self, loaders: Mapping[str, Callable[[], np.ndarray]]) -> None:
-        self._loaders = dict(loaders)
-        self._done: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._done:
-            self._done[key] = np.ascontiguousarray(self._loaders[key](), np.float32)
-        return self._done[key]
-
-    def __iter__(self):
-        return iter(self._loaders)
-
-    def __len__(self) -> int:
-        return len(self._loaders)
 
 
 def _json(path: Path) -> dict[str, Any]:
