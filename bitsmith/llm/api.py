@@ -55,7 +55,9 @@ class _Request:
 
     def accept(self, logits: np.ndarray, max_seq: int) -> str:
         """Sample the next token from `logits`; returns the text it adds (possibly "")."""
-        sample = self.sampler.sample(logits, self.history)
+        # the history (prompt + output, a new list) only where the penalty reads it
+        penalised = self.params.repetition_penalty != 1.0
+        sample = self.sampler.sample(logits, self.history if penalised else ())
         out = self.out
         out.token_ids.append(sample.token)
         if out.logprobs is not None and sample.logprob is not None:

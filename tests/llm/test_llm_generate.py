@@ -301,3 +301,14 @@ def test_crafted_llm_artifacts_are_refused(llm: bllm.LLM, tmp_path, field, value
                   libraries=art.libraries)
     with pytest.raises(ArtifactError):
         bllm.load(tmp_path / "bad.bsm")
+
+
+def test_repetition_penalty_reaches_the_sampler(llm: bllm.LLM) -> None:
+    """The zoo model loops on this prompt greedily; a strong penalty over prompt and output
+    breaks the loop (the history is only built when a penalty reads it)."""
+    prompt = [1, 9] * 9
+    plain = llm.complete([prompt], max_new_tokens=12, ignore_eos=True)[0].token_ids
+    penalised = llm.complete([prompt], max_new_tokens=12, ignore_eos=True,
+                             repetition_penalty=5.0)[0].token_ids
+    assert len(set(plain)) < len(plain)  # it repeats itself
+    assert len(set(penalised)) > len(set(plain))
