@@ -90,6 +90,8 @@ def add_parsers(sub: Any) -> None:
                        help="with --generate: decode steps timed per batch size")
     bench.add_argument("--quant", help="with --generate: quantize (e.g. w4g128:gptq)")
     bench.add_argument("--kv", default="f16", help="with --generate: KV cache element type")
+    bench.add_argument("--act", default="f32", choices=("f32", "int8"),
+                       help="with --generate: int8 activation blocks for the quantized layers")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -313,11 +315,13 @@ def bench_generate(args: argparse.Namespace) -> int:
     else:
         from ..llm import compile as compile_llm  # noqa: PLC0415 - the compiler, torch
 
-        llm = compile_llm(args.model, quant=args.quant, kv=args.kv, max_batch=max(args.batch),
+        llm = compile_llm(args.model, quant=args.quant, kv=args.kv, act=args.act,
+                          max_batch=max(args.batch),
                           max_seq=max_seq, prefill=(128,), score_chunk=0,
                           progress=err.is_terminal)
     rounds = max(1, min(args.repeat, 5))
-    table = Table(title=f"{llm.name} ({llm.info.get('quant')}, KV {llm.info.get('kv')}): "
+    table = Table(title=f"{llm.name} ({llm.info.get('quant')}, act {llm.info.get('act', 'f32')}"
+                        f", KV {llm.info.get('kv')}): "
                         f"medians of {rounds} rounds")
     for col in ("what", "tokens/s", "ms"):
         table.add_column(col, justify="right" if col != "what" else "left")

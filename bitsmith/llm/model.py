@@ -228,8 +228,10 @@ class _Graph:
     """Builds ops at the end of a module's body: thin names over `Builder`."""
 
     def __init__(self, module: Module, weights: Mapping[str, np.ndarray],
-                 quantized: Mapping[str, QuantizedWeight], memo: dict[str, Any]) -> None:
+                 quantized: Mapping[str, QuantizedWeight], memo: dict[str, Any],
+                 act: str = "f32") -> None:
         self.module = module
+        self.act_type = act
         self.b = Builder.at_end(module.body)
         self.weights = weights
         self.quantized = quantized
@@ -311,7 +313,7 @@ class _Graph:
         zdt = quant.zero_dtype(q.qtype)
         z = None if q.zero is None or zdt is None else self.constant(
             f"{name}.zero", q.zero, TensorType(scales, zdt))
-        return self.b.value(quant.LinearOp, x, w, s, z)
+        return self.b.value(quant.LinearOp, x, w, s, z, act=self.act_type)
 
     def linear(self, x: Value, name: str, bias: bool = False) -> Value:
         b = self.weight(name.replace(".weight", ".bias")) if bias else None
@@ -373,13 +375,14 @@ def _stack(names: list[str], weights: Mapping[str, np.ndarray],
 def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepShape, *,
                 cache_dtype: DType = f16, name: str = "step",
                 quantized: Mapping[str, QuantizedWeight] | None = None,
-                memo: dict[str, Any] | None = None) -> Module:
+                memo: dict[str, Any] | None = None, act: str = "f32") -> Module:
     """The forward step of `spec` at `shape` as a verified IR module (inputs `STEP_INPUTS`,
     one output: logits `[R, vocab]`). `weights` are float32 arrays by Hugging Face name;
     linear layers named in `quantized` read those codes instead (`quant.linear`), and their
     float weights are not read (a tied embedding's still is, for the token lookup). q/k/v and
     gate/up run as one stacked layer each; `memo` keeps the stacked weights across calls (one
-    dict per compile, so that every step size shares them)."""
+    dict per compile, so that every step size shares them). `act="i8"` runs the quantized
+    layers on int8 activation blocks (`quant.linear`'s act: W4A8 / W8A8)."""
     quantized = dict(quantized or {})
     shapes = {**spec.weight_shapes(), **spec.stacked_shapes()}
     for key, q in quantized.items():
@@ -414,7 +417,7 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
     tokens, positions, seq_indptr, kv_len, page_indptr, page_indices, last, cache = \
         module.inputs[:8]
     cache_scales = module.inputs[8] if len(module.inputs) > 8 else None
-    g = _Graph(module, weights, quantized, {} if memo is None else memo)
+    g = _Graph(module, weights, quantized, {} if memo is None else memo, act)
     half = spec.head_dim // 2
     h = g.b.value(graph.EmbeddingOp, g.weight("model.embed_tokens.weight"), tokens)
     if spec.embed_scale != 1.0:  # Gemma

@@ -19,7 +19,7 @@ from .tvm_checks import build_and_run, check_module, kernel_calls
 
 
 def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0,
-                   epilogue: bool = True) -> Module:
+                   epilogue: bool = True, act: str = "f32") -> Module:
     """x [m, k] -> gelu(quant.linear(x, W) + b): a quantized layer with an epilogue (without
     it, quant.linear(x, W) alone). Random codes, f16 scales and, where the format has them,
     zero points."""
@@ -44,7 +44,7 @@ def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0,
         lo, hi = int(storage.min_value), int(storage.max_value)
         module.weights["z"] = zdt.cast(rng.integers(lo, hi + 1, shape))
         z = b.value(graph.ConstantOp, weight="z", result_types=[TensorType(shape, zdt)])
-    y = b.value(quant.LinearOp, module.inputs[0], w, s, z)
+    y = b.value(quant.LinearOp, module.inputs[0], w, s, z, act=act)
     if epilogue:
         bias = b.value(graph.ConstantOp, weight="b", result_types=[TensorType((n,), f32)])
         y = b.value(graph.GeluOp, b.value(graph.BINARY_OPS["add"], y, bias))

@@ -517,6 +517,10 @@ def _dequantize(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
 @rule("quant.linear")
 def _qlinear(op: Operation, i: int, idx: list[str], em: Emitter) -> str:
     x, w = op.x, op.weight
+    if op.act != "f32":
+        raise CodegenError(f"quant.linear with act={op.act} (int8 activation blocks) has no "
+                           "Triton kernel yet; compile it for the CPU, or with act=f32 for the "
+                           "GPU")
     return em.reduce("sum", "0.0", [em.dim(w.type.shape[1])], lambda r: (
         f"{em.at(x, idx[:-1] + [r[0]])} * "
         f"{weight_at(em, w, op.scale, op.zero, idx[-1], r[0])}"))

@@ -105,6 +105,8 @@ def contraction(op: Operation) -> Contraction | None:
         return None
     dot = TL_DTYPES[dtype]
     if op.name in ("graph.linear", "quant.linear"):
+        if op.attributes.get("act", "f32") != "f32":
+            return None  # int8 activation blocks: the element emitter refuses it, with a reason
         return _linear_contraction(op, dtype, dot)
     if op.name == "graph.matmul":
         return _matmul_contraction(op, dtype, dot)

@@ -101,8 +101,57 @@ def lower_linear(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     qtype = op.weight.type.dtype
     k = te.reduce_axis((0, op.weight.type.shape[1]), name="k")
     z = zero[0] if zero else None
+    if op.act == "i8":
+        return _linear_i8(op, x, words, scale, z, lo)
     return compute(lo.shape(op.result.type), lambda *i: te.sum(
         x(*i[:-1], k) * weight_at(qtype, words, scale, z, i[-1], k), axis=k), name="qlinear")
+
+
+def _linear_i8(op: Operation, x: Any, words: te.Tensor, scale: te.Tensor,
+               zero: te.Tensor | None, lo: Lowering) -> te.Tensor:
+    """quant.linear with act=i8 on any host (the op's semantics, in f32: a block's integer
+    codes times its int8 activations sum exactly): (d * xq) @ (w - m)^T + x @ m^T."""
+    qtype = op.weight.type.dtype
+    kdim = int(op.weight.type.shape[1])
+    blocks = -(-kdim // quant.ACT_BLOCK)
+    lead = list(x.shape[:-1])
+    f32 = "float32"
+
+    def xat(idx: list, kk: Any) -> Any:
+        return tvm.tirx.if_then_else(kk < kdim, x(*idx, tvm.tirx.min(kk, kdim - 1)),
+                                     tvm.tirx.const(0.0, f32))
+
+    r = te.reduce_axis((0, quant.ACT_BLOCK), name="r")
+    amax = compute((*lead, blocks), lambda *i: te.max(tvm.tirx.abs(xat(
+        list(i[:-1]), i[-1] * quant.ACT_BLOCK + r)), axis=r), name="act_amax")
+    rk = te.reduce_axis((0, kdim), name="rk")
+    bad = compute(tuple(lead), lambda *i: te.max(tvm.tirx.Select(
+        tvm.tirx.isfinite(x(*i, rk)), tvm.tirx.const(0.0, f32), tvm.tirx.const(1.0, f32)),
+        axis=rk), name="act_bad")
+    one, zero_f = tvm.tirx.const(1.0, f32), tvm.tirx.const(0.0, f32)
+
+    def dx(idx: list, kk: Any) -> Any:  # d * xq
+        d = amax(*idx, kk // quant.ACT_BLOCK) / tvm.tirx.const(127.0, f32)
+        inv = tvm.tirx.Select(d > zero_f, one / d, zero_f)
+        q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.nearbyint(x(*idx, kk) * inv),
+                                      tvm.tirx.const(127.0, f32)), tvm.tirx.const(-127.0, f32))
+        return q * d
+
+    k = te.reduce_axis((0, kdim), name="k")
+    minimum = zero if qtype.zero_point is ZeroPoint.MIN else None
+
+    def term(i: tuple, kk: Any) -> Any:
+        n, idx = i[-1], list(i[:-1])
+        if minimum is None:
+            return dx(idx, kk) * weight_at(qtype, words, scale, zero, n, kk)
+        gi = group_index(qtype, n, kk)
+        m = minimum(*gi).astype(f32)
+        return dx(idx, kk) * (weight_at(qtype, words, scale, zero, n, kk) - m) + x(*idx, kk) * m
+
+    y = compute(lo.shape(op.result.type), lambda *i: te.sum(term(i, k), axis=k),
+                name="qlinear_i8")
+    return compute(lo.shape(op.result.type), lambda *i: tvm.tirx.Select(
+        bad(*i[:-1]) > zero_f, tvm.tirx.const(float("nan"), f32), y(*i)), name="qlinear_act")
 
 
 def lower_conv2d(op: Operation, args: list, lo: Lowering) -> te.Tensor:

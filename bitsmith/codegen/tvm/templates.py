@@ -550,4 +550,4 @@ def build_kernel(op: FusedOp, target: Target, config: Config | None = None) -> T
 
 
 
-from . import paged_attention, templates_quant  # noqa: E402,F401 - registers their templates
+from . import paged_attention, templates_a8, templates_quant  # noqa: E402,F401 - registers their templates

@@ -514,6 +514,8 @@ class QDense(TvmTemplate):
                                     if o is not anchors[0]):
             return None
         anchor = anchors[0]
+        if anchor.act != "f32":  # int8 activations: qdense_i8, or the generic lowering
+            return None
         qtype = anchor.weight.type.dtype
         w_index, *others = [_constant_input(op, v) for v in anchor.operands[1:]]
         x = anchor.x

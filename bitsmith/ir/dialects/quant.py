@@ -24,8 +24,15 @@ the minimum m in the zero-point operand (computed in that order, so that a GGUF 
 dequantize bit for bit as gguf's own dequantizer gives them); `quantize` is
 q = clamp(round_half_even(x / s + z)) for integer storage, and the format's round-to-nearest-
 even, saturating cast of x / s + z for low-bit floats (a zero scale gives code of 0 + z).
-`quant.linear` is x @ dequantize(w)^T. `quant.conv2d` is graph.conv2d of x by dequantize(w)
-reshaped to OIHW: its quantized weight is the conv's OIHW weight flattened to
+`quant.linear` is x @ dequantize(w)^T; with `act="i8"` (W4A8/W8A8, as llama.cpp's vector dots
+run) its activations are quantized first, per row in blocks of `ACT_BLOCK` = 32 along K:
+d = max|x| / 127 over the block, xq = clamp(round_half_even(x * (1/d)), -127, 127) (0 where
+d = 0), and the integer part of each weight (its code, less an integer zero point) multiplies
+d * xq while a `zero_point=min` weight's minimum multiplies the exact x (so the minimum costs no
+precision): y = (d * xq) @ (w - m)^T + x @ m^T, m the expanded minimum (0 for other weights).
+Integer codes times xq sum exactly in int32 over a block, which is what VNNI's vpdpbusd does; a
+NaN or an infinite activation makes every output of its row NaN. `quant.conv2d` is graph.conv2d
+of x by dequantize(w) reshaped to OIHW: its quantized weight is the conv's OIHW weight flattened to
 [O, I/groups * KH * KW] (input channel, then kernel row, then column), whatever the layout of
 its input (`layout` NCHW or NHWC, as graph.conv2d), with the kernel size as an attribute.
 """
@@ -106,6 +113,41 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None,
     if isinstance(storage, IntType):
         t = np.clip(np.rint(t), storage.min_value, storage.max_value)
     return storage.to_bits(storage.cast(t))
+
+
+ACT_TYPES = ("f32", "i8")
+"""What `quant.linear` multiplies the weights by: the f32 activations, or their int8 blocks."""
+ACT_BLOCK = 32
+"""Activations of `act="i8"` share a scale per run of this many along K."""
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 blocks of `act="i8"`: codes xq [..., K] (float32 holding integers in
+    [-127, 127]) and scales d [..., ceil(K / 32)]; a short last block is padded with zeros."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    blocks = -(-k // ACT_BLOCK)
+    padded = np.zeros((*x.shape[:-1], blocks * ACT_BLOCK), np.float32)
+    padded[..., :k] = x
+    xb = padded.reshape(*x.shape[:-1], blocks, ACT_BLOCK)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        d = np.max(np.abs(xb), axis=-1) / np.float32(127)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)),
+                       np.float32(0)).astype(np.float32)
+        xq = np.clip(np.rint(xb * inv[..., None]), -127, 127)
+    xq = np.nan_to_num(xq).reshape(padded.shape)[..., :k]
+    return xq.astype(np.float32), d.astype(np.float32)
+
+
+def act_dequantized(x: np.ndarray) -> np.ndarray:
+    """d * xq of `act="i8"`, with every element of a row NaN where a block of the row held a
+    NaN or an infinity."""
+    x = np.asarray(x, np.float32)
+    xq, d = quantize_activations(x)
+    with np.errstate(invalid="ignore"):
+        out = np.asarray(xq * np.repeat(d, ACT_BLOCK, axis=-1)[..., :x.shape[-1]], np.float32)
+    bad = ~np.isfinite(x).all(axis=-1, keepdims=True)
+    return np.where(bad, np.float32(np.nan), out)
 
 
 def check_params(op: Operation, weight: Value, scale: Value, zero: Value | None) -> QuantType:
@@ -191,9 +233,14 @@ class LinearOp(_QuantParams):
     TRAITS = frozenset({Trait.ANCHOR})
     ANCHOR = Anchor.MATMUL
     OPERANDS = ("x", "weight", "scale", "zero?")
+    ATTRS = {"act": attr("str", "f32", choices=ACT_TYPES)}
 
     def infer_types(self) -> list[TensorType]:
-        self._quant()
+        q = self._quant()
+        if self.act == "i8" and (not isinstance(q.storage, IntType)
+                                 or q.zero_point is ZeroPoint.FLOAT):
+            raise VerifyError(self, f"act=i8 needs integer codes with no zero point, an integer "
+                                    f"one or a minimum, got {q}; use act=f32 for this weight")
         x, w = self.x.type, self.weight.type
         if x.dtype != f32 or x.rank < 1:
             raise VerifyError(self, f"x must be an f32 tensor of rank >= 1, got {x}")
@@ -204,8 +251,15 @@ class LinearOp(_QuantParams):
 
     def evaluate(self, ctx: EvalContext, x: np.ndarray, codes: np.ndarray, scale: np.ndarray,
                  zero: np.ndarray | None = None) -> np.ndarray:
-        w = dequantize(codes, scale, zero, self.weight.type.dtype)
-        return np.asarray(np.matmul(x, w.T), np.float32)
+        qtype = self.weight.type.dtype
+        w = dequantize(codes, scale, zero, qtype)
+        if self.act == "f32":
+            return np.asarray(np.matmul(x, w.T), np.float32)
+        if qtype.zero_point is not ZeroPoint.MIN or zero is None:
+            return np.asarray(np.matmul(act_dequantized(x), w.T), np.float32)
+        minimum = expand_groups(zero, qtype, w.shape)
+        return np.asarray(np.matmul(act_dequantized(x), (w - minimum).T)
+                          + np.matmul(x, minimum.T), np.float32)
 
 
 @register_op
