@@ -6,8 +6,9 @@ bytes/bandwidth limit.
                         [--batch 1 8] [--prompt-len 128 512] [--gen-len 64] [--rounds 3]
                         [--ppl-tokens 8192] [--no-rivals]
 
-A variant is a quant spec (`gguf`: the file's own blocks; `f32`; `w4g128:gptq`, ...) and
-optionally `/KV`, the cache's element type (default --kv). Per variant: prefill tokens/s
+A variant is a quant spec (`gguf`: the file's own blocks; `f32`; `w4g128:gptq`, ...),
+optionally `+a8` (the quantized layers on int8 activation blocks: `act="int8"`) and `/KV`, the
+cache's element type (default --kv). Per variant: prefill tokens/s
 of a --prompt-len prompt (and the time to its first token),
 decode tokens/s at each --batch (B sequences stepping together, --gen-len steps after a
 32-token prompt each). Rounds interleave every variant and rival; the table shows medians.
@@ -134,7 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--variants", nargs="+", default=[
-        "gguf", "gguf/int8", "f32", "w8g128", "w4g128", "w4g128:gptq", "w3g128:gptq:rot"])
+        "gguf", "gguf+a8", "gguf/int8", "f32", "w8g128", "w4g128", "w4g128:gptq",
+        "w3g128:gptq:rot"])
     parser.add_argument("--kv", default="f16")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", nargs="+", type=int, default=[128, 512])
@@ -149,8 +151,10 @@ def main() -> None:
     for variant in args.variants:
         start = time.perf_counter()
         spec, _, kv = variant.partition("/")
+        spec, a8, _ = spec.partition("+a8")
         quant = None if spec == "gguf" else spec
         llms[variant] = bllm.compile(args.model, quant=quant, kv=kv or args.kv,
+                                     act="int8" if a8 else "f32",
                                      max_batch=max_batch, max_seq=max_seq, prefill=(128,),
                                      score_chunk=128)
         print(f"compiled {variant} in {time.perf_counter() - start:.0f} s", flush=True)

@@ -116,3 +116,27 @@ def test_int8_kv_stays_close_to_f16_over_256_tokens() -> None:
     print(f"int8 vs f16 KV: max {err.max():.4f}, mean {err.mean():.4f} of the logit range; "
           f"argmax agrees at {np.mean(got.argmax(1) == want.argmax(1)):.1%} of steps")
     assert err.max() < 0.02 and err[-64:].mean() < 2 * err[:64].mean() + 1e-3
+
+
+def test_int8_activations_answer_paris_and_stay_close() -> None:
+    """SmolLM2's Q4_1 layers on int8 activation blocks (W4A8, as llama.cpp runs them): the
+    same answer, and logits teacher-forced over 64 tokens within 5% of their range of the
+    f32-activation model's (no drift)."""
+    import bitsmith.llm as bllm
+
+    from .test_llm_generate import _teacher_forced
+
+    kw = {"max_batch": 1, "max_seq": 256, "prefill": (64,), "score_chunk": 0}
+    exact = bllm.compile("smollm2", **kw)
+    a8 = bllm.compile("smollm2", act="int8", **kw)
+    assert a8.info["act"] == "int8"
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in a8.chat(question, max_new_tokens=24)
+    prompt = exact.chat_prompt([{"role": "user", "content": "Tell me a story."}])
+    tokens = exact.complete([prompt], max_new_tokens=64, ignore_eos=True)[0].token_ids
+    want = _teacher_forced(exact, prompt, tokens)
+    got = _teacher_forced(a8, prompt, tokens)
+    err = np.abs(got - want).max(axis=1) / (want.max(axis=1) - want.min(axis=1))
+    print(f"int8 vs f32 activations: max {err.max():.4f}, mean {err.mean():.4f} of the logit "
+          f"range; argmax agrees at {np.mean(got.argmax(1) == want.argmax(1)):.1%} of steps")
+    assert err.max() < 0.05 and err[-16:].mean() < 2 * err[:16].mean() + 1e-3

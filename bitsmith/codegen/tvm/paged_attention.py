@@ -4,12 +4,14 @@
 attend each query row over its sequence's pages.
 
 Written as TensorIR by hand (TVMScript): the loop bounds come from the page tables at run
-time, which no TE compute expresses. One parallel loop runs over (sequence, KV head); in it,
-the sequence's new rows are written into their slots, then every query row of the chunk walks
-the sequence's pages a page at a time: the page's K is read once for the whole GQA group, the
-scores of its positions are computed for each query head, and an online softmax (running
-max and sum, the accumulator rescaled once per page) folds the page's V in, vectorised over
-the head dim. Rows past the batch's last sequence (padding) are zeroed.
+time, which no TE compute expresses. A first parallel loop over (sequence, KV head) writes the
+sequence's new rows into their slots; a second runs over (sequence, KV head, every `parts`-th
+query row of the chunk, so that one sequence's prefill keeps every core busy): each query row
+walks the sequence's pages a page at a time: the page's K is read once for the whole GQA
+group (transposed, so that a page's scores are one vector, each lane summing over the head
+dim in order), and an online softmax (running max and sum, the accumulator rescaled once per
+page) folds the page's V in, vectorised over the head dim. Rows past the batch's last
+sequence (padding) are zeroed.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                                       page_size, page_slots)
     sc = float(scale)
     win = int(window)
+    parts = max(1, min(8, tt // bb))  # attention tasks a (sequence, KV head)
 
     @T.macro
     def body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out,  # noqa: C901
@@ -124,12 +127,25 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                                                                        k[start + j, h, d])
                         cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage,
                                                                        v[start + j, h, d])
+        # attention: (sequence, KV head, every parts-th query row), so that a prefill chunk
+        # of one sequence keeps every core busy (its later rows attend longer: strided)
+        for task in T.parallel(bb * hk * parts):
+            b = task // (hk * parts)
+            h = (task // parts) % hk
+            part = task % parts
+            start = T.min(T.max(seq_indptr[b], 0), tt)
+            n = T.max(T.min(seq_indptr[b + 1], tt) - start, 0)
+            length = kv_len[b]
+            first_pos = T.max(length - n, 0)
+            base = T.min(T.max(page_indptr[b], 0), ns - 1)
+            last_page = T.min(T.max(page_indptr[b + 1], base), ns) - base
             m = T.decl_buffer((group,), "float32", scope="local")
             total = T.decl_buffer((group,), "float32", scope="local")
             acc = T.decl_buffer((group, dd), "float32", scope="local")
             score = T.decl_buffer((group, ss), "float32", scope="local")
-            keys = T.decl_buffer((ss, dd), "float32", scope="local")
-            for j in range(n):
+            keys = T.decl_buffer((dd, ss), "float32", scope="local")  # a page's K, transposed
+            for jj in range((n - part + parts - 1) // parts):
+                j = part + jj * parts
                 pos_q = first_pos + j
                 lo = T.max(pos_q - win + 1, 0) if win > 0 else 0
                 for g in range(group):
@@ -140,23 +156,25 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                 for pg in range(lo // ss, T.min(pos_q // ss + 1, last_page)):
                     page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
                     for o in range(ss):
-                        for d in T.vectorized(dd):
+                        for d in range(dd):
                             if int4:
-                                keys[o, d] = T.Cast("float32", T.shift_right(T.Cast(
+                                keys[d, o] = T.Cast("float32", T.shift_right(T.Cast(
                                     "int32", cache[layer, page, 0, h, o, d // 2]),
                                     (d % 2) * 4) & 15) * scales[layer, page, 0, h, o, d // gs, 0] \
                                     + scales[layer, page, 0, h, o, d // gs, 1]
                             elif int8:
-                                keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d]) \
+                                keys[d, o] = T.Cast("float32", cache[layer, page, 0, h, o, d]) \
                                     * scales[layer, page, 0, h, o]
                             else:
-                                keys[o, d] = T.Cast("float32", cache[layer, page, 0, h, o, d])
+                                keys[d, o] = T.Cast("float32", cache[layer, page, 0, h, o, d])
                     for g in range(group):
-                        for o in range(ss):
+                        # the page's scores as one vector: each lane sums over d in order
+                        for o in T.vectorized(ss):
                             score[g, o] = T.float32(0)
-                            for d in range(dd):
+                        for d in range(dd):
+                            for o in T.vectorized(ss):
                                 score[g, o] = score[g, o] + q[start + j, h * group + g, d] \
-                                    * keys[o, d]
+                                    * keys[d, o]
                         mx = T.decl_buffer((1,), "float32", scope="local")
                         mx[0] = m[g]
                         for o in range(ss):
