@@ -116,6 +116,27 @@ class LlamaCppRival:
         self.llm.eval(ids)
         return time.perf_counter() - start
 
+    def perplexity(self, ids: list[int], window: int) -> float:
+        """As `LLM.perplexity`: independent windows, each window's first token context only
+        (a second context that keeps every position's logits)."""
+        import numpy as np
+        from llama_cpp import Llama
+        scorer = Llama(self.llm.model_path, n_threads=THREADS, n_threads_batch=THREADS,
+                       n_ctx=window, n_batch=window, verbose=False, logits_all=True)
+        nll, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start:start + window]
+            if len(chunk) < 2:
+                break
+            scorer.reset()
+            scorer.eval(chunk)
+            logits = np.asarray(scorer.scores[:len(chunk) - 1], np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+            nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+            count += len(chunk) - 1
+        return float(np.exp(nll / count))
+
     def decode(self, batch: int, steps: int) -> float:
         if batch != 1:
             return float("nan")  # one sequence per context in llama-cpp-python
@@ -200,11 +221,17 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     print_table(args, llms, rivals, timings, median(bandwidth))
     if args.ppl_tokens:
-        ids = _text_ids(reference, args.ppl_tokens)
-        print(f"\nperplexity, first {len(ids)} tokens of pydoc_data.topics, windows of 512")
-        print("| model | perplexity |\n|---|---|")
-        for name, llm in llms.items():
-            print(f"| {name} | {llm.perplexity(ids, window=512):.3f} |", flush=True)
+        print_perplexity(_text_ids(reference, args.ppl_tokens), llms, rivals)
+
+
+def print_perplexity(ids: list[int], llms: dict[str, Any], rivals: dict[str, Any]) -> None:
+    """Perplexity of every variant, and llama.cpp's on the same GGUF file."""
+    print(f"\nperplexity, first {len(ids)} tokens of pydoc_data.topics, windows of 512")
+    print("| model | perplexity |\n|---|---|")
+    for name, llm in llms.items():
+        print(f"| {name} | {llm.perplexity(ids, window=512):.3f} |", flush=True)
+    if "llama.cpp" in rivals:  # its own Q8 activation blocks, on the same file
+        print(f"| llama.cpp | {rivals['llama.cpp'].perplexity(ids, 512):.3f} |", flush=True)
 
 
 def print_table(args: argparse.Namespace, llms: dict[str, Any], rivals: dict[str, Any],

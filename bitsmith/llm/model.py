@@ -460,9 +460,6 @@ def step_module(spec: LlmSpec, weights: Mapping[str, np.ndarray], shape: StepSha
     h = g.b.value(graph.IndexSelectOp, h, last, axis=0)
     h = g.norm(h, "model.norm", spec)
     head = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
-    import os
-    if os.environ.get("A8_HEAD") == "0":
-        g.act_type = "f32"
     logits = g.linear(h, head)
     g.b.create(ReturnOp, logits)
     module.metadata["output_names"] = ["logits"]
