@@ -1,0 +1,242 @@
+"""Continuous batching over an `Engine`: one step at a time over every running sequence.
+
+Requests wait in arrival order. Each step admits waiting requests while the batch has room
+(at most the engine's `max_batch` sequences) and the KV pool can hold everything an admitted
+request may need: its prompt plus `max_new_tokens`, up to `max_seq`. That reservation is what
+admission checks, so a running request never meets a full cache and nothing is preempted
+(a request that does not fit waits; one that could never fit is refused at submission).
+
+A step spends a token budget (Sarathi-Serve's stall-free batching): every running sequence
+past its prompt decodes one token first, then prompt chunks of the sequences still in prefill
+fill what is left, oldest first. A long prompt therefore costs the decodes in flight one step
+of at most `token_budget` rows, never its whole prefill. Finished and cancelled sequences
+leave at once and free their pages; waiting ones join at the next step.
+
+The scheduler runs on one thread (`run` or `step`); `submit` and `cancel` may be called from
+any thread. Each request reports through its `on_event` callback, on the scheduler's thread:
+`("text", delta)` as text becomes final (stop strings are held back until they cannot match),
+then `("done", Completion)` or `("error", message)`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BitsmithError, InputError
+from .api import LLM, Completion, _Request
+from .sampling import SamplingParams
+
+Event = tuple[str, Any]
+"""("text", str) | ("done", Completion) | ("error", str)."""
+
+
+class SchedulerFull(BitsmithError):
+    """More requests wait than the scheduler queues (`max_waiting`): try again later."""
+
+
+@dataclass
+class Handle:
+    """A submitted request: its id, and what reports on it."""
+
+    id: int
+    request: _Request
+    on_event: Callable[[Event], None]
+    reserved: int = 0  # KV pages set aside for it at admission
+    cancelled: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt)
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill over one LLM's engine."""
+
+    def __init__(self, llm: LLM, *, token_budget: int | None = None,
+                 max_batch: int | None = None, max_waiting: int = 1024) -> None:
+        engine = llm.engine
+        self.llm = llm
+        self.engine = engine
+        most = engine.max_tokens(1)
+        self.token_budget = min(token_budget or most, most)
+        if self.token_budget < 1:
+            raise InputError(f"token_budget must be >= 1, got {token_budget}")
+        self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
+        self.max_waiting = max_waiting
+        self.waiting: deque[Handle] = deque()
+        self.running: list[Handle] = []
+        self.reserved = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self.steps = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+
+    # ---- any thread ------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Event], None]) -> Handle:
+        """Queue a request; raises `InputError` for one that can never run and
+        `SchedulerFull` when `max_waiting` requests wait already."""
+        ids = [int(t) for t in prompt]
+        engine = self.engine
+        if not ids:
+            raise InputError("the prompt is empty: give at least one token")
+        if len(ids) >= engine.max_seq:
+            raise InputError(f"the prompt has {len(ids)} tokens; this model's context is "
+                             f"{engine.max_seq} tokens, prompt and reply together")
+        need = self._pages(len(ids), params)
+        if need > engine.blocks.num_pages:
+            raise InputError(f"the prompt ({len(ids)} tokens) and max_tokens "
+                             f"({params.max_new_tokens}) need {need} KV pages; the pool holds "
+                             f"{engine.blocks.num_pages}: lower max_tokens")
+        with self._lock:
+            if self._stopping:
+                raise SchedulerFull("the server is shutting down")
+            if len(self.waiting) >= self.max_waiting:
+                raise SchedulerFull(f"{len(self.waiting)} requests wait already (at most "
+                                    f"{self.max_waiting}); retry later")
+            request = _Request(next(self.llm._ids), ids, params, self.llm)
+            handle = Handle(request.id, request, on_event)
+            self.waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop a request (a client went away): its pages are freed at the next step."""
+        with self._lock:
+            handle.cancelled = True
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """Refuse new requests; `run` returns once every admitted and waiting one is done."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the scheduler's thread ------------------------------------------------------------
+    def run(self) -> None:
+        """Step until `stop` and nothing is left."""
+        while True:
+            with self._lock:
+                while not self.busy and not self._stopping:
+                    self._wake.wait()
+                if not self.busy and self._stopping:
+                    return
+            self.step()
+
+    def step(self) -> bool:
+        """One engine step over the running sequences (and newly admitted ones); returns
+        whether there was anything to run."""
+        self._drop_cancelled()
+        self._admit()
+        work = self._plan()
+        if not work:
+            return False
+        try:
+            logits = self.engine.step([(h.id, tokens) for h, tokens in work])
+        except BitsmithError as exc:  # a step that fails ends its requests, not the server
+            for handle, _ in work:
+                self._finish(handle, ("error", f"{type(exc).__name__}: {exc}"))
+            return True
+        self.steps += 1
+        for (handle, tokens), row in zip(work, logits, strict=True):
+            r = handle.request
+            if r.fed < len(r.prompt):  # a prompt chunk
+                r.fed += len(tokens)
+                self.tokens_in += len(tokens)
+                if r.fed < len(r.prompt):
+                    continue  # more of the prompt next step
+            text = r.accept(row, self.engine.max_seq)
+            self.tokens_out += 1
+            if text:
+                _report(handle, ("text", text))
+            if r.out.finish_reason is not None:
+                self._finish(handle, ("done", r.out))
+        return True
+
+    def _pages(self, prompt: int, params: SamplingParams) -> int:
+        most = min(prompt + params.max_new_tokens, self.engine.max_seq)
+        return math.ceil(most / self.engine.blocks.page_size)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [h for h in self.waiting if h.cancelled]
+            for h in gone:
+                self.waiting.remove(h)
+        for h in gone:
+            _report(h, ("error", "cancelled"))
+        for h in [h for h in self.running if h.cancelled]:
+            self._finish(h, ("error", "cancelled"))
+
+    def _admit(self) -> None:
+        blocks = self.engine.blocks
+        with self._lock:
+            while self.waiting and len(self.running) < self.max_batch:
+                head = self.waiting[0]
+                need = self._pages(head.prompt_tokens, head.request.params)
+                if self.reserved + need > blocks.num_pages:
+                    break  # first come, first served: it waits for pages to come back
+                self.waiting.popleft()
+                head.reserved = need
+                self.reserved += need
+                blocks.add(head.id)
+                self.running.append(head)
+
+    def _plan(self) -> list[tuple[Handle, list[int]]]:
+        budget = self.token_budget
+        work: list[tuple[Handle, list[int]]] = []
+        for h in self.running:  # decodes first: one token each
+            r = h.request
+            if r.fed >= len(r.prompt) and budget > 0:
+                work.append((h, r.out.token_ids[-1:]))
+                budget -= 1
+        for h in self.running:  # then prompt chunks, oldest first
+            r = h.request
+            if r.fed < len(r.prompt) and budget > 0:
+                take = r.prompt[r.fed:r.fed + budget]
+                work.append((h, take))
+                budget -= len(take)
+        return work
+
+    def _finish(self, handle: Handle, event: Event) -> None:
+        if handle in self.running:
+            self.running.remove(handle)
+            self.engine.blocks.free(handle.id)
+            self.reserved -= handle.reserved
+        _report(handle, event)
+
+
+def _report(handle: Handle, event: Event) -> None:
+    """Hand an event to its request's callback; a callback that fails (its client gone)
+    cancels that request only."""
+    try:
+        handle.on_event(event)
+    except Exception:  # noqa: BLE001 - whatever the callback raises, the others go on
+        handle.cancelled = True
+
+
+def run_all(scheduler: Scheduler, prompts: Sequence[Sequence[int]],
+            params: SamplingParams) -> list[Completion | str]:
+    """Submit every prompt, step until all are done; each one's Completion (or its error)."""
+    results: list[Completion | str | None] = [None] * len(prompts)
+
+    def record(i: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:
+            if event[0] != "text":
+                results[i] = event[1]
+        return on_event
+
+    for i, prompt in enumerate(prompts):
+        scheduler.submit(prompt, params, record(i))
+    while scheduler.step():
+        pass
+    return [r if r is not None else "lost" for r in results]
