@@ -19,14 +19,22 @@ _SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 def add_parsers(sub: Any) -> None:
     """Register `serve` and `loadtest` on the CLI's subparsers."""
-    serve = sub.add_parser("serve", help="serve .bsm artifacts over HTTP (KServe v2)")
+    serve = sub.add_parser("serve", help="serve .bsm artifacts over HTTP (KServe v2; LLMs: "
+                                         "OpenAI's /v1 API with continuous batching)")
     serve.add_argument("artifacts", nargs="+", metavar="MODEL.bsm")
     serve.add_argument("--name", action="append", default=[],
                        help="the name of the matching artifact, in order (default: file stem)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32,
-                       help="most batch rows run at once (dynamic-batch artifacts)")
+                       help="most batch rows run at once (dynamic-batch artifacts); for an "
+                            "LLM, most sequences a step runs (at most what it was compiled "
+                            "for)")
+    serve.add_argument("--token-budget", type=int,
+                       help="LLM: tokens a step runs, decodes first then prompt chunks "
+                            "(default: its largest compiled prefill chunk)")
+    serve.add_argument("--kv-memory-mb", type=float,
+                       help="LLM: KV cache budget in MiB (default: what it was saved with)")
     serve.add_argument("--batch-sizes", metavar="1,2,4,...",
                        help="batch sizes to pad to and warm up (default: powers of two up to "
                             "--max-batch, and --max-batch)")
@@ -99,7 +107,11 @@ def parse_duration(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the artifacts and serve them until SIGTERM/Ctrl-C (then drain)."""
-    from ..runtime.model import load  # noqa: PLC0415 - TVM's runtime: only for serving
+    from ..llm.artifact import from_artifact as llm_from_artifact  # noqa: PLC0415
+    from ..runtime.artifact import load_artifact  # noqa: PLC0415 - TVM's runtime: serving only
+    from ..runtime.host import host_description  # noqa: PLC0415
+    from ..runtime.model import CompiledModel  # noqa: PLC0415
+    from ..serving.openai_api import LlmService  # noqa: PLC0415
     from ..serving.served import ServedModel  # noqa: PLC0415
     from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
 
@@ -111,12 +123,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        f"({args.max_body_mb:g}), got {args.max_pending_body_mb:g}")
     sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
     key = read_key(args.key) if args.key else None
-    models = []
+    models, llms = [], []
     for i, path in enumerate(args.artifacts):
         name = args.name[i] if i < len(args.name) else Path(path).stem
-        compiled = load(path, key=key)
-        models.append(ServedModel.from_compiled(name, compiled, max_batch=args.max_batch,
-                                                batch_sizes=sizes))
+        artifact = load_artifact(path, host=host_description(), key=key)
+        if "llm" in artifact.manifest.metadata:
+            memory = int(args.kv_memory_mb * 2**20) if args.kv_memory_mb else None
+            llm = llm_from_artifact(artifact, path, kv_memory=memory)
+            llms.append(LlmService(name, llm, token_budget=args.token_budget,
+                                   max_batch=args.max_batch, max_waiting=args.queue_size))
+            blocks = llm.engine.blocks
+            err.print(f"LLM [bold]{name}[/] from {path}: up to "
+                      f"{llms[-1].scheduler.max_batch} sequences a step, "
+                      f"{llms[-1].scheduler.token_budget} tokens a step, {blocks.num_pages} KV "
+                      f"pages of {blocks.page_size} tokens (OpenAI API at /v1)", highlight=False)
+            continue
+        models.append(ServedModel.from_compiled(name, CompiledModel(artifact),
+                                                max_batch=args.max_batch, batch_sizes=sizes))
         model = models[-1]
         batching = (f"batch sizes {', '.join(map(str, model.sizes))}" if model.batchable
                     else "no batching (dim 0 is not a batch dim of every input and output)")
@@ -130,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            header_timeout_s=args.header_timeout_s,
                            drain_grace_ms=args.drain_grace_ms)
     server = make_server(models, options, host=args.host, port=args.port,
-                         log_level=args.log_level, access_log=args.access_log)
+                         log_level=args.log_level, access_log=args.access_log, llms=llms)
     server.run()
     return 0
 

@@ -76,7 +76,15 @@ def load(path: str | os.PathLike, *, key: bytes | str | None = None,
     with. With `key`, an artifact not signed with it is refused."""
     if kv_memory is not None and (not isinstance(kv_memory, int) or kv_memory < 1):
         raise InputError(f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
-    artifact = load_artifact(path, host=host_description(), key=key)
+    return from_artifact(load_artifact(path, host=host_description(), key=key), path,
+                         kv_memory=kv_memory)
+
+
+def from_artifact(artifact: Artifact, path: str | os.PathLike, *,
+                  kv_memory: int | None = None) -> LLM:
+    """The LLM of an artifact loaded (and checked) already; `path` names it in errors."""
+    if kv_memory is not None and (not isinstance(kv_memory, int) or kv_memory < 1):
+        raise InputError(f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
     meta = artifact.manifest.metadata.get("llm")
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} is a model artifact, not an LLM one: load it with "

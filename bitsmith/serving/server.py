@@ -67,6 +67,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import IndexOutOfRangeError, ServingError
 from ..runtime.processes import without_main, worker_pool
+from . import openai_api
 from .batcher import Batcher, DeadlineExceeded, QueueFull, StandingQueue
 from .connections import DrainingServer, HeaderTimeoutHttp
 from .kserve import (
@@ -77,6 +78,7 @@ from .kserve import (
     response_bytes_bound,
 )
 from .metrics import ServerMetrics
+from .openai_api import LlmService
 from .served import ServedModel
 
 log = logging.getLogger("uvicorn.error")  # printed with, and like, uvicorn's own lines
@@ -132,13 +134,15 @@ class ServeOptions:
 class ServerState:
     """The models' batchers, the metrics and whether the server drains."""
 
-    def __init__(self, models: Sequence[ServedModel], options: ServeOptions) -> None:
-        names = [m.name for m in models]
+    def __init__(self, models: Sequence[ServedModel], options: ServeOptions,
+                 llms: Sequence[LlmService] = ()) -> None:
+        names = [m.name for m in models] + [s.name for s in llms]
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ServingError(f"two models are named {', '.join(dup)}; give each its own name "
                              "(--name)")
         self.models = {m.name: m for m in models}
+        self.llms = {s.name: s for s in llms}
         self.options = options
         self.metrics = ServerMetrics()
         self.batchers: dict[str, Batcher] = {}
@@ -151,7 +155,8 @@ class ServerState:
     def ready(self) -> bool:
         """Every model warmed up and the server not draining."""
         return (not self.draining and len(self.batchers) == len(self.models)
-                and all(b.ready for b in self.batchers.values()))
+                and all(b.ready for b in self.batchers.values())
+                and all(s.ready for s in self.llms.values()))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -168,7 +173,10 @@ class ServerState:
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         for b in self.batchers.values():
             b.start()
+        for service in self.llms.values():
+            service.start()
         tasks = [asyncio.create_task(self._warm_up(name, b)) for name, b in self.batchers.items()]
+        tasks += [asyncio.create_task(self._warm_up_llm(s)) for s in self.llms.values()]
         tasks.append(asyncio.create_task(self._expire_bodies()))
         try:
             yield
@@ -176,7 +184,8 @@ class ServerState:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(*(b.close() for b in self.batchers.values()))
+            await asyncio.gather(*(b.close() for b in self.batchers.values()),
+                                 *(s.close() for s in self.llms.values()))
             await self.offload.close()
             sys.setswitchinterval(switch)
 
@@ -201,6 +210,16 @@ class ServerState:
         sizes = ", ".join(map(str, self.models[name].sizes)) or "its own shapes"
         log.info("model %s ready (batch sizes %s warmed up in %.1f s)", name, sizes,
                  time.perf_counter() - start)
+
+
+    async def _warm_up_llm(self, service: LlmService) -> None:
+        start = time.perf_counter()
+        try:
+            await service.warm_up()
+        except Exception:
+            log.exception("warming up LLM %s failed; it stays not ready", service.name)
+            return
+        log.info("LLM %s ready (%.1f s)", service.name, time.perf_counter() - start)
 
 
 class Offload:
@@ -276,10 +295,12 @@ def _json(doc: Any, status: int = 200, headers: Mapping[str, str] | None = None)
                     media_type="application/json")
 
 
-def create_app(models: Sequence[ServedModel], options: ServeOptions | None = None) -> Starlette:
-    """The ASGI app serving `models` (run it with uvicorn, or `serve`)."""
+def create_app(models: Sequence[ServedModel], options: ServeOptions | None = None,
+               llms: Sequence[LlmService] = ()) -> Starlette:
+    """The ASGI app serving `models` (KServe v2) and `llms` (OpenAI's API); run it with
+    uvicorn, or `serve`."""
     _check_orjson()
-    state = ServerState(models, options or ServeOptions())
+    state = ServerState(models, options or ServeOptions(), llms)
 
     async def server_metadata(_request: Request) -> Response:
         return _json({"name": "bitsmith", "version": VERSION, "extensions": []})
@@ -311,7 +332,23 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions | None = Non
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [Route("/v2", server_metadata), Route("/v2/health/live", live),
+    async def openai_models(_request: Request) -> Response:
+        return openai_api.models_response(state.llms)
+
+    async def completions(request: Request) -> Response:
+        return await openai_api.handle(request, state.llms, chat=False, draining=state.draining)
+
+    async def chat_completions(request: Request) -> Response:
+        return await openai_api.handle(request, state.llms, chat=True, draining=state.draining)
+
+    async def health(_request: Request) -> Response:
+        return _json({"ready": state.ready}, 200 if state.ready else 503)
+
+    routes = [Route("/v1/models", openai_models),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/health", health),
+              Route("/v2", server_metadata), Route("/v2/health/live", live),
               Route("/v2/health/ready", ready), Route("/v2/models/{name}", model_metadata),
               Route("/v2/models/{name}/ready", model_ready),
               Route("/v2/models/{name}/infer", infer, methods=["POST"]),
@@ -476,9 +513,10 @@ def _over_budget(state: ServerState, more: int, body: int) -> InvalidRequest:
 
 def make_server(models: Sequence[ServedModel], options: ServeOptions | None = None, *,
                 host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-                access_log: bool = False) -> DrainingServer:
-    """A uvicorn server for `models`, not yet started (`.run()` blocks until it has drained)."""
-    app = create_app(models, options)
+                access_log: bool = False, llms: Sequence[LlmService] = ()) -> DrainingServer:
+    """A uvicorn server for `models` and `llms`, not yet started (`.run()` blocks until it has
+    drained)."""
+    app = create_app(models, options, llms)
     state: ServerState = app.state.bitsmith
     protocol = type("HeaderTimeoutHttp", (HeaderTimeoutHttp,),
                     {"header_timeout": state.options.header_timeout_s})

@@ -35,8 +35,8 @@ class LiveServer:
     `wait_ready` makes the context wait for readiness (else only for liveness)."""
 
     def __init__(self, models: Sequence[ServedModel], options: ServeOptions | None = None,
-                 wait_ready: bool = True) -> None:
-        self.server = make_server(models, options, log_level="warning")
+                 wait_ready: bool = True, llms: Sequence[Any] = ()) -> None:
+        self.server = make_server(models, options, log_level="warning", llms=llms)
         self.state = self.server.state
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,0 +1,177 @@
+"""The OpenAI-compatible endpoints on the zoo decoder, through the official `openai` client:
+greedy requests under concurrency return exactly what they return alone, streaming equals
+non-streaming, stop strings never leak, a disconnect frees its pages, errors in OpenAI's shape
+(400, 404, 503), and every KV page comes back when the load ends."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import bitsmith.llm as bllm
+from bitsmith.serving.openai_api import LlmService
+
+from .live import LiveServer, wait_for
+
+MAX_SEQ = 160
+
+
+@pytest.fixture(scope="module")
+def llm() -> bllm.LLM:
+    return bllm.compile("llama", kv="f32", max_batch=4, max_seq=MAX_SEQ, page_size=8,
+                        prefill=(16,), score_chunk=0)
+
+
+@pytest.fixture(scope="module")
+def server(llm: bllm.LLM):
+    with LiveServer([], llms=[LlmService("zoo", llm, max_waiting=64)]) as live:
+        yield live
+
+
+def _client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, 500, int(n))]
+            for n in rng.integers(1, 60, count)]
+
+
+def _alone(llm: bllm.LLM, prompt: list[int], new: int) -> str:
+    """The text a greedy request returns alone (detokenized after the prompt's own tokens)."""
+    return llm.complete([prompt], max_new_tokens=new, temperature=0.0, ignore_eos=True)[0].text
+
+
+def _free(llm: bllm.LLM) -> bool:
+    blocks = llm.engine.blocks
+    return blocks.free_pages == blocks.num_pages
+
+
+def test_models_and_a_greedy_completion(server: LiveServer, llm: bllm.LLM) -> None:
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == ["zoo"]
+    prompt = _prompts(1, seed=1)[0]
+    got = client.completions.create(model="zoo", prompt=prompt, max_tokens=12,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    want = llm.complete([prompt], max_new_tokens=12, temperature=0.0, ignore_eos=True)[0]
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == "length"
+    assert got.usage is not None and got.usage.completion_tokens == 12
+    assert got.usage.prompt_tokens == len(prompt)
+
+
+def test_concurrent_streams_equal_alone_and_pages_return(server: LiveServer,
+                                                         llm: bllm.LLM) -> None:
+    """16 streaming clients at once, mixed prompt and output lengths: each gets exactly its
+    tokens alone (as logprob-free text and as the count of chunks), none lost or doubled."""
+    prompts = _prompts(16, seed=2)
+    news = [int(n) for n in np.random.default_rng(3).integers(1, 40, len(prompts))]
+    want = [_alone(llm, p, n) for p, n in zip(prompts, news, strict=True)]
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+    async def one(prompt: list[int], new: int) -> tuple[str, str | None]:
+        stream = await client.completions.create(
+            model="zoo", prompt=prompt, max_tokens=new, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    async def all_of() -> list[tuple[str, str | None]]:
+        return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, news, strict=True)))
+
+    got = asyncio.run(all_of())
+    assert [t for t, _ in got] == want
+    assert all(reason == "length" for _, reason in got)
+    wait_for(lambda: _free(llm), "every KV page back in the pool")
+
+
+def test_chat_streaming_equals_non_streaming_with_usage(server: LiveServer) -> None:
+    client = _client(server)
+    messages = [{"role": "user", "content": "Hello there"}]
+    whole = client.chat.completions.create(model="zoo", messages=messages,  # type: ignore[arg-type]
+                                           max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model="zoo", messages=messages, max_tokens=10, temperature=0,  # type: ignore[arg-type]
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_strings_never_leak(server: LiveServer, llm: bllm.LLM) -> None:
+    prompt = _prompts(1, seed=4)[0]
+    full = _alone(llm, prompt, 30)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(stop) == 3
+    client = _client(server)
+    whole = client.completions.create(model="zoo", prompt=prompt, max_tokens=30, temperature=0,
+                                      stop=[stop], extra_body={"ignore_eos": True})
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="zoo", prompt=prompt, max_tokens=30, temperature=0, stop=[stop], stream=True,
+        extra_body={"ignore_eos": True}))
+    assert whole.choices[0].text == full[:full.index(stop)] == streamed
+    assert whole.choices[0].finish_reason == "stop"
+
+
+def test_errors_in_openai_shape(server: LiveServer) -> None:
+    client = _client(server)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="zoo", prompt=[5] * MAX_SEQ)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="zoo", prompt=[5] * 100, max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="only n=1"):
+        client.completions.create(model="zoo", prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="zoo", prompt="hi", temperature=7)
+    with pytest.raises(openai.BadRequestError, match="unrecognized"):
+        client.completions.create(model="zoo", prompt="hi", extra_body={"bogus": 1})
+    with pytest.raises(openai.BadRequestError, match="out of range"):
+        client.completions.create(model="zoo", prompt=[10**9])
+    answer = httpx.post(server.url + "/v1/completions", content=b"[1, 2")
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == \
+        "invalid_request_error"
+
+
+def test_disconnect_mid_stream_frees_pages(server: LiveServer, llm: bllm.LLM) -> None:
+    body = {"model": "zoo", "prompt": _prompts(1, seed=5)[0], "max_tokens": 120,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "text" in first
+        assert not _free(llm)  # generating: its pages are taken
+    wait_for(lambda: _free(llm), "the disconnected request's pages freed")
+
+
+def test_full_server_answers_503_never_hangs(llm: bllm.LLM) -> None:
+    service = LlmService("tiny", llm, max_waiting=1)
+    with LiveServer([], llms=[service]) as live:
+        client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+
+        async def one() -> int:
+            try:
+                await client.completions.create(model="tiny", prompt=[7, 8, 9], max_tokens=60,
+                                                temperature=0, extra_body={"ignore_eos": True})
+                return 200
+            except openai.APIStatusError as exc:
+                assert exc.response.headers["Retry-After"] == "1"
+                return exc.status_code
+
+        async def many() -> list[int]:
+            return await asyncio.gather(*(one() for _ in range(24)))
+
+        codes = asyncio.run(many())
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+    assert threading.active_count() < 200
+    assert _free(llm)
