@@ -286,5 +286,6 @@ def relative_error(w: np.ndarray, q: Quantized, hessian: np.ndarray | None) -> f
     if hessian is None:
         return float((dw ** 2).sum() / max((w ** 2).sum(), 1e-30))
     h = np.asarray(hessian, np.float64)
-    return float(np.einsum("nk,kl,nl->", dw, h, dw) / max(np.einsum("nk,kl,nl->", w, h, w),
-                                                          1e-30))
+    # (A H) . A through a BLAS GEMM: einsum's three-operand loop ran unblocked on one core
+    # (minutes a layer at 2048 x 5632)
+    return float(((dw @ h) * dw).sum() / max(((w @ h) * w).sum(), 1e-30))
