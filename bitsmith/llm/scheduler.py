@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..errors import BitsmithError, InputError
 from .api import LLM, Completion, _Request
@@ -32,6 +33,16 @@ from .sampling import SamplingParams
 
 Event = tuple[str, Any]
 """("text", str) | ("done", Completion) | ("error", str)."""
+
+
+class Observer(Protocol):
+    """What a scheduler reports as it runs (the server's metrics), on its own thread."""
+
+    def token(self, first: bool, seconds: float) -> None:
+        """A token sampled: the time to first token (from submission) or since the last one."""
+
+    def step(self, scheduler: Scheduler, prompt_tokens: int, new_tokens: int) -> None:
+        """A step done: the prompt tokens it fed and the tokens it sampled."""
 
 
 class SchedulerFull(BitsmithError):
@@ -47,6 +58,8 @@ class Handle:
     on_event: Callable[[Event], None]
     reserved: int = 0  # KV pages set aside for it at admission
     cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,8 +70,10 @@ class Scheduler:
     """Continuous batching with chunked prefill over one LLM's engine."""
 
     def __init__(self, llm: LLM, *, token_budget: int | None = None,
-                 max_batch: int | None = None, max_waiting: int = 1024) -> None:
+                 max_batch: int | None = None, max_waiting: int = 1024,
+                 observer: Observer | None = None) -> None:
         engine = llm.engine
+        self.observer = observer
         self.llm = llm
         self.engine = engine
         most = engine.max_tokens(1)
@@ -140,6 +155,8 @@ class Scheduler:
         self._admit()
         work = self._plan()
         if not work:
+            if self.observer is not None:  # pages freed by cancels show at once
+                self.observer.step(self, 0, 0)
             return False
         try:
             logits = self.engine.step([(h.id, tokens) for h, tokens in work])
@@ -148,19 +165,29 @@ class Scheduler:
                 self._finish(handle, ("error", f"{type(exc).__name__}: {exc}"))
             return True
         self.steps += 1
+        now = time.perf_counter()
+        fed = sampled = 0
         for (handle, tokens), row in zip(work, logits, strict=True):
             r = handle.request
             if r.fed < len(r.prompt):  # a prompt chunk
                 r.fed += len(tokens)
-                self.tokens_in += len(tokens)
+                fed += len(tokens)
                 if r.fed < len(r.prompt):
                     continue  # more of the prompt next step
             text = r.accept(row, self.engine.max_seq)
-            self.tokens_out += 1
+            sampled += 1
+            if self.observer is not None:
+                since = handle.submitted if handle.last_token is None else handle.last_token
+                self.observer.token(handle.last_token is None, now - since)
+            handle.last_token = now
             if text:
                 _report(handle, ("text", text))
             if r.out.finish_reason is not None:
                 self._finish(handle, ("done", r.out))
+        self.tokens_in += fed
+        self.tokens_out += sampled
+        if self.observer is not None:
+            self.observer.step(self, fed, sampled)
         return True
 
     def _pages(self, prompt: int, params: SamplingParams) -> int:

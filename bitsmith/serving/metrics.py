@@ -2,6 +2,8 @@
 as they do in the tests)."""
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -42,7 +44,59 @@ class ServerMetrics:
                                        registry=r)
         self.queue_depth = Gauge("bitsmith_queue_depth", "Requests waiting in the queue",
                                  ["model"], registry=r)
+        # LLMs (the OpenAI endpoints)
+        self.llm_requests = Counter("bitsmith_llm_requests", "LLM requests answered, by HTTP "
+                                    "status (499: the client left before the end)",
+                                    ["model", "code"], registry=r)
+        self.ttft = Histogram("bitsmith_llm_time_to_first_token_seconds", "From a request's "
+                              "submission to its first sampled token", ["model"],
+                              buckets=_SECONDS, registry=r)
+        self.itl = Histogram("bitsmith_llm_inter_token_seconds", "Between a request's "
+                             "consecutive sampled tokens", ["model"], buckets=_SECONDS,
+                             registry=r)
+        self.tokens_in = Counter("bitsmith_llm_prompt_tokens", "Prompt tokens fed to the model",
+                                 ["model"], registry=r)
+        self.tokens_out = Counter("bitsmith_llm_generated_tokens", "Tokens sampled", ["model"],
+                                  registry=r)
+        self.running = Gauge("bitsmith_llm_running", "Sequences admitted (holding KV pages)",
+                             ["model"], registry=r)
+        self.waiting = Gauge("bitsmith_llm_waiting", "Requests waiting for admission",
+                             ["model"], registry=r)
+        self.kv_used = Gauge("bitsmith_llm_kv_pages_used", "KV cache pages in use", ["model"],
+                             registry=r)
+        self.kv_free = Gauge("bitsmith_llm_kv_pages_free", "KV cache pages free", ["model"],
+                             registry=r)
+        self.preemptions = Counter("bitsmith_llm_preemptions", "Sequences preempted (never: "
+                                   "admission reserves every page a request may need)",
+                                   ["model"], registry=r)
 
     def answered(self, model: str, code: int, reason: str) -> None:
         """Count one answered infer request."""
         self.requests.labels(model, str(code), reason).inc()
+
+
+class LlmObserver:
+    """The scheduler's reports (`llm.scheduler.Observer`) as one LLM's metrics."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.ttft = metrics.ttft.labels(model)
+        self.itl = metrics.itl.labels(model)
+        self.tokens_in = metrics.tokens_in.labels(model)
+        self.tokens_out = metrics.tokens_out.labels(model)
+        self.running = metrics.running.labels(model)
+        self.waiting = metrics.waiting.labels(model)
+        self.kv_used = metrics.kv_used.labels(model)
+        self.kv_free = metrics.kv_free.labels(model)
+        metrics.preemptions.labels(model)  # exported as 0
+
+    def token(self, first: bool, seconds: float) -> None:
+        (self.ttft if first else self.itl).observe(seconds)
+
+    def step(self, scheduler: Any, prompt_tokens: int, new_tokens: int) -> None:
+        self.tokens_in.inc(prompt_tokens)
+        self.tokens_out.inc(new_tokens)
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        blocks = scheduler.engine.blocks
+        self.kv_free.set(blocks.free_pages)
+        self.kv_used.set(blocks.num_pages - blocks.free_pages)

@@ -27,6 +27,7 @@ from ..errors import BitsmithError, InputError
 from ..llm.api import LLM, Completion
 from ..llm.sampling import MAX_LOGPROBS, SamplingParams
 from ..llm.scheduler import Event, Handle, Scheduler, SchedulerFull
+from .metrics import ServerMetrics
 
 MAX_STOP = 16
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
@@ -112,11 +113,13 @@ def models_response(services: Mapping[str, LlmService]) -> Response:
 
 
 async def handle(request: Request, services: Mapping[str, LlmService], *, chat: bool,
-                 draining: bool) -> Response:
+                 draining: bool, metrics: ServerMetrics) -> Response:
     """One /v1/completions or /v1/chat/completions request."""
+    name = ""
     try:
         body = await _body(request)
         service = _service(body, services)
+        name = service.name
         if draining or not service.ready:
             raise OpenAIError("the server is draining" if draining else
                               f"model {service.name} is warming up; retry shortly", 503,
@@ -127,19 +130,26 @@ async def handle(request: Request, services: Mapping[str, LlmService], *, chat: 
         usage_in_stream = stream and _flag(body.get("stream_options") or {}, "include_usage")
         handle_, events = service.submit(prompt, params)
     except OpenAIError as exc:
+        metrics.llm_requests.labels(name, str(exc.status)).inc()
         return exc.response()
     tag = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     meta = {"id": tag, "created": int(time.time()), "model": service.name}
+    answered = metrics.llm_requests.labels(name, "200")
     if stream:
-        return StreamingResponse(_stream(service, handle_, events, meta, chat, usage_in_stream),
+        left = metrics.llm_requests.labels(name, "499")
+        return StreamingResponse(_stream(service, handle_, events, meta, chat, usage_in_stream,
+                                         (answered, left)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     try:
         out = await _wait(service, handle_, events, request)
     except OpenAIError as exc:
+        metrics.llm_requests.labels(name, str(exc.status)).inc()
         return exc.response()
     if out is None:
+        metrics.llm_requests.labels(name, "499").inc()
         return Response(status_code=499)  # the client left; nobody reads this
+    answered.inc()
     return Response(orjson.dumps(_final(out, meta, chat, service.llm)),
                     media_type="application/json")
 
@@ -174,7 +184,8 @@ async def _disconnect(request: Request) -> None:
 
 
 async def _stream(service: LlmService, handle: Handle, events: asyncio.Queue[Event],
-                  meta: dict[str, Any], chat: bool, usage: bool) -> AsyncIterator[bytes]:
+                  meta: dict[str, Any], chat: bool, usage: bool,
+                  counters: tuple[Any, Any]) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per text delta, the finish reason, usage if asked, [DONE].
     A client that goes away (the generator closed) cancels the request."""
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -207,6 +218,7 @@ async def _stream(service: LlmService, handle: Handle, events: asyncio.Queue[Eve
             break
         yield b"data: [DONE]\n\n"
     finally:
+        counters[0 if finished else 1].inc()
         if not finished:
             service.scheduler.cancel(handle)
 

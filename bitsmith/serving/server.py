@@ -77,7 +77,7 @@ from .kserve import (
     encode_response,
     response_bytes_bound,
 )
-from .metrics import ServerMetrics
+from .metrics import LlmObserver, ServerMetrics
 from .openai_api import LlmService
 from .served import ServedModel
 
@@ -145,6 +145,8 @@ class ServerState:
         self.llms = {s.name: s for s in llms}
         self.options = options
         self.metrics = ServerMetrics()
+        for service in llms:
+            service.scheduler.observer = LlmObserver(self.metrics, service.name)
         self.batchers: dict[str, Batcher] = {}
         self.offload = Offload(OFFLOAD_WORKERS)
         self.reading: dict[asyncio.Timeout, float] = {}  # bodies being read: their deadlines
@@ -336,10 +338,12 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions | None = Non
         return openai_api.models_response(state.llms)
 
     async def completions(request: Request) -> Response:
-        return await openai_api.handle(request, state.llms, chat=False, draining=state.draining)
+        return await openai_api.handle(request, state.llms, chat=False,
+                                       draining=state.draining, metrics=state.metrics)
 
     async def chat_completions(request: Request) -> Response:
-        return await openai_api.handle(request, state.llms, chat=True, draining=state.draining)
+        return await openai_api.handle(request, state.llms, chat=True,
+                                       draining=state.draining, metrics=state.metrics)
 
     async def health(_request: Request) -> Response:
         return _json({"ready": state.ready}, 200 if state.ready else 503)

@@ -15,7 +15,7 @@ import pytest
 import bitsmith.llm as bllm
 from bitsmith.serving.openai_api import LlmService
 
-from .live import LiveServer, wait_for
+from .live import LiveServer, metric, wait_for
 
 MAX_SEQ = 160
 
@@ -86,10 +86,16 @@ def test_concurrent_streams_equal_alone_and_pages_return(server: LiveServer,
     async def all_of() -> list[tuple[str, str | None]]:
         return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, news, strict=True)))
 
+    before = metric(server, "bitsmith_llm_generated_tokens_total", model="zoo")
     got = asyncio.run(all_of())
     assert [t for t, _ in got] == want
     assert all(reason == "length" for _, reason in got)
     wait_for(lambda: _free(llm), "every KV page back in the pool")
+    assert metric(server, "bitsmith_llm_generated_tokens_total", model="zoo") - before == \
+        sum(news)
+    assert metric(server, "bitsmith_llm_kv_pages_used", model="zoo") == 0
+    assert metric(server, "bitsmith_llm_time_to_first_token_seconds_count", model="zoo") >= 16
+    assert metric(server, "bitsmith_llm_running", model="zoo") == 0
 
 
 def test_chat_streaming_equals_non_streaming_with_usage(server: LiveServer) -> None:
@@ -151,7 +157,11 @@ def test_disconnect_mid_stream_frees_pages(server: LiveServer, llm: bllm.LLM) ->
         first = next(line for line in lines if line.startswith("data: "))
         assert "text" in first
         assert not _free(llm)  # generating: its pages are taken
-    wait_for(lambda: _free(llm), "the disconnected request's pages freed")
+    wait_for(lambda: metric(server, "bitsmith_llm_kv_pages_used", model="zoo") == 0 and
+             metric(server, "bitsmith_llm_running", model="zoo") == 0,
+             "the disconnected request's pages freed (as the metrics say)")
+    assert _free(llm)
+    assert metric(server, "bitsmith_llm_requests_total", model="zoo", code="499") >= 1
 
 
 def test_full_server_answers_503_never_hangs(llm: bllm.LLM) -> None:
