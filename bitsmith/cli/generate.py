@@ -49,6 +49,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         "AVX-512 VNNI, as llama.cpp does; about 0.5%% error a layer)")
     parser.add_argument("--max-seq", type=int, default=2048,
                         help="longest sequence, prompt and reply together")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="most sequences a step runs (compile for serving with --save: "
+                             "e.g. 8)")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
 
 
@@ -71,6 +74,7 @@ def _compile(args: argparse.Namespace) -> Any:
         given = [flag for flag, value, default in (
             ("--quant", args.quant, None), ("--save", args.save, None), ("--kv", args.kv, "f16"),
             ("--act", args.act, "f32"), ("--max-seq", args.max_seq, 2048),
+            ("--max-batch", args.max_batch, 1),
             ("--page-size", args.page_size, 16))
             if value != default]
         if given:
@@ -84,7 +88,8 @@ def _compile(args: argparse.Namespace) -> Any:
         return llm
     from ..llm import compile as compile_llm  # noqa: PLC0415 - the compiler, torch: lazily
 
-    llm = compile_llm(args.model, quant=args.quant, kv=args.kv, act=args.act, max_batch=1,
+    llm = compile_llm(args.model, quant=args.quant, kv=args.kv, act=args.act,
+                      max_batch=args.max_batch,
                       max_seq=args.max_seq, page_size=args.page_size, score_chunk=0,
                       kv_memory=memory, progress=sys.stderr.isatty())
     err.print(f"[dim]compiled {llm.name} in {time.perf_counter() - start:.1f} s[/]",
