@@ -33,6 +33,9 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--token-budget", type=int,
                        help="LLM: tokens a step runs, decodes first then prompt chunks "
                             "(default: its largest compiled prefill chunk)")
+    serve.add_argument("--prefix-cache", action="store_true",
+                       help="LLM: keep full KV pages for later prompts that start the same way "
+                            "(a shared system prompt skips its prefill)")
     serve.add_argument("--kv-memory-mb", type=float,
                        help="LLM: KV cache budget in MiB (default: what it was saved with)")
     serve.add_argument("--batch-sizes", metavar="1,2,4,...",
@@ -131,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             memory = int(args.kv_memory_mb * 2**20) if args.kv_memory_mb else None
             llm = llm_from_artifact(artifact, path, kv_memory=memory)
             llms.append(LlmService(name, llm, token_budget=args.token_budget,
-                                   max_batch=args.max_batch, max_waiting=args.queue_size))
+                                   max_batch=args.max_batch, max_waiting=args.queue_size,
+                                   prefix_cache=args.prefix_cache))
             blocks = llm.engine.blocks
             err.print(f"LLM [bold]{name}[/] from {path}: up to "
                       f"{llms[-1].scheduler.max_batch} sequences a step, "

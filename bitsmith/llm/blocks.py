@@ -75,12 +75,32 @@ class BlockManager:
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._seqs
 
-    def add(self, seq_id: int) -> None:
-        """Start an empty sequence."""
+    def add(self, seq_id: int, prefix: Sequence[int] = ()) -> None:
+        """Start a sequence: empty, or holding the full pages `prefix` (shared with whoever
+        holds them already, e.g. a prefix cache) as its first positions."""
         if seq_id in self._seqs:
             raise InputError(f"sequence {seq_id} already exists: expected a new id; free it "
                              f"first or pick another id")
-        self._seqs[seq_id] = _Sequence()
+        for page in prefix:
+            if self.ref_count(page) < 1:
+                raise InputError(f"prefix page {page} is free: expected pages someone holds")
+        for page in prefix:
+            self._refs[page] += 1
+        self._seqs[seq_id] = _Sequence(list(prefix), len(prefix) * self._page_size)
+
+    def hold(self, page: int) -> None:
+        """Hold a page once more (a prefix cache keeping a full page past its sequence)."""
+        if self.ref_count(page) < 1:
+            raise InputError(f"hold: page {page} is free: expected a page someone holds")
+        self._refs[page] += 1
+
+    def release(self, page: int) -> None:
+        """Drop one hold of a page; it returns to the free list when nobody holds it."""
+        if self.ref_count(page) < 1:
+            raise InputError(f"release: page {page} is free already")
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
 
     def length(self, seq_id: int) -> int:
         """Token positions the sequence holds."""

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from ..errors import BitsmithError, InputError
 from .api import LLM, Completion, _Request
+from .prefix import PrefixCache
 from .sampling import SamplingParams
 
 Event = tuple[str, Any]
@@ -56,7 +57,9 @@ class Handle:
     id: int
     request: _Request
     on_event: Callable[[Event], None]
-    reserved: int = 0  # KV pages set aside for it at admission
+    reserved: int = 0  # KV pages it may take from the pool (set aside at admission)
+    shared: int = 0  # pages of a cached prefix it started with
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full pages
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
@@ -71,7 +74,7 @@ class Scheduler:
 
     def __init__(self, llm: LLM, *, token_budget: int | None = None,
                  max_batch: int | None = None, max_waiting: int = 1024,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, prefix_cache: bool = False) -> None:
         engine = llm.engine
         self.observer = observer
         self.llm = llm
@@ -84,7 +87,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.waiting: deque[Handle] = deque()
         self.running: list[Handle] = []
-        self.reserved = 0
+        self.prefix_cache = PrefixCache(engine.blocks) if prefix_cache else None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -158,6 +161,11 @@ class Scheduler:
             if self.observer is not None:  # pages freed by cancels show at once
                 self.observer.step(self, 0, 0)
             return False
+        if self.prefix_cache is not None:  # the pages this step takes, from the LRU if need be
+            blocks = self.engine.blocks
+            short = sum(blocks.pages_needed(h.id, len(t)) for h, t in work) - blocks.free_pages
+            if short > 0:
+                self.prefix_cache.evict(short)
         try:
             logits = self.engine.step([(h.id, tokens) for h, tokens in work])
         except BitsmithError as exc:  # a step that fails ends its requests, not the server
@@ -172,8 +180,12 @@ class Scheduler:
             if r.fed < len(r.prompt):  # a prompt chunk
                 r.fed += len(tokens)
                 fed += len(tokens)
-                if r.fed < len(r.prompt):
-                    continue  # more of the prompt next step
+            if self.prefix_cache is not None:  # its pages filled by this step, for later ones
+                held = self.engine.blocks.length(handle.id)
+                self.prefix_cache.insert((r.prompt + r.out.token_ids)[:held],
+                                         self.engine.blocks.pages(handle.id), handle.keys)
+            if r.fed < len(r.prompt):
+                continue  # more of the prompt next step
             text = r.accept(row, self.engine.max_seq)
             sampled += 1
             if self.observer is not None:
@@ -204,18 +216,31 @@ class Scheduler:
         for h in [h for h in self.running if h.cancelled]:
             self._finish(h, ("error", "cancelled"))
 
+    def _outstanding(self) -> int:
+        """Pages the running requests may still take from the pool: what each reserved less
+        what it took already (its pages past the prefix it shares)."""
+        blocks = self.engine.blocks
+        return sum(h.reserved - (len(blocks.pages(h.id)) - h.shared) for h in self.running)
+
     def _admit(self) -> None:
         blocks = self.engine.blocks
+        cache = self.prefix_cache
         with self._lock:
             while self.waiting and len(self.running) < self.max_batch:
                 head = self.waiting[0]
-                need = self._pages(head.prompt_tokens, head.request.params)
-                if self.reserved + need > blocks.num_pages:
+                r = head.request
+                prefix, keys = cache.match(r.prompt) if cache is not None else ([], [])
+                need = self._pages(head.prompt_tokens, r.params) - len(prefix)
+                # a cached page the request now shares stops being evictable
+                taken = sum(1 for p in prefix if blocks.ref_count(p) == 1)
+                available = blocks.free_pages - self._outstanding() + (
+                    cache.evictable() if cache is not None else 0)
+                if need + taken > available:
                     break  # first come, first served: it waits for pages to come back
                 self.waiting.popleft()
-                head.reserved = need
-                self.reserved += need
-                blocks.add(head.id)
+                head.reserved, head.shared, head.keys = need, len(prefix), keys
+                blocks.add(head.id, prefix)
+                r.fed = len(prefix) * blocks.page_size
                 self.running.append(head)
 
     def _plan(self) -> list[tuple[Handle, list[int]]]:
@@ -238,7 +263,6 @@ class Scheduler:
         if handle in self.running:
             self.running.remove(handle)
             self.engine.blocks.free(handle.id)
-            self.reserved -= handle.reserved
         _report(handle, event)
 
 

@@ -62,10 +62,17 @@ class ServerMetrics:
                              ["model"], registry=r)
         self.waiting = Gauge("bitsmith_llm_waiting", "Requests waiting for admission",
                              ["model"], registry=r)
-        self.kv_used = Gauge("bitsmith_llm_kv_pages_used", "KV cache pages in use", ["model"],
-                             registry=r)
+        self.kv_used = Gauge("bitsmith_llm_kv_pages_used", "KV cache pages sequences hold",
+                             ["model"], registry=r)
         self.kv_free = Gauge("bitsmith_llm_kv_pages_free", "KV cache pages free", ["model"],
                              registry=r)
+        self.prefix_hit_rate = Gauge("bitsmith_llm_prefix_cache_hit_rate", "Prompt tokens "
+                                     "found in the prefix cache over those it could have held "
+                                     "(whole pages before each prompt's last token)", ["model"],
+                                     registry=r)
+        self.prefix_pages = Gauge("bitsmith_llm_prefix_cache_pages", "KV pages the prefix cache "
+                                  "holds (those no sequence holds are evicted as needed)",
+                                  ["model"], registry=r)
         self.preemptions = Counter("bitsmith_llm_preemptions", "Sequences preempted (never: "
                                    "admission reserves every page a request may need)",
                                    ["model"], registry=r)
@@ -87,6 +94,8 @@ class LlmObserver:
         self.waiting = metrics.waiting.labels(model)
         self.kv_used = metrics.kv_used.labels(model)
         self.kv_free = metrics.kv_free.labels(model)
+        self.hit_rate = metrics.prefix_hit_rate.labels(model)
+        self.prefix_pages = metrics.prefix_pages.labels(model)
         metrics.preemptions.labels(model)  # exported as 0
 
     def token(self, first: bool, seconds: float) -> None:
@@ -98,5 +107,10 @@ class LlmObserver:
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
         blocks = scheduler.engine.blocks
+        cache = scheduler.prefix_cache
+        idle = cache.evictable() if cache is not None else 0  # cached, no sequence holds them
         self.kv_free.set(blocks.free_pages)
-        self.kv_used.set(blocks.num_pages - blocks.free_pages)
+        self.kv_used.set(blocks.num_pages - blocks.free_pages - idle)
+        if cache is not None:
+            self.prefix_pages.set(len(cache.pages))
+            self.hit_rate.set(cache.found / cache.looked_up if cache.looked_up else 0.0)

@@ -185,3 +185,26 @@ def test_full_server_answers_503_never_hangs(llm: bllm.LLM) -> None:
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
     assert threading.active_count() < 200
     assert _free(llm)
+
+
+def test_prefix_cache_on_and_off_answer_alike(llm: bllm.LLM) -> None:
+    """Chats sharing a long system prompt, through a server with --prefix-cache: the same
+    greedy answers as without it, and the metrics show the prefix found."""
+    system = {"role": "system", "content": "Be terse. " * 4}
+    chats = [[system, {"role": "user", "content": f"Question {i}?"}] for i in range(6)]
+    want = [llm.complete([llm.chat_prompt(c)], max_new_tokens=8, temperature=0.0,
+                         ignore_eos=True)[0].text for c in chats]
+    service = LlmService("cached", llm, prefix_cache=True)
+    try:
+        with LiveServer([], llms=[service]) as live:
+            client = _client(live)
+            got = [client.chat.completions.create(
+                model="cached", messages=c, max_tokens=8, temperature=0,  # type: ignore[arg-type]
+                extra_body={"ignore_eos": True}).choices[0].message.content for c in chats]
+            assert got == want
+            assert metric(live, "bitsmith_llm_prefix_cache_hit_rate", model="cached") > 0.5
+            assert metric(live, "bitsmith_llm_kv_pages_used", model="cached") == 0
+    finally:
+        assert service.scheduler.prefix_cache is not None
+        service.scheduler.prefix_cache.clear()
+    assert _free(llm)

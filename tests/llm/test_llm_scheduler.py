@@ -1,0 +1,113 @@
+"""Continuous batching on the zoo decoder: every greedy request returns exactly its tokens
+alone whatever the token budget and arrival order; the prefix cache changes no output
+(prefixes ending before, on and after a page boundary), finds what it should, evicts under
+pressure, and gives every page back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bitsmith.llm as bllm
+from bitsmith.errors import InputError
+from bitsmith.llm.api import Completion
+from bitsmith.llm.prefix import PrefixCache
+from bitsmith.llm.scheduler import Scheduler, run_all
+
+PAGE = 8
+
+
+@pytest.fixture(scope="module")
+def llm() -> bllm.LLM:
+    return bllm.compile("llama", kv="f32", max_batch=4, max_seq=160, page_size=PAGE,
+                        prefill=(16,), score_chunk=0)
+
+
+def _alone(llm: bllm.LLM, prompts: list[list[int]], new: int) -> list[list[int]]:
+    return [llm.complete([p], max_new_tokens=new, temperature=0.0,
+                         ignore_eos=True)[0].token_ids for p in prompts]
+
+
+def _tokens(results: list[Completion | str]) -> list[list[int]]:
+    assert all(isinstance(r, Completion) for r in results), results
+    return [r.token_ids for r in results if isinstance(r, Completion)]
+
+
+def _all_free(llm: bllm.LLM, scheduler: Scheduler) -> bool:
+    cache = scheduler.prefix_cache
+    held = len(cache.pages) if cache is not None else 0
+    blocks = llm.engine.blocks
+    return blocks.free_pages + held == blocks.num_pages and not scheduler.running
+
+
+@pytest.mark.parametrize("budget", [1, 5, 16])
+def test_every_request_equals_alone(llm: bllm.LLM, budget: int) -> None:
+    rng = np.random.default_rng(budget)
+    prompts = [[int(t) for t in rng.integers(3, 500, int(n))]
+               for n in rng.integers(1, 50, 9)]
+    scheduler = Scheduler(llm, token_budget=budget)
+    params = llm.params(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    assert _tokens(run_all(scheduler, prompts, params)) == _alone(llm, prompts, 12)
+    assert _all_free(llm, scheduler)
+
+
+def test_prefix_cache_changes_no_output(llm: bllm.LLM) -> None:
+    """Shared prefixes of PAGE-1, PAGE, PAGE+1, 2 PAGE and 2 PAGE+1 tokens, each followed by
+    different suffixes (one empty: the prompt is the prefix), sent once to fill the cache and
+    again to hit it; every output equals the request alone with no cache."""
+    rng = np.random.default_rng(7)
+    prompts = []
+    for length in (PAGE - 1, PAGE, PAGE + 1, 2 * PAGE, 2 * PAGE + 1):
+        prefix = [int(t) for t in rng.integers(3, 500, length)]
+        for extra in (0, 1, 5):
+            prompts.append(prefix + [int(t) for t in rng.integers(3, 500, extra)])
+    want = _alone(llm, prompts, 10)
+    params = llm.params(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    scheduler = Scheduler(llm, token_budget=16, prefix_cache=True)
+    cache = scheduler.prefix_cache
+    assert isinstance(cache, PrefixCache)
+    assert _tokens(run_all(scheduler, prompts, params)) == want  # filling (and hitting) it
+    found = cache.found
+    assert _tokens(run_all(scheduler, prompts, params)) == want  # every full page cached now
+    assert cache.found - found >= PAGE * 9  # the second round found the prefixes' pages
+    assert _all_free(llm, scheduler)
+    cache.clear()
+    assert llm.engine.blocks.free_pages == llm.engine.blocks.num_pages
+
+
+def test_prefix_cache_evicts_under_pressure() -> None:
+    """A pool of 12 pages (one sequence of 96 tokens): cached pages give way to new requests,
+    least recently used first, and the outputs stay those of the requests alone."""
+    llm = bllm.compile("llama", kv="f32", max_batch=2, max_seq=96, page_size=PAGE,
+                       prefill=(16,), score_chunk=0,
+                       kv_memory=12 * 2 * 2 * 2 * PAGE * 16 * 4)
+    assert llm.engine.blocks.num_pages == 12
+    rng = np.random.default_rng(8)
+    prompts = [[int(t) for t in rng.integers(3, 500, 40)] for _ in range(6)]
+    want = _alone(llm, prompts, 16)
+    scheduler = Scheduler(llm, prefix_cache=True)
+    params = llm.params(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    assert _tokens(run_all(scheduler, prompts, params)) == want
+    assert _tokens(run_all(scheduler, prompts[::-1], params)) == want[::-1]
+    assert scheduler.prefix_cache is not None and scheduler.prefix_cache.evicted > 0
+    assert _all_free(llm, scheduler)
+
+
+def test_cancel_frees_pages_and_others_go_on(llm: bllm.LLM) -> None:
+    scheduler = Scheduler(llm)
+    params = llm.params(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    events: list[tuple[int, str]] = []
+    handles = [scheduler.submit([5 + i, 9, 11], params,
+                                lambda e, i=i: events.append((i, e[0]))) for i in range(3)]
+    for _ in range(3):
+        scheduler.step()
+    scheduler.cancel(handles[1])
+    while scheduler.step():
+        pass
+    assert (1, "error") in events and (0, "done") in events and (2, "done") in events
+    assert _all_free(llm, scheduler)
+
+
+def test_a_request_that_can_never_fit_is_refused(llm: bllm.LLM) -> None:
+    scheduler = Scheduler(llm)
+    with pytest.raises(InputError, match="context"):
+        scheduler.submit([3] * 160, llm.params(max_new_tokens=1), lambda e: None)
