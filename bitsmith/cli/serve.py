@@ -97,6 +97,15 @@ def add_parsers(sub: Any) -> None:
     load.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     load.add_argument("--allow-remote", action="store_true",
                       help="allow a target that is not a loopback address")
+    load.add_argument("--openai", action="store_true",
+                      help="an OpenAI-compatible LLM server: streamed /v1/completions; reports "
+                           "output tokens/s, TTFT and inter-token latency")
+    load.add_argument("--prompt-len", default="64:512",
+                      help="--openai: prompt words, N or LOW:HIGH (uniform)")
+    load.add_argument("--gen-len", default="16:256",
+                      help="--openai: max_tokens of each request, N or LOW:HIGH (uniform)")
+    load.add_argument("--shared-prefix", type=int, default=0,
+                      help="--openai: words of a system prompt every request starts with")
     load.set_defaults(func=cmd_loadtest)
 
 
@@ -175,6 +184,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     url = loadtest.normalize_url(args.target)
     duration = parse_duration(args.duration)
+    if args.openai:
+        return _openai_load(args, url, duration)
     dims = dict(_dim(d) for d in args.dim)
     try:
         if not args.allow_remote:
@@ -212,6 +223,49 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         errors += f" (not sent, over --max-inflight: {doc['not_sent']})"
     table.add_row(str(doc["requests"]), f"{doc['throughput']:.1f}", _fmt(doc["p50_ms"]),
                   _fmt(doc["p90_ms"]), _fmt(doc["p99_ms"]), errors)
+    err.print(table)
+    return 0
+
+
+def _openai_load(args: argparse.Namespace, url: str, duration: float) -> int:
+    from ..serving import loadtest, loadtest_openai  # noqa: PLC0415 - aiohttp: this command
+
+    try:
+        if not args.allow_remote:
+            loadtest.check_loopback(url)
+        prompt_len = loadtest_openai.parse_lengths(args.prompt_len, "--prompt-len")
+        gen_len = loadtest_openai.parse_lengths(args.gen_len, "--gen-len")
+        mode = (f"{args.rate:g} req/s Poisson arrivals" if args.rate
+                else f"{args.concurrency} concurrent clients")
+        with Progress(TextColumn(f"{args.model} @ {url}: {mode}"), BarColumn(),
+                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                      console=err, transient=True) as progress:
+            task = progress.add_task("load", total=duration, status="")
+
+            def tick(elapsed: float, report: Any) -> None:
+                progress.update(task, completed=min(elapsed, duration),
+                                status=f"{report.output_tokens / max(elapsed, 1e-9):.0f} "
+                                       f"tok/s out, {report.ok} done")
+
+            report = loadtest.run(loadtest_openai.run_openai_load(
+                url, args.model, duration=duration, concurrency=args.concurrency,
+                rate=args.rate, max_inflight=args.max_inflight, prompt_len=prompt_len,
+                gen_len=gen_len, shared_prefix=args.shared_prefix, on_tick=tick))
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    doc = report.to_json()
+    if args.json:
+        print(json.dumps(doc))
+    table = Table(title=f"{args.model}: {mode}, prompts {args.prompt_len} words, outputs "
+                        f"{args.gen_len} tokens, {doc['seconds']:.1f} s")
+    for col in ("requests", "req/s", "out tok/s", "TTFT p50/p90/p99 ms",
+                "ITL p50/p90/p99 ms", "errors by status"):
+        table.add_column(col, justify="right")
+    errors = ", ".join(f"{k}: {v}" for k, v in doc["errors"].items()) or "none"
+    table.add_row(str(doc["requests"]), f"{doc['requests_per_s']:.2f}",
+                  f"{doc['output_tokens_per_s']:.1f}",
+                  "/".join(_fmt(doc[f"ttft_p{q}_ms"]) for q in (50, 90, 99)),
+                  "/".join(_fmt(doc[f"itl_p{q}_ms"]) for q in (50, 90, 99)), errors)
     err.print(table)
     return 0
 

@@ -46,6 +46,14 @@ class Observer(Protocol):
         """A step done: the prompt tokens it fed and the tokens it sampled."""
 
 
+POLICIES = ("chunked", "prefill-first", "whole")
+"""How steps are filled: `chunked` (the default: decodes first, then prompt chunks in what is
+left of the token budget), `prefill-first` (while a prompt is being read its chunks run alone
+and the decodes in flight wait: no chunked prefill, as vLLM's first scheduler), `whole`
+(requests batched whole: a batch is admitted only when the last one has finished, as a
+request-level batcher does). The last two exist to measure the first against."""
+
+
 class SchedulerFull(BitsmithError):
     """More requests wait than the scheduler queues (`max_waiting`): try again later."""
 
@@ -74,7 +82,11 @@ class Scheduler:
 
     def __init__(self, llm: LLM, *, token_budget: int | None = None,
                  max_batch: int | None = None, max_waiting: int = 1024,
-                 observer: Observer | None = None, prefix_cache: bool = False) -> None:
+                 observer: Observer | None = None, prefix_cache: bool = False,
+                 policy: str = "chunked") -> None:
+        if policy not in POLICIES:
+            raise InputError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
         engine = llm.engine
         self.observer = observer
         self.llm = llm
@@ -226,6 +238,8 @@ class Scheduler:
         blocks = self.engine.blocks
         cache = self.prefix_cache
         with self._lock:
+            if self.policy == "whole" and self.running:
+                return  # the batch runs to its end before the next one starts
             while self.waiting and len(self.running) < self.max_batch:
                 head = self.waiting[0]
                 r = head.request
@@ -246,7 +260,10 @@ class Scheduler:
     def _plan(self) -> list[tuple[Handle, list[int]]]:
         budget = self.token_budget
         work: list[tuple[Handle, list[int]]] = []
+        prefilling = any(h.request.fed < len(h.request.prompt) for h in self.running)
         for h in self.running:  # decodes first: one token each
+            if self.policy == "prefill-first" and prefilling:
+                break
             r = h.request
             if r.fed >= len(r.prompt) and budget > 0:
                 work.append((h, r.out.token_ids[-1:]))

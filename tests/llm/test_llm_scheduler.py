@@ -39,12 +39,13 @@ def _all_free(llm: bllm.LLM, scheduler: Scheduler) -> bool:
     return blocks.free_pages + held == blocks.num_pages and not scheduler.running
 
 
-@pytest.mark.parametrize("budget", [1, 5, 16])
-def test_every_request_equals_alone(llm: bllm.LLM, budget: int) -> None:
+@pytest.mark.parametrize("budget, policy", [(1, "chunked"), (5, "chunked"), (16, "chunked"),
+                                            (16, "prefill-first"), (16, "whole")])
+def test_every_request_equals_alone(llm: bllm.LLM, budget: int, policy: str) -> None:
     rng = np.random.default_rng(budget)
     prompts = [[int(t) for t in rng.integers(3, 500, int(n))]
                for n in rng.integers(1, 50, 9)]
-    scheduler = Scheduler(llm, token_budget=budget)
+    scheduler = Scheduler(llm, token_budget=budget, policy=policy)
     params = llm.params(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     assert _tokens(run_all(scheduler, prompts, params)) == _alone(llm, prompts, 12)
     assert _all_free(llm, scheduler)
