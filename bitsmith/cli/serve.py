@@ -33,6 +33,11 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--token-budget", type=int,
                        help="LLM: tokens a step runs, decodes first then prompt chunks "
                             "(default: its largest compiled prefill chunk)")
+    serve.add_argument("--policy", default="chunked",
+                       choices=("chunked", "prefill-first", "whole"),
+                       help="LLM: how steps are filled: chunked (decodes first, then prompt "
+                            "chunks), prefill-first (no chunked prefill) or whole (requests "
+                            "batched whole); the last two to measure the first against")
     serve.add_argument("--prefix-cache", action="store_true",
                        help="LLM: keep full KV pages for later prompts that start the same way "
                             "(a shared system prompt skips its prefill)")
@@ -144,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             llm = llm_from_artifact(artifact, path, kv_memory=memory)
             llms.append(LlmService(name, llm, token_budget=args.token_budget,
                                    max_batch=args.max_batch, max_waiting=args.queue_size,
-                                   prefix_cache=args.prefix_cache))
+                                   prefix_cache=args.prefix_cache, policy=args.policy))
             blocks = llm.engine.blocks
             err.print(f"LLM [bold]{name}[/] from {path}: up to "
                       f"{llms[-1].scheduler.max_batch} sequences a step, "

@@ -60,11 +60,12 @@ class LlmService:
 
     def __init__(self, name: str, llm: LLM, *, token_budget: int | None = None,
                  max_batch: int | None = None, max_waiting: int = 256,
-                 prefix_cache: bool = False) -> None:
+                 prefix_cache: bool = False, policy: str = "chunked") -> None:
         self.name = name
         self.llm = llm
         self.scheduler = Scheduler(llm, token_budget=token_budget, max_batch=max_batch,
-                                   max_waiting=max_waiting, prefix_cache=prefix_cache)
+                                   max_waiting=max_waiting, prefix_cache=prefix_cache,
+                                   policy=policy)
         self.created = int(time.time())
         self.ready = False
         self._thread: threading.Thread | None = None
