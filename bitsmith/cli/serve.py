@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,15 +204,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             body = loadtest.request_body(metadata, args.rows, dims)
         mode = (f"{args.rate:g} req/s open loop" if args.rate
                 else f"{args.concurrency} concurrent clients")
-        with Progress(TextColumn(f"{args.model} @ {url}: {mode}"), BarColumn(),
-                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                      console=err, transient=True) as progress:
-            task = progress.add_task("load", total=duration, status="")
+        with _load_bar(f"{args.model} @ {url}: {mode}", duration) as show:
 
             def tick(elapsed: float, report: Any) -> None:
-                progress.update(task, completed=elapsed,
-                                status=f"{report.ok / max(elapsed, 1e-9):.0f} ok/s, "
-                                       f"{sum(report.statuses.values()) - report.ok} errors")
+                show(elapsed, f"{report.ok / max(elapsed, 1e-9):.0f} ok/s, "
+                              f"{sum(report.statuses.values()) - report.ok} errors")
 
             report = loadtest.run(loadtest.run_load(
                 url, args.model, body, duration=duration, concurrency=args.concurrency,
@@ -242,15 +240,11 @@ def _openai_load(args: argparse.Namespace, url: str, duration: float) -> int:
         gen_len = loadtest_openai.parse_lengths(args.gen_len, "--gen-len")
         mode = (f"{args.rate:g} req/s Poisson arrivals" if args.rate
                 else f"{args.concurrency} concurrent clients")
-        with Progress(TextColumn(f"{args.model} @ {url}: {mode}"), BarColumn(),
-                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                      console=err, transient=True) as progress:
-            task = progress.add_task("load", total=duration, status="")
+        with _load_bar(f"{args.model} @ {url}: {mode}", duration) as show:
 
             def tick(elapsed: float, report: Any) -> None:
-                progress.update(task, completed=min(elapsed, duration),
-                                status=f"{report.output_tokens / max(elapsed, 1e-9):.0f} "
-                                       f"tok/s out, {report.ok} done")
+                show(elapsed, f"{report.output_tokens / max(elapsed, 1e-9):.0f} tok/s out, "
+                              f"{report.ok} done")
 
             report = loadtest.run(loadtest_openai.run_openai_load(
                 url, args.model, duration=duration, concurrency=args.concurrency,
@@ -273,6 +267,16 @@ def _openai_load(args: argparse.Namespace, url: str, duration: float) -> int:
                   "/".join(_fmt(doc[f"itl_p{q}_ms"]) for q in (50, 90, 99)), errors)
     err.print(table)
     return 0
+
+
+@contextlib.contextmanager
+def _load_bar(label: str, duration: float) -> Iterator[Callable[[float, str], None]]:
+    """A progress bar over a load test's duration; yields show(elapsed, status)."""
+    with Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeRemainingColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("load", total=duration, status="")
+        yield lambda elapsed, status: progress.update(task, completed=min(elapsed, duration),
+                                                      status=status)
 
 
 def _fmt(ms: float | None) -> str:

@@ -208,3 +208,16 @@ def test_prefix_cache_on_and_off_answer_alike(llm: bllm.LLM) -> None:
         assert service.scheduler.prefix_cache is not None
         service.scheduler.prefix_cache.clear()
     assert _free(llm)
+
+
+def test_loadtest_openai_cli(server: LiveServer, llm: bllm.LLM, capsys) -> None:
+    import json
+
+    from bitsmith.cli import main
+    assert main(["loadtest", server.url, "--openai", "--model", "zoo", "--concurrency", "3",
+                 "--duration", "1s", "--prompt-len", "2:4", "--gen-len", "2:5",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["ok"] >= 1 and not doc["errors"] and doc["output_tokens_per_s"] > 0
+    assert doc["ttft_p50_ms"] is not None
+    wait_for(lambda: _free(llm), "every KV page back in the pool")
