@@ -39,9 +39,10 @@ class PrefixCache:
         self.found = 0  # of which found
         self.evicted = 0
 
-    def match(self, prompt: Sequence[int]) -> tuple[list[int], list[bytes]]:
+    def match(self, prompt: Sequence[int], count: bool = True) -> tuple[list[int], list[bytes]]:
         """The cached pages that start `prompt` and their keys, leaving at least its last
-        token to be fed (its logits give the first generated token)."""
+        token to be fed (its logits give the first generated token); with `count`, counted in
+        the hit rate (else call `count` once the match is used)."""
         size = self.blocks.page_size
         full = (len(prompt) - 1) // size
         pages: list[int] = []
@@ -55,9 +56,15 @@ class PrefixCache:
             self.pages.move_to_end(key)
             pages.append(page)
             keys.append(key)
-        self.looked_up += full * size
-        self.found += len(pages) * size
+        if count:
+            self.count(len(prompt), len(pages))
         return pages, keys
+
+    def count(self, prompt_tokens: int, pages: int) -> None:
+        """Count one lookup in the hit rate: a prompt and the pages found for it."""
+        size = self.blocks.page_size
+        self.looked_up += (prompt_tokens - 1) // size * size
+        self.found += pages * size
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int], keys: list[bytes]) -> None:
         """Cache a sequence's full pages past those in `keys` (its keys so far, extended in

@@ -95,6 +95,8 @@ class Scheduler:
         self.token_budget = min(token_budget or most, most)
         if self.token_budget < 1:
             raise InputError(f"token_budget must be >= 1, got {token_budget}")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise InputError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
         self.max_waiting = max_waiting
         self.waiting: deque[Handle] = deque()
@@ -119,11 +121,6 @@ class Scheduler:
         if len(ids) >= engine.max_seq:
             raise InputError(f"the prompt has {len(ids)} tokens; this model's context is "
                              f"{engine.max_seq} tokens, prompt and reply together")
-        need = self._pages(len(ids), params)
-        if need > engine.blocks.num_pages:
-            raise InputError(f"the prompt ({len(ids)} tokens) and max_tokens "
-                             f"({params.max_new_tokens}) need {need} KV pages; the pool holds "
-                             f"{engine.blocks.num_pages}: lower max_tokens")
         with self._lock:
             if self._stopping:
                 raise SchedulerFull("the server is shutting down")
@@ -161,7 +158,19 @@ class Scheduler:
                     self._wake.wait()
                 if not self.busy and self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
+                self.fail_all(f"the scheduler failed: {type(exc).__name__}: {exc}")
+
+    def fail_all(self, message: str) -> None:
+        """End every running and waiting request with an error (the pages come back)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for h in waiting:
+            _report(h, ("error", message))
+        for h in list(self.running):
+            self._finish(h, ("error", message))
 
     def step(self) -> bool:
         """One engine step over the running sequences (and newly admitted ones); returns
@@ -180,7 +189,7 @@ class Scheduler:
                 self.prefix_cache.evict(short)
         try:
             logits = self.engine.step([(h.id, tokens) for h, tokens in work])
-        except BitsmithError as exc:  # a step that fails ends its requests, not the server
+        except Exception as exc:  # noqa: BLE001 - a failed step ends its requests only
             for handle, _ in work:
                 self._finish(handle, ("error", f"{type(exc).__name__}: {exc}"))
             return True
@@ -192,27 +201,35 @@ class Scheduler:
             if r.fed < len(r.prompt):  # a prompt chunk
                 r.fed += len(tokens)
                 fed += len(tokens)
-            if self.prefix_cache is not None:  # its pages filled by this step, for later ones
-                held = self.engine.blocks.length(handle.id)
-                self.prefix_cache.insert((r.prompt + r.out.token_ids)[:held],
-                                         self.engine.blocks.pages(handle.id), handle.keys)
-            if r.fed < len(r.prompt):
-                continue  # more of the prompt next step
-            text = r.accept(row, self.engine.max_seq)
-            sampled += 1
-            if self.observer is not None:
-                since = handle.submitted if handle.last_token is None else handle.last_token
-                self.observer.token(handle.last_token is None, now - since)
-            handle.last_token = now
-            if text:
-                _report(handle, ("text", text))
-            if r.out.finish_reason is not None:
-                self._finish(handle, ("done", r.out))
+            try:
+                sampled += self._after_step(handle, row, now)
+            except Exception as exc:  # noqa: BLE001 - e.g. NaN logits: this request ends
+                self._finish(handle, ("error", f"{type(exc).__name__}: {exc}"))
         self.tokens_in += fed
         self.tokens_out += sampled
         if self.observer is not None:
             self.observer.step(self, fed, sampled)
         return True
+
+    def _after_step(self, handle: Handle, row: Any, now: float) -> int:
+        """Cache the pages the step filled, sample if the prompt is done; tokens sampled."""
+        r = handle.request
+        if self.prefix_cache is not None:  # its pages filled by this step, for later ones
+            held = self.engine.blocks.length(handle.id)
+            self.prefix_cache.insert((r.prompt + r.out.token_ids)[:held],
+                                     self.engine.blocks.pages(handle.id), handle.keys)
+        if r.fed < len(r.prompt):
+            return 0  # more of the prompt next step
+        text = r.accept(row, self.engine.max_seq)
+        if self.observer is not None:
+            since = handle.submitted if handle.last_token is None else handle.last_token
+            self.observer.token(handle.last_token is None, now - since)
+        handle.last_token = now
+        if text:
+            _report(handle, ("text", text))
+        if r.out.finish_reason is not None:
+            self._finish(handle, ("done", r.out))
+        return 1
 
     def _pages(self, prompt: int, params: SamplingParams) -> int:
         most = min(prompt + params.max_new_tokens, self.engine.max_seq)
@@ -243,7 +260,8 @@ class Scheduler:
             while self.waiting and len(self.running) < self.max_batch:
                 head = self.waiting[0]
                 r = head.request
-                prefix, keys = cache.match(r.prompt) if cache is not None else ([], [])
+                prefix, keys = cache.match(r.prompt, count=False) if cache is not None \
+                    else ([], [])
                 need = self._pages(head.prompt_tokens, r.params) - len(prefix)
                 # a cached page the request now shares stops being evictable
                 taken = sum(1 for p in prefix if blocks.ref_count(p) == 1)
@@ -252,6 +270,8 @@ class Scheduler:
                 if need + taken > available:
                     break  # first come, first served: it waits for pages to come back
                 self.waiting.popleft()
+                if cache is not None:
+                    cache.count(len(r.prompt), len(prefix))
                 head.reserved, head.shared, head.keys = need, len(prefix), keys
                 blocks.add(head.id, prefix)
                 r.fed = len(prefix) * blocks.page_size

@@ -104,6 +104,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     last: float | None = None
+    finished = False
     try:
         async with session.post(url + "/v1/completions", data=orjson.dumps(body),
                                 headers={"Content-Type": "application/json"}) as response:
@@ -113,7 +114,9 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
                 return
             async for raw in response.content:
                 line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                if line == b"data: [DONE]":
+                    finished = True
+                if not line.startswith(b"data: ") or finished:
                     continue
                 chunk = orjson.loads(line[6:])
                 if "error" in chunk:
@@ -131,8 +134,11 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
                     else:
                         report.itl.append(now - last)
                     last = now
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
         report.statuses[type(exc).__name__] += 1
+        return
+    if not finished:  # the stream ended without [DONE]: cut off
+        report.statuses["truncated"] += 1
         return
     report.latencies.append(time.perf_counter() - start)
     report.statuses[200] += 1

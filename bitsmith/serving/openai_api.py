@@ -16,11 +16,11 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import BitsmithError, InputError
@@ -30,6 +30,7 @@ from ..llm.scheduler import Event, Handle, Scheduler, SchedulerFull
 from .metrics import ServerMetrics
 
 MAX_STOP = 16
+MAX_STOP_CHARS = 256
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
            "min_p", "seed", "stop", "stop_token_ids", "stream", "stream_options", "n",
            "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty", "user",
@@ -115,11 +116,21 @@ def models_response(services: Mapping[str, LlmService]) -> Response:
 
 
 async def handle(request: Request, services: Mapping[str, LlmService], *, chat: bool,
-                 draining: bool, metrics: ServerMetrics) -> Response:
-    """One /v1/completions or /v1/chat/completions request."""
+                 draining: bool, metrics: ServerMetrics,
+                 read_body: Callable[[Request], Awaitable[bytes]]) -> Response:
+    """One /v1/completions or /v1/chat/completions request; `read_body` reads the body within
+    the server's limits (size, time, the budget of bodies being read), raising an error with
+    a `status` (413, 408, 503) or `ClientDisconnect`."""
     name = ""
     try:
-        body = await _body(request)
+        try:
+            raw = await read_body(request)
+        except ClientDisconnect:
+            metrics.llm_requests.labels("", "499").inc()
+            return Response(status_code=499)
+        except BitsmithError as exc:
+            raise OpenAIError(str(exc), int(getattr(exc, "status", 400))) from None
+        body = _body(raw)
         service = _service(body, services)
         name = service.name
         if draining or not service.ready:
@@ -129,7 +140,11 @@ async def handle(request: Request, services: Mapping[str, LlmService], *, chat: 
         prompt = _chat_prompt(body, service.llm) if chat else _prompt(body, service.llm)
         params = _params(body, service.llm, prompt, chat)
         stream = _flag(body, "stream")
-        usage_in_stream = stream and _flag(body.get("stream_options") or {}, "include_usage")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise OpenAIError(f"stream_options: expected an object, got {_brief(options)}",
+                              param="stream_options")
+        usage_in_stream = stream and _flag(options, "include_usage")
         handle_, events = service.submit(prompt, params)
     except OpenAIError as exc:
         metrics.llm_requests.labels(name, str(exc.status)).inc()
@@ -160,6 +175,7 @@ async def _wait(service: LlmService, handle: Handle, events: asyncio.Queue[Event
                 request: Request) -> Completion | None:
     """The request's completion; None (and the request cancelled) if the client left."""
     disconnected = asyncio.ensure_future(_disconnect(request))
+    ended = False
     try:
         while True:
             getter = asyncio.ensure_future(events.get())
@@ -167,15 +183,18 @@ async def _wait(service: LlmService, handle: Handle, events: asyncio.Queue[Event
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
-                service.scheduler.cancel(handle)
                 return None
             kind, value = getter.result()
             if kind == "done":
+                ended = True
                 return value
             if kind == "error":
+                ended = True
                 raise OpenAIError(f"generation failed: {value}", 500, kind="server_error")
     finally:
         disconnected.cancel()
+        if not ended:  # the client left, or this task was cancelled (shutdown)
+            service.scheduler.cancel(handle)
 
 
 async def _disconnect(request: Request) -> None:
@@ -272,8 +291,7 @@ def _chat_logprobs(out: Completion, llm: LLM) -> dict[str, Any] | None:
 
 
 # ---- request checking ---------------------------------------------------------------------
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def _body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -306,10 +324,11 @@ def _prompt(body: dict[str, Any], llm: LLM) -> list[int]:
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                           for t in prompt):
         ids = list(prompt)
-        bad = [t for t in ids if not 0 <= t < llm.vocab_size]
+        vocab = min(llm.vocab_size, llm.tokenizer.vocab_size)  # ids both the model and the
+        bad = [t for t in ids if not 0 <= t < vocab]           # tokenizer know
         if bad:
-            raise OpenAIError(f"prompt: token id {bad[0]} is out of range [0, "
-                              f"{llm.vocab_size})", param="prompt")
+            raise OpenAIError(f"prompt: token id {bad[0]} is out of range [0, {vocab})",
+                              param="prompt")
     else:
         raise OpenAIError("prompt: expected a string or a list of token ids (one prompt a "
                           f"request), got {_brief(prompt)}", param="prompt")
@@ -359,7 +378,9 @@ def _params(body: dict[str, Any], llm: LLM, prompt: list[int], chat: bool) -> Sa
     if body.get("logit_bias"):
         raise OpenAIError("logit_bias is not supported", param="logit_bias")
     most = context - len(prompt)
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
     if limit is None:
         limit = most if chat else min(16, most)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -372,9 +393,9 @@ def _params(body: dict[str, Any], llm: LLM, prompt: list[int], chat: bool) -> Sa
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(
-            isinstance(s, str) and s for s in stops):
-        raise OpenAIError(f"stop: expected a non-empty string or a list of at most {MAX_STOP}"
-                          f", got {_brief(stop)}", param="stop")
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise OpenAIError(f"stop: expected a string or a list of at most {MAX_STOP}, each of "
+                          f"1 to {MAX_STOP_CHARS} characters, got {_brief(stop)}", param="stop")
     fields: dict[str, Any] = {
         "max_new_tokens": limit,
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),

@@ -334,16 +334,21 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions | None = Non
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def read_body(request: Request) -> bytes:
+        return await _read_body(request, state)
+
     async def openai_models(_request: Request) -> Response:
         return openai_api.models_response(state.llms)
 
     async def completions(request: Request) -> Response:
         return await openai_api.handle(request, state.llms, chat=False,
-                                       draining=state.draining, metrics=state.metrics)
+                                       draining=state.draining, metrics=state.metrics,
+                                       read_body=read_body)
 
     async def chat_completions(request: Request) -> Response:
         return await openai_api.handle(request, state.llms, chat=True,
-                                       draining=state.draining, metrics=state.metrics)
+                                       draining=state.draining, metrics=state.metrics,
+                                       read_body=read_body)
 
     async def health(_request: Request) -> Response:
         return _json({"ready": state.ready}, 200 if state.ready else 503)

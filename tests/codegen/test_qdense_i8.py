@@ -27,7 +27,9 @@ Q8_0 = QuantType(IntType(8, True), 32, GroupAxis.OUT, f16, ZeroPoint.NONE)
 W4G128 = QuantType(IntType(4, False), 128, GroupAxis.OUT, f16, ZeroPoint.INT)
 W3 = QuantType(IntType(3, True), 64, GroupAxis.OUT, f16, ZeroPoint.NONE)
 W6 = QuantType(IntType(6, False), 0, GroupAxis.OUT, f16, ZeroPoint.INT)
-CASES = [Q4_1, Q4_0, Q8_0, W4G128, W3, W6]
+I4_MIN = QuantType(IntType(4, True), 32, GroupAxis.OUT, f16, ZeroPoint.MIN)
+I5_INT = QuantType(IntType(5, True), 64, GroupAxis.OUT, f16, ZeroPoint.INT)
+CASES = [Q4_1, Q4_0, Q8_0, W4G128, W3, W6, I4_MIN, I5_INT]
 
 
 def test_activation_blocks_round_trip_within_half_a_step() -> None:
@@ -86,10 +88,11 @@ def test_vnni_template_every_row_tile_with_bias_and_residual(tile_m: int) -> Non
 
 
 @needs_vnni
-def test_vnni_template_nan_and_inf_rows() -> None:
+def test_vnni_template_nan_inf_and_tiny_rows() -> None:
     module = qlinear_module(Q4_0, 4, 32, 96, epilogue=False, act="i8")
     x = np.random.default_rng(3).standard_normal((4, 96)).astype(np.float32)
     x[1, 3], x[2, 95] = np.nan, -np.inf
+    x[3, :32] = np.float32(1e-37) * np.arange(32)  # a block scale below the normal floats
     assert check_module(module, pipeline="fuse", template="qdense_i8", inputs=[x]) == 1
 
 

@@ -12,11 +12,11 @@ import transformers
 
 import bitsmith
 import bitsmith.llm as bllm
+from bitsmith.codegen.tvm import templates_a8
+from bitsmith.codegen.tvm.target import host_target
 from bitsmith.errors import ArtifactError, InputError
 from bitsmith.ir import interpret
 from bitsmith.ir.dtypes import f32
-from bitsmith.codegen.tvm import templates_a8
-from bitsmith.codegen.tvm.target import host_target
 from bitsmith.llm.model import LlmSpec, QuantizedWeight, StepShape, step_module
 from bitsmith.llm.sources import ZOO, zoo_source
 

@@ -33,9 +33,11 @@ def _tokens(results: list[Completion | str]) -> list[list[int]]:
 
 
 def _all_free(llm: bllm.LLM, scheduler: Scheduler) -> bool:
+    """Every page free, or held by the prefix cache alone (reference count 1)."""
     cache = scheduler.prefix_cache
-    held = len(cache.pages) if cache is not None else 0
     blocks = llm.engine.blocks
+    held = 0 if cache is None else sum(1 for p in cache.pages.values()
+                                       if blocks.ref_count(p) == 1)
     return blocks.free_pages + held == blocks.num_pages and not scheduler.running
 
 
@@ -112,3 +114,56 @@ def test_a_request_that_can_never_fit_is_refused(llm: bllm.LLM) -> None:
     scheduler = Scheduler(llm)
     with pytest.raises(InputError, match="context"):
         scheduler.submit([3] * 160, llm.params(max_new_tokens=1), lambda e: None)
+    with pytest.raises(InputError, match="max_batch"):
+        Scheduler(llm, max_batch=-1)
+
+
+def test_a_failing_step_ends_its_requests_not_the_scheduler(
+        llm: bllm.LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine step that raises (here a RuntimeError, as a kernel might) ends the requests
+    in it with an error; the scheduler frees their pages and serves the next ones."""
+    scheduler = Scheduler(llm)
+    params = llm.params(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    real = llm.engine.step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("kernel failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", flaky)
+    first = run_all(scheduler, [[5, 6, 7], [8, 9]], params)
+    assert all(isinstance(r, str) and "kernel failed" in r for r in first), first
+    assert _all_free(llm, scheduler)
+    again = run_all(scheduler, [[5, 6, 7]], params)
+    assert _tokens(again) == _alone(llm, [[5, 6, 7]], 4)
+
+
+def test_a_request_whose_sampling_fails_ends_alone(llm: bllm.LLM,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN logits for one sequence (its sampler raises): that request ends with an error,
+    its batch-mate finishes as alone."""
+    scheduler = Scheduler(llm)
+    params = llm.params(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    real = llm.engine.step
+
+    def poisoned(work, **kwargs):
+        logits = real(work, **kwargs)
+        for i, (seq, _) in enumerate(work):
+            if seq == victim[0]:
+                logits[i] = np.nan
+        return logits
+
+    victim = [-1]
+    monkeypatch.setattr(llm.engine, "step", poisoned)
+    results: dict[int, object] = {}
+    handles = [scheduler.submit(p, params, lambda e, i=i: results.__setitem__(i, e))
+               for i, p in enumerate([[5, 6, 7], [8, 9]])]
+    victim[0] = handles[0].id
+    while scheduler.step():
+        pass
+    assert results[0][0] == "error"
+    assert results[1][0] == "done" and results[1][1].token_ids == _alone(llm, [[8, 9]], 6)[0]
+    assert _all_free(llm, scheduler)

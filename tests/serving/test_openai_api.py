@@ -5,7 +5,7 @@ non-streaming, stop strings never leak, a disconnect frees its pages, errors in 
 from __future__ import annotations
 
 import asyncio
-import threading
+import time
 
 import httpx
 import numpy as np
@@ -144,12 +144,36 @@ def test_errors_in_openai_shape(server: LiveServer) -> None:
         client.completions.create(model="zoo", prompt="hi", extra_body={"bogus": 1})
     with pytest.raises(openai.BadRequestError, match="out of range"):
         client.completions.create(model="zoo", prompt=[10**9])
-    answer = httpx.post(server.url + "/v1/completions", content=b"[1, 2")
-    assert answer.status_code == 400 and answer.json()["error"]["type"] == \
-        "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        client.completions.create(model="zoo", prompt="hi", stream=True,
+                                  stream_options="x")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        client.completions.create(model="zoo", prompt="hi", stop=["x" * 300])
+    for body in (b"[1, 2", b"[1, 2]", b'{"model": 5}', b'{"model": "zoo", "prompt": {}}',
+                 b'{"model": "zoo", "prompt": "hi", "max_tokens": "9"}',
+                 b'{"model": "zoo", "prompt": "hi", "logprobs": true}',
+                 b'{"model": "zoo", "messages": [{"role": 1}]}'):
+        answer = httpx.post(server.url + "/v1/completions", content=body)
+        assert answer.status_code == 400, (body, answer.text)
+        assert answer.json()["error"]["type"] == "invalid_request_error"
+    too_big = httpx.post(server.url + "/v1/completions", content=b" " * (65 * 2**20))
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
+    # max_completion_tokens: null leaves max_tokens in charge
+    got = client.completions.create(model="zoo", prompt=[5, 6], max_tokens=3, temperature=0,
+                                    extra_body={"max_completion_tokens": None,
+                                                "ignore_eos": True})
+    assert got.usage is not None and got.usage.completion_tokens == 3
 
 
-def test_disconnect_mid_stream_frees_pages(server: LiveServer, llm: bllm.LLM) -> None:
+def test_disconnect_mid_stream_frees_pages(server: LiveServer, llm: bllm.LLM,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    real = llm.engine.step
+
+    def slow(*args, **kwargs):  # 120 steps take 2.4 s at least: the client leaves long before
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", slow)
     body = {"model": "zoo", "prompt": _prompts(1, seed=5)[0], "max_tokens": 120,
             "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
@@ -183,7 +207,6 @@ def test_full_server_answers_503_never_hangs(llm: bllm.LLM) -> None:
 
         codes = asyncio.run(many())
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
-    assert threading.active_count() < 200
     assert _free(llm)
 
 

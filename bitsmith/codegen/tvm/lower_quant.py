@@ -132,7 +132,7 @@ def _linear_i8(op: Operation, x: Any, words: te.Tensor, scale: te.Tensor,
 
     def dx(idx: list, kk: Any) -> Any:  # d * xq
         d = amax(*idx, kk // quant.ACT_BLOCK) / tvm.tirx.const(127.0, f32)
-        inv = tvm.tirx.Select(d > zero_f, one / d, zero_f)
+        inv = tvm.tirx.Select(d >= tvm.tirx.const(quant.ACT_TINY, f32), one / d, zero_f)
         q = tvm.tirx.max(tvm.tirx.min(tvm.tirx.nearbyint(x(*idx, kk) * inv),
                                       tvm.tirx.const(127.0, f32)), tvm.tirx.const(-127.0, f32))
         return q * d

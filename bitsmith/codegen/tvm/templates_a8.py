@@ -111,7 +111,10 @@ def qdense_i8_func(  # noqa: C901 - TVMScript: its branches are TIR, not Python
     a1_shape = (n,) if add1 == "bias" else (m, n)
     int_zero = zero == "int"
     min_zero = zero == "min"
-    const_zero = offset if zero == "none" else 0
+    # signed codes were made unsigned by +offset: take offset * sum(xq) back where no integer
+    # zero point (which has the offset folded in) does
+    const_zero = offset if zero in ("none", "min") else 0
+    tiny = quant.ACT_TINY
     # a parallel loop costs a thread-pool launch: worth it for the prologue of many rows only
     rows_loop = T.parallel if m >= 8 else T.serial
 
@@ -157,7 +160,7 @@ def qdense_i8_func(  # noqa: C901 - TVMScript: its branches are TIR, not Python
                         if not T.isfinite(v):
                             bad[r] = 1
                 d = amax[0] / T.float32(127)
-                inv = T.if_then_else(d > T.float32(0), T.float32(1) / d, T.float32(0))
+                inv = T.if_then_else(d >= T.float32(tiny), T.float32(1) / d, T.float32(0))
                 dd[r, b] = d
                 xs[r, b] = total[0]
                 for i in range(BLOCK):

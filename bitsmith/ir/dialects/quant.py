@@ -27,9 +27,10 @@ even, saturating cast of x / s + z for low-bit floats (a zero scale gives code o
 `quant.linear` is x @ dequantize(w)^T; with `act="i8"` (W4A8/W8A8, as llama.cpp's vector dots
 run) its activations are quantized first, per row in blocks of `ACT_BLOCK` = 32 along K:
 d = max|x| / 127 over the block, xq = clamp(round_half_even(x * (1/d)), -127, 127) (0 where
-d = 0), and the integer part of each weight (its code, less an integer zero point) multiplies
-d * xq while a `zero_point=min` weight's minimum multiplies the exact x (so the minimum costs no
-precision): y = (d * xq) @ (w - m)^T + x @ m^T, m the expanded minimum (0 for other weights).
+d < 2**-126, the smallest normal float), and the integer part of each weight (its code, less
+an integer zero point) multiplies d * xq while a `zero_point=min` weight's minimum multiplies
+the exact x (so the minimum costs no precision): y = (d * xq) @ (w - m)^T + x @ m^T, m the
+expanded minimum (0 for other weights).
 Integer codes times xq sum exactly in int32 over a block, which is what VNNI's vpdpbusd does; a
 NaN or an infinite activation makes every output of its row NaN. `quant.conv2d` is graph.conv2d
 of x by dequantize(w) reshaped to OIHW: its quantized weight is the conv's OIHW weight flattened to
@@ -119,6 +120,9 @@ ACT_TYPES = ("f32", "i8")
 """What `quant.linear` multiplies the weights by: the f32 activations, or their int8 blocks."""
 ACT_BLOCK = 32
 """Activations of `act="i8"` share a scale per run of this many along K."""
+ACT_TINY = 2.0 ** -126
+"""A block scale below this (the smallest normal float, where 1/d would overflow) quantizes
+its block to zeros."""
 
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +136,8 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xb = padded.reshape(*x.shape[:-1], blocks, ACT_BLOCK)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         d = np.max(np.abs(xb), axis=-1) / np.float32(127)
-        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)),
+        live = d >= np.float32(ACT_TINY)
+        inv = np.where(live, np.float32(1) / np.where(live, d, np.float32(1)),
                        np.float32(0)).astype(np.float32)
         xq = np.clip(np.rint(xb * inv[..., None]), -127, 127)
     xq = np.nan_to_num(xq).reshape(padded.shape)[..., :k]
