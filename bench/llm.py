@@ -4,7 +4,7 @@ bytes/bandwidth limit.
 
     python bench/llm.py [--model smollm2] [--variants gguf gguf/int8 f32 w4g128:gptq ...]
                         [--batch 1 8] [--prompt-len 128 512] [--gen-len 64] [--rounds 3]
-                        [--ppl-tokens 8192] [--no-rivals]
+                        [--ppl-tokens 8192] [--no-rivals] [--no-hf]
 
 A variant is a quant spec (`gguf`: the file's own blocks; `f32`; `w4g128:gptq`, ...),
 optionally `+a8` (the quantized layers on int8 activation blocks: `act="int8"`) and `/KV`, the
@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
     parser.add_argument("--no-rivals", action="store_true")
+    parser.add_argument("--no-hf", action="store_true",
+                        help="leave transformers out (a model too large for its f32 decode)")
     args = parser.parse_args()
     max_batch = max(args.batch)
     max_seq = max(max(args.prompt_len), 512) + args.gen_len + 64
@@ -182,12 +184,13 @@ def main() -> None:
     reference = next(iter(llms.values()))
     prompts = {n: _text_ids(reference, n) for n in args.prompt_len}
     rivals: dict[str, Any] = {}
-    if not args.no_rivals and args.model == "smollm2":
-        path = smollm2_path()
+    if not args.no_rivals and (args.model == "smollm2" or args.model.endswith(".gguf")):
+        path = smollm2_path() if args.model == "smollm2" else args.model
         check = reference.tokenizer.encode("The capital of France is")
         ours = reference.complete([check], max_new_tokens=8, ignore_eos=True)[0].token_ids
-        for name, make in (("transformers f32", lambda: HfRival(path)),
-                           ("llama.cpp", lambda: LlamaCppRival(path, max_seq))):
+        makers = [("transformers f32", lambda: HfRival(path)),
+                  ("llama.cpp", lambda: LlamaCppRival(path, max_seq))]
+        for name, make in makers[1:] if args.no_hf else makers:
             rival = make()
             theirs = rival.greedy(check, 8)
             agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
