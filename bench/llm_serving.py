@@ -31,6 +31,10 @@ from bitsmith.llm.sources import smollm2_path
 from bitsmith.serving.loadtest_openai import parse_lengths, run_openai_load
 
 THREADS = 2
+NO_EOS = {"logit_bias": {"2": -100}}
+"""llama.cpp's server ignores `ignore_eos`: SmolLM2's end token (id 2) banned instead, so that
+every request generates its max_tokens there too. (Its server also cuts a running stream short
+when the next request arrives unless started with `--interrupt_requests False`, as here.)"""
 
 
 def free_port() -> int:
@@ -85,15 +89,16 @@ def bitsmith_server(artifact: Path, *flags: str) -> Server:
 def llama_cpp_server(gguf: Path, n_ctx: int) -> Server:
     return Server([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                    "--model_alias", "smol", "--port", "{port}", "--n_threads", str(THREADS),
-                   "--n_threads_batch", str(THREADS), "--n_ctx", str(n_ctx)], "/v1/models")
+                   "--n_threads_batch", str(THREADS), "--n_ctx", str(n_ctx),
+                   "--interrupt_requests", "False"], "/v1/models")
 
 
 def measure(server: Server, args: argparse.Namespace, clients: int,
-            shared_prefix: int = 0) -> dict[str, Any]:
+            shared_prefix: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     report = asyncio.run(run_openai_load(
         server.url, "smol", duration=args.duration, concurrency=clients,
         prompt_len=args.prompt_len, gen_len=args.gen_len, shared_prefix=shared_prefix,
-        seed=clients))
+        seed=clients, extra=extra))
     return report.to_json()
 
 
@@ -116,11 +121,22 @@ def main() -> None:
     parser.add_argument("--gen-len", default="16:256")
     parser.add_argument("--max-seq", type=int, default=1024)
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--only-llama-cpp", action="store_true",
+                        help="llama.cpp's server alone (no compile, no bitsmith rows)")
     args = parser.parse_args()
     args.prompt_len = parse_lengths(args.prompt_len, "--prompt-len")
     args.gen_len = parse_lengths(args.gen_len, "--gen-len")
     tmp = Path(tempfile.mkdtemp(prefix="bitsmith-serving-"))
     artifact = args.artifact
+    if args.only_llama_cpp:
+        header = ("| server | output tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
+                  "errors |\n|---|---|---|---|---|---|")
+        for clients in args.clients:
+            print(f"\n{clients} clients\n{header}", flush=True)
+            with llama_cpp_server(smollm2_path(), args.max_seq) as server:
+                print(row("llama.cpp server (same GGUF)", measure(
+                    server, args, clients, extra=NO_EOS)), flush=True)
+        return
     if artifact is None:
         import bitsmith.llm as bllm
         artifact = tmp / "smol.bsm"
@@ -143,8 +159,8 @@ def main() -> None:
                 print(row(name, measure(server, args, clients)), flush=True)
         if not args.no_llama_cpp:
             with llama_cpp_server(smollm2_path(), args.max_seq) as server:
-                print(row("llama.cpp server (same GGUF)", measure(server, args, clients)),
-                      flush=True)
+                print(row("llama.cpp server (same GGUF)", measure(
+                    server, args, clients, extra=NO_EOS)), flush=True)
     clients = max(args.clients)
     print(f"\nshared system prompt of 256 words, {clients} clients\n{header}", flush=True)
     for name, flags in (("bitsmith, prefix cache off", ()),

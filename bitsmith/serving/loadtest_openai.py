@@ -7,7 +7,8 @@ generates what was drawn. Closed loop (`concurrency` clients) or Poisson arrival
 requests per second (at most `max_inflight` outstanding; more are counted not sent). It
 measures, per request, the time to the first streamed text (TTFT), the gaps between streamed
 chunks (inter-token latency: one token a chunk, except where a stop string holds text back)
-and the usage the server reports in the last chunk.
+and the usage the server reports in the last chunk (or, where a server sends none, as
+llama.cpp's does not, a token per streamed chunk).
 """
 from __future__ import annotations
 
@@ -99,12 +100,14 @@ class _Workload:
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str, gen: int,
-               report: LlmLoadReport) -> None:
+               report: LlmLoadReport, extra: dict[str, Any]) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": gen, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+            **extra}
     start = time.perf_counter()
     last: float | None = None
     finished = False
+    chunks = 0  # text chunks: the token count where the server sends no usage
     try:
         async with session.post(url + "/v1/completions", data=orjson.dumps(body),
                                 headers={"Content-Type": "application/json"}) as response:
@@ -126,8 +129,11 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
                 if usage:
                     report.prompt_tokens += int(usage["prompt_tokens"])
                     report.output_tokens += int(usage["completion_tokens"])
+                    chunks = -1
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("text"):
+                    if chunks >= 0:
+                        chunks += 1
                     now = time.perf_counter()
                     if last is None:
                         report.ttft.append(now - start)
@@ -140,6 +146,8 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
     if not finished:  # the stream ended without [DONE]: cut off
         report.statuses["truncated"] += 1
         return
+    if chunks > 0:  # no usage chunk (llama.cpp's server): a token a streamed chunk
+        report.output_tokens += chunks
     report.latencies.append(time.perf_counter() - start)
     report.statuses[200] += 1
 
@@ -148,10 +156,13 @@ async def run_openai_load(url: str, model: str, *, duration: float, concurrency:
                           rate: float | None = None, max_inflight: int = 1024,
                           prompt_len: tuple[int, int] = (64, 512),
                           gen_len: tuple[int, int] = (16, 256), shared_prefix: int = 0,
-                          seed: int = 0,
+                          seed: int = 0, extra: dict[str, Any] | None = None,
                           on_tick: Callable[[float, LlmLoadReport], None] | None = None
                           ) -> LlmLoadReport:
-    """Load `url` for `duration` seconds; requests still running at the end are waited for."""
+    """Load `url` for `duration` seconds; requests still running at the end are waited for.
+    `extra` fields join every request body (e.g. a logit bias against EOS for a server that
+    ignores `ignore_eos`)."""
+    extra = dict(extra or {})
     workload = _Workload(prompt_len, gen_len, shared_prefix, seed)
     report = LlmLoadReport(0.0)
     connector = aiohttp.TCPConnector(limit=0)
@@ -162,7 +173,7 @@ async def run_openai_load(url: str, model: str, *, duration: float, concurrency:
         if rate is None:
             async def client() -> None:
                 while time.perf_counter() < end:
-                    await _one(session, url, model, *workload.next(), report)
+                    await _one(session, url, model, *workload.next(), report, extra)
                     if on_tick is not None:
                         on_tick(time.perf_counter() - start, report)
             await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -174,7 +185,7 @@ async def run_openai_load(url: str, model: str, *, duration: float, concurrency:
                     report.not_sent += 1
                 else:
                     task = asyncio.ensure_future(_one(session, url, model, *workload.next(),
-                                                      report))
+                                                      report, extra))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 if on_tick is not None:

@@ -66,9 +66,9 @@ def test_models_and_a_greedy_completion(server: LiveServer, llm: bllm.LLM) -> No
 
 def test_concurrent_streams_equal_alone_and_pages_return(server: LiveServer,
                                                          llm: bllm.LLM) -> None:
-    """16 streaming clients at once, mixed prompt and output lengths: each gets exactly its
-    tokens alone (as logprob-free text and as the count of chunks), none lost or doubled."""
-    prompts = _prompts(16, seed=2)
+    """32 streaming clients at once, mixed prompt and output lengths: each gets exactly its
+    text alone, none lost or doubled, and every page comes back."""
+    prompts = _prompts(32, seed=2)
     news = [int(n) for n in np.random.default_rng(3).integers(1, 40, len(prompts))]
     want = [_alone(llm, p, n) for p, n in zip(prompts, news, strict=True)]
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -94,7 +94,7 @@ def test_concurrent_streams_equal_alone_and_pages_return(server: LiveServer,
     assert metric(server, "bitsmith_llm_generated_tokens_total", model="zoo") - before == \
         sum(news)
     assert metric(server, "bitsmith_llm_kv_pages_used", model="zoo") == 0
-    assert metric(server, "bitsmith_llm_time_to_first_token_seconds_count", model="zoo") >= 16
+    assert metric(server, "bitsmith_llm_time_to_first_token_seconds_count", model="zoo") >= 32
     assert metric(server, "bitsmith_llm_running", model="zoo") == 0
 
 
