@@ -40,6 +40,20 @@ def paged_attention_func(*, layer: int, **sizes: Any) -> tvm.tirx.PrimFunc:
     return func.specialize({func.params[-1]: tvm.tirx.IntImm("int32", layer)})
 
 
+def _bounds(seq_indptr: Any, kv_len: Any, page_indptr: Any, b: Any, tt: int,
+            ns: int) -> tuple[Any, Any, Any, Any, Any]:
+    """Sequence b's rows (start, count), its first new position, and its pages (base, count)
+    in the tables, bounded: rows inside [0, T), pages inside page_indices (the engine builds
+    consistent tables, the interpreter refuses the others; these bounds keep a crafted one
+    from reaching memory outside the buffers). TIR expressions, for the kernel's TVMScript."""
+    start = T.min(T.max(seq_indptr[b], 0), tt)
+    n = T.max(T.min(seq_indptr[b + 1], tt) - start, 0)
+    first_pos = T.max(kv_len[b] - n, 0)
+    base = T.min(T.max(page_indptr[b], 0), ns - 1)
+    last_page = T.min(T.max(page_indptr[b + 1], base), ns) - base
+    return start, n, first_pos, base, last_page
+
+
 @functools.lru_cache(maxsize=64)
 def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
         *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
@@ -66,15 +80,8 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
         for task in T.parallel(bb * hk):
             b = task // hk
             h = task % hk
-            # the tables bounded: rows inside [0, T), pages read inside page_indices (the
-            # engine builds consistent tables, the interpreter refuses the others; these
-            # bounds keep a crafted one from reaching memory outside the buffers)
-            start = T.min(T.max(seq_indptr[b], 0), tt)
-            n = T.max(T.min(seq_indptr[b + 1], tt) - start, 0)
-            length = kv_len[b]
-            first_pos = T.max(length - n, 0)
-            base = T.min(T.max(page_indptr[b], 0), ns - 1)
-            last_page = T.min(T.max(page_indptr[b + 1], base), ns) - base
+            start, n, first_pos, base, last_page = _bounds(seq_indptr, kv_len, page_indptr, b,
+                                                           tt, ns)
             amax = T.decl_buffer((2,), "float32", scope="local")
             for j in range(T.min(n, last_page * ss - first_pos)):
                 pos = first_pos + j
@@ -133,12 +140,8 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
             b = task // (hk * parts)
             h = (task // parts) % hk
             part = task % parts
-            start = T.min(T.max(seq_indptr[b], 0), tt)
-            n = T.max(T.min(seq_indptr[b + 1], tt) - start, 0)
-            length = kv_len[b]
-            first_pos = T.max(length - n, 0)
-            base = T.min(T.max(page_indptr[b], 0), ns - 1)
-            last_page = T.min(T.max(page_indptr[b + 1], base), ns) - base
+            start, n, first_pos, base, last_page = _bounds(seq_indptr, kv_len, page_indptr, b,
+                                                           tt, ns)
             m = T.decl_buffer((group,), "float32", scope="local")
             total = T.decl_buffer((group,), "float32", scope="local")
             acc = T.decl_buffer((group, dd), "float32", scope="local")
