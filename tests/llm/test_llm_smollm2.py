@@ -103,18 +103,10 @@ def test_int8_kv_stays_close_to_f16_over_256_tokens() -> None:
     an int8 cache: logits within 2% of their range at every step, no drift."""
     import bitsmith.llm as bllm
 
-    from .test_llm_generate import _teacher_forced
-
     kw = {"max_batch": 1, "max_seq": 320, "prefill": (64,), "score_chunk": 0}
     f16 = bllm.compile("smollm2", kv="f16", **kw)
     i8 = bllm.compile("smollm2", kv="int8", **kw)
-    prompt = f16.chat_prompt([{"role": "user", "content": "Tell me a long story."}])
-    tokens = f16.complete([prompt], max_new_tokens=256, ignore_eos=True)[0].token_ids
-    want = _teacher_forced(f16, prompt, tokens)
-    got = _teacher_forced(i8, prompt, tokens)
-    err = np.abs(got - want).max(axis=1) / (want.max(axis=1) - want.min(axis=1))
-    print(f"int8 vs f16 KV: max {err.max():.4f}, mean {err.mean():.4f} of the logit range; "
-          f"argmax agrees at {np.mean(got.argmax(1) == want.argmax(1)):.1%} of steps")
+    err, _ = _teacher_forced_error(f16, i8, "Tell me a long story.", 256, "int8 vs f16 KV")
     assert err.max() < 0.02 and err[-64:].mean() < 2 * err[:64].mean() + 1e-3
 
 
@@ -124,23 +116,32 @@ def test_int8_activations_answer_paris_and_stay_close() -> None:
     (on average within 6% of their range, the argmax the same at 90% of steps, no drift)."""
     import bitsmith.llm as bllm
 
-    from .test_llm_generate import _teacher_forced
-
     kw = {"max_batch": 1, "max_seq": 256, "prefill": (64,), "score_chunk": 0}
     exact = bllm.compile("smollm2", **kw)
     a8 = bllm.compile("smollm2", act="int8", **kw)
     assert a8.info["act"] == "int8"
     question = [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in a8.chat(question, max_new_tokens=24)
-    prompt = exact.chat_prompt([{"role": "user", "content": "Tell me a story."}])
-    tokens = exact.complete([prompt], max_new_tokens=64, ignore_eos=True)[0].token_ids
-    want = _teacher_forced(exact, prompt, tokens)
-    got = _teacher_forced(a8, prompt, tokens)
-    err = np.abs(got - want).max(axis=1) / (want.max(axis=1) - want.min(axis=1))
-    print(f"int8 vs f32 activations: max {err.max():.4f}, mean {err.mean():.4f} of the logit "
-          f"range; argmax agrees at {np.mean(got.argmax(1) == want.argmax(1)):.1%} of steps")
+    err, agree = _teacher_forced_error(exact, a8, "Tell me a story.", 64,
+                                       "int8 vs f32 activations")
     # measured (2026-12-07): mean 4.2%, max 10% of the range, argmax 95% (the +1.4%
     # perplexity of the README); the bounds catch a broken path and drift, not that cost
     assert err.mean() < 0.06 and err.max() < 0.15
-    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
+    assert agree >= 0.9
     assert err[-16:].mean() < 2 * err[:16].mean() + 1e-3
+
+
+def _teacher_forced_error(ref, other, ask: str, new: int, what: str) -> tuple[np.ndarray, float]:
+    """`ref`'s greedy reply to `ask` (`new` tokens), teacher-forced through both models: each
+    step's largest logit difference over `ref`'s logit range, and how often the argmax agrees."""
+    from .test_llm_generate import _teacher_forced
+
+    prompt = ref.chat_prompt([{"role": "user", "content": ask}])
+    tokens = ref.complete([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids
+    want = _teacher_forced(ref, prompt, tokens)
+    got = _teacher_forced(other, prompt, tokens)
+    err = np.abs(got - want).max(axis=1) / (want.max(axis=1) - want.min(axis=1))
+    agree = float(np.mean(got.argmax(1) == want.argmax(1)))
+    print(f"{what}: max {err.max():.4f}, mean {err.mean():.4f} of the logit range; argmax "
+          f"agrees at {agree:.1%} of steps")
+    return err, agree
