@@ -32,7 +32,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-class _Request:
+class Request:
     """A sequence being generated: its ids, sampler, text state."""
 
     def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams,
@@ -196,20 +196,20 @@ class LLM:
         return np.concatenate(rows)
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        requests: list[_Request] = []
+        requests: list[Request] = []
         for _ in self._generate(prompts, params, stream=False, collect=requests.append):
             pass
         return [r.out for r in requests]
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, *, stream: bool,
-                  collect: Callable[[_Request], None] | None = None) -> Iterator[str]:
+                  collect: Callable[[Request], None] | None = None) -> Iterator[str]:
         for p in prompts:
             if not p:
                 raise InputError("a prompt is empty: give at least one token")
             if len(p) >= self.engine.max_seq:
                 raise InputError(f"a prompt of {len(p)} tokens leaves no room under "
                                  f"max_seq={self.engine.max_seq}")
-        requests = [_Request(next(self._ids), p, params, self) for p in prompts]
+        requests = [Request(next(self._ids), p, params, self) for p in prompts]
         for r in requests:
             if collect is not None:
                 collect(r)
@@ -228,12 +228,12 @@ class LLM:
             for r in requests:
                 self.engine.blocks.free(r.id)
 
-    def _prefill(self, requests: list[_Request], stream: bool) -> Iterator[str]:
+    def _prefill(self, requests: list[Request], stream: bool) -> Iterator[str]:
         """Feed every prompt, packing chunks of several prompts into one step; each prompt's
         last chunk gives its first generated token."""
         while any(r.fed < len(r.prompt) for r in requests):
             budget = self.prefill_chunk
-            work: list[tuple[_Request, list[int]]] = []
+            work: list[tuple[Request, list[int]]] = []
             for r in requests:
                 if r.fed < len(r.prompt) and budget > 0:
                     take = r.prompt[r.fed:r.fed + budget]

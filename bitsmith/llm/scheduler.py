@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import BitsmithError, InputError
-from .api import LLM, Completion, _Request
+from .api import LLM, Completion, Request
 from .prefix import PrefixCache
 from .sampling import SamplingParams
 
@@ -63,7 +63,7 @@ class Handle:
     """A submitted request: its id, and what reports on it."""
 
     id: int
-    request: _Request
+    request: Request
     on_event: Callable[[Event], None]
     reserved: int = 0  # KV pages it may take from the pool (set aside at admission)
     shared: int = 0  # pages of a cached prefix it started with
@@ -127,7 +127,7 @@ class Scheduler:
             if len(self.waiting) >= self.max_waiting:
                 raise SchedulerFull(f"{len(self.waiting)} requests wait already (at most "
                                     f"{self.max_waiting}); retry later")
-            request = _Request(next(self.llm._ids), ids, params, self.llm)
+            request = Request(next(self.llm._ids), ids, params, self.llm)
             handle = Handle(request.id, request, on_event)
             self.waiting.append(handle)
             self._wake.notify()
@@ -214,8 +214,11 @@ class Scheduler:
     def _after_step(self, handle: Handle, row: Any, now: float) -> int:
         """Cache the pages the step filled, sample if the prompt is done; tokens sampled."""
         r = handle.request
-        if self.prefix_cache is not None:  # its pages filled by this step, for later ones
-            held = self.engine.blocks.length(handle.id)
+        held = self.engine.blocks.length(handle.id)
+        if self.prefix_cache is not None and \
+                held // self.engine.blocks.page_size > len(handle.keys):
+            # a page filled by this step: cached for later prompts (the token list is built
+            # only then, not at every decode step)
             self.prefix_cache.insert((r.prompt + r.out.token_ids)[:held],
                                      self.engine.blocks.pages(handle.id), handle.keys)
         if r.fed < len(r.prompt):
