@@ -35,6 +35,10 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--token-budget", type=int,
                        help="LLM: tokens a step runs, decodes first then prompt chunks "
                             "(default: its largest compiled prefill chunk)")
+    serve.add_argument("--itl-slo-ms", type=float,
+                       help="LLM: inter-token latency target: each step's prompt chunks are "
+                            "sized from the step latency measured at start-up so that the "
+                            "decodes in flight meet it (within --token-budget)")
     serve.add_argument("--policy", default="chunked",
                        choices=("chunked", "prefill-first", "whole"),
                        help="LLM: how steps are filled: chunked (decodes first, then prompt "
@@ -142,6 +146,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        f"({args.max_body_mb:g}), got {args.max_pending_body_mb:g}")
     sizes = _int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
     key = read_key(args.key) if args.key else None
+    slo = None
+    if args.itl_slo_ms is not None:
+        if not args.itl_slo_ms > 0 or args.policy != "chunked":
+            raise CliError(f"--itl-slo-ms must be > 0 ms with --policy chunked, got "
+                           f"{args.itl_slo_ms:g} with --policy {args.policy}")
+        slo = args.itl_slo_ms / 1e3
     models, llms = [], []
     for i, path in enumerate(args.artifacts):
         name = args.name[i] if i < len(args.name) else Path(path).stem
@@ -151,11 +161,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             llm = llm_from_artifact(artifact, path, kv_memory=memory)
             llms.append(LlmService(name, llm, token_budget=args.token_budget,
                                    max_batch=args.max_batch, max_waiting=args.queue_size,
-                                   prefix_cache=args.prefix_cache, policy=args.policy))
+                                   prefix_cache=args.prefix_cache, policy=args.policy,
+                                   itl_slo=slo))
             blocks = llm.engine.blocks
             err.print(f"LLM [bold]{name}[/] from {path}: up to "
                       f"{llms[-1].scheduler.max_batch} sequences a step, "
-                      f"{llms[-1].scheduler.token_budget} tokens a step, {blocks.num_pages} KV "
+                      f"{llms[-1].scheduler.token_budget} tokens a step"
+                      f"{'' if slo is None else f' within an ITL of {args.itl_slo_ms:g} ms'}, "
+                      f"{blocks.num_pages} KV "
                       f"pages of {blocks.page_size} tokens (OpenAI API at /v1)", highlight=False)
             continue
         models.append(ServedModel.from_compiled(name, CompiledModel(artifact),

@@ -12,6 +12,12 @@ fill what is left, oldest first. A long prompt therefore costs the decodes in fl
 of at most `token_budget` rows, never its whole prefill. Finished and cancelled sequences
 leave at once and free their pages; waiting ones join at the next step.
 
+With an inter-token latency target (`itl_slo`, seconds) the budget is chosen step by step: the
+scheduler predicts each candidate step from the step latency model measured on this host
+(`latency.measure`, at `calibrate`) and adds prompt chunks only while decodes in flight would
+still meet the target (when none is in flight, prompts take the whole budget; when even the
+smallest prompt chunk misses it, that chunk runs so that prompts always advance).
+
 The scheduler runs on one thread (`run` or `step`); `submit` and `cancel` may be called from
 any thread. Each request reports through its `on_event` callback, on the scheduler's thread:
 `("text", delta)` as text becomes final (stop strings are held back until they cannot match),
@@ -29,6 +35,7 @@ from typing import Any, Protocol
 
 from ..errors import BitsmithError, InputError
 from .api import LLM, Completion, Request
+from .latency import StepModel, measure
 from .prefix import PrefixCache
 from .sampling import SamplingParams
 
@@ -83,9 +90,18 @@ class Scheduler:
     def __init__(self, llm: LLM, *, token_budget: int | None = None,
                  max_batch: int | None = None, max_waiting: int = 1024,
                  observer: Observer | None = None, prefix_cache: bool = False,
-                 policy: str = "chunked") -> None:
+                 policy: str = "chunked", itl_slo: float | None = None,
+                 step_model: StepModel | None = None) -> None:
         if policy not in POLICIES:
             raise InputError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+        if itl_slo is not None and not (isinstance(itl_slo, int | float) and itl_slo > 0):
+            raise InputError(f"itl_slo: expected seconds > 0, got {itl_slo!r}")
+        if itl_slo is not None and policy != "chunked":
+            raise InputError(f"an inter-token latency target needs the chunked policy, got "
+                             f"{policy!r}")
+        self.itl_slo = itl_slo
+        self.step_model = step_model
+        self.predicted: float | None = None  # the last step's predicted seconds (with itl_slo)
         self.policy = policy
         engine = llm.engine
         self.observer = observer
@@ -150,8 +166,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- the scheduler's thread ------------------------------------------------------------
+    def calibrate(self, progress: Callable[[str], None] | None = None) -> StepModel:
+        """Measure the step latency model (`latency.measure`) unless given one; run it before
+        any request is admitted (it borrows free pages)."""
+        if self.step_model is None:
+            self.step_model = measure(self.engine, progress=progress)
+        return self.step_model
+
     def run(self) -> None:
-        """Step until `stop` and nothing is left."""
+        """Step until `stop` and nothing is left (calibrating first for an ITL target)."""
+        if self.itl_slo is not None:
+            self.calibrate()
         while True:
             with self._lock:
                 while not self.busy and not self._stopping:
@@ -283,7 +308,7 @@ class Scheduler:
     def _plan(self) -> list[tuple[Handle, list[int]]]:
         budget = self.token_budget
         work: list[tuple[Handle, list[int]]] = []
-        prefilling = any(h.request.fed < len(h.request.prompt) for h in self.running)
+        prefilling = [h for h in self.running if h.request.fed < len(h.request.prompt)]
         for h in self.running:  # decodes first: one token each
             if self.policy == "prefill-first" and prefilling:
                 break
@@ -291,19 +316,47 @@ class Scheduler:
             if r.fed >= len(r.prompt) and budget > 0:
                 work.append((h, r.out.token_ids[-1:]))
                 budget -= 1
-        for h in self.running:  # then prompt chunks, oldest first
-            r = h.request
-            if r.fed < len(r.prompt) and budget > 0:
-                take = r.prompt[r.fed:r.fed + budget]
-                work.append((h, take))
-                budget -= len(take)
-        return work
+        if self.itl_slo is not None and work and prefilling:
+            budget = self._slo_budget(work, prefilling, budget)
+        return work + _chunks(prefilling, budget)
+
+    def _slo_budget(self, decodes: list[tuple[Handle, list[int]]], prefilling: list[Handle],
+                    budget: int) -> int:
+        """The most prompt tokens (a compiled step size less the decodes) whose step the
+        model predicts within the target; the smallest such size when none is."""
+        model = self.step_model
+        if model is None:
+            raise InputError("an ITL target needs the step latency model: call calibrate()")
+        length = self.engine.blocks.length
+        steps = sorted({e.tokens - len(decodes) for e in self.engine.entries
+                        if not e.scores_all and 0 < e.tokens - len(decodes) <= budget},
+                       reverse=True) or [budget]
+        seen = [(length(h.id), 1) for h, _ in decodes]
+        for take in steps:
+            chunks = [(length(h.id), len(t)) for h, t in _chunks(prefilling, take)]
+            self.predicted = model.predict(seen + chunks)
+            if self.predicted <= self.itl_slo:
+                return take
+        return steps[-1]
 
     def _finish(self, handle: Handle, event: Event) -> None:
         if handle in self.running:
             self.running.remove(handle)
             self.engine.blocks.free(handle.id)
         _report(handle, event)
+
+
+def _chunks(prefilling: list[Handle], budget: int) -> list[tuple[Handle, list[int]]]:
+    """Prompt chunks, oldest first, within `budget` tokens."""
+    work = []
+    for h in prefilling:
+        r = h.request
+        if budget <= 0:
+            break
+        take = r.prompt[r.fed:r.fed + budget]
+        work.append((h, take))
+        budget -= len(take)
+    return work
 
 
 def _report(handle: Handle, event: Event) -> None:

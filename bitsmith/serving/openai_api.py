@@ -13,6 +13,7 @@ request: its KV pages are freed at the scheduler's next step. Only `n=1` is serv
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from ..llm.sampling import MAX_LOGPROBS, SamplingParams
 from ..llm.scheduler import Event, Handle, Scheduler, SchedulerFull
 from .metrics import ServerMetrics
 
+log = logging.getLogger("uvicorn.error")  # printed with, and like, uvicorn's own lines
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
@@ -61,20 +63,34 @@ class LlmService:
 
     def __init__(self, name: str, llm: LLM, *, token_budget: int | None = None,
                  max_batch: int | None = None, max_waiting: int = 256,
-                 prefix_cache: bool = False, policy: str = "chunked") -> None:
+                 prefix_cache: bool = False, policy: str = "chunked",
+                 itl_slo: float | None = None) -> None:
         self.name = name
         self.llm = llm
         self.scheduler = Scheduler(llm, token_budget=token_budget, max_batch=max_batch,
                                    max_waiting=max_waiting, prefix_cache=prefix_cache,
-                                   policy=policy)
+                                   policy=policy, itl_slo=itl_slo)
         self.created = int(time.time())
         self.ready = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.scheduler.run, name=f"llm-{self.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"llm-{self.name}", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        scheduler = self.scheduler
+        if scheduler.itl_slo is not None:  # before the warm-up request is admitted
+            start = time.perf_counter()
+            try:
+                scheduler.calibrate(lambda line: log.info("%s: %s", self.name, line))
+            except Exception as exc:  # noqa: BLE001 - the model then fails its warm-up
+                scheduler.fail_all(f"measuring the step latency failed: {exc}")
+                log.exception("%s: measuring the step latency failed", self.name)
+                return
+            log.info("%s: step latency model measured in %.1f s; ITL target %.0f ms",
+                     self.name, time.perf_counter() - start, scheduler.itl_slo * 1e3)
+        scheduler.run()
 
     async def warm_up(self) -> None:
         """One token through every part of the path; then the model is ready."""

@@ -24,6 +24,10 @@ SEQ_INDPTR = [0, 5, 6, 6, 10]
 KV_LEN = [7, 9, 3, 4]
 PAGE_INDPTR = [0, 2, 5, 6, 7]
 PAGE_INDICES = [3, 0, 8, 1, 5, 6, 2, 0, 0, 0, 0, 0]
+# a long chunk: sequence 0 reads 11 rows after 2 cached positions (its rows take two tiles of
+# the kernel's 8), sequence 1 decodes at position 8, 2 has no rows, 3 a prompt of 1
+LONG = ([0, 11, 12, 12, 13], [13, 9, 3, 1], [0, 4, 7, 8, 9],
+        [3, 0, 8, 1, 5, 6, 2, 4, 7, 0, 0, 0])
 
 
 def _module(window: int, dtype) -> Module:
@@ -41,7 +45,8 @@ def _module(window: int, dtype) -> Module:
     return module
 
 
-def _inputs(npdtype, seed: int = 0) -> list[np.ndarray]:
+def _inputs(npdtype, seed: int = 0, tables: tuple[list[int], ...] = (
+        SEQ_INDPTR, KV_LEN, PAGE_INDPTR, PAGE_INDICES)) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     cache = rng.standard_normal((L, PAGES, 2, HK, S, D))
     if npdtype == np.uint8:  # 4-bit codes, two a byte
@@ -53,8 +58,7 @@ def _inputs(npdtype, seed: int = 0) -> list[np.ndarray]:
     inputs = [rng.standard_normal((T, HQ, D)).astype(np.float32),
               rng.standard_normal((T, HK, D)).astype(np.float32),
               rng.standard_normal((T, HK, D)).astype(np.float32), held,
-              *(np.array(a, np.int32) for a in (SEQ_INDPTR, KV_LEN, PAGE_INDPTR,
-                                                 PAGE_INDICES))]
+              *(np.array(a, np.int32) for a in tables)]
     if npdtype == np.int8:  # the rows already cached, with their scales
         inputs.append((rng.random((L, PAGES, 2, HK, S)) * 0.05).astype(np.float32))
     if npdtype == np.uint8:  # (scale, min) per group
@@ -63,15 +67,17 @@ def _inputs(npdtype, seed: int = 0) -> list[np.ndarray]:
         params[..., 1] -= 0.5
         inputs.append(params)
     inputs[2][3, 1] = 0.0  # a row of zeros: its scale is 1, its codes 0
+    inputs[0][1, 2, 5] = np.nan  # a NaN query: its row and head come out NaN, no other
     return inputs
 
 
-@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("window, long", [(0, False), (3, False), (0, True), (6, True)])
 @pytest.mark.parametrize("dtype, npdtype", [(f32, np.float32), (f16, np.float16),
                                             (bf16, ml_dtypes.bfloat16), (i8, np.int8),
                                             (u8, np.uint8)])
-def test_kernel_matches_the_interpreter(window: int, dtype, npdtype) -> None:
-    inputs = _inputs(npdtype)
+def test_kernel_matches_the_interpreter(window: int, long: bool, dtype, npdtype) -> None:
+    inputs = _inputs(npdtype, tables=LONG) if long else _inputs(npdtype)
+    end = inputs[4][-1]  # rows past it are padding
     want_cache = inputs[3].copy()
     want_scales = [a.copy() for a in inputs[8:]]
     want = interpret(_module(window, dtype), *inputs[:3], want_cache, *inputs[4:8],
@@ -87,7 +93,8 @@ def test_kernel_matches_the_interpreter(window: int, dtype, npdtype) -> None:
     out[...] = 7.0  # padding rows must come out as zeros, not what the buffer held
     kernel(*[as_tvm(a) for a in args], as_tvm(out))
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-    assert not out[10:].any()
+    assert np.isnan(out[1, 2]).all() and np.isnan(out).sum() == out.shape[-1]
+    assert not out[end:].any()
     # every new row is in its page (quantized as the interpreter does), nothing else changed
     assert np.array_equal(args[3].view(np.uint8), want_cache.view(np.uint8))
     assert not np.array_equal(want_cache, inputs[3])

@@ -10,6 +10,7 @@ import pytest
 import bitsmith.llm as bllm
 from bitsmith.errors import InputError
 from bitsmith.llm.api import Completion
+from bitsmith.llm.latency import StepCost, StepModel, measure
 from bitsmith.llm.prefix import PrefixCache
 from bitsmith.llm.scheduler import Scheduler, run_all
 
@@ -167,3 +168,49 @@ def test_a_request_whose_sampling_fails_ends_alone(llm: bllm.LLM,
     assert results[0][0] == "error"
     assert results[1][0] == "done" and results[1][1].token_ids == _alone(llm, [[8, 9]], 6)[0]
     assert _all_free(llm, scheduler)
+
+
+def test_step_model_is_measured_for_every_entry(llm: bllm.LLM) -> None:
+    model = measure(llm.engine, rounds=1)
+    entries = [(e.tokens, e.batch) for e in llm.engine.entries if not e.scores_all]
+    assert sorted(model.costs) == sorted(entries)
+    assert all(c.base > 0 and c.per_attended >= 0 for c in model.table())
+    short, long = model.predict([(0, 1)]), model.predict([(120, 1)])
+    assert 0 < short <= long
+    blocks = llm.engine.blocks
+    assert blocks.free_pages == blocks.num_pages  # the timing sequences gave their pages back
+
+
+def test_an_itl_target_sizes_steps_and_changes_no_output(llm: bllm.LLM) -> None:
+    """A step model where a step costs its compiled token count in ms and a 5 ms target:
+    while decodes are in flight a step runs at most 4 tokens (the prompt chunks shrink, the
+    decodes stay); with none in flight the prompts take the whole budget; every greedy
+    output equals the request alone."""
+    costs = [StepCost(e.tokens, e.batch, e.tokens * 1e-3, 0.0)
+             for e in llm.engine.entries if not e.scores_all]
+    plans: list[list[tuple[bool, int]]] = []
+
+    class Recording(Scheduler):
+        def _plan(self):  # type: ignore[no-untyped-def]
+            work = super()._plan()
+            plans.append([(h.request.fed >= len(h.request.prompt), len(t)) for h, t in work])
+            return work
+
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 500, int(n))]
+               for n in rng.integers(10, 50, 7)]
+    scheduler = Recording(llm, itl_slo=5e-3, step_model=StepModel(llm.engine, costs))
+    params = llm.params(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    assert _tokens(run_all(scheduler, prompts, params)) == _alone(llm, prompts, 10)
+    mixed = [p for p in plans if any(d for d, _ in p) and not all(d for d, _ in p)]
+    assert mixed and all(sum(n for _, n in p) <= 4 for p in mixed)
+    assert any(sum(n for _, n in p) == 16 for p in plans if not any(d for d, _ in p))
+    assert _all_free(llm, scheduler)
+
+
+def test_an_itl_target_needs_the_chunked_policy(llm: bllm.LLM) -> None:
+    for bad in (0, -1.0, "5"):
+        with pytest.raises(InputError, match="itl_slo"):
+            Scheduler(llm, itl_slo=bad)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="chunked"):
+        Scheduler(llm, itl_slo=0.05, policy="whole")

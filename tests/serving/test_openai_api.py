@@ -244,3 +244,26 @@ def test_loadtest_openai_cli(server: LiveServer, llm: bllm.LLM, capsys) -> None:
     assert doc["ok"] >= 1 and not doc["errors"] and doc["output_tokens_per_s"] > 0
     assert doc["ttft_p50_ms"] is not None
     wait_for(lambda: _free(llm), "every KV page back in the pool")
+
+
+def test_an_itl_target_measures_its_steps_and_answers_alike(llm: bllm.LLM) -> None:
+    """A service with an ITL target measures the step latency model before it is ready,
+    then answers concurrent greedy streams exactly as alone."""
+    prompts = _prompts(6, seed=11)
+    want = [_alone(llm, p, 9) for p in prompts]
+    service = LlmService("slo", llm, itl_slo=0.05)
+    with LiveServer([], llms=[service]) as live:
+        assert service.scheduler.step_model is not None
+        client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+
+        async def one(prompt: list[int]) -> str:
+            got = await client.completions.create(model="slo", prompt=prompt, max_tokens=9,
+                                                  temperature=0,
+                                                  extra_body={"ignore_eos": True})
+            return got.choices[0].text
+
+        async def many() -> list[str]:
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        assert asyncio.run(many()) == want
+    assert _free(llm)

@@ -5,13 +5,15 @@ attend each query row over its sequence's pages.
 
 Written as TensorIR by hand (TVMScript): the loop bounds come from the page tables at run
 time, which no TE compute expresses. A first parallel loop over (sequence, KV head) writes the
-sequence's new rows into their slots; a second runs over (sequence, KV head, every `parts`-th
-query row of the chunk, so that one sequence's prefill keeps every core busy): each query row
-walks the sequence's pages a page at a time: the page's K is read once for the whole GQA
-group (transposed, so that a page's scores are one vector, each lane summing over the head
-dim in order), and an online softmax (running max and sum, the accumulator rescaled once per
-page) folds the page's V in, vectorised over the head dim. Rows past the batch's last
-sequence (padding) are zeroed.
+sequence's new rows into their slots. A second runs over (part, sequence, KV head): a
+sequence's query rows are cut into tiles of up to 8 rows strided across its chunk (later rows
+attend longer), spread over the parts, so that one prompt's prefill and many sequences'
+decodes alike keep every core busy. A tile walks its sequence's pages once for all its rows
+and the GQA group: each page is loaded in f32 (dequantized; K transposed, so that a page's
+scores are one vector per query, summed over the head dim in 4 independent chains), then an
+online softmax (running max and sum, the accumulator rescaled once per page; exp in
+vectorised f32 arithmetic) folds the page's V in, vectorised over the head dim. Rows past the
+batch's last sequence (padding) are zeroed.
 """
 from __future__ import annotations
 
@@ -54,6 +56,36 @@ def _bounds(seq_indptr: Any, kv_len: Any, page_indptr: Any, b: Any, tt: int,
     return start, n, first_pos, base, last_page
 
 
+def _load(cache: Any, scales: Any, layer: Any, page: Any, kv: int, h: Any, o: Any, d: Any,
+          int4: bool, int8: bool, gs: int) -> Any:
+    """One cached element in f32 (dequantized: 4-bit codes with their group's scale and
+    minimum, int8 with its row's scale). A TIR expression, for the kernel's TVMScript."""
+    if int4:
+        code = T.shift_right(T.Cast("int32", cache[layer, page, kv, h, o, d // 2]),
+                             (d % 2) * 4) & 15
+        return T.Cast("float32", code) * scales[layer, page, kv, h, o, d // gs, 0] \
+            + scales[layer, page, kv, h, o, d // gs, 1]
+    if int8:
+        return T.Cast("float32", cache[layer, page, kv, h, o, d]) \
+            * scales[layer, page, kv, h, o]
+    return T.Cast("float32", cache[layer, page, kv, h, o, d])
+
+
+def _exp(x: Any) -> Any:
+    """e^x in f32 arithmetic that vectorises (LLVM's exp is a libm call per lane): x clamped
+    to -87 (so 2^n stays a normal float; a NaN stays NaN), e^x = 2^n * e^y with n =
+    round(x log2 e) and |y| <= ln2/2, e^y by its Taylor series to y^7 (relative error below
+    1e-7 there). A TIR expression, for the kernel's TVMScript."""
+    t = T.if_then_else(x < T.float32(-87.0), T.float32(-87.0), x) \
+        * T.float32(1.4426950408889634)
+    n = T.floor(t + T.float32(0.5))
+    y = (t - n) * T.float32(0.6931471805599453)
+    poly = T.float32(1.0 / 5040)
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        poly = poly * y + T.float32(c)
+    return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+
+
 @functools.lru_cache(maxsize=64)
 def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
         *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
@@ -73,6 +105,9 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
     sc = float(scale)
     win = int(window)
     parts = max(1, min(8, tt // bb))  # attention tasks a (sequence, KV head)
+    rr = min(8, tt)  # query rows a task takes at once: each page is loaded once for them
+    nacc = 4 if dd % 4 == 0 else 1  # partial sums of a score vector
+    blk = 16 if dd % 16 == 0 else 1  # K transposed in blocks of head-dim lanes (unrolled)
 
     @T.macro
     def body(q, k, v, cache, seq_indptr, kv_len, page_indptr, page_indices, out,  # noqa: C901
@@ -134,85 +169,105 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                                                                        k[start + j, h, d])
                         cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage,
                                                                        v[start + j, h, d])
-        # attention: (sequence, KV head, every parts-th query row), so that a prefill chunk
-        # of one sequence keeps every core busy (its later rows attend longer: strided)
-        for task in T.parallel(bb * hk * parts):
-            b = task // (hk * parts)
-            h = (task // parts) % hk
-            part = task % parts
+        # attention: tasks (part, sequence, KV head); a sequence's rows are cut into tiles of
+        # up to `rr` rows strided across the chunk (its later rows attend longer), tile k
+        # going to part (k + b) % parts, so that one prefill chunk, and the decode rows of
+        # many sequences, spread over the cores (a parallel loop splits its range in order)
+        for task in T.parallel(parts * bb * hk):
+            part = task // (bb * hk)
+            b = (task // hk) % bb
+            h = task % hk
             start, n, first_pos, base, last_page = _bounds(seq_indptr, kv_len, page_indptr, b,
                                                            tt, ns)
-            m = T.decl_buffer((group,), "float32", scope="local")
-            total = T.decl_buffer((group,), "float32", scope="local")
-            acc = T.decl_buffer((group, dd), "float32", scope="local")
-            score = T.decl_buffer((group, ss), "float32", scope="local")
+            m = T.decl_buffer((rr, group), "float32", scope="local")
+            total = T.decl_buffer((rr, group), "float32", scope="local")
+            acc = T.decl_buffer((rr, group, dd), "float32", scope="local")
+            score = T.decl_buffer((rr, group, ss), "float32", scope="local")
             keys = T.decl_buffer((dd, ss), "float32", scope="local")  # a page's K, transposed
-            for jj in range((n - part + parts - 1) // parts):
-                j = part + jj * parts
-                pos_q = first_pos + j
-                lo = T.max(pos_q - win + 1, 0) if win > 0 else 0
-                for g in range(group):
-                    m[g] = T.float32(-3.0e38)
-                    total[g] = T.float32(0)
-                    for d in T.vectorized(dd):
-                        acc[g, d] = T.float32(0)
-                for pg in range(lo // ss, T.min(pos_q // ss + 1, last_page)):
-                    page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
-                    for o in range(ss):
-                        for d in range(dd):
-                            if int4:
-                                keys[d, o] = T.Cast("float32", T.shift_right(T.Cast(
-                                    "int32", cache[layer, page, 0, h, o, d // 2]),
-                                    (d % 2) * 4) & 15) * scales[layer, page, 0, h, o, d // gs, 0] \
-                                    + scales[layer, page, 0, h, o, d // gs, 1]
-                            elif int8:
-                                keys[d, o] = T.Cast("float32", cache[layer, page, 0, h, o, d]) \
-                                    * scales[layer, page, 0, h, o]
-                            else:
-                                keys[d, o] = T.Cast("float32", cache[layer, page, 0, h, o, d])
+            vals = T.decl_buffer((ss, dd), "float32", scope="local")
+            kf = T.decl_buffer((ss, dd), "float32", scope="local")
+            psum = T.decl_buffer((nacc, ss), "float32", scope="local")
+            tiles = (n + rr - 1) // rr
+            for kk in range((tiles - (part - b % parts + parts) % parts + parts - 1) // parts):
+                k_tile = (part - b % parts + parts) % parts + kk * parts
+                rows = (n - k_tile + tiles - 1) // tiles  # rows k_tile, k_tile + tiles, ...
+                for i in range(rr):
                     for g in range(group):
-                        # the page's scores as one vector: each lane sums over d in order
-                        for o in T.vectorized(ss):
-                            score[g, o] = T.float32(0)
-                        for d in range(dd):
-                            for o in T.vectorized(ss):
-                                score[g, o] = score[g, o] + q[start + j, h * group + g, d] \
-                                    * keys[d, o]
-                        mx = T.decl_buffer((1,), "float32", scope="local")
-                        mx[0] = m[g]
-                        for o in range(ss):
-                            if pg * ss + o >= lo and pg * ss + o <= pos_q:
-                                score[g, o] = score[g, o] * T.float32(sc)
-                                mx[0] = T.max(mx[0], score[g, o])
-                        correction = T.exp(m[g] - mx[0])
-                        total[g] = total[g] * correction
+                        m[i, g] = T.float32(-3.0e38)
+                        total[i, g] = T.float32(0)
                         for d in T.vectorized(dd):
-                            acc[g, d] = acc[g, d] * correction
+                            acc[i, g, d] = T.float32(0)
+                first_q = first_pos + k_tile
+                last_q = first_pos + k_tile + (rows - 1) * tiles
+                lo_first = T.max(first_q - win + 1, 0) if win > 0 else 0
+                for pg in range(lo_first // ss, T.min(last_q // ss + 1, last_page)):
+                    page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
+                    for o in range(ss):  # the page in f32: K transposed, V as stored
+                        for d in T.vectorized(dd):
+                            kf[o, d] = _load(cache, scales, layer, page, 0, h, o, d, int4,
+                                             int8, gs)
+                    for db in range(dd // blk):
                         for o in range(ss):
-                            if pg * ss + o >= lo and pg * ss + o <= pos_q:
-                                p = T.exp(score[g, o] - mx[0])
-                                total[g] = total[g] + p
-                                if int4:
+                            for dl in T.unroll(blk):
+                                keys[db * blk + dl, o] = kf[o, db * blk + dl]
+                    for o in range(ss):
+                        for d in T.vectorized(dd):
+                            vals[o, d] = _load(cache, scales, layer, page, 1, h, o, d, int4,
+                                               int8, gs)
+                    # every row's and query head's scores as vectors over the page, summed
+                    # over d in `nacc` independent chains (unrolled: they stay in registers)
+                    for i in range(rows):
+                        for g in range(group):
+                            for u in T.unroll(nacc):
+                                for o in T.vectorized(ss):
+                                    psum[u, o] = T.float32(0)
+                            for du in T.unroll(dd // nacc):
+                                for u in T.unroll(nacc):
+                                    for o in T.vectorized(ss):
+                                        psum[u, o] = psum[u, o] + q[
+                                            start + k_tile + i * tiles, h * group + g,
+                                            du * nacc + u] * keys[du * nacc + u, o]
+                            for o in T.vectorized(ss):
+                                score[i, g, o] = psum[0, o]
+                            for u in T.unroll(1, nacc):
+                                for o in T.vectorized(ss):
+                                    score[i, g, o] = score[i, g, o] + psum[u, o]
+                    for i in range(rows):  # online softmax: the page's weights, rescaling
+                        pos_q = first_q + i * tiles
+                        lo = T.max(pos_q - win + 1, 0) if win > 0 else 0
+                        o_lo = T.max(lo - pg * ss, 0)
+                        o_hi = T.min(pos_q - pg * ss, ss - 1)
+                        if o_lo <= o_hi:
+                            for g in range(group):
+                                mx = T.decl_buffer((1,), "float32", scope="local")
+                                mx[0] = m[i, g]
+                                for o in range(o_lo, o_hi + 1):
+                                    mx[0] = T.max(mx[0], score[i, g, o] * T.float32(sc))
+                                correction = _exp(m[i, g] - mx[0])
+                                total[i, g] = total[i, g] * correction
+                                for d in T.vectorized(dd):
+                                    acc[i, g, d] = acc[i, g, d] * correction
+                                for o in T.vectorized(ss):  # one exp per lane, vectorised
+                                    score[i, g, o] = T.if_then_else(
+                                        o >= o_lo and o <= o_hi,
+                                        _exp(score[i, g, o] * T.float32(sc) - mx[0]),
+                                        T.float32(0))
+                                for o in range(o_lo, o_hi + 1):
+                                    total[i, g] = total[i, g] + score[i, g, o]
+                                m[i, g] = mx[0]
+                    for o in range(ss):  # the weighted values: position outermost
+                        for i in range(rows):
+                            pos_q = first_q + i * tiles
+                            if pg * ss + o <= pos_q and (win == 0 or pg * ss + o > pos_q - win):
+                                for g in range(group):
                                     for d in T.vectorized(dd):
-                                        acc[g, d] = acc[g, d] + p * (T.Cast(
-                                            "float32", T.shift_right(T.Cast(
-                                                "int32", cache[layer, page, 1, h, o, d // 2]),
-                                                (d % 2) * 4) & 15)
-                                            * scales[layer, page, 1, h, o, d // gs, 0]
-                                            + scales[layer, page, 1, h, o, d // gs, 1])
-                                elif int8:
-                                    pv = p * scales[layer, page, 1, h, o]
-                                    for d in T.vectorized(dd):
-                                        acc[g, d] = acc[g, d] + pv * T.Cast(
-                                            "float32", cache[layer, page, 1, h, o, d])
-                                else:
-                                    for d in T.vectorized(dd):
-                                        acc[g, d] = acc[g, d] + p * T.Cast(
-                                            "float32", cache[layer, page, 1, h, o, d])
-                        m[g] = mx[0]
-                for g in range(group):
-                    for d in T.vectorized(dd):
-                        out[start + j, h * group + g, d] = acc[g, d] / total[g]
+                                        acc[i, g, d] = acc[i, g, d] \
+                                            + score[i, g, o] * vals[o, d]
+                for i in range(rows):
+                    for g in range(group):
+                        for d in T.vectorized(dd):
+                            out[start + k_tile + i * tiles, h * group + g, d] = \
+                                acc[i, g, d] / total[i, g]
         for t in T.parallel(tt):
             if t >= seq_indptr[bb]:
                 for c in range(hq):
