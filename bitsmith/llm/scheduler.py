@@ -324,8 +324,8 @@ class Scheduler:
                     budget: int) -> int:
         """The most prompt tokens (a compiled step size less the decodes) whose step the
         model predicts within the target; the smallest such size when none is."""
-        model = self.step_model
-        if model is None:
+        model, target = self.step_model, self.itl_slo
+        if model is None or target is None:
             raise InputError("an ITL target needs the step latency model: call calibrate()")
         length = self.engine.blocks.length
         steps = sorted({e.tokens - len(decodes) for e in self.engine.entries
@@ -335,7 +335,7 @@ class Scheduler:
         for take in steps:
             chunks = [(length(h.id), len(t)) for h, t in _chunks(prefilling, take)]
             self.predicted = model.predict(seen + chunks)
-            if self.predicted <= self.itl_slo:
+            if self.predicted <= target:
                 return take
         return steps[-1]
 
