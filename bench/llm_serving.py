@@ -4,13 +4,20 @@ no chunked prefill), the prefix cache on and off, and llama.cpp's server on the 
 
     python bench/llm_serving.py [--artifact smol.bsm] [--clients 8 32] [--duration 60]
                                 [--prompt-len 48:400] [--gen-len 16:256] [--no-llama-cpp]
+                                [--itl-slo-ms 100] [--prefix-rate 1.0]
 
 Every server runs as its own process on 2 threads (bitsmith: TVM's pool; llama.cpp:
 n_threads=2) and is loaded by `bitsmith loadtest --openai`'s generator from this process:
 closed loop, `--clients` streaming clients, prompts of `--prompt-len` words (about 1.3
 SmolLM2 tokens a word), `max_tokens` from `--gen-len` with `ignore_eos`. Without --artifact,
-SmolLM2's Q4_1 GGUF is compiled with int8 activation blocks (W4A8), max_batch 8.
+SmolLM2's Q4_1 GGUF is compiled with int8 activation blocks (W4A8), max_batch 16, prefill
+chunks of 32, 64, 128 and 256 tokens.
 Rows: output tokens/s, requests/s, TTFT and inter-token latency percentiles.
+
+The prefix cache is measured on a chat workload: a shared system prompt of 256 words (about
+330 tokens) before a user turn of 8-32 words, outputs of 16-64 tokens, with Poisson arrivals
+at `--prefix-rate` requests/s (below what the server sustains, so that TTFT is the prefill's
+time rather than the queue's), then with `--clients` in a closed loop.
 """
 from __future__ import annotations
 
@@ -94,11 +101,13 @@ def llama_cpp_server(gguf: Path, n_ctx: int) -> Server:
 
 
 def measure(server: Server, args: argparse.Namespace, clients: int,
-            shared_prefix: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+            shared_prefix: int = 0, extra: dict[str, Any] | None = None,
+            rate: float | None = None, prompt_len: tuple[int, int] | None = None,
+            gen_len: tuple[int, int] | None = None) -> dict[str, Any]:
     report = asyncio.run(run_openai_load(
-        server.url, "smol", duration=args.duration, concurrency=clients,
-        prompt_len=args.prompt_len, gen_len=args.gen_len, shared_prefix=shared_prefix,
-        seed=clients, extra=extra))
+        server.url, "smol", duration=args.duration, concurrency=clients, rate=rate,
+        prompt_len=prompt_len or args.prompt_len, gen_len=gen_len or args.gen_len,
+        shared_prefix=shared_prefix, seed=clients, extra=extra))
     return report.to_json()
 
 
@@ -120,6 +129,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", default="48:400")
     parser.add_argument("--gen-len", default="16:256")
     parser.add_argument("--max-seq", type=int, default=1024)
+    parser.add_argument("--itl-slo-ms", type=float, default=100.0,
+                        help="the ITL target of the row that sets one")
+    parser.add_argument("--prefix-rate", type=float, default=1.0,
+                        help="Poisson arrivals (requests/s) of the prefix-cache scenario")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--only-llama-cpp", action="store_true",
                         help="llama.cpp's server alone (no compile, no bitsmith rows)")
@@ -141,11 +154,14 @@ def main() -> None:
         import bitsmith.llm as bllm
         artifact = tmp / "smol.bsm"
         start = time.perf_counter()
-        bllm.compile("smollm2", act="int8", max_batch=8, max_seq=args.max_seq,
-                     prefill=(64, 256), score_chunk=0).save(artifact)
-        print(f"compiled SmolLM2 (W4A8, max_batch 8) in {time.perf_counter() - start:.0f} s",
+        bllm.compile("smollm2", act="int8", max_batch=16, max_seq=args.max_seq,
+                     prefill=(32, 64, 128, 256), score_chunk=0).save(artifact)
+        print(f"compiled SmolLM2 (W4A8, max_batch 16) in {time.perf_counter() - start:.0f} s",
               flush=True)
+    slo = f"{args.itl_slo_ms:g}"
     configs = [("bitsmith: continuous + chunked prefill", ()),
+               (f"bitsmith: continuous + chunked, ITL target {slo} ms",
+                ("--itl-slo-ms", slo)),
                ("bitsmith: one request at a time", ("--max-batch", "1")),
                ("bitsmith: requests batched whole", ("--policy", "whole")),
                ("bitsmith: continuous, no chunked prefill", ("--policy", "prefill-first"))]
@@ -161,12 +177,18 @@ def main() -> None:
             with llama_cpp_server(smollm2_path(), args.max_seq) as server:
                 print(row("llama.cpp server (same GGUF)", measure(
                     server, args, clients, extra=NO_EOS)), flush=True)
-    clients = max(args.clients)
-    print(f"\nshared system prompt of 256 words, {clients} clients\n{header}", flush=True)
-    for name, flags in (("bitsmith, prefix cache off", ()),
-                        ("bitsmith, prefix cache on", ("--prefix-cache",))):
-        with bitsmith_server(artifact, *flags) as server:
-            print(row(name, measure(server, args, clients, shared_prefix=256)), flush=True)
+    chat = {"prompt_len": (8, 32), "gen_len": (16, 64), "shared_prefix": 256}
+    for label, clients, rate in ((f"Poisson arrivals at {args.prefix_rate:g} requests/s", 64,
+                                  args.prefix_rate),
+                                 (f"{max(args.clients)} clients, closed loop",
+                                  max(args.clients), None)):
+        print(f"\nshared system prompt of 256 words, user turns of 8-32 words, outputs of "
+              f"16-64 tokens; {label}\n{header}", flush=True)
+        for name, flags in (("bitsmith, prefix cache off", ()),
+                            ("bitsmith, prefix cache on", ("--prefix-cache",))):
+            with bitsmith_server(artifact, *flags) as server:
+                print(row(name, measure(server, args, clients, rate=rate, **chat)),
+                      flush=True)
 
 
 if __name__ == "__main__":

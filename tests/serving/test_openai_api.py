@@ -5,15 +5,19 @@ non-streaming, stop strings never leak, a disconnect frees its pages, errors in 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import openai
+import orjson
 import pytest
 
 import bitsmith.llm as bllm
 from bitsmith.serving.openai_api import LlmService
+from bitsmith.serving.server import ServeOptions
 
 from .live import LiveServer, metric, wait_for
 
@@ -266,4 +270,57 @@ def test_an_itl_target_measures_its_steps_and_answers_alike(llm: bllm.LLM) -> No
             return await asyncio.gather(*(one(p) for p in prompts))
 
         assert asyncio.run(many()) == want
+    assert _free(llm)
+
+
+def test_sigterm_drains_llm_streams(llm: bllm.LLM) -> None:
+    """SIGTERM with streams in flight (running and queued): each stream already accepted ends
+    with [DONE], its text whole (as alone) or an error event, never cut silently; a request
+    after the signal is a 503; every page comes back and the server exits."""
+    prompts = _prompts(6, seed=21)
+    new = 100
+    want = [_alone(llm, p, new) for p in prompts]
+    service = LlmService("drain", llm)
+    submitted: list[int] = []
+    submit = service.scheduler.submit
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        handle = submit(*args, **kwargs)
+        submitted.append(handle.id)
+        return handle
+
+    with LiveServer([], ServeOptions(drain_grace_ms=1000), llms=[service]) as live:
+        service.scheduler.submit = counted  # type: ignore[method-assign]  # after warm-up
+        def stream(prompt: list[int]) -> tuple[str, bool, bool]:
+            text, done, error = "", False, False
+            body = {"model": "drain", "prompt": prompt, "max_tokens": new, "temperature": 0,
+                    "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", live.url + "/v1/completions", json=body,
+                              timeout=60) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        doc = orjson.loads(line[6:])
+                        error = error or "error" in doc
+                        text += "".join(c["text"] for c in doc.get("choices", []))
+            return text, done, error
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(stream, p) for p in prompts]
+            wait_for(lambda: len(submitted) == len(prompts), "every request accepted")
+            scheduler = service.scheduler
+            in_flight = len(scheduler.running) + len(scheduler.waiting)
+            live.server.handle_exit(signal.SIGTERM, None)
+            late = httpx.post(live.url + "/v1/completions", timeout=30,
+                              json={"model": "drain", "prompt": [5], "max_tokens": 2})
+            results = [f.result() for f in futures]
+        live.thread.join(60)
+        assert not live.thread.is_alive(), "the server did not exit"
+    assert in_flight >= 1  # the last one accepted at least: it needs `new` steps
+    assert late.status_code == 503 and "drain" in late.json()["error"]["message"]
+    for (text, done, error), full in zip(results, want, strict=True):
+        assert done, "a stream was cut without [DONE]"
+        assert error or text == full
     assert _free(llm)
