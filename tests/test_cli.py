@@ -190,3 +190,18 @@ def test_compile_sign_and_run_key(tmp_path, capsys) -> None:
     assert "signature does not match" in capsys.readouterr().err
     assert main(["run", str(signed), "--key", str(key), *run]) == 0
     assert np.load(tmp_path / "y.npy").shape == (1, 10)
+
+
+def test_sizes_and_durations_parse_with_their_units() -> None:
+    import pytest
+
+    from bitsmith.cli.serve import parse_duration, parse_size
+    from bitsmith.errors import CliError
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("512") == 512 * 2**20 and parse_size("64k") == 64 * 2**10
+    assert parse_duration("30s") == 30 and parse_duration("500ms") == 0.5
+    for bad in ("2XB", "-1G", "0", "GiB", "1e9"):
+        with pytest.raises(CliError, match="expected a size"):
+            parse_size(bad)
+    with pytest.raises(CliError, match="expected a duration"):
+        parse_duration("soon")

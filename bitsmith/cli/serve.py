@@ -17,6 +17,7 @@ from .console import err, read_key
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
 _SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\Z", re.IGNORECASE)
 
 
 def add_parsers(sub: Any) -> None:
@@ -47,8 +48,9 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--prefix-cache", action="store_true",
                        help="LLM: keep full KV pages for later prompts that start the same way "
                             "(a shared system prompt skips its prefill)")
-    serve.add_argument("--kv-memory-mb", type=float,
-                       help="LLM: KV cache budget in MiB (default: what it was saved with)")
+    serve.add_argument("--kv-memory", type=parse_size, metavar="SIZE",
+                       help="LLM: KV cache budget, e.g. 512MiB or 2GiB (a bare number is MiB; "
+                            "default: what it was saved with)")
     serve.add_argument("--batch-sizes", metavar="1,2,4,...",
                        help="batch sizes to pad to and warm up (default: powers of two up to "
                             "--max-batch, and --max-batch)")
@@ -128,6 +130,15 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '512M', '64K' (powers of 1024) or a bare number of MiB -> bytes."""
+    match = _SIZE.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise CliError(f"expected a size such as 512MiB or 2GiB, got {text!r}")
+    unit = (match.group(2) or "M").upper()[0]
+    return int(float(match.group(1)) * 1024 ** "BKMGT".index(unit))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the artifacts and serve them until SIGTERM/Ctrl-C (then drain)."""
     from ..llm.artifact import from_artifact as llm_from_artifact  # noqa: PLC0415
@@ -157,8 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = args.name[i] if i < len(args.name) else Path(path).stem
         artifact = load_artifact(path, host=host_description(), key=key)
         if "llm" in artifact.manifest.metadata:
-            memory = int(args.kv_memory_mb * 2**20) if args.kv_memory_mb else None
-            llm = llm_from_artifact(artifact, path, kv_memory=memory)
+            llm = llm_from_artifact(artifact, path, kv_memory=args.kv_memory)
             llms.append(LlmService(name, llm, token_budget=args.token_budget,
                                    max_batch=args.max_batch, max_waiting=args.queue_size,
                                    prefix_cache=args.prefix_cache, policy=args.policy,
