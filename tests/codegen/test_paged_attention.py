@@ -17,17 +17,17 @@ from bitsmith.ir.dialects.kv import PagedAttentionOp, cache_type, int4_group, sc
 from bitsmith.ir.dtypes import bf16, f16, f32, i8, i32, u8
 from bitsmith.runtime.executor import as_tvm, state_array
 
-T, B, HQ, HK, D, L, S, SLOTS, PAGES = 13, 4, 6, 2, 16, 2, 4, 12, 9
+T, B, HQ, HK, D, L, S, SLOTS, PAGES = 40, 4, 6, 2, 16, 2, 4, 16, 16
 # sequence 0: a chunk of 5 after 2 cached positions; 1: one decode row at position 8;
-# 2: no rows this step (a padded batch slot); 3: a fresh prompt of 4; rows 10..12: padding
+# 2: no rows this step (a padded batch slot); 3: a fresh prompt of 4; rows 10..39: padding
 SEQ_INDPTR = [0, 5, 6, 6, 10]
 KV_LEN = [7, 9, 3, 4]
 PAGE_INDPTR = [0, 2, 5, 6, 7]
-PAGE_INDICES = [3, 0, 8, 1, 5, 6, 2, 0, 0, 0, 0, 0]
-# a long chunk: sequence 0 reads 11 rows after 2 cached positions (its rows take two tiles of
-# the kernel's 8), sequence 1 decodes at position 8, 2 has no rows, 3 a prompt of 1
-LONG = ([0, 11, 12, 12, 13], [13, 9, 3, 1], [0, 4, 7, 8, 9],
-        [3, 0, 8, 1, 5, 6, 2, 4, 7, 0, 0, 0])
+PAGE_INDICES = [3, 0, 8, 1, 5, 6, 2] + [0] * 9
+# a long chunk: sequence 0 reads 35 rows after 2 cached positions (three tiles of the
+# kernel's 16 rows), sequence 1 decodes at position 8, 2 has no rows, 3 a prompt of 1
+LONG = ([0, 35, 36, 36, 37], [37, 9, 3, 1], [0, 10, 13, 14, 15],
+        [3, 0, 8, 1, 5, 6, 2, 4, 7, 9, 15, 12, 10, 11, 13, 0])
 
 
 def _module(window: int, dtype) -> Module:
@@ -105,9 +105,9 @@ def test_kernel_matches_the_interpreter(window: int, long: bool, dtype, npdtype)
 @pytest.mark.parametrize("field, value, message", [
     (5, [7, 9, 3, 40], "holds 40 position"),         # more positions than its pages hold
     (5, [2, 9, 3, 4], "after a chunk of 5"),          # fewer positions than its new rows
-    (7, [3, 0, 8, 1, 5, 6, 99, 0, 0, 0, 0, 0], "names pages"),  # a page past the cache
+    (7, [3, 0, 8, 1, 5, 6, 99] + [0] * 9, "names pages"),  # a page past the cache
     (4, [0, 5, 4, 6, 10], "must rise"),               # rows that go backwards
-    (6, [0, 2, 5, 6, 13], "must rise"),               # a page table past its entries
+    (6, [0, 2, 5, 6, 17], "must rise"),               # a page table past its entries
 ])
 def test_interpreter_refuses_inconsistent_tables(field: int, value: list[int],
                                                  message: str) -> None:

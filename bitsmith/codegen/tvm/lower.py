@@ -211,8 +211,8 @@ def lower_full(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 
 
 # ---- elementwise ------------------------------------------------------------------------------
-_UNARY = {"exp": topi.exp, "log": topi.log, "sqrt": topi.sqrt, "rsqrt": topi.rsqrt,
-          "tanh": topi.tanh, "erf": topi.erf, "sigmoid": topi.sigmoid, "abs": topi.abs,
+_UNARY = {"log": topi.log, "sqrt": topi.sqrt, "rsqrt": topi.rsqrt,  # exp: lower_math
+          "tanh": topi.tanh, "erf": topi.erf, "abs": topi.abs,
           "neg": topi.negative, "sin": topi.sin, "cos": topi.cos, "floor": topi.floor,
           "ceil": topi.ceil, "logical_not": topi.logical_not}
 _BINARY = {"eq": topi.equal,  # add, sub, mul, div: lower_math.lower_arithmetic
@@ -265,11 +265,6 @@ def lower_relu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
 def _nan_kept(v: Any, out: Any, dtype: object) -> Any:
     """`out`, or v where v is NaN (LLVM's max/min would return the other operand)."""
     return tvm.tirx.Select(tvm.tirx.isnan(v), v, out) if str(dtype).startswith("float") else out
-
-
-@lowers("silu")
-def lower_silu(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-    return topi.multiply(args[0], topi.sigmoid(args[0]))
 
 
 @lowers("gelu")

@@ -1,7 +1,7 @@
 """Generic lowering of the elementwise ops whose numerics need care: float + - * / (kept from
 TVM's integer simplifier), round, sign, and Python's floor division and remainder (the sign of
 the divisor), C's fmod (the sign of the dividend), log1p and expm1, each as the interpreter
-defines it.
+defines it. exp, sigmoid and silu by `fast_exp` (f32 arithmetic that vectorises).
 
 Float ops compute in f32 and round once to the result type, as the interpreter does for f16 and
 bf16. Integer division by zero is undefined in a kernel (x86 traps): the divisor is replaced by 1
@@ -9,6 +9,7 @@ there, so such an element is wrong but the process lives; the interpreter raises
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,56 @@ def _in_f32(x: Expr, dtype: str, fn: Callable[[Expr], Expr]) -> Expr:
     """fn over x (of float type `dtype`) computed in f32, rounded back to `dtype`."""
     out = fn(x if dtype == "float32" else x.astype("float32"))
     return out if dtype == "float32" else out.astype(dtype)
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = hi + lo; n * hi exact for |n| < 2^15
+_EXP_MAX, _EXP_MIN = 88.72283935546875, -87.33654022216797  # e^x overflows / is not normal
+
+
+def fast_exp(x: Expr) -> Expr:
+    """e^x of an f32 expression in f32 arithmetic that LLVM vectorises (its exp is a libm call
+    per lane): n = round(x log2 e), y = x - n ln2 in two parts (Cody-Waite, |y| <= ln2 / 2),
+    e^y by its Taylor series to y^7 (truncation 5e-9, a few ulp in all), times 2^n built in
+    the exponent bits (as 2^(n-1) * 2 for n > 0, so that n = 128 stays finite). inf past the overflow threshold, 0 below the smallest normal
+    result (where libm gives a subnormal under 1.2e-38), NaN for NaN."""
+    def f(c: float) -> Expr:
+        return T.const(c, "float32")
+    clamped = T.Select(x > f(_EXP_MAX), f(_EXP_MAX), T.Select(x < f(_EXP_MIN), f(_EXP_MIN), x))
+    n = T.floor(clamped * f(_LOG2E) + f(0.5))
+    y = (clamped - n * f(_LN2_HI)) - n * f(_LN2_LO)
+    poly = f(1.0 / 5040)
+    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        poly = poly * y + f(c)
+    k = T.Cast("int32", n)
+    up = T.Select(k > 0, T.const(1, "int32"), T.const(0, "int32"))  # 2^n = 2^(n-up) * 2^up
+    out = poly * T.reinterpret("float32", T.shift_left(k + 127 - up, 23)) \
+        * T.Select(k > 0, f(2.0), f(1.0))
+    return T.Select(x > f(_EXP_MAX), f(math.inf), T.Select(x < f(_EXP_MIN), f(0.0), out))
+
+
+def _exp_family(name: str, x: Expr) -> Expr:
+    """exp, sigmoid (1 / (1 + e^-x)) or silu (x * sigmoid(x)) of an f32 expression."""
+    if name == "exp":
+        return fast_exp(x)
+    sig = T.const(1.0, "float32") / (T.const(1.0, "float32") + fast_exp(-x))
+    return sig if name == "sigmoid" else x * sig
+
+
+@lowers("exp", "sigmoid", "silu")
+def lower_exp(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+    """e^x and what is built on it, in f32 (f16 and bf16 round once); f64 by libm."""
+    name = op.name.split(".")[1]
+    a = args[0]
+    dtype = str(a.dtype)
+    if dtype == "float64":
+        return {"exp": topi.exp, "sigmoid": topi.sigmoid,
+                "silu": lambda v: topi.multiply(v, topi.sigmoid(v))}[name](a)
+    if not dtype.startswith(("float", "bfloat")):
+        raise CodegenError(f"generic lowering of '{op.name}' on {dtype} is not written yet")
+    return compute(shape_of(a), lambda *i: _in_f32(a(*i), dtype,
+                                                   lambda v: _exp_family(name, v)),
+                   name=name)
 
 
 @lowers("maximum", "minimum")

@@ -6,8 +6,8 @@ attend each query row over its sequence's pages.
 Written as TensorIR by hand (TVMScript): the loop bounds come from the page tables at run
 time, which no TE compute expresses. A first parallel loop over (sequence, KV head) writes the
 sequence's new rows into their slots. A second runs over (part, sequence, KV head): a
-sequence's query rows are cut into tiles of up to 8 rows strided across its chunk (later rows
-attend longer), spread over the parts, so that one prompt's prefill and many sequences'
+sequence's query rows are cut into tiles of up to 16 consecutive rows (which share each page
+they read), tile k going to part (k + b) % parts (later tiles attend longer), so that one prompt's prefill and many sequences'
 decodes alike keep every core busy. A tile walks its sequence's pages once for all its rows
 and the GQA group: each page is loaded in f32 (dequantized; K transposed, so that a page's
 scores are one vector per query, summed over the head dim in 4 independent chains), then an
@@ -27,6 +27,7 @@ from ...ir import Operation
 from ...ir.dialects.kernel import FusedOp
 from ...ir.dialects.kv import PagedAttentionOp, int4_group
 from ..template import Config, KnobSpace, Problem, Target, register_template
+from .lower_math import fast_exp
 from .templates import TvmKernel, TvmTemplate
 
 _STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8",
@@ -71,21 +72,6 @@ def _load(cache: Any, scales: Any, layer: Any, page: Any, kv: int, h: Any, o: An
     return T.Cast("float32", cache[layer, page, kv, h, o, d])
 
 
-def _exp(x: Any) -> Any:
-    """e^x in f32 arithmetic that vectorises (LLVM's exp is a libm call per lane): x clamped
-    to -87 (so 2^n stays a normal float; a NaN stays NaN), e^x = 2^n * e^y with n =
-    round(x log2 e) and |y| <= ln2/2, e^y by its Taylor series to y^7 (relative error below
-    1e-7 there). A TIR expression, for the kernel's TVMScript."""
-    t = T.if_then_else(x < T.float32(-87.0), T.float32(-87.0), x) \
-        * T.float32(1.4426950408889634)
-    n = T.floor(t + T.float32(0.5))
-    y = (t - n) * T.float32(0.6931471805599453)
-    poly = T.float32(1.0 / 5040)
-    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-        poly = poly * y + T.float32(c)
-    return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-
-
 @functools.lru_cache(maxsize=64)
 def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python branches
         *, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int, layers: int,
@@ -105,7 +91,7 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
     sc = float(scale)
     win = int(window)
     parts = max(1, min(8, tt // bb))  # attention tasks a (sequence, KV head)
-    rr = min(8, tt)  # query rows a task takes at once: each page is loaded once for them
+    rr = min(16, tt)  # query rows a task takes at once: each page is loaded once for them
     nacc = 4 if dd % 4 == 0 else 1  # partial sums of a score vector
     blk = 16 if dd % 16 == 0 else 1  # K transposed in blocks of head-dim lanes (unrolled)
 
@@ -170,9 +156,9 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                         cache[layer, page, 1, h, pos % ss, d] = T.Cast(storage,
                                                                        v[start + j, h, d])
         # attention: tasks (part, sequence, KV head); a sequence's rows are cut into tiles of
-        # up to `rr` rows strided across the chunk (its later rows attend longer), tile k
-        # going to part (k + b) % parts, so that one prefill chunk, and the decode rows of
-        # many sequences, spread over the cores (a parallel loop splits its range in order)
+        # up to `rr` consecutive rows, tile k going to part (k + b) % parts, so that one
+        # prefill chunk (its later tiles attend longer), and the decode rows of many
+        # sequences, spread over the cores (a parallel loop splits its range in order)
         for task in T.parallel(parts * bb * hk):
             part = task // (bb * hk)
             b = (task // hk) % bb
@@ -190,15 +176,15 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
             tiles = (n + rr - 1) // rr
             for kk in range((tiles - (part - b % parts + parts) % parts + parts - 1) // parts):
                 k_tile = (part - b % parts + parts) % parts + kk * parts
-                rows = (n - k_tile + tiles - 1) // tiles  # rows k_tile, k_tile + tiles, ...
+                rows = T.min(rr, n - k_tile * rr)  # rows k_tile * rr, ... of the chunk
                 for i in range(rr):
                     for g in range(group):
                         m[i, g] = T.float32(-3.0e38)
                         total[i, g] = T.float32(0)
                         for d in T.vectorized(dd):
                             acc[i, g, d] = T.float32(0)
-                first_q = first_pos + k_tile
-                last_q = first_pos + k_tile + (rows - 1) * tiles
+                first_q = first_pos + k_tile * rr
+                last_q = first_q + rows - 1
                 lo_first = T.max(first_q - win + 1, 0) if win > 0 else 0
                 for pg in range(lo_first // ss, T.min(last_q // ss + 1, last_page)):
                     page = T.min(T.max(page_indices[base + pg], 0), pages - 1)
@@ -225,7 +211,7 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                                 for u in T.unroll(nacc):
                                     for o in T.vectorized(ss):
                                         psum[u, o] = psum[u, o] + q[
-                                            start + k_tile + i * tiles, h * group + g,
+                                            start + k_tile * rr + i, h * group + g,
                                             du * nacc + u] * keys[du * nacc + u, o]
                             for o in T.vectorized(ss):
                                 score[i, g, o] = psum[0, o]
@@ -233,7 +219,7 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                                 for o in T.vectorized(ss):
                                     score[i, g, o] = score[i, g, o] + psum[u, o]
                     for i in range(rows):  # online softmax: the page's weights, rescaling
-                        pos_q = first_q + i * tiles
+                        pos_q = first_q + i
                         lo = T.max(pos_q - win + 1, 0) if win > 0 else 0
                         o_lo = T.max(lo - pg * ss, 0)
                         o_hi = T.min(pos_q - pg * ss, ss - 1)
@@ -243,21 +229,21 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                                 mx[0] = m[i, g]
                                 for o in range(o_lo, o_hi + 1):
                                     mx[0] = T.max(mx[0], score[i, g, o] * T.float32(sc))
-                                correction = _exp(m[i, g] - mx[0])
+                                correction = fast_exp(m[i, g] - mx[0])
                                 total[i, g] = total[i, g] * correction
                                 for d in T.vectorized(dd):
                                     acc[i, g, d] = acc[i, g, d] * correction
                                 for o in T.vectorized(ss):  # one exp per lane, vectorised
                                     score[i, g, o] = T.if_then_else(
                                         o >= o_lo and o <= o_hi,
-                                        _exp(score[i, g, o] * T.float32(sc) - mx[0]),
+                                        fast_exp(score[i, g, o] * T.float32(sc) - mx[0]),
                                         T.float32(0))
                                 for o in range(o_lo, o_hi + 1):
                                     total[i, g] = total[i, g] + score[i, g, o]
                                 m[i, g] = mx[0]
                     for o in range(ss):  # the weighted values: position outermost
                         for i in range(rows):
-                            pos_q = first_q + i * tiles
+                            pos_q = first_q + i
                             if pg * ss + o <= pos_q and (win == 0 or pg * ss + o > pos_q - win):
                                 for g in range(group):
                                     for d in T.vectorized(dd):
@@ -266,7 +252,7 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
                 for i in range(rows):
                     for g in range(group):
                         for d in T.vectorized(dd):
-                            out[start + k_tile + i * tiles, h * group + g, d] = \
+                            out[start + k_tile * rr + i, h * group + g, d] = \
                                 acc[i, g, d] / total[i, g]
         for t in T.parallel(tt):
             if t >= seq_indptr[bb]:
