@@ -7,13 +7,13 @@ Written as TensorIR by hand (TVMScript): the loop bounds come from the page tabl
 time, which no TE compute expresses. A first parallel loop over (sequence, KV head) writes the
 sequence's new rows into their slots. A second runs over (part, sequence, KV head): a
 sequence's query rows are cut into tiles of up to 16 consecutive rows (which share each page
-they read), tile k going to part (k + b) % parts (later tiles attend longer), so that one prompt's prefill and many sequences'
-decodes alike keep every core busy. A tile walks its sequence's pages once for all its rows
-and the GQA group: each page is loaded in f32 (dequantized; K transposed, so that a page's
-scores are one vector per query, summed over the head dim in 4 independent chains), then an
-online softmax (running max and sum, the accumulator rescaled once per page; exp in
-vectorised f32 arithmetic) folds the page's V in, vectorised over the head dim. Rows past the
-batch's last sequence (padding) are zeroed.
+they read), tile k going to part (k + b) % parts (later tiles attend longer), so that one
+prompt's prefill and many sequences' decodes alike keep every core busy. A tile walks its
+sequence's pages once for all its rows and the GQA group: each page is loaded in f32
+(dequantized; K transposed, so that a page's scores are one vector per query, summed over
+the head dim in 4 independent chains), then an online softmax (running max and sum, the
+accumulator rescaled once per page; exp by `fast_exp`) folds the page's V in, vectorised
+over the head dim. Rows past the batch's last sequence (padding) are zeroed.
 """
 from __future__ import annotations
 
