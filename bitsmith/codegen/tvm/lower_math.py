@@ -50,17 +50,21 @@ def fast_exp(x: Expr) -> Expr:
     result (where libm gives a subnormal under 1.2e-38), NaN for NaN."""
     def f(c: float) -> Expr:
         return T.const(c, "float32")
-    clamped = T.Select(x > f(_EXP_MAX), f(_EXP_MAX), T.Select(x < f(_EXP_MIN), f(_EXP_MIN), x))
-    n = T.floor(clamped * f(_LOG2E) + f(0.5))
-    y = (clamped - n * f(_LN2_HI)) - n * f(_LN2_LO)
+    # each intermediate bound once (a Let), so that an inlined operand is not copied per use
+    xv, cv, nv, yv = (T.Var(name, "float32") for name in ("exp_x", "exp_c", "exp_n", "exp_y"))
     poly = f(1.0 / 5040)
     for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-        poly = poly * y + f(c)
-    k = T.Cast("int32", n)
+        poly = poly * yv + f(c)
+    k = T.Cast("int32", nv)
     up = T.Select(k > 0, T.const(1, "int32"), T.const(0, "int32"))  # 2^n = 2^(n-up) * 2^up
     out = poly * T.reinterpret("float32", T.shift_left(k + 127 - up, 23)) \
         * T.Select(k > 0, f(2.0), f(1.0))
-    return T.Select(x > f(_EXP_MAX), f(math.inf), T.Select(x < f(_EXP_MIN), f(0.0), out))
+    out = T.Select(xv > f(_EXP_MAX), f(math.inf), T.Select(xv < f(_EXP_MIN), f(0.0), out))
+    out = T.Let(yv, (cv - nv * f(_LN2_HI)) - nv * f(_LN2_LO), out)
+    out = T.Let(nv, T.floor(cv * f(_LOG2E) + f(0.5)), out)
+    out = T.Let(cv, T.Select(xv > f(_EXP_MAX), f(_EXP_MAX),
+                             T.Select(xv < f(_EXP_MIN), f(_EXP_MIN), xv)), out)
+    return T.Let(xv, x, out)
 
 
 def _exp_family(name: str, x: Expr) -> Expr:
