@@ -113,7 +113,7 @@ def test_fast_exp_is_within_two_ulp_and_keeps_the_specials() -> None:
     import tvm
     from tvm import te
 
-    from bitsmith.codegen.tvm.lower_math import fast_exp
+    from bitsmith.codegen.tvm.fast_math import fast_exp
     from bitsmith.codegen.tvm.target import host_target, tvm_target
 
     n = 1 << 16

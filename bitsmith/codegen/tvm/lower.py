@@ -56,6 +56,7 @@ class Lowering:
         self.index = "int64" if symbolic else "int32"
         self.scaled: dict[sympy.Basic, tvm.tirx.Var] = {}  # a dim like 7*B -> its own var
         self.underived: set[sympy.Basic] = set()
+        self.lets = True  # whether expressions may bind values (no bf16 in the kernel)
         self._derive_hidden_symbols(params)
 
     def _derive_hidden_symbols(self, params: Sequence[TensorType]) -> None:
@@ -137,6 +138,9 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
         not isinstance(d, int) for v in list(block.args) + [r for o in kernel.body_ops
                                                               for r in o.results]
         for d in v.type.shape), params=[v.type for v in [*block.args, *terminator.operands]])
+    # TVM's bf16 legalisation miscompiles a Let over a bf16 read (fast_math.fast_exp)
+    lowering.lets = not any(str(v.type.dtype) == "bf16" for v in list(block.args) + [
+        r for o in kernel.body_ops for r in o.results])
     placeholders = placeholders or {}
     inputs = [placeholders[i] if i in placeholders else _placeholder(i, a.type, lowering)
               for i, a in enumerate(block.args)]

@@ -9,7 +9,6 @@ there, so such an element is wrong but the process lives; the interpreter raises
 """
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ from tvm import te, topi
 
 from ...ir import Operation
 from ..template import CodegenError
+from .fast_math import fast_exp
 from .lower import Lowering, is_one, lowers, round_to_bf16
 from .typed import compute, shape_of
 
@@ -36,42 +36,11 @@ def _in_f32(x: Expr, dtype: str, fn: Callable[[Expr], Expr]) -> Expr:
     return out if dtype == "float32" else out.astype(dtype)
 
 
-_LOG2E = 1.4426950408889634
-_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = hi + lo; n * hi exact for |n| < 2^15
-_EXP_MAX, _EXP_MIN = 88.72283935546875, -87.33654022216797  # e^x overflows / is not normal
-
-
-def fast_exp(x: Expr) -> Expr:
-    """e^x of an f32 expression in f32 arithmetic that LLVM vectorises (its exp is a libm call
-    per lane): n = round(x log2 e), y = x - n ln2 in two parts (Cody-Waite, |y| <= ln2 / 2),
-    e^y by its Taylor series to y^7 (truncation 5e-9, at most 1.3 ulp in all, measured over
-    the normal range), times 2^n built in the exponent bits (as 2^(n-1) * 2 for n > 0, so
-    that n = 128 stays finite). inf past the overflow threshold, 0 below the smallest normal
-    result (where libm gives a subnormal under 1.2e-38), NaN for NaN."""
-    def f(c: float) -> Expr:
-        return T.const(c, "float32")
-    # each intermediate bound once (a Let), so that an inlined operand is not copied per use
-    xv, cv, nv, yv = (T.Var(name, "float32") for name in ("exp_x", "exp_c", "exp_n", "exp_y"))
-    poly = f(1.0 / 5040)
-    for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-        poly = poly * yv + f(c)
-    k = T.Cast("int32", nv)
-    up = T.Select(k > 0, T.const(1, "int32"), T.const(0, "int32"))  # 2^n = 2^(n-up) * 2^up
-    out = poly * T.reinterpret("float32", T.shift_left(k + 127 - up, 23)) \
-        * T.Select(k > 0, f(2.0), f(1.0))
-    out = T.Select(xv > f(_EXP_MAX), f(math.inf), T.Select(xv < f(_EXP_MIN), f(0.0), out))
-    out = T.Let(yv, (cv - nv * f(_LN2_HI)) - nv * f(_LN2_LO), out)
-    out = T.Let(nv, T.floor(cv * f(_LOG2E) + f(0.5)), out)
-    out = T.Let(cv, T.Select(xv > f(_EXP_MAX), f(_EXP_MAX),
-                             T.Select(xv < f(_EXP_MIN), f(_EXP_MIN), xv)), out)
-    return T.Let(xv, x, out)
-
-
-def _exp_family(name: str, x: Expr) -> Expr:
+def _exp_family(name: str, x: Expr, bind: bool) -> Expr:
     """exp, sigmoid (1 / (1 + e^-x)) or silu (x * sigmoid(x)) of an f32 expression."""
     if name == "exp":
-        return fast_exp(x)
-    sig = T.const(1.0, "float32") / (T.const(1.0, "float32") + fast_exp(-x))
+        return fast_exp(x, bind)
+    sig = T.const(1.0, "float32") / (T.const(1.0, "float32") + fast_exp(-x, bind))
     return sig if name == "sigmoid" else x * sig
 
 
@@ -86,8 +55,9 @@ def lower_exp(op: Operation, args: list, lo: Lowering) -> te.Tensor:
                 "silu": lambda v: topi.multiply(v, topi.sigmoid(v))}[name](a)
     if not dtype.startswith(("float", "bfloat")):
         raise CodegenError(f"generic lowering of '{op.name}' on {dtype} is not written yet")
+    bind = lo.lets  # see fast_exp: no Let where a bf16 value may be read
     return compute(shape_of(a), lambda *i: _in_f32(a(*i), dtype,
-                                                   lambda v: _exp_family(name, v)),
+                                                   lambda v: _exp_family(name, v, bind)),
                    name=name)
 
 

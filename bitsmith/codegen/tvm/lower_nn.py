@@ -11,8 +11,8 @@ from tvm import te, topi
 
 from ...ir import Operation
 from ..template import CodegenError
+from .fast_math import fast_exp
 from .lower import Lowering, is_one, lowers, tvm_dtype
-from .lower_math import fast_exp
 from .lower_reduce import clamped_index, nan_extreme
 from .typed import compute, shape_of
 
@@ -34,9 +34,9 @@ def _padded(x: te.Tensor, op: Operation, value: float, hw_axes: tuple[int, int],
     return topi.nn.pad(x, before, after, pad_value=value)
 
 
-def _exp(x: Any, dtype: str) -> Any:
+def _exp(x: Any, dtype: str, lo: Lowering) -> Any:
     """e^x of a `dtype` expression: `fast_exp` in f32, libm's for other float types."""
-    return fast_exp(x) if str(dtype) == "float32" else tvm.tirx.exp(x)
+    return fast_exp(x, lo.lets) if str(dtype) == "float32" else tvm.tirx.exp(x)
 
 
 @lowers("conv2d")
@@ -217,7 +217,7 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     hidden = compute(peak.shape, lambda *i: peak(*i) == tvm.tirx.const(-math.inf, q.dtype))
     probs = compute(score_shape, lambda *i: tvm.tirx.Select(
         hidden(*i[:-1], 0), tvm.tirx.const(0.0, q.dtype),
-        _exp(scores(*i) - peak(*i[:-1], 0), q.dtype)), name="exp")
+        _exp(scores(*i) - peak(*i[:-1], 0), q.dtype, lo)), name="exp")
     total = topi.sum(probs, axis=rank - 1, keepdims=True)
     one = tvm.tirx.const(1.0, q.dtype)
     # normalised before P.V, so that the contraction's consumers need only its result

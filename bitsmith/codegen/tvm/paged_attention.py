@@ -27,7 +27,7 @@ from ...ir import Operation
 from ...ir.dialects.kernel import FusedOp
 from ...ir.dialects.kv import PagedAttentionOp, int4_group
 from ..template import Config, KnobSpace, Problem, Target, register_template
-from .lower_math import fast_exp
+from .fast_math import fast_exp
 from .templates import TvmKernel, TvmTemplate
 
 _STORAGE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8",
