@@ -302,7 +302,7 @@ class PagedAttention(TvmTemplate):
     fusion traits)."""
 
     name = "paged_attention"
-    version = 1
+    version = 2  # 2: row tiles sharing each page, fast_exp
     space = KnobSpace()
     key = ("tokens", "batch", "heads", "kv_heads", "head_dim", "layers", "page_size",
            "page_slots", "window", "cache_dtype")
