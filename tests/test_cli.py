@@ -195,7 +195,8 @@ def test_compile_sign_and_run_key(tmp_path, capsys) -> None:
 def test_sizes_and_durations_parse_with_their_units() -> None:
     import pytest
 
-    from bitsmith.cli.serve import parse_duration, parse_size
+    from bitsmith.cli.console import parse_size
+    from bitsmith.cli.serve import parse_duration
     from bitsmith.errors import CliError
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MiB") == 512 * 2**20
     assert parse_size("512") == 512 * 2**20 and parse_size("64k") == 64 * 2**10

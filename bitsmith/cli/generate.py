@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..errors import CliError
-from .console import err, read_key
+from .console import err, parse_size, read_key
 
 
 def add_parsers(sub: Any) -> None:
@@ -38,9 +38,10 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="KEYFILE",
                         help="sign --save's artifact with this key, or refuse a .bsm that is "
                              "not signed with it")
-    parser.add_argument("--kv-memory-mb", type=float,
-                        help="KV cache budget in MiB (default: what max-batch sequences of "
-                             "max-seq tokens need, at most 1024)")
+    parser.add_argument("--kv-memory", type=parse_size, metavar="SIZE",
+                        help="KV cache budget, e.g. 512MiB or 2GiB (a bare number is MiB; "
+                             "default: what max-batch sequences of max-seq tokens need, at "
+                             "most 1GiB)")
     parser.add_argument("--quant", help="quantize the linear layers (e.g. w4g128, w8g128)")
     parser.add_argument("--kv", default="f16", help="KV cache element type: f32, f16, "
                         "bf16, int8 (per token and head scales), int4 (groups of 32)")
@@ -68,7 +69,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def _compile(args: argparse.Namespace) -> Any:
     key = read_key(args.key) if args.key else None
-    memory = int(args.kv_memory_mb * 2**20) if args.kv_memory_mb else None
+    memory = args.kv_memory
     start = time.perf_counter()
     if args.model.endswith(".bsm"):
         given = [flag for flag, value, default in (

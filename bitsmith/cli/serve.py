@@ -13,11 +13,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..errors import CliError
-from .console import err, read_key
+from .console import err, parse_size, read_key
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
 _SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\Z", re.IGNORECASE)
 
 
 def add_parsers(sub: Any) -> None:
@@ -128,15 +127,6 @@ def parse_duration(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise CliError(f"expected a duration such as 30s, 2m or 500ms, got {text!r}")
     return float(match.group(1)) * _SECONDS[match.group(2)]
-
-
-def parse_size(text: str) -> int:
-    """'2GiB', '512MiB', '512M', '64K' (powers of 1024) or a bare number of MiB -> bytes."""
-    match = _SIZE.match(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise CliError(f"expected a size such as 512MiB or 2GiB, got {text!r}")
-    unit = (match.group(2) or "M").upper()[0]
-    return int(float(match.group(1)) * 1024 ** "BKMGT".index(unit))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
