@@ -71,17 +71,18 @@ def _time(engine: Engine, news: list[int], context: int, rounds: int) -> float:
     ids = [-1 - i for i in range(len(news))]  # never a request's id
     times = []
     for _ in range(rounds):
-        for seq in ids:
-            blocks.add(seq)
-            if context:
-                blocks.grow(seq, context)  # pages only: the contents do not change the time
         try:
+            for seq in ids:
+                blocks.add(seq)
+                if context:
+                    blocks.grow(seq, context)  # pages only: contents do not change the time
             start = time.perf_counter()
             engine.step([(seq, [1] * n) for seq, n in zip(ids, news, strict=True)])
             times.append(time.perf_counter() - start)
         finally:
             for seq in ids:
-                blocks.free(seq)
+                if seq in blocks:
+                    blocks.free(seq)
     return statistics.median(times)
 
 

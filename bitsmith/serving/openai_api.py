@@ -24,7 +24,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BitsmithError, InputError
+from ..errors import BitsmithError, InputError, ServingError
 from ..llm.api import LLM, Completion
 from ..llm.sampling import MAX_LOGPROBS, SamplingParams
 from ..llm.scheduler import Event, Handle, Scheduler, SchedulerFull
@@ -85,6 +85,7 @@ class LlmService:
             try:
                 scheduler.calibrate(lambda line: log.info("%s: %s", self.name, line))
             except Exception as exc:  # noqa: BLE001 - the model then fails its warm-up
+                scheduler.stop()  # later requests: 503, never a queue nobody steps
                 scheduler.fail_all(f"measuring the step latency failed: {exc}")
                 log.exception("%s: measuring the step latency failed", self.name)
                 return
@@ -97,8 +98,10 @@ class LlmService:
         handle, events = self.submit([self.llm.tokenizer.bos_id or 1],
                                      SamplingParams(max_new_tokens=1, ignore_eos=True))
         del handle
-        while (await events.get())[0] == "text":
+        while (event := await events.get())[0] == "text":
             pass
+        if event[0] == "error":
+            raise ServingError(f"model {self.name}: the warm-up request failed: {event[1]}")
         self.ready = True
 
     async def close(self) -> None:

@@ -175,8 +175,6 @@ def test_step_model_is_measured_for_every_entry(llm: bllm.LLM) -> None:
     entries = [(e.tokens, e.batch) for e in llm.engine.entries if not e.scores_all]
     assert sorted(model.costs) == sorted(entries)
     assert all(c.base > 0 and c.per_attended >= 0 for c in model.table())
-    short, long = model.predict([(0, 1)]), model.predict([(120, 1)])
-    assert 0 < short <= long
     blocks = llm.engine.blocks
     assert blocks.free_pages == blocks.num_pages  # the timing sequences gave their pages back
 

@@ -324,3 +324,22 @@ def test_sigterm_drains_llm_streams(llm: bllm.LLM) -> None:
         assert done, "a stream was cut without [DONE]"
         assert error or text == full
     assert _free(llm)
+
+
+def test_a_failed_latency_measurement_leaves_the_model_unready(llm: bllm.LLM) -> None:
+    """The step latency model cannot be measured: the model never reports ready and its
+    requests are 503s, never a queue that nobody steps."""
+    service = LlmService("broken", llm, itl_slo=0.05)
+
+    def fail(progress=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no timer")
+
+    service.scheduler.calibrate = fail  # type: ignore[method-assign]
+    with LiveServer([], llms=[service], wait_ready=False) as live:
+        wait_for(lambda: not service._thread or not service._thread.is_alive(),
+                 "the scheduler thread ended")
+        got = httpx.post(live.url + "/v1/completions", timeout=30,
+                         json={"model": "broken", "prompt": [5], "max_tokens": 2})
+        assert got.status_code == 503 and not service.ready
+        assert httpx.get(live.url + "/health", timeout=30).status_code != 200
+    assert _free(llm)

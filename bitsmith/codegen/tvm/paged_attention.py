@@ -91,7 +91,9 @@ def _layer_generic(  # noqa: C901 - TVMScript: its loops are TIR, not Python bra
     sc = float(scale)
     win = int(window)
     parts = max(1, min(8, tt // bb))  # attention tasks a (sequence, KV head)
-    rr = min(16, tt)  # query rows a task takes at once: each page is loaded once for them
+    # query rows a task takes at once (each page is loaded once for them), so that their
+    # accumulators stay within 16 KiB (L1) whatever the GQA group and head dim
+    rr = max(1, min(16, tt, 4096 // (group * dd)))
     nacc = 4 if dd % 4 == 0 else 1  # partial sums of a score vector
     blk = 16 if dd % 16 == 0 else 1  # K transposed in blocks of head-dim lanes (unrolled)
 
