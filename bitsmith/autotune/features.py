@@ -182,10 +182,20 @@ def _dense(params: Mapping[str, Any], config: Config,
                      elem_bytes=_element_bytes(str(params.get("dtype", "f32"))),
                      parallel=bool(config.get("PARALLEL", False)))
     epilogue = str(params.get("epilogue", ""))
-    return {"problem.M": m, "problem.N": n, "problem.K": k,
-            "problem.elem_bytes": float(tile.elem_bytes),
-            "problem.epilogue_ops": float(len(epilogue.split(",")) if epilogue else 0),
-            **tile_features(tile, descriptors)}
+    out = {"problem.M": m, "problem.N": n, "problem.K": k,
+           "problem.elem_bytes": float(tile.elem_bytes),
+           "problem.epilogue_ops": float(len(epilogue.split(",")) if epilogue else 0),
+           **tile_features(tile, descriptors)}
+    # work items (one panel x a block of row tiles, or every row) are the parallel grain
+    tiles_m, tiles_n = math.ceil(m / tile.mr), math.ceil(n / tile.nr)
+    block = int(config.get("ROW_BLOCK", 0))
+    items = tiles_n * (math.ceil(tiles_m / block) if block else 1)
+    cores = max(1.0, float(descriptors.get("device.cores", 1.0)))
+    out["chunks_per_core"] = items / cores if tile.parallel else 0.0
+    out["row_padding_waste"] = (tiles_m * tile.mr - m) / m if m else 0.0
+    out["item_rows"] = float(min(block * tile.mr, tiles_m * tile.mr) if block else
+                             tiles_m * tile.mr)
+    return out
 
 
 def _ints(text: Any, count: int) -> list[int]:

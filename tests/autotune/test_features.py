@@ -12,11 +12,12 @@ from bitsmith.errors import TuningError
 DEV = {"device.cores": 8.0, "device.l1d_log2": 15.0, "device.l2_log2": 20.0,
        "device.l3_log2": 25.0, "device.lanes_f32": 16.0}
 DENSE = Problem("dense", {"M": "64", "N": 100, "K": 256, "epilogue": "add,gelu", "dtype": "f32",
-                          "w_index": 1, "row_factor": 64, "transposed": True})
+                          "w_index": 1, "sample_rows": 0, "transposed": True})
 
 
 def dense_config(**knobs: object) -> Config:
-    base = {"TILE_M": 4, "TILE_N": 32, "TILE_K": 0, "ORDER": "mn", "PARALLEL": True}
+    base = {"TILE_M": 4, "TILE_N": 32, "TILE_K": 0, "ROW_BLOCK": 0, "ORDER": "mn",
+            "PARALLEL": True}
     return Dense.space.check(base | knobs)
 
 
@@ -32,7 +33,12 @@ def test_dense_tile_numbers_match_hand_arithmetic() -> None:
     assert f["footprint_l2"] == pytest.approx(37376 / 2**20)
     assert f["tile_intensity"] == pytest.approx(2 * 4 * 32 * 256 / (32768 + 4096))
     assert f["padding_waste"] == pytest.approx((128 - 100) / 100)
-    assert f["chunks_per_core"] == 16 * 4 / 8  # ceil(64/4) * ceil(100/32) tiles on 8 cores
+    assert f["chunks_per_core"] == 4 / 8  # ceil(100/32) panels of every row, on 8 cores
+    blocked = features(DENSE.template, DENSE.params, dense_config(ROW_BLOCK=4), DEV)
+    assert blocked["chunks_per_core"] == 4 * 4 / 8  # ... of 4 blocks of 4 row tiles
+    assert blocked["item_rows"] == 16 and f["item_rows"] == 64
+    odd = features(DENSE.template, DENSE.params, dense_config(TILE_M=6), DEV)
+    assert odd["row_padding_waste"] == pytest.approx((66 - 64) / 64)
     assert (f["trips_m"], f["trips_n"], f["trips_k"], f["trips_kc"]) == (16, 4, 256, 1)
     assert (f["vectors_per_row"], f["last_vector_fill"], f["acc_vectors"]) == (2.0, 1.0, 8.0)
 

@@ -120,7 +120,7 @@ def test_model_guided_search_finds_the_fastest_config_of_a_toy_surface(tmp_path)
     valid = list(task.template.valid_configs(task.problem))
     fastest = min(runner.run([MeasureInput("", "dense", json.dumps(dict(c)))])[0].median
                   for c in valid)
-    assert len(valid) == 64  # the search measured half of the space
+    assert len(valid) >= 4 * 32  # the search measured at most a quarter of the space
     got = runner.run([MeasureInput("", "dense", json.dumps(dict(config)))])[0].median
     assert got == fastest and config["TILE_M"] == 2 and config["TILE_N"] == 16
 
@@ -196,7 +196,7 @@ def test_a_new_task_starts_from_what_earlier_tasks_on_this_device_taught(tmp_pat
     dense = [t for t in group_tasks(_kernels("bert"), host_target())
              if t.template.name == "dense"]
     first = dense[0]
-    second = next(t for t in dense[1:] if t.problem["row_factor"] % 2 == 0)  # TILE_M=2 valid
+    second = dense[1]  # rows padded to whole tiles: TILE_M=2 is valid on any
     runner = FakeRunner()
     with TuningDatabase(tmp_path / "db.sqlite3") as db:
         cache = ArtifactCache(tmp_path / "cache")

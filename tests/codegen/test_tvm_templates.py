@@ -41,13 +41,45 @@ def test_dense_with_bias_and_gelu(rows: int, k: int, n: int) -> None:
     assert _sweep(text, _weights(w=(n, k), b=(n,)), "dense") >= 3
 
 
+@pytest.mark.parametrize("config", [
+    {"TILE_M": 6, "TILE_N": 48, "TILE_K": 64, "ROW_BLOCK": 4, "ORDER": "nm"},
+    {"TILE_M": 5, "TILE_N": 32, "TILE_K": 128, "ROW_BLOCK": 8, "ORDER": "mn"},
+    {"TILE_M": 12, "TILE_N": 64, "TILE_K": 0, "ROW_BLOCK": 4, "ORDER": "mn"},
+    {"TILE_M": 7, "TILE_N": 16, "TILE_K": 64, "ROW_BLOCK": 0, "ORDER": "nm"}])
+def test_dense_blocked_configs_on_ragged_sizes(config: dict) -> None:
+    """Several knobs moved at once, on sizes that none of them divides: 75 rows (the last row
+    block and tile partial), K = 150 (the last reduction slice partial), N = 100 (the last
+    panel partial), batched (3 x 25 rows, so tiles straddle samples) and not."""
+    for x, o in (("tensor<75x150xf32>", "tensor<75x100xf32>"),
+                 ("tensor<3x25x150xf32>", "tensor<3x25x100xf32>")):
+        text = func(f"%x: {x}", o, f"""
+            %0 = "graph.constant"() {{weight = "w"}} : () -> tensor<100x150xf32>
+            %1 = "graph.constant"() {{weight = "b"}} : () -> tensor<100xf32>
+            %2 = "graph.linear"(%x, %0, %1) : ({x}, tensor<100x150xf32>, tensor<100xf32>) -> {o}
+            %3 = "graph.gelu"(%2) {{approximate = "none"}} : ({o}) -> {o}
+            "func.return"(%3) : ({o}) -> ()
+        """)
+        full = Config({**config, "PARALLEL": True})
+        batched = x.startswith("tensor<3x")
+        if batched and full["ROW_BLOCK"]:
+            # a row block must hold whole samples of 25 rows: such a config is refused
+            from bitsmith import ir, passes
+            module = ir.parse(text, weights=_weights(w=(100, 150), b=(100,)))
+            passes.run(module, "canonicalize,fuse")
+            (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+            dense = TEMPLATES["dense"]
+            assert not dense.valid(dense.match(kernel), full)
+            continue
+        check_module(text, _weights(w=(100, 150), b=(100,)), config=full, template="dense")
+
+
 @pytest.mark.parametrize("batch, seq, n, heads", [
     ("B", 1, 24, False), ("B", 7, 24, False), ("B", 12, 24, True), ("B", 7, 24, True),
     (4, 7, 32, False), (4, 5, 32, True)])
 def test_dense_symbolic_batch_residual_and_head_split(batch: str | int, seq: int, n: int,
                                                       heads: bool) -> None:
-    """A static batch too: a row tile of 4 divides 4 x 7 rows but not the 7 rows of one
-    sample, so it is not valid there (its tile would straddle two samples)."""
+    """A static batch too: rows padded to whole tiles, tiles that straddle two samples, and an
+    epilogue whose output keeps the batch axis (run per work item over the flattened rows)."""
     x, w, o = f"tensor<{batch}x{seq}x19xf32>", f"tensor<19x{n}xf32>", \
         f"tensor<{batch}x{seq}x{n}xf32>"
     h = f"tensor<{batch}x{seq}x4x{n // 4}xf32>"
@@ -179,5 +211,7 @@ def test_a_config_outside_the_space_or_invalid_is_refused() -> None:
     base = dense.default_config(problem, host_target())
     with pytest.raises(CodegenError, match="knob TILE_M=9 is not one of"):
         dense.build(problem, Config({**base, "TILE_M": 9}), host_target())
-    with pytest.raises(CodegenError, match="is not valid for"):  # 4 does not divide 6 rows
-        dense.build(problem, Config({**base, "TILE_M": 4}), host_target())
+    with pytest.raises(CodegenError, match="is not valid for"):  # a slice longer than K = 8
+        dense.build(problem, Config({**base, "TILE_K": 64}), host_target())
+    with pytest.raises(CodegenError, match="is not valid for"):  # a tile taller than 6 rows
+        dense.build(problem, Config({**base, "TILE_M": 8}), host_target())

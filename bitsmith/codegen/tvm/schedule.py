@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import tvm.s_tir as s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.schedule import ScheduleError
-from tvm.tirx import IntImm
+from tvm.tirx import IndexMap, IntImm
 
 from ..template import CodegenError
 from .typed import block_of, fuse, loop_of, reorder
@@ -136,7 +136,9 @@ def register_tile(sch: s_tir.Schedule, compute: SBlockRV, out: SBlockRV | None, 
     `rows` before it are fused into the row axis, and any before those are outer loops, fused
     with the tile loops into one (parallel) loop."""
     if out is None:  # accumulate in a tile, then copy it out
-        out = sch.cache_write(compute, 0, "global")
+        out = sch.cache_write(compute, 0, "local")
+    else:
+        sch.set_scope(compute, 0, "local")
     loops = sch.get_loops(out)
     if len(loops) < rows + 1:
         raise CodegenError(f"register tile: expected at least {rows + 1} loops, got "
@@ -174,6 +176,92 @@ def register_tile(sch: s_tir.Schedule, compute: SBlockRV, out: SBlockRV | None, 
         columns = sch.get_loops(block)[-1]
         if not (vector and try_vectorize(sch, columns)):
             sch.unroll(columns)
+
+
+def panel_gemm(sch: s_tir.Schedule, compute: SBlockRV, consumers: Sequence[SBlockRV], *,
+               columns: int, mr: int, nr: int, kc: int, mc: int, order: str, parallel: bool,
+               lanes: int, cores: int) -> None:
+    """The cache-blocked CPU GEMM (GotoBLAS's loop nest over pre-packed column panels).
+
+    `compute` is a contraction with loops (rows, columns, reduction) whose rows are padded to a
+    whole number of `mr`-row tiles and whose columns to whole `nr`-wide panels. Work items are
+    (panel, block of `mc` row tiles) pairs, fused in `order` ("nm": panels outermost, so a
+    core's consecutive items share a panel; "mn": row blocks outermost) into one (parallel)
+    loop; inside an item, the reduction is split into `kc`-long slices (0: one slice), each
+    swept over the item's row tiles, so the panel's slice stays in L1 while the rows stream.
+    A tile's mr x nr accumulators live in vector registers over a slice (the tile's rows and
+    vectors unrolled, one vector of `lanes` innermost). The consumers (the epilogue) run per
+    work item, over the rows and panel it computed, while they are still in cache; one that
+    cannot follow stays after the loop with the default schedule. `columns`: the
+    contraction's column count before padding."""
+    loops = sch.get_loops(compute)
+    if len(loops) != 3:
+        raise CodegenError(f"panel GEMM: expected (rows, columns, reduction) loops, got "
+                           f"{len(loops)}")
+    m, j, k = loops
+    io, ii = sch.split(m, [None, mr])
+    jo, ji = sch.split(j, [None, nr])
+    ko, ki = sch.split(k, [None, kc]) if kc else (None, k)
+    outer = [jo]
+    if mc:
+        mo, io = sch.split(io, [None, mc])
+        outer = [jo, mo] if order == "nm" else [mo, jo]
+    vectors = nr // lanes if nr % lanes == 0 and nr > lanes else 1
+    jv, jl = sch.split(ji, [vectors, None]) if vectors > 1 else (None, ji)
+    inner = [x for x in (ko, io, ki, ii, jv, jl) if x is not None]
+    reorder(sch, *outer, *inner)
+    item = fuse(sch, *outer) if len(outer) > 1 else outer[0]
+    if parallel and cores > 1:
+        sch.parallel(item)
+    sch.unroll(ii)
+    if jv is not None:
+        sch.unroll(jv)
+    vector = try_vectorize(sch, jl) if nr % lanes == 0 or nr < lanes else False
+    if not vector:
+        sch.unroll(jl)
+    init = sch.decompose_reduction(compute, ko if ko is not None else ki)
+    for loop in sch.get_loops(init)[-1:]:
+        if not try_vectorize(sch, loop):
+            sch.unroll(loop)
+    for block in consumers:
+        if not _epilogue_at(sch, block, item, columns=columns):
+            parallel_vectorize(sch, block, lanes=lanes, min_parallel=1 << 14, cores=cores)
+            continue
+        loop = sch.get_loops(block)[-1]
+        extent = static_extent(sch, loop)
+        if extent is not None and extent % lanes == 0:
+            try_vectorize(sch, loop)
+
+
+def _epilogue_at(sch: s_tir.Schedule, block: SBlockRV, item: LoopRV, *, columns: int) -> bool:
+    """Move an epilogue block under a GEMM work item, if it is safe: its loops must be (rows
+    ..., columns) with the contraction's column count last. Its iteration space is first made
+    2-d (row, column), so that the rows it reads are one affine range: TVM's region analysis
+    covers a padded row range split into (sample, row) with a wrong box, leaving rows unwritten.
+    Anything else stays after the loop."""
+    loops = sch.get_loops(block)
+    extents = [static_extent(sch, lp) for lp in loops]
+    if len(loops) < 2 or extents[-1] != columns or any(e is None for e in extents[1:]):
+        return False
+    inner = [int(e) for e in extents[1:-1] if e is not None]
+
+    def flat(*ivs: object) -> list:
+        row = ivs[0]
+        for iv, extent in zip(ivs[1:-1], inner, strict=True):
+            row = row * extent + iv  # pyright: ignore[reportOperatorIssue] - PrimExpr algebra
+        return [row, ivs[-1]]
+    layout = IndexMap.from_func(flat, ndim=len(loops))
+    trial = sch.copy()
+    try:
+        if len(loops) > 2:
+            trial.transform_block_layout(block, layout)
+        trial.reverse_compute_at(block, item)
+    except (ScheduleError, ValueError, RuntimeError):
+        return False
+    if len(loops) > 2:
+        sch.transform_block_layout(block, layout)
+    sch.reverse_compute_at(block, item)
+    return True
 
 
 def try_vectorize(sch: s_tir.Schedule, loop: LoopRV) -> bool:

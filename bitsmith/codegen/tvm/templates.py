@@ -54,6 +54,7 @@ from .schedule import (
     block_name,
     inline_injective,
     is_reduction,
+    panel_gemm,
     root_blocks,
     spatial_count,
     static_extent,
@@ -150,16 +151,28 @@ def column_tile(columns: int, lanes: int) -> int:
     return next((c for c in (4 * lanes, 2 * lanes, lanes) if columns % c == 0), fallback)
 
 
+def register_tile_shape(lanes: int) -> tuple[int, int]:
+    """The default GEMM register tile (rows, columns) for a vector width: as many accumulator
+    vectors as the register file holds beside one panel row and a broadcast (AVX-512 and NEON:
+    32 registers, 6 x 4 vectors; AVX2: 16 registers, 6 x 2)."""
+    vectors = 2 if lanes == 8 else 4
+    return 6, vectors * lanes
+
+
 @register_template
 class Dense(TvmTemplate):
-    """out = epilogue(x @ W^T (+ bias)) for a constant W: packed panels, register tiles."""
+    """out = epilogue(x @ W^T (+ bias)) for a constant W: the cache-blocked GEMM of
+    `schedule.panel_gemm` over panels packed at compile time, register tiles of TILE_M rows
+    (the rows padded to whole tiles) x TILE_N columns, reduction slices of TILE_K (0: whole),
+    work items of ROW_BLOCK row tiles (0: every row) x one panel."""
 
     name = "dense"
-    version = 2
-    space = KnobSpace(Knob("TILE_M", (4, 1, 2, 3, 5, 6, 7, 8)),
+    version = 3
+    space = KnobSpace(Knob("TILE_M", (6, 4, 8, 5, 3, 2, 1, 7, 12)),
                       Knob("TILE_N", (64, 16, 32, 48, 128)),
-                      Knob("TILE_K", (0, 64, 128, 256)),  # 0: no split of the reduction
-                      Knob("ORDER", ("mn", "nm")),
+                      Knob("TILE_K", (0, 64, 128, 256, 512)),  # 0: no split of the reduction
+                      Knob("ROW_BLOCK", (0, 4, 8, 16, 32)),  # row tiles per work item; 0: all
+                      Knob("ORDER", ("nm", "mn")),
                       Knob("PARALLEL", (True, False)))
     key = ("M", "N", "K", "epilogue", "dtype")
 
@@ -186,37 +199,54 @@ class Dense(TvmTemplate):
         rows = x.type.shape[0]
         for d in x.type.shape[1:-1]:
             rows = rows * d
-        # a row tile must divide the rows of one sample (of a 2-d x: all its rows if static,
-        # else only a tile of 1 is sure to): a partial tile would put a predicate on the
-        # vectorised epilogue, and a tile that crossed from one sample into the next has no
-        # rectangular footprint in an output that keeps the batch axis
-        if x.type.rank > 2:
-            factor = math.prod(int(d) for d in x.type.shape[1:-1])  # static: checked above
-        else:
-            factor = rows if isinstance(rows, int) else 1
+        # a work item's rows must not cross from one sample into the next in an output that
+        # keeps the batch axis (their footprint there is not a box): with a row block, its
+        # rows must divide one sample's
+        sample = math.prod(int(d) for d in x.type.shape[1:-1]) if x.type.rank > 2 else 0
         epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not anchor)
         return Problem(self.name, {"M": str(rows), "N": n, "K": k, "epilogue": epilogue,
                                    "dtype": str(x.type.dtype), "w_index": w_index,
-                                   "row_factor": factor,
+                                   "sample_rows": sample,
                                    "transposed": transposed}, op)
 
     def valid(self, problem: Problem, config: Config) -> bool:
-        n, k = int(problem["N"]), int(problem["K"])
-        return (int(config["TILE_N"]) <= -(-n // 16) * 16
-                and int(problem["row_factor"]) % int(config["TILE_M"]) == 0
-                and (config["TILE_K"] == 0 or int(config["TILE_K"]) < k))
+        n, k, m = int(problem["N"]), int(problem["K"]), str(problem["M"])
+        mr, block, kc = int(config["TILE_M"]), int(config["ROW_BLOCK"]), int(config["TILE_K"])
+        sample = int(problem["sample_rows"])
+        if block and sample and sample % (mr * block):
+            return False
+        if block and m.isdigit() and mr * block >= int(m):
+            return False  # one block holds every row: ROW_BLOCK 0 says it
+        if m.isdigit() and mr > max(int(m), 1) and mr != 1:
+            return False  # a tile taller than the rows only computes padding
+        return int(config["TILE_N"]) <= -(-n // 16) * 16 and (kc == 0 or kc < k)
 
     def default_config(self, problem: Problem, target: Target) -> Config:
         n, k, m = int(problem["N"]), int(problem["K"]), str(problem["M"])
+        lanes = vector_lanes(target)
+        mr, nr = register_tile_shape(lanes)
+        nr = column_tile(n, lanes) if n < nr else nr
         rows = int(m) if m.isdigit() else 64
-        return Config({"TILE_M": row_tile(int(problem["row_factor"])),
-                       "TILE_N": column_tile(n, vector_lanes(target)), "TILE_K": 0,
-                       "ORDER": "mn", "PARALLEL": rows * n * k >= 1 << 17})
+        if m.isdigit():
+            mr = min(mr, rows)
+        elif mr > 4:
+            mr = 4  # a symbolic row count may be small: less padding at one row
+        panels, tiles = -(-n // nr), -(-rows // mr)
+        block = 0
+        if panels < 2 * target.cores and m.isdigit():
+            # too few panels to share out: split the rows as well
+            want = -(-tiles // (2 * target.cores))
+            block = next((b for b in (32, 16, 8, 4) if b <= want and self.valid(
+                problem, Config({"TILE_M": mr, "TILE_N": nr, "TILE_K": 0, "ROW_BLOCK": b,
+                                 "ORDER": "nm", "PARALLEL": True}))), 0)
+        return Config({"TILE_M": mr, "TILE_N": nr, "TILE_K": 0, "ROW_BLOCK": block,
+                       "ORDER": "nm", "PARALLEL": rows * n * k >= 1 << 17})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         kernel: FusedOp = problem.kernel_op
         anchor = next(o for o in kernel.body_ops if isinstance(o, (LinearOp, MatmulOp)))
         nr, n, k = int(config["TILE_N"]), int(problem["N"]), int(problem["K"])
+        mr = int(config["TILE_M"])
         dtype = tvm_dtype(anchor, anchor.result.type.dtype)
         packed = te.placeholder((-(-n // nr), k, nr), dtype, name="packed")
 
@@ -229,15 +259,21 @@ class Dense(TvmTemplate):
             trailing = [int(d) for d in lead[1:]]
             index = lo.index
             r = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(k, index)), name="k")
+            exact = isinstance(rows, tvm.tirx.IntImm) and int(rows) % mr == 0
+            # rows padded to whole tiles; a padding row reads the last real row (in bounds,
+            # its results are never read)
+            tiles = rows if exact else tvm.tirx.floordiv(rows + (mr - 1), mr) * mr
 
             def x_at(m: Any, kk: Any) -> Any:
+                if not exact:
+                    m = tvm.tirx.min(m, rows - 1)
                 idx = []
                 for d in reversed(trailing):
                     idx.append(m % d)
                     m = m // d
                 return x(m, *reversed(idx), kk)
             padded = -(-n // nr) * nr  # the packed weight's zero columns past N
-            dense = compute((rows, tvm.tirx.const(padded, index)), lambda m, j: te.sum(
+            dense = compute((tiles, tvm.tirx.const(padded, index)), lambda m, j: te.sum(
                 x_at(m, r) * packed[j // nr, r, j % nr], axis=r), name="dense")
 
             def view(*i: Any) -> Any:
@@ -256,19 +292,10 @@ class Dense(TvmTemplate):
         blocks = root_blocks(sch)
         names = [block_name(sch, b) for b in blocks]
         dense = blocks[names.index("dense")]
-        rank = anchor.result.type.rank
-        consumers = [b for b in blocks if b is not dense]
-        # the tile is computed where it is written out when the output is the contraction's
-        # shape and N is a whole number of tiles; otherwise the (padded) contraction is
-        # materialised and the rest of the kernel reads it
-        fits = (len(consumers) == 1 and len(sch.get_loops(consumers[0])) == rank
-                and n % nr == 0
-                and kernel.results[0].type.shape[-1] == n
-                and kernel.results[0].type.rank == rank)
-        tile_contraction(sch, dense, consumers, fits, rows=rank - 1, mr=int(config["TILE_M"]),
-                         nr=nr, kc=int(config["TILE_K"]), order=str(config["ORDER"]),
-                         parallel=bool(config["PARALLEL"]), lanes=vector_lanes(target),
-                         cores=target.cores)
+        panel_gemm(sch, dense, [b for b in blocks if b is not dense], columns=n, mr=mr, nr=nr,
+                   kc=int(config["TILE_K"]), mc=int(config["ROW_BLOCK"]),
+                   order=str(config["ORDER"]), parallel=bool(config["PARALLEL"]),
+                   lanes=vector_lanes(target), cores=target.cores)
         transposed = bool(problem["transposed"])
         return TvmKernel(sch.mod["main"], self.name, config, packs={
             w_index: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})

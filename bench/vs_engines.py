@@ -1,0 +1,292 @@
+"""bitsmith against the engines users deploy with, at the sizes they deploy, on this machine.
+
+    python bench/vs_engines.py [--models bert-base resnet-50 minilm zoo] [--batch 1 8]
+                               [--rounds 5] [--reps 5] [--threads 2] [--json FILE]
+
+Every engine runs with the same thread count: bitsmith (untuned: the templates' default
+configs), torch eager, torch.compile, ONNX Runtime, OpenVINO with f32 inference and OpenVINO's
+default precision (bf16 on a CPU with AMX). Each engine's output is checked against torch
+eager before it is timed: f32 engines within 1e-3 of the output's range, a reduced-precision
+engine by cosine similarity (>= 0.99; reported). An engine that fails to load, convert or
+match is reported as such, never timed. Timing: `--rounds` rounds; in each, every engine (in
+a rotated order) runs `--reps` calls after one warm-up and its round median is kept; the table
+has the median over rounds and bitsmith's ratio to the fastest f32 rival.
+
+Models: BERT-base (12 layers, hidden 768, sequence 128; random weights from its config),
+ResNet-50 (224 px; random weights), MiniLM-L6 (real weights, sequence 128), and the zoo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Case:
+    """One model at one batch size: a module returning one tensor, and its inputs."""
+
+    name: str
+    batch: int
+    module: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+
+
+@dataclass
+class Engine:
+    name: str
+    run: Callable[[], np.ndarray] | None = None
+    error: str | None = None
+    precision: str = "f32"
+    agreement: str = ""
+    times: list[float] = field(default_factory=list)
+
+
+class FirstTensor(torch.nn.Module):
+    """A model whose output is a ModelOutput or tuple, as a module returning its first tensor."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(*args)
+        if isinstance(out, torch.Tensor):
+            return out
+        first = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+        return first
+
+
+def cases(names: list[str], batches: list[int]) -> list[Case]:
+    import transformers
+
+    from bitsmith import models
+    from bitsmith.frontend import load_model
+
+    out: list[Case] = []
+    for name in names:
+        torch.manual_seed(0)
+        if name == "bert-base":
+            model = transformers.BertModel(transformers.BertConfig()).eval()
+            for b in batches:
+                ids = torch.randint(1000, 20000, (b, 128), generator=torch.Generator()
+                                    .manual_seed(b))
+                out.append(Case(name, b, FirstTensor(model), (ids, torch.ones_like(ids)),
+                                ("input_ids", "attention_mask")))
+        elif name == "resnet-50":  # ResNetConfig's defaults are ResNet-50's
+            model = transformers.ResNetForImageClassification(
+                transformers.ResNetConfig()).eval()
+            for b in batches:
+                x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+                out.append(Case(name, b, FirstTensor(model), (x,), ("pixel_values",)))
+        elif name == "minilm":
+            loaded = load_model("minilm", seq=128)
+            for b in batches:
+                args, _ = loaded.call_args(b)
+                out.append(Case(name, b, FirstTensor(loaded.module.eval()), tuple(args),
+                                tuple(loaded.input_names)))
+        elif name == "zoo":
+            for zoo in models.names():
+                loaded = load_model(zoo)
+                for b in batches:
+                    args, kwargs = loaded.call_args(b)
+                    if kwargs:
+                        continue
+                    out.append(Case(f"zoo:{zoo}", b, FirstTensor(loaded.module.eval()),
+                                    tuple(args), tuple(f"in{i}" for i in range(len(args)))))
+        else:
+            raise SystemExit(f"unknown model {name!r}: expected bert-base, resnet-50, minilm "
+                             f"or zoo")
+    return out
+
+
+def _agreement(got: np.ndarray, want: np.ndarray, precision: str) -> tuple[bool, str]:
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    want = np.asarray(want, dtype=np.float64).reshape(-1)
+    if got.shape != want.shape:
+        return False, f"shape {got.shape} vs torch {want.shape}"
+    if not np.isfinite(got).all():
+        return False, "non-finite output"
+    rel = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+    cos = float(got @ want / max(float(np.linalg.norm(got) * np.linalg.norm(want)), 1e-30))
+    ok = rel <= 1e-3 if precision == "f32" else cos >= 0.99
+    return ok, f"rel {rel:.1e}, cos {cos:.5f}"
+
+
+def _bitsmith(case: Case) -> Callable[[], np.ndarray]:
+    import bitsmith
+    from bitsmith.compiler import example_arrays
+
+    cm = bitsmith.compile(case.module, case.inputs, name=case.name.replace(":", "_"))
+    arrays = example_arrays(cm.artifact, case.inputs, {})
+    return lambda: cm.executor.run(*arrays)[0]
+
+
+def _torch(case: Case, compiled: bool) -> Callable[[], np.ndarray]:
+    fn = torch.compile(case.module) if compiled else case.module
+
+    def run() -> np.ndarray:
+        with torch.no_grad():
+            return fn(*case.inputs).numpy()
+    return run
+
+
+def _onnx(case: Case, tmp: Path) -> Path:
+    """The case exported to ONNX once (TorchScript exporter, opset 17), shared by ORT and
+    OpenVINO."""
+    path = tmp / f"{case.name.replace(':', '_')}_b{case.batch}.onnx"
+    if not path.exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(case.module, case.inputs, str(path),
+                              input_names=list(case.input_names), output_names=["out"],
+                              dynamo=False, opset_version=17)
+    return path
+
+
+def _feeds(case: Case) -> dict[str, np.ndarray]:
+    return {n: t.numpy() for n, t in zip(case.input_names, case.inputs, strict=True)}
+
+
+def _ort(case: Case, threads: int, tmp: Path) -> Callable[[], np.ndarray]:
+    import onnxruntime as rt
+
+    options = rt.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = rt.InferenceSession(str(_onnx(case, tmp)), options,
+                                  providers=["CPUExecutionProvider"])
+    feeds = _feeds(case)
+    return lambda: np.asarray(session.run(None, feeds)[0])
+
+
+def _openvino(case: Case, threads: int, tmp: Path,
+              precision: str | None) -> Callable[[], np.ndarray]:
+    import openvino as ov
+
+    config: dict[str, object] = {"INFERENCE_NUM_THREADS": threads,
+                                 "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    model = ov.Core().compile_model(str(_onnx(case, tmp)), "CPU", config)
+    request = model.create_infer_request()
+    feeds = _feeds(case)
+    return lambda: np.asarray(request.infer(feeds)[model.output(0)])
+
+
+def engines(case: Case, threads: int, tmp: Path, skip: set[str]) -> list[Engine]:
+    """Every engine loaded for `case`, each checked against torch eager."""
+    with torch.no_grad():
+        want = case.module(*case.inputs).numpy()
+    makers: list[tuple[str, Callable[[], Callable[[], np.ndarray]], str]] = [
+        ("bitsmith", lambda: _bitsmith(case), "f32"),
+        ("torch eager", lambda: _torch(case, False), "f32"),
+        ("torch.compile", lambda: _torch(case, True), "f32"),
+        ("ONNX Runtime", lambda: _ort(case, threads, tmp), "f32"),
+        ("OpenVINO f32", lambda: _openvino(case, threads, tmp, "f32"), "f32"),
+        ("OpenVINO default", lambda: _openvino(case, threads, tmp, None), "default")]
+    found: list[Engine] = []
+    for name, make, precision in makers:
+        if name in skip:
+            continue
+        engine = Engine(name, precision=precision)
+        try:
+            run = make()
+            ok, engine.agreement = _agreement(run(), want, precision)
+            if ok:
+                engine.run = run
+            else:
+                engine.error = f"output differs from torch: {engine.agreement}"
+        except Exception as exc:  # a rival that fails is reported, not fatal
+            lines = str(exc).strip().splitlines() or [""]
+            engine.error = f"{type(exc).__name__}: {lines[-1][:160]}"
+        found.append(engine)
+    return found
+
+
+def timed(engines_: list[Engine], rounds: int, reps: int) -> None:
+    live = [e for e in engines_ if e.run is not None]
+    for r in range(rounds):
+        order = live[r % len(live):] + live[:r % len(live)] if live else []
+        for engine in order:
+            assert engine.run is not None
+            engine.run()
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                engine.run()
+                samples.append(time.perf_counter() - t0)
+            engine.times.append(statistics.median(samples))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--models", nargs="*",
+                        default=["bert-base", "resnet-50", "minilm", "zoo"])
+    parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    rows = []
+    names = ["bitsmith", "torch eager", "torch.compile", "ONNX Runtime", "OpenVINO f32",
+             "OpenVINO default"]
+    print(f"torch {torch.__version__}; {args.threads} threads each; median over {args.rounds} "
+          f"interleaved rounds of the median of {args.reps} calls\n", flush=True)
+    print("| model | batch | " + " | ".join(f"{n} ms" for n in names)
+          + " | bitsmith / fastest f32 rival |")
+    print("|---|---|" + "---|" * (len(names) + 1), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bitsmith-vs-") as tmp:
+        for case in cases(args.models, args.batch):
+            found = engines(case, args.threads, Path(tmp), set(args.skip))
+            timed(found, args.rounds, args.reps)
+            by_name = {e.name: e for e in found}
+            cells = []
+            for n in names:
+                e = by_name.get(n)
+                if e is None:
+                    cells.append("-")
+                elif e.error:
+                    cells.append("failed")
+                    print(f"<!-- {case.name} b{case.batch} {n}: {e.error} -->", file=sys.stderr)
+                else:
+                    cells.append(f"{statistics.median(e.times) * 1e3:.2f}")
+            ours = by_name.get("bitsmith")
+            rivals = [statistics.median(e.times) for e in found
+                      if e.name != "bitsmith" and e.precision == "f32" and e.times]
+            ratio = (f"{statistics.median(ours.times) / min(rivals):.2f}"
+                     if ours and ours.times and rivals else "-")
+            print(f"| {case.name} | {case.batch} | " + " | ".join(cells) + f" | {ratio} |",
+                  flush=True)
+            rows.append({"model": case.name, "batch": case.batch, "engines": {
+                e.name: {"ms": statistics.median(e.times) * 1e3 if e.times else None,
+                         "error": e.error, "agreement": e.agreement,
+                         "precision": e.precision} for e in found}})
+    for row in rows:
+        notes = "; ".join(f"{n}: {v['agreement']}" for n, v in row["engines"].items()
+                          if v["precision"] != "f32" and v["agreement"])
+        if notes:
+            print(f"\n{row['model']} b{row['batch']} reduced precision vs torch f32: {notes}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
