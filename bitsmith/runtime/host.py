@@ -76,3 +76,23 @@ def subnormal_penalty() -> float:
 def slow_subnormals() -> bool:
     """Whether subnormal floats are slow on this CPU (`subnormal_penalty` > SLOW_SUBNORMALS)."""
     return subnormal_penalty() > SLOW_SUBNORMALS
+
+
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+SYS_ARCH_PRCTL = 158  # x86-64
+
+
+@functools.cache
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process (as oneDNN does): without it the
+    first tile instruction kills the process with SIGILL. True when granted; False on a CPU
+    without AMX, another OS or architecture, or a kernel that refuses (older than 5.16)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    if "amx_tile" not in cpu_flags(Path("/proc/cpuinfo").read_text(errors="replace")):
+        return False
+    import ctypes  # noqa: PLC0415 - only on this path
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0

@@ -1,0 +1,148 @@
+"""AMX: bf16 GEMMs on Intel's tile unit, reached from TVM through LLVM's tile intrinsics.
+
+A tile register holds up to 16 rows of 64 bytes. `tdpbf16ps C, A, B` adds to the f32 tile C
+(16 x 16) the product of A (16 rows x 32 bf16) and B (16 rows of 16 column *pairs*: the
+reduction's consecutive pairs interleaved, "VNNI" layout), with f32 accumulation. The kernel
+here keeps 2 x 2 C tiles (32 rows x 32 columns) in tmm0-3, loads two A tiles (tmm4-5) and two
+B tiles (tmm6-7) per 32-long reduction step, and issues four `tdpbf16ps`.
+
+Every thread configures its tiles (`ldtilecfg`) at the start of its work and releases them at
+the end; the process asks Linux for the tile state once (`runtime.host.request_amx`), before
+any AMX kernel runs, or the first tile instruction is a SIGILL.
+
+The weight is packed at compile time: [N/32 panels, K/2 pairs, 32 columns, 2] bf16 bits (N and
+K zero-padded to 32). Activations are rounded to bf16 (nearest even, NaN kept) into a padded
+workspace by the kernel itself.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from ..template import Target
+
+TILE = 16  # rows of a tile; 16 f32 or 32 bf16 per 64-byte row
+BLOCK = 32  # rows, columns and reduction step of the 2 x 2 tile micro-kernel
+
+
+def has_amx_bf16(target: Target) -> bool:
+    """Whether the target CPU has the AMX tile unit with bf16 dot products."""
+    return {"amx_tile", "amx_bf16"} <= set(target.isa)
+
+
+def amx_attrs() -> list[str]:
+    """LLVM target features that AMX kernels need (LLVM may not know the host CPU's name as
+    one with AMX: a virtual machine can report an older model)."""
+    return ["+amx-tile", "+amx-bf16", "+amx-int8", "+avx512bf16"]
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """f32 -> bf16 bits (uint16), rounding to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where((u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000),
+                    np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> f32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _up(v: int, to: int) -> int:
+    return -(-v // to) * to
+
+
+def pack_bf16_panels(weight: np.ndarray, transposed: bool = True) -> np.ndarray:
+    """[N, K] (transposed, torch's linear weight) or [K, N] f32 -> bf16 bits in panels
+    [N/32, K/2, 32, 2] (N and K zero-padded to multiples of 32)."""
+    w = weight if transposed else weight.T
+    n, k = w.shape
+    padded = np.zeros((_up(n, BLOCK), _up(k, BLOCK)), np.float32)
+    padded[:n, :k] = w
+    bits = bf16_bits(padded)  # [Np, Kp]
+    panels = bits.reshape(-1, BLOCK, _up(k, BLOCK) // 2, 2)  # [P, 32 cols, K/2, 2]
+    return np.ascontiguousarray(panels.transpose(0, 2, 1, 3))
+
+
+def _to_bf16(v: Any) -> Any:
+    """TIR: the bf16 bits (uint16) of an f32 value, rounded to nearest even, NaN kept."""
+    u = T.reinterpret("uint32", v)
+    rounded = T.Cast("uint16", (u + T.uint32(0x7FFF) + ((u >> T.uint32(16)) & T.uint32(1)))
+                     >> T.uint32(16))
+    return T.if_then_else((u & T.uint32(0x7FFFFFFF)) > T.uint32(0x7F800000), T.uint16(0x7FC0),
+                          rounded)
+
+
+def _tile(name: str, *args: Any) -> Any:
+    return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+
+def gemm_bf16(m: int, n: int, k: int) -> tvm.tirx.PrimFunc:
+    """out[m, n] (f32) = bf16(x[m, k]) @ bf16(W)^T, W packed by `pack_bf16_panels`."""
+    mp, np_, kp = _up(m, BLOCK), _up(n, BLOCK), _up(k, BLOCK)
+    panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // BLOCK
+
+    @T.prim_func
+    def main(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, kp // 2, BLOCK, 2), "uint16"),
+             out: T.Buffer((m, n), "float32")) -> None:
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        xa = T.decl_buffer((mp, kp), "uint16")
+        acc = T.decl_buffer((mp, np_), "float32")
+        for i in T.parallel(mp):
+            for c in range(kp):
+                xa[i, c] = T.if_then_else(
+                    i < m and c < k, _to_bf16(x[T.min(i, m - 1), T.min(c, k - 1)]),
+                    T.uint16(0))
+        for task in T.parallel(panels * blocks):  # panel-major: a core's tasks share panels
+            p = task // blocks
+            rb = task % blocks
+            cfg = T.decl_buffer((64,), "uint8", scope="local")
+            for b in range(64):
+                cfg[b] = T.uint8(0)
+            cfg[0] = T.uint8(1)  # palette 1
+            for t in range(8):  # every tile: 16 rows of 64 bytes
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(TILE)
+            _tile("ldtilecfg", T.address_of(cfg[0]))
+            _tile("tilezero", T.int8(0))
+            _tile("tilezero", T.int8(1))
+            _tile("tilezero", T.int8(2))
+            _tile("tilezero", T.int8(3))
+            for s in range(steps):
+                _tile("tileloadd64", T.int8(4), T.address_of(xa[rb * BLOCK, s * BLOCK]),
+                      T.int64(kp * 2))
+                _tile("tileloadd64", T.int8(5), T.address_of(xa[rb * BLOCK + TILE, s * BLOCK]),
+                      T.int64(kp * 2))
+                _tile("tileloadd64", T.int8(6), T.address_of(w[p, s * TILE, 0, 0]),
+                      T.int64(BLOCK * 4))
+                _tile("tileloadd64", T.int8(7), T.address_of(w[p, s * TILE, TILE, 0]),
+                      T.int64(BLOCK * 4))
+                _tile("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
+                _tile("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
+                _tile("tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
+                _tile("tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+            _tile("tilestored64", T.int8(0), T.address_of(acc[rb * BLOCK, p * BLOCK]),
+                  T.int64(np_ * 4))
+            _tile("tilestored64", T.int8(1), T.address_of(acc[rb * BLOCK, p * BLOCK + TILE]),
+                  T.int64(np_ * 4))
+            _tile("tilestored64", T.int8(2), T.address_of(acc[rb * BLOCK + TILE, p * BLOCK]),
+                  T.int64(np_ * 4))
+            _tile("tilestored64", T.int8(3),
+                  T.address_of(acc[rb * BLOCK + TILE, p * BLOCK + TILE]), T.int64(np_ * 4))
+            _tile("tilerelease")
+        for i in T.parallel(m):
+            for j in T.vectorized(n):
+                out[i, j] = acc[i, j]
+    return main
+
+
+def amx_tvm_target(target: Target) -> tvm.target.Target:
+    """The TVM target of an AMX kernel: the host's, with the tile features switched on."""
+    spec: dict[str, Any] = {"kind": "llvm", "num-cores": target.cores, "mattr": amx_attrs()}
+    if target.mcpu:
+        spec["mcpu"] = target.mcpu
+    return tvm.target.Target(spec)

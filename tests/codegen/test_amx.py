@@ -1,0 +1,63 @@
+"""The AMX bf16 GEMM kernel against numpy (on a CPU with AMX), and its bf16 rounding against
+torch's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitsmith.codegen.template import Target
+from bitsmith.codegen.tvm import lower  # noqa: F401 - imported before the templates
+from bitsmith.codegen.tvm.amx import (
+    amx_tvm_target,
+    bf16_bits,
+    from_bf16_bits,
+    gemm_bf16,
+    has_amx_bf16,
+    pack_bf16_panels,
+)
+from bitsmith.codegen.tvm.target import host_target
+from bitsmith.runtime.host import request_amx
+from bitsmith.runtime.tvm_runtime import tvm
+
+RNG = np.random.default_rng(11)
+
+
+def test_bf16_rounding_is_torchs() -> None:
+    x = np.concatenate([RNG.standard_normal(4096).astype(np.float32) * 1e3,
+                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40, 3.4e38,
+                                  np.float32(1.00390625), np.float32(1.01171875)],
+                                 np.float32)])
+    ours = bf16_bits(x)
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    assert (ours[~nan] == theirs[~nan]).all()
+    assert np.isnan(from_bf16_bits(ours[nan])).all()
+
+
+def test_a_target_without_amx_is_told_so() -> None:
+    assert not has_amx_bf16(Target(kind="llvm", isa=("avx2", "fma"), cores=2))
+    assert has_amx_bf16(Target(kind="llvm", isa=("amx_bf16", "amx_tile"), cores=2))
+
+
+@pytest.mark.skipif(not (has_amx_bf16(host_target()) and request_amx()),
+                    reason="needs a CPU with AMX-BF16 and Linux's tile permission")
+@pytest.mark.parametrize("m, k, n", [(100, 300, 70), (1, 32, 32), (64, 768, 96)])
+def test_amx_gemm_matches_the_bf16_rounded_product(m: int, k: int, n: int) -> None:
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    x[0, 3] = np.inf if m > 1 else x[0, 3]
+    func = gemm_bf16(m, n, k)
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=amx_tvm_target(host_target()))
+    out = tvm.runtime.empty((m, n), "float32")
+    ex["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_bf16_panels(w)), out)
+    xr = from_bf16_bits(bf16_bits(x)).astype(np.float64)
+    wr = from_bf16_bits(bf16_bits(w)).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want = xr @ wr.T
+    got = out.numpy()
+    finite = np.isfinite(want)
+    assert (np.isinf(got) == np.isinf(want)).all() and (np.isnan(got) == np.isnan(want)).all()
+    scale = np.abs(want[finite]).max()
+    # f32 accumulation of exact bf16 products: only the order of the sums differs
+    assert np.abs(got[finite] - want[finite]).max() <= 1e-5 * scale
