@@ -5,7 +5,8 @@
 
 Every engine runs with the same thread count: bitsmith (untuned: the templates' default
 configs), torch eager, torch.compile, ONNX Runtime, OpenVINO with f32 inference and OpenVINO's
-default precision (bf16 on a CPU with AMX). Each engine's output is checked against torch
+default precision (bf16 on a CPU with AMX), and bitsmith with precision="bf16" (AMX). Each
+engine's output is checked against torch
 eager before it is timed: f32 engines within 1e-3 of the output's range, a reduced-precision
 engine by cosine similarity (>= 0.99; reported). An engine that fails to load, convert or
 match is reported as such, never timed. Timing: `--rounds` rounds; in each, every engine (in
@@ -125,11 +126,12 @@ def _agreement(got: np.ndarray, want: np.ndarray, precision: str) -> tuple[bool,
     return ok, f"rel {rel:.1e}, cos {cos:.5f}"
 
 
-def _bitsmith(case: Case) -> Callable[[], np.ndarray]:
+def _bitsmith(case: Case, precision: str = "f32") -> Callable[[], np.ndarray]:
     import bitsmith
     from bitsmith.compiler import example_arrays
 
-    cm = bitsmith.compile(case.module, case.inputs, name=case.name.replace(":", "_"))
+    cm = bitsmith.compile(case.module, case.inputs, name=case.name.replace(":", "_"),
+                          precision=precision)
     arrays = example_arrays(cm.artifact, case.inputs, {})
     return lambda: cm.executor.run(*arrays)[0]
 
@@ -192,6 +194,7 @@ def engines(case: Case, threads: int, tmp: Path, skip: set[str]) -> list[Engine]
         want = case.module(*case.inputs).numpy()
     makers: list[tuple[str, Callable[[], Callable[[], np.ndarray]], str]] = [
         ("bitsmith", lambda: _bitsmith(case), "f32"),
+        ("bitsmith bf16", lambda: _bitsmith(case, "bf16"), "bf16"),
         ("torch eager", lambda: _torch(case, False), "f32"),
         ("torch.compile", lambda: _torch(case, True), "f32"),
         ("ONNX Runtime", lambda: _ort(case, threads, tmp), "f32"),
@@ -246,13 +249,13 @@ def main() -> None:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     rows = []
-    names = ["bitsmith", "torch eager", "torch.compile", "ONNX Runtime", "OpenVINO f32",
-             "OpenVINO default"]
+    names = ["bitsmith", "bitsmith bf16", "torch eager", "torch.compile", "ONNX Runtime",
+             "OpenVINO f32", "OpenVINO default"]
     print(f"torch {torch.__version__}; {args.threads} threads each; median over {args.rounds} "
           f"interleaved rounds of the median of {args.reps} calls\n", flush=True)
     print("| model | batch | " + " | ".join(f"{n} ms" for n in names)
-          + " | bitsmith / fastest f32 rival |")
-    print("|---|---|" + "---|" * (len(names) + 1), flush=True)
+          + " | bitsmith / fastest f32 rival | bitsmith bf16 / OpenVINO default |")
+    print("|---|---|" + "---|" * (len(names) + 2), flush=True)
     with tempfile.TemporaryDirectory(prefix="bitsmith-vs-") as tmp:
         for case in cases(args.models, args.batch):
             found = engines(case, args.threads, Path(tmp), set(args.skip))
@@ -270,11 +273,15 @@ def main() -> None:
                     cells.append(f"{statistics.median(e.times) * 1e3:.2f}")
             ours = by_name.get("bitsmith")
             rivals = [statistics.median(e.times) for e in found
-                      if e.name != "bitsmith" and e.precision == "f32" and e.times]
+                      if not e.name.startswith("bitsmith") and e.precision == "f32"
+                      and e.times]
             ratio = (f"{statistics.median(ours.times) / min(rivals):.2f}"
                      if ours and ours.times and rivals else "-")
-            print(f"| {case.name} | {case.batch} | " + " | ".join(cells) + f" | {ratio} |",
-                  flush=True)
+            low, theirs = by_name.get("bitsmith bf16"), by_name.get("OpenVINO default")
+            low_ratio = (f"{statistics.median(low.times) / statistics.median(theirs.times):.2f}"
+                         if low and low.times and theirs and theirs.times else "-")
+            print(f"| {case.name} | {case.batch} | " + " | ".join(cells)
+                  + f" | {ratio} | {low_ratio} |", flush=True)
             rows.append({"model": case.name, "batch": case.batch, "engines": {
                 e.name: {"ms": statistics.median(e.times) * 1e3 if e.times else None,
                          "error": e.error, "agreement": e.agreement,

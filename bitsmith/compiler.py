@@ -6,6 +6,7 @@ each kernel's config, and the target's backend (`codegen/tvm/build.py` for "cpu"
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
             example_kwargs: Mapping[str, Any] | None = None, tune: int | str | None = None,
             quant: str | None = None, calib: Iterable[Any] | None = None,
             progress: bool = False, check: bool = True,
-            dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> CompiledModel:
+            dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None,
+            precision: str = "f32") -> CompiledModel:
     """Compile a torch model for `target`; returns a callable, savable CompiledModel.
 
     `tune` (trials, or a time like "10m") tunes every kernel that this device's cache does not
@@ -63,6 +65,11 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
 
     `dynamic_dims` makes more dims symbolic than `dynamic_batch`'s dim 0: {input name: {axis:
     torch.export.Dim}}, e.g. a sequence dim S (`frontend.LoadedModel.dynamic_dims()`).
+
+    `precision="bf16"` computes linear layers (and matmuls against weights) in bf16 with f32
+    accumulation, on the AMX tile unit; a CPU without AMX-BF16 keeps f32 and says so in one
+    warning. The check then holds the model to the bf16 tolerance, and `cm.report()` lists
+    the bf16 kernels and the measured error against torch's f32.
 
     `check` (on by default) runs the built model on the example inputs and compares it with
     torch (a quantized model: with the interpreter of its quantized graph) before returning;
@@ -80,6 +87,7 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     if calib is not None:
         module.calibration = calibration_batches(module, calib)
     run(module, pipeline, verify=False)
+    lowered = _lower_precision(module, precision, target, device)
     batch = _example_batch(example_inputs)
     configs, measured = tuned_configs(module, tune, batch, progress,
                                       target=device if target == "cuda" else None)
@@ -94,8 +102,35 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
         arrays = example_arrays(artifact, example_inputs, kwargs)
         cm.checked = selfcheck.check(cm, module, arrays, model=model, args=example_inputs,
                                      kwargs=kwargs, quantized=quant is not None,
-                                     dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
+                                     dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims,
+                                     precision="bf16" if lowered else "f32")
+    if lowered:  # the report states what bf16 cost on the example inputs
+        kwargs = dict(example_kwargs or {})
+        error = selfcheck.largest_error(cm, example_arrays(artifact, example_inputs, kwargs),
+                                        model=model, args=example_inputs, kwargs=kwargs)
+        cm.artifact.manifest.metadata["precision"] = {"mode": precision, "kernels": lowered,
+                                                      "error": error}
     return cm
+
+
+def _lower_precision(module: Module, precision: str, target: str, device: Any) -> list[str]:
+    """Mark the kernels that run below f32 for `precision`; their names."""
+    from .codegen.tvm.templates_amx import PRECISIONS, mark_bf16  # noqa: PLC0415 - CPU only
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision expected one of {list(PRECISIONS)}, got {precision!r}; "
+                         "int8 activations run through quant='w8a8'-style specs, not here")
+    if precision == "f32":
+        return []
+    if target != "cpu":
+        raise InputError(f"precision={precision!r} runs on the CPU's AMX tiles; the "
+                         f"{target} backend computes in the model's own types: drop precision")
+    from .ir.dialects.kernel import FusedOp  # noqa: PLC0415
+
+    marked, note = mark_bf16([op for op in module.ops if isinstance(op, FusedOp)], device)
+    if note:
+        warnings.warn(note, stacklevel=3)
+    return marked
 
 
 def example_arrays(artifact: Artifact, args: Sequence[Any],

@@ -47,12 +47,15 @@ SCALE_FLOOR = 1e-6
 def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
           model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
           quantized: bool, dynamic_batch: bool,
-          dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None) -> str:
+          dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None,
+          precision: str = "f32") -> str:
     """Raise MismatchError when `cm` (built from the fused `module`) and the model disagree on
     the example inputs; `arrays` are those inputs in the artifact's order. `dynamic_batch`
     and `dynamic_dims` are the import's, for a fresh import that the diagnosis walks. Returns
-    a one-line summary of the agreement."""
+    a one-line summary of the agreement. With `precision="bf16"` (some contractions computed
+    in bf16) the model is held to the bf16 tolerance."""
     got = cm.executor.run(*arrays)
+    tolerance = TOLERANCES["bfloat16"] if precision == "bf16" else None
     if quantized:
         want, reference = interpret(module, *arrays), "the interpreter of the quantized graph"
     else:
@@ -61,10 +64,10 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
         raise MismatchError(f"{cm.name}: the compiled model returns {len(got)} output(s), "
                             f"{reference} {len(want)}; the model's outputs were not kept as "
                             "they are (report it with the model)")
-    diffs = [d for d in (difference(g, w, f"output {i}")
+    diffs = [d for d in (difference(g, w, f"output {i}", tolerance)
                          for i, (g, w) in enumerate(zip(got, want, strict=True))) if d]
     if not diffs:
-        return agreement(got, want, reference)
+        return agreement(got, want, reference, precision)
     head = f"{cm.name}: the compiled model differs from {reference} on the example inputs: "
     kernel = first_diverging_kernel(cm, module, arrays)
     if kernel is not None:
@@ -82,9 +85,19 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
                         "check=False (--no-check) to get the artifact anyway")
 
 
-def agreement(got: Sequence[np.ndarray], want: Sequence[np.ndarray], reference: str) -> str:
+def agreement(got: Sequence[np.ndarray], want: Sequence[np.ndarray], reference: str,
+              precision: str = "f32") -> str:
     """'matches torch on the example inputs: ...' with the largest float error, relative to
     its output's largest magnitude."""
+    allowed = TOLERANCES["bfloat16" if precision == "bf16" else "float32"][0]
+    return (f"matches {reference} on the example inputs: {len(got)} output(s), largest error "
+            f"{largest_share(got, want):.1e} of the output's largest magnitude (allowed "
+            f"{allowed:g} in {precision})")
+
+
+def largest_share(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+    """The largest float error of `got` against `want`, as a share of each output's largest
+    finite magnitude."""
     worst = 0.0
     for g, w in zip(got, want, strict=True):
         g, w = np.asarray(g), np.asarray(w)
@@ -95,9 +108,13 @@ def agreement(got: Sequence[np.ndarray], want: Sequence[np.ndarray], reference: 
         if finite.any():
             scale = max(float(np.abs(w64[finite]).max()), SCALE_FLOOR)
             worst = max(worst, float(np.abs(g64 - w64)[finite].max()) / scale)
-    return (f"matches {reference} on the example inputs: {len(got)} output(s), largest error "
-            f"{worst:.1e} of the output's largest magnitude (allowed "
-            f"{TOLERANCES['float32'][0]:g} in f32)")
+    return worst
+
+
+def largest_error(cm: CompiledModel, arrays: Sequence[np.ndarray], *, model: torch.nn.Module,
+                  args: Sequence[Any], kwargs: Mapping[str, Any]) -> float:
+    """The compiled model's largest error against torch's f32 on the example inputs."""
+    return largest_share(cm.executor.run(*arrays), torch_outputs(model, args, kwargs))
 
 
 def torch_outputs(model: torch.nn.Module, args: Sequence[Any],
@@ -116,9 +133,11 @@ def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def difference(got: np.ndarray, want: np.ndarray, what: str) -> str | None:
+def difference(got: np.ndarray, want: np.ndarray, what: str,
+               tolerance: tuple[float, float] | None = None) -> str | None:
     """Why `got` is not `want` (shape, kind of dtype, NaN/inf positions, an error past the
-    tolerance), or None when it is."""
+    tolerance: the dtype's, or `tolerance` for arithmetic done below the dtype's precision),
+    or None when it is."""
     got, want = np.asarray(got), np.asarray(want)
     if got.shape != want.shape:
         return f"{what}: shape {list(got.shape)}, expected {list(want.shape)}"
@@ -139,7 +158,7 @@ def difference(got: np.ndarray, want: np.ndarray, what: str) -> str | None:
         at = tuple(int(i) for i in wrong[0])
         return (f"{what} ({want.dtype}{list(want.shape)}): got {g[at]} at {list(at)}, "
                 f"expected {w[at]} ({len(wrong)} such element(s))")
-    share, own = TOLERANCES.get(np.dtype(want.dtype).name, TOLERANCES["float16"])
+    share, own = tolerance or TOLERANCES.get(np.dtype(want.dtype).name, TOLERANCES["float16"])
     finite = ~special
     if not finite.any():
         return None
@@ -174,8 +193,9 @@ def first_diverging_kernel(cm: CompiledModel, module: Module,
                                                       kernel_calls(module, arrays), strict=True)):
         want = evaluate_op(op, ctx, inputs)
         got = run_step(cm.executor, k, inputs, bindings)
+        low = op.attributes.get("precision") == "bf16"
         for j, (g, w) in enumerate(zip(got, want, strict=True)):
-            diff = difference(g, w, f"result {j}")
+            diff = difference(g, w, f"result {j}", TOLERANCES["bfloat16"] if low else None)
             if diff is not None:
                 return f"{step['kernel']} ({step.get('template', '?')}, at {op.loc}): {diff}"
     return None

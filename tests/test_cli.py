@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from bitsmith import ir
 from bitsmith.cli import main
 
@@ -165,6 +167,22 @@ def test_run_inputs_by_name_or_position() -> None:
         ordered_inputs(["input_ids=i.npy", "m.npy"], names)
     with pytest.raises(CliError, match="each of input_ids, attention_mask once"):
         ordered_inputs(["input_ids=i.npy", "input_ids=j.npy"], names)
+
+
+def test_compile_with_precision_bf16_reports_what_ran_in_bf16(tmp_path, capsys) -> None:
+    from bitsmith.codegen.tvm.amx import has_amx_bf16
+    from bitsmith.codegen.tvm.target import host_target
+
+    art = tmp_path / "b.bsm"
+    assert main(["compile", "mlp", "--precision", "bf16", "-o", str(art)]) == 0
+    err = capsys.readouterr().err
+    if has_amx_bf16(host_target()):
+        assert "dense_bf16_amx" in err and "precision: bf16 (f32 accumulation)" in err
+    else:
+        assert "precision: f32 in all" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "mlp", "--precision", "fp8"])
+    assert exit_.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_compile_sign_and_run_key(tmp_path, capsys) -> None:

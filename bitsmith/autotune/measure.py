@@ -36,11 +36,13 @@ from typing import Any
 
 from .. import ir
 from ..codegen.template import TEMPLATES, CodegenError, Config
+from ..codegen.tvm.amx import amx_tvm_target
 from ..codegen.tvm.lower import compile_funcs
 from ..codegen.tvm.target import host_target, tvm_target
 from ..codegen.tvm.templates import TvmKernel
 from ..ir.dialects.kernel import FusedOp
 from ..ir.packing import to_storage
+from ..runtime.host import request_amx
 from ..runtime.processes import without_main, worker_pool
 from ..runtime.tvm_runtime import tvm
 from .candidates import (  # noqa: F401
@@ -82,7 +84,8 @@ def build_candidate(inp: MeasureInput) -> bytes:
     """Schedule and compile one candidate; the shared library's bytes."""
     kernel = _kernel_of(ir.parse(inp.kernel_ir))
     built = _built(inp, kernel)
-    executable = compile_funcs({"main": built.func}, kernel.kernel_name, tvm_target(host_target()))
+    target = amx_tvm_target(host_target()) if built.isa else tvm_target(host_target())
+    executable = compile_funcs({"main": built.func}, kernel.kernel_name, target)
     with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
         path = Path(tmp) / "kernel.so"
         executable.export_library(str(path))
@@ -93,6 +96,8 @@ def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -
     """Load a built candidate, check it against the interpreter, time it."""
     kernel, arrays, want = reference(inp)
     built = _built(inp, kernel)
+    if "amx_tile" in built.isa and not request_amx():
+        raise CodegenError("an AMX kernel, and Linux refused this process the tile state")
     with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
         path = Path(tmp) / "kernel.so"
         path.write_bytes(library)
@@ -106,7 +111,9 @@ def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -
                  [tvm.runtime.empty(w.shape, str(w.dtype)) for w in want])
                 for _ in range(copies)]
         func(*sets[0][0], *sets[0][1])
-        error = _mismatch([o.numpy() for o in sets[0][1]], want)
+        precision = kernel.attributes.get("precision")
+        error = _mismatch([o.numpy() for o in sets[0][1]], want,
+                          precision if isinstance(precision, str) else None)
         if error:
             return MeasureResult(math.inf, error=error)
         for i in range(options.warmup):

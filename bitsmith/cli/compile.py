@@ -39,6 +39,9 @@ def add_parsers(sub: Any) -> None:
                       help="tune kernels not in the cache first: trials (200) or time (10m)")
     comp.add_argument("--quant", metavar="SPEC",
                       help="quantize linear weights: w4g128, w3g128:gptq, f6e3m2g64, ...")
+    comp.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                      help="bf16: linear layers in bf16 with f32 accumulation on the CPU's "
+                           "AMX tiles (a CPU without them keeps f32 and says so)")
     comp.add_argument("--calib", metavar="DATA.npz",
                       help="calibration inputs for --quant: one array per model input, in "
                            "input order (arr_0, arr_1, ... or the input names), samples on "
@@ -105,13 +108,13 @@ def _load(name: str, seq: int | None = None) -> Any:
 def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None,
              tune: str | None = None, quant: str | None = None,
              calib: list[tuple[np.ndarray, ...]] | None = None, check: bool = True,
-             dynamic_seq: bool = False) -> Any:
+             dynamic_seq: bool = False, precision: str = "f32") -> Any:
     from .. import compiler  # noqa: PLC0415 - imports torch; `run` must not
 
     args, kwargs = loaded.call_args(batch)
     return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
                             dynamic_batch=dynamic, pipeline=pipeline, tune=tune, progress=True,
-                            quant=quant, calib=calib, check=check,
+                            quant=quant, calib=calib, check=check, precision=precision,
                             dynamic_dims=loaded.dynamic_dims() if dynamic_seq else None)
 
 
@@ -170,7 +173,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     calib = load_calibration(args.calib, loaded.input_names) if args.calib else None
     cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline, args.tune,
-                  args.quant, calib, check=not args.no_check, dynamic_seq=args.dynamic_seq)
+                  args.quant, calib, check=not args.no_check, dynamic_seq=args.dynamic_seq,
+                  precision=args.precision)
     seconds = time.perf_counter() - start
     out = Path(args.output or f"{loaded.name}.bsm")
     cm.save(out, key=key)
@@ -186,7 +190,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     err.print(_template_table(steps))
     err.print(f"checked: {cm.checked}" if cm.checked else
               "[yellow]not checked against torch (--no-check)[/]", highlight=False)
-    if args.quant:
+    if args.quant or args.precision != "f32":
         err.print(cm.report())
     return 0
 

@@ -28,6 +28,7 @@ from ..errors import BitsmithError
 from .arena import align_up, assign_offsets
 from .artifact import NUMPY_DTYPES, Artifact, ArtifactError, bind_inputs
 from .dims import eval_dim
+from .host import request_amx
 from .index_checks import bind_checks, check_values
 from .tvm_runtime import tvm
 
@@ -57,6 +58,11 @@ class Executor:
                                 f"signature {len(artifact.manifest.inputs)}; recompile the model")
         self.plan = plan
         self.state = _state_ids(plan)
+        wanted = artifact.manifest.requires.get("isa", [])
+        if isinstance(wanted, list) and "amx_tile" in wanted and not request_amx():
+            raise ArtifactError("the kernels use AMX tiles, and Linux refused this process "
+                                "the tile state (a CPU without AMX, or a kernel older than "
+                                "5.16); recompile without precision='bf16'/'int8' here")
         self._dir = tempfile.TemporaryDirectory(prefix="bitsmith-")
         paths = artifact.extract_libraries(self._dir.name)
         self.libraries = {name: _load_library(name, path) for name, path in paths.items()}

@@ -57,8 +57,10 @@ class CompiledModel:
         squared error without them) and bytes; then the model's weight bytes before/after."""
         quant = self.artifact.manifest.metadata.get("quantization")
         stored = sum(np.asarray(a).nbytes for a in self.artifact.weights.values())
+        lowered = self._precision_lines()
         if not quant:
-            return f"{self.name}: not quantized; weights {stored / 2**20:.2f} MiB"
+            return "\n".join([f"{self.name}: not quantized; weights {stored / 2**20:.2f} MiB",
+                              *lowered])
         head = (f"{'layer':<48} {'shape':>11} {'format':>7} {'group':>5} {'axis':>4} "
                 f"{'method':>6} {'error':>9} {'KiB':>8}")
         lines = [f"{self.name}: {quant['spec']}", head]
@@ -76,7 +78,20 @@ class CompiledModel:
         lines.append(f"quantized layers: {quant['f32_bytes'] / 2**20:.2f} MiB f32 -> "
                      f"{quant['bytes'] / 2**20:.2f} MiB; model weights as stored: "
                      f"{before / 2**20:.2f} MiB -> {stored / 2**20:.2f} MiB")
-        return "\n".join(lines)
+        return "\n".join(lines + lowered)
+
+    def _precision_lines(self) -> list[str]:
+        """The kernels computed below f32 (`compile(precision=)`) and the measured error."""
+        info = self.artifact.manifest.metadata.get("precision")
+        steps = self.artifact.manifest.plan.get("steps", [])
+        if not isinstance(info, dict):
+            return [f"precision: f32 in all {len(steps)} kernels"]
+        kernels = [str(k) for k in info.get("kernels", [])]
+        error = info.get("error")
+        said = (f"; largest error against torch's f32 on the example inputs {error:.1e} of the "
+                f"output's largest magnitude" if isinstance(error, (int, float)) else "")
+        return [f"precision: {info.get('mode')} (f32 accumulation) in {len(kernels)} of "
+                f"{len(steps)} kernels{said}", *(f"  {k}: {info.get('mode')}" for k in kernels)]
 
     def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Write the artifact (`.bsm`) to `path`; with `key` (at least 16 secret bytes), sign

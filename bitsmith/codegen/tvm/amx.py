@@ -1,3 +1,4 @@
+# pyright: reportInvalidTypeForm=false, reportMissingModuleSource=false
 """AMX: bf16 GEMMs on Intel's tile unit, reached from TVM through LLVM's tile intrinsics.
 
 A tile register holds up to 16 rows of 64 bytes. `tdpbf16ps C, A, B` adds to the f32 tile C
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import te
 from tvm.script import tirx as T
 
 from ..template import Target
@@ -81,25 +83,47 @@ def _tile(name: str, *args: Any) -> Any:
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
-def gemm_bf16(m: int, n: int, k: int) -> tvm.tirx.PrimFunc:
-    """out[m, n] (f32) = bf16(x[m, k]) @ bf16(W)^T, W packed by `pack_bf16_panels`."""
+def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
+    """x[row i, column c] of an x whose leading dims `lead` are flattened into rows."""
+    idx = []
+    for d in reversed(lead[1:]):
+        idx.append(i % d)
+        i = i // d
+    return x[(i, *reversed(idx), c)]
+
+
+def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
+              w_shape: tuple[Any, ...] | None = None) -> tvm.tirx.PrimFunc:
+    """acc[mp, np] (f32, rows and columns padded to 32) = bf16(x) @ bf16(W)^T, for an x of
+    static shape (..., k) whose leading dims are the rows, and W packed by
+    `pack_bf16_panels`. `order`: the (panel, row block) tasks panel-major ("nm": a core's
+    consecutive tasks share the weight panel) or row-major ("mn": they share the rows).
+    `x_shape` and `w_shape` may be a tensor's own shape expressions: the parameters are
+    declared with those very objects (what `te.extern` checks)."""
+    *lead_list, k = (int(d) for d in x_shape)
+    lead = tuple(lead_list)
+    m = 1
+    for d in lead:
+        m *= d
     mp, np_, kp = _up(m, BLOCK), _up(n, BLOCK), _up(k, BLOCK)
     panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // BLOCK
+    x_dims = tuple(x_shape)
+    w_dims = tuple(w_shape) if w_shape is not None else (panels, kp // 2, BLOCK, 2)
+    panel_major = order == "nm"
 
     @T.prim_func
-    def main(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, kp // 2, BLOCK, 2), "uint16"),
-             out: T.Buffer((m, n), "float32")) -> None:
+    def main(x: T.Buffer(x_dims, "float32"), w: T.Buffer(w_dims, "uint16"),
+             acc: T.Buffer((mp, np_), "float32")) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         xa = T.decl_buffer((mp, kp), "uint16")
-        acc = T.decl_buffer((mp, np_), "float32")
         for i in T.parallel(mp):
             for c in range(kp):
                 xa[i, c] = T.if_then_else(
-                    i < m and c < k, _to_bf16(x[T.min(i, m - 1), T.min(c, k - 1)]),
+                    i < m and c < k, _to_bf16(_row(x, lead, T.min(i, m - 1), T.min(c, k - 1))),
                     T.uint16(0))
-        for task in T.parallel(panels * blocks):  # panel-major: a core's tasks share panels
-            p = task // blocks
-            rb = task % blocks
+        for task in T.parallel(panels * blocks):
+            p = T.if_then_else(panel_major, task // blocks, task % panels)
+            rb = T.if_then_else(panel_major, task % blocks, task // panels)
             cfg = T.decl_buffer((64,), "uint8", scope="local")
             for b in range(64):
                 cfg[b] = T.uint8(0)
@@ -134,10 +158,18 @@ def gemm_bf16(m: int, n: int, k: int) -> tvm.tirx.PrimFunc:
             _tile("tilestored64", T.int8(3),
                   T.address_of(acc[rb * BLOCK + TILE, p * BLOCK + TILE]), T.int64(np_ * 4))
             _tile("tilerelease")
-        for i in T.parallel(m):
-            for j in T.vectorized(n):
-                out[i, j] = acc[i, j]
     return main
+
+
+def gemm_bf16_extern(x: Any, w: Any, n: int, order: str) -> Any:
+    """`gemm_bf16` as a `te.extern` over tensors x (..., k) f32 and w (the packed panels): the
+    padded f32 result tensor. The extern's buffers are the function's own parameters, so its
+    body is used as it is."""
+    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape))
+    bufs = list(func.params)  # TVM 0.27: a buffer parameter is its buffer
+    out = te.extern([bufs[2].shape], [x, w], lambda ins, outs: func.body, dtype=["float32"],
+                    in_buffers=bufs[:2], out_buffers=[bufs[2]], name="amx_gemm")
+    return out if isinstance(out, te.Tensor) else out[0]
 
 
 def amx_tvm_target(target: Target) -> tvm.target.Target:

@@ -16,6 +16,7 @@ from ...runtime.artifact import Artifact
 from ...runtime.host import code_isa, host_description
 from ..backend import LibraryStore, kernels_of, package
 from ..template import Config, Target
+from .amx import amx_tvm_target
 from .lower import compile_funcs, library_key
 from .target import host_target, tvm_target
 from .templates import TvmKernel, build_kernel
@@ -58,22 +59,27 @@ class TvmBackend:
                     first[key], calls[op] = op, op.kernel_name
                 bar.advance(task)
             bar.update(task, description=f"compiling {len(first)} kernels with LLVM")
+            extra = sorted({f for kernel in built.values() for f in kernel.isa})
+            compiled_for = amx_tvm_target(target) if extra else tvm_target(target)
+            if extra and "avx512_bf16" in target.isa:
+                extra.append("avx512_bf16")  # the AMX target lets LLVM emit its conversions
             library = self._library(module.name, {op.kernel_name: built[op].func
-                                                  for op in first.values()}, target)
+                                                  for op in first.values()}, compiled_for)
         return package(module, built,
                        lambda op, kernel: {"function": calls[op], "library": LIBRARY},
                        {LIBRARY: library},
                        requires={"machine": host_description()["machine"],
-                                 "isa": code_isa(target.isa), "mcpu": target.mcpu},
+                                 "isa": sorted(set(code_isa(target.isa)) | set(extra)),
+                                 "mcpu": target.mcpu},
                        toolchain={"tvm": tvm.__version__, "mcpu": target.mcpu})
 
-    def _library(self, name: str, funcs: dict, target: Target) -> bytes:
+    def _library(self, name: str, funcs: dict, target: tvm.target.Target) -> bytes:
         """The shared library of `funcs`: from the store, or compiled now (and stored)."""
-        key = library_key(funcs, tvm_target(target))
+        key = library_key(funcs, target)
         library = self.libraries.get(key) if self.libraries is not None else None
         if library is not None:
             return library
-        executable = compile_funcs(funcs, name, tvm_target(target))
+        executable = compile_funcs(funcs, name, target)
         with tempfile.TemporaryDirectory(prefix="bitsmith-") as tmp:
             path = Path(tmp) / LIBRARY
             executable.export_library(str(path))

@@ -77,6 +77,11 @@ def parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, *, lanes: int, min_
     static extent that lanes divide and no reduction inside it), up to `vector_factor`
     vectors at a time, and run its outer spatial loops in parallel when the block has at
     least `min_parallel` output elements."""
+    # a reduction's work is its whole loop nest (counted before its lanes are split off)
+    work_loops = sch.get_loops(block)[spatial_count(sch, block):]
+    reduction_work = math.prod(static_extent(sch, lp) or 64 for lp in work_loops)
+    if vectorize and lanes > 1:
+        block = vector_reduce(sch, block, lanes)
     loops = sch.get_loops(block)
     n_spatial = spatial_count(sch, block)
     spatial = list(loops[:n_spatial])
@@ -96,6 +101,8 @@ def parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, *, lanes: int, min_
     total = math.prod(e if e is not None else 64 for e in extents)
     if n_spatial == len(loops):
         total *= lanes
+    else:
+        total *= reduction_work
     if total < min_parallel:
         return
     count = 1  # fuse outer loops until there are enough chunks for every core
@@ -106,6 +113,40 @@ def parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, *, lanes: int, min_
         count += 1
     outer = fuse(sch, *spatial[:count]) if count > 1 else spatial[0]
     sch.parallel(outer)
+
+
+def vector_reduce(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> SBlockRV:
+    """A reduction over one long innermost axis (a row's sum in a norm or softmax) summed in
+    `lanes` independent partial sums, one vector: the axis split by `lanes` and rfactor'd, the
+    partial sums (a per-row vector, computed under the row's loop) vectorised, then added up.
+    A serial sum is one dependent add per element (latency-bound: 4 cycles each); this is one
+    vector add per `lanes` elements. Returns the block that now writes the result (the block
+    itself when the reduction does not qualify or TensorIR refuses)."""
+    loops = sch.get_loops(block)
+    n_spatial = spatial_count(sch, block)
+    if len(loops) != n_spatial + 1 or n_spatial == 0 or not is_reduction(sch, block):
+        return block
+    extent = static_extent(sch, loops[-1])
+    if extent is None or extent % lanes or extent < 4 * lanes:
+        return block
+    trial = sch.copy()
+    try:
+        _rfactor_lanes(trial, block, lanes)
+    except (ScheduleError, ValueError, RuntimeError):
+        return block
+    _rfactor_lanes(sch, block, lanes)
+    return block
+
+
+def _rfactor_lanes(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    _, inner = sch.split(loops[-1], [None, lanes])
+    partial = sch.rfactor(inner, 0)
+    sch.compute_at(partial, sch.get_loops(block)[spatial_count(sch, block) - 1])
+    sch.set_scope(partial, 0, "local")
+    lane, step = sch.get_loops(partial)[-2:]  # compute_at puts the lanes first
+    reorder(sch, step, lane)
+    sch.vectorize(lane)
 
 
 def auto_schedule(sch: s_tir.Schedule, *, lanes: int, cores: int,

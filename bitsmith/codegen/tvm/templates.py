@@ -82,6 +82,8 @@ class TvmKernel:
     config: Config
     packs: dict[int, tuple[str, Callable[[np.ndarray], np.ndarray]]] = field(
         default_factory=dict)
+    isa: tuple[str, ...] = ()
+    """CPU flags the kernel needs beyond what LLVM emits for the host on its own (AMX)."""
 
 
 class TvmTemplate(KernelTemplate):
@@ -175,9 +177,13 @@ class Dense(TvmTemplate):
                       Knob("ORDER", ("nm", "mn")),
                       Knob("PARALLEL", (True, False)))
     key = ("M", "N", "K", "epilogue", "dtype")
+    precision: str = "f32"
+    """The kernel precision (`kernel.fused`'s attribute) this template computes."""
 
     def match(self, op: Operation) -> Problem | None:
         if not isinstance(op, FusedOp):
+            return None
+        if (op.attributes.get("precision") or "f32") != self.precision:
             return None
         anchors = [o for o in op.body_ops if isinstance(o, (LinearOp, MatmulOp))]
         if len(anchors) != 1 or any(not inlinable(o) for o in op.body_ops
@@ -577,4 +583,9 @@ def build_kernel(op: FusedOp, target: Target, config: Config | None = None) -> T
 
 
 
-from . import paged_attention, templates_a8, templates_quant  # noqa: E402,F401 - registers their templates
+from . import (  # noqa: E402,F401 - registers their templates
+    paged_attention,
+    templates_a8,
+    templates_amx,
+    templates_quant,
+)

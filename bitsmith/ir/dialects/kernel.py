@@ -17,6 +17,10 @@ KERNEL_KINDS = ("matmul", "conv", "attention", "reduction", "pool", "elementwise
                 "opaque")
 """What a kernel is, by its anchor op: codegen picks a template family from this."""
 
+KERNEL_PRECISIONS = ("f32", "bf16")
+"""Arithmetic a kernel's contraction may run in below its f32 types (`compile(precision=)`):
+"bf16" rounds both operands to bf16 and accumulates in f32."""
+
 
 @register_op
 class YieldOp(Operation):
@@ -47,7 +51,9 @@ class FusedOp(Operation):
     name = "kernel.fused"
     TRAITS = frozenset({Trait.REGION})
     OPERANDS = ("*inputs",)
-    ATTRS = {"kind": attr("str", choices=KERNEL_KINDS), "name": attr("str")}
+    ATTRS = {"kind": attr("str", choices=KERNEL_KINDS), "name": attr("str"),
+             # the arithmetic its contraction may run in (None: the types' own, f32)
+             "precision": attr("str", None, choices=KERNEL_PRECISIONS, optional=True)}
     NUM_REGIONS = 1
     RESULT_TYPES_GIVEN = True
     NUM_RESULTS: ClassVar[int | None] = None

@@ -1,0 +1,109 @@
+"""`dense_bf16_amx`: a linear layer in bf16 on the AMX tile unit, for kernels that
+`compile(precision="bf16")` marked (`kernel.fused {precision = "bf16"}`).
+
+The contraction is `amx.gemm_bf16` (x rounded to bf16 by the kernel, the weight packed to bf16
+panels at compile time, f32 accumulation) as a `te.extern` writing a padded f32 tile buffer;
+the rest of the kernel (bias, activation, residual, reshapes) is the generic lowering reading
+it, scheduled like any elementwise block. Static shapes only; a host without AMX-BF16 never
+gets these kernels (`compile` keeps such models in f32 and says so).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te, topi
+
+from ...ir import Operation
+from ...ir.dialects.graph import LinearOp, MatmulOp
+from ...ir.dialects.kernel import FusedOp
+from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
+from .amx import BLOCK, gemm_bf16_extern, has_amx_bf16, pack_bf16_panels
+from .lower import Lowering, lower_kernel
+from .schedule import auto_schedule
+from .target import vector_lanes
+from .templates import Dense, TvmKernel
+from .typed import compute
+
+
+@register_template
+class DenseBf16Amx(Dense):
+    """out = epilogue(bf16(x) @ bf16(W)^T (+ bias)), f32 accumulation, on AMX tiles."""
+
+    name = "dense_bf16_amx"
+    version = 1
+    space = KnobSpace(Knob("ORDER", ("nm", "mn")))
+    precision = "bf16"
+
+    def match(self, op: Operation) -> Problem | None:
+        problem = super().match(op)
+        if problem is None or not str(problem["M"]).isdigit():
+            return None  # static rows only
+        return problem
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return True
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        return Config({"ORDER": "nm"})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        if not has_amx_bf16(target):
+            raise ValueError(f"{self.name} needs a CPU with AMX-BF16; the target has "
+                             f"{', '.join(target.isa) or 'no extensions'}")
+        kernel: FusedOp = problem.kernel_op
+        anchor = next(o for o in kernel.body_ops if isinstance(o, (LinearOp, MatmulOp)))
+        n, k = int(problem["N"]), int(problem["K"])
+        up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
+        packed = te.placeholder((up(n) // BLOCK, up(k) // 2, BLOCK, 2), "uint16",
+                                name="packed")
+        order = str(config["ORDER"])
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            x = args[0]
+            lead = list(x.shape[:-1])
+            trailing = [int(d) for d in lead[1:]]
+            acc = gemm_bf16_extern(x, packed, n, order)
+
+            def view(*i: Any) -> Any:
+                row = i[0]
+                for axis, d in zip(i[1:-1], trailing, strict=True):
+                    row = row * d + axis
+                return acc[row, i[-1]]
+            out = compute(lead + [tvm.tirx.const(n, lo.index)], view, name="dense_rows")
+            if op.name == "graph.linear" and len(args) > 2:
+                out = topi.add(out, args[2])
+            return out
+        w_index = int(problem["w_index"])
+        func, _, _ = lower_kernel(kernel, rules={anchor: rule}, placeholders={w_index: packed})
+        sch = s_tir.Schedule(func)
+        auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
+        transposed = bool(problem["transposed"])
+        return TvmKernel(sch.mod["main"], self.name, config, packs={
+            w_index: ("amx_bf16_panels", lambda w: pack_bf16_panels(w, transposed))},
+            isa=("amx_bf16", "amx_tile"))
+
+
+PRECISIONS = ("f32", "bf16")
+"""What `compile(precision=)` takes."""
+
+
+def mark_bf16(kernels: list[FusedOp], target: Target) -> tuple[list[str], str | None]:
+    """Mark every kernel the bf16 template computes (a linear layer or a matmul against a
+    weight, static shapes) `precision = "bf16"`; the names marked, and a one-line note when
+    this CPU cannot run them (nothing is marked: the model stays f32)."""
+    if not has_amx_bf16(target):
+        return [], ("precision='bf16': this CPU has no AMX-BF16 tile unit, so every kernel "
+                    "stays f32")
+    template = DenseBf16Amx()
+    marked = []
+    for op in kernels:
+        if op.attributes.get("precision") is not None:
+            continue
+        op.attributes["precision"] = "bf16"
+        if template.match(op) is None:
+            del op.attributes["precision"]
+            continue
+        marked.append(op.kernel_name)
+    return marked, None

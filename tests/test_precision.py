@@ -1,0 +1,117 @@
+"""compile(precision="bf16"): linear layers on AMX tiles, checked against torch at the bf16
+tolerance, reported, saved and loaded; a CPU without AMX keeps f32 and says so; an artifact
+with AMX kernels refuses a process that Linux denies the tile state."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import bitsmith
+from bitsmith.codegen.template import Target
+from bitsmith.codegen.tvm.amx import has_amx_bf16
+from bitsmith.codegen.tvm.target import host_target
+from bitsmith.errors import ArtifactError, InputError
+from bitsmith.runtime.host import request_amx
+
+AMX = has_amx_bf16(host_target()) and request_amx()
+needs_amx = pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-BF16 (and Linux 5.16+)")
+
+
+class Block(torch.nn.Module):
+    """Odd sizes (none a multiple of the 32-wide AMX block), a residual, a 3-d input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(45, 70)
+        self.down = torch.nn.Linear(70, 45)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _model() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(3)
+    return Block().eval(), torch.randn(2, 19, 45)
+
+
+@needs_amx
+def test_bf16_model_matches_torch_reports_and_round_trips(tmp_path) -> None:
+    model, x = _model()
+    cm = bitsmith.compile(model, (x,), precision="bf16")
+    assert "allowed 0.03 in bf16" in (cm.checked or "")
+    steps = cm.artifact.manifest.plan["steps"]
+    assert sum(s["template"] == "dense_bf16_amx" for s in steps) == 2
+    assert {"amx_tile", "amx_bf16"} <= set(cm.artifact.manifest.requires["isa"])
+    report = cm.report()
+    assert "precision: bf16 (f32 accumulation) in 2 of" in report
+    error = cm.artifact.manifest.metadata["precision"]["error"]
+    assert 0 < error < 3e-2  # bf16 rounding shows, within the bound
+    with torch.no_grad():
+        want = model(x).numpy()
+    cm.save(tmp_path / "m.bsm")
+    loaded = bitsmith.load(tmp_path / "m.bsm")
+    got = loaded(x.numpy())
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    got = np.asarray(got)
+    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
+    assert "precision: bf16" in loaded.report()
+    # the f32 compile of the same model is far closer to torch: the bf16 kernels did run
+    f32 = bitsmith.compile(model, (x,))
+    assert "precision: f32 in all" in f32.report()
+    f32_got = np.asarray(f32.executor.run(x.numpy())[0])
+    assert np.abs(f32_got - want).max() < np.abs(got - want).max()
+
+
+@needs_amx
+def test_nan_and_inf_in_the_input_reach_the_output_as_torchs() -> None:
+    model, x = _model()
+    cm = bitsmith.compile(model, (x,), precision="bf16")
+    x = x.clone()
+    x[0, 3, 7], x[1, 5, 0] = float("nan"), float("inf")
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = np.asarray(cm.executor.run(x.numpy())[0])
+    assert (np.isnan(got) == np.isnan(want)).all()
+    finite = np.isfinite(want)
+    assert (np.isinf(got) == np.isinf(want)).all()
+    assert np.abs(got[finite] - want[finite]).max() <= 3e-2 * np.abs(want[finite]).max()
+
+
+def test_a_cpu_without_amx_keeps_f32_and_says_so(monkeypatch) -> None:
+    from bitsmith.codegen.tvm import build, templates_amx
+
+    plain = Target(kind="llvm", mcpu=host_target().mcpu, cores=host_target().cores,
+                   isa=tuple(f for f in host_target().isa if not f.startswith("amx")),
+                   attrs=host_target().attrs)
+    monkeypatch.setattr(build, "host_target", lambda: plain)
+    assert not templates_amx.has_amx_bf16(plain)
+    model, x = _model()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cm = bitsmith.compile(model, (x,), precision="bf16")
+    assert any("no AMX-BF16 tile unit" in str(w.message) for w in said)
+    assert all(s["template"] != "dense_bf16_amx" for s in cm.artifact.manifest.plan["steps"])
+    assert "precision: f32 in all" in cm.report()
+    assert "allowed 0.0001 in f32" in (cm.checked or "")
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    model, x = _model()
+    with pytest.raises(InputError, match=r"precision expected one of \['f32', 'bf16'\], got "
+                                         r"'fp8'"):
+        bitsmith.compile(model, (x,), precision="fp8")
+
+
+@needs_amx
+def test_an_amx_artifact_refuses_a_process_denied_the_tile_state(tmp_path, monkeypatch) -> None:
+    model, x = _model()
+    cm = bitsmith.compile(model, (x,), precision="bf16")
+    cm.save(tmp_path / "m.bsm")
+    from bitsmith.runtime import executor
+
+    monkeypatch.setattr(executor, "request_amx", lambda: False)
+    with pytest.raises(ArtifactError, match="Linux refused this process the tile state"):
+        bitsmith.load(tmp_path / "m.bsm")
