@@ -56,14 +56,17 @@ class Engine:
 
 
 class FirstTensor(torch.nn.Module):
-    """A model whose output is a ModelOutput or tuple, as a module returning its first tensor."""
+    """A model whose output is a ModelOutput or tuple, as a module returning its first tensor;
+    with `names`, its positional inputs are passed to the model by those keywords."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = model
+        self.names = names
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        out = self.model(*args)
+        out = (self.model(**dict(zip(self.names, args, strict=True))) if self.names
+               else self.model(*args))
         if isinstance(out, torch.Tensor):
             return out
         first = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
@@ -95,9 +98,11 @@ def cases(names: list[str], batches: list[int]) -> list[Case]:
         elif name == "minilm":
             loaded = load_model("minilm", seq=128)
             for b in batches:
-                args, _ = loaded.call_args(b)
-                out.append(Case(name, b, FirstTensor(loaded.module.eval()), tuple(args),
-                                tuple(loaded.input_names)))
+                args, kwargs = loaded.call_args(b)
+                names = tuple(loaded.input_names)
+                values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
+                out.append(Case(name, b, FirstTensor(loaded.module.eval(), names), values,
+                                names))
         elif name == "zoo":
             for zoo in models.names():
                 loaded = load_model(zoo)
@@ -258,7 +263,12 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(names) + 2), flush=True)
     with tempfile.TemporaryDirectory(prefix="bitsmith-vs-") as tmp:
         for case in cases(args.models, args.batch):
-            found = engines(case, args.threads, Path(tmp), set(args.skip))
+            try:
+                found = engines(case, args.threads, Path(tmp), set(args.skip))
+            except Exception as exc:  # torch itself failed on the case: say so, go on
+                print(f"| {case.name} | {case.batch} | torch failed: {type(exc).__name__}: "
+                      f"{str(exc)[:120]} |", flush=True)
+                continue
             timed(found, args.rounds, args.reps)
             by_name = {e.name: e for e in found}
             cells = []

@@ -480,7 +480,7 @@ def bind_inputs(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray]) -> di
                 raise InputError(f"input '{spec.name}': dim {axis} is {dim} = {bound} from an "
                                  f"earlier input, got {got}")
         got_dtype = np.asarray(array).dtype
-        if got_dtype.name != spec.dtype and _ir_name(got_dtype) != spec.dtype:
+        if _ir_name(got_dtype) != spec.dtype and got_dtype.name != spec.dtype:
             raise InputError(f"input '{spec.name}': expected dtype {spec.dtype}, got "
                              f"{got_dtype.name}")
     return bindings
@@ -493,8 +493,16 @@ NUMPY_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "bool": 
 _NUMPY_TO_IR = {v: k for k, v in NUMPY_DTYPES.items()}
 
 
+_IR_BY_DTYPE: dict[np.dtype, str] = {}
+"""dtype -> IR name, filled as dtypes are seen (numpy's `dtype.name` costs a microsecond: the
+per-call input check of a small model must not)."""
+
+
 def _ir_name(dtype: np.dtype) -> str:
-    return _NUMPY_TO_IR.get(dtype.name, dtype.name)
+    name = _IR_BY_DTYPE.get(dtype)
+    if name is None:
+        name = _IR_BY_DTYPE[dtype] = _NUMPY_TO_IR.get(dtype.name, dtype.name)
+    return name
 
 
 __all__ = ["FORMAT_VERSION", "NUMPY_DTYPES", "ArtifactError", "TensorSpec", "Manifest", "Artifact",

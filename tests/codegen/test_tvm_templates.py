@@ -99,16 +99,22 @@ def test_dense_symbolic_batch_residual_and_head_split(batch: str | int, seq: int
                   batches=(1, 2, 5) if batch == "B" else (batch,)) >= 3
 
 
-@pytest.mark.parametrize("x, w, stride, padding, out", [
-    ("tensor<2x7x9x3xf32>", (3, 3, 3, 5), (1, 1), (1, 1), "tensor<2x7x9x5xf32>"),
-    ("tensor<1x11x5x8xf32>", (3, 1, 8, 20), (2, 2), (1, 0), "tensor<1x6x3x20xf32>"),
-    ("tensor<3x4x4x16xf32>", (1, 1, 16, 64), (1, 1), (0, 0), "tensor<3x4x4x64xf32>"),
+@pytest.mark.parametrize("x, w, stride, padding, dilation, out, template", [
+    ("tensor<2x7x9x3xf32>", (3, 3, 3, 5), (1, 1), (1, 1), (1, 1), "tensor<2x7x9x5xf32>",
+     "conv_gemm"),
+    ("tensor<1x11x5x8xf32>", (3, 1, 8, 20), (2, 2), (1, 0), (1, 1), "tensor<1x6x3x20xf32>",
+     "conv_gemm"),
+    ("tensor<Bx9x8x5xf32>", (3, 3, 5, 70), (1, 2), (2, 1), (2, 1), "tensor<Bx9x4x70xf32>",
+     "conv_gemm"),
+    ("tensor<3x4x4x16xf32>", (1, 1, 16, 64), (1, 1), (0, 0), (1, 1), "tensor<3x4x4x64xf32>",
+     "dense"),  # a pointwise conv is a matmul of pixels by channels
 ])
 def test_conv2d_nhwc_with_bias_relu_and_residual(x: str, w: tuple, stride: tuple,
-                                                 padding: tuple, out: str) -> None:
+                                                 padding: tuple, dilation: tuple, out: str,
+                                                 template: str) -> None:
     wt, b = f"tensor<{'x'.join(map(str, w))}xf32>", f"tensor<{w[3]}xf32>"
-    attrs = (f'{{dilation = [1, 1], groups = 1, layout = "NHWC", padding = [{padding[0]}, '
-             f'{padding[1]}], stride = [{stride[0]}, {stride[1]}]}}')
+    attrs = (f'{{dilation = [{dilation[0]}, {dilation[1]}], groups = 1, layout = "NHWC", '
+             f'padding = [{padding[0]}, {padding[1]}], stride = [{stride[0]}, {stride[1]}]}}')
     text = func(f"%x: {x}, %r: {out}", out, f"""
         %0 = "graph.constant"() {{weight = "w"}} : () -> {wt}
         %1 = "graph.constant"() {{weight = "b"}} : () -> {b}
@@ -117,7 +123,8 @@ def test_conv2d_nhwc_with_bias_relu_and_residual(x: str, w: tuple, stride: tuple
         %4 = "graph.relu"(%3) : ({out}) -> {out}
         "func.return"(%4) : ({out}) -> ()
     """)
-    assert _sweep(text, _weights(w=w, b=(w[3],)), "conv2d_nhwc", batches=(1,)) >= 3
+    batches = (1, 3) if x.startswith("tensor<B") else (1,)
+    assert _sweep(text, _weights(w=w, b=(w[3],)), template, batches=batches) >= 3
 
 
 @pytest.mark.parametrize("lq, lk, e, configs", [(5, 7, 6, 4), (1, 3, 1, 4), (13, 13, 16, 4),

@@ -236,20 +236,21 @@ def panel_gemm(sch: s_tir.Schedule, compute: SBlockRV, consumers: Sequence[SBloc
     cannot follow stays after the loop with the default schedule. `columns`: the
     contraction's column count before padding."""
     loops = sch.get_loops(compute)
-    if len(loops) != 3:
-        raise CodegenError(f"panel GEMM: expected (rows, columns, reduction) loops, got "
-                           f"{len(loops)}")
-    m, j, k = loops
+    if len(loops) < 3 or (kc and len(loops) != 3):
+        raise CodegenError(f"panel GEMM: expected (rows, columns, reduction...) loops (one "
+                           f"reduction with a slice), got {len(loops)}")
+    m, j, *reduction = loops
     io, ii = sch.split(m, [None, mr])
     jo, ji = sch.split(j, [None, nr])
-    ko, ki = sch.split(k, [None, kc]) if kc else (None, k)
+    ko, ki = sch.split(reduction[0], [None, kc]) if kc else (None, reduction[0])
+    deeper = reduction[1:]  # a convolution's window and channel loops
     outer = [jo]
     if mc:
         mo, io = sch.split(io, [None, mc])
         outer = [jo, mo] if order == "nm" else [mo, jo]
     vectors = nr // lanes if nr % lanes == 0 and nr > lanes else 1
     jv, jl = sch.split(ji, [vectors, None]) if vectors > 1 else (None, ji)
-    inner = [x for x in (ko, io, ki, ii, jv, jl) if x is not None]
+    inner = [x for x in (ko, io, ki, *deeper, ii, jv, jl) if x is not None]
     reorder(sch, *outer, *inner)
     item = fuse(sch, *outer) if len(outer) > 1 else outer[0]
     if parallel and cores > 1:

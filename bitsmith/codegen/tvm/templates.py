@@ -55,6 +55,7 @@ from .schedule import (
     inline_injective,
     is_reduction,
     panel_gemm,
+    parallel_vectorize,
     root_blocks,
     spatial_count,
     static_extent,
@@ -62,7 +63,7 @@ from .schedule import (
     try_vectorize,
 )
 from .target import vector_lanes
-from .typed import block_of, compute, fuse, loop_of, reorder
+from .typed import block_of, compute, fuse, loop_of, reorder, shape_of
 
 
 def inlinable(op: Operation) -> bool:
@@ -140,6 +141,20 @@ def pack_panels(weight: np.ndarray, nr: int, transposed: bool) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, nr, k).transpose(0, 2, 1))
 
 
+def pointwise_conv(op: Operation) -> bool:
+    """An NHWC 1x1 convolution of stride 1 without padding or groups: a matmul of the
+    [N*H*W, I] pixels by the [I, O] weight, which the `dense` templates compute."""
+    return (isinstance(op, Conv2dOp) and getattr(op, "layout", "NCHW") == "NHWC"
+            and op.groups == 1 and tuple(op.stride) == (1, 1)
+            and tuple(op.padding) == (0, 0) and op.operands[1].type.rank == 4
+            and tuple(op.operands[1].type.shape[:2]) == (1, 1))
+
+
+def as_matrix(weight: np.ndarray) -> np.ndarray:
+    """A dense weight as it is; a 1x1 conv's HWIO [1, 1, I, O] as [I, O]."""
+    return weight.reshape(weight.shape[-2:]) if weight.ndim == 4 else weight
+
+
 def row_tile(rows: int) -> int:
     """The default register-tile height: 4 rows if it divides `rows`, else the nearest that
     does (a partial tile would put a predicate on the vectorised epilogue)."""
@@ -185,7 +200,8 @@ class Dense(TvmTemplate):
             return None
         if (op.attributes.get("precision") or "f32") != self.precision:
             return None
-        anchors = [o for o in op.body_ops if isinstance(o, (LinearOp, MatmulOp))]
+        anchors = [o for o in op.body_ops if isinstance(o, (LinearOp, MatmulOp))
+                   or pointwise_conv(o)]
         if len(anchors) != 1 or any(not inlinable(o) for o in op.body_ops
                                     if o is not anchors[0]):
             return None
@@ -194,12 +210,15 @@ class Dense(TvmTemplate):
             return None
         x, w = anchor.operands[0], anchor.operands[1]
         w_index = _constant_input(op, w)
-        if w_index is None or w.type.rank != 2 or x.type.rank < 2:
+        conv = isinstance(anchor, Conv2dOp)  # HWIO [1, 1, I, O]: a [K, N] weight
+        if w_index is None or (w.type.rank != 2 and not conv) or x.type.rank < 2:
             return None
         if not _static(x.type.shape[1:]) or not _is_float(x.type.dtype):
             return None
-        transposed = anchor.name == "graph.linear" or anchor.transpose_rhs
-        n, k = (w.type.shape if transposed else w.type.shape[::-1])
+        transposed = anchor.name == "graph.linear" or (
+            isinstance(anchor, MatmulOp) and anchor.transpose_rhs)
+        shape = w.type.shape[2:] if conv else w.type.shape
+        n, k = (shape if transposed else shape[::-1])
         if not isinstance(n, int) or not isinstance(k, int):  # a weight's shape is static
             return None
         rows = x.type.shape[0]
@@ -250,7 +269,8 @@ class Dense(TvmTemplate):
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         kernel: FusedOp = problem.kernel_op
-        anchor = next(o for o in kernel.body_ops if isinstance(o, (LinearOp, MatmulOp)))
+        anchor = next(o for o in kernel.body_ops
+                      if isinstance(o, (LinearOp, MatmulOp)) or pointwise_conv(o))
         nr, n, k = int(config["TILE_N"]), int(problem["N"]), int(problem["K"])
         mr = int(config["TILE_M"])
         dtype = tvm_dtype(anchor, anchor.result.type.dtype)
@@ -288,7 +308,7 @@ class Dense(TvmTemplate):
                     m = m * d + axis
                 return dense[m, i[-1]]
             out = compute(lead + [tvm.tirx.const(n, index)], view, name="dense_rows")
-            if op.name == "graph.linear" and len(args) > 2:
+            if len(args) > 2:  # a linear's or a conv's bias
                 out = topi.add(out, args[2])
             return out
         w_index = int(problem["w_index"])
@@ -304,7 +324,109 @@ class Dense(TvmTemplate):
                    lanes=vector_lanes(target), cores=target.cores)
         transposed = bool(problem["transposed"])
         return TvmKernel(sch.mod["main"], self.name, config, packs={
-            w_index: (f"panels{nr}", lambda w: pack_panels(w, nr, transposed))})
+            w_index: (f"panels{nr}", lambda w: pack_panels(as_matrix(w), nr, transposed))})
+
+
+@register_template
+class ConvGemm(Dense):
+    """An NHWC convolution (groups 1) as an implicit GEMM on `panel_gemm`: rows are output
+    pixels (N*OH*OW, padded to whole tiles), columns output channels in panels of the HWIO
+    weight packed as [KH*KW*I, O], the reduction the window's rows, columns and input
+    channels (channels innermost, read contiguously from the padded input, which is
+    materialised once)."""
+
+    name = "conv_gemm"
+    version = 1
+    key = ("x", "w", "stride", "padding", "dilation", "epilogue", "dtype")
+
+    def match(self, op: Operation) -> Problem | None:
+        if not isinstance(op, FusedOp) or (op.attributes.get("precision") or "f32") != "f32":
+            return None
+        convs = [o for o in op.body_ops if isinstance(o, Conv2dOp)]
+        if len(convs) != 1 or any(not inlinable(o) for o in op.body_ops if o is not convs[0]):
+            return None
+        conv = convs[0]
+        if (getattr(conv, "layout", "NCHW") != "NHWC" or conv.groups != 1
+                or pointwise_conv(conv)):
+            return None
+        w_index = _constant_input(op, conv.operands[1])
+        x, y = conv.operands[0].type, conv.result.type
+        if w_index is None or not _static(x.shape[1:]) or not _static(y.shape[1:]) \
+                or not _is_float(x.dtype):
+            return None
+        kh, kw, cin, cout = (int(d) for d in conv.operands[1].type.shape)
+        _, oh, ow, _ = y.shape
+        rows = y.shape[0] * oh * ow
+        epilogue = ",".join(o.name.split(".")[1] for o in op.body_ops if o is not conv)
+        return Problem(self.name, {
+            "x": str(x), "w": str(conv.operands[1].type), "stride": str(conv.stride),
+            "padding": str(conv.padding), "dilation": str(conv.dilation),
+            "epilogue": epilogue, "dtype": str(x.dtype), "M": str(rows), "N": cout,
+            "K": kh * kw * cin, "w_index": w_index, "sample_rows": int(oh) * int(ow),
+            "transposed": False}, op)
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return int(config["TILE_K"]) == 0 and super().valid(problem, config)
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        from .lower_nn import _padded  # noqa: PLC0415 - lower_nn imports after lower
+
+        kernel: FusedOp = problem.kernel_op
+        conv = next(o for o in kernel.body_ops if isinstance(o, Conv2dOp))
+        nr, n, mr = int(config["TILE_N"]), int(problem["N"]), int(config["TILE_M"])
+        kh, kw, cin, _ = (int(d) for d in conv.operands[1].type.shape)
+        dtype = tvm_dtype(conv, conv.result.type.dtype)
+        packed = te.placeholder((-(-n // nr), kh * kw * cin, nr), dtype, name="packed")
+        (sh, sw), (dh, dw) = conv.stride, conv.dilation
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            x = args[0]
+            xp = _padded(x, op, 0.0, (1, 2))
+            if xp is not x:  # materialised once: its bounds checks stay out of the GEMM
+                xp = compute(shape_of(xp), lambda *i: xp(*i), name="conv_input")
+            batch, oh, ow = (lo.shape(op.result.type)[i] for i in range(3))
+            rows = batch * oh * ow
+            index = lo.index
+            exact = isinstance(rows, tvm.tirx.IntImm) and int(rows) % mr == 0
+            tiles = rows if exact else tvm.tirx.floordiv(rows + (mr - 1), mr) * mr
+            ry = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(kh, index)), "ry")
+            rx = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(kw, index)), "rx")
+            rc = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(cin, index)), "rc")
+
+            def element(m: Any, j: Any) -> Any:
+                if not exact:
+                    m = tvm.tirx.min(m, rows - 1)
+                b, pix = m // (oh * ow), m % (oh * ow)
+                y, xx = pix // ow, pix % ow
+                return te.sum(xp[b, y * sh + ry * dh, xx * sw + rx * dw, rc]
+                              * packed[j // nr, (ry * kw + rx) * cin + rc, j % nr],
+                              axis=[ry, rx, rc])
+            padded = -(-n // nr) * nr
+            dense = compute((tiles, tvm.tirx.const(padded, index)), element, name="dense")
+            out = compute(lo.shape(op.result.type),
+                          lambda b, y, xx, c: dense[(b * oh + y) * ow + xx, c],
+                          name="dense_rows")
+            if len(args) > 2:
+                out = topi.add(out, args[2])
+            return out
+        w_index = int(problem["w_index"])
+        func, _, _ = lower_kernel(kernel, rules={conv: rule}, placeholders={w_index: packed})
+        sch = s_tir.Schedule(func)
+        inline_injective(sch, keep={"dense", "conv_input"})
+        blocks = root_blocks(sch)
+        names = [block_name(sch, b) for b in blocks]
+        dense = blocks[names.index("dense")]
+        lanes = vector_lanes(target)
+        if "conv_input" in names:
+            parallel_vectorize(sch, blocks[names.index("conv_input")], lanes=lanes,
+                               min_parallel=1 << 14, cores=target.cores)
+        panel_gemm(sch, dense, [b for i, b in enumerate(blocks)
+                                if names[i] not in ("dense", "conv_input")], columns=n, mr=mr,
+                   nr=nr, kc=0, mc=int(config["ROW_BLOCK"]), order=str(config["ORDER"]),
+                   parallel=bool(config["PARALLEL"]), lanes=lanes, cores=target.cores)
+        return TvmKernel(sch.mod["main"], self.name, config, packs={
+            w_index: (f"conv_panels{nr}",
+                      lambda w: pack_panels(w.reshape(-1, w.shape[-1]), nr, False))})
 
 
 @register_template

@@ -23,7 +23,7 @@ from .amx import BLOCK, gemm_bf16_extern, has_amx_bf16, pack_bf16_panels
 from .lower import Lowering, lower_kernel
 from .schedule import auto_schedule
 from .target import vector_lanes
-from .templates import Dense, TvmKernel
+from .templates import Dense, TvmKernel, as_matrix, pointwise_conv
 from .typed import compute
 
 
@@ -53,7 +53,8 @@ class DenseBf16Amx(Dense):
             raise ValueError(f"{self.name} needs a CPU with AMX-BF16; the target has "
                              f"{', '.join(target.isa) or 'no extensions'}")
         kernel: FusedOp = problem.kernel_op
-        anchor = next(o for o in kernel.body_ops if isinstance(o, (LinearOp, MatmulOp)))
+        anchor = next(o for o in kernel.body_ops
+                      if isinstance(o, (LinearOp, MatmulOp)) or pointwise_conv(o))
         n, k = int(problem["N"]), int(problem["K"])
         up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
         packed = te.placeholder((up(n) // BLOCK, up(k) // 2, BLOCK, 2), "uint16",
@@ -72,7 +73,7 @@ class DenseBf16Amx(Dense):
                     row = row * d + axis
                 return acc[row, i[-1]]
             out = compute(lead + [tvm.tirx.const(n, lo.index)], view, name="dense_rows")
-            if op.name == "graph.linear" and len(args) > 2:
+            if len(args) > 2:  # a linear's or a conv's bias
                 out = topi.add(out, args[2])
             return out
         w_index = int(problem["w_index"])
@@ -81,7 +82,7 @@ class DenseBf16Amx(Dense):
         auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
         transposed = bool(problem["transposed"])
         return TvmKernel(sch.mod["main"], self.name, config, packs={
-            w_index: ("amx_bf16_panels", lambda w: pack_bf16_panels(w, transposed))},
+            w_index: ("amx_bf16_panels", lambda w: pack_bf16_panels(as_matrix(w), transposed))},
             isa=("amx_bf16", "amx_tile"))
 
 
