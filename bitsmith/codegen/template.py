@@ -170,6 +170,9 @@ class KernelTemplate:
     version: ClassVar[int] = 1
     space: ClassVar[KnobSpace] = KnobSpace()
     key: ClassVar[tuple[str, ...]] = ()
+    precision: ClassVar[str] = "f32"
+    """The arithmetic the template computes a contraction in: a kernel marked for another
+    (`kernel.fused {precision = ...}`) is never this template's."""
 
     def match(self, op: Operation) -> Problem | None:
         """The problem a `kernel.fused` op poses to this template, or None if not its kind."""
@@ -216,7 +219,10 @@ def register_template(cls: type[KernelTemplate]) -> type[KernelTemplate]:
 def match_templates(op: Operation) -> list[tuple[KernelTemplate, Problem]]:
     """Every registered template that matches `op`, in registration order."""
     out = []
+    wanted = op.attributes.get("precision") or "f32"
     for template in TEMPLATES.values():
+        if template.precision != wanted:
+            continue
         problem = template.match(op)
         if problem is not None:
             out.append((template, problem))

@@ -17,6 +17,7 @@ workspace by the kernel itself.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -93,18 +94,28 @@ def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
 
 
 def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
-              w_shape: tuple[Any, ...] | None = None) -> tvm.tirx.PrimFunc:
+              w_shape: tuple[Any, ...] | None = None,
+              rows: tuple[int, int, int, Callable[..., Any]] | None = None,
+              ) -> tvm.tirx.PrimFunc:
     """acc[mp, np] (f32, rows and columns padded to 32) = bf16(x) @ bf16(W)^T, for an x of
     static shape (..., k) whose leading dims are the rows, and W packed by
     `pack_bf16_panels`. `order`: the (panel, row block) tasks panel-major ("nm": a core's
     consecutive tasks share the weight panel) or row-major ("mn": they share the rows).
     `x_shape` and `w_shape` may be a tensor's own shape expressions: the parameters are
-    declared with those very objects (what `te.extern` checks)."""
+    declared with those very objects (what `te.extern` checks). `rows` = (m, groups, inner,
+    read) makes the GEMM's left operand m rows of `groups` runs of `inner` values,
+    `read(x, row, group, i)` (a convolution's windows: a run is one kernel position's input
+    channels, contiguous in x) rather than x's own rows."""
     *lead_list, k = (int(d) for d in x_shape)
     lead = tuple(lead_list)
     m = 1
     for d in lead:
         m *= d
+    groups, inner = 1, k
+    read = lambda x, i, g, c: _row(x, lead, i, c)  # noqa: E731
+    if rows is not None:  # an implicit GEMM (a convolution's im2col)
+        m, groups, inner, read = rows
+        k = groups * inner
     mp, np_, kp = _up(m, BLOCK), _up(n, BLOCK), _up(k, BLOCK)
     panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // BLOCK
     x_dims = tuple(x_shape)
@@ -116,11 +127,13 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
              acc: T.Buffer((mp, np_), "float32")) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         xa = T.decl_buffer((mp, kp), "uint16")
-        for i in T.parallel(mp):
-            for c in range(kp):
-                xa[i, c] = T.if_then_else(
-                    i < m and c < k, _to_bf16(_row(x, lead, T.min(i, m - 1), T.min(c, k - 1))),
-                    T.uint16(0))
+        for i in T.parallel(mp):  # the left operand in bf16, zero-padded to whole blocks
+            for g in range(groups):
+                for c in range(inner):
+                    xa[i, g * inner + c] = T.if_then_else(
+                        i < m, _to_bf16(read(x, T.min(i, m - 1), g, c)), T.uint16(0))
+            for c in range(kp - k):
+                xa[i, k + c] = T.uint16(0)
         for task in T.parallel(panels * blocks):
             p = T.if_then_else(panel_major, task // blocks, task % panels)
             rb = T.if_then_else(panel_major, task % blocks, task // panels)
@@ -161,11 +174,12 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
     return main
 
 
-def gemm_bf16_extern(x: Any, w: Any, n: int, order: str) -> Any:
+def gemm_bf16_extern(x: Any, w: Any, n: int, order: str,
+                     rows: tuple[int, int, int, Callable[..., Any]] | None = None) -> Any:
     """`gemm_bf16` as a `te.extern` over tensors x (..., k) f32 and w (the packed panels): the
     padded f32 result tensor. The extern's buffers are the function's own parameters, so its
     body is used as it is."""
-    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape))
+    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape), rows)
     bufs = list(func.params)  # TVM 0.27: a buffer parameter is its buffer
     out = te.extern([bufs[2].shape], [x, w], lambda ins, outs: func.body, dtype=["float32"],
                     in_buffers=bufs[:2], out_buffers=[bufs[2]], name="amx_gemm")

@@ -192,8 +192,6 @@ class Dense(TvmTemplate):
                       Knob("ORDER", ("nm", "mn")),
                       Knob("PARALLEL", (True, False)))
     key = ("M", "N", "K", "epilogue", "dtype")
-    precision: str = "f32"
-    """The kernel precision (`kernel.fused`'s attribute) this template computes."""
 
     def match(self, op: Operation) -> Problem | None:
         if not isinstance(op, FusedOp):
@@ -340,7 +338,8 @@ class ConvGemm(Dense):
     key = ("x", "w", "stride", "padding", "dilation", "epilogue", "dtype")
 
     def match(self, op: Operation) -> Problem | None:
-        if not isinstance(op, FusedOp) or (op.attributes.get("precision") or "f32") != "f32":
+        if not isinstance(op, FusedOp) or \
+                (op.attributes.get("precision") or "f32") != self.precision:
             return None
         convs = [o for o in op.body_ops if isinstance(o, Conv2dOp)]
         if len(convs) != 1 or any(not inlinable(o) for o in op.body_ops if o is not convs[0]):

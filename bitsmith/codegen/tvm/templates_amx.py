@@ -16,15 +16,15 @@ import tvm.s_tir as s_tir
 from tvm import te, topi
 
 from ...ir import Operation
-from ...ir.dialects.graph import LinearOp, MatmulOp
+from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
 from ...ir.dialects.kernel import FusedOp
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
 from .amx import BLOCK, gemm_bf16_extern, has_amx_bf16, pack_bf16_panels
 from .lower import Lowering, lower_kernel
 from .schedule import auto_schedule
 from .target import vector_lanes
-from .templates import Dense, TvmKernel, as_matrix, pointwise_conv
-from .typed import compute
+from .templates import ConvGemm, Dense, TvmKernel, as_matrix, pointwise_conv
+from .typed import compute, shape_of
 
 
 @register_template
@@ -86,6 +86,72 @@ class DenseBf16Amx(Dense):
             isa=("amx_bf16", "amx_tile"))
 
 
+@register_template
+class ConvGemmBf16Amx(ConvGemm):
+    """An NHWC convolution as an implicit GEMM on AMX tiles: the kernel gathers each output
+    pixel's window (kernel rows, columns, input channels) from the padded input into bf16
+    rows, then runs `amx.gemm_bf16`; f32 accumulation."""
+
+    name = "conv_gemm_bf16_amx"
+    version = 1
+    space = KnobSpace(Knob("ORDER", ("nm", "mn")))
+    precision = "bf16"
+
+    def match(self, op: Operation) -> Problem | None:
+        problem = super().match(op)
+        if problem is None or not str(problem["M"]).isdigit():
+            return None  # static rows only
+        return problem
+
+    def valid(self, problem: Problem, config: Config) -> bool:
+        return True
+
+    def default_config(self, problem: Problem, target: Target) -> Config:
+        return Config({"ORDER": "nm"})
+
+    def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
+        from .lower_nn import _padded  # noqa: PLC0415 - lower_nn imports after lower
+
+        if not has_amx_bf16(target):
+            raise ValueError(f"{self.name} needs a CPU with AMX-BF16")
+        kernel: FusedOp = problem.kernel_op
+        conv = next(o for o in kernel.body_ops if isinstance(o, Conv2dOp))
+        n, depth = int(problem["N"]), int(problem["K"])
+        kh, kw, cin, _ = (int(d) for d in conv.operands[1].type.shape)
+        (sh, sw), (dh, dw) = conv.stride, conv.dilation
+        up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
+        packed = te.placeholder((up(n) // BLOCK, up(depth) // 2, BLOCK, 2), "uint16",
+                                name="packed")
+        order = str(config["ORDER"])
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            x = args[0]
+            xp = _padded(x, op, 0.0, (1, 2))
+            if xp is not x:
+                xp = compute(shape_of(xp), lambda *i: xp(*i), name="conv_input")
+            batch, oh, ow = (int(d) for d in op.result.type.shape[:3])
+
+            def window(xb: Any, i: Any, g: Any, ic: Any) -> Any:  # pixel i, kernel position g
+                pix = i % (oh * ow)
+                return xb[i // (oh * ow), pix // ow * sh + g // kw * dh,
+                          pix % ow * sw + g % kw * dw, ic]
+            acc = gemm_bf16_extern(xp, packed, n, order,
+                                   rows=(batch * oh * ow, kh * kw, cin, window))
+            out = compute(lo.shape(op.result.type),
+                          lambda b, y, xx, c: acc[(b * oh + y) * ow + xx, c], name="dense_rows")
+            if len(args) > 2:
+                out = topi.add(out, args[2])
+            return out
+        w_index = int(problem["w_index"])
+        func, _, _ = lower_kernel(kernel, rules={conv: rule}, placeholders={w_index: packed})
+        sch = s_tir.Schedule(func)
+        auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
+        return TvmKernel(sch.mod["main"], self.name, config, packs={
+            w_index: ("amx_bf16_conv_panels",
+                      lambda w: pack_bf16_panels(w.reshape(-1, w.shape[-1]), False))},
+            isa=("amx_bf16", "amx_tile"))
+
+
 PRECISIONS = ("f32", "bf16")
 """What `compile(precision=)` takes."""
 
@@ -97,13 +163,13 @@ def mark_bf16(kernels: list[FusedOp], target: Target) -> tuple[list[str], str | 
     if not has_amx_bf16(target):
         return [], ("precision='bf16': this CPU has no AMX-BF16 tile unit, so every kernel "
                     "stays f32")
-    template = DenseBf16Amx()
+    templates = (DenseBf16Amx(), ConvGemmBf16Amx())
     marked = []
     for op in kernels:
         if op.attributes.get("precision") is not None:
             continue
         op.attributes["precision"] = "bf16"
-        if template.match(op) is None:
+        if all(t.match(op) is None for t in templates):
             del op.attributes["precision"]
             continue
         marked.append(op.kernel_name)
