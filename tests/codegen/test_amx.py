@@ -37,12 +37,13 @@ def test_bf16_rounding_is_torchs() -> None:
 
 def test_a_target_without_amx_is_told_so() -> None:
     assert not has_amx_bf16(Target(kind="llvm", isa=("avx2", "fma"), cores=2))
-    assert has_amx_bf16(Target(kind="llvm", isa=("amx_bf16", "amx_tile"), cores=2))
+    assert has_amx_bf16(Target(kind="llvm", isa=("amx_bf16", "amx_tile", "avx512_bf16"),
+                               cores=2))
 
 
 @pytest.mark.skipif(not (has_amx_bf16(host_target()) and request_amx()),
                     reason="needs a CPU with AMX-BF16 and Linux's tile permission")
-@pytest.mark.parametrize("m, k, n", [(100, 300, 70), (1, 32, 32), (64, 768, 96)])
+@pytest.mark.parametrize("m, k, n", [(100, 300, 70), (1, 32, 32), (64, 768, 96), (33, 20, 5)])
 def test_amx_gemm_matches_the_bf16_rounded_product(m: int, k: int, n: int) -> None:
     x = RNG.standard_normal((m, k)).astype(np.float32)
     w = RNG.standard_normal((n, k)).astype(np.float32)

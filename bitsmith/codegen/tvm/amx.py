@@ -29,11 +29,13 @@ from ..template import Target
 
 TILE = 16  # rows of a tile; 16 f32 or 32 bf16 per 64-byte row
 BLOCK = 32  # rows, columns and reduction step of the 2 x 2 tile micro-kernel
+CVT = 16  # f32 values one AVX512-BF16 conversion rounds to bf16
 
 
 def has_amx_bf16(target: Target) -> bool:
-    """Whether the target CPU has the AMX tile unit with bf16 dot products."""
-    return {"amx_tile", "amx_bf16"} <= set(target.isa)
+    """Whether the target CPU has the AMX tile unit with bf16 dot products (and AVX512-BF16,
+    which rounds the activations; every CPU with AMX-BF16 has it)."""
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(target.isa)
 
 
 def amx_attrs() -> list[str]:
@@ -84,6 +86,14 @@ def _tile(name: str, *args: Any) -> Any:
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
+def _c_tile(name: str, acc: Any, rb: Any, p: Any, stride: int, t: int) -> Any:
+    """Load or store (`name`) accumulator tile t (of 4: 2 x 2) of row block rb, panel p."""
+    return T.evaluate(T.call_llvm_intrin(
+        "void", f"llvm.x86.{name}", T.int8(t),
+        T.address_of(acc[rb * BLOCK + (t // 2) * TILE, p * BLOCK + (t % 2) * TILE]),
+        T.int64(stride * 4)))
+
+
 def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
     """x[row i, column c] of an x whose leading dims `lead` are flattened into rows."""
     idx = []
@@ -96,7 +106,7 @@ def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
 def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
               w_shape: tuple[Any, ...] | None = None,
               rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-              ) -> tvm.tirx.PrimFunc:
+              slice_steps: int = 0, row_group: int = 0) -> tvm.tirx.PrimFunc:
     """acc[mp, np] (f32, rows and columns padded to 32) = bf16(x) @ bf16(W)^T, for an x of
     static shape (..., k) whose leading dims are the rows, and W packed by
     `pack_bf16_panels`. `order`: the (panel, row block) tasks panel-major ("nm": a core's
@@ -105,7 +115,10 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
     declared with those very objects (what `te.extern` checks). `rows` = (m, groups, inner,
     read) makes the GEMM's left operand m rows of `groups` runs of `inner` values,
     `read(x, row, group, i)` (a convolution's windows: a run is one kernel position's input
-    channels, contiguous in x) rather than x's own rows."""
+    channels, contiguous in x) rather than x's own rows. Work items are one 32-column panel
+    x `row_group` blocks of 32 rows (0: every row), the reduction walked in slices of
+    `slice_steps` steps of 32 (0: one slice) across the item's row blocks, the accumulator
+    tiles stored and reloaded between slices."""
     *lead_list, k = (int(d) for d in x_shape)
     lead = tuple(lead_list)
     m = 1
@@ -121,6 +134,10 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
     x_dims = tuple(x_shape)
     w_dims = tuple(w_shape) if w_shape is not None else (panels, kp // 2, BLOCK, 2)
     panel_major = order == "nm"
+    slice_steps = min(slice_steps or steps, steps)
+    slices = -(-steps // slice_steps)
+    group = min(row_group or blocks, blocks)
+    row_groups = -(-blocks // group)
 
     @T.prim_func
     def main(x: T.Buffer(x_dims, "float32"), w: T.Buffer(w_dims, "uint16"),
@@ -128,15 +145,26 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         xa = T.decl_buffer((mp, kp), "uint16")
         for i in T.parallel(mp):  # the left operand in bf16, zero-padded to whole blocks
-            for g in range(groups):
-                for c in range(inner):
-                    xa[i, g * inner + c] = T.if_then_else(
-                        i < m, _to_bf16(read(x, T.min(i, m - 1), g, c)), T.uint16(0))
-            for c in range(kp - k):
-                xa[i, k + c] = T.uint16(0)
-        for task in T.parallel(panels * blocks):
-            p = T.if_then_else(panel_major, task // blocks, task % panels)
-            rb = T.if_then_else(panel_major, task % blocks, task // panels)
+            if i < m:
+                for g in range(groups):
+                    for c in range(inner // CVT):  # vcvtneps2bf16: 16 values at a time
+                        xa[i, T.Ramp(g * inner + c * CVT, 1, CVT)] = T.call_llvm_pure_intrin(
+                            f"uint16x{CVT}", "llvm.x86.avx512bf16.cvtneps2bf16.512",
+                            read(x, i, g, T.Ramp(c * CVT, 1, CVT)))
+                    for c in range(inner % CVT):
+                        xa[i, g * inner + inner // CVT * CVT + c] = _to_bf16(
+                            read(x, i, g, inner // CVT * CVT + c))
+                for c in range(kp - k):
+                    xa[i, k + c] = T.uint16(0)
+            else:
+                for c in range(kp):
+                    xa[i, c] = T.uint16(0)
+        for item in T.parallel(panels * row_groups):
+            # an item: one panel x a group of row blocks; its reduction in slices of
+            # `slice_steps` steps, each slice of the panel (in L1) meeting every row block of
+            # the group before the next slice
+            p = T.if_then_else(panel_major, item // row_groups, item % panels)
+            g = T.if_then_else(panel_major, item % row_groups, item // panels)
             cfg = T.decl_buffer((64,), "uint8", scope="local")
             for b in range(64):
                 cfg[b] = T.uint8(0)
@@ -145,41 +173,48 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(TILE)
             _tile("ldtilecfg", T.address_of(cfg[0]))
-            _tile("tilezero", T.int8(0))
-            _tile("tilezero", T.int8(1))
-            _tile("tilezero", T.int8(2))
-            _tile("tilezero", T.int8(3))
-            for s in range(steps):
-                _tile("tileloadd64", T.int8(4), T.address_of(xa[rb * BLOCK, s * BLOCK]),
-                      T.int64(kp * 2))
-                _tile("tileloadd64", T.int8(5), T.address_of(xa[rb * BLOCK + TILE, s * BLOCK]),
-                      T.int64(kp * 2))
-                _tile("tileloadd64", T.int8(6), T.address_of(w[p, s * TILE, 0, 0]),
-                      T.int64(BLOCK * 4))
-                _tile("tileloadd64", T.int8(7), T.address_of(w[p, s * TILE, TILE, 0]),
-                      T.int64(BLOCK * 4))
-                _tile("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
-                _tile("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
-                _tile("tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
-                _tile("tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
-            _tile("tilestored64", T.int8(0), T.address_of(acc[rb * BLOCK, p * BLOCK]),
-                  T.int64(np_ * 4))
-            _tile("tilestored64", T.int8(1), T.address_of(acc[rb * BLOCK, p * BLOCK + TILE]),
-                  T.int64(np_ * 4))
-            _tile("tilestored64", T.int8(2), T.address_of(acc[rb * BLOCK + TILE, p * BLOCK]),
-                  T.int64(np_ * 4))
-            _tile("tilestored64", T.int8(3),
-                  T.address_of(acc[rb * BLOCK + TILE, p * BLOCK + TILE]), T.int64(np_ * 4))
+            for kb in range(slices):
+                for rb in range(g * group, T.min(g * group + group, blocks)):
+                    if kb == 0:
+                        _tile("tilezero", T.int8(0))
+                        _tile("tilezero", T.int8(1))
+                        _tile("tilezero", T.int8(2))
+                        _tile("tilezero", T.int8(3))
+                    else:
+                        _c_tile("tileloadd64", acc, rb, p, np_, 0)
+                        _c_tile("tileloadd64", acc, rb, p, np_, 1)
+                        _c_tile("tileloadd64", acc, rb, p, np_, 2)
+                        _c_tile("tileloadd64", acc, rb, p, np_, 3)
+                    for s in range(kb * slice_steps, T.min(kb * slice_steps + slice_steps,
+                                                           steps)):
+                        _tile("tileloadd64", T.int8(4), T.address_of(xa[rb * BLOCK, s * BLOCK]),
+                              T.int64(kp * 2))
+                        _tile("tileloadd64", T.int8(5),
+                              T.address_of(xa[rb * BLOCK + TILE, s * BLOCK]), T.int64(kp * 2))
+                        _tile("tileloadd64", T.int8(6), T.address_of(w[p, s * TILE, 0, 0]),
+                              T.int64(BLOCK * 4))
+                        _tile("tileloadd64", T.int8(7), T.address_of(w[p, s * TILE, TILE, 0]),
+                              T.int64(BLOCK * 4))
+                        _tile("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
+                        _tile("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
+                        _tile("tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
+                        _tile("tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+                    _c_tile("tilestored64", acc, rb, p, np_, 0)
+                    _c_tile("tilestored64", acc, rb, p, np_, 1)
+                    _c_tile("tilestored64", acc, rb, p, np_, 2)
+                    _c_tile("tilestored64", acc, rb, p, np_, 3)
             _tile("tilerelease")
     return main
 
 
 def gemm_bf16_extern(x: Any, w: Any, n: int, order: str,
-                     rows: tuple[int, int, int, Callable[..., Any]] | None = None) -> Any:
+                     rows: tuple[int, int, int, Callable[..., Any]] | None = None,
+                     slice_steps: int = 0, row_group: int = 0) -> Any:
     """`gemm_bf16` as a `te.extern` over tensors x (..., k) f32 and w (the packed panels): the
     padded f32 result tensor. The extern's buffers are the function's own parameters, so its
     body is used as it is."""
-    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape), rows)
+    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape), rows, slice_steps,
+                          row_group)
     bufs = list(func.params)  # TVM 0.27: a buffer parameter is its buffer
     out = te.extern([bufs[2].shape], [x, w], lambda ins, outs: func.body, dtype=["float32"],
                     in_buffers=bufs[:2], out_buffers=[bufs[2]], name="amx_gemm")
