@@ -63,3 +63,51 @@ def test_amx_gemm_matches_the_bf16_rounded_product(m: int, k: int, n: int) -> No
     scale = np.abs(want[finite]).max()
     # f32 accumulation of exact bf16 products: only the order of the sums differs
     assert np.abs(got[finite] - want[finite]).max() <= 1e-5 * scale
+
+
+@pytest.mark.skipif(not (has_amx_bf16(host_target()) and request_amx()),
+                    reason="needs a CPU with AMX-BF16 and Linux's tile permission")
+@pytest.mark.parametrize("which", ["linear", "conv"])
+def test_amx_templates_every_config_against_the_interpreter(which: str) -> None:
+    """Both AMX templates, every config of their space, on sizes no block divides (75 rows,
+    a 3x3 conv with stride 2 and 5 input channels), a bias and an epilogue."""
+    from bitsmith import ir, passes
+    from bitsmith.codegen.template import TEMPLATES, Config
+    from bitsmith.ir.interpreter import kernel_calls
+
+    from ..support import random_inputs
+    from .tvm_checks import func, run_kernel
+
+    if which == "linear":
+        x, w, o = "tensor<3x25x150xf32>", "tensor<70x150xf32>", "tensor<3x25x70xf32>"
+        body = f"""
+            %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+            %1 = "graph.constant"() {{weight = "b"}} : () -> tensor<70xf32>
+            %2 = "graph.linear"(%x, %0, %1) : ({x}, {w}, tensor<70xf32>) -> {o}
+            %3 = "graph.gelu"(%2) {{approximate = "none"}} : ({o}) -> {o}
+            "func.return"(%3) : ({o}) -> ()"""
+        weights = {"w": RNG.standard_normal((70, 150)), "b": RNG.standard_normal(70)}
+        name = "dense_bf16_amx"
+    else:
+        x, w, o = "tensor<2x13x11x5xf32>", "tensor<3x3x5x40xf32>", "tensor<2x7x6x40xf32>"
+        body = f"""
+            %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+            %1 = "graph.constant"() {{weight = "b"}} : () -> tensor<40xf32>
+            %2 = "graph.conv2d"(%x, %0, %1) {{dilation = [1, 1], groups = 1, layout = "NHWC",
+                padding = [1, 1], stride = [2, 2]}} : ({x}, {w}, tensor<40xf32>) -> {o}
+            %3 = "graph.relu"(%2) : ({o}) -> {o}
+            "func.return"(%3) : ({o}) -> ()"""
+        weights = {"w": RNG.standard_normal((3, 3, 5, 40)), "b": RNG.standard_normal(40)}
+        name = "conv_gemm_bf16_amx"
+    module = ir.parse(func(f"%x: {x}", o, body),
+                      weights={k: v.astype(np.float32) for k, v in weights.items()})
+    passes.run(module, "canonicalize,fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    kernel.attributes["precision"] = "bf16"
+    template = TEMPLATES[name]
+    configs = [Config({"ORDER": order, "ROW_GROUP": group}) for order in ("nm", "mn")
+               for group in (0, 1, 2)]
+    arrays = random_inputs(module, 1, ints=(0, 5), floats_as=np.float32)
+    for op, args, ctx in kernel_calls(module, arrays):
+        for config in configs:
+            assert run_kernel(op, args, ctx, config, template.name) == name

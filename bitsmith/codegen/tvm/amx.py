@@ -86,10 +86,10 @@ def _tile(name: str, *args: Any) -> Any:
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
-def _c_tile(name: str, acc: Any, rb: Any, p: Any, stride: int, t: int) -> Any:
-    """Load or store (`name`) accumulator tile t (of 4: 2 x 2) of row block rb, panel p."""
+def _c_tile(acc: Any, rb: Any, p: Any, stride: int, t: int) -> Any:
+    """Store accumulator tile t (of 4: 2 x 2) of row block rb, panel p."""
     return T.evaluate(T.call_llvm_intrin(
-        "void", f"llvm.x86.{name}", T.int8(t),
+        "void", "llvm.x86.tilestored64", T.int8(t),
         T.address_of(acc[rb * BLOCK + (t // 2) * TILE, p * BLOCK + (t % 2) * TILE]),
         T.int64(stride * 4)))
 
@@ -103,10 +103,20 @@ def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
     return x[(i, *reversed(idx), c)]
 
 
+def _plain_rows(x_shape: tuple[Any, ...]) -> tuple[int, int, int, Callable[..., Any]]:
+    """`gemm_bf16`'s rows of an x (..., k): its leading dims flattened, one run of k each."""
+    *lead_list, k = (int(d) for d in x_shape)
+    lead = tuple(lead_list)
+    m = 1
+    for d in lead:
+        m *= d
+    return m, 1, k, lambda x, i, g, c: _row(x, lead, i, c)
+
+
 def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
               w_shape: tuple[Any, ...] | None = None,
               rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-              slice_steps: int = 0, row_group: int = 0) -> tvm.tirx.PrimFunc:
+              row_group: int = 0) -> tvm.tirx.PrimFunc:
     """acc[mp, np] (f32, rows and columns padded to 32) = bf16(x) @ bf16(W)^T, for an x of
     static shape (..., k) whose leading dims are the rows, and W packed by
     `pack_bf16_panels`. `order`: the (panel, row block) tasks panel-major ("nm": a core's
@@ -115,27 +125,15 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
     declared with those very objects (what `te.extern` checks). `rows` = (m, groups, inner,
     read) makes the GEMM's left operand m rows of `groups` runs of `inner` values,
     `read(x, row, group, i)` (a convolution's windows: a run is one kernel position's input
-    channels, contiguous in x) rather than x's own rows. Work items are one 32-column panel
-    x `row_group` blocks of 32 rows (0: every row), the reduction walked in slices of
-    `slice_steps` steps of 32 (0: one slice) across the item's row blocks, the accumulator
-    tiles stored and reloaded between slices."""
-    *lead_list, k = (int(d) for d in x_shape)
-    lead = tuple(lead_list)
-    m = 1
-    for d in lead:
-        m *= d
-    groups, inner = 1, k
-    read = lambda x, i, g, c: _row(x, lead, i, c)  # noqa: E731
-    if rows is not None:  # an implicit GEMM (a convolution's im2col)
-        m, groups, inner, read = rows
-        k = groups * inner
+    channels, contiguous in x) rather than x's own rows. Work items (the parallel grain) are
+    one 32-column panel x `row_group` blocks of 32 rows (0: every row)."""
+    m, groups, inner, read = rows or _plain_rows(x_shape)
+    k = groups * inner
     mp, np_, kp = _up(m, BLOCK), _up(n, BLOCK), _up(k, BLOCK)
     panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // BLOCK
     x_dims = tuple(x_shape)
     w_dims = tuple(w_shape) if w_shape is not None else (panels, kp // 2, BLOCK, 2)
     panel_major = order == "nm"
-    slice_steps = min(slice_steps or steps, steps)
-    slices = -(-steps // slice_steps)
     group = min(row_group or blocks, blocks)
     row_groups = -(-blocks // group)
 
@@ -160,9 +158,7 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
                 for c in range(kp):
                     xa[i, c] = T.uint16(0)
         for item in T.parallel(panels * row_groups):
-            # an item: one panel x a group of row blocks; its reduction in slices of
-            # `slice_steps` steps, each slice of the panel (in L1) meeting every row block of
-            # the group before the next slice
+            # an item: one panel x a group of row blocks
             p = T.if_then_else(panel_major, item // row_groups, item % panels)
             g = T.if_then_else(panel_major, item % row_groups, item // panels)
             cfg = T.decl_buffer((64,), "uint8", scope="local")
@@ -173,48 +169,39 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(TILE)
             _tile("ldtilecfg", T.address_of(cfg[0]))
-            for kb in range(slices):
-                for rb in range(g * group, T.min(g * group + group, blocks)):
-                    if kb == 0:
-                        _tile("tilezero", T.int8(0))
-                        _tile("tilezero", T.int8(1))
-                        _tile("tilezero", T.int8(2))
-                        _tile("tilezero", T.int8(3))
-                    else:
-                        _c_tile("tileloadd64", acc, rb, p, np_, 0)
-                        _c_tile("tileloadd64", acc, rb, p, np_, 1)
-                        _c_tile("tileloadd64", acc, rb, p, np_, 2)
-                        _c_tile("tileloadd64", acc, rb, p, np_, 3)
-                    for s in range(kb * slice_steps, T.min(kb * slice_steps + slice_steps,
-                                                           steps)):
-                        _tile("tileloadd64", T.int8(4), T.address_of(xa[rb * BLOCK, s * BLOCK]),
-                              T.int64(kp * 2))
-                        _tile("tileloadd64", T.int8(5),
-                              T.address_of(xa[rb * BLOCK + TILE, s * BLOCK]), T.int64(kp * 2))
-                        _tile("tileloadd64", T.int8(6), T.address_of(w[p, s * TILE, 0, 0]),
-                              T.int64(BLOCK * 4))
-                        _tile("tileloadd64", T.int8(7), T.address_of(w[p, s * TILE, TILE, 0]),
-                              T.int64(BLOCK * 4))
-                        _tile("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
-                        _tile("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
-                        _tile("tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
-                        _tile("tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
-                    _c_tile("tilestored64", acc, rb, p, np_, 0)
-                    _c_tile("tilestored64", acc, rb, p, np_, 1)
-                    _c_tile("tilestored64", acc, rb, p, np_, 2)
-                    _c_tile("tilestored64", acc, rb, p, np_, 3)
+            for rb in range(g * group, T.min(g * group + group, blocks)):
+                _tile("tilezero", T.int8(0))
+                _tile("tilezero", T.int8(1))
+                _tile("tilezero", T.int8(2))
+                _tile("tilezero", T.int8(3))
+                for s in range(steps):
+                    _tile("tileloadd64", T.int8(4), T.address_of(xa[rb * BLOCK, s * BLOCK]),
+                          T.int64(kp * 2))
+                    _tile("tileloadd64", T.int8(5),
+                          T.address_of(xa[rb * BLOCK + TILE, s * BLOCK]), T.int64(kp * 2))
+                    _tile("tileloadd64", T.int8(6), T.address_of(w[p, s * TILE, 0, 0]),
+                          T.int64(BLOCK * 4))
+                    _tile("tileloadd64", T.int8(7), T.address_of(w[p, s * TILE, TILE, 0]),
+                          T.int64(BLOCK * 4))
+                    _tile("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
+                    _tile("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
+                    _tile("tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
+                    _tile("tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
+                _c_tile(acc, rb, p, np_, 0)
+                _c_tile(acc, rb, p, np_, 1)
+                _c_tile(acc, rb, p, np_, 2)
+                _c_tile(acc, rb, p, np_, 3)
             _tile("tilerelease")
     return main
 
 
 def gemm_bf16_extern(x: Any, w: Any, n: int, order: str,
                      rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-                     slice_steps: int = 0, row_group: int = 0) -> Any:
+                     row_group: int = 0) -> Any:
     """`gemm_bf16` as a `te.extern` over tensors x (..., k) f32 and w (the packed panels): the
     padded f32 result tensor. The extern's buffers are the function's own parameters, so its
     body is used as it is."""
-    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape), rows, slice_steps,
-                          row_group)
+    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape), rows, row_group)
     bufs = list(func.params)  # TVM 0.27: a buffer parameter is its buffer
     out = te.extern([bufs[2].shape], [x, w], lambda ins, outs: func.body, dtype=["float32"],
                     in_buffers=bufs[:2], out_buffers=[bufs[2]], name="amx_gemm")

@@ -23,17 +23,27 @@ from .amx import BLOCK, gemm_bf16_extern, has_amx_bf16, pack_bf16_panels
 from .lower import Lowering, lower_kernel
 from .schedule import auto_schedule
 from .target import vector_lanes
-from .templates import ConvGemm, Dense, TvmKernel, as_matrix, pointwise_conv
+from .templates import ConvGemm, Dense, TvmKernel, TvmTemplate, as_matrix, pointwise_conv
 from .typed import compute, shape_of
 
 
-@register_template
-class DenseBf16Amx(Dense):
-    """out = epilogue(bf16(x) @ bf16(W)^T (+ bias)), f32 accumulation, on AMX tiles."""
+def amx_default(problem: Problem, target: Target) -> Config:
+    """Panel-major work items of every row, unless there are fewer panels than twice the
+    cores: then row groups small enough for that many items."""
+    panels = -(-int(problem["N"]) // BLOCK)
+    blocks = -(-int(problem["M"]) // BLOCK)
+    group = 0
+    if panels < 2 * target.cores:
+        most = max(1, blocks * panels // (2 * target.cores))
+        group = max(g for g in (1, 2, 4, 8) if g <= most)
+    return Config({"ORDER": "nm", "ROW_GROUP": group})
 
-    name = "dense_bf16_amx"
-    version = 1
-    space = KnobSpace(Knob("ORDER", ("nm", "mn")))
+
+class _Amx(TvmTemplate):
+    """What the AMX templates share: bf16 kernels of static rows, work-item knobs."""
+
+    space = KnobSpace(Knob("ORDER", ("nm", "mn")), Knob("ROW_GROUP", (0, 1, 2, 4, 8)))
+    """ROW_GROUP: blocks of 32 rows per work item (0: every row)."""
     precision = "bf16"
 
     def match(self, op: Operation) -> Problem | None:
@@ -46,7 +56,15 @@ class DenseBf16Amx(Dense):
         return True
 
     def default_config(self, problem: Problem, target: Target) -> Config:
-        return Config({"ORDER": "nm"})
+        return amx_default(problem, target)
+
+
+@register_template
+class DenseBf16Amx(_Amx, Dense):
+    """out = epilogue(bf16(x) @ bf16(W)^T (+ bias)), f32 accumulation, on AMX tiles."""
+
+    name = "dense_bf16_amx"
+    version = 1
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         if not has_amx_bf16(target):
@@ -59,13 +77,13 @@ class DenseBf16Amx(Dense):
         up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
         packed = te.placeholder((up(n) // BLOCK, up(k) // 2, BLOCK, 2), "uint16",
                                 name="packed")
-        order = str(config["ORDER"])
+        order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             x = args[0]
             lead = list(x.shape[:-1])
             trailing = [int(d) for d in lead[1:]]
-            acc = gemm_bf16_extern(x, packed, n, order)
+            acc = gemm_bf16_extern(x, packed, n, order, row_group=group)
 
             def view(*i: Any) -> Any:
                 row = i[0]
@@ -87,27 +105,13 @@ class DenseBf16Amx(Dense):
 
 
 @register_template
-class ConvGemmBf16Amx(ConvGemm):
+class ConvGemmBf16Amx(_Amx, ConvGemm):
     """An NHWC convolution as an implicit GEMM on AMX tiles: the kernel gathers each output
     pixel's window (kernel rows, columns, input channels) from the padded input into bf16
     rows, then runs `amx.gemm_bf16`; f32 accumulation."""
 
     name = "conv_gemm_bf16_amx"
     version = 1
-    space = KnobSpace(Knob("ORDER", ("nm", "mn")))
-    precision = "bf16"
-
-    def match(self, op: Operation) -> Problem | None:
-        problem = super().match(op)
-        if problem is None or not str(problem["M"]).isdigit():
-            return None  # static rows only
-        return problem
-
-    def valid(self, problem: Problem, config: Config) -> bool:
-        return True
-
-    def default_config(self, problem: Problem, target: Target) -> Config:
-        return Config({"ORDER": "nm"})
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         from .lower_nn import _padded  # noqa: PLC0415 - lower_nn imports after lower
@@ -122,7 +126,7 @@ class ConvGemmBf16Amx(ConvGemm):
         up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
         packed = te.placeholder((up(n) // BLOCK, up(depth) // 2, BLOCK, 2), "uint16",
                                 name="packed")
-        order = str(config["ORDER"])
+        order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             x = args[0]
@@ -136,7 +140,8 @@ class ConvGemmBf16Amx(ConvGemm):
                 return xb[i // (oh * ow), pix // ow * sh + g // kw * dh,
                           pix % ow * sw + g % kw * dw, ic]
             acc = gemm_bf16_extern(xp, packed, n, order,
-                                   rows=(batch * oh * ow, kh * kw, cin, window))
+                                   rows=(batch * oh * ow, kh * kw, cin, window),
+                                   row_group=group)
             out = compute(lo.shape(op.result.type),
                           lambda b, y, xx, c: acc[(b * oh + y) * ow + xx, c], name="dense_rows")
             if len(args) > 2:
