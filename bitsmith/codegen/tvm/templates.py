@@ -61,8 +61,9 @@ from .schedule import (
     static_extent,
     tile_contraction,
     try_vectorize,
+    vector_reduce,
 )
-from .target import vector_lanes
+from .target import host_target, vector_lanes
 from .typed import block_of, compute, fuse, loop_of, reorder, shape_of
 
 
@@ -601,8 +602,12 @@ class Attention(TvmTemplate):
             sch.compute_at(block, outer)
         if config["VECTORIZE_QK"] and reductions[0] is not pv:
             _vectorize_over_keys(sch, reductions[0], outer)
+        if config["VECTORIZE_PV"]:  # the softmax: row reductions in lanes, rows vectorised
+            _vectorize_softmax(sch, [b for b in root_blocks(sch)], pv, reductions[0],
+                               vector_lanes(target))
         rows, cols, red = sch.get_loops(pv)[-3:]
-        if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None:
+        if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None and \
+                not _register_tiled(sch, pv, vector_lanes(target)):
             reorder(sch, rows, red, cols)
             sch.decompose_reduction(pv, red)
             try_vectorize(sch, sch.get_loops(pv)[-1])
@@ -636,10 +641,72 @@ def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV) -> No
         sch.compute_at(cached, outer)
         sch.transform_layout(qk, ("read", reads[0]),
                              lambda *i: (*i[:axis], *i[axis + 1:], i[axis]))
+    if _register_tiled(sch, qk, vector_lanes(host_target())):
+        return
     rows, keys, depth = inner
     reorder(sch, rows, depth, keys)
     sch.decompose_reduction(qk, depth)
     try_vectorize(sch, sch.get_loops(qk)[-1])
+
+
+def _vectorize_softmax(sch: s_tir.Schedule, roots: list, pv: SBlockRV, qk: SBlockRV,
+                       lanes: int) -> None:
+    """The blocks between q.k^T and P.V under the parallel loop: each row's max and sum in
+    vector lanes, each row's elementwise work (the exponentials, the division) vectorised."""
+    for block in sch.get_child_blocks(sch.get_loops(pv)[0]):
+        if block_of(sch, block).same_as(block_of(sch, pv)) or \
+                block_of(sch, block).same_as(block_of(sch, qk)):
+            continue
+        name = block_name(sch, block)
+        if name.endswith(("_local", "_init", "_global")):
+            continue
+        if is_reduction(sch, block):
+            vector_reduce(sch, block, lanes, inner=True)
+            continue
+        loops = sch.get_loops(block)
+        extent = static_extent(sch, loops[-1]) if loops else None
+        if extent is not None and extent % lanes == 0:
+            _, last = sch.split(loops[-1], [None, lanes])
+            try_vectorize(sch, last)
+
+
+def _register_tiled(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> bool:
+    """A per-(batch, head) contraction (its last loops: rows, columns, reduction) as register
+    tiles: up to 6 rows x up to 4 vectors of columns accumulated in registers (a local tile)
+    over the reduction, written back once. False (nothing changed) when the extents do not
+    allow whole tiles or TensorIR refuses."""
+    loops = sch.get_loops(block)
+    extents = [static_extent(sch, lp) for lp in loops[-3:]]
+    if len(loops) < 3 or any(e is None for e in extents):
+        return False
+    rows, cols, _ = (int(e) for e in extents if e is not None)
+    mr = next((m for m in (6, 4, 5, 3, 2) if rows % m == 0), 1)
+    vectors = next((v for v in (4, 2, 1) if cols % (v * lanes) == 0), 0)
+    if not vectors:
+        return False
+    trial = sch.copy()
+    try:
+        _tile_block(trial, block, mr, vectors, lanes)
+    except (ScheduleError, ValueError, RuntimeError):
+        return False
+    _tile_block(sch, block, mr, vectors, lanes)
+    return True
+
+
+def _tile_block(sch: s_tir.Schedule, block: SBlockRV, mr: int, vectors: int,
+                lanes: int) -> None:
+    r, c, k = sch.get_loops(block)[-3:]
+    ro, ri = sch.split(r, [None, mr])
+    co, cv, cl = sch.split(c, [None, vectors, lanes])
+    reorder(sch, ro, co, k, ri, cv, cl)
+    written = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(written, co)
+    sch.unroll(ri)
+    sch.unroll(cv)
+    sch.vectorize(cl)
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(written)[-1])
 
 
 class _Auto(TvmTemplate):
