@@ -2,6 +2,7 @@
 
     python bench/vs_engines.py [--models bert-base resnet-50 minilm zoo] [--batch 1 8]
                                [--rounds 5] [--reps 5] [--threads 2] [--json FILE]
+    python bench/vs_engines.py --roofline [--threads 2] [--rounds 5]
 
 Every engine runs with the same thread count: bitsmith (untuned: the templates' default
 configs), torch eager, torch.compile, ONNX Runtime, OpenVINO with f32 inference and OpenVINO's
@@ -28,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +101,10 @@ def cases(names: list[str], batches: list[int]) -> list[Case]:
             loaded = load_model("minilm", seq=128)
             for b in batches:
                 args, kwargs = loaded.call_args(b)
-                names = tuple(loaded.input_names)
-                values = tuple(args) + tuple(kwargs[n] for n in names[len(args):])
-                out.append(Case(name, b, FirstTensor(loaded.module.eval(), names), values,
-                                names))
+                keys = tuple(loaded.input_names)
+                values = tuple(args) + tuple(kwargs[n] for n in keys[len(args):])
+                out.append(Case(name, b, FirstTensor(loaded.module.eval(), keys), values,
+                                keys))
         elif name == "zoo":
             for zoo in models.names():
                 loaded = load_model(zoo)
@@ -230,6 +232,9 @@ def timed(engines_: list[Engine], rounds: int, reps: int) -> None:
         order = live[r % len(live):] + live[:r % len(live)] if live else []
         for engine in order:
             assert engine.run is not None
+            # the previous engine's thread pool spins for a while after its last call (ONNX
+            # Runtime's, OpenMP's): let it go idle, or this engine's threads lose the cores
+            time.sleep(0.2)
             engine.run()
             samples = []
             for _ in range(reps):
@@ -237,6 +242,120 @@ def timed(engines_: list[Engine], rounds: int, reps: int) -> None:
                 engine.run()
                 samples.append(time.perf_counter() - t0)
             engine.times.append(statistics.median(samples))
+
+
+PEAK_C = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <omp.h>
+int main(void) {
+  long iters = 100000000;
+  double best = 0;
+  for (int rep = 0; rep < 5; rep++) {
+    double t0 = omp_get_wtime();
+    float total = 0;
+    #pragma omp parallel reduction(+:total)
+    {
+      __m512 a[12];
+      for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps(i * 0.001f);
+      __m512 b = _mm512_set1_ps(0.9999f), c = _mm512_set1_ps(1e-6f);
+      for (long i = 0; i < iters / 12; i++) {
+        #pragma GCC unroll 12
+        for (int j = 0; j < 12; j++) a[j] = _mm512_fmadd_ps(a[j], b, c);
+      }
+      for (int i = 0; i < 12; i++) total += _mm512_reduce_add_ps(a[i]);
+    }
+    double t = omp_get_wtime() - t0;
+    double gf = (double)(iters / 12) * 12 * 16 * 2 * omp_get_max_threads() / t / 1e9;
+    if (gf > best) best = gf;
+    if (total == 12345.0f) printf("-");
+  }
+  printf("%.1f\n", best);
+  return 0;
+}
+"""
+
+
+def fma_peak(threads: int, tmp: Path) -> float | None:
+    """The AVX-512 FMA peak (GFLOP/s) on `threads` threads: 12 independent FMA chains per
+    thread, best of 5 (gcc, as the README's system dependency)."""
+    import subprocess
+
+    src, exe = tmp / "peak.c", tmp / "peak"
+    src.write_text(PEAK_C)
+    made = subprocess.run(["gcc", "-O2", "-mavx512f", "-mfma", "-fopenmp", str(src), "-o",
+                           str(exe)], capture_output=True, text=True)
+    if made.returncode:
+        return None
+    ran = subprocess.run([str(exe)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return float(ran.stdout.strip().splitlines()[-1]) if ran.returncode == 0 else None
+
+
+def _dense_kernel(m: int, k: int, n: int, precision: str) -> tuple[Callable[[], None],
+                                                                    Callable[[], np.ndarray],
+                                                                    np.ndarray]:
+    """bitsmith's kernel for x[m, k] @ W[n, k]^T (its template's default config), timed as a
+    kernel; (call, output, reference from torch)."""
+    import bitsmith
+    from bitsmith.compiler import example_arrays
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(k, n, bias=False).eval()
+    x = torch.randn(m, k)
+    cm = bitsmith.compile(layer, (x,), precision=precision, check=False)
+    arrays = example_arrays(cm.artifact, (x,), {})
+    executor = cm.executor
+    bound = executor.bind(*arrays)
+    for view, array in zip(bound.inputs, arrays, strict=True):
+        if view is not None:
+            np.copyto(view, array)
+    (kernel, args), = bound.calls
+    with torch.no_grad():
+        want = layer(x).numpy()
+    return lambda: kernel(*args), lambda: bound.outputs[0].copy(), want
+
+
+def roofline(threads: int, rounds: int) -> None:
+    """GFLOP/s of bitsmith's GEMM kernels (f32 dense, bf16 AMX) against torch's own GEMM and
+    the FMA peak, each output checked against torch first; medians of interleaved rounds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = fma_peak(threads, Path(tmp))
+    print(f"\nGEMM roofline, {threads} threads: AVX-512 FMA peak "
+          f"{peak if peak else float('nan'):.0f} GFLOP/s (12 FMA chains per thread)\n")
+    print("| M x K x N | bitsmith f32 GFLOP/s | torch f32 | bitsmith f32 % of peak | "
+          "bitsmith bf16 (AMX) | torch bf16 |")
+    print("|---|---|---|---|---|---|")
+    for m, k, n in ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1024, 1024, 1024),
+                    (2048, 2048, 2048), (4096, 4096, 4096)):
+        flops = 2.0 * m * k * n
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        ours, ours_out, want = _dense_kernel(m, k, n, "f32")
+        low, low_out, want_low = _dense_kernel(m, k, n, "bf16")
+        ours()
+        low()
+        scale = float(np.abs(want).max())
+        assert np.abs(ours_out() - want).max() <= 1e-3 * scale, "f32 kernel output"
+        assert np.abs(low_out() - want_low).max() <= 3e-2 * scale, "bf16 kernel output"
+        calls = {"ours": ours, "low": low, "torch": partial(torch.matmul, a, b),
+                 "torch16": partial(torch.matmul, a16, b16)}
+        times: dict[str, list[float]] = {key: [] for key in calls}
+        reps = max(2, int(2e10 / flops))
+        for _ in range(rounds):
+            for key, call in calls.items():
+                time.sleep(0.1)
+                call()
+                samples = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    call()
+                    samples.append(time.perf_counter() - t0)
+                times[key].append(statistics.median(samples))
+        rate = {key: flops / statistics.median(v) / 1e9 for key, v in times.items()}
+        share = f"{100 * rate['ours'] / peak:.0f}%" if peak else "-"
+        print(f"| {m} x {k} x {n} | {rate['ours']:.0f} | {rate['torch']:.0f} | {share} | "
+              f"{rate['low']:.0f} | {rate['torch16']:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -249,10 +368,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--roofline", action="store_true",
+                        help="only the GEMM table: kernels against torch and the FMA peak")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
+    if args.roofline:
+        roofline(args.threads, args.rounds)
+        return
     rows = []
     names = ["bitsmith", "bitsmith bf16", "torch eager", "torch.compile", "ONNX Runtime",
              "OpenVINO f32", "OpenVINO default"]
@@ -280,7 +404,8 @@ def main() -> None:
                     cells.append("failed")
                     print(f"<!-- {case.name} b{case.batch} {n}: {e.error} -->", file=sys.stderr)
                 else:
-                    cells.append(f"{statistics.median(e.times) * 1e3:.2f}")
+                    ms = statistics.median(e.times) * 1e3
+                    cells.append(f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}")
             ours = by_name.get("bitsmith")
             rivals = [statistics.median(e.times) for e in found
                       if not e.name.startswith("bitsmith") and e.precision == "f32"
