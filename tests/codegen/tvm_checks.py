@@ -7,8 +7,8 @@ import numpy as np
 import tvm
 
 from bitsmith import ir, passes
-from bitsmith.codegen.template import Config
 from bitsmith.autotune.candidates import RTOL_BF16
+from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.amx import amx_tvm_target
 from bitsmith.codegen.tvm.lower import compile_funcs
 from bitsmith.codegen.tvm.target import host_target, tvm_target
