@@ -389,9 +389,10 @@ class ConvGemm(Dense):
             index = lo.index
             exact = isinstance(rows, tvm.tirx.IntImm) and int(rows) % mr == 0
             tiles = rows if exact else tvm.tirx.floordiv(rows + (mr - 1), mr) * mr
-            ry = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(kh, index)), "ry")
-            rx = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(kw, index)), "rx")
-            rc = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(cin, index)), "rc")
+            ry: Any = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(kh, index)), "ry")
+            rx: Any = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(kw, index)), "rx")
+            rc: Any = te.reduce_axis((tvm.tirx.const(0, index), tvm.tirx.const(cin, index)),
+                                     "rc")
 
             def element(m: Any, j: Any) -> Any:
                 if not exact:
