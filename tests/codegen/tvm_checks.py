@@ -24,14 +24,22 @@ interpreter does, so even f16 and bf16 outputs agree to f32 rounding."""
 
 
 def build_and_run(kernel: ir.Operation, arrays: list[np.ndarray], want: list[np.ndarray],
-                  config: Config | None = None) -> tuple[str, list[np.ndarray]]:
+                  config: Config | None = None, built_before: dict | None = None,
+                  ) -> tuple[str, list[np.ndarray]]:
     """Build `kernel` with its template (the default config unless `config`), run it on
-    `arrays` into outputs shaped as `want`; the template's name and the outputs."""
+    `arrays` into outputs shaped as `want`; the template's name and the outputs.
+    `built_before`: kernels built earlier (the same op and config at another batch size)."""
     target = host_target()
-    chosen, problem = select(kernel, target)
-    built = chosen.build(problem, config or chosen.default_config(problem, target), target)
-    compiled_for = amx_tvm_target(target) if built.isa else tvm_target(target)
-    exe = compile_funcs({"main": built.func}, kernel.kernel_name, compiled_for)
+    key = (id(kernel), str(config))
+    if built_before is not None and key in built_before:
+        chosen, built, exe = built_before[key]
+    else:
+        chosen, problem = select(kernel, target)
+        built = chosen.build(problem, config or chosen.default_config(problem, target), target)
+        compiled_for = amx_tvm_target(target) if built.isa else tvm_target(target)
+        exe = compile_funcs({"main": built.func}, kernel.kernel_name, compiled_for)
+        if built_before is not None:
+            built_before[key] = (chosen, built, exe)
     arrays = [to_storage(v.type, a) for v, a in zip(kernel.operands, arrays, strict=True)]
     arrays = [built.packs[i][1](a) if i in built.packs else a for i, a in enumerate(arrays)]
     args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
@@ -41,11 +49,12 @@ def build_and_run(kernel: ir.Operation, arrays: list[np.ndarray], want: list[np.
 
 
 def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
-               config: Config | None = None, template: str | None = None) -> str:
+               config: Config | None = None, template: str | None = None,
+               built_before: dict | None = None) -> str:
     """Build `kernel` (its template's default config unless `config`), run it on `arrays`,
     compare each output with the interpreter; returns the template's name."""
     want = kernel.evaluate(ctx, *arrays)
-    name, outs = build_and_run(kernel, arrays, want, config)
+    name, outs = build_and_run(kernel, arrays, want, config, built_before)
     assert template is None or name == template, (name, template)
     try:  # a kernel marked bf16 rounds its operands: the tuner's bound for it
         assert_outputs_match(outs, want, RTOL_BF16 if kernel.attributes.get("precision")
@@ -64,10 +73,11 @@ def check_module(text: str | ir.Module, weights: dict[str, np.ndarray] | None = 
     if pipeline:
         passes.run(module, pipeline)
     kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    built: dict = {}  # a symbolic-batch kernel is built once, run at every batch
     for batch in batches:
         arrays = inputs or random_inputs(module, batch, ints=(0, 5), floats_as=np.float32)
         for op, args, ctx in kernel_calls(module, arrays):
-            run_kernel(op, args, ctx, config, template)
+            run_kernel(op, args, ctx, config, template, built)
     return len(kernels)
 
 

@@ -151,6 +151,17 @@ def pointwise_conv(op: Operation) -> bool:
             and tuple(op.operands[1].type.shape[:2]) == (1, 1))
 
 
+def padded_input(x: te.Tensor, conv: Operation) -> te.Tensor:
+    """An NHWC convolution's input with its padding, materialised once (its own block, named
+    "conv_input"), so that no bounds check sits in the contraction's inner loop."""
+    from .lower_nn import _padded  # noqa: PLC0415 - lower_nn imports after lower
+
+    xp = _padded(x, conv, 0.0, (1, 2))
+    if xp is x:
+        return x
+    return compute(shape_of(xp), lambda *i: xp(*i), name="conv_input")
+
+
 def as_matrix(weight: np.ndarray) -> np.ndarray:
     """A dense weight as it is; a 1x1 conv's HWIO [1, 1, I, O] as [I, O]."""
     return weight.reshape(weight.shape[-2:]) if weight.ndim == 4 else weight
@@ -369,8 +380,6 @@ class ConvGemm(Dense):
         return int(config["TILE_K"]) == 0 and super().valid(problem, config)
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        from .lower_nn import _padded  # noqa: PLC0415 - lower_nn imports after lower
-
         kernel: FusedOp = problem.kernel_op
         conv = next(o for o in kernel.body_ops if isinstance(o, Conv2dOp))
         nr, n, mr = int(config["TILE_N"]), int(problem["N"]), int(config["TILE_M"])
@@ -380,10 +389,7 @@ class ConvGemm(Dense):
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-            x = args[0]
-            xp = _padded(x, op, 0.0, (1, 2))
-            if xp is not x:  # materialised once: its bounds checks stay out of the GEMM
-                xp = compute(shape_of(xp), lambda *i: xp(*i), name="conv_input")
+            xp = padded_input(args[0], op)
             batch, oh, ow = (lo.shape(op.result.type)[i] for i in range(3))
             rows = batch * oh * ow
             index = lo.index

@@ -23,8 +23,16 @@ from .amx import BLOCK, gemm_bf16_extern, has_amx_bf16, pack_bf16_panels
 from .lower import Lowering, lower_kernel
 from .schedule import auto_schedule
 from .target import vector_lanes
-from .templates import ConvGemm, Dense, TvmKernel, TvmTemplate, as_matrix, pointwise_conv
-from .typed import compute, shape_of
+from .templates import (
+    ConvGemm,
+    Dense,
+    TvmKernel,
+    TvmTemplate,
+    as_matrix,
+    padded_input,
+    pointwise_conv,
+)
+from .typed import compute
 
 
 def amx_default(problem: Problem, target: Target) -> Config:
@@ -58,6 +66,25 @@ class _Amx(TvmTemplate):
     def default_config(self, problem: Problem, target: Target) -> Config:
         return amx_default(problem, target)
 
+    @staticmethod
+    def packed(problem: Problem) -> te.Tensor:
+        """The weight's placeholder: bf16 bits in [N/32, K/2, 32, 2] panels."""
+        up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
+        return te.placeholder((up(int(problem["N"])) // BLOCK, up(int(problem["K"])) // 2,
+                               BLOCK, 2), "uint16", name="packed")
+
+    def finish(self, problem: Problem, config: Config, target: Target, anchor: Operation,
+               rule: Any, packed: te.Tensor, pack: tuple[str, Any]) -> TvmKernel:
+        """The kernel with `rule` lowering its anchor: the AMX GEMM an opaque block, the rest
+        (view, bias, epilogue) scheduled as elementwise blocks."""
+        w_index = int(problem["w_index"])
+        func, _, _ = lower_kernel(problem.kernel_op, rules={anchor: rule},
+                                  placeholders={w_index: packed})
+        sch = s_tir.Schedule(func)
+        auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
+        return TvmKernel(sch.mod["main"], self.name, config, packs={w_index: pack},
+                         isa=("amx_bf16", "amx_tile"))
+
 
 @register_template
 class DenseBf16Amx(_Amx, Dense):
@@ -73,10 +100,8 @@ class DenseBf16Amx(_Amx, Dense):
         kernel: FusedOp = problem.kernel_op
         anchor = next(o for o in kernel.body_ops
                       if isinstance(o, (LinearOp, MatmulOp)) or pointwise_conv(o))
-        n, k = int(problem["N"]), int(problem["K"])
-        up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
-        packed = te.placeholder((up(n) // BLOCK, up(k) // 2, BLOCK, 2), "uint16",
-                                name="packed")
+        n = int(problem["N"])
+        packed = self.packed(problem)
         order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
@@ -94,14 +119,9 @@ class DenseBf16Amx(_Amx, Dense):
             if len(args) > 2:  # a linear's or a conv's bias
                 out = topi.add(out, args[2])
             return out
-        w_index = int(problem["w_index"])
-        func, _, _ = lower_kernel(kernel, rules={anchor: rule}, placeholders={w_index: packed})
-        sch = s_tir.Schedule(func)
-        auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
         transposed = bool(problem["transposed"])
-        return TvmKernel(sch.mod["main"], self.name, config, packs={
-            w_index: ("amx_bf16_panels", lambda w: pack_bf16_panels(as_matrix(w), transposed))},
-            isa=("amx_bf16", "amx_tile"))
+        return self.finish(problem, config, target, anchor, rule, packed, (
+            "amx_bf16_panels", lambda w: pack_bf16_panels(as_matrix(w), transposed)))
 
 
 @register_template
@@ -114,25 +134,18 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
     version = 1
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        from .lower_nn import _padded  # noqa: PLC0415 - lower_nn imports after lower
-
         if not has_amx_bf16(target):
             raise ValueError(f"{self.name} needs a CPU with AMX-BF16")
         kernel: FusedOp = problem.kernel_op
         conv = next(o for o in kernel.body_ops if isinstance(o, Conv2dOp))
-        n, depth = int(problem["N"]), int(problem["K"])
+        n = int(problem["N"])
         kh, kw, cin, _ = (int(d) for d in conv.operands[1].type.shape)
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
-        up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
-        packed = te.placeholder((up(n) // BLOCK, up(depth) // 2, BLOCK, 2), "uint16",
-                                name="packed")
+        packed = self.packed(problem)
         order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-            x = args[0]
-            xp = _padded(x, op, 0.0, (1, 2))
-            if xp is not x:
-                xp = compute(shape_of(xp), lambda *i: xp(*i), name="conv_input")
+            xp = padded_input(args[0], op)
             batch, oh, ow = (int(d) for d in op.result.type.shape[:3])
 
             def window(xb: Any, i: Any, g: Any, ic: Any) -> Any:  # pixel i, kernel position g
@@ -147,14 +160,9 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
             if len(args) > 2:
                 out = topi.add(out, args[2])
             return out
-        w_index = int(problem["w_index"])
-        func, _, _ = lower_kernel(kernel, rules={conv: rule}, placeholders={w_index: packed})
-        sch = s_tir.Schedule(func)
-        auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
-        return TvmKernel(sch.mod["main"], self.name, config, packs={
-            w_index: ("amx_bf16_conv_panels",
-                      lambda w: pack_bf16_panels(w.reshape(-1, w.shape[-1]), False))},
-            isa=("amx_bf16", "amx_tile"))
+        return self.finish(problem, config, target, conv, rule, packed, (
+            "amx_bf16_conv_panels",
+            lambda w: pack_bf16_panels(w.reshape(-1, w.shape[-1]), False)))
 
 
 PRECISIONS = ("f32", "bf16")
