@@ -133,12 +133,13 @@ def _agreement(got: np.ndarray, want: np.ndarray, precision: str) -> tuple[bool,
     return ok, f"rel {rel:.1e}, cos {cos:.5f}"
 
 
-def _bitsmith(case: Case, precision: str = "f32") -> Callable[[], np.ndarray]:
+def _bitsmith(case: Case, precision: str = "f32",
+              tune: str | None = None) -> Callable[[], np.ndarray]:
     import bitsmith
     from bitsmith.compiler import example_arrays
 
     cm = bitsmith.compile(case.module, case.inputs, name=case.name.replace(":", "_"),
-                          precision=precision)
+                          precision=precision, tune=tune)
     arrays = example_arrays(cm.artifact, case.inputs, {})
     return lambda: cm.executor.run(*arrays)[0]
 
@@ -195,13 +196,16 @@ def _openvino(case: Case, threads: int, tmp: Path,
     return lambda: np.asarray(request.infer(feeds)[model.output(0)])
 
 
-def engines(case: Case, threads: int, tmp: Path, skip: set[str]) -> list[Engine]:
-    """Every engine loaded for `case`, each checked against torch eager."""
+def engines(case: Case, threads: int, tmp: Path, skip: set[str],
+            tune: str | None = None) -> list[Engine]:
+    """Every engine loaded for `case`, each checked against torch eager; with `tune`, bitsmith
+    tuned with that budget too (after the untuned build, in the run's own cache)."""
     with torch.no_grad():
         want = case.module(*case.inputs).numpy()
     makers: list[tuple[str, Callable[[], Callable[[], np.ndarray]], str]] = [
         ("bitsmith", lambda: _bitsmith(case), "f32"),
         ("bitsmith bf16", lambda: _bitsmith(case, "bf16"), "bf16"),
+        *([("bitsmith tuned", lambda: _bitsmith(case, tune=tune), "f32")] if tune else []),
         ("torch eager", lambda: _torch(case, False), "f32"),
         ("torch.compile", lambda: _torch(case, True), "f32"),
         ("ONNX Runtime", lambda: _ort(case, threads, tmp), "f32"),
@@ -368,27 +372,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tune", metavar="BUDGET",
+                        help="add bitsmith tuned with this budget per model (e.g. 10m)")
     parser.add_argument("--roofline", action="store_true",
                         help="only the GEMM table: kernels against torch and the FMA peak")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
+    # a cache of the run's own: "untuned" uses no config this machine tuned before
+    cache = tempfile.TemporaryDirectory(prefix="bitsmith-vs-cache-")
+    os.environ["BITSMITH_CACHE_DIR"] = cache.name
     if args.roofline:
         roofline(args.threads, args.rounds)
         return
     rows = []
-    names = ["bitsmith", "bitsmith bf16", "torch eager", "torch.compile", "ONNX Runtime",
-             "OpenVINO f32", "OpenVINO default"]
+    names = ["bitsmith", "bitsmith bf16", *(["bitsmith tuned"] if args.tune else []),
+             "torch eager", "torch.compile", "ONNX Runtime", "OpenVINO f32", "OpenVINO default"]
     print(f"torch {torch.__version__}; {args.threads} threads each; median over {args.rounds} "
           f"interleaved rounds of the median of {args.reps} calls\n", flush=True)
     print("| model | batch | " + " | ".join(f"{n} ms" for n in names)
-          + " | bitsmith / fastest f32 rival | bitsmith bf16 / OpenVINO default |")
-    print("|---|---|" + "---|" * (len(names) + 2), flush=True)
+          + " | bitsmith / fastest f32 rival | bitsmith bf16 / OpenVINO default |"
+          + (" bitsmith tuned / fastest f32 rival |" if args.tune else ""))
+    print("|---|---|" + "---|" * (len(names) + 2 + bool(args.tune)), flush=True)
     with tempfile.TemporaryDirectory(prefix="bitsmith-vs-") as tmp:
         for case in cases(args.models, args.batch):
             try:
-                found = engines(case, args.threads, Path(tmp), set(args.skip))
+                found = engines(case, args.threads, Path(tmp), set(args.skip), args.tune)
             except Exception as exc:  # torch itself failed on the case: say so, go on
                 print(f"| {case.name} | {case.batch} | torch failed: {type(exc).__name__}: "
                       f"{str(exc)[:120]} |", flush=True)
@@ -415,8 +425,12 @@ def main() -> None:
             low, theirs = by_name.get("bitsmith bf16"), by_name.get("OpenVINO default")
             low_ratio = (f"{statistics.median(low.times) / statistics.median(theirs.times):.2f}"
                          if low and low.times and theirs and theirs.times else "-")
+            tuned = by_name.get("bitsmith tuned")
+            tuned_ratio = ([f"{statistics.median(tuned.times) / min(rivals):.2f}"
+                            if tuned and tuned.times and rivals else "-"] if args.tune else [])
             print(f"| {case.name} | {case.batch} | " + " | ".join(cells)
-                  + f" | {ratio} | {low_ratio} |", flush=True)
+                  + f" | {ratio} | {low_ratio} |" + "".join(f" {c} |" for c in tuned_ratio),
+                  flush=True)
             rows.append({"model": case.name, "batch": case.batch, "engines": {
                 e.name: {"ms": statistics.median(e.times) * 1e3 if e.times else None,
                          "error": e.error, "agreement": e.agreement,
