@@ -250,7 +250,8 @@ def _attention(params: Mapping[str, Any], config: Config,
                                                       "rows_per_chunk": rows / chunks}
 
 
-_BY_TEMPLATE = {"dense": _dense, "conv2d_nhwc": _conv2d_nhwc, "attention": _attention,
+_BY_TEMPLATE = {"dense": _dense, "conv_gemm": _dense,  # an implicit GEMM: M, N, K and tiles
+                "conv2d_nhwc": _conv2d_nhwc, "attention": _attention,
                 "elementwise": _signature, "rows": _signature}
 
 

@@ -116,3 +116,13 @@ def test_feature_space_fixes_columns() -> None:
     assert FeatureSpace.from_json(space.to_json()) == space
     with pytest.raises(TuningError, match="feature space: expected JSON"):
         FeatureSpace.from_json('{"cols": []}')
+
+
+def test_an_implicit_gemm_convolution_has_the_dense_tile_features() -> None:
+    """conv_gemm poses M = N*OH*OW output pixels, N output channels, K = KH*KW*I: the same
+    register-tile arithmetic as dense (here 2 x 7 x 6 pixels, 40 channels, a 3x3x5 window)."""
+    params = {"M": "84", "N": 40, "K": 45, "epilogue": "relu", "dtype": "f32",
+              "sample_rows": 42, "w_index": 1, "transposed": False}
+    f = features("conv_gemm", params, dense_config(TILE_M=6, TILE_N=16), DEV)
+    assert f["flops"] == 2 * 84 * 40 * 45
+    assert (f["trips_m"], f["trips_n"]) == (14, 3) and f["padding_waste"] == (48 - 40) / 40
