@@ -2,6 +2,7 @@
 
     python bench/vs_engines.py [--models bert-base resnet-50 minilm zoo] [--batch 1 8]
                                [--rounds 5] [--reps 5] [--threads 2] [--json FILE]
+                               [--tune 10m] [--skip ENGINE ...]
     python bench/vs_engines.py --roofline [--threads 2] [--rounds 5]
 
 Every engine runs with the same thread count: bitsmith (untuned: the templates' default
