@@ -32,8 +32,8 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 def code_isa(flags: set[str] | list[str] | tuple[str, ...]) -> list[str]:
     """The flags a library built for a CPU with `flags` may need: every extension LLVM can
-    emit on its own for that CPU, so all but AMX (reached only through explicit intrinsics,
-    which our kernels do not use)."""
+    emit on its own for that CPU, so all but AMX (reached only through explicit intrinsics: a
+    library with AMX kernels adds their flags itself, `TvmKernel.isa`)."""
     return sorted(f for f in flags if f in ISA_FLAGS and not f.startswith("amx"))
 
 
