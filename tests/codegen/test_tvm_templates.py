@@ -222,3 +222,18 @@ def test_a_config_outside_the_space_or_invalid_is_refused() -> None:
         dense.build(problem, Config({**base, "TILE_K": 64}), host_target())
     with pytest.raises(CodegenError, match="is not valid for"):  # a tile taller than 6 rows
         dense.build(problem, Config({**base, "TILE_M": 8}), host_target())
+
+
+def test_dense_row_blocks_over_a_symbolic_batch() -> None:
+    """Row blocks of a symbolic row count: the last block partial (or the only one short) at
+    every batch, an elementwise residual read per work item."""
+    x, o = "tensor<Bx19xf32>", "tensor<Bx70xf32>"
+    text = func(f"%x: {x}, %r: {o}", o, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> tensor<70x19xf32>
+        %1 = "graph.linear"(%x, %0) : ({x}, tensor<70x19xf32>) -> {o}
+        %2 = "graph.add"(%1, %r) : ({o}, {o}) -> {o}
+        "func.return"(%2) : ({o}) -> ()""")
+    for config in ({"TILE_M": 6, "TILE_N": 16, "ROW_BLOCK": 4, "ORDER": "nm"},
+                   {"TILE_M": 5, "TILE_N": 64, "ROW_BLOCK": 8, "ORDER": "mn"}):
+        check_module(text, _weights(w=(70, 19)), batches=(1, 5, 29, 64),
+                     config=Config({**config, "TILE_K": 0, "PARALLEL": True}), template="dense")
