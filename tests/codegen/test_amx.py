@@ -69,7 +69,8 @@ def test_amx_gemm_matches_the_bf16_rounded_product(m: int, k: int, n: int) -> No
                     reason="needs a CPU with AMX-BF16 and Linux's tile permission")
 @pytest.mark.parametrize("which", ["linear", "conv"])
 def test_amx_templates_every_config_against_the_interpreter(which: str) -> None:
-    """Both AMX templates, every config of their space, on sizes no block divides (75 rows,
+    """Both AMX templates, both work orders with and without row groups, on sizes no block
+    divides (75 rows,
     a 3x3 conv with stride 2 and 5 input channels), a bias and an epilogue."""
     from bitsmith import ir, passes
     from bitsmith.codegen.template import TEMPLATES, Config
@@ -106,7 +107,7 @@ def test_amx_templates_every_config_against_the_interpreter(which: str) -> None:
     kernel.attributes["precision"] = "bf16"
     template = TEMPLATES[name]
     configs = [Config({"ORDER": order, "ROW_GROUP": group}) for order in ("nm", "mn")
-               for group in (0, 1, 2)]
+               for group in (0, 2)]
     arrays = random_inputs(module, 1, ints=(0, 5), floats_as=np.float32)
     for op, args, ctx in kernel_calls(module, arrays):
         for config in configs:
