@@ -120,19 +120,16 @@ def _extent(iv: object) -> int | None:
     return int(extent) if isinstance(extent, IntImm) else None
 
 
-def vector_reduce(sch: s_tir.Schedule, block: SBlockRV, lanes: int,
-                  inner: bool = False) -> SBlockRV:
+def vector_reduce(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> SBlockRV:
     """A reduction over one long innermost axis (a row's sum in a norm or softmax) summed in
     `lanes` independent partial sums, one vector: the axis split by `lanes` and rfactor'd, the
     partial sums (a per-row vector, computed under the row's loop) vectorised, then added up.
     A serial sum is one dependent add per element (latency-bound: 4 cycles each); this is one
     vector add per `lanes` elements. Returns the block that now writes the result (the block
-    itself when the reduction does not qualify or TensorIR refuses). `inner`: the block sits
-    under outer loops of another nest (a template's), its own last loops (row, reduction)."""
+    itself when the reduction does not qualify or TensorIR refuses)."""
     loops = sch.get_loops(block)
     n_spatial = spatial_count(sch, block)
-    nested = n_spatial == 0 or len(loops) != n_spatial + 1
-    if (nested and not inner) or len(loops) < 2 or not is_reduction(sch, block):
+    if n_spatial == 0 or len(loops) != n_spatial + 1 or not is_reduction(sch, block):
         return block
     reduce_vars = [iv for iv in block_of(sch, block).iter_vars if int(iv.iter_type) == REDUCE]
     if len(reduce_vars) != 1 or static_extent(sch, loops[-1]) != _extent(reduce_vars[0]):

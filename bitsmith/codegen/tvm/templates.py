@@ -61,9 +61,8 @@ from .schedule import (
     static_extent,
     tile_contraction,
     try_vectorize,
-    vector_reduce,
 )
-from .target import host_target, vector_lanes
+from .target import vector_lanes
 from .typed import block_of, compute, fuse, loop_of, reorder, shape_of
 
 
@@ -608,10 +607,9 @@ class Attention(TvmTemplate):
         for block in waiting:
             sch.compute_at(block, outer)
         if config["VECTORIZE_QK"] and reductions[0] is not pv:
-            _vectorize_over_keys(sch, reductions[0], outer)
+            _vectorize_over_keys(sch, reductions[0], outer, vector_lanes(target))
         if config["VECTORIZE_PV"]:  # the softmax: row reductions in lanes, rows vectorised
-            _vectorize_softmax(sch, [b for b in root_blocks(sch)], pv, reductions[0],
-                               vector_lanes(target))
+            _vectorize_softmax(sch, pv, reductions[0], vector_lanes(target))
         rows, cols, red = sch.get_loops(pv)[-3:]
         if config["VECTORIZE_PV"] and static_extent(sch, cols) is not None and \
                 not _register_tiled(sch, pv, vector_lanes(target)):
@@ -626,7 +624,8 @@ def _uses(expr: Any, var: Any) -> bool:
     return any(v.same_as(var) for v in tvm.tirx.analysis.undefined_vars(expr))
 
 
-def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV) -> None:
+def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV,
+                         lanes: int) -> None:
     """q.k^T with the keys innermost: K copied under `outer` into a buffer whose last axis is
     the keys (when it is not already), then the depth reduction outside the keys loop and the
     keys vectorised."""
@@ -648,7 +647,7 @@ def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV) -> No
         sch.compute_at(cached, outer)
         sch.transform_layout(qk, ("read", reads[0]),
                              lambda *i: (*i[:axis], *i[axis + 1:], i[axis]))
-    if _register_tiled(sch, qk, vector_lanes(host_target())):
+    if _register_tiled(sch, qk, lanes):
         return
     rows, keys, depth = inner
     reorder(sch, rows, depth, keys)
@@ -656,19 +655,15 @@ def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV) -> No
     try_vectorize(sch, sch.get_loops(qk)[-1])
 
 
-def _vectorize_softmax(sch: s_tir.Schedule, roots: list, pv: SBlockRV, qk: SBlockRV,
-                       lanes: int) -> None:
-    """The blocks between q.k^T and P.V under the parallel loop: each row's max and sum in
-    vector lanes, each row's elementwise work (the exponentials, the division) vectorised."""
+def _vectorize_softmax(sch: s_tir.Schedule, pv: SBlockRV, qk: SBlockRV, lanes: int) -> None:
+    """The softmax's elementwise blocks under the parallel loop (the exponentials, the
+    division), vectorised along each row. Its row max and sum stay serial: TVM's rfactor
+    refuses a block that is not the first child of its loop."""
     for block in sch.get_child_blocks(sch.get_loops(pv)[0]):
         if block_of(sch, block).same_as(block_of(sch, pv)) or \
-                block_of(sch, block).same_as(block_of(sch, qk)):
+                block_of(sch, block).same_as(block_of(sch, qk)) or is_reduction(sch, block):
             continue
-        name = block_name(sch, block)
-        if name.endswith(("_local", "_init", "_global")):
-            continue
-        if is_reduction(sch, block):
-            vector_reduce(sch, block, lanes, inner=True)
+        if block_name(sch, block).endswith(("_local", "_init", "_global")):
             continue
         loops = sch.get_loops(block)
         extent = static_extent(sch, loops[-1]) if loops else None
