@@ -7,7 +7,8 @@
 
 Every engine runs with the same thread count: bitsmith (untuned: the templates' default
 configs), torch eager, torch.compile, ONNX Runtime, OpenVINO with f32 inference and OpenVINO's
-default precision (bf16 on a CPU with AMX), and bitsmith with precision="bf16" (AMX). Each
+default precision (bf16 on a CPU with AMX), and bitsmith with precision="bf16" and "int8"
+(AMX). Each
 engine's output is checked against torch
 eager before it is timed: f32 engines within 1e-3 of the output's range, a reduced-precision
 engine by cosine similarity (>= 0.99; reported). An engine that fails to load, convert or
@@ -206,6 +207,7 @@ def engines(case: Case, threads: int, tmp: Path, skip: set[str],
     makers: list[tuple[str, Callable[[], Callable[[], np.ndarray]], str]] = [
         ("bitsmith", lambda: _bitsmith(case), "f32"),
         ("bitsmith bf16", lambda: _bitsmith(case, "bf16"), "bf16"),
+        ("bitsmith int8", lambda: _bitsmith(case, "int8"), "int8"),
         *([("bitsmith tuned", lambda: _bitsmith(case, tune=tune), "f32")] if tune else []),
         ("torch eager", lambda: _torch(case, False), "f32"),
         ("torch.compile", lambda: _torch(case, True), "f32"),
@@ -388,14 +390,16 @@ def main() -> None:
         roofline(args.threads, args.rounds)
         return
     rows = []
-    names = ["bitsmith", "bitsmith bf16", *(["bitsmith tuned"] if args.tune else []),
+    names = ["bitsmith", "bitsmith bf16", "bitsmith int8",
+             *(["bitsmith tuned"] if args.tune else []),
              "torch eager", "torch.compile", "ONNX Runtime", "OpenVINO f32", "OpenVINO default"]
     print(f"torch {torch.__version__}; {args.threads} threads each; median over {args.rounds} "
           f"interleaved rounds of the median of {args.reps} calls\n", flush=True)
     print("| model | batch | " + " | ".join(f"{n} ms" for n in names)
           + " | bitsmith / fastest f32 rival | bitsmith bf16 / OpenVINO default |"
+          + " bitsmith bf16 / bitsmith int8 |"
           + (" bitsmith tuned / fastest f32 rival |" if args.tune else ""))
-    print("|---|---|" + "---|" * (len(names) + 2 + bool(args.tune)), flush=True)
+    print("|---|---|" + "---|" * (len(names) + 3 + bool(args.tune)), flush=True)
     with tempfile.TemporaryDirectory(prefix="bitsmith-vs-") as tmp:
         for case in cases(args.models, args.batch):
             try:
@@ -426,11 +430,15 @@ def main() -> None:
             low, theirs = by_name.get("bitsmith bf16"), by_name.get("OpenVINO default")
             low_ratio = (f"{statistics.median(low.times) / statistics.median(theirs.times):.2f}"
                          if low and low.times and theirs and theirs.times else "-")
+            int8 = by_name.get("bitsmith int8")
+            int8_ratio = (f"{statistics.median(low.times) / statistics.median(int8.times):.2f}"
+                          if low and low.times and int8 and int8.times else "-")
             tuned = by_name.get("bitsmith tuned")
             tuned_ratio = ([f"{statistics.median(tuned.times) / min(rivals):.2f}"
                             if tuned and tuned.times and rivals else "-"] if args.tune else [])
             print(f"| {case.name} | {case.batch} | " + " | ".join(cells)
-                  + f" | {ratio} | {low_ratio} |" + "".join(f" {c} |" for c in tuned_ratio),
+                  + f" | {ratio} | {low_ratio} | {int8_ratio} |"
+                  + "".join(f" {c} |" for c in tuned_ratio),
                   flush=True)
             rows.append({"model": case.name, "batch": case.batch, "engines": {
                 e.name: {"ms": statistics.median(e.times) * 1e3 if e.times else None,

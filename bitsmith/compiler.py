@@ -66,10 +66,13 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
     `dynamic_dims` makes more dims symbolic than `dynamic_batch`'s dim 0: {input name: {axis:
     torch.export.Dim}}, e.g. a sequence dim S (`frontend.LoadedModel.dynamic_dims()`).
 
-    `precision="bf16"` computes linear layers (and matmuls against weights) in bf16 with f32
-    accumulation, on the AMX tile unit; a CPU without AMX-BF16 keeps f32 and says so in one
-    warning. The check then holds the model to the bf16 tolerance, and `cm.report()` lists
-    the bf16 kernels and the measured error against torch's f32.
+    `precision="bf16"` computes linear layers, matmuls against weights and NHWC convolutions
+    of static shape in bf16 with f32 accumulation, on the AMX tile unit; `precision="int8"`
+    computes them in int8 (each row of activations quantized on its own scale as the model
+    runs, weights per output channel at compile time; int32 sums) on AMX-INT8. A CPU without
+    the tile unit keeps f32 and says so in one warning. The check then holds the model to the
+    precision's tolerance (`selfcheck.PRECISION_TOLERANCES`), and `cm.report()` lists the
+    kernels marked and the measured error against torch's f32.
 
     `check` (on by default) runs the built model on the example inputs and compares it with
     torch (a quantized model: with the interpreter of its quantized graph) before returning;
@@ -103,8 +106,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
         cm.checked = selfcheck.check(cm, module, arrays, model=model, args=example_inputs,
                                      kwargs=kwargs, quantized=quant is not None,
                                      dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims,
-                                     precision="bf16" if lowered else "f32")
-    if lowered:  # the report states what bf16 cost on the example inputs
+                                     precision=precision if lowered else "f32")
+    if lowered:  # the report states what the precision cost on the example inputs
         kwargs = dict(example_kwargs or {})
         error = selfcheck.largest_error(cm, example_arrays(artifact, example_inputs, kwargs),
                                         model=model, args=example_inputs, kwargs=kwargs)
@@ -115,11 +118,10 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
 
 def _lower_precision(module: Module, precision: str, target: str, device: Any) -> list[str]:
     """Mark the kernels that run below f32 for `precision`; their names."""
-    from .codegen.tvm.templates_amx import PRECISIONS, mark_bf16  # noqa: PLC0415 - CPU only
+    from .codegen.tvm.templates_amx import PRECISIONS, mark_precision  # noqa: PLC0415
 
     if precision not in PRECISIONS:
-        raise InputError(f"precision expected one of {list(PRECISIONS)}, got {precision!r}; "
-                         "int8 activations run through quant='w8a8'-style specs, not here")
+        raise InputError(f"precision expected one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "f32":
         return []
     if target != "cpu":
@@ -127,7 +129,8 @@ def _lower_precision(module: Module, precision: str, target: str, device: Any) -
                          f"{target} backend computes in the model's own types: drop precision")
     from .ir.dialects.kernel import FusedOp  # noqa: PLC0415
 
-    marked, note = mark_bf16([op for op in module.ops if isinstance(op, FusedOp)], device)
+    marked, note = mark_precision([op for op in module.ops if isinstance(op, FusedOp)], device,
+                                  precision)
     if note:
         warnings.warn(note, stacklevel=3)
     return marked

@@ -1,6 +1,6 @@
-"""compile(precision="bf16"): linear layers on AMX tiles, checked against torch at the bf16
-tolerance, reported, saved and loaded; a CPU without AMX keeps f32 and says so; an artifact
-with AMX kernels refuses a process that Linux denies the tile state."""
+"""compile(precision="bf16" | "int8"): linear layers on AMX tiles, checked against torch at
+the precision's tolerance, reported, saved and loaded; a CPU without AMX keeps f32 and says
+so; an artifact with AMX kernels refuses a process that Linux denies the tile state."""
 from __future__ import annotations
 
 import warnings
@@ -11,13 +11,15 @@ import torch
 
 import bitsmith
 from bitsmith.codegen.template import Target
-from bitsmith.codegen.tvm.amx import has_amx_bf16
+from bitsmith.codegen.tvm.amx import has_amx, has_amx_bf16
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.errors import ArtifactError, InputError
 from bitsmith.runtime.host import request_amx
 
 AMX = has_amx_bf16(host_target()) and request_amx()
 needs_amx = pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-BF16 (and Linux 5.16+)")
+needs_amx_int8 = pytest.mark.skipif(not (AMX and has_amx(host_target(), "int8")),
+                                    reason="needs a CPU with AMX-INT8 (and Linux 5.16+)")
 
 
 class Block(torch.nn.Module):
@@ -65,10 +67,34 @@ def test_bf16_model_matches_torch_reports_and_round_trips(tmp_path) -> None:
     assert np.abs(f32_got - want).max() < np.abs(got - want).max()
 
 
-@needs_amx
-def test_nan_and_inf_in_the_input_reach_the_output_as_torchs() -> None:
+@needs_amx_int8
+def test_int8_model_matches_torch_within_its_bound_and_reports_it() -> None:
+    """Rows of activations quantized as the model runs, weights per channel: the check holds
+    it to the int8 bound, the report says so, and the error is int8's, not bf16's."""
     model, x = _model()
-    cm = bitsmith.compile(model, (x,), precision="bf16")
+    cm = bitsmith.compile(model, (x,), precision="int8")
+    assert "allowed 0.08 in int8" in (cm.checked or "")
+    steps = cm.artifact.manifest.plan["steps"]
+    assert sum(s["template"] == "dense_int8_amx" for s in steps) == 2
+    assert {"amx_tile", "amx_int8"} <= set(cm.artifact.manifest.requires["isa"])
+    assert "precision: int8 (int32 sums) in 2 of" in cm.report()
+    error = cm.artifact.manifest.metadata["precision"]["error"]
+    bf16 = bitsmith.compile(model, (x,), precision="bf16")
+    assert bf16.artifact.manifest.metadata["precision"]["error"] < error < 8e-2
+    with torch.no_grad():
+        big = torch.randn(2, 19, 45) * 30  # inputs unlike the example's: scales follow them
+        want = model(big).numpy()
+    got = np.asarray(cm.executor.run(big.numpy())[0])
+    assert np.abs(got - want).max() <= 8e-2 * np.abs(want).max()
+
+
+@needs_amx
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_nan_and_inf_in_the_input_reach_the_output_as_torchs(precision: str) -> None:
+    if precision == "int8" and not has_amx(host_target(), "int8"):
+        pytest.skip("needs a CPU with AMX-INT8")
+    model, x = _model()
+    cm = bitsmith.compile(model, (x,), precision=precision)
     x = x.clone()
     x[0, 3, 7], x[1, 5, 0] = float("nan"), float("inf")
     with torch.no_grad():
@@ -77,7 +103,8 @@ def test_nan_and_inf_in_the_input_reach_the_output_as_torchs() -> None:
     assert (np.isnan(got) == np.isnan(want)).all()
     finite = np.isfinite(want)
     assert (np.isinf(got) == np.isinf(want)).all()
-    assert np.abs(got[finite] - want[finite]).max() <= 3e-2 * np.abs(want[finite]).max()
+    bound = 8e-2 if precision == "int8" else 3e-2
+    assert np.abs(got[finite] - want[finite]).max() <= bound * np.abs(want[finite]).max()
 
 
 def test_a_cpu_without_amx_keeps_f32_and_says_so(monkeypatch) -> None:
@@ -87,7 +114,7 @@ def test_a_cpu_without_amx_keeps_f32_and_says_so(monkeypatch) -> None:
                    isa=tuple(f for f in host_target().isa if not f.startswith("amx")),
                    attrs=host_target().attrs)
     monkeypatch.setattr(build, "host_target", lambda: plain)
-    assert not templates_amx.has_amx_bf16(plain)
+    assert not templates_amx.has_amx(plain, "bf16")
     model, x = _model()
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
@@ -100,8 +127,8 @@ def test_a_cpu_without_amx_keeps_f32_and_says_so(monkeypatch) -> None:
 
 def test_an_unknown_precision_is_refused() -> None:
     model, x = _model()
-    with pytest.raises(InputError, match=r"precision expected one of \['f32', 'bf16'\], got "
-                                         r"'fp8'"):
+    with pytest.raises(InputError, match=r"precision expected one of \['f32', 'bf16', 'int8'\], "
+                                         r"got 'fp8'"):
         bitsmith.compile(model, (x,), precision="fp8")
 
 

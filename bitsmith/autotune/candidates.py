@@ -30,6 +30,11 @@ RTOL_BF16 = 2e-2
 """The same for a kernel computed in bf16 (`kernel.fused {precision = "bf16"}`): operands
 rounded to 8 significant bits, products summed in f32; measured about 3e-3 on K = 768-3072
 dot products of normal values, a wrong kernel is off by O(1)."""
+RTOL_INT8 = 4e-2
+"""The same for a kernel computed in int8 (`kernel.fused {precision = "int8"}`): rows of
+activations and weight columns each rounded to 8 bits on their own scale, exact int32 sums;
+measured about 1e-2 on K = 200-3072 dot products of normal values."""
+RTOL_PRECISION = {"bf16": RTOL_BF16, "int8": RTOL_INT8}
 
 
 def kernel_text(op: FusedOp) -> str:
@@ -139,15 +144,15 @@ def random_array(type: Any, bindings: dict[str, int], rng: np.random.Generator) 
 def mismatch(got: list[np.ndarray], want: list[np.ndarray],
              precision: str | None = None) -> str | None:
     """Why the outputs `got` are not the interpreter's `want`, or None when they are; a kernel
-    of `precision` "bf16" is held to RTOL_BF16."""
+    of `precision` "bf16" or "int8" is held to RTOL_PRECISION's bound."""
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if g.shape != w.shape:
             return f"wrong result: output {i} has shape {g.shape}, expected {w.shape}"
         if w.dtype.kind == "f":
             scale = max(float(np.abs(w).max(initial=0.0)), 1e-6)
             err = float(np.abs(g.astype(np.float64) - w).max(initial=0.0)) / scale
-            tol = (RTOL_BF16 if precision == "bf16" else RTOL_F16 if w.dtype == np.float16
-                   else RTOL)
+            tol = RTOL_PRECISION.get(precision or "f32",
+                                     RTOL_F16 if w.dtype == np.float16 else RTOL)
             if not err < tol:
                 return f"wrong result: output {i} relative error {err:.2e} > {tol:g}"
         elif not np.array_equal(g, w):

@@ -39,9 +39,11 @@ def add_parsers(sub: Any) -> None:
                       help="tune kernels not in the cache first: trials (200) or time (10m)")
     comp.add_argument("--quant", metavar="SPEC",
                       help="quantize linear weights: w4g128, w3g128:gptq, f6e3m2g64, ...")
-    comp.add_argument("--precision", choices=("f32", "bf16"), default="f32",
-                      help="bf16: linear layers in bf16 with f32 accumulation on the CPU's "
-                           "AMX tiles (a CPU without them keeps f32 and says so)")
+    comp.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32",
+                      help="bf16: linear layers and convs in bf16 with f32 accumulation on "
+                           "the CPU's AMX tiles; int8: in int8 (activations quantized per row "
+                           "at run time, weights per channel), int32 sums (a CPU without "
+                           "them keeps f32 and says so)")
     comp.add_argument("--calib", metavar="DATA.npz",
                       help="calibration inputs for --quant: one array per model input, in "
                            "input order (arr_0, arr_1, ... or the input names), samples on "

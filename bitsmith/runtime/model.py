@@ -90,7 +90,9 @@ class CompiledModel:
         error = info.get("error")
         said = (f"; largest error against torch's f32 on the example inputs {error:.1e} of the "
                 f"output's largest magnitude" if isinstance(error, (int, float)) else "")
-        return [f"precision: {info.get('mode')} (f32 accumulation) in {len(kernels)} of "
+        mode = info.get("mode")
+        sums = "int32 sums" if mode == "int8" else "f32 accumulation"
+        return [f"precision: {mode} ({sums}) in {len(kernels)} of "
                 f"{len(steps)} kernels{said}", *(f"  {k}: {info.get('mode')}" for k in kernels)]
 
     def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:

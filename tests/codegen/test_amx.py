@@ -1,5 +1,5 @@
-"""The AMX bf16 GEMM kernel against numpy (on a CPU with AMX), and its bf16 rounding against
-torch's."""
+"""The AMX GEMM kernels against numpy (on a CPU with AMX): bf16 with its rounding against
+torch's, int8 against the exact integer arithmetic it stands for."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,10 +13,15 @@ from bitsmith.codegen.tvm.amx import (
     bf16_bits,
     from_bf16_bits,
     gemm_bf16,
+    gemm_int8,
+    has_amx,
     has_amx_bf16,
     pack_bf16_panels,
+    pack_int8_panels,
+    quantize_int8,
 )
 from bitsmith.codegen.tvm.target import host_target
+from bitsmith.errors import CodegenError
 from bitsmith.runtime.host import request_amx
 from bitsmith.runtime.tvm_runtime import tvm
 
@@ -65,13 +70,65 @@ def test_amx_gemm_matches_the_bf16_rounded_product(m: int, k: int, n: int) -> No
     assert np.abs(got[finite] - want[finite]).max() <= 1e-5 * scale
 
 
-@pytest.mark.skipif(not (has_amx_bf16(host_target()) and request_amx()),
-                    reason="needs a CPU with AMX-BF16 and Linux's tile permission")
+def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of x as the kernel quantizes them: codes (int64) and scales; NaN scale where a
+    row is not finite."""
+    finite = np.isfinite(x).all(axis=1)
+    big = np.maximum(np.abs(np.where(finite[:, None], x, 0)).max(axis=1), 1e-30)
+    codes = np.rint(np.where(finite[:, None], x, 0) * (np.float32(127) / big)[:, None])
+    return codes.astype(np.int64), np.where(finite, big / np.float32(127), np.nan)
+
+
+@pytest.mark.skipif(not (has_amx(host_target(), "int8") and request_amx()),
+                    reason="needs a CPU with AMX-INT8 and Linux's tile permission")
+@pytest.mark.parametrize("m, k, n", [(100, 300, 70), (1, 64, 32), (64, 768, 96), (33, 21, 5)])
+def test_amx_int8_gemm_is_the_exact_integer_product_scaled(m: int, k: int, n: int) -> None:
+    """Each row of x on its own scale, W per column, int32 sums, one scaling: equal to that
+    arithmetic done exactly in numpy (to f32 rounding of the scaling); a row holding NaN or
+    an infinity is a NaN row; the rest stay within 2% of the f32 product."""
+    x = (RNG.standard_normal((m, k)) * RNG.uniform(0.01, 100, (m, 1))).astype(np.float32)
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    if m > 2:
+        x[0, 3], x[2, 0] = np.inf, np.nan
+        x[1] = 0.0  # an all-zero row: zero out
+    ex = tvm.compile(tvm.IRModule({"main": gemm_int8((m, k), n)}),
+                     target=amx_tvm_target(host_target()))
+    up = lambda v: -(-v // 32) * 32  # noqa: E731
+    out = tvm.runtime.empty((up(m), up(n)), "float32")
+    ex["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_int8_panels(w)), out)
+    got = out.numpy()[:m, :n]
+    codes, scale = _int8_rows(x)
+    w_codes, w_scale = quantize_int8(w)
+    assert np.abs(w_codes).max() <= 127
+    sums = codes @ w_codes.astype(np.int64).T
+    want = sums.astype(np.float64) * scale[:, None] * w_scale[None, :].astype(np.float64)
+    bad = ~np.isfinite(x).all(axis=1)
+    assert np.isnan(got[bad]).all() and np.isfinite(got[~bad]).all()
+    ok = ~bad
+    assert np.abs(got[ok] - want[ok]).max() <= 1e-5 * np.abs(want[ok]).max()
+    exact = x[ok].astype(np.float64) @ w.astype(np.float64).T
+    assert np.abs(got[ok] - exact).max() <= 2e-2 * np.abs(exact).max()
+    if m > 2:
+        assert (got[1] == 0).all()
+
+
+def test_an_int8_weight_must_be_finite() -> None:
+    w = np.ones((4, 8), np.float32)
+    w[1, 2] = np.nan
+    with pytest.raises(CodegenError, match="must be finite"):
+        pack_int8_panels(w)
+    assert not has_amx(Target(kind="llvm", isa=("amx_bf16", "amx_tile"), cores=2), "int8")
+
+
+@pytest.mark.skipif(not (has_amx_bf16(host_target()) and has_amx(host_target(), "int8")
+                         and request_amx()),
+                    reason="needs a CPU with AMX-BF16, AMX-INT8 and Linux's tile permission")
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("which", ["linear", "conv"])
-def test_amx_templates_every_config_against_the_interpreter(which: str) -> None:
-    """Both AMX templates, both work orders with and without row groups, on sizes no block
-    divides (75 rows,
-    a 3x3 conv with stride 2 and 5 input channels), a bias and an epilogue."""
+def test_amx_templates_every_config_against_the_interpreter(which: str, precision: str) -> None:
+    """Both AMX templates of both precisions, both work orders with and without row groups,
+    on sizes no block divides (75 rows, a 3x3 conv with stride 2 and 5 input channels), a
+    bias and an epilogue."""
     from bitsmith import ir, passes
     from bitsmith.codegen.template import TEMPLATES, Config
     from bitsmith.ir.interpreter import kernel_calls
@@ -88,7 +145,7 @@ def test_amx_templates_every_config_against_the_interpreter(which: str) -> None:
             %3 = "graph.gelu"(%2) {{approximate = "none"}} : ({o}) -> {o}
             "func.return"(%3) : ({o}) -> ()"""
         weights = {"w": RNG.standard_normal((70, 150)), "b": RNG.standard_normal(70)}
-        name = "dense_bf16_amx"
+        name = f"dense_{precision}_amx"
     else:
         x, w, o = "tensor<2x13x11x5xf32>", "tensor<3x3x5x40xf32>", "tensor<2x7x6x40xf32>"
         body = f"""
@@ -99,12 +156,12 @@ def test_amx_templates_every_config_against_the_interpreter(which: str) -> None:
             %3 = "graph.relu"(%2) : ({o}) -> {o}
             "func.return"(%3) : ({o}) -> ()"""
         weights = {"w": RNG.standard_normal((3, 3, 5, 40)), "b": RNG.standard_normal(40)}
-        name = "conv_gemm_bf16_amx"
+        name = f"conv_gemm_{precision}_amx"
     module = ir.parse(func(f"%x: {x}", o, body),
                       weights={k: v.astype(np.float32) for k, v in weights.items()})
     passes.run(module, "canonicalize,fuse")
     (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
-    kernel.attributes["precision"] = "bf16"
+    kernel.attributes["precision"] = precision
     template = TEMPLATES[name]
     configs = [Config({"ORDER": order, "ROW_GROUP": group}) for order in ("nm", "mn")
                for group in (0, 2)]

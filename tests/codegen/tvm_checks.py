@@ -7,7 +7,7 @@ import numpy as np
 import tvm
 
 from bitsmith import ir, passes
-from bitsmith.autotune.candidates import RTOL_BF16
+from bitsmith.autotune.candidates import RTOL_PRECISION
 from bitsmith.codegen.template import Config
 from bitsmith.codegen.tvm.amx import amx_tvm_target
 from bitsmith.codegen.tvm.lower import compile_funcs
@@ -56,9 +56,9 @@ def run_kernel(kernel: ir.Operation, arrays: list[np.ndarray], ctx: EvalContext,
     want = kernel.evaluate(ctx, *arrays)
     name, outs = build_and_run(kernel, arrays, want, config, built_before)
     assert template is None or name == template, (name, template)
-    try:  # a kernel marked bf16 rounds its operands: the tuner's bound for it
-        assert_outputs_match(outs, want, RTOL_BF16 if kernel.attributes.get("precision")
-                             == "bf16" else RTOL)
+    try:  # a kernel marked bf16 or int8 rounds its operands: the tuner's bound for it
+        assert_outputs_match(outs, want,
+                             RTOL_PRECISION.get(kernel.attributes.get("precision"), RTOL))
     except AssertionError as exc:
         raise AssertionError(f"{kernel.kernel_name} ({name}): {exc}") from None
     return name

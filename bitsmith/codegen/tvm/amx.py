@@ -18,13 +18,14 @@ workspace by the kernel itself.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tvm
 from tvm import te
 from tvm.script import tirx as T
 
+from ...errors import CodegenError
 from ..template import Target
 
 TILE = 16  # rows of a tile; 16 f32 or 32 bf16 per 64-byte row
@@ -36,6 +37,13 @@ def has_amx_bf16(target: Target) -> bool:
     """Whether the target CPU has the AMX tile unit with bf16 dot products (and AVX512-BF16,
     which rounds the activations; every CPU with AMX-BF16 has it)."""
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(target.isa)
+
+
+def has_amx(target: Target, precision: str) -> bool:
+    """Whether the target runs the AMX kernels of `precision` ("bf16" or "int8")."""
+    if precision == "int8":
+        return {"amx_tile", "amx_int8"} <= set(target.isa)
+    return has_amx_bf16(target)
 
 
 def amx_attrs() -> list[str]:
@@ -94,6 +102,13 @@ def _c_tile(acc: Any, rb: Any, p: Any, stride: int, t: int) -> Any:
         T.int64(stride * 4)))
 
 
+def _i32_tile(sums: Any, t: int) -> Any:
+    """Store int32 accumulator tile t (of 4: 2 x 2) into the local 32 x 32 block `sums`."""
+    return T.evaluate(T.call_llvm_intrin(
+        "void", "llvm.x86.tilestored64", T.int8(t),
+        T.address_of(sums[(t // 2) * TILE, (t % 2) * TILE]), T.int64(BLOCK * 4)))
+
+
 def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
     """x[row i, column c] of an x whose leading dims `lead` are flattened into rows."""
     idx = []
@@ -113,55 +128,148 @@ def _plain_rows(x_shape: tuple[Any, ...]) -> tuple[int, int, int, Callable[..., 
     return m, 1, k, lambda x, i, g, c: _row(x, lead, i, c)
 
 
+class Kind(NamedTuple):
+    """What one AMX dot-product flavour needs: the operands' storage, the reduction step a
+    64-byte tile row holds, the values a 4-byte group packs, the instruction."""
+
+    storage: str
+    step: int
+    group: int
+    instr: str
+
+
+KINDS = {"bf16": Kind("uint16", 32, 2, "tdpbf16ps"), "int8": Kind("int8", 64, 4, "tdpbssd")}
+"""bf16: `tdpbf16ps` (bf16 pairs, f32 sums); int8: `tdpbssd` (signed bytes in fours, int32
+sums)."""
+
+
 def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
               w_shape: tuple[Any, ...] | None = None,
               rows: tuple[int, int, int, Callable[..., Any]] | None = None,
               row_group: int = 0) -> tvm.tirx.PrimFunc:
     """acc[mp, np] (f32, rows and columns padded to 32) = bf16(x) @ bf16(W)^T, for an x of
     static shape (..., k) whose leading dims are the rows, and W packed by
-    `pack_bf16_panels`. `order`: the (panel, row block) tasks panel-major ("nm": a core's
-    consecutive tasks share the weight panel) or row-major ("mn": they share the rows).
-    `x_shape` and `w_shape` may be a tensor's own shape expressions: the parameters are
-    declared with those very objects (what `te.extern` checks). `rows` = (m, groups, inner,
-    read) makes the GEMM's left operand m rows of `groups` runs of `inner` values,
-    `read(x, row, group, i)` (a convolution's windows: a run is one kernel position's input
-    channels, contiguous in x) rather than x's own rows. Work items (the parallel grain) are
-    one 32-column panel x `row_group` blocks of 32 rows (0: every row)."""
+    `pack_bf16_panels`; see `gemm`."""
+    return gemm("bf16", x_shape, n, order, w_shape, rows, row_group)
+
+
+def gemm_int8(x_shape: tuple[Any, ...], n: int, order: str = "nm",
+              w_shape: tuple[Any, ...] | None = None,
+              rows: tuple[int, int, int, Callable[..., Any]] | None = None,
+              row_group: int = 0) -> tvm.tirx.PrimFunc:
+    """acc[mp, np] (f32) = dequantized int8(x) @ int8(W)^T: each row of x quantized by the
+    kernel to int8 on its own scale (max |x| / 127, symmetric, round to nearest even), W
+    packed by `pack_int8_panels` (int8 per output column, its scales in the panel's last
+    group row); int32 sums, scaled once per output. A row holding NaN or an infinity gives a
+    NaN row. See `gemm`."""
+    return gemm("int8", x_shape, n, order, w_shape, rows, row_group)
+
+
+def _lanes_max(v: Any, lanes: Any) -> Any:
+    """TIR: the largest of a local vector's `lanes` values (a left fold)."""
+    out = v[0]
+    for j in range(1, lanes):
+        out = T.max(out, v[j])
+    return out
+
+
+def _lanes_sum(v: Any, lanes: Any) -> Any:
+    out = v[0]
+    for j in range(1, lanes):
+        out = out + v[j]
+    return out
+
+
+def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa: C901
+         w_shape: tuple[Any, ...] | None = None,
+         rows: tuple[int, int, int, Callable[..., Any]] | None = None,
+         row_group: int = 0) -> tvm.tirx.PrimFunc:
+    """The AMX GEMM of `kind` ("bf16" or "int8", `KINDS`) writing acc[mp, np] (f32, rows and
+    columns padded to 32), for an x of static shape (..., k) whose leading dims are the rows.
+    `order`: the (panel, row block) tasks panel-major ("nm": a core's consecutive tasks share
+    the weight panel) or row-major ("mn": they share the rows). `x_shape` and `w_shape` may
+    be a tensor's own shape expressions: the parameters are declared with those very objects
+    (what `te.extern` checks). `rows` = (m, groups, inner, read) makes the GEMM's left
+    operand m rows of `groups` runs of `inner` values, `read(x, row, group, i)` (a
+    convolution's windows: a run is one kernel position's input channels, contiguous in x)
+    rather than x's own rows. Work items (the parallel grain) are one 32-column panel x
+    `row_group` blocks of 32 rows (0: every row)."""
+    spec = KINDS[kind]
+    int8 = kind == "int8"
     m, groups, inner, read = rows or _plain_rows(x_shape)
     k = groups * inner
-    mp, np_, kp = _up(m, BLOCK), _up(n, BLOCK), _up(k, BLOCK)
-    panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // BLOCK
+    mp, np_, kp = _up(m, BLOCK), _up(n, BLOCK), _up(k, spec.step)
+    panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // spec.step
     x_dims = tuple(x_shape)
-    w_dims = tuple(w_shape) if w_shape is not None else (panels, kp // 2, BLOCK, 2)
+    w_rows = kp // spec.group + (1 if int8 else 0)  # int8: a last row of column scales
+    w_dims = tuple(w_shape) if w_shape is not None else (panels, w_rows, BLOCK, spec.group)
     panel_major = order == "nm"
     group = min(row_group or blocks, blocks)
     row_groups = -(-blocks // group)
+    whole, rest = inner // CVT, inner % CVT
+    row_bytes = kp * 4 // spec.group  # of the left operand's rows (bf16: 2 bytes, int8: 1)
 
     @T.prim_func
-    def main(x: T.Buffer(x_dims, "float32"), w: T.Buffer(w_dims, "uint16"),
-             acc: T.Buffer((mp, np_), "float32")) -> None:
+    def main(x: T.Buffer(x_dims, "float32"),  # noqa: C901 - TVMScript: its ifs are TIR's
+             w: T.Buffer(w_dims, spec.storage), acc: T.Buffer((mp, np_), "float32")) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        xa = T.decl_buffer((mp, kp), "uint16")
-        for i in T.parallel(mp):  # the left operand in bf16, zero-padded to whole blocks
-            if i < m:
+        xa = T.decl_buffer((mp, kp), spec.storage)
+        sx = T.decl_buffer((mp,), "float32")
+        # the column scales: f32 over the packed weight's bytes, panel p's at p * w_rows + last
+        ws = T.decl_buffer((panels * w_rows * BLOCK,), "float32", data=w.data)
+        for i in T.parallel(mp):  # the left operand in bf16 / int8, zero-padded to blocks
+            if i < m and not int8:
                 for g in range(groups):
-                    for c in range(inner // CVT):  # vcvtneps2bf16: 16 values at a time
+                    for c in range(whole):  # vcvtneps2bf16: 16 values at a time
                         xa[i, T.Ramp(g * inner + c * CVT, 1, CVT)] = T.call_llvm_pure_intrin(
                             f"uint16x{CVT}", "llvm.x86.avx512bf16.cvtneps2bf16.512",
                             read(x, i, g, T.Ramp(c * CVT, 1, CVT)))
-                    for c in range(inner % CVT):
-                        xa[i, g * inner + inner // CVT * CVT + c] = _to_bf16(
-                            read(x, i, g, inner // CVT * CVT + c))
+                    for c in range(rest):
+                        xa[i, g * inner + whole * CVT + c] = _to_bf16(
+                            read(x, i, g, whole * CVT + c))
                 for c in range(kp - k):
                     xa[i, k + c] = T.uint16(0)
+            elif i < m:  # int8: the row's scale, then its codes
+                big = T.decl_buffer((CVT,), "float32", scope="local")
+                bad = T.decl_buffer((CVT,), "float32", scope="local")
+                for j in range(CVT):
+                    big[j] = T.float32(0)
+                    bad[j] = T.float32(0)
+                for g in range(groups):
+                    for c in range(whole):
+                        big[T.Ramp(0, 1, CVT)] = T.max(
+                            big[T.Ramp(0, 1, CVT)], T.abs(read(x, i, g, T.Ramp(c * CVT, 1, CVT))))
+                        bad[T.Ramp(0, 1, CVT)] = bad[T.Ramp(0, 1, CVT)] + read(
+                            x, i, g, T.Ramp(c * CVT, 1, CVT)) * T.Broadcast(T.float32(0), CVT)
+                    for c in range(rest):
+                        big[c] = T.max(big[c], T.abs(read(x, i, g, whole * CVT + c)))
+                        bad[c] = bad[c] + read(x, i, g, whole * CVT + c) * T.float32(0)
+                amax = T.max(_lanes_max(big, CVT), T.float32(1e-30))
+                finite = _lanes_sum(bad, CVT) == T.float32(0)  # x * 0 is NaN for NaN or inf
+                sx[i] = T.if_then_else(finite, amax / T.float32(127), T.float32("nan"))
+                inv = T.if_then_else(finite, T.float32(127) / amax, T.float32(0))
+                for g in range(groups):
+                    for c in range(whole):
+                        xa[i, T.Ramp(g * inner + c * CVT, 1, CVT)] = T.Cast(
+                            f"int8x{CVT}", T.nearbyint(T.if_then_else(
+                                finite, read(x, i, g, T.Ramp(c * CVT, 1, CVT)),
+                                T.Broadcast(T.float32(0), CVT)) * T.Broadcast(inv, CVT)))
+                    for c in range(rest):
+                        xa[i, g * inner + whole * CVT + c] = T.Cast("int8", T.nearbyint(
+                            T.if_then_else(finite, read(x, i, g, whole * CVT + c),
+                                           T.float32(0)) * inv))
+                for c in range(kp - k):
+                    xa[i, k + c] = T.int8(0)
             else:
+                sx[i] = T.float32(0)
                 for c in range(kp):
-                    xa[i, c] = T.uint16(0)
+                    xa[i, c] = T.Cast(spec.storage, 0)
         for item in T.parallel(panels * row_groups):
             # an item: one panel x a group of row blocks
             p = T.if_then_else(panel_major, item // row_groups, item % panels)
             g = T.if_then_else(panel_major, item % row_groups, item // panels)
             cfg = T.decl_buffer((64,), "uint8", scope="local")
+            sums = T.decl_buffer((BLOCK, BLOCK), "int32", scope="local")
             for b in range(64):
                 cfg[b] = T.uint8(0)
             cfg[0] = T.uint8(1)  # palette 1
@@ -175,33 +283,46 @@ def gemm_bf16(x_shape: tuple[Any, ...], n: int, order: str = "nm",
                 _tile("tilezero", T.int8(2))
                 _tile("tilezero", T.int8(3))
                 for s in range(steps):
-                    _tile("tileloadd64", T.int8(4), T.address_of(xa[rb * BLOCK, s * BLOCK]),
-                          T.int64(kp * 2))
+                    _tile("tileloadd64", T.int8(4),
+                          T.address_of(xa[rb * BLOCK, s * spec.step]), T.int64(row_bytes))
                     _tile("tileloadd64", T.int8(5),
-                          T.address_of(xa[rb * BLOCK + TILE, s * BLOCK]), T.int64(kp * 2))
+                          T.address_of(xa[rb * BLOCK + TILE, s * spec.step]), T.int64(row_bytes))
                     _tile("tileloadd64", T.int8(6), T.address_of(w[p, s * TILE, 0, 0]),
                           T.int64(BLOCK * 4))
                     _tile("tileloadd64", T.int8(7), T.address_of(w[p, s * TILE, TILE, 0]),
                           T.int64(BLOCK * 4))
-                    _tile("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6))
-                    _tile("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7))
-                    _tile("tdpbf16ps", T.int8(2), T.int8(5), T.int8(6))
-                    _tile("tdpbf16ps", T.int8(3), T.int8(5), T.int8(7))
-                _c_tile(acc, rb, p, np_, 0)
-                _c_tile(acc, rb, p, np_, 1)
-                _c_tile(acc, rb, p, np_, 2)
-                _c_tile(acc, rb, p, np_, 3)
+                    _tile(spec.instr, T.int8(0), T.int8(4), T.int8(6))
+                    _tile(spec.instr, T.int8(1), T.int8(4), T.int8(7))
+                    _tile(spec.instr, T.int8(2), T.int8(5), T.int8(6))
+                    _tile(spec.instr, T.int8(3), T.int8(5), T.int8(7))
+                if int8:  # int32 sums to a local block, scaled into acc
+                    _i32_tile(sums, 0)
+                    _i32_tile(sums, 1)
+                    _i32_tile(sums, 2)
+                    _i32_tile(sums, 3)
+                    for r in range(BLOCK):
+                        for c in range(BLOCK // CVT):
+                            acc[rb * BLOCK + r, T.Ramp(p * BLOCK + c * CVT, 1, CVT)] = (
+                                T.Cast(f"float32x{CVT}", sums[r, T.Ramp(c * CVT, 1, CVT)])
+                                * T.Broadcast(sx[rb * BLOCK + r], CVT)
+                                * ws[T.Ramp((p * w_rows + w_rows - 1) * BLOCK + c * CVT, 1,
+                                            CVT)])
+                else:
+                    _c_tile(acc, rb, p, np_, 0)
+                    _c_tile(acc, rb, p, np_, 1)
+                    _c_tile(acc, rb, p, np_, 2)
+                    _c_tile(acc, rb, p, np_, 3)
             _tile("tilerelease")
     return main
 
 
-def gemm_bf16_extern(x: Any, w: Any, n: int, order: str,
-                     rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-                     row_group: int = 0) -> Any:
-    """`gemm_bf16` as a `te.extern` over tensors x (..., k) f32 and w (the packed panels): the
-    padded f32 result tensor. The extern's buffers are the function's own parameters, so its
-    body is used as it is."""
-    func: Any = gemm_bf16(tuple(x.shape), n, order, tuple(w.shape), rows, row_group)
+def gemm_extern(kind: str, x: Any, w: Any, n: int, order: str,
+                rows: tuple[int, int, int, Callable[..., Any]] | None = None,
+                row_group: int = 0) -> Any:
+    """`gemm` of `kind` as a `te.extern` over tensors x (..., k) f32 and w (the packed
+    panels): the padded f32 result tensor. The extern's buffers are the function's own
+    parameters, so its body is used as it is."""
+    func: Any = gemm(kind, tuple(x.shape), n, order, tuple(w.shape), rows, row_group)
     bufs = list(func.params)  # TVM 0.27: a buffer parameter is its buffer
     out = te.extern([bufs[2].shape], [x, w], lambda ins, outs: func.body, dtype=["float32"],
                     in_buffers=bufs[:2], out_buffers=[bufs[2]], name="amx_gemm")
@@ -214,3 +335,34 @@ def amx_tvm_target(target: Target) -> tvm.target.Target:
     if target.mcpu:
         spec["mcpu"] = target.mcpu
     return tvm.target.Target(spec)
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weight rows [N, K] f32 -> (int8 codes [N, K], f32 scales [N]): each row on its own
+    symmetric scale max |w| / 127, rounded to nearest even (an all-zero row: scale 1)."""
+    w = np.asarray(w, np.float32)
+    big = np.abs(w).max(axis=1) if w.size else np.zeros(len(w), np.float32)
+    scale = np.where(big > 0, big / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def pack_int8_panels(weight: np.ndarray, transposed: bool = True) -> np.ndarray:
+    """[N, K] (transposed) or [K, N] f32 -> int8 panels [N/32, K/4 + 1, 32, 4]: each column
+    quantized by `quantize_int8`, its codes in groups of 4 along the reduction (K zero-padded
+    to a multiple of 64, N to 32), the panel's last group row holding its 32 column scales
+    as f32 bytes."""
+    w = weight if transposed else weight.T
+    if not np.isfinite(w).all():
+        raise CodegenError("an int8 weight must be finite: this one holds NaN or an "
+                           "infinity; compile it with precision='bf16' or 'f32'")
+    n, k = w.shape
+    codes, scale = quantize_int8(w)
+    npad, kpad = _up(n, BLOCK), _up(k, KINDS["int8"].step)
+    full = np.zeros((npad, kpad), np.int8)
+    full[:n, :k] = codes
+    scales = np.ones(npad, np.float32)
+    scales[:n] = scale
+    panels = full.reshape(-1, BLOCK, kpad // 4, 4).transpose(0, 2, 1, 3)  # [P, K/4, 32, 4]
+    tail = scales.reshape(-1, 1, BLOCK).view(np.int8).reshape(-1, 1, BLOCK, 4)
+    return np.ascontiguousarray(np.concatenate([panels, tail], axis=1))

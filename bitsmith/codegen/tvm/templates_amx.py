@@ -1,11 +1,14 @@
-"""`dense_bf16_amx`: a linear layer in bf16 on the AMX tile unit, for kernels that
-`compile(precision="bf16")` marked (`kernel.fused {precision = "bf16"}`).
+"""Linear layers and convolutions on the AMX tile unit, in bf16 (`dense_bf16_amx`,
+`conv_gemm_bf16_amx`) or int8 (`dense_int8_amx`, `conv_gemm_int8_amx`), for kernels that
+`compile(precision=...)` marked (`kernel.fused {precision = "bf16"}` or `"int8"`).
 
-The contraction is `amx.gemm_bf16` (x rounded to bf16 by the kernel, the weight packed to bf16
-panels at compile time, f32 accumulation) as a `te.extern` writing a padded f32 tile buffer;
-the rest of the kernel (bias, activation, residual, reshapes) is the generic lowering reading
-it, scheduled like any elementwise block. Static shapes only; a host without AMX-BF16 never
-gets these kernels (`compile` keeps such models in f32 and says so).
+The contraction is `amx.gemm` (bf16: x rounded to bf16 by the kernel, the weight packed to
+bf16 panels at compile time, f32 accumulation; int8: each row of x quantized by the kernel on
+its own scale, the weight per output channel at compile time, int32 accumulation scaled once)
+as a `te.extern` writing a padded f32 tile buffer; the rest of the kernel (bias, activation,
+residual, reshapes) is the generic lowering reading it, scheduled like any elementwise block.
+Static shapes only; a host without the AMX flavour never gets these kernels (`compile` keeps
+such models in f32 and says so).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from ...ir import Operation
 from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
 from ...ir.dialects.kernel import FusedOp
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
-from .amx import BLOCK, gemm_bf16_extern, has_amx_bf16, pack_bf16_panels
+from .amx import BLOCK, KINDS, gemm_extern, has_amx, pack_bf16_panels, pack_int8_panels
 from .lower import Lowering, lower_kernel
 from .schedule import auto_schedule
 from .target import vector_lanes
@@ -47,8 +50,13 @@ def amx_default(problem: Problem, target: Target) -> Config:
     return Config({"ORDER": "nm", "ROW_GROUP": group})
 
 
+PACKS = {"bf16": pack_bf16_panels, "int8": pack_int8_panels}
+"""How each AMX flavour packs a weight [N, K] (transposed) or [K, N]."""
+
+
 class _Amx(TvmTemplate):
-    """What the AMX templates share: bf16 kernels of static rows, work-item knobs."""
+    """What the AMX templates share: kernels of static rows in `precision` ("bf16" or
+    "int8", `amx.KINDS`), work-item knobs."""
 
     space = KnobSpace(Knob("ORDER", ("nm", "mn")), Knob("ROW_GROUP", (0, 1, 2, 4, 8)))
     """ROW_GROUP: blocks of 32 rows per work item (0: every row)."""
@@ -66,12 +74,24 @@ class _Amx(TvmTemplate):
     def default_config(self, problem: Problem, target: Target) -> Config:
         return amx_default(problem, target)
 
-    @staticmethod
-    def packed(problem: Problem) -> te.Tensor:
-        """The weight's placeholder: bf16 bits in [N/32, K/2, 32, 2] panels."""
-        up = lambda v: -(-v // BLOCK) * BLOCK  # noqa: E731
-        return te.placeholder((up(int(problem["N"])) // BLOCK, up(int(problem["K"])) // 2,
-                               BLOCK, 2), "uint16", name="packed")
+    def check_target(self, target: Target) -> None:
+        if not has_amx(target, self.precision):
+            raise ValueError(f"{self.name} needs a CPU with AMX ({self.precision}); the target "
+                             f"has {', '.join(target.isa) or 'no extensions'}")
+
+    def packed(self, problem: Problem) -> te.Tensor:
+        """The weight's placeholder: `amx.PACKS`' panels (bf16: bits in [N/32, K/2, 32, 2];
+        int8: codes in [N/32, K/4 + 1, 32, 4], the last row the column scales)."""
+        kind = KINDS[self.precision]
+        k = -(-int(problem["K"]) // kind.step) * kind.step
+        rows = k // kind.group + (1 if self.precision == "int8" else 0)
+        return te.placeholder((-(-int(problem["N"]) // BLOCK), rows, BLOCK, kind.group),
+                              kind.storage, name="packed")
+
+    def pack(self, matrix: Any, transposed: bool) -> tuple[str, Any]:
+        """The weight's packing: its layout name and function (of the stored weight)."""
+        fn = PACKS[self.precision]
+        return f"amx_{self.precision}_panels", lambda w: fn(matrix(w), transposed)
 
     def finish(self, problem: Problem, config: Config, target: Target, anchor: Operation,
                rule: Any, packed: te.Tensor, pack: tuple[str, Any]) -> TvmKernel:
@@ -83,7 +103,7 @@ class _Amx(TvmTemplate):
         sch = s_tir.Schedule(func)
         auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
         return TvmKernel(sch.mod["main"], self.name, config, packs={w_index: pack},
-                         isa=("amx_bf16", "amx_tile"))
+                         isa=(f"amx_{self.precision}", "amx_tile"))
 
 
 @register_template
@@ -94,9 +114,7 @@ class DenseBf16Amx(_Amx, Dense):
     version = 1
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        if not has_amx_bf16(target):
-            raise ValueError(f"{self.name} needs a CPU with AMX-BF16; the target has "
-                             f"{', '.join(target.isa) or 'no extensions'}")
+        self.check_target(target)
         kernel: FusedOp = problem.kernel_op
         anchor = next(o for o in kernel.body_ops
                       if isinstance(o, (LinearOp, MatmulOp)) or pointwise_conv(o))
@@ -108,7 +126,7 @@ class DenseBf16Amx(_Amx, Dense):
             x = args[0]
             lead = list(x.shape[:-1])
             trailing = [int(d) for d in lead[1:]]
-            acc = gemm_bf16_extern(x, packed, n, order, row_group=group)
+            acc = gemm_extern(self.precision, x, packed, n, order, row_group=group)
 
             def view(*i: Any) -> Any:
                 row = i[0]
@@ -119,9 +137,8 @@ class DenseBf16Amx(_Amx, Dense):
             if len(args) > 2:  # a linear's or a conv's bias
                 out = topi.add(out, args[2])
             return out
-        transposed = bool(problem["transposed"])
-        return self.finish(problem, config, target, anchor, rule, packed, (
-            "amx_bf16_panels", lambda w: pack_bf16_panels(as_matrix(w), transposed)))
+        return self.finish(problem, config, target, anchor, rule, packed,
+                           self.pack(as_matrix, bool(problem["transposed"])))
 
 
 @register_template
@@ -134,8 +151,7 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
     version = 1
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
-        if not has_amx_bf16(target):
-            raise ValueError(f"{self.name} needs a CPU with AMX-BF16")
+        self.check_target(target)
         kernel: FusedOp = problem.kernel_op
         conv = next(o for o in kernel.body_ops if isinstance(o, Conv2dOp))
         n = int(problem["N"])
@@ -152,7 +168,7 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
                 pix = i % (oh * ow)
                 return xb[i // (oh * ow), pix // ow * sh + g // kw * dh,
                           pix % ow * sw + g % kw * dw, ic]
-            acc = gemm_bf16_extern(xp, packed, n, order,
+            acc = gemm_extern(self.precision, xp, packed, n, order,
                                    rows=(batch * oh * ow, kh * kw, cin, window),
                                    row_group=group)
             out = compute(lo.shape(op.result.type),
@@ -160,29 +176,53 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
             if len(args) > 2:
                 out = topi.add(out, args[2])
             return out
-        return self.finish(problem, config, target, conv, rule, packed, (
-            "amx_bf16_conv_panels",
-            lambda w: pack_bf16_panels(w.reshape(-1, w.shape[-1]), False)))
+        return self.finish(problem, config, target, conv, rule, packed,
+                           self.pack(lambda w: w.reshape(-1, w.shape[-1]), False))
 
 
-PRECISIONS = ("f32", "bf16")
+@register_template
+class DenseInt8Amx(DenseBf16Amx):
+    """out = epilogue(dequant(int8(x) @ int8(W)^T) (+ bias)): each row of x on its own
+    scale (dynamic, per token), W per output channel, int32 sums, on AMX tiles."""
+
+    name = "dense_int8_amx"
+    version = 1
+    precision = "int8"
+
+
+@register_template
+class ConvGemmInt8Amx(ConvGemmBf16Amx):
+    """An NHWC convolution as an implicit GEMM on AMX tiles in int8: each output pixel's
+    window quantized on its own scale, the weight per output channel, int32 sums."""
+
+    name = "conv_gemm_int8_amx"
+    version = 1
+    precision = "int8"
+
+
+PRECISIONS = ("f32", "bf16", "int8")
 """What `compile(precision=)` takes."""
 
+TEMPLATES = {"bf16": (DenseBf16Amx(), ConvGemmBf16Amx()),
+             "int8": (DenseInt8Amx(), ConvGemmInt8Amx())}
 
-def mark_bf16(kernels: list[FusedOp], target: Target) -> tuple[list[str], str | None]:
-    """Mark every kernel the bf16 template computes (a linear layer or a matmul against a
-    weight, static shapes) `precision = "bf16"`; the names marked, and a one-line note when
-    this CPU cannot run them (nothing is marked: the model stays f32)."""
-    if not has_amx_bf16(target):
-        return [], ("precision='bf16': this CPU has no AMX-BF16 tile unit, so every kernel "
-                    "stays f32")
-    templates = (DenseBf16Amx(), ConvGemmBf16Amx())
+
+def mark_precision(kernels: list[FusedOp], target: Target,
+                   precision: str) -> tuple[list[str], str | None]:
+    """Mark every kernel an AMX template of `precision` ("bf16" or "int8") computes (a linear
+    layer, a matmul against a weight or an NHWC convolution, static shapes)
+    `precision = ...`; the names marked, and a one-line note when this CPU cannot run them
+    (nothing is marked: the model stays f32)."""
+    if not has_amx(target, precision):
+        unit = "AMX-BF16" if precision == "bf16" else "AMX-INT8"
+        return [], (f"precision={precision!r}: this CPU has no {unit} tile unit, so every "
+                    "kernel stays f32")
     marked = []
     for op in kernels:
         if op.attributes.get("precision") is not None:
             continue
-        op.attributes["precision"] = "bf16"
-        if all(t.match(op) is None for t in templates):
+        op.attributes["precision"] = precision
+        if all(t.match(op) is None for t in TEMPLATES[precision]):
             del op.attributes["precision"]
             continue
         marked.append(op.kernel_name)

@@ -17,9 +17,11 @@ KERNEL_KINDS = ("matmul", "conv", "attention", "reduction", "pool", "elementwise
                 "opaque")
 """What a kernel is, by its anchor op: codegen picks a template family from this."""
 
-KERNEL_PRECISIONS = ("f32", "bf16")
+KERNEL_PRECISIONS = ("f32", "bf16", "int8")
 """Arithmetic a kernel's contraction may run in below its f32 types (`compile(precision=)`):
-"bf16" rounds both operands to bf16 and accumulates in f32."""
+"bf16" rounds both operands to bf16 and accumulates in f32; "int8" quantizes each row of the
+activations on its own scale and the weight per output channel, sums in int32 and scales the
+sums back to f32."""
 
 
 @register_op
