@@ -74,6 +74,7 @@ class MeasureInput:
     config: str  # canonical JSON of the Config
     bindings: tuple[tuple[str, int], ...] = ()
     hot: bool = False  # time on one copy of the operands (the model fits in the cache)
+    target: str = ""  # the CPU target to build for (`target_json`); "" = this host's
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from .. import ir
 from ..codegen.template import TEMPLATES, CodegenError, Config
 from ..codegen.tvm.amx import amx_tvm_target
 from ..codegen.tvm.lower import compile_funcs
-from ..codegen.tvm.target import host_target, tvm_target
+from ..codegen.tvm.target import target_from_json, tvm_target
 from ..codegen.tvm.templates import TvmKernel
 from ..ir.dialects.kernel import FusedOp
 from ..ir.packing import to_storage
@@ -66,7 +66,7 @@ def _built(inp: MeasureInput, kernel: FusedOp) -> TvmKernel:
     if problem is None:
         raise CodegenError(f"template {inp.template} does not match kernel "
                            f"'{kernel.kernel_name}'")
-    return template.build(problem, Config(json.loads(inp.config)), host_target())
+    return template.build(problem, Config(json.loads(inp.config)), target_from_json(inp.target))
 
 
 def _guarded(fn: Any) -> Any:
@@ -84,7 +84,8 @@ def build_candidate(inp: MeasureInput) -> bytes:
     """Schedule and compile one candidate; the shared library's bytes."""
     kernel = _kernel_of(ir.parse(inp.kernel_ir))
     built = _built(inp, kernel)
-    target = amx_tvm_target(host_target()) if built.isa else tvm_target(host_target())
+    cpu = target_from_json(inp.target)
+    target = amx_tvm_target(cpu) if built.isa else tvm_target(cpu)
     executable = compile_funcs({"main": built.func}, kernel.kernel_name, target)
     with tempfile.TemporaryDirectory(prefix="bitsmith-tune-") as tmp:
         path = Path(tmp) / "kernel.so"

@@ -178,7 +178,8 @@ class Tuner:
                  cache: ArtifactCache | None = None, runner: Runner | None = None,
                  bindings: Mapping[str, int] | None = None, batch: int = 8, seed: int = 0,
                  search: str = "model", progress: bool = False,
-                 timing: str | None = None) -> None:
+                 timing: str | None = None,
+                 transfer: Sequence[Mapping[str, Any]] = ()) -> None:
         if search not in ("model", "random"):
             raise TuningError(f"search expected 'model' or 'random', got {search!r}")
         if timing not in (None, "hot", "cold"):
@@ -188,9 +189,16 @@ class Tuner:
             from ..codegen.tvm.target import host_target  # noqa: PLC0415 - needs TVM
             target = host_target()
         self.target = target
+        self._target_text = ""  # the host's CPU: the workers' own target
+        if target.kind == "llvm":
+            from ..codegen.tvm.target import host_target, target_json  # noqa: PLC0415
+            self._target_text = "" if target == host_target() else target_json(target)
         self.fingerprint = device_fingerprint(self.target)
         self.fp = fingerprint_hash(self.fingerprint)
         self.descriptors = device_descriptors(self.fingerprint)
+        # other devices (their fingerprints) whose measurements also train the cost model
+        self.transfer = [(fingerprint_hash(fp), device_descriptors(fp)) for fp in transfer
+                         if fingerprint_hash(fp) != self.fp]
         self.database = database or TuningDatabase(default_database_path())
         self.cache = cache or ArtifactCache()
         self._runner = runner
@@ -275,6 +283,12 @@ class Tuner:
              key)
             for key, template, problem, config, median
             in self.database.history(self.fp, versions, HISTORY, exclude=by_key)]
+        for fp, descriptors in self.transfer:  # every task, these ones too, on other devices
+            self._history += [
+                (features(template, problem, Config(json.loads(config)), descriptors), median,
+                 f"{key}@{fp}")
+                for key, template, problem, config, median
+                in self.database.history(fp, versions, HISTORY)]
         if self._history:  # earlier tasks on this device train the model the first round uses
             self._refit()
         scheduler = TaskScheduler([TaskState(t.key, len(t.kernels)) for t in tasks])
@@ -342,7 +356,8 @@ class Tuner:
             return [], []
         bindings = tuple(sorted(self.bindings.items()))
         inputs = [MeasureInput(task.kernel_ir, task.template.name, config_json(c), bindings,
-                               hot=task.timing == "hot") for c in configs]
+                               hot=task.timing == "hot", target=self._target_text)
+                  for c in configs]
         results = self.runner.run(inputs)
         records = []
         for config, result in zip(configs, results, strict=True):

@@ -213,6 +213,42 @@ def test_a_new_task_starts_from_what_earlier_tasks_on_this_device_taught(tmp_pat
     assert any((c["TILE_M"], c["TILE_N"]) == (2, 16) for c in round_one[1:])
 
 
+def test_another_devices_measurements_seed_the_model_only_when_asked(tmp_path) -> None:
+    """The same kernel tuned first for this CPU as an AVX2 machine (its candidates built for
+    that target), then for the host: with `transfer=[that device]` the host's first round
+    comes from a model trained on the AVX2 records (the fake runner's best shape is not a
+    neighbour of the default); without it, the host's database history is empty and its
+    model untrained. Records stay each device's own."""
+    from bitsmith.codegen.tvm.target import avx2_target, target_from_json
+
+    (task,) = [t for t in group_tasks(_kernels("bert"), host_target())
+               if t.template.name == "dense"][:1]
+    runner = FakeRunner()
+    with TuningDatabase(tmp_path / "db.sqlite3") as db:
+        cache = ArtifactCache(tmp_path / "cache")
+        other = Tuner(target=avx2_target(), database=db, cache=cache, runner=runner, batch=8,
+                      seed=1)
+        other.model_path = tmp_path / "avx2-model"
+        other.tune(task.kernels, 24)
+        assert all(target_from_json(c.target) == avx2_target() for c in runner.calls)
+        alone = Tuner(database=db, cache=ArtifactCache(tmp_path / "c2"), runner=FakeRunner(),
+                      batch=8, seed=1)
+        alone.model, alone.model_path = CostModel("rank:pairwise"), tmp_path / "m1"
+        alone._run(alone.tasks(task.kernels), Budget(trials=8))
+        assert alone._history == []
+        seeded = Tuner(database=db, cache=ArtifactCache(tmp_path / "c3"), runner=runner,
+                       batch=8, seed=1, transfer=[other.fingerprint])
+        seeded.model, seeded.model_path = CostModel("rank:pairwise"), tmp_path / "m2"
+        seeded.tune(task.kernels, 8)
+        assert seeded.model.trained and len(seeded._history) >= 24
+        assert all(key.endswith(f"@{other.fp}") for _, _, key in seeded._history)
+        assert len(db.records(seeded.tasks(task.kernels)[0].key, other.fp)) == 24
+    round_one = runner.calls[24:]
+    assert all(c.target == "" for c in round_one)  # the host's own candidates
+    configs = [json.loads(c.config) for c in round_one]
+    assert any((c["TILE_M"], c["TILE_N"]) == (2, 16) for c in configs[1:])
+
+
 def test_kernels_are_timed_hot_only_when_the_model_fits_in_the_last_level_cache() -> None:
     kernels = _kernels("mlp")
     need = working_set(kernels, {"B": 8})

@@ -176,6 +176,29 @@ def _positional(fn):  # te.compute refuses keyword-only/default arguments in fco
     return lambda *i: fn(*i)
 
 
+ROW_LANES = 16
+"""Partial results a row reduction keeps (`_row_reduce`): one vector of AVX-512's f32 lanes,
+two of AVX2's and four of NEON's."""
+
+
+def _row_reduce(x: te.Tensor, kind: str) -> te.Tensor:
+    """max or sum over x's last axis, keeping it as a unit dim. With a static last axis that
+    ROW_LANES divides, in two steps: `<kind>_lanes` reduces each row to ROW_LANES partials
+    (lane j takes every ROW_LANES-th element from j: the reduction a vector of them does), a
+    second block those partials; the attention template vectorises the first (TVM's rfactor
+    cannot, under the attention's loop)."""
+    *lead, n = shape_of(x)
+    reduce = te.max if kind == "max" else te.sum
+    if not isinstance(n, (int, tvm.tirx.IntImm)) or int(n) % ROW_LANES or \
+            int(n) == ROW_LANES:
+        return (topi.max if kind == "max" else topi.sum)(x, axis=len(lead), keepdims=True)
+    c: Any = te.reduce_axis((0, int(n) // ROW_LANES), name="c")
+    part = compute([*lead, ROW_LANES], lambda *i: reduce(x(*i[:-1], c * ROW_LANES + i[-1]),
+                                                         axis=c), name=f"{kind}_lanes")
+    j = te.reduce_axis((0, ROW_LANES), name="j")
+    return compute([*lead, 1], lambda *i: reduce(part(*i[:-1], j), axis=j), name=f"{kind}_row")
+
+
 @lowers("attention")
 def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
     """softmax(q k^T * scale + mask (+ causal)) v, with grouped-query heads."""
@@ -213,12 +236,12 @@ def lower_attention(op: Operation, args: list, lo: Lowering) -> te.Tensor:
                 s = s + m(*idx)
         return s
     scores = compute(score_shape, score, name="scores")
-    peak = topi.max(scores, axis=rank - 1, keepdims=True)
-    hidden = compute(peak.shape, lambda *i: peak(*i) == tvm.tirx.const(-math.inf, q.dtype))
+    peak = _row_reduce(scores, "max")
+    hidden = compute(shape_of(peak), lambda *i: peak(*i) == tvm.tirx.const(-math.inf, q.dtype))
     probs = compute(score_shape, lambda *i: tvm.tirx.Select(
         hidden(*i[:-1], 0), tvm.tirx.const(0.0, q.dtype),
         _exp(scores(*i) - peak(*i[:-1], 0), q.dtype, lo)), name="exp")
-    total = topi.sum(probs, axis=rank - 1, keepdims=True)
+    total = _row_reduce(probs, "sum")
     one = tvm.tirx.const(1.0, q.dtype)
     # normalised before P.V, so that the contraction's consumers need only its result
     normed = compute(score_shape, lambda *i: probs(*i) / tvm.tirx.Select(

@@ -49,6 +49,7 @@ from ..template import (
     register_template,
 )
 from .lower import Lowering, lower_kernel, tvm_dtype
+from .lower_nn import ROW_LANES
 from .schedule import (
     auto_schedule,
     block_name,
@@ -656,10 +657,20 @@ def _vectorize_over_keys(sch: s_tir.Schedule, qk: SBlockRV, outer: LoopRV,
 
 
 def _vectorize_softmax(sch: s_tir.Schedule, pv: SBlockRV, qk: SBlockRV, lanes: int) -> None:
-    """The softmax's elementwise blocks under the parallel loop (the exponentials, the
-    division), vectorised along each row. Its row max and sum stay serial: TVM's rfactor
-    refuses a block that is not the first child of its loop."""
+    """The softmax's blocks under the parallel loop, vectorised along each row: the
+    elementwise ones (the exponentials, the division), and the row max and sum's partials
+    (`lower_nn._row_reduce`'s `*_lanes` blocks: a vector of partial results per row, its
+    reduction loop moved outside the lanes). TVM's rfactor cannot do the latter: it refuses
+    a block that is not the first child of its loop."""
     for block in sch.get_child_blocks(sch.get_loops(pv)[0]):
+        if block_name(sch, block).endswith("_lanes") and is_reduction(sch, block):
+            *_, part, red = sch.get_loops(block)
+            if static_extent(sch, part) == ROW_LANES and ROW_LANES % lanes == 0:
+                reorder(sch, red, part)
+                if try_vectorize(sch, part):  # before the init is split off, as TVM wants
+                    init = sch.decompose_reduction(block, red)
+                    try_vectorize(sch, sch.get_loops(init)[-1])
+            continue
         if block_of(sch, block).same_as(block_of(sch, pv)) or \
                 block_of(sch, block).same_as(block_of(sch, qk)) or is_reduction(sch, block):
             continue
