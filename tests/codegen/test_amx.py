@@ -169,3 +169,8 @@ def test_amx_templates_every_config_against_the_interpreter(which: str, precisio
     for op, args, ctx in kernel_calls(module, arrays):
         for config in configs:
             assert run_kernel(op, args, ctx, config, template.name) == name
+    problem = template.match(kernel)
+    built = template.build(problem, configs[0], host_target())
+    # the linear's bias and GELU run on each block of sums (no separate pass over a result
+    # buffer); the conv's epilogue is still its own pass
+    assert ("amx_gemm" in built.func.script()) == (which == "conv")

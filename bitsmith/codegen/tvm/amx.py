@@ -180,10 +180,15 @@ def _lanes_sum(v: Any, lanes: Any) -> Any:
     return out
 
 
+Store = tuple[tuple[Any, ...], Callable[[Any, Any, Any, Any], Any]]
+"""A fused epilogue for `gemm`: the output's shape, and store(out, value, row, column) -> the
+TIR statement writing the output element(s) of that GEMM row and column given its value."""
+
+
 def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa: C901
          w_shape: tuple[Any, ...] | None = None,
          rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-         row_group: int = 0) -> tvm.tirx.PrimFunc:
+         row_group: int = 0, store: Store | None = None) -> tvm.tirx.PrimFunc:
     """The AMX GEMM of `kind` ("bf16" or "int8", `KINDS`) writing acc[mp, np] (f32, rows and
     columns padded to 32), for an x of static shape (..., k) whose leading dims are the rows.
     `order`: the (panel, row block) tasks panel-major ("nm": a core's consecutive tasks share
@@ -193,8 +198,16 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
     operand m rows of `groups` runs of `inner` values, `read(x, row, group, i)` (a
     convolution's windows: a run is one kernel position's input channels, contiguous in x)
     rather than x's own rows. Work items (the parallel grain) are one 32-column panel x
-    `row_group` blocks of 32 rows (0: every row)."""
+    `row_group` blocks of 32 rows (0: every row).
+
+    With `store` (a fused epilogue), the third parameter is the kernel's output instead of the
+    padded result: each 32 x 32 block of sums goes from the tiles to a local block and through
+    `store` while it is in L1 (vectorised over whole panels), rows and columns past (m, n)
+    never written."""
     spec = KINDS[kind]
+    fused = store is not None
+    out_dims: tuple[Any, ...] = store[0] if store is not None else ()
+    put: Any = store[1] if store is not None else None
     int8 = kind == "int8"
     m, groups, inner, read = rows or _plain_rows(x_shape)
     k = groups * inner
@@ -203,15 +216,26 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
     x_dims = tuple(x_shape)
     w_rows = kp // spec.group + (1 if int8 else 0)  # int8: a last row of column scales
     w_dims = tuple(w_shape) if w_shape is not None else (panels, w_rows, BLOCK, spec.group)
+    acc_dims = tuple(out_dims) if fused else (mp, np_)
+    whole_panels = n // BLOCK
+
+    def value(sums: Any, fsums: Any, sx: Any, ws: Any, p: Any, rb: Any, r: Any, c: Any) -> Any:
+        """The f32 value of sum (r, c) of block (rb, p)."""
+        if int8:
+            return (T.Cast("float32", sums[r, c]) * sx[rb * BLOCK + r]
+                    * ws[(p * w_rows + w_rows - 1) * BLOCK + c])
+        return fsums[r, c]
     panel_major = order == "nm"
     group = min(row_group or blocks, blocks)
     row_groups = -(-blocks // group)
     whole, rest = inner // CVT, inner % CVT
     row_bytes = kp * 4 // spec.group  # of the left operand's rows (bf16: 2 bytes, int8: 1)
 
-    @T.prim_func
+    # fused: the epilogue reads the kernel's other inputs, parameters of the caller's
+    # function (`templates_amx`), not of this one
+    @T.prim_func(check_well_formed=not fused)
     def main(x: T.Buffer(x_dims, "float32"),  # noqa: C901 - TVMScript: its ifs are TIR's
-             w: T.Buffer(w_dims, spec.storage), acc: T.Buffer((mp, np_), "float32")) -> None:
+             w: T.Buffer(w_dims, spec.storage), acc: T.Buffer(acc_dims, "float32")) -> None:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         xa = T.decl_buffer((mp, kp), spec.storage)
         sx = T.decl_buffer((mp,), "float32")
@@ -270,6 +294,7 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
             g = T.if_then_else(panel_major, item % row_groups, item // panels)
             cfg = T.decl_buffer((64,), "uint8", scope="local")
             sums = T.decl_buffer((BLOCK, BLOCK), "int32", scope="local")
+            fsums = T.decl_buffer((BLOCK, BLOCK), "float32", scope="local")
             for b in range(64):
                 cfg[b] = T.uint8(0)
             cfg[0] = T.uint8(1)  # palette 1
@@ -295,7 +320,28 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
                     _tile(spec.instr, T.int8(1), T.int8(4), T.int8(7))
                     _tile(spec.instr, T.int8(2), T.int8(5), T.int8(6))
                     _tile(spec.instr, T.int8(3), T.int8(5), T.int8(7))
-                if int8:  # int32 sums to a local block, scaled into acc
+                if fused:  # the sums to a local block, through the epilogue to the output
+                    if int8:
+                        _i32_tile(sums, 0)
+                        _i32_tile(sums, 1)
+                        _i32_tile(sums, 2)
+                        _i32_tile(sums, 3)
+                    else:
+                        _i32_tile(fsums, 0)
+                        _i32_tile(fsums, 1)
+                        _i32_tile(fsums, 2)
+                        _i32_tile(fsums, 3)
+                    for r in range(BLOCK):
+                        if rb * BLOCK + r < m:
+                            if p < whole_panels:
+                                for c in T.vectorized(BLOCK):
+                                    put(acc, value(sums, fsums, sx, ws, p, rb, r, c),
+                                        rb * BLOCK + r, p * BLOCK + c)
+                            else:
+                                for c in range(n % BLOCK):
+                                    put(acc, value(sums, fsums, sx, ws, p, rb, r, c),
+                                        rb * BLOCK + r, p * BLOCK + c)
+                elif int8:  # int32 sums to a local block, scaled into acc
                     _i32_tile(sums, 0)
                     _i32_tile(sums, 1)
                     _i32_tile(sums, 2)

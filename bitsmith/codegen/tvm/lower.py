@@ -124,11 +124,13 @@ def tvm_dtype(op: Operation | None, dtype: object) -> str:
 
 def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None = None,
                  placeholders: Mapping[int, te.Tensor] | None = None,
+                 extra: Sequence[te.Tensor] = (),
                  ) -> tuple[tvm.tirx.PrimFunc, list[te.Tensor], list[te.Tensor]]:
     """The PrimFunc of a kernel, with its input placeholders and output tensors (call order).
 
     Templates substitute their own compute for some ops (`rules`, by op) and their own
-    placeholder for some inputs (`placeholders`, by input index: a pre-packed weight).
+    placeholder for some inputs (`placeholders`, by input index: a pre-packed weight); a
+    rule's own placeholders (`extra`) become the function's first parameters.
     """
     block = kernel.regions[0].block
     terminator = block.terminator
@@ -161,7 +163,7 @@ def lower_kernel(kernel: FusedOp, *, rules: Mapping[Operation, LowerFn] | None =
         if any(tensor is t for t in inputs + outputs):  # a yielded input still needs a copy
             tensor = _map(tensor, lambda v: v, "copy")
         outputs.append(tensor)
-    params: list[te.Tensor | tvm.tirx.Var] = [*inputs, *outputs]
+    params: list[te.Tensor | tvm.tirx.Var] = [*extra, *inputs, *outputs]
     return te.create_prim_func(params), inputs, outputs
 
 

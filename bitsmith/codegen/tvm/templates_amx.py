@@ -12,8 +12,10 @@ such models in f32 and says so).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import tvm
 import tvm.s_tir as s_tir
 from tvm import te, topi
@@ -22,9 +24,9 @@ from ...ir import Operation
 from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
 from ...ir.dialects.kernel import FusedOp
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
-from .amx import BLOCK, KINDS, gemm_extern, has_amx, pack_bf16_panels, pack_int8_panels
+from .amx import BLOCK, KINDS, gemm, gemm_extern, has_amx, pack_bf16_panels, pack_int8_panels
 from .lower import Lowering, lower_kernel
-from .schedule import auto_schedule
+from .schedule import auto_schedule, inline_injective, root_blocks
 from .target import vector_lanes
 from .templates import (
     ConvGemm,
@@ -35,7 +37,7 @@ from .templates import (
     padded_input,
     pointwise_conv,
 )
-from .typed import compute
+from .typed import compute, shape_of
 
 
 def amx_default(problem: Problem, target: Target) -> Config:
@@ -93,6 +95,55 @@ class _Amx(TvmTemplate):
         fn = PACKS[self.precision]
         return f"amx_{self.precision}_panels", lambda w: fn(matrix(w), transposed)
 
+    def fused(self, problem: Problem, config: Config, anchor: Operation, packed: te.Tensor,
+              pack: tuple[str, Any]) -> TvmKernel | None:
+        """The kernel as one AMX GEMM whose epilogue (bias, activation, residual, reshapes)
+        runs on each 32 x 32 block of sums while it is in L1 (`amx.gemm`'s `store`); None
+        when the kernel is not of that shape (x not a kernel input, more than one output,
+        an epilogue that does not inline into one elementwise block reading the sum of its
+        own element): the caller then builds it unfused."""
+        kernel: FusedOp = problem.kernel_op
+        m, n, w_index = int(problem["M"]), int(problem["N"]), int(problem["w_index"])
+        acc = te.placeholder((-(-m // BLOCK) * BLOCK, -(-n // BLOCK) * BLOCK), "float32",
+                             name="amx_acc")
+        seen: dict[str, te.Tensor] = {}
+
+        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
+            seen["x"] = x = args[0]
+            lead = [int(d) for d in x.shape[:-1]]
+
+            def view(*i: Any) -> Any:
+                row = i[0]
+                for axis, d in zip(i[1:-1], lead[1:], strict=True):
+                    row = row * d + axis
+                return acc[row, i[-1]]
+            out = compute([*lead, n], view, name="dense_rows")
+            return topi.add(out, args[2]) if len(args) > 2 else out
+        func, inputs, outputs = lower_kernel(kernel, rules={anchor: rule},
+                                             placeholders={w_index: packed}, extra=[acc])
+        x_index = next((i for i, t in enumerate(inputs) if t.same_as(seen.get("x"))), None)
+        if len(outputs) != 1 or x_index is None or x_index == w_index:
+            return None
+        sch = s_tir.Schedule(func)
+        inline_injective(sch)
+        blocks = root_blocks(sch)
+        if len(blocks) != 1:
+            return None
+        params = list(sch.mod["main"].params)  # [acc, *inputs, out]: buffers
+        epilogue = _elementwise_epilogue(sch.get(blocks[0]), params[0], params[-1])
+        if epilogue is None:
+            return None
+        main: Any = gemm(self.precision, tuple(shape_of(inputs[x_index])), n,
+                         str(config["ORDER"]), tuple(shape_of(packed)),
+                         row_group=int(config["ROW_GROUP"]),
+                         store=(tuple(params[-1].shape), epilogue))
+        x_buf, w_buf, out_buf = main.params
+        own = [x_buf if i == x_index else w_buf if i == w_index else params[1 + i]
+               for i in range(len(inputs))]
+        func = tvm.tirx.PrimFunc([*own, out_buf], main.body, attrs=main.attrs)
+        return TvmKernel(func, self.name, config, packs={w_index: pack},
+                         isa=(f"amx_{self.precision}", "amx_tile"))
+
     def finish(self, problem: Problem, config: Config, target: Target, anchor: Operation,
                rule: Any, packed: te.Tensor, pack: tuple[str, Any]) -> TvmKernel:
         """The kernel with `rule` lowering its anchor: the AMX GEMM an opaque block, the rest
@@ -104,6 +155,100 @@ class _Amx(TvmTemplate):
         auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
         return TvmKernel(sch.mod["main"], self.name, config, packs={w_index: pack},
                          isa=(f"amx_{self.precision}", "amx_tile"))
+
+
+def _is_load(expr: Any, buffer: Any = None) -> bool:
+    """Whether `expr` is a buffer read (of `buffer`, if given): TVM 0.27's `TensorLoad`,
+    whose source is the buffer (a buffer is a Var)."""
+    return isinstance(expr, tvm.ir.TensorLoad) and (buffer is None
+                                                    or expr.source.same_as(buffer))
+
+
+def _rebuild(expr: Any, swap: Callable[[Any], Any]) -> Any:
+    """A TIR expression with every node for which `swap` returns something replaced by it
+    (TVM 0.27 keeps its expression mutators out of Python). ValueError for a node kind it
+    does not know."""
+    done = swap(expr)
+    if done is not None:
+        return done
+    again = lambda e: _rebuild(e, swap)  # noqa: E731
+    kind = type(expr)
+    if isinstance(expr, (tvm.tirx.Var, tvm.tirx.IntImm, tvm.tirx.FloatImm)) or \
+            kind.__name__ == "StringImm":
+        return expr
+    if hasattr(expr, "a") and hasattr(expr, "b"):  # arithmetic, comparison, logic, bitwise
+        return kind(again(expr.a), again(expr.b))
+    if hasattr(expr, "a"):  # Not
+        return kind(again(expr.a))
+    if isinstance(expr, tvm.tirx.Select):
+        return tvm.tirx.Select(again(expr.condition), again(expr.true_value),
+                               again(expr.false_value))
+    if isinstance(expr, tvm.tirx.Cast):
+        return tvm.tirx.Cast(str(expr.ty), again(expr.value))
+    if isinstance(expr, tvm.tirx.Let):
+        return tvm.tirx.Let(expr.var, again(expr.value), again(expr.body))
+    if _is_load(expr):
+        return tvm.tirx.BufferLoad(expr.source, [again(i) for i in expr.indices])
+    if isinstance(expr, tvm.ir.Call):
+        return tvm.ir.Call(expr.op, [again(a) for a in expr.args], expr.attrs, expr.ty_args,
+                           ret_ty=expr.ty)
+    raise ValueError(f"an epilogue node the AMX fusion does not rebuild: {kind.__name__}")
+
+
+def _loads_of(expr: Any, buffer: Any) -> list[Any]:
+    """Every read of `buffer` in `expr`."""
+    found: list[Any] = []
+
+    def look(e: Any) -> None:
+        if _is_load(e, buffer):
+            found.append(e)
+    _rebuild(expr, lambda e: look(e))
+    return found
+
+
+def _elementwise_epilogue(block: Any, acc: Any, out: Any) -> Any:
+    """`store(out, value, row, col)` for `amx.gemm` from an inlined epilogue block that writes
+    `out` at its own iteration point from reads of `acc` at that point's GEMM (row, column)
+    (rows: the output's leading dims flattened); None when the block is not that."""
+    body = block.body
+    ivars = [iv.var for iv in block.iter_vars]
+    if not isinstance(body, tvm.tirx.BufferStore) or not body.buffer.same_as(out) or \
+            len(body.indices) != len(ivars) or block.init is not None or \
+            any(not i.same_as(v) for i, v in zip(body.indices, ivars, strict=True)):
+        return None
+    lead = [int(d) for d in out.shape[:-1]]
+
+    def point(row: Any, col: Any) -> list[Any]:
+        idx = []
+        for d in reversed(lead[1:]):
+            idx.append(row % d)
+            row = row // d
+        return [row, *reversed(idx), col]
+
+    def at(index: list[Any]) -> Callable[[Any], Any]:
+        mapping = dict(zip(ivars, index, strict=True))
+        return lambda e: next((v for k, v in mapping.items() if k.same_as(e)), None) \
+            if isinstance(e, tvm.tirx.Var) else None
+    row_v, col_v = tvm.tirx.Var("row", "int32"), tvm.tirx.Var("col", "int32")
+    analyzer = tvm.sym.Analyzer()
+    const = tvm.tirx.const
+    analyzer.bind(row_v, tvm.ir.Range.from_min_extent(const(0), const(max(1, int(np.prod(lead))))))
+    analyzer.bind(col_v, tvm.ir.Range.from_min_extent(const(0), const(int(out.shape[-1]))))
+    try:
+        loads = _loads_of(body.value, acc)
+        for load in loads:  # every read of the sums is of this element's own sum
+            r, c = (_rebuild(i, at(point(row_v, col_v))) for i in load.indices)
+            if not (analyzer.can_prove_equal(r, row_v) and analyzer.can_prove_equal(c, col_v)):
+                return None
+    except ValueError:
+        return None
+
+    def store(buf: Any, value: Any, row: Any, col: Any) -> Any:
+        index = point(row, col)
+        swap = at(index)
+        expr = _rebuild(body.value, lambda e: value if _is_load(e, acc) else swap(e))
+        return tvm.tirx.BufferStore(buf, expr, index)
+    return store
 
 
 @register_template
@@ -121,6 +266,10 @@ class DenseBf16Amx(_Amx, Dense):
         n = int(problem["N"])
         packed = self.packed(problem)
         order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
+        pack = self.pack(as_matrix, bool(problem["transposed"]))
+        fused = self.fused(problem, config, anchor, packed, pack)
+        if fused is not None:
+            return fused
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             x = args[0]
@@ -137,8 +286,7 @@ class DenseBf16Amx(_Amx, Dense):
             if len(args) > 2:  # a linear's or a conv's bias
                 out = topi.add(out, args[2])
             return out
-        return self.finish(problem, config, target, anchor, rule, packed,
-                           self.pack(as_matrix, bool(problem["transposed"])))
+        return self.finish(problem, config, target, anchor, rule, packed, pack)
 
 
 @register_template
