@@ -324,15 +324,16 @@ def _dense_kernel(m: int, k: int, n: int, precision: str) -> tuple[Callable[[], 
 
 
 def roofline(threads: int, rounds: int) -> None:
-    """GFLOP/s of bitsmith's GEMM kernels (f32 dense, bf16 AMX) against torch's own GEMM and
-    the FMA peak, each output checked against torch first; medians of interleaved rounds."""
+    """GFLOP/s of bitsmith's GEMM kernels (f32 dense, bf16 and int8 AMX) against torch's own
+    GEMM and the FMA peak, each output checked against torch first; medians of interleaved
+    rounds."""
     with tempfile.TemporaryDirectory() as tmp:
         peak = fma_peak(threads, Path(tmp))
     print(f"\nGEMM roofline, {threads} threads: AVX-512 FMA peak "
           f"{peak if peak else float('nan'):.0f} GFLOP/s (12 FMA chains per thread)\n")
     print("| M x K x N | bitsmith f32 GFLOP/s | torch f32 | bitsmith f32 % of peak | "
-          "bitsmith bf16 (AMX) | torch bf16 |")
-    print("|---|---|---|---|---|---|")
+          "bitsmith bf16 (AMX) | torch bf16 | bitsmith int8 (AMX) GOP/s |")
+    print("|---|---|---|---|---|---|---|")
     for m, k, n in ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1024, 1024, 1024),
                     (2048, 2048, 2048), (4096, 4096, 4096)):
         flops = 2.0 * m * k * n
@@ -340,12 +341,15 @@ def roofline(threads: int, rounds: int) -> None:
         a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
         ours, ours_out, want = _dense_kernel(m, k, n, "f32")
         low, low_out, want_low = _dense_kernel(m, k, n, "bf16")
+        q8, q8_out, _ = _dense_kernel(m, k, n, "int8")
         ours()
         low()
+        q8()
         scale = float(np.abs(want).max())
         assert np.abs(ours_out() - want).max() <= 1e-3 * scale, "f32 kernel output"
         assert np.abs(low_out() - want_low).max() <= 3e-2 * scale, "bf16 kernel output"
-        calls = {"ours": ours, "low": low, "torch": partial(torch.matmul, a, b),
+        assert np.abs(q8_out() - want_low).max() <= 4e-2 * scale, "int8 kernel output"
+        calls = {"ours": ours, "low": low, "q8": q8, "torch": partial(torch.matmul, a, b),
                  "torch16": partial(torch.matmul, a16, b16)}
         times: dict[str, list[float]] = {key: [] for key in calls}
         reps = max(2, int(2e10 / flops))
@@ -362,7 +366,7 @@ def roofline(threads: int, rounds: int) -> None:
         rate = {key: flops / statistics.median(v) / 1e9 for key, v in times.items()}
         share = f"{100 * rate['ours'] / peak:.0f}%" if peak else "-"
         print(f"| {m} x {k} x {n} | {rate['ours']:.0f} | {rate['torch']:.0f} | {share} | "
-              f"{rate['low']:.0f} | {rate['torch16']:.0f} |", flush=True)
+              f"{rate['low']:.0f} | {rate['torch16']:.0f} | {rate['q8']:.0f} |", flush=True)
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from .. import ir
 from ..codegen.template import TEMPLATES, CodegenError, Config
 from ..codegen.tvm.amx import amx_tvm_target
@@ -94,8 +96,13 @@ def build_candidate(inp: MeasureInput) -> bytes:
 
 
 def time_candidate(inp: MeasureInput, library: bytes, options: MeasureOptions) -> MeasureResult:
-    """Load a built candidate, check it against the interpreter, time it."""
-    kernel, arrays, want = reference(inp)
+    """Load a built candidate, check it against the interpreter, time it.
+
+    The interpreter's matmuls run on one BLAS thread: OpenBLAS's threads spin-wait after a
+    call, and a kernel timed while they spin loses a core (measured: a parallel GEMM at half
+    its speed, or stalled in 4 ms scheduler slices)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        kernel, arrays, want = reference(inp)
     built = _built(inp, kernel)
     if "amx_tile" in built.isa and not request_amx():
         raise CodegenError("an AMX kernel, and Linux refused this process the tile state")
