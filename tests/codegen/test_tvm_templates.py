@@ -245,3 +245,34 @@ def test_dense_row_blocks_over_a_symbolic_batch() -> None:
                    {"TILE_M": 5, "TILE_N": 64, "ROW_BLOCK": 8, "ORDER": "mn"}):
         check_module(text, _weights(w=(70, 19)), batches=(1, 5, 29, 64),
                      config=Config({**config, "TILE_K": 0, "PARALLEL": True}), template="dense")
+
+
+@pytest.mark.parametrize("lanes, isa", [(16, ("avx512f", "fma", "avx2")), (8, ("avx2", "fma"))])
+def test_a_narrow_conv_splits_its_rows_over_the_cores_by_default(lanes: int, isa: tuple) -> None:
+    """ResNet's first-stage 3x3 conv: 64 output channels are one or two panels, so the
+    default splits the 56 x 56 pixels into row blocks of whole tiles dividing them (tile
+    height 7 where 6 does not divide 3136), within the register budget of the vector ISA;
+    never every row in one work item on one core."""
+    from bitsmith import ir, passes
+    from bitsmith.codegen.template import Target
+
+    x, w, o = "tensor<1x56x56x64xf32>", "tensor<3x3x64x64xf32>", "tensor<1x56x56x64xf32>"
+    text = func(f"%x: {x}", o, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.conv2d"(%x, %0) {{dilation = [1, 1], groups = 1, layout = "NHWC",
+            padding = [1, 1], stride = [1, 1]}} : ({x}, {w}) -> {o}
+        "func.return"(%1) : ({o}) -> ()""")
+    module = ir.parse(text, weights=_weights(w=(3, 3, 64, 64)))
+    passes.run(module, "canonicalize,fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    template = TEMPLATES["conv_gemm"]
+    problem = template.match(kernel)
+    target = Target(kind="llvm", isa=isa, cores=2, attrs={"vector_lanes_f32": lanes})
+    config = template.default_config(problem, target)
+    vectors = int(config["TILE_N"]) // lanes
+    assert template.valid(problem, config)
+    assert (int(config["TILE_M"]) + 1) * vectors <= (32 if lanes == 16 else 16)
+    panels = -(-64 // int(config["TILE_N"]))
+    items = panels * (-(-3136 // (int(config["TILE_M"]) * int(config["ROW_BLOCK"])))
+                      if config["ROW_BLOCK"] else 1)
+    assert items >= 2 * target.cores

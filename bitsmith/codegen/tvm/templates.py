@@ -266,14 +266,28 @@ class Dense(TvmTemplate):
             mr = min(mr, rows)
         elif mr > 4:
             mr = 4  # a symbolic row count may be small: less padding at one row
-        panels, tiles = -(-n // nr), -(-rows // mr)
+        panels = -(-n // nr)
         block = 0
         if panels < 2 * target.cores and m.isdigit():
-            # too few panels to share out: split the rows as well
-            want = -(-tiles // (2 * target.cores))
-            block = next((b for b in (32, 16, 8, 4) if b <= want and self.valid(
-                problem, Config({"TILE_M": mr, "TILE_N": nr, "TILE_K": 0, "ROW_BLOCK": b,
-                                 "ORDER": "nm", "PARALLEL": True}))), 0)
+            # too few panels to share out: split the rows as well, in blocks of whole tiles
+            # that divide a sample's rows (`valid`); a tile height the register budget allows
+            # that does (ResNet's 56 x 56 pixels: 7 rows, not 6), or else every row in one
+            # work item on one core (measured 2.2x slower on ResNet-50's 3x3 convs)
+            vectors = max(1, nr // lanes)
+            # vector registers: AVX-512 32 (an FMA broadcasts x from memory), NEON 32, AVX2
+            # 16 (and x's broadcast takes one)
+            registers, broadcast = (32, 0) if lanes >= 16 else (32, 1) if lanes == 4 \
+                else (16, 1)
+            for height in dict.fromkeys((mr, 7, 4, 8, 5, 3, 2)):
+                if height > rows or (height + 1) * vectors + broadcast > registers:
+                    continue  # a tile whose accumulators and operands would spill
+                want = -(-rows // height) // (2 * target.cores)
+                block = next((b for b in (32, 16, 8, 4) if b <= want and self.valid(
+                    problem, Config({"TILE_M": height, "TILE_N": nr, "TILE_K": 0,
+                                     "ROW_BLOCK": b, "ORDER": "nm", "PARALLEL": True}))), 0)
+                if block:
+                    mr = height
+                    break
         return Config({"TILE_M": mr, "TILE_N": nr, "TILE_K": 0, "ROW_BLOCK": block,
                        "ORDER": "nm", "PARALLEL": rows * n * k >= 1 << 17})
 
