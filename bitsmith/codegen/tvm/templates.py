@@ -278,9 +278,10 @@ class Dense(TvmTemplate):
             # 16 (and x's broadcast takes one)
             registers, broadcast = (32, 0) if lanes >= 16 else (32, 1) if lanes == 4 \
                 else (16, 1)
-            for height in dict.fromkeys((mr, 7, 4, 8, 5, 3, 2)):
-                if height > rows or (height + 1) * vectors + broadcast > registers:
-                    continue  # a tile whose accumulators and operands would spill
+            for height in dict.fromkeys((mr, 7, 4, 8, 5)):
+                if height > rows or (height + 1) * vectors + broadcast > registers or \
+                        height * vectors < 8:
+                    continue  # accumulators that would spill, or too few to hide FMA latency
                 want = -(-rows // height) // (2 * target.cores)
                 block = next((b for b in (32, 16, 8, 4) if b <= want and self.valid(
                     problem, Config({"TILE_M": height, "TILE_N": nr, "TILE_K": 0,
