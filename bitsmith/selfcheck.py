@@ -79,6 +79,12 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
     kernel = first_diverging_kernel(cm, module, arrays)
     if kernel is not None:
         where = f"first kernel that diverges from the interpreter: {kernel}"
+    elif precision != "f32":
+        low = sum(op.attributes.get("precision") == precision for op in module.ops)
+        instead = "precision='bf16' or 'f32'" if precision == "int8" else "precision='f32'"
+        where = (f"every kernel agrees with the interpreter within the {precision} bound: "
+                 f"the {precision} rounding of {low} kernels adds up past the model's "
+                 f"{precision} tolerance on these inputs; compile it with {instead}")
     elif quantized:
         where = "every kernel agrees with the interpreter: a pass changed the model's meaning"
     else:

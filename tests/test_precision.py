@@ -142,3 +142,18 @@ def test_an_amx_artifact_refuses_a_process_denied_the_tile_state(tmp_path, monke
     monkeypatch.setattr(executor, "request_amx", lambda: False)
     with pytest.raises(ArtifactError, match="Linux refused this process the tile state"):
         bitsmith.load(tmp_path / "m.bsm")
+
+
+@needs_amx_int8
+def test_int8_error_that_adds_up_past_the_bound_says_what_to_do(monkeypatch) -> None:
+    """Every kernel within its bound but the model past its own: the error names the
+    precision's rounding, not a pass, and says to compile with bf16 or f32."""
+    from bitsmith import selfcheck
+    from bitsmith.errors import MismatchError
+
+    monkeypatch.setitem(selfcheck.PRECISION_TOLERANCES, "int8", (1e-7, 1e-7))
+    monkeypatch.setattr(selfcheck, "first_diverging_kernel", lambda *args: None)
+    model, x = _model()
+    with pytest.raises(MismatchError, match=r"the int8 rounding of 2 kernels adds up past the "
+                                            r"model's int8 tolerance.*precision='bf16' or 'f32'"):
+        bitsmith.compile(model, (x,), precision="int8")
