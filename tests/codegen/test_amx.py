@@ -174,3 +174,34 @@ def test_amx_templates_every_config_against_the_interpreter(which: str, precisio
     # the linear's bias and GELU run on each block of sums (no separate pass over a result
     # buffer); the conv's epilogue is still its own pass
     assert ("amx_gemm" in built.func.script()) == (which == "conv")
+
+
+@pytest.mark.skipif(not (has_amx(host_target(), "int8") and request_amx()),
+                    reason="needs a CPU with AMX-INT8 and Linux's tile permission")
+def test_an_epilogue_that_reads_the_gemms_own_input_stays_unfused_and_right() -> None:
+    """y = linear(x) + x: the residual is the GEMM's left operand, which the fused function
+    takes as its own parameter, so that kernel is built unfused, and matches the interpreter."""
+    from bitsmith import ir, passes
+    from bitsmith.codegen.template import TEMPLATES
+    from bitsmith.ir.interpreter import kernel_calls
+
+    from ..support import random_inputs
+    from .tvm_checks import func, run_kernel
+
+    x, w = "tensor<25x40xf32>", "tensor<40x40xf32>"
+    module = ir.parse(func(f"%x: {x}", x, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.linear"(%x, %0) : ({x}, {w}) -> {x}
+        %2 = "graph.add"(%1, %x) : ({x}, {x}) -> {x}
+        "func.return"(%2) : ({x}) -> ()"""),
+        weights={"w": RNG.standard_normal((40, 40)).astype(np.float32)})
+    passes.run(module, "canonicalize,fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    kernel.attributes["precision"] = "int8"
+    template = TEMPLATES["dense_int8_amx"]
+    built = template.build(template.match(kernel), template.default_config(
+        template.match(kernel), host_target()), host_target())
+    assert "amx_gemm" in built.func.script()
+    arrays = random_inputs(module, 1, ints=(0, 5), floats_as=np.float32)
+    for op, args, ctx in kernel_calls(module, arrays):
+        assert run_kernel(op, args, ctx, None, template.name) == template.name

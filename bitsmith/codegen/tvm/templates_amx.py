@@ -130,7 +130,10 @@ class _Amx(TvmTemplate):
         if len(blocks) != 1:
             return None
         params = list(sch.mod["main"].params)  # [acc, *inputs, out]: buffers
-        epilogue = _elementwise_epilogue(sch.get(blocks[0]), params[0], params[-1])
+        # the GEMM's own operands are the AMX function's parameters: an epilogue reading
+        # them (a residual of x itself) stays unfused
+        epilogue = _elementwise_epilogue(sch.get(blocks[0]), params[0], params[-1],
+                                         (params[1 + x_index], params[1 + w_index]))
         if epilogue is None:
             return None
         main: Any = gemm(self.precision, tuple(shape_of(inputs[x_index])), n,
@@ -206,10 +209,11 @@ def _loads_of(expr: Any, buffer: Any) -> list[Any]:
     return found
 
 
-def _elementwise_epilogue(block: Any, acc: Any, out: Any) -> Any:
+def _elementwise_epilogue(block: Any, acc: Any, out: Any, unread: tuple[Any, ...] = ()) -> Any:
     """`store(out, value, row, col)` for `amx.gemm` from an inlined epilogue block that writes
     `out` at its own iteration point from reads of `acc` at that point's GEMM (row, column)
-    (rows: the output's leading dims flattened); None when the block is not that."""
+    (rows: the output's leading dims flattened) and of no buffer in `unread`; None when the
+    block is not that."""
     body = block.body
     ivars = [iv.var for iv in block.iter_vars]
     if not isinstance(body, tvm.tirx.BufferStore) or not body.buffer.same_as(out) or \
@@ -235,6 +239,8 @@ def _elementwise_epilogue(block: Any, acc: Any, out: Any) -> Any:
     analyzer.bind(row_v, tvm.ir.Range.from_min_extent(const(0), const(max(1, int(np.prod(lead))))))
     analyzer.bind(col_v, tvm.ir.Range.from_min_extent(const(0), const(int(out.shape[-1]))))
     try:
+        if any(_loads_of(body.value, buffer) for buffer in unread):
+            return None
         loads = _loads_of(body.value, acc)
         for load in loads:  # every read of the sums is of this element's own sum
             r, c = (_rebuild(i, at(point(row_v, col_v))) for i in load.indices)
