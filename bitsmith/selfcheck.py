@@ -79,19 +79,19 @@ def check(cm: CompiledModel, module: Module, arrays: Sequence[np.ndarray], *,
     kernel = first_diverging_kernel(cm, module, arrays)
     if kernel is not None:
         where = f"first kernel that diverges from the interpreter: {kernel}"
-    elif precision != "f32":
-        low = sum(op.attributes.get("precision") == precision for op in module.ops)
-        instead = "precision='bf16' or 'f32'" if precision == "int8" else "precision='f32'"
-        where = (f"every kernel agrees with the interpreter within the {precision} bound: "
-                 f"the {precision} rounding of {low} kernels adds up past the model's "
-                 f"{precision} tolerance on these inputs; compile it with {instead}")
     elif quantized:
         where = "every kernel agrees with the interpreter: a pass changed the model's meaning"
     else:
         op = first_diverging_import(model, args, kwargs, arrays, cm.name,
                                     dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
+        low = sum(o.attributes.get("precision") == precision for o in module.ops)
+        instead = "precision='bf16' or 'f32'" if precision == "int8" else "precision='f32'"
         where = (f"every kernel agrees with the interpreter; the first imported op that "
                  f"differs from torch: {op}" if op is not None else
+                 f"every kernel agrees with the interpreter within the {precision} bound and "
+                 f"the import with torch: the {precision} rounding of {low} kernels adds up "
+                 f"past the model's {precision} tolerance on these inputs; compile it with "
+                 f"{instead}" if precision != "f32" else
                  "every kernel agrees with the interpreter and the import with torch: a pass "
                  "changed the model's meaning")
     raise MismatchError(f"{head}{diffs[0]}\n{where}\nnothing was written; compile with "

@@ -91,6 +91,8 @@ def test_amx_int8_gemm_is_the_exact_integer_product_scaled(m: int, k: int, n: in
     if m > 2:
         x[0, 3], x[2, 0] = np.inf, np.nan
         x[1] = 0.0  # an all-zero row: zero out
+    if m > 4:  # in the last values of a row, past its whole vectors of 16
+        x[3, k - 1], x[4, k - 1] = np.nan, -np.inf
     ex = tvm.compile(tvm.IRModule({"main": gemm_int8((m, k), n)}),
                      target=amx_tvm_target(host_target()))
     up = lambda v: -(-v // 32) * 32  # noqa: E731
@@ -204,4 +206,53 @@ def test_an_epilogue_that_reads_the_gemms_own_input_stays_unfused_and_right() ->
     assert "amx_gemm" in built.func.script()
     arrays = random_inputs(module, 1, ints=(0, 5), floats_as=np.float32)
     for op, args, ctx in kernel_calls(module, arrays):
+        assert run_kernel(op, args, ctx, None, template.name) == template.name
+
+
+@pytest.mark.skipif(not (has_amx(host_target(), "int8") and request_amx()),
+                    reason="needs a CPU with AMX-INT8 and Linux's tile permission")
+def test_int8_conv_windows_of_three_channels_keep_nan_and_a_cast_epilogue_stays_unfused() -> None:
+    """An RGB stem's windows (3 channels a kernel position: no whole vector of 16) with a
+    NaN pixel: the windows holding it give NaN outputs, the rest stay finite; a linear whose
+    epilogue casts to f16 builds unfused and matches the interpreter."""
+    from bitsmith import ir, passes
+    from bitsmith.codegen.template import TEMPLATES
+    from bitsmith.ir.interpreter import kernel_calls
+
+    from .tvm_checks import build_and_run, func, run_kernel
+
+    x, w, o = "tensor<1x9x9x3xf32>", "tensor<3x3x3x8xf32>", "tensor<1x9x9x8xf32>"
+    module = ir.parse(func(f"%x: {x}", o, f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+        %1 = "graph.conv2d"(%x, %0) {{dilation = [1, 1], groups = 1, layout = "NHWC",
+            padding = [1, 1], stride = [1, 1]}} : ({x}, {w}) -> {o}
+        "func.return"(%1) : ({o}) -> ()"""),
+        weights={"w": RNG.standard_normal((3, 3, 3, 8)).astype(np.float32)})
+    passes.run(module, "canonicalize,fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    kernel.attributes["precision"] = "int8"
+    image = RNG.standard_normal((1, 9, 9, 3)).astype(np.float32)
+    image[0, 4, 4, 2] = np.nan
+    (op, args, ctx), = kernel_calls(module, [image])
+    want = op.evaluate(ctx, *args)
+    _, (got,) = build_and_run(op, args, want, None)
+    assert (np.isnan(got) == np.isnan(want[0])).all() and np.isnan(got[0, 3:6, 3:6]).all()
+
+    xs, ws, os_ = "tensor<5x40xf32>", "tensor<24x40xf32>", "tensor<5x24xf32>"
+    module = ir.parse(func(f"%x: {xs}", "tensor<5x24xf16>", f"""
+        %0 = "graph.constant"() {{weight = "w"}} : () -> {ws}
+        %1 = "graph.linear"(%x, %0) : ({xs}, {ws}) -> {os_}
+        %2 = "graph.cast"(%1) {{dtype = f16}} : ({os_}) -> tensor<5x24xf16>
+        "func.return"(%2) : (tensor<5x24xf16>) -> ()"""),
+        weights={"w": RNG.standard_normal((24, 40)).astype(np.float32)})
+    passes.run(module, "canonicalize,fuse")
+    (kernel,) = [op for op in module.ops if op.name == "kernel.fused"]
+    kernel.attributes["precision"] = "int8"
+    template = TEMPLATES["dense_int8_amx"]
+    problem = template.match(kernel)
+    built = template.build(problem, template.default_config(problem, host_target()),
+                           host_target())
+    assert "amx_gemm" in built.func.script()
+    for op, args, ctx in kernel_calls(module, [RNG.standard_normal((5, 40)).astype(
+            np.float32)]):
         assert run_kernel(op, args, ctx, None, template.name) == template.name

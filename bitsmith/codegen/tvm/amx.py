@@ -263,13 +263,17 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
                     for c in range(whole):
                         big[T.Ramp(0, 1, CVT)] = T.max(
                             big[T.Ramp(0, 1, CVT)], T.abs(read(x, i, g, T.Ramp(c * CVT, 1, CVT))))
+                        # x * 0: NaN for NaN or inf (TVM folds it only for a scalar, whose
+                        # lanes below test with isfinite instead; both tested)
                         bad[T.Ramp(0, 1, CVT)] = bad[T.Ramp(0, 1, CVT)] + read(
                             x, i, g, T.Ramp(c * CVT, 1, CVT)) * T.Broadcast(T.float32(0), CVT)
                     for c in range(rest):
                         big[c] = T.max(big[c], T.abs(read(x, i, g, whole * CVT + c)))
-                        bad[c] = bad[c] + read(x, i, g, whole * CVT + c) * T.float32(0)
+                        bad[c] = bad[c] + T.if_then_else(
+                            T.isfinite(read(x, i, g, whole * CVT + c)), T.float32(0),
+                            T.float32(1))
                 amax = T.max(_lanes_max(big, CVT), T.float32(1e-30))
-                finite = _lanes_sum(bad, CVT) == T.float32(0)  # x * 0 is NaN for NaN or inf
+                finite = _lanes_sum(bad, CVT) == T.float32(0)
                 sx[i] = T.if_then_else(finite, amax / T.float32(127), T.float32("nan"))
                 inv = T.if_then_else(finite, T.float32(127) / amax, T.float32(0))
                 for g in range(groups):

@@ -557,7 +557,7 @@ class Attention(TvmTemplate):
     computed once per row and the P.V contraction is vectorised over the head dim."""
 
     name = "attention"
-    version = 3
+    version = 4
     space = KnobSpace(Knob("VECTORIZE_PV", (True, False)), Knob("PARALLEL", (True, False)),
                       Knob("ROW_CHUNKS", (1, 2, 4, 8)), Knob("VECTORIZE_QK", (True, False)))
     """ROW_CHUNKS: the query rows split into that many chunks, each its own iteration of the

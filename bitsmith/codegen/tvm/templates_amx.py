@@ -122,8 +122,9 @@ class _Amx(TvmTemplate):
         func, inputs, outputs = lower_kernel(kernel, rules={anchor: rule},
                                              placeholders={w_index: packed}, extra=[acc])
         x_index = next((i for i, t in enumerate(inputs) if t.same_as(seen.get("x"))), None)
-        if len(outputs) != 1 or x_index is None or x_index == w_index:
-            return None
+        if len(outputs) != 1 or x_index is None or x_index == w_index or \
+                outputs[0].dtype != "float32":
+            return None  # (the fused function writes f32: a cast epilogue stays unfused)
         sch = s_tir.Schedule(func)
         inline_injective(sch)
         blocks = root_blocks(sch)
@@ -132,7 +133,7 @@ class _Amx(TvmTemplate):
         params = list(sch.mod["main"].params)  # [acc, *inputs, out]: buffers
         # the GEMM's own operands are the AMX function's parameters: an epilogue reading
         # them (a residual of x itself) stays unfused
-        epilogue = _elementwise_epilogue(sch.get(blocks[0]), params[0], params[-1],
+        epilogue = _elementwise_epilogue(sch.get(blocks[0]), params[0], params[-1], (m, n),
                                          (params[1 + x_index], params[1 + w_index]))
         if epilogue is None:
             return None
@@ -209,11 +210,12 @@ def _loads_of(expr: Any, buffer: Any) -> list[Any]:
     return found
 
 
-def _elementwise_epilogue(block: Any, acc: Any, out: Any, unread: tuple[Any, ...] = ()) -> Any:
+def _elementwise_epilogue(block: Any, acc: Any, out: Any, gemm_shape: tuple[int, int],
+                          unread: tuple[Any, ...] = ()) -> Any:
     """`store(out, value, row, col)` for `amx.gemm` from an inlined epilogue block that writes
     `out` at its own iteration point from reads of `acc` at that point's GEMM (row, column)
-    (rows: the output's leading dims flattened) and of no buffer in `unread`; None when the
-    block is not that."""
+    (rows: the output's leading dims flattened, `gemm_shape` (m, n) in all) and of no buffer
+    in `unread`; None when the block is not that."""
     body = block.body
     ivars = [iv.var for iv in block.iter_vars]
     if not isinstance(body, tvm.tirx.BufferStore) or not body.buffer.same_as(out) or \
@@ -221,6 +223,8 @@ def _elementwise_epilogue(block: Any, acc: Any, out: Any, unread: tuple[Any, ...
             any(not i.same_as(v) for i, v in zip(body.indices, ivars, strict=True)):
         return None
     lead = [int(d) for d in out.shape[:-1]]
+    if (int(np.prod(lead)), int(out.shape[-1])) != gemm_shape:
+        return None  # the output is not the GEMM's rows and columns
 
     def point(row: Any, col: Any) -> list[Any]:
         idx = []
@@ -262,7 +266,7 @@ class DenseBf16Amx(_Amx, Dense):
     """out = epilogue(bf16(x) @ bf16(W)^T (+ bias)), f32 accumulation, on AMX tiles."""
 
     name = "dense_bf16_amx"
-    version = 1
+    version = 2
 
     def schedule(self, problem: Problem, config: Config, target: Target) -> TvmKernel:
         self.check_target(target)
