@@ -15,6 +15,7 @@ from bitsmith.codegen.tvm.amx import has_amx, has_amx_bf16
 from bitsmith.codegen.tvm.target import host_target
 from bitsmith.errors import ArtifactError, InputError
 from bitsmith.runtime.host import request_amx
+from bitsmith.runtime.model import CompiledModel
 
 AMX = has_amx_bf16(host_target()) and request_amx()
 needs_amx = pytest.mark.skipif(not AMX, reason="needs a CPU with AMX-BF16 (and Linux 5.16+)")
@@ -39,17 +40,23 @@ def _model() -> tuple[torch.nn.Module, torch.Tensor]:
     return Block().eval(), torch.randn(2, 19, 45)
 
 
+def _compiled_below_f32(model: torch.nn.Module, x: torch.Tensor, precision: str,
+                        allowed: str, sums: str) -> tuple[CompiledModel, float]:
+    """The Block compiled at `precision`: checked at its bound, both linears on its AMX
+    template, its tile flags required, the report saying so; and its measured error."""
+    cm = bitsmith.compile(model, (x,), precision=precision)
+    assert f"allowed {allowed} in {precision}" in (cm.checked or "")
+    steps = cm.artifact.manifest.plan["steps"]
+    assert sum(s["template"] == f"dense_{precision}_amx" for s in steps) == 2
+    assert {"amx_tile", f"amx_{precision}"} <= set(cm.artifact.manifest.requires["isa"])
+    assert f"precision: {precision} ({sums}) in 2 of" in cm.report()
+    return cm, cm.artifact.manifest.metadata["precision"]["error"]
+
+
 @needs_amx
 def test_bf16_model_matches_torch_reports_and_round_trips(tmp_path) -> None:
     model, x = _model()
-    cm = bitsmith.compile(model, (x,), precision="bf16")
-    assert "allowed 0.03 in bf16" in (cm.checked or "")
-    steps = cm.artifact.manifest.plan["steps"]
-    assert sum(s["template"] == "dense_bf16_amx" for s in steps) == 2
-    assert {"amx_tile", "amx_bf16"} <= set(cm.artifact.manifest.requires["isa"])
-    report = cm.report()
-    assert "precision: bf16 (f32 accumulation) in 2 of" in report
-    error = cm.artifact.manifest.metadata["precision"]["error"]
+    cm, error = _compiled_below_f32(model, x, "bf16", "0.03", "f32 accumulation")
     assert 0 < error < 3e-2  # bf16 rounding shows, within the bound
     with torch.no_grad():
         want = model(x).numpy()
@@ -72,13 +79,7 @@ def test_int8_model_matches_torch_within_its_bound_and_reports_it() -> None:
     """Rows of activations quantized as the model runs, weights per channel: the check holds
     it to the int8 bound, the report says so, and the error is int8's, not bf16's."""
     model, x = _model()
-    cm = bitsmith.compile(model, (x,), precision="int8")
-    assert "allowed 0.08 in int8" in (cm.checked or "")
-    steps = cm.artifact.manifest.plan["steps"]
-    assert sum(s["template"] == "dense_int8_amx" for s in steps) == 2
-    assert {"amx_tile", "amx_int8"} <= set(cm.artifact.manifest.requires["isa"])
-    assert "precision: int8 (int32 sums) in 2 of" in cm.report()
-    error = cm.artifact.manifest.metadata["precision"]["error"]
+    cm, error = _compiled_below_f32(model, x, "int8", "0.08", "int32 sums")
     bf16 = bitsmith.compile(model, (x,), precision="bf16")
     assert bf16.artifact.manifest.metadata["precision"]["error"] < error < 8e-2
     with torch.no_grad():

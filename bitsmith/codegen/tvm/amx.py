@@ -17,7 +17,7 @@ workspace by the kernel itself.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -109,13 +109,27 @@ def _i32_tile(sums: Any, t: int) -> Any:
         T.address_of(sums[(t // 2) * TILE, (t % 2) * TILE]), T.int64(BLOCK * 4)))
 
 
-def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
-    """x[row i, column c] of an x whose leading dims `lead` are flattened into rows."""
+def unflatten(i: Any, lead: Sequence[int], c: Any) -> list[Any]:
+    """The index of row i, column c in a tensor whose leading dims `lead` are flattened
+    into rows."""
     idx = []
     for d in reversed(lead[1:]):
         idx.append(i % d)
         i = i // d
-    return x[(i, *reversed(idx), c)]
+    return [i, *reversed(idx), c]
+
+
+def flatten(index: Sequence[Any], lead: Sequence[int]) -> Any:
+    """`unflatten`'s inverse: the row of an index (its last entry the column)."""
+    row = index[0]
+    for axis, d in zip(index[1:-1], lead[1:], strict=True):
+        row = row * d + axis
+    return row
+
+
+def _row(x: Any, lead: tuple[int, ...], i: Any, c: Any) -> Any:
+    """x[row i, column c] of an x whose leading dims `lead` are flattened into rows."""
+    return x[tuple(unflatten(i, lead, c))]
 
 
 def _plain_rows(x_shape: tuple[Any, ...]) -> tuple[int, int, int, Callable[..., Any]]:

@@ -24,7 +24,17 @@ from ...ir import Operation
 from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
 from ...ir.dialects.kernel import FusedOp
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
-from .amx import BLOCK, KINDS, gemm, gemm_extern, has_amx, pack_bf16_panels, pack_int8_panels
+from .amx import (
+    BLOCK,
+    KINDS,
+    flatten,
+    gemm,
+    gemm_extern,
+    has_amx,
+    pack_bf16_panels,
+    pack_int8_panels,
+    unflatten,
+)
 from .lower import Lowering, lower_kernel
 from .schedule import auto_schedule, inline_injective, root_blocks
 from .target import vector_lanes
@@ -110,15 +120,7 @@ class _Amx(TvmTemplate):
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             seen["x"] = x = args[0]
-            lead = [int(d) for d in x.shape[:-1]]
-
-            def view(*i: Any) -> Any:
-                row = i[0]
-                for axis, d in zip(i[1:-1], lead[1:], strict=True):
-                    row = row * d + axis
-                return acc[row, i[-1]]
-            out = compute([*lead, n], view, name="dense_rows")
-            return topi.add(out, args[2]) if len(args) > 2 else out
+            return _dense_rows(acc, x, n, args[2] if len(args) > 2 else None)
         func, inputs, outputs = lower_kernel(kernel, rules={anchor: rule},
                                              placeholders={w_index: packed}, extra=[acc])
         x_index = next((i for i, t in enumerate(inputs) if t.same_as(seen.get("x"))), None)
@@ -199,15 +201,19 @@ def _rebuild(expr: Any, swap: Callable[[Any], Any]) -> Any:
     raise ValueError(f"an epilogue node the AMX fusion does not rebuild: {kind.__name__}")
 
 
-def _loads_of(expr: Any, buffer: Any) -> list[Any]:
-    """Every read of `buffer` in `expr`."""
+def _loads_of(expr: Any) -> list[Any]:
+    """Every buffer read in `expr` (ValueError, as `_rebuild`, for a node it does not know)."""
     found: list[Any] = []
-
-    def look(e: Any) -> None:
-        if _is_load(e, buffer):
-            found.append(e)
-    _rebuild(expr, lambda e: look(e))
+    _rebuild(expr, lambda e: found.append(e) if _is_load(e) else None)
     return found
+
+
+def _dense_rows(acc: Any, x: te.Tensor, n: int, bias: te.Tensor | None) -> te.Tensor:
+    """The GEMM's rows `acc` (x's leading dims flattened) as the layer's output [..., n],
+    plus its bias."""
+    lead = [int(d) for d in shape_of(x)[:-1]]
+    out = compute([*lead, n], lambda *i: acc[flatten(i, lead), i[-1]], name="dense_rows")
+    return topi.add(out, bias) if bias is not None else out
 
 
 def _elementwise_epilogue(block: Any, acc: Any, out: Any, gemm_shape: tuple[int, int],
@@ -226,13 +232,6 @@ def _elementwise_epilogue(block: Any, acc: Any, out: Any, gemm_shape: tuple[int,
     if (int(np.prod(lead)), int(out.shape[-1])) != gemm_shape:
         return None  # the output is not the GEMM's rows and columns
 
-    def point(row: Any, col: Any) -> list[Any]:
-        idx = []
-        for d in reversed(lead[1:]):
-            idx.append(row % d)
-            row = row // d
-        return [row, *reversed(idx), col]
-
     def at(index: list[Any]) -> Callable[[Any], Any]:
         mapping = dict(zip(ivars, index, strict=True))
         return lambda e: next((v for k, v in mapping.items() if k.same_as(e)), None) \
@@ -243,18 +242,19 @@ def _elementwise_epilogue(block: Any, acc: Any, out: Any, gemm_shape: tuple[int,
     analyzer.bind(row_v, tvm.ir.Range.from_min_extent(const(0), const(max(1, int(np.prod(lead))))))
     analyzer.bind(col_v, tvm.ir.Range.from_min_extent(const(0), const(int(out.shape[-1]))))
     try:
-        if any(_loads_of(body.value, buffer) for buffer in unread):
+        every = _loads_of(body.value)
+        if any(_is_load(e, buffer) for e in every for buffer in unread):
             return None
-        loads = _loads_of(body.value, acc)
+        loads = [e for e in every if _is_load(e, acc)]
         for load in loads:  # every read of the sums is of this element's own sum
-            r, c = (_rebuild(i, at(point(row_v, col_v))) for i in load.indices)
+            r, c = (_rebuild(i, at(unflatten(row_v, lead, col_v))) for i in load.indices)
             if not (analyzer.can_prove_equal(r, row_v) and analyzer.can_prove_equal(c, col_v)):
                 return None
     except ValueError:
         return None
 
     def store(buf: Any, value: Any, row: Any, col: Any) -> Any:
-        index = point(row, col)
+        index = unflatten(row, lead, col)
         swap = at(index)
         expr = _rebuild(body.value, lambda e: value if _is_load(e, acc) else swap(e))
         return tvm.tirx.BufferStore(buf, expr, index)
@@ -282,20 +282,8 @@ class DenseBf16Amx(_Amx, Dense):
             return fused
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-            x = args[0]
-            lead = list(x.shape[:-1])
-            trailing = [int(d) for d in lead[1:]]
-            acc = gemm_extern(self.precision, x, packed, n, order, row_group=group)
-
-            def view(*i: Any) -> Any:
-                row = i[0]
-                for axis, d in zip(i[1:-1], trailing, strict=True):
-                    row = row * d + axis
-                return acc[row, i[-1]]
-            out = compute(lead + [tvm.tirx.const(n, lo.index)], view, name="dense_rows")
-            if len(args) > 2:  # a linear's or a conv's bias
-                out = topi.add(out, args[2])
-            return out
+            acc = gemm_extern(self.precision, args[0], packed, n, order, row_group=group)
+            return _dense_rows(acc, args[0], n, args[2] if len(args) > 2 else None)
         return self.finish(problem, config, target, anchor, rule, packed, pack)
 
 
