@@ -13,6 +13,7 @@ import bitsmith
 from bitsmith.codegen.template import Target
 from bitsmith.codegen.tvm.amx import has_amx, has_amx_bf16
 from bitsmith.codegen.tvm.target import host_target
+from bitsmith.codegen.tvm.templates_a8 import has_vnni
 from bitsmith.errors import ArtifactError, InputError
 from bitsmith.runtime.host import request_amx
 from bitsmith.runtime.model import CompiledModel
@@ -158,3 +159,61 @@ def test_int8_error_that_adds_up_past_the_bound_says_what_to_do(monkeypatch) -> 
     with pytest.raises(MismatchError, match=r"the int8 rounding of 2 kernels adds up past the "
                                             r"model's int8 tolerance.*precision='bf16' or 'f32'"):
         bitsmith.compile(model, (x,), precision="int8")
+
+
+class Wide(Block):
+    """Output widths of whole 16-row VNNI tiles; K=48 is not a whole number of 32-wide
+    activation blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(48, 80)
+        self.down = torch.nn.Linear(80, 48)
+
+
+needs_vnni = pytest.mark.skipif(not has_vnni(host_target()), reason="needs AVX-512 VNNI")
+
+
+@needs_vnni
+def test_w4a8_runs_quantized_layers_on_int8_activation_blocks() -> None:
+    """quant= with precision="int8": the 4-bit codes multiply int8 activation blocks (both
+    layers on `qdense_i8`, the GELU one with its epilogue fused), within the int8 bound of
+    torch and of the same model with f32 activations, which it does differ from."""
+    torch.manual_seed(5)
+    model, x = Wide().eval(), torch.randn(2, 19, 48)
+    cm = bitsmith.compile(model, (x,), quant="w4g32", precision="int8")
+    f32 = bitsmith.compile(model, (x,), quant="w4g32")
+    steps = cm.artifact.manifest.plan["steps"]
+    assert [s["template"] for s in steps].count("qdense_i8") == 2
+    assert "qdense_i8" not in [s["template"] for s in f32.artifact.manifest.plan["steps"]]
+    assert "allowed 0.08 in int8" in (cm.checked or "")
+    assert "precision: int8 (int32 sums) in 2 of" in cm.report()
+    with torch.no_grad():
+        want = model(x).numpy()
+    got, ref = (np.asarray(c.executor.run(x.numpy())[0]) for c in (cm, f32))
+    scale = np.abs(want).max()
+    assert 0 < np.abs(got - ref).max() <= 8e-2 * scale  # int8 activations did run
+    assert np.abs(got - want).max() <= 8e-2 * scale
+    x[1, 4, 7] = float("nan")
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = np.asarray(cm.executor.run(x.numpy())[0])
+    assert (np.isnan(got) == np.isnan(want)).all() and np.isnan(got[1, 4]).all()
+
+
+def test_w4a8_on_a_cpu_without_vnni_keeps_f32_activations_and_says_so(monkeypatch) -> None:
+    from bitsmith.codegen.tvm import build
+
+    plain = Target(kind="llvm", mcpu=host_target().mcpu, cores=host_target().cores,
+                   isa=tuple(f for f in host_target().isa
+                             if f != "avx512_vnni" and not f.startswith("amx")),
+                   attrs=host_target().attrs)
+    monkeypatch.setattr(build, "host_target", lambda: plain)
+    torch.manual_seed(5)
+    model, x = Wide().eval(), torch.randn(2, 19, 48)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cm = bitsmith.compile(model, (x,), quant="w4g32", precision="int8")
+    assert any("no AVX-512 VNNI (2 kernels)" in str(w.message) for w in said)
+    assert "qdense_i8" not in [s["template"] for s in cm.artifact.manifest.plan["steps"]]
+    assert "precision: f32 in all" in cm.report()

@@ -96,9 +96,19 @@ def test_vnni_template_nan_inf_and_tiny_rows() -> None:
     assert check_module(module, pipeline="fuse", template="qdense_i8", inputs=[x]) == 1
 
 
+@needs_vnni
+@pytest.mark.parametrize("qt", [Q4_1, Q8_0, W3, I5_INT], ids=str)
+def test_vnni_template_fuses_an_elementwise_epilogue(qt: QuantType) -> None:
+    # gelu(x @ W^T + b): not adds alone, so the epilogue is lowered and run on each tile
+    module = qlinear_module(qt, 5, 48, 100, act="i8")
+    x = np.random.default_rng(6).standard_normal((5, 100)).astype(np.float32)
+    x[1, 3], x[4, 99] = np.nan, -np.inf
+    assert check_module(module, pipeline="fuse", template="qdense_i8", inputs=[x]) == 1
+
+
 @pytest.mark.parametrize("qt", [Q4_1, Q8_0, W3], ids=str)
 def test_generic_path_matches_interpreter(qt: QuantType) -> None:
-    # gelu in the epilogue: not an add, so no VNNI kernel; the generic lowering runs it
+    # 21 output rows are not whole 16-row tiles: no VNNI kernel; the generic lowering runs it
     module = qlinear_module(qt, 3, 21, 100, act="i8")
     x = np.random.default_rng(4).standard_normal((3, 100)).astype(np.float32)
     x[2, 7] = np.inf

@@ -26,6 +26,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from ...errors import CodegenError
 from ...ir import Operation
 from ...ir.dialects import graph, quant
 from ...ir.dialects.kernel import FusedOp
@@ -33,6 +34,7 @@ from ...ir.dtypes import IntType
 from ...ir.packing import unpack_rows
 from ...ir.types import GroupAxis, QuantType, ZeroPoint
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
+from .epilogue import Epilogue, Put, gemm_epilogue
 from .target import host_target
 from .templates import TvmKernel, TvmTemplate, _constant_input, _static
 
@@ -91,12 +93,22 @@ def pack_groups(param: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def qdense_i8_func(  # noqa: C901 - TVMScript: its branches are TIR, not Python
-        *, m: int, n: int, k: int, group: int, nibbles: bool, zero: str, offset: int,
-        addends: tuple[str, ...], tile_m: int) -> tvm.tirx.PrimFunc:
-    """The PrimFunc `(x, codes, scales, [zero,] [addend...,] out)` in a fixed order; `zero`
-    is "none", "int" (int32 zero points, offset included) or "min" (f32 minimums); each
-    addend is "bias" ([N]) or "full" ([M, N])."""
+def qdense_i8_func(**kwargs: Any) -> tvm.tirx.PrimFunc:
+    """`qdense_i8_body` without a fused epilogue (memoised: its arguments hash)."""
+    return qdense_i8_body(**kwargs)
+
+
+def qdense_i8_body(  # noqa: C901 - TVMScript: its branches are TIR, not Python
+        *, lead: tuple[int, ...], n: int, k: int, group: int, nibbles: bool, zero: str,
+        offset: int, addends: tuple[str, ...], tile_m: int, put: Put | None = None,
+        ) -> tvm.tirx.PrimFunc:
+    """The PrimFunc `(x, codes, scales, [zero,] [addend...,] out)` in a fixed order, for an
+    x [*lead, K] whose leading dims are its M rows; `zero` is "none", "int" (int32 zero
+    points, offset included) or "min" (f32 minimums); each addend is "bias" ([N]) or "full"
+    ([*lead, N]). With `put` (a fused elementwise epilogue, `put(out, value, row, column)`
+    the statement storing the output of that GEMM element), the output is written through
+    it (its other inputs: the caller's parameters, not this function's)."""
+    m = int(np.prod(lead))
     tiles, blocks = n // ROWS, -(-k // BLOCK)
     kp = blocks * BLOCK
     groups = 1 if group == 0 else -(-k // group)
@@ -107,8 +119,8 @@ def qdense_i8_func(  # noqa: C901 - TVMScript: its branches are TIR, not Python
     zdtype = "float32" if zero == "min" else "int32"
     add0 = addends[0] if addends else "none"
     add1 = addends[1] if len(addends) > 1 else "none"
-    a0_shape = (n,) if add0 == "bias" else (m, n)
-    a1_shape = (n,) if add1 == "bias" else (m, n)
+    a0_shape = (n,) if add0 == "bias" else (*lead, n)
+    a1_shape = (n,) if add1 == "bias" else (*lead, n)
     int_zero = zero == "int"
     min_zero = zero == "min"
     # signed codes were made unsigned by +offset: take offset * sum(xq) back where no integer
@@ -129,14 +141,24 @@ def qdense_i8_func(  # noqa: C901 - TVMScript: its branches are TIR, not Python
             T.reinterpret(T.broadcast(T.reinterpret(xword, dtype="int32"), ROWS),
                           dtype="int8x64"), dtype="int32x16")
 
+    fused = put is not None
+    store: Put = put if put is not None else _no_epilogue
+
     @T.prim_func(private=True, check_well_formed=False)
-    def kernel(x: T.Buffer((m, k), "float32"),  # noqa: C901
+    def kernel(xt: T.Buffer((*lead, k), "float32"),  # noqa: C901
                w: T.Buffer((tiles, blocks * chunks, 64), "uint8"),
                s: T.Buffer((tiles, groups, ROWS), "float32"),
                z: T.Buffer((tiles, groups, ROWS), zdtype),
-               a0: T.Buffer(a0_shape, "float32"), a1: T.Buffer(a1_shape, "float32"),
-               out: T.Buffer((m, n), "float32")):
+               a0t: T.Buffer(a0_shape, "float32"), a1t: T.Buffer(a1_shape, "float32"),
+               outt: T.Buffer((*lead, n), "float32")):
         T.func_attr({"tirx.noalias": True})
+        # the leading dims as rows: 2-D views of the tensors
+        x = T.decl_buffer((m, k), "float32", data=xt.data)
+        out = T.decl_buffer((m, n), "float32", data=outt.data)
+        if add0 == "full":
+            a0 = T.decl_buffer((m, n), "float32", data=a0t.data)
+        if add1 == "full":
+            a1 = T.decl_buffer((m, n), "float32", data=a1t.data)
         xq = T.alloc_buffer((m, kp), "int8")
         dd = T.alloc_buffer((m, blocks), "float32")
         xs = T.alloc_buffer((m, blocks), "float32")
@@ -211,17 +233,28 @@ def qdense_i8_func(  # noqa: C901 - TVMScript: its branches are TIR, not Python
                     if row < m:
                         y = facc[mi, lane]
                         if add0 == "bias":
-                            y = y + a0[T.ramp(t * ROWS, 1, ROWS)]
+                            y = y + a0t[T.ramp(t * ROWS, 1, ROWS)]
                         if add0 == "full":
-                            y = y + a0[row, T.ramp(t * ROWS, 1, ROWS)]
+                            y = y + a0[row, T.ramp(t * ROWS, 1, ROWS)]  # pyright: ignore[reportPossiblyUnboundVariable]
                         if add1 == "bias":
-                            y = y + a1[T.ramp(t * ROWS, 1, ROWS)]
+                            y = y + a1t[T.ramp(t * ROWS, 1, ROWS)]
                         if add1 == "full":
-                            y = y + a1[row, T.ramp(t * ROWS, 1, ROWS)]
-                        out[row, T.ramp(t * ROWS, 1, ROWS)] = T.Select(
-                            bad[row] != 0, T.broadcast(T.float32(np.nan), ROWS), y)
+                            y = y + a1[row, T.ramp(t * ROWS, 1, ROWS)]  # pyright: ignore[reportPossiblyUnboundVariable]
+                        if fused:  # the tile's 16 sums, through the epilogue
+                            yv = T.decl_buffer((ROWS,), "float32", scope="local")
+                            yv[lane] = T.Select(
+                                bad[row] != 0, T.broadcast(T.float32(np.nan), ROWS), y)
+                            for c in T.vectorized(ROWS):
+                                store(outt, yv[c], row, t * ROWS + c)
+                        else:
+                            out[row, T.ramp(t * ROWS, 1, ROWS)] = T.Select(
+                                bad[row] != 0, T.broadcast(T.float32(np.nan), ROWS), y)
 
     return kernel
+
+
+def _no_epilogue(out: Any, value: Any, row: Any, col: Any) -> Any:
+    raise AssertionError("qdense_i8 stores through an epilogue only when it has one")
 
 
 def select_params(func: Any, order: list[int]) -> tvm.tirx.PrimFunc:
@@ -236,7 +269,7 @@ class QDenseI8(TvmTemplate):
     """out = x @ W^T (+ bias, + residual) for `quant.linear` act=i8 on AVX-512 VNNI."""
 
     name = "qdense_i8"
-    version = 1
+    version = 2
     space = KnobSpace(Knob("TILE_M", (4, 1, 2, 8)))
     key = ("M", "N", "K", "qtype", "epilogue")
 
@@ -249,34 +282,38 @@ class QDenseI8(TvmTemplate):
             return None
         qtype: QuantType = anchor.weight.type.dtype
         x, (n, k) = anchor.x.type, anchor.weight.type.shape
-        if (not supported(qtype) or x.rank != 2 or not _static((*x.shape, n, k))
+        if (not supported(qtype) or x.rank < 2 or not _static((*x.shape, n, k))
                 or n % ROWS or _block_arg(op, anchor.x) is None):
             return None
+        lead = tuple(int(d) for d in x.shape[:-1])
         roles = {"x": _block_arg(op, anchor.x), "w": _constant_input(op, anchor.weight),
                  "s": _constant_input(op, anchor.scale)}
         if anchor.zero is not None:
             roles["z"] = _constant_input(op, anchor.zero)
-        addends = []
-        value = anchor.results[0]
-        for add in body[1:]:
-            if not isinstance(add, graph.BINARY_OPS["add"]) or len(addends) == 2:
-                return None
-            other = add.operands[1] if add.operands[0] is value else add.operands[0]
-            index = _block_arg(op, other)
-            shape = tuple(other.type.shape)
-            if index is None or value not in add.operands or other is value or \
-                    shape not in ((n,), (x.shape[0], n)) or str(other.type.dtype) != "f32":
-                return None
-            roles[f"a{len(addends)}"] = index
-            addends.append("bias" if shape == (n,) else "full")
-            value = add.results[0]
-        if any(i is None for i in roles.values()) or len(op.results) != 1 or \
-                op.results[0].type.shape != (x.shape[0], n):
+        if any(i is None for i in roles.values()) or len(op.results) != 1:
             return None
-        m = int(x.shape[0])
+        adds: dict[str, Any] = {}
+        addends = _addends(op, anchor, lead, n, adds)
+        roles.update(adds if addends is not None else {})
+        if addends is None:  # any other elementwise epilogue: fused into the tile loop
+            if self.epilogue(op, roles) is None:
+                return None
+            addends = ["fused"]
+        elif tuple(op.results[0].type.shape) != (*lead, n):
+            return None
         return Problem(self.name, {
-            "M": m, "N": n, "K": k, "qtype": str(qtype), "epilogue": ",".join(addends),
+            "M": int(np.prod(lead)), "lead": ",".join(map(str, lead)), "N": n, "K": k,
+            "qtype": str(qtype), "epilogue": ",".join(addends),
             "roles": ",".join(f"{r}={i}" for r, i in roles.items())}, op)
+
+    @staticmethod
+    def epilogue(op: FusedOp, roles: dict[str, Any]) -> Epilogue | None:
+        """The kernel's epilogue fused (`epilogue.gemm_epilogue`), or None."""
+        anchor = op.body_ops[0]
+        n, _ = (int(d) for d in anchor.weight.type.shape)
+        m = int(np.prod([int(d) for d in anchor.x.type.shape[:-1]]))
+        return gemm_epilogue(op, anchor, m, n, acc_shape=(m, n), placeholders={},
+                             operands=tuple(i for r, i in roles.items() if r != "x"))
 
     def valid(self, problem: Problem, config: Config) -> bool:
         return int(config["TILE_M"]) <= max(1, int(problem["M"]))
@@ -292,14 +329,25 @@ class QDenseI8(TvmTemplate):
         n, k = (int(d) for d in anchor.weight.type.shape)
         roles = {r: int(i) for r, i in (p.split("=") for p in str(problem["roles"]).split(","))}
         addends = tuple(a for a in str(problem["epilogue"]).split(",") if a)
+        found = self.epilogue(problem.kernel_op, roles) if addends == ("fused",) else None
         zero = {ZeroPoint.INT: "int", ZeroPoint.MIN: "min"}.get(qtype.zero_point, "none")
         nibbles = qtype.bits <= 4
         offset = code_offset(qtype)
-        func = qdense_i8_func(m=int(problem["M"]), n=n, k=k, group=qtype.group_size,
-                              nibbles=nibbles, zero=zero, offset=offset, addends=addends,
-                              tile_m=int(config["TILE_M"]))
+        lead = tuple(int(d) for d in str(problem["lead"]).split(","))
+        shape = {"lead": lead, "n": n, "k": k, "group": qtype.group_size, "nibbles": nibbles,
+                 "zero": zero, "offset": offset, "tile_m": int(config["TILE_M"])}
         slots = {"x": 0, "w": 1, "s": 2, "z": 3, "a0": 4, "a1": 5}
-        order = [slots[r] for r, _ in sorted(roles.items(), key=lambda ri: ri[1])] + [6]
+        if found is not None:  # the epilogue's own inputs are the lowered kernel's buffers
+            body: Any = qdense_i8_body(**shape, addends=(), put=found.put)
+            mine = {i: body.params[slots[r]] for r, i in roles.items()}
+            func = tvm.tirx.PrimFunc([mine.get(i, b) for i, b in enumerate(found.inputs)]
+                                     + [body.params[6]], body.body, body.ret_type, body.attrs)
+        elif addends == ("fused",):
+            raise CodegenError(f"qdense_i8: kernel '{problem.kernel_op.kernel_name}' matched "
+                               "with a fused epilogue that no longer lowers to one")
+        else:
+            order = [slots[r] for r, _ in sorted(roles.items(), key=lambda ri: ri[1])] + [6]
+            func = select_params(qdense_i8_func(**shape, addends=addends), order)
         packs: dict[int, tuple[str, Any]] = {
             roles["w"]: (f"vnni{'4' if nibbles else '8'}", lambda w: pack_codes(
                 unsigned_codes(w, qtype, n, k), nibbles)),
@@ -308,7 +356,28 @@ class QDenseI8(TvmTemplate):
             packs[roles["z"]] = (f"tiles16z{offset}", lambda v: pack_groups(
                 v, np.float32) if zero == "min" else pack_groups(
                     np.asarray(v).astype(np.int32) + offset, np.int32))
-        return TvmKernel(select_params(func, order), self.name, config, packs=packs)
+        return TvmKernel(func, self.name, config, packs=packs)
+
+
+def _addends(op: FusedOp, anchor: quant.LinearOp, lead: tuple[int, ...], n: int,
+             roles: dict[str, Any]) -> list[str] | None:
+    """The kernel's epilogue as at most two f32 adds of kernel inputs ("bias" [N] or "full"
+    [*lead, N]), their inputs put in `roles` (a0, a1); None when it is anything else."""
+    addends: list[str] = []
+    value = anchor.results[0]
+    for add in op.body_ops[1:]:
+        if not isinstance(add, graph.BINARY_OPS["add"]) or len(addends) == 2:
+            return None
+        other = add.operands[1] if add.operands[0] is value else add.operands[0]
+        index = _block_arg(op, other)
+        shape = tuple(other.type.shape)
+        if index is None or value not in add.operands or other is value or \
+                shape not in ((n,), (*lead, n)) or str(other.type.dtype) != "f32":
+            return None
+        roles[f"a{len(addends)}"] = index
+        addends.append("bias" if shape == (n,) else "full")
+        value = add.results[0]
+    return addends
 
 
 def _block_arg(kernel: FusedOp, value: Any) -> int | None:

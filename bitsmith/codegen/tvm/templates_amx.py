@@ -12,31 +12,30 @@ such models in f32 and says so).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import tvm
 import tvm.s_tir as s_tir
 from tvm import te, topi
 
 from ...ir import Operation
+from ...ir.dialects import quant
 from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
 from ...ir.dialects.kernel import FusedOp
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
+from . import templates_a8 as a8
 from .amx import (
     BLOCK,
     KINDS,
-    flatten,
     gemm,
     gemm_extern,
     has_amx,
     pack_bf16_panels,
     pack_int8_panels,
-    unflatten,
 )
+from .epilogue import dense_rows, gemm_epilogue
 from .lower import Lowering, lower_kernel
-from .schedule import auto_schedule, inline_injective, root_blocks
+from .schedule import auto_schedule
 from .target import vector_lanes
 from .templates import (
     ConvGemm,
@@ -109,43 +108,21 @@ class _Amx(TvmTemplate):
               pack: tuple[str, Any]) -> TvmKernel | None:
         """The kernel as one AMX GEMM whose epilogue (bias, activation, residual, reshapes)
         runs on each 32 x 32 block of sums while it is in L1 (`amx.gemm`'s `store`); None
-        when the kernel is not of that shape (x not a kernel input, more than one output,
-        an epilogue that does not inline into one elementwise block reading the sum of its
-        own element): the caller then builds it unfused."""
-        kernel: FusedOp = problem.kernel_op
+        when the kernel is not of that shape (`epilogue.gemm_epilogue`): the caller then
+        builds it unfused."""
         m, n, w_index = int(problem["M"]), int(problem["N"]), int(problem["w_index"])
-        acc = te.placeholder((-(-m // BLOCK) * BLOCK, -(-n // BLOCK) * BLOCK), "float32",
-                             name="amx_acc")
-        seen: dict[str, te.Tensor] = {}
-
-        def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-            seen["x"] = x = args[0]
-            return _dense_rows(acc, x, n, args[2] if len(args) > 2 else None)
-        func, inputs, outputs = lower_kernel(kernel, rules={anchor: rule},
-                                             placeholders={w_index: packed}, extra=[acc])
-        x_index = next((i for i, t in enumerate(inputs) if t.same_as(seen.get("x"))), None)
-        if len(outputs) != 1 or x_index is None or x_index == w_index or \
-                outputs[0].dtype != "float32":
-            return None  # (the fused function writes f32: a cast epilogue stays unfused)
-        sch = s_tir.Schedule(func)
-        inline_injective(sch)
-        blocks = root_blocks(sch)
-        if len(blocks) != 1:
+        found = gemm_epilogue(problem.kernel_op, anchor, m, n,
+                              acc_shape=(-(-m // BLOCK) * BLOCK, -(-n // BLOCK) * BLOCK),
+                              placeholders={w_index: packed}, operands=(w_index,))
+        if found is None:
             return None
-        params = list(sch.mod["main"].params)  # [acc, *inputs, out]: buffers
-        # the GEMM's own operands are the AMX function's parameters: an epilogue reading
-        # them (a residual of x itself) stays unfused
-        epilogue = _elementwise_epilogue(sch.get(blocks[0]), params[0], params[-1], (m, n),
-                                         (params[1 + x_index], params[1 + w_index]))
-        if epilogue is None:
-            return None
-        main: Any = gemm(self.precision, tuple(shape_of(inputs[x_index])), n,
-                         str(config["ORDER"]), tuple(shape_of(packed)),
+        main: Any = gemm(self.precision, tuple(int(d) for d in found.inputs[found.x_index].shape),
+                         n, str(config["ORDER"]), tuple(shape_of(packed)),
                          row_group=int(config["ROW_GROUP"]),
-                         store=(tuple(params[-1].shape), epilogue))
+                         store=(tuple(found.out.shape), found.put))
         x_buf, w_buf, out_buf = main.params
-        own = [x_buf if i == x_index else w_buf if i == w_index else params[1 + i]
-               for i in range(len(inputs))]
+        own = [x_buf if i == found.x_index else w_buf if i == w_index else buf
+               for i, buf in enumerate(found.inputs)]
         func = tvm.tirx.PrimFunc([*own, out_buf], main.body, attrs=main.attrs)
         return TvmKernel(func, self.name, config, packs={w_index: pack},
                          isa=(f"amx_{self.precision}", "amx_tile"))
@@ -161,104 +138,6 @@ class _Amx(TvmTemplate):
         auto_schedule(sch, lanes=vector_lanes(target), cores=target.cores, keep={"amx_gemm"})
         return TvmKernel(sch.mod["main"], self.name, config, packs={w_index: pack},
                          isa=(f"amx_{self.precision}", "amx_tile"))
-
-
-def _is_load(expr: Any, buffer: Any = None) -> bool:
-    """Whether `expr` is a buffer read (of `buffer`, if given): TVM 0.27's `TensorLoad`,
-    whose source is the buffer (a buffer is a Var)."""
-    return isinstance(expr, tvm.ir.TensorLoad) and (buffer is None
-                                                    or expr.source.same_as(buffer))
-
-
-def _rebuild(expr: Any, swap: Callable[[Any], Any]) -> Any:
-    """A TIR expression with every node for which `swap` returns something replaced by it
-    (TVM 0.27 keeps its expression mutators out of Python). ValueError for a node kind it
-    does not know."""
-    done = swap(expr)
-    if done is not None:
-        return done
-    again = lambda e: _rebuild(e, swap)  # noqa: E731
-    kind = type(expr)
-    if isinstance(expr, (tvm.tirx.Var, tvm.tirx.IntImm, tvm.tirx.FloatImm)) or \
-            kind.__name__ == "StringImm":
-        return expr
-    if hasattr(expr, "a") and hasattr(expr, "b"):  # arithmetic, comparison, logic, bitwise
-        return kind(again(expr.a), again(expr.b))
-    if hasattr(expr, "a"):  # Not
-        return kind(again(expr.a))
-    if isinstance(expr, tvm.tirx.Select):
-        return tvm.tirx.Select(again(expr.condition), again(expr.true_value),
-                               again(expr.false_value))
-    if isinstance(expr, tvm.tirx.Cast):
-        return tvm.tirx.Cast(str(expr.ty), again(expr.value))
-    if isinstance(expr, tvm.tirx.Let):
-        return tvm.tirx.Let(expr.var, again(expr.value), again(expr.body))
-    if _is_load(expr):
-        return tvm.tirx.BufferLoad(expr.source, [again(i) for i in expr.indices])
-    if isinstance(expr, tvm.ir.Call):
-        return tvm.ir.Call(expr.op, [again(a) for a in expr.args], expr.attrs, expr.ty_args,
-                           ret_ty=expr.ty)
-    raise ValueError(f"an epilogue node the AMX fusion does not rebuild: {kind.__name__}")
-
-
-def _loads_of(expr: Any) -> list[Any]:
-    """Every buffer read in `expr` (ValueError, as `_rebuild`, for a node it does not know)."""
-    found: list[Any] = []
-    _rebuild(expr, lambda e: found.append(e) if _is_load(e) else None)
-    return found
-
-
-def _dense_rows(acc: Any, x: te.Tensor, n: int, bias: te.Tensor | None) -> te.Tensor:
-    """The GEMM's rows `acc` (x's leading dims flattened) as the layer's output [..., n],
-    plus its bias."""
-    lead = [int(d) for d in shape_of(x)[:-1]]
-    out = compute([*lead, n], lambda *i: acc[flatten(i, lead), i[-1]], name="dense_rows")
-    return topi.add(out, bias) if bias is not None else out
-
-
-def _elementwise_epilogue(block: Any, acc: Any, out: Any, gemm_shape: tuple[int, int],
-                          unread: tuple[Any, ...] = ()) -> Any:
-    """`store(out, value, row, col)` for `amx.gemm` from an inlined epilogue block that writes
-    `out` at its own iteration point from reads of `acc` at that point's GEMM (row, column)
-    (rows: the output's leading dims flattened, `gemm_shape` (m, n) in all) and of no buffer
-    in `unread`; None when the block is not that."""
-    body = block.body
-    ivars = [iv.var for iv in block.iter_vars]
-    if not isinstance(body, tvm.tirx.BufferStore) or not body.buffer.same_as(out) or \
-            len(body.indices) != len(ivars) or block.init is not None or \
-            any(not i.same_as(v) for i, v in zip(body.indices, ivars, strict=True)):
-        return None
-    lead = [int(d) for d in out.shape[:-1]]
-    if (int(np.prod(lead)), int(out.shape[-1])) != gemm_shape:
-        return None  # the output is not the GEMM's rows and columns
-
-    def at(index: list[Any]) -> Callable[[Any], Any]:
-        mapping = dict(zip(ivars, index, strict=True))
-        return lambda e: next((v for k, v in mapping.items() if k.same_as(e)), None) \
-            if isinstance(e, tvm.tirx.Var) else None
-    row_v, col_v = tvm.tirx.Var("row", "int32"), tvm.tirx.Var("col", "int32")
-    analyzer = tvm.sym.Analyzer()
-    const = tvm.tirx.const
-    analyzer.bind(row_v, tvm.ir.Range.from_min_extent(const(0), const(max(1, int(np.prod(lead))))))
-    analyzer.bind(col_v, tvm.ir.Range.from_min_extent(const(0), const(int(out.shape[-1]))))
-    try:
-        every = _loads_of(body.value)
-        if any(_is_load(e, buffer) for e in every for buffer in unread):
-            return None
-        loads = [e for e in every if _is_load(e, acc)]
-        for load in loads:  # every read of the sums is of this element's own sum
-            r, c = (_rebuild(i, at(unflatten(row_v, lead, col_v))) for i in load.indices)
-            if not (analyzer.can_prove_equal(r, row_v) and analyzer.can_prove_equal(c, col_v)):
-                return None
-    except ValueError:
-        return None
-
-    def store(buf: Any, value: Any, row: Any, col: Any) -> Any:
-        index = unflatten(row, lead, col)
-        swap = at(index)
-        expr = _rebuild(body.value, lambda e: value if _is_load(e, acc) else swap(e))
-        return tvm.tirx.BufferStore(buf, expr, index)
-    return store
 
 
 @register_template
@@ -283,7 +162,7 @@ class DenseBf16Amx(_Amx, Dense):
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             acc = gemm_extern(self.precision, args[0], packed, n, order, row_group=group)
-            return _dense_rows(acc, args[0], n, args[2] if len(args) > 2 else None)
+            return dense_rows(acc, args[0], n, args[2] if len(args) > 2 else None)
         return self.finish(problem, config, target, anchor, rule, packed, pack)
 
 
@@ -357,19 +236,39 @@ def mark_precision(kernels: list[FusedOp], target: Target,
                    precision: str) -> tuple[list[str], str | None]:
     """Mark every kernel an AMX template of `precision` ("bf16" or "int8") computes (a linear
     layer, a matmul against a weight or an NHWC convolution, static shapes)
-    `precision = ...`; the names marked, and a one-line note when this CPU cannot run them
-    (nothing is marked: the model stays f32)."""
-    if not has_amx(target, precision):
-        unit = "AMX-BF16" if precision == "bf16" else "AMX-INT8"
-        return [], (f"precision={precision!r}: this CPU has no {unit} tile unit, so every "
-                    "kernel stays f32")
-    marked = []
+    `precision = ...`; with "int8", a quantized linear layer (`quant.linear` of integer codes
+    in whole activation blocks) multiplies its codes by int8 activation blocks instead
+    (`act="i8"`: W4A8/W8A8 on AVX-512 VNNI). The names marked, and a one-line note when this
+    CPU cannot run some of them (those stay f32)."""
+    amx = has_amx(target, precision)
+    vnni = precision == "int8" and a8.has_vnni(target)
+    marked: list[str] = []
+    skipped = {"tile": 0, "vnni": 0}
     for op in kernels:
+        anchor = op.body_ops[0] if op.body_ops else None
+        if isinstance(anchor, quant.LinearOp):
+            if precision == "int8" and anchor.act == "f32" and \
+                    a8.supported(anchor.weight.type.dtype):
+                if vnni:
+                    anchor.attributes["act"] = "i8"
+                    marked.append(op.kernel_name)
+                else:
+                    skipped["vnni"] += 1
+            continue
         if op.attributes.get("precision") is not None:
             continue
         op.attributes["precision"] = precision
         if all(t.match(op) is None for t in TEMPLATES[precision]):
             del op.attributes["precision"]
             continue
+        if not amx:
+            del op.attributes["precision"]
+            skipped["tile"] += 1
+            continue
         marked.append(op.kernel_name)
-    return marked, None
+    units = {"tile": f"AMX-{precision.upper()} tile unit", "vnni": "AVX-512 VNNI"}
+    lacks = [f"no {units[u]} ({n} kernels)" for u, n in skipped.items() if n]
+    if not lacks:
+        return marked, None
+    return marked, (f"precision={precision!r}: this CPU has {' and '.join(lacks)}, so those "
+                    "kernels stay f32")
