@@ -2,19 +2,20 @@
 
     python bench/vs_engines.py [--models bert-base resnet-50 minilm zoo] [--batch 1 8]
                                [--rounds 5] [--reps 5] [--threads 2] [--json FILE]
-                               [--tune 10m] [--skip ENGINE ...]
+                               [--tune 10m] [--quant w4g128] [--skip ENGINE ...]
     python bench/vs_engines.py --roofline [--threads 2] [--rounds 5]
 
 Every engine runs with the same thread count: bitsmith (untuned: the templates' default
 configs), torch eager, torch.compile, ONNX Runtime, OpenVINO with f32 inference and OpenVINO's
 default precision (bf16 on a CPU with AMX), and bitsmith with precision="bf16" and "int8"
-(AMX). Each
-engine's output is checked against torch
-eager before it is timed: f32 engines within 1e-3 of the output's range, a reduced-precision
-engine by cosine similarity (>= 0.99; reported). An engine that fails to load, convert or
-match is reported as such, never timed. Timing: `--rounds` rounds; in each, every engine (in
-a rotated order) runs `--reps` calls after one warm-up and its round median is kept; the table
-has the median over rounds and bitsmith's ratio to the fastest f32 rival.
+(AMX); with `--quant SPEC`, bitsmith with weights quantized to SPEC, its activations f32 and,
+with precision="int8", int8 blocks (W4A8 on AVX-512 VNNI). Each engine's output is checked
+against torch eager before it is timed: f32 engines within 1e-3 of the output's range, a
+reduced-precision or quantized engine by cosine similarity (>= 0.99; reported). An engine
+that fails to load, convert or match is reported as such, never timed. Timing: `--rounds`
+rounds; in each, every engine (in a rotated order) runs `--reps` calls after one warm-up and
+its round median is kept; the table has the median over rounds and bitsmith's ratio to the
+fastest f32 rival.
 
 Models: BERT-base (12 layers, hidden 768, sequence 128; random weights from its config),
 ResNet-50 (224 px; random weights), MiniLM-L6 (real weights, sequence 128), and the zoo.
@@ -135,13 +136,13 @@ def _agreement(got: np.ndarray, want: np.ndarray, precision: str) -> tuple[bool,
     return ok, f"rel {rel:.1e}, cos {cos:.5f}"
 
 
-def _bitsmith(case: Case, precision: str = "f32",
-              tune: str | None = None) -> Callable[[], np.ndarray]:
+def _bitsmith(case: Case, precision: str = "f32", tune: str | None = None,
+              quant: str | None = None) -> Callable[[], np.ndarray]:
     import bitsmith
     from bitsmith.compiler import example_arrays
 
     cm = bitsmith.compile(case.module, case.inputs, name=case.name.replace(":", "_"),
-                          precision=precision, tune=tune)
+                          precision=precision, tune=tune, quant=quant)
     arrays = example_arrays(cm.artifact, case.inputs, {})
     return lambda: cm.executor.run(*arrays)[0]
 
@@ -199,9 +200,10 @@ def _openvino(case: Case, threads: int, tmp: Path,
 
 
 def engines(case: Case, threads: int, tmp: Path, skip: set[str],
-            tune: str | None = None) -> list[Engine]:
+            tune: str | None = None, quant: str | None = None) -> list[Engine]:
     """Every engine loaded for `case`, each checked against torch eager; with `tune`, bitsmith
-    tuned with that budget too (after the untuned build, in the run's own cache)."""
+    tuned with that budget too (after the untuned build, in the run's own cache); with
+    `quant`, bitsmith with quantized weights (f32 and int8 activations)."""
     with torch.no_grad():
         want = case.module(*case.inputs).numpy()
     makers: list[tuple[str, Callable[[], Callable[[], np.ndarray]], str]] = [
@@ -209,6 +211,9 @@ def engines(case: Case, threads: int, tmp: Path, skip: set[str],
         ("bitsmith bf16", lambda: _bitsmith(case, "bf16"), "bf16"),
         ("bitsmith int8", lambda: _bitsmith(case, "int8"), "int8"),
         *([("bitsmith tuned", lambda: _bitsmith(case, tune=tune), "f32")] if tune else []),
+        *([(f"bitsmith {quant}", lambda: _bitsmith(case, quant=quant), "quant"),
+           (f"bitsmith {quant} int8", lambda: _bitsmith(case, "int8", quant=quant), "quant")]
+          if quant else []),
         ("torch eager", lambda: _torch(case, False), "f32"),
         ("torch.compile", lambda: _torch(case, True), "f32"),
         ("ONNX Runtime", lambda: _ort(case, threads, tmp), "f32"),
@@ -381,6 +386,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tune", metavar="BUDGET",
                         help="add bitsmith tuned with this budget per model (e.g. 10m)")
+    parser.add_argument("--quant", metavar="SPEC",
+                        help="add bitsmith with weights quantized to SPEC (e.g. w4g128), with "
+                             "f32 and with int8 activations")
     parser.add_argument("--roofline", action="store_true",
                         help="only the GEMM table: kernels against torch and the FMA peak")
     args = parser.parse_args()
@@ -396,18 +404,22 @@ def main() -> None:
     rows = []
     names = ["bitsmith", "bitsmith bf16", "bitsmith int8",
              *(["bitsmith tuned"] if args.tune else []),
+             *([f"bitsmith {args.quant}", f"bitsmith {args.quant} int8"] if args.quant else []),
              "torch eager", "torch.compile", "ONNX Runtime", "OpenVINO f32", "OpenVINO default"]
     print(f"torch {torch.__version__}; {args.threads} threads each; median over {args.rounds} "
           f"interleaved rounds of the median of {args.reps} calls\n", flush=True)
     print("| model | batch | " + " | ".join(f"{n} ms" for n in names)
           + " | bitsmith / fastest f32 rival | bitsmith bf16 / OpenVINO default |"
           + " bitsmith bf16 / bitsmith int8 |"
-          + (" bitsmith tuned / fastest f32 rival |" if args.tune else ""))
-    print("|---|---|" + "---|" * (len(names) + 3 + bool(args.tune)), flush=True)
+          + (" bitsmith tuned / fastest f32 rival |" if args.tune else "")
+          + (f" bitsmith {args.quant} / bitsmith {args.quant} int8 |" if args.quant else ""))
+    print("|---|---|" + "---|" * (len(names) + 3 + bool(args.tune) + bool(args.quant)),
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="bitsmith-vs-") as tmp:
         for case in cases(args.models, args.batch):
             try:
-                found = engines(case, args.threads, Path(tmp), set(args.skip), args.tune)
+                found = engines(case, args.threads, Path(tmp), set(args.skip), args.tune,
+                                args.quant)
             except Exception as exc:  # torch itself failed on the case: say so, go on
                 print(f"| {case.name} | {case.batch} | torch failed: {type(exc).__name__}: "
                       f"{str(exc)[:120]} |", flush=True)
@@ -440,9 +452,13 @@ def main() -> None:
             tuned = by_name.get("bitsmith tuned")
             tuned_ratio = ([f"{statistics.median(tuned.times) / min(rivals):.2f}"
                             if tuned and tuned.times and rivals else "-"] if args.tune else [])
+            wq, wq8 = (by_name.get(f"bitsmith {args.quant}{s}") for s in ("", " int8"))
+            quant_ratio = ([f"{statistics.median(wq.times) / statistics.median(wq8.times):.2f}"
+                            if wq and wq.times and wq8 and wq8.times else "-"]
+                           if args.quant else [])
             print(f"| {case.name} | {case.batch} | " + " | ".join(cells)
                   + f" | {ratio} | {low_ratio} | {int8_ratio} |"
-                  + "".join(f" {c} |" for c in tuned_ratio),
+                  + "".join(f" {c} |" for c in tuned_ratio + quant_ratio),
                   flush=True)
             rows.append({"model": case.name, "batch": case.batch, "engines": {
                 e.name: {"ms": statistics.median(e.times) * 1e3 if e.times else None,
