@@ -91,6 +91,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
         module.calibration = calibration_batches(module, calib)
     run(module, pipeline, verify=False)
     lowered = _lower_precision(module, precision, target, device)
+    smoothed = _calibrate_int8(module, example_inputs, example_kwargs or {}) \
+        if precision == "int8" and lowered else []
     batch = _example_batch(example_inputs)
     configs, measured = tuned_configs(module, tune, batch, progress,
                                       target=device if target == "cuda" else None)
@@ -112,7 +114,7 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
         error = selfcheck.largest_error(cm, example_arrays(artifact, example_inputs, kwargs),
                                         model=model, args=example_inputs, kwargs=kwargs)
         cm.artifact.manifest.metadata["precision"] = {"mode": precision, "kernels": lowered,
-                                                      "error": error}
+                                                      "error": error, "smoothed": smoothed}
     return cm
 
 
@@ -134,6 +136,20 @@ def _lower_precision(module: Module, precision: str, target: str, device: Any) -
     if note:
         warnings.warn(note, stacklevel=3)
     return marked
+
+
+def _calibrate_int8(module: Module, args: Sequence[Any], kwargs: Mapping[str, Any]
+                    ) -> list[str]:
+    """SmoothQuant for the int8 linear layers, on the calibration batches (`calib=`) or else
+    the example inputs; the kernels calibrated."""
+    from .codegen.tvm.templates_amx import calibrate_smoothing  # noqa: PLC0415
+
+    batches = module.calibration
+    if not batches:
+        named = {**dict(zip(module.input_names, args, strict=False)), **kwargs}
+        batches = [tuple(selfcheck.as_numpy(named[n]) if hasattr(named[n], "detach")
+                         else np.asarray(named[n]) for n in module.input_names)]
+    return calibrate_smoothing(module, batches)
 
 
 def example_arrays(artifact: Artifact, args: Sequence[Any],

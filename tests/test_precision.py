@@ -217,3 +217,31 @@ def test_w4a8_on_a_cpu_without_vnni_keeps_f32_activations_and_says_so(monkeypatc
     assert any("no AVX-512 VNNI (2 kernels)" in str(w.message) for w in said)
     assert "qdense_i8" not in [s["template"] for s in cm.artifact.manifest.plan["steps"]]
     assert "precision: f32 in all" in cm.report()
+
+
+@needs_amx_int8
+def test_int8_linear_layers_are_smoothquant_calibrated_on_calib_or_the_examples(
+        monkeypatch) -> None:
+    """Outlier channels in x: compile calibrates each int8 linear layer's factors on the
+    example inputs (or `calib=`), which brings it nearer torch than without; reported."""
+    from bitsmith import compiler
+
+    torch.manual_seed(7)
+    model, x = Wide().eval(), torch.randn(2, 19, 48)
+    x[..., 5] *= 60
+    x[..., 40] *= 30
+    cm = bitsmith.compile(model, (x,), precision="int8")
+    assert sorted(cm.artifact.manifest.metadata["precision"]["smoothed"]) == sorted(
+        cm.artifact.manifest.metadata["precision"]["kernels"])
+    assert "(SmoothQuant-calibrated)" in cm.report()
+    calibrated = bitsmith.compile(model, (x,), precision="int8", calib=[x[:1] * 2, x[1:]])
+    with torch.no_grad():
+        want = model(x).numpy()
+    errors = [np.abs(np.asarray(c.executor.run(x.numpy())[0]) - want).max()
+              for c in (cm, calibrated)]
+    monkeypatch.setattr(compiler, "_calibrate_int8", lambda *args: [])
+    plain = bitsmith.compile(model, (x,), precision="int8")
+    assert plain.artifact.manifest.metadata["precision"]["smoothed"] == []
+    unsmoothed = np.abs(np.asarray(plain.executor.run(x.numpy())[0]) - want).max()
+    assert max(errors) < unsmoothed
+    assert cm.artifact.weights.keys() != calibrated.artifact.weights.keys()  # other factors

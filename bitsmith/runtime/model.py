@@ -92,8 +92,11 @@ class CompiledModel:
                 f"output's largest magnitude" if isinstance(error, (int, float)) else "")
         mode = info.get("mode")
         sums = "int32 sums" if mode == "int8" else "f32 accumulation"
+        smoothed = {str(k) for k in info.get("smoothed", [])}
         return [f"precision: {mode} ({sums}) in {len(kernels)} of "
-                f"{len(steps)} kernels{said}", *(f"  {k}: {info.get('mode')}" for k in kernels)]
+                f"{len(steps)} kernels{said}",
+                *(f"  {k}: {mode}{' (SmoothQuant-calibrated)' if k in smoothed else ''}"
+                  for k in kernels)]
 
     def save(self, path: str | os.PathLike, *, key: bytes | str | None = None) -> None:
         """Write the artifact (`.bsm`) to `path`; with `key` (at least 16 secret bytes), sign

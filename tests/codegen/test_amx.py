@@ -12,6 +12,7 @@ from bitsmith.codegen.tvm.amx import (
     amx_tvm_target,
     bf16_bits,
     from_bf16_bits,
+    gemm,
     gemm_bf16,
     gemm_int8,
     has_amx,
@@ -112,6 +113,51 @@ def test_amx_int8_gemm_is_the_exact_integer_product_scaled(m: int, k: int, n: in
     assert np.abs(got[ok] - exact).max() <= 2e-2 * np.abs(exact).max()
     if m > 2:
         assert (got[1] == 0).all()
+
+
+@pytest.mark.skipif(not (has_amx(host_target(), "int8") and request_amx()),
+                    reason="needs a CPU with AMX-INT8 and Linux's tile permission")
+@pytest.mark.parametrize("m, k, n", [(37, 150, 70), (5, 64, 32)])
+def test_smoothed_int8_gemm_is_the_integer_product_of_x_over_s_and_w_times_s(
+        m: int, k: int, n: int) -> None:
+    """SmoothQuant: x / s quantized per row, W * s per column, the same exact integer
+    arithmetic; nearer the f32 product than unsmoothed where x has outlier channels."""
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    x[:, 3] *= 80  # outlier channels, as LayerNorm outputs have
+    x[:, k - 2] *= 40
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    s = np.sqrt(np.abs(x).max(0) / np.abs(w).max(0)).astype(np.float32)
+    x[m - 1, k - 1] = np.nan
+    ex = tvm.compile(tvm.IRModule({"main": gemm("int8", (m, k), n, smooth=True)}),
+                     target=amx_tvm_target(host_target()))
+    plain = tvm.compile(tvm.IRModule({"main": gemm_int8((m, k), n)}),
+                        target=amx_tvm_target(host_target()))
+    up = lambda v: -(-v // 32) * 32  # noqa: E731
+    got, unsmoothed = (tvm.runtime.empty((up(m), up(n)), "float32") for _ in range(2))
+    ex["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_int8_panels(w, smooth=s)), got)
+    plain["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_int8_panels(w)), unsmoothed)
+    got, unsmoothed = got.numpy()[:m, :n], unsmoothed.numpy()[:m, :n]
+    codes, scale = _int8_rows((x / s).astype(np.float32))
+    w_codes, w_scale = quantize_int8(w * s)
+    want = (codes @ w_codes.astype(np.int64).T) * scale[:, None] * w_scale[None, :]
+    assert np.isnan(got[m - 1]).all() and np.isfinite(got[:m - 1]).all()
+    ok = slice(0, m - 1)
+    assert np.abs(got[ok] - want[ok]).max() <= 1e-5 * np.abs(want[ok]).max()
+    exact = x[ok].astype(np.float64) @ w.astype(np.float64).T
+    assert np.abs(got[ok] - exact).max() < np.abs(unsmoothed[ok] - exact).max()
+
+
+def test_smoothing_factors_are_checked_and_packed_after_the_panels() -> None:
+    w = RNG.standard_normal((40, 70)).astype(np.float32)
+    s = RNG.uniform(0.5, 2, 70).astype(np.float32)
+    packed = pack_int8_panels(w, smooth=s)
+    assert packed.shape == (3, 128 // 4 + 1, 32, 4)  # 2 panels (K padded to 128), 1 of 1 / s
+    assert np.array_equal(packed[:2], pack_int8_panels(w * s))
+    assert np.allclose(packed[2].reshape(-1).view(np.float32)[:70], 1 / s)
+    for bad in (s[:69], np.where(np.arange(70) == 4, -1.0, s), np.where(
+            np.arange(70) == 9, np.nan, s)):
+        with pytest.raises(CodegenError, match="SmoothQuant factors"):
+            pack_int8_panels(w, smooth=bad.astype(np.float32))
 
 
 def test_an_int8_weight_must_be_finite() -> None:

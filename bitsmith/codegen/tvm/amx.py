@@ -202,7 +202,8 @@ TIR statement writing the output element(s) of that GEMM row and column given it
 def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa: C901
          w_shape: tuple[Any, ...] | None = None,
          rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-         row_group: int = 0, store: Store | None = None) -> tvm.tirx.PrimFunc:
+         row_group: int = 0, store: Store | None = None,
+         smooth: bool = False) -> tvm.tirx.PrimFunc:
     """The AMX GEMM of `kind` ("bf16" or "int8", `KINDS`) writing acc[mp, np] (f32, rows and
     columns padded to 32), for an x of static shape (..., k) whose leading dims are the rows.
     `order`: the (panel, row block) tasks panel-major ("nm": a core's consecutive tasks share
@@ -217,7 +218,12 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
     With `store` (a fused epilogue), the third parameter is the kernel's output instead of the
     padded result: each 32 x 32 block of sums goes from the tiles to a local block and through
     `store` while it is in L1 (vectorised over whole panels), rows and columns past (m, n)
-    never written."""
+    never written.
+
+    With `smooth` (int8: SmoothQuant), the packed weight has one more panel whose first K
+    f32 values are 1 / s per reduction index (`pack_int8_panels(smooth=s)`): each x value is
+    multiplied by its 1 / s before its row is quantized, the weight having been multiplied by
+    s before its columns were."""
     spec = KINDS[kind]
     fused = store is not None
     out_dims: tuple[Any, ...] = store[0] if store is not None else ()
@@ -229,7 +235,18 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
     panels, blocks, steps = np_ // BLOCK, mp // BLOCK, kp // spec.step
     x_dims = tuple(x_shape)
     w_rows = kp // spec.group + (1 if int8 else 0)  # int8: a last row of column scales
-    w_dims = tuple(w_shape) if w_shape is not None else (panels, w_rows, BLOCK, spec.group)
+    w_panels = panels + (1 if smooth else 0)  # smooth: a last panel of 1 / s
+    w_dims = tuple(w_shape) if w_shape is not None else (w_panels, w_rows, BLOCK, spec.group)
+    smooth_at = panels * w_rows * BLOCK  # where 1 / s starts, in f32 values
+
+    def xread(x: Any, ws: Any, i: Any, g: Any, c: Any) -> Any:
+        """x[row i, group g, value(s) c], times 1 / s (its reduction index's) if smoothed."""
+        v = read(x, i, g, c)
+        if not smooth:
+            return v
+        at = smooth_at + g * inner
+        return v * ws[T.Ramp(at + c.base, 1, c.lanes) if isinstance(c, tvm.tirx.Ramp)
+                      else at + c]
     acc_dims = tuple(out_dims) if fused else (mp, np_)
     whole_panels = n // BLOCK
 
@@ -254,7 +271,7 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
         xa = T.decl_buffer((mp, kp), spec.storage)
         sx = T.decl_buffer((mp,), "float32")
         # the column scales: f32 over the packed weight's bytes, panel p's at p * w_rows + last
-        ws = T.decl_buffer((panels * w_rows * BLOCK,), "float32", data=w.data)
+        ws = T.decl_buffer((w_panels * w_rows * BLOCK,), "float32", data=w.data)
         for i in T.parallel(mp):  # the left operand in bf16 / int8, zero-padded to blocks
             if i < m and not int8:
                 for g in range(groups):
@@ -275,16 +292,17 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
                     bad[j] = T.float32(0)
                 for g in range(groups):
                     for c in range(whole):
-                        big[T.Ramp(0, 1, CVT)] = T.max(
-                            big[T.Ramp(0, 1, CVT)], T.abs(read(x, i, g, T.Ramp(c * CVT, 1, CVT))))
+                        vx = xread(x, ws, i, g, T.Ramp(c * CVT, 1, CVT))
+                        big[T.Ramp(0, 1, CVT)] = T.max(big[T.Ramp(0, 1, CVT)], T.abs(vx))
                         # x * 0: NaN for NaN or inf (TVM folds it only for a scalar, whose
-                        # lanes below test with isfinite instead; both tested)
-                        bad[T.Ramp(0, 1, CVT)] = bad[T.Ramp(0, 1, CVT)] + read(
-                            x, i, g, T.Ramp(c * CVT, 1, CVT)) * T.Broadcast(T.float32(0), CVT)
+                        # lanes below test with isfinite instead; both tested); a smoothed
+                        # x that overflows is caught as well
+                        bad[T.Ramp(0, 1, CVT)] = bad[T.Ramp(0, 1, CVT)] + vx * T.Broadcast(
+                            T.float32(0), CVT)
                     for c in range(rest):
-                        big[c] = T.max(big[c], T.abs(read(x, i, g, whole * CVT + c)))
+                        big[c] = T.max(big[c], T.abs(xread(x, ws, i, g, whole * CVT + c)))
                         bad[c] = bad[c] + T.if_then_else(
-                            T.isfinite(read(x, i, g, whole * CVT + c)), T.float32(0),
+                            T.isfinite(xread(x, ws, i, g, whole * CVT + c)), T.float32(0),
                             T.float32(1))
                 amax = T.max(_lanes_max(big, CVT), T.float32(1e-30))
                 finite = _lanes_sum(bad, CVT) == T.float32(0)
@@ -294,11 +312,11 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
                     for c in range(whole):
                         xa[i, T.Ramp(g * inner + c * CVT, 1, CVT)] = T.Cast(
                             f"int8x{CVT}", T.nearbyint(T.if_then_else(
-                                finite, read(x, i, g, T.Ramp(c * CVT, 1, CVT)),
+                                finite, xread(x, ws, i, g, T.Ramp(c * CVT, 1, CVT)),
                                 T.Broadcast(T.float32(0), CVT)) * T.Broadcast(inv, CVT)))
                     for c in range(rest):
                         xa[i, g * inner + whole * CVT + c] = T.Cast("int8", T.nearbyint(
-                            T.if_then_else(finite, read(x, i, g, whole * CVT + c),
+                            T.if_then_else(finite, xread(x, ws, i, g, whole * CVT + c),
                                            T.float32(0)) * inv))
                 for c in range(kp - k):
                     xa[i, k + c] = T.int8(0)
@@ -382,11 +400,12 @@ def gemm(kind: str, x_shape: tuple[Any, ...], n: int, order: str = "nm",  # noqa
 
 def gemm_extern(kind: str, x: Any, w: Any, n: int, order: str,
                 rows: tuple[int, int, int, Callable[..., Any]] | None = None,
-                row_group: int = 0) -> Any:
+                row_group: int = 0, smooth: bool = False) -> Any:
     """`gemm` of `kind` as a `te.extern` over tensors x (..., k) f32 and w (the packed
     panels): the padded f32 result tensor. The extern's buffers are the function's own
     parameters, so its body is used as it is."""
-    func: Any = gemm(kind, tuple(x.shape), n, order, tuple(w.shape), rows, row_group)
+    func: Any = gemm(kind, tuple(x.shape), n, order, tuple(w.shape), rows, row_group,
+                     smooth=smooth)
     bufs = list(func.params)  # TVM 0.27: a buffer parameter is its buffer
     out = te.extern([bufs[2].shape], [x, w], lambda ins, outs: func.body, dtype=["float32"],
                     in_buffers=bufs[:2], out_buffers=[bufs[2]], name="amx_gemm")
@@ -411,16 +430,25 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale
 
 
-def pack_int8_panels(weight: np.ndarray, transposed: bool = True) -> np.ndarray:
+def pack_int8_panels(weight: np.ndarray, transposed: bool = True,
+                     smooth: np.ndarray | None = None) -> np.ndarray:
     """[N, K] (transposed) or [K, N] f32 -> int8 panels [N/32, K/4 + 1, 32, 4]: each column
     quantized by `quantize_int8`, its codes in groups of 4 along the reduction (K zero-padded
     to a multiple of 64, N to 32), the panel's last group row holding its 32 column scales
-    as f32 bytes."""
+    as f32 bytes. With `smooth` (s [K], SmoothQuant) the weight is multiplied by s along K
+    before it is quantized, and one more panel holds 1 / s (f32, from its start), which
+    `gemm(smooth=True)` multiplies each x value by."""
     w = weight if transposed else weight.T
     if not np.isfinite(w).all():
         raise CodegenError("an int8 weight must be finite: this one holds NaN or an "
                            "infinity; compile it with precision='bf16' or 'f32'")
     n, k = w.shape
+    s = None if smooth is None else np.asarray(smooth, np.float32)
+    if s is not None:
+        if s.shape != (k,) or not (np.isfinite(s).all() and (s > 0).all()):
+            raise CodegenError(f"SmoothQuant factors: expected {k} finite positive values, "
+                               f"got shape {s.shape}")
+        w = (w * s[None, :]).astype(np.float32)
     codes, scale = quantize_int8(w)
     npad, kpad = _up(n, BLOCK), _up(k, KINDS["int8"].step)
     full = np.zeros((npad, kpad), np.int8)
@@ -429,4 +457,9 @@ def pack_int8_panels(weight: np.ndarray, transposed: bool = True) -> np.ndarray:
     scales[:n] = scale
     panels = full.reshape(-1, BLOCK, kpad // 4, 4).transpose(0, 2, 1, 3)  # [P, K/4, 32, 4]
     tail = scales.reshape(-1, 1, BLOCK).view(np.int8).reshape(-1, 1, BLOCK, 4)
-    return np.ascontiguousarray(np.concatenate([panels, tail], axis=1))
+    packed = np.concatenate([panels, tail], axis=1)
+    if s is None:
+        return np.ascontiguousarray(packed)
+    extra = np.zeros(packed.shape[1:], np.int8)  # K/4 + 1 rows of 32 f32: room for K
+    extra.reshape(-1).view(np.float32)[:k] = np.float32(1) / s
+    return np.ascontiguousarray(np.concatenate([packed, extra[None]], axis=0))

@@ -12,16 +12,20 @@ such models in f32 and says so).
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tvm
 import tvm.s_tir as s_tir
 from tvm import te, topi
 
-from ...ir import Operation
+from ...ir import Module, Operation
 from ...ir.dialects import quant
 from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
 from ...ir.dialects.kernel import FusedOp
+from ...ir.interpreter import kernel_calls
 from ..template import Config, Knob, KnobSpace, Problem, Target, register_template
 from . import templates_a8 as a8
 from .amx import (
@@ -61,10 +65,6 @@ def amx_default(problem: Problem, target: Target) -> Config:
     return Config({"ORDER": "nm", "ROW_GROUP": group})
 
 
-PACKS = {"bf16": pack_bf16_panels, "int8": pack_int8_panels}
-"""How each AMX flavour packs a weight [N, K] (transposed) or [K, N]."""
-
-
 class _Amx(TvmTemplate):
     """What the AMX templates share: kernels of static rows in `precision` ("bf16" or
     "int8", `amx.KINDS`), work-item knobs."""
@@ -96,13 +96,26 @@ class _Amx(TvmTemplate):
         kind = KINDS[self.precision]
         k = -(-int(problem["K"]) // kind.step) * kind.step
         rows = k // kind.group + (1 if self.precision == "int8" else 0)
-        return te.placeholder((-(-int(problem["N"]) // BLOCK), rows, BLOCK, kind.group),
-                              kind.storage, name="packed")
+        panels = -(-int(problem["N"]) // BLOCK) + (1 if self.smooth(problem) is not None else 0)
+        return te.placeholder((panels, rows, BLOCK, kind.group), kind.storage, name="packed")
 
-    def pack(self, matrix: Any, transposed: bool) -> tuple[str, Any]:
+    def smooth(self, problem: Problem) -> np.ndarray | None:
+        """The SmoothQuant factors s [K] an int8 kernel was calibrated with (its `smooth`
+        attribute, `calibrate_smoothing`), or None."""
+        factors = problem.kernel_op.attributes.get("smooth")
+        if self.precision != "int8" or not factors:
+            return None
+        return np.asarray(factors, np.float32)
+
+    def pack(self, problem: Problem, matrix: Any, transposed: bool) -> tuple[str, Any]:
         """The weight's packing: its layout name and function (of the stored weight)."""
-        fn = PACKS[self.precision]
-        return f"amx_{self.precision}_panels", lambda w: fn(matrix(w), transposed)
+        if self.precision == "bf16":
+            return "amx_bf16_panels", lambda w: pack_bf16_panels(matrix(w), transposed)
+        s = self.smooth(problem)
+        # a weight shared by kernels smoothed apart is packed once per factor vector
+        name = ("amx_int8_panels" if s is None else
+                f"amx_int8_smooth_{hashlib.sha256(s.tobytes()).hexdigest()[:12]}")
+        return name, lambda w: pack_int8_panels(matrix(w), transposed, smooth=s)
 
     def fused(self, problem: Problem, config: Config, anchor: Operation, packed: te.Tensor,
               pack: tuple[str, Any]) -> TvmKernel | None:
@@ -119,7 +132,8 @@ class _Amx(TvmTemplate):
         main: Any = gemm(self.precision, tuple(int(d) for d in found.inputs[found.x_index].shape),
                          n, str(config["ORDER"]), tuple(shape_of(packed)),
                          row_group=int(config["ROW_GROUP"]),
-                         store=(tuple(found.out.shape), found.put))
+                         store=(tuple(found.out.shape), found.put),
+                         smooth=self.smooth(problem) is not None)
         x_buf, w_buf, out_buf = main.params
         own = [x_buf if i == found.x_index else w_buf if i == w_index else buf
                for i, buf in enumerate(found.inputs)]
@@ -155,13 +169,15 @@ class DenseBf16Amx(_Amx, Dense):
         n = int(problem["N"])
         packed = self.packed(problem)
         order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
-        pack = self.pack(as_matrix, bool(problem["transposed"]))
+        pack = self.pack(problem, as_matrix, bool(problem["transposed"]))
+        smooth = self.smooth(problem) is not None
         fused = self.fused(problem, config, anchor, packed, pack)
         if fused is not None:
             return fused
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
-            acc = gemm_extern(self.precision, args[0], packed, n, order, row_group=group)
+            acc = gemm_extern(self.precision, args[0], packed, n, order, row_group=group,
+                              smooth=smooth)
             return dense_rows(acc, args[0], n, args[2] if len(args) > 2 else None)
         return self.finish(problem, config, target, anchor, rule, packed, pack)
 
@@ -184,6 +200,7 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
         packed = self.packed(problem)
         order, group = str(config["ORDER"]), int(config["ROW_GROUP"])
+        smooth = self.smooth(problem) is not None
 
         def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
             xp = padded_input(args[0], op)
@@ -194,15 +211,15 @@ class ConvGemmBf16Amx(_Amx, ConvGemm):
                 return xb[i // (oh * ow), pix // ow * sh + g // kw * dh,
                           pix % ow * sw + g % kw * dw, ic]
             acc = gemm_extern(self.precision, xp, packed, n, order,
-                                   rows=(batch * oh * ow, kh * kw, cin, window),
-                                   row_group=group)
+                              rows=(batch * oh * ow, kh * kw, cin, window),
+                              row_group=group, smooth=smooth)
             out = compute(lo.shape(op.result.type),
                           lambda b, y, xx, c: acc[(b * oh + y) * ow + xx, c], name="dense_rows")
             if len(args) > 2:
                 out = topi.add(out, args[2])
             return out
         return self.finish(problem, config, target, conv, rule, packed,
-                           self.pack(lambda w: w.reshape(-1, w.shape[-1]), False))
+                           self.pack(problem, lambda w: w.reshape(-1, w.shape[-1]), False))
 
 
 @register_template
@@ -211,7 +228,7 @@ class DenseInt8Amx(DenseBf16Amx):
     scale (dynamic, per token), W per output channel, int32 sums, on AMX tiles."""
 
     name = "dense_int8_amx"
-    version = 1
+    version = 2
     precision = "int8"
 
 
@@ -221,7 +238,7 @@ class ConvGemmInt8Amx(ConvGemmBf16Amx):
     window quantized on its own scale, the weight per output channel, int32 sums."""
 
     name = "conv_gemm_int8_amx"
-    version = 1
+    version = 2
     precision = "int8"
 
 
@@ -272,3 +289,50 @@ def mark_precision(kernels: list[FusedOp], target: Target,
         return marked, None
     return marked, (f"precision={precision!r}: this CPU has {' and '.join(lacks)}, so those "
                     "kernels stay f32")
+
+
+SMOOTH_ALPHA = 0.5
+"""SmoothQuant's migration strength: s = max|x|^a / max|W|^(1 - a) per reduction index."""
+
+SMOOTH_RANGE = (1e-4, 1e4)
+"""s is clipped to this range (an x * (1 / s) that overflows comes out NaN, never wrong)."""
+
+
+def calibrate_smoothing(module: Module, batches: Sequence[Sequence[np.ndarray]]) -> list[str]:
+    """SmoothQuant for the int8 linear layers of a fused module: each reduction index's
+    largest |x| over the calibration `batches` (input tuples in the module's order) and
+    largest |W| set the kernel's `smooth` factors (`SMOOTH_ALPHA`), which move the range of
+    an activation's outlier channels into the weight before both are quantized. The names of
+    the kernels calibrated."""
+    template = DenseInt8Amx()
+    wanted: dict[Operation, tuple[int, int, bool]] = {}
+    for op in module.ops:
+        if not isinstance(op, FusedOp) or op.attributes.get("precision") != "int8":
+            continue
+        problem = template.match(op)
+        anchor = next((o for o in op.body_ops if isinstance(o, (LinearOp, MatmulOp))
+                       or pointwise_conv(o)), None)
+        x_index = next((i for i, a in enumerate(op.regions[0].block.args)
+                        if anchor is not None and a is anchor.operands[0]), None)
+        if problem is None or x_index is None:
+            continue
+        wanted[op] = (x_index, int(problem["w_index"]), bool(problem["transposed"]))
+    big_x: dict[Operation, np.ndarray] = {}
+    big_w: dict[Operation, np.ndarray] = {}
+    for batch in batches:
+        for op, inputs, _ in kernel_calls(module, batch):
+            if op not in wanted:
+                continue
+            xi, wi, transposed = wanted[op]
+            x = np.abs(np.asarray(inputs[xi], np.float32))
+            x = np.where(np.isfinite(x), x, 0).reshape(-1, x.shape[-1]).max(axis=0)
+            big_x[op] = np.maximum(big_x[op], x) if op in big_x else x
+            w = np.abs(as_matrix(np.asarray(inputs[wi], np.float32)))
+            big_w[op] = w.max(axis=0 if transposed else 1)
+    for op, x in big_x.items():
+        w = big_w[op]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = x ** SMOOTH_ALPHA / w ** (1 - SMOOTH_ALPHA)
+        s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+        op.attributes["smooth"] = tuple(float(v) for v in np.clip(s, *SMOOTH_RANGE))
+    return [str(op.attributes["name"]) for op in big_x]

@@ -55,7 +55,9 @@ class FusedOp(Operation):
     OPERANDS = ("*inputs",)
     ATTRS = {"kind": attr("str", choices=KERNEL_KINDS), "name": attr("str"),
              # the arithmetic its contraction may run in (None: the types' own, f32)
-             "precision": attr("str", None, choices=KERNEL_PRECISIONS, optional=True)}
+             "precision": attr("str", None, choices=KERNEL_PRECISIONS, optional=True),
+             # int8: SmoothQuant factors s per reduction index (x / s, W * s), calibrated
+             "smooth": attr("floats", None, optional=True)}
     NUM_REGIONS = 1
     RESULT_TYPES_GIVEN = True
     NUM_RESULTS: ClassVar[int | None] = None
