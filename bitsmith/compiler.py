@@ -14,6 +14,7 @@ import numpy as np
 
 from . import selfcheck
 from .autotune.cache import LibraryCache
+from .autotune.candidates import Runner
 from .autotune.policy import keep_in_model_winners, tuned_configs
 from .codegen.backend import Backend
 from .codegen.template import Config
@@ -51,12 +52,13 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
             quant: str | None = None, calib: Iterable[Any] | None = None,
             progress: bool = False, check: bool = True,
             dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None,
-            precision: str = "f32") -> CompiledModel:
+            precision: str = "f32", runner: Runner | None = None) -> CompiledModel:
     """Compile a torch model for `target`; returns a callable, savable CompiledModel.
 
     `tune` (trials, or a time like "10m") tunes every kernel that this device's cache does not
     hold yet; without it, cached tuned configs are still used and the rest run their template's
-    default config.
+    default config. `runner` measures the candidates (e.g. `autotune.RayRunner("auto")`: builds
+    and timings spread over a Ray cluster); a local worker pool by default.
 
     `quant` quantizes the weights of linear layers and convs (a spec such as "w4g128",
     "w3g128:gptq", "f6e3m2g64"; see `passes.quant_spec`); `calib` is an iterable of input
@@ -95,7 +97,8 @@ def compile(model: Any, example_inputs: Sequence[Any], *, target: str = "cpu",
         if precision == "int8" and lowered else []
     batch = _example_batch(example_inputs)
     configs, measured = tuned_configs(module, tune, batch, progress,
-                                      target=device if target == "cuda" else None)
+                                      target=device if target == "cuda" else None,
+                                      runner=runner)
     artifact = builder.build(module, configs, progress=progress)
     if measured and target == "cpu":  # winners of isolated timing must also win in the model
         arrays = example_arrays(artifact, example_inputs, example_kwargs or {})

@@ -30,3 +30,10 @@ def test_llm_runtime_imports_without_the_compiler() -> None:
                            ["torch", "transformers", "gguf", "bitsmith.frontend",
                             "bitsmith.passes", "bitsmith.autotune", "bitsmith.codegen",
                             "bitsmith.llm.build"])
+
+
+def test_the_single_machine_path_never_imports_ray() -> None:
+    """Ray (the `cluster` extra) loads only when a RayRunner or a Ray deployment is made."""
+    assert_imports_without(["bitsmith", "bitsmith.compiler", "bitsmith.autotune",
+                            "bitsmith.autotune.tuner", "bitsmith.autotune.ray_runner",
+                            "bitsmith.cli", "bitsmith.serving.server"], ["ray"])

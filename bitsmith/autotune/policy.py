@@ -14,6 +14,7 @@ from ..ir import Module
 from ..runtime.artifact import Artifact
 from ..runtime.executor import Executor
 from .cache import LibraryCache
+from .candidates import Runner
 from .database import TuningDatabase, default_database_path
 from .tuner import Budget, Tuner, timing_regime
 
@@ -27,11 +28,14 @@ def profile_kernels(artifact: Artifact, arrays: Sequence[np.ndarray]) -> dict[st
 
 
 def model_tuner(module: Module, batch: int, database: TuningDatabase,
-                progress: bool = False, target: Target | None = None) -> Tuner:
-    """A tuner for this model's kernels at `batch` on `target` (this CPU unless given). On the
-    CPU it times them hot or cold as the whole model (weights and activations) fits in the
-    last-level cache or not; on a GPU, hot (its L2 holds what a kernel just wrote)."""
-    tuner = Tuner(target=target, database=database, bindings={"B": batch}, progress=progress)
+                progress: bool = False, target: Target | None = None,
+                runner: Runner | None = None) -> Tuner:
+    """A tuner for this model's kernels at `batch` on `target` (this CPU unless given),
+    measuring with `runner` (a local worker pool unless given). On the CPU it times them hot
+    or cold as the whole model (weights and activations) fits in the last-level cache or not;
+    on a GPU, hot (its L2 holds what a kernel just wrote)."""
+    tuner = Tuner(target=target, database=database, bindings={"B": batch}, progress=progress,
+                  runner=runner)
     tuner.timing = ("hot" if tuner.target.kind == "cuda"
                     else timing_regime(kernels_of(module), tuner.bindings, tuner.fingerprint))
     return tuner
@@ -39,12 +43,14 @@ def model_tuner(module: Module, batch: int, database: TuningDatabase,
 
 def tuned_configs(module: Module, tune: int | str | None, batch: int,
                   progress: bool = False, target: Target | None = None,
-                  ) -> tuple[dict[str, Config], bool]:
+                  runner: Runner | None = None) -> tuple[dict[str, Config], bool]:
     """The tuned config of each kernel (by name) that has one, tuned now (within the budget
-    `tune`) or from the cache, and whether anything was measured now."""
+    `tune`, measured by `runner` if given) or from the cache, and whether anything was
+    measured now. A given runner stays open (its owner closes it)."""
     kernels = kernels_of(module)
     with TuningDatabase(default_database_path()) as database:
-        tuner = model_tuner(module, batch, database, progress=progress, target=target)
+        tuner = model_tuner(module, batch, database, progress=progress, target=target,
+                            runner=runner)
         try:
             if tune is None:
                 return tuner.cached_configs(kernels), False
@@ -52,7 +58,8 @@ def tuned_configs(module: Module, tune: int | str | None, batch: int,
             configs = tuner.tune(kernels, Budget.parse(tune))
             return configs, database.count() > before
         finally:
-            tuner.close()
+            if runner is None:  # the tuner's own worker pool
+                tuner.close()
 
 
 def keep_in_model_winners(module: Module, artifact: Artifact, configs: Mapping[str, Config],

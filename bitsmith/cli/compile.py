@@ -6,10 +6,11 @@ imports torch) is imported inside the commands that need it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ def add_parsers(sub: Any) -> None:
     comp.add_argument("--pipeline", help="passes to run (default: the target's pipeline)")
     comp.add_argument("--tune", metavar="BUDGET",
                       help="tune kernels not in the cache first: trials (200) or time (10m)")
+    comp.add_argument("--ray", metavar="ADDRESS",
+                      help="with --tune: measure on a Ray cluster ('auto': the one 'ray start' "
+                           "made; needs bitsmith[cluster])")
     comp.add_argument("--quant", metavar="SPEC",
                       help="quantize linear weights: w4g128, w3g128:gptq, f6e3m2g64, ...")
     comp.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32",
@@ -64,6 +68,10 @@ def add_parsers(sub: Any) -> None:
                       help="sequence length of a token model's inputs (default 16)")
     tune.add_argument("--search", choices=("model", "random"), default="model",
                       help="model-guided evolutionary search (default) or random search")
+    tune.add_argument("--ray", metavar="ADDRESS",
+                      help="build and time on a Ray cluster ('auto': the one 'ray start' made; "
+                           "needs bitsmith[cluster]): builds anywhere, timings on its nodes of "
+                           "this machine's device fingerprint")
     tune.set_defaults(func=cmd_tune)
     run = sub.add_parser("run", help="run a .bsm artifact on .npy inputs")
     run.add_argument("artifact")
@@ -110,14 +118,28 @@ def _load(name: str, seq: int | None = None) -> Any:
 def _compile(loaded: Any, batch: int, dynamic: bool, pipeline: str | None,
              tune: str | None = None, quant: str | None = None,
              calib: list[tuple[np.ndarray, ...]] | None = None, check: bool = True,
-             dynamic_seq: bool = False, precision: str = "f32") -> Any:
+             dynamic_seq: bool = False, precision: str = "f32", ray: str | None = None) -> Any:
     from .. import compiler  # noqa: PLC0415 - imports torch; `run` must not
 
     args, kwargs = loaded.call_args(batch)
-    return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
-                            dynamic_batch=dynamic, pipeline=pipeline, tune=tune, progress=True,
-                            quant=quant, calib=calib, check=check, precision=precision,
-                            dynamic_dims=loaded.dynamic_dims() if dynamic_seq else None)
+    with _ray_runner(ray) as runner:
+        return compiler.compile(loaded.module, args, example_kwargs=kwargs, name=loaded.name,
+                                dynamic_batch=dynamic, pipeline=pipeline, tune=tune,
+                                progress=True, quant=quant, calib=calib, check=check,
+                                precision=precision, runner=runner,
+                                dynamic_dims=loaded.dynamic_dims() if dynamic_seq else None)
+
+
+@contextlib.contextmanager
+def _ray_runner(address: str | None) -> Iterator[Any]:
+    """A RayRunner on the cluster at `address` (closed after), or None without one."""
+    if address is None:
+        yield None
+        return
+    from ..autotune.ray_runner import RayRunner  # noqa: PLC0415 - Ray only when asked
+
+    with RayRunner(address) as runner:
+        yield runner
 
 
 def load_calibration(path: str, names: tuple[str, ...]) -> list[tuple[np.ndarray, ...]]:
@@ -147,9 +169,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     module = compiler.fused_module(loaded, args.batch)
     kernels = kernels_of(module)
     start = time.perf_counter()
-    with TuningDatabase(default_database_path()) as database:
+    with TuningDatabase(default_database_path()) as database, _ray_runner(args.ray) as runner:
         tuner = Tuner(database=database, bindings={"B": args.batch}, search=args.search,
-                      progress=True)
+                      progress=True, runner=runner)
         try:
             before = tuner.cached_configs(kernels)
             configs = tuner.tune(kernels, budget)
@@ -174,9 +196,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     loaded = _load(args.model, args.seq)
     start = time.perf_counter()
     calib = load_calibration(args.calib, loaded.input_names) if args.calib else None
+    if args.ray and not args.tune:
+        raise CliError("--ray measures what --tune tunes: give --tune BUDGET too")
     cm = _compile(loaded, args.batch, args.dynamic_batch, args.pipeline, args.tune,
                   args.quant, calib, check=not args.no_check, dynamic_seq=args.dynamic_seq,
-                  precision=args.precision)
+                  precision=args.precision, ray=args.ray)
     seconds = time.perf_counter() - start
     out = Path(args.output or f"{loaded.name}.bsm")
     cm.save(out, key=key)
