@@ -6,6 +6,7 @@ The timings are stand-ins of known cost (a function of the config), so that winn
 deterministic and the nodes, which share this machine's cores, can be compared."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from bitsmith.autotune.candidates import MeasureInput, MeasureOptions, MeasureResult  # noqa: E402
 from bitsmith.autotune.ray_runner import RayRunner  # noqa: E402
 from bitsmith.errors import TuningError  # noqa: E402
+
+from .test_tuner import _kernels  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -74,6 +78,30 @@ def cluster(tmp_path_factory):
     c.shutdown()
 
 
+@contextlib.contextmanager
+def killed_when_busy(cluster: Cluster, victim, marks: Path) -> Iterator[None]:
+    """Timings slowed down while the body runs; `victim` removed from the cluster as soon as
+    it has started one."""
+    for f in marks.iterdir():
+        f.unlink()
+    (marks / SLOW_FLAG).write_text("")
+
+    def kill() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(f.name.startswith(victim.node_id) for f in marks.iterdir()):
+                (marks / SLOW_FLAG).unlink()
+                cluster.remove_node(victim)
+                return
+            time.sleep(0.05)
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        yield
+    finally:
+        killer.join()
+
+
 def _inputs(n: int, bad: int = -1) -> list[MeasureInput]:
     return [MeasureInput("kernel text", "dense", json.dumps({"TILE_M": i, "TILE_N": 2 * i,
                                                              "X": "BAD" if i == bad else "ok"}))
@@ -118,25 +146,11 @@ def test_a_fingerprint_no_node_has_is_refused(cluster) -> None:
 
 def test_a_node_killed_mid_round_loses_no_candidate(cluster) -> None:
     c, nodes, marks = cluster
-    for f in marks.iterdir():
-        f.unlink()
-    (marks / SLOW_FLAG).write_text("")
     victim = nodes[0]
     with _runner(options=MeasureOptions(run_timeout=60)) as runner:
         assert victim.node_id in runner.devices()
-
-        def kill_when_busy() -> None:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:  # the victim has started a timing
-                if any(f.name.startswith(victim.node_id) for f in marks.iterdir()):
-                    (marks / SLOW_FLAG).unlink()
-                    c.remove_node(victim)
-                    return
-                time.sleep(0.05)
-        killer = threading.Thread(target=kill_when_busy)
-        killer.start()
-        results = runner.run(_inputs(6))
-        killer.join()
+        with killed_when_busy(c, victim, marks):
+            results = runner.run(_inputs(6))
         assert all(r.ok for r in results), [r.error for r in results]
         assert victim.node_id not in runner.devices()
     assert not math.isinf(max(r.median for r in results))
@@ -154,20 +168,6 @@ class InProcess:
         pass
 
 
-def _mlp_kernels() -> list:
-    import torch
-
-    from bitsmith import models, passes
-    from bitsmith.frontend import from_torch
-
-    spec = models.get("mlp")
-    torch.manual_seed(0)
-    module = from_torch(spec.build().eval(), spec.example_inputs(2), name="mlp",
-                        dynamic_batch=True)
-    passes.run(module, passes.default_pipeline("cpu"))
-    return [op for op in module.ops if op.name == "kernel.fused"]
-
-
 def _tune(tmp_path: Path, name: str, runner, monkeypatch, trials: int = 30):
     """Tune the MLP with its own database, cache and cost model (which a tuner saves and the
     next one on the device loads)."""
@@ -179,7 +179,7 @@ def _tune(tmp_path: Path, name: str, runner, monkeypatch, trials: int = 30):
     db = TuningDatabase(tmp_path / f"{name}.sqlite3")
     tuner = Tuner(database=db, cache=ArtifactCache(tmp_path / name), runner=runner, batch=8,
                   seed=3)
-    kernels = _mlp_kernels()
+    kernels = _kernels("mlp")
     configs = tuner.tune(kernels, trials)
     records = [r for task in tuner.tasks(kernels) for r in db.records(task.key, tuner.fp)]
     return configs, db, records
@@ -201,25 +201,11 @@ def test_a_node_killed_mid_tuning_loses_nothing_recorded(cluster, tmp_path,
     """Every trial recorded once though its node died; a second driver tuning on with the same
     database (the first one's cache gone) measures only configs not recorded yet."""
     c, nodes, marks = cluster
-    for f in marks.iterdir():
-        f.unlink()
-    (marks / SLOW_FLAG).write_text("")
     victim = nodes[1]
     with _runner() as runner:
         assert victim.node_id in runner.devices()
-
-        def kill_when_busy() -> None:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if any(f.name.startswith(victim.node_id) for f in marks.iterdir()):
-                    (marks / SLOW_FLAG).unlink()
-                    c.remove_node(victim)
-                    return
-                time.sleep(0.05)
-        killer = threading.Thread(target=kill_when_busy)
-        killer.start()
-        _, db, records = _tune(tmp_path, "killed", runner, monkeypatch, trials=12)
-        killer.join()
+        with killed_when_busy(c, victim, marks):
+            _, db, records = _tune(tmp_path, "killed", runner, monkeypatch, trials=12)
     assert victim.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(records) == db.count() == 12 and all(r.median is not None for r in records)
     assert len({(r.task_key, r.config) for r in records}) == 12  # nothing measured twice
