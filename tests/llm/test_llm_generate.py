@@ -229,6 +229,8 @@ def _teacher_forced(llm: bllm.LLM, prompt: list[int], tokens: list[int]) -> np.n
     return np.stack(rows)
 
 
+@pytest.mark.slow  # three compiles and 256 steps each; int8/int4 KV kernels against the
+# interpreter in the default run: tests/codegen/test_paged_attention.py
 def test_int8_kv_stays_close_to_f16_over_256_tokens() -> None:
     """Greedy tokens of the f16-cache model, teacher-forced through both caches: every step's
     logits agree within 1% of their range (int8 rows, per token and head scales; measured

@@ -101,9 +101,18 @@ def test_f16_model() -> None:
     assert checked(model, torch.randn(3, 20).half()) >= 1
 
 
-@pytest.mark.parametrize("spec", [f"w{b}g16" for b in range(1, 9)] + [
+QUANT_SPECS = [f"w{b}g16" for b in range(1, 9)] + [
     "w3g16:sym", "w5g8:axis=in", "w4", "f4e2m1g16", "f6e3m2g16", "f6e2m3g0", "f8e4m3g32",
-    "f8e5m2g16", "f3e1m1g16"])
+    "f8e5m2g16", "f3e1m1g16"]
+QUANT_DEFAULT_RUN = {"w1g16", "w3g16", "w4g16", "w8g16", "w5g8:axis=in", "w4", "f4e2m1g16",
+                     "f6e2m3g0"}
+"""The widths and formats the default run takes through the generic template (Triton's
+interpreter: about a second each); every one of them is also checked on the dequant tiles
+template (test_triton_tiles.py), and all of them here under -m slow."""
+
+
+@pytest.mark.parametrize("spec", [s if s in QUANT_DEFAULT_RUN else
+                                  pytest.param(s, marks=pytest.mark.slow) for s in QUANT_SPECS])
 def test_quantized_linear_every_width_and_format(spec: str) -> None:
     """K=70 is not a multiple of the group: the last group is short."""
     torch.manual_seed(0)
