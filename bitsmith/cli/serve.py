@@ -26,6 +26,15 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("artifacts", nargs="+", metavar="MODEL.bsm")
     serve.add_argument("--name", action="append", default=[],
                        help="the name of the matching artifact, in order (default: file stem)")
+    serve.add_argument("--ray", metavar="ADDRESS",
+                       help="serve as Ray Serve replicas on the Ray cluster at ADDRESS ('auto': "
+                            "the one 'ray start' made; needs bitsmith[cluster]); every replica "
+                            "serves every artifact, shipped by content digest")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="with --ray: how many replicas")
+    serve.add_argument("--autoscale", metavar="LOW:HIGH",
+                       help="with --ray: between LOW and HIGH replicas, scaled on the requests "
+                            "in flight per replica")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32,
@@ -131,14 +140,17 @@ def parse_duration(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the artifacts and serve them until SIGTERM/Ctrl-C (then drain)."""
-    from ..llm.artifact import from_artifact as llm_from_artifact  # noqa: PLC0415
-    from ..runtime.artifact import load_artifact  # noqa: PLC0415 - TVM's runtime: serving only
-    from ..runtime.host import host_description  # noqa: PLC0415
-    from ..runtime.model import CompiledModel  # noqa: PLC0415
-    from ..serving.openai_api import LlmService  # noqa: PLC0415
-    from ..serving.served import ServedModel  # noqa: PLC0415
+    from ..serving.ray_serve import (  # noqa: PLC0415 - TVM's runtime: serving only
+        LoadOptions,
+        load_served,
+        serve_until_signalled,
+    )
     from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
 
+    if (args.replicas != 1 or args.autoscale) and not args.ray:
+        raise CliError("--replicas and --autoscale are Ray Serve's: give --ray ADDRESS too")
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
     if len(args.name) > len(args.artifacts):
         raise CliError(f"expected at most one --name per artifact ({len(args.artifacts)}), "
                        f"got {len(args.name)}")
@@ -153,28 +165,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"--itl-slo-ms must be > 0 ms with --policy chunked, got "
                            f"{args.itl_slo_ms:g} with --policy {args.policy}")
         slo = args.itl_slo_ms / 1e3
+    load = LoadOptions(max_batch=args.max_batch, batch_sizes=tuple(sizes) if sizes else None,
+                       key=key, kv_memory=args.kv_memory, token_budget=args.token_budget,
+                       queue_size=args.queue_size, prefix_cache=args.prefix_cache,
+                       policy=args.policy, itl_slo=slo)
+    named = [(args.name[i] if i < len(args.name) else Path(path).stem, path)
+             for i, path in enumerate(args.artifacts)]
     models, llms = [], []
-    for i, path in enumerate(args.artifacts):
-        name = args.name[i] if i < len(args.name) else Path(path).stem
-        artifact = load_artifact(path, host=host_description(), key=key)
-        if "llm" in artifact.manifest.metadata:
-            llm = llm_from_artifact(artifact, path, kv_memory=args.kv_memory)
-            llms.append(LlmService(name, llm, token_budget=args.token_budget,
-                                   max_batch=args.max_batch, max_waiting=args.queue_size,
-                                   prefix_cache=args.prefix_cache, policy=args.policy,
-                                   itl_slo=slo))
-            blocks = llm.engine.blocks
+    for name, path in ([] if args.ray else named):
+        kind, served = load_served(path, name, load)
+        if kind == "llm":
+            llms.append(served)
+            blocks = served.llm.engine.blocks
             err.print(f"LLM [bold]{name}[/] from {path}: up to "
-                      f"{llms[-1].scheduler.max_batch} sequences a step, "
-                      f"{llms[-1].scheduler.token_budget} tokens a step"
+                      f"{served.scheduler.max_batch} sequences a step, "
+                      f"{served.scheduler.token_budget} tokens a step"
                       f"{'' if slo is None else f' within an ITL of {args.itl_slo_ms:g} ms'}, "
                       f"{blocks.num_pages} KV "
                       f"pages of {blocks.page_size} tokens (OpenAI API at /v1)", highlight=False)
             continue
-        models.append(ServedModel.from_compiled(name, CompiledModel(artifact),
-                                                max_batch=args.max_batch, batch_sizes=sizes))
-        model = models[-1]
-        batching = (f"batch sizes {', '.join(map(str, model.sizes))}" if model.batchable
+        models.append(served)
+        batching = (f"batch sizes {', '.join(map(str, served.sizes))}" if served.batchable
                     else "no batching (dim 0 is not a batch dim of every input and output)")
         err.print(f"model [bold]{name}[/] from {path}: {batching}", highlight=False)
     options = ServeOptions(max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
@@ -185,10 +196,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            min_body_rate=int(args.min_body_rate_kb * 2**10),
                            header_timeout_s=args.header_timeout_s,
                            drain_grace_ms=args.drain_grace_ms)
+    if args.ray:
+        scaling = ({"autoscale": _autoscale(args.autoscale)} if args.autoscale
+                   else {"replicas": args.replicas})
+        err.print(f"deploying {len(named)} artifact(s) on the Ray cluster at {args.ray}, "
+                  + (f"{args.autoscale} replicas (autoscaled)" if args.autoscale
+                     else f"{args.replicas} replica(s)")
+                  + f", at http://{args.host}:{args.port}", highlight=False)
+        serve_until_signalled(named, load, options, address=args.ray, host=args.host,
+                              port=args.port, **scaling)
+        return 0
     server = make_server(models, options, host=args.host, port=args.port,
                          log_level=args.log_level, access_log=args.access_log, llms=llms)
     server.run()
     return 0
+
+
+def _autoscale(text: str) -> tuple[int, int]:
+    """--autoscale LOW:HIGH."""
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise CliError(f"--autoscale expected LOW:HIGH replicas with 1 <= LOW <= HIGH, got "
+                       f"{text!r}")
+    return int(low), int(high)
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -188,6 +188,10 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "no such artifact" in capsys.readouterr().err
     assert cli.main(["serve", "a.bsm", "--name", "x", "--name", "y"]) == 2
     assert "at most one --name per artifact (1), got 2" in capsys.readouterr().err
+    assert cli.main(["serve", "a.bsm", "--replicas", "2"]) == 2
+    assert "give --ray ADDRESS too" in capsys.readouterr().err
+    assert cli.main(["serve", "a.bsm", "--ray", "auto", "--autoscale", "3:1"]) == 2
+    assert "expected LOW:HIGH replicas with 1 <= LOW <= HIGH, got '3:1'" in capsys.readouterr().err
     assert cli.main(["loadtest", "10.1.2.3:8000", "--model", "m", "--duration", "1s"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
     assert cli.main(["loadtest", "localhost:1", "--model", "m", "--duration", "1 minute"]) == 2

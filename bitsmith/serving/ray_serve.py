@@ -1,0 +1,194 @@
+"""`bitsmith serve --ray`: the server's app (KServe v2 and OpenAI routes, the same validation,
+batching and metrics) as the replicas of a Ray Serve deployment (`pip install
+'bitsmith[cluster]'`).
+
+The artifacts travel to the replicas through Ray's object store by content: the driver puts
+each file's bytes there with its SHA-256, and a replica checks the digest of what it got
+before it writes and loads it (a mismatch is a `ServingError`, and that replica never
+starts). Every replica serves every artifact, so the routes are the single-machine server's
+own. `replicas` fixes their number; `autoscale=(low, high)` lets Ray Serve keep between low and
+high of them, adding one when the requests in flight per replica pass `target_ongoing`.
+
+Nothing here imports Ray until a deployment is made.
+"""
+from __future__ import annotations
+
+import hashlib
+import signal
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ServingError
+from .server import ServeOptions
+
+APP_NAME = "bitsmith"
+
+
+def _ray() -> Any:
+    try:
+        import ray  # noqa: PLC0415 - the optional `cluster` extra, loaded on use only
+        from ray import serve  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise ServingError("serving on Ray needs Ray Serve: pip install 'bitsmith[cluster]'") \
+            from exc
+    return ray
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How each artifact is served (the `serve` command's per-model options)."""
+
+    max_batch: int = 32
+    batch_sizes: tuple[int, ...] | None = None
+    key: bytes | None = None
+    kv_memory: int | None = None
+    token_budget: int | None = None
+    queue_size: int = 256
+    prefix_cache: bool = False
+    policy: str = "chunked"
+    itl_slo: float | None = None
+
+
+def load_served(path: str | Path, name: str, opts: LoadOptions) -> tuple[str, Any]:
+    """An artifact as the server runs it: ("llm", LlmService) for an LLM artifact, else
+    ("model", ServedModel)."""
+    from ..llm.artifact import from_artifact  # noqa: PLC0415
+    from ..runtime.artifact import load_artifact  # noqa: PLC0415 - TVM's runtime
+    from ..runtime.host import host_description  # noqa: PLC0415
+    from ..runtime.model import CompiledModel  # noqa: PLC0415
+    from .openai_api import LlmService  # noqa: PLC0415
+    from .served import ServedModel  # noqa: PLC0415
+
+    artifact = load_artifact(path, host=host_description(), key=opts.key)
+    if "llm" in artifact.manifest.metadata:
+        llm = from_artifact(artifact, path, kv_memory=opts.kv_memory)
+        return "llm", LlmService(name, llm, token_budget=opts.token_budget,
+                                 max_batch=opts.max_batch, max_waiting=opts.queue_size,
+                                 prefix_cache=opts.prefix_cache, policy=opts.policy,
+                                 itl_slo=opts.itl_slo)
+    return "model", ServedModel.from_compiled(name, CompiledModel(artifact),
+                                              max_batch=opts.max_batch,
+                                              batch_sizes=opts.batch_sizes)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """An artifact in Ray's object store: its name, content digest, size and object ref."""
+
+    name: str
+    digest: str
+    size: int
+    ref: Any = field(compare=False)
+
+
+def ship(artifacts: Sequence[tuple[str, str | Path]]) -> list[Shipped]:
+    """Put each (name, path) artifact's bytes in the object store, with its digest."""
+    ray = _ray()
+    out = []
+    for name, path in artifacts:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ServingError(f"cannot read artifact {path}: {exc}") from exc
+        out.append(Shipped(name, hashlib.sha256(data).hexdigest(), len(data), ray.put(data)))
+    return out
+
+
+def fetch(shipped: Shipped, folder: Path) -> Path:
+    """The artifact's bytes from the object store, checked against its digest, as a file in
+    `folder`."""
+    data = _ray().get(shipped.ref)
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != shipped.size or digest != shipped.digest:
+        raise ServingError(f"artifact '{shipped.name}' arrived with digest {digest[:16]} "
+                           f"({len(data)} bytes), expected {shipped.digest[:16]} "
+                           f"({shipped.size} bytes): not loading it")
+    path = folder / f"{shipped.digest}.bsm"
+    path.write_bytes(data)
+    return path
+
+
+def replica_app(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOptions) -> Any:
+    """The server's ASGI app over the shipped artifacts (what each replica runs)."""
+    from .server import create_app  # noqa: PLC0415
+
+    folder = Path(tempfile.mkdtemp(prefix="bitsmith-replica-"))
+    models, llms = [], []
+    for item in shipped:
+        kind, served = load_served(fetch(item, folder), item.name, load)
+        (llms if kind == "llm" else models).append(served)
+    return create_app(models, options, llms)
+
+
+def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOptions, *,
+                replicas: int = 1, autoscale: tuple[int, int] | None = None,
+                target_ongoing: int = 8, cpus: float = 1.0) -> Any:
+    """The Ray Serve application: one deployment whose replicas each run `replica_app`."""
+    _ray()
+    from ray import serve  # noqa: PLC0415
+
+    if replicas < 1:
+        raise ServingError(f"replicas must be >= 1, got {replicas}")
+    if autoscale is not None and not 1 <= autoscale[0] <= autoscale[1]:
+        raise ServingError(f"autoscale expected 1 <= low <= high, got {autoscale}")
+    items, load_opts, serve_opts = list(shipped), load, options
+
+    def build() -> Any:  # runs on each replica
+        return replica_app(items, load_opts, serve_opts)
+
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                "target_ongoing_requests": target_ongoing}}
+        if autoscale is not None else {"num_replicas": replicas})
+    deployment = serve.deployment(name="Replica", ray_actor_options={"num_cpus": cpus},
+                                  max_ongoing_requests=max(4 * target_ongoing,
+                                                           options.queue_size),
+                                  graceful_shutdown_timeout_s=options.drain_grace_ms / 1e3 + 5,
+                                  **scaling)
+    return deployment(serve.ingress(build)(type("Replica", (), {}))).bind()
+
+
+def start(artifacts: Sequence[tuple[str, str | Path]], load: LoadOptions,
+          options: ServeOptions, *, address: str | None = "auto", host: str = "127.0.0.1",
+          port: int = 8000, **scaling: Any) -> None:
+    """Deploy on the cluster at `address` (None: the Ray of this process) and return once the
+    replicas are up."""
+    ray = _ray()
+    from ray import serve  # noqa: PLC0415
+
+    if address is not None and not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as exc:
+            raise ServingError(f"no Ray cluster at {address!r}: start one with 'ray start "
+                               f"--head' or give its address ({exc})") from exc
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(ship(artifacts), load, options, **scaling), name=APP_NAME,
+              route_prefix="/")
+
+
+def stop() -> None:
+    """Delete the application (Serve lets each replica finish what it holds, up to its
+    graceful-shutdown timeout) and stop Serve's proxies."""
+    _ray()
+    from ray import serve  # noqa: PLC0415
+
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def serve_until_signalled(artifacts: Sequence[tuple[str, str | Path]], load: LoadOptions,
+                          options: ServeOptions, **kwargs: Any) -> None:
+    """`bitsmith serve --ray`: deploy, then wait for SIGTERM or Ctrl-C, then `stop`."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    start(artifacts, load, options, **kwargs)
+    try:
+        done.wait()
+    finally:
+        stop()
