@@ -1,6 +1,8 @@
-"""How distributed tuning scales with devices, on a local multi-node Ray cluster.
+"""How distributed tuning scales with devices, on a local multi-node Ray cluster; what Ray
+Serve adds to a request.
 
     python bench/scale_out.py [--devices 1 2 4 8] [--timing-ms 50] [--rounds 3]
+    python bench/scale_out.py --serving [--requests 300] [--rounds 3]
 
 One machine cannot show a real speed-up (its nodes share its cores), so this measures what it
 can: the RayRunner's scheduling efficiency. N nodes of a local `ray.cluster_utils.Cluster`
@@ -10,6 +12,12 @@ the ideal is N timings in flight at all times. Each round runs 8 x N candidates 
 `RayRunner.run` (the tuner's call) and takes trials per second over the wall time; the table
 has the median over rounds, the speed-up over one device and its efficiency (speed-up / N;
 goal >= 0.8).
+
+`--serving`: the zoo MLP (dynamic batch) served by `bitsmith serve` (a process of its own) and
+by a one-replica Ray Serve deployment of the same artifact (`serve --ray`), both on this
+machine; one client sends single-row KServe requests one at a time, alternating between the
+two in rounds of `--requests` each, every answer checked against the model's own output;
+p50/p90 latency per server (medians over rounds) and Ray Serve's p50 overhead (goal < 1 ms).
 """
 from __future__ import annotations
 
@@ -46,13 +54,106 @@ def devices_below(n: int):
     return fingerprint
 
 
+def serving(requests: int, rounds: int) -> None:
+    """Ray Serve's per-request overhead over `bitsmith serve` (see the module doc)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+    import numpy as np
+    import ray
+    import torch
+
+    import bitsmith
+    from bitsmith import models
+    from bitsmith.serving import ray_serve
+    from bitsmith.serving.server import ServeOptions
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    tmp = Path(tempfile.mkdtemp(prefix="bitsmith-scale-"))
+    spec = models.get("mlp")
+    torch.manual_seed(0)
+    path = tmp / "mlp.bsm"
+    cm = bitsmith.compile(spec.build().eval(), spec.example_inputs(2), dynamic_batch=True,
+                          name="mlp")
+    cm.save(path)
+    local_port, ray_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith", "serve", str(path), "--port",
+                             str(local_port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        ray_serve.start([("mlp", path)], ray_serve.LoadOptions(max_batch=8), ServeOptions(),
+                        address=None, port=ray_port, replicas=1)
+        x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+        want = np.asarray(cm.executor.run(x)[0]).reshape(-1)
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64],
+                            "data": x.reshape(-1).tolist()}]}
+        urls = {"bitsmith serve": f"http://127.0.0.1:{local_port}/v2/models/mlp",
+                "Ray Serve (1 replica)": f"http://127.0.0.1:{ray_port}/v2/models/mlp"}
+        with httpx.Client(timeout=30) as client:
+            for url in urls.values():  # both up and warm
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        if client.get(url + "/ready").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.5)
+            p50: dict[str, list[float]] = {n: [] for n in urls}
+            p90: dict[str, list[float]] = {n: [] for n in urls}
+            for r in range(rounds):
+                for name, url in (list(urls.items()) if r % 2 == 0
+                                  else list(reversed(urls.items()))):
+                    times = []
+                    for _ in range(requests):
+                        t0 = time.perf_counter()
+                        answer = client.post(url + "/infer", json=body)
+                        times.append(time.perf_counter() - t0)
+                        got = np.asarray(answer.json()["outputs"][0]["data"], np.float32)
+                        if answer.status_code != 200 or np.abs(got - want).max() > 1e-5:
+                            raise SystemExit(f"{name} answered wrongly: {answer.text[:200]}")
+                    q = statistics.quantiles(times, n=10)
+                    p50[name].append(statistics.median(times))
+                    p90[name].append(q[8])
+        print(f"{requests} single-row KServe requests a round, one at a time, {rounds} "
+              f"alternating rounds\n")
+        print("| server | p50 ms | p90 ms |")
+        print("|---|---|---|")
+        for name in urls:
+            print(f"| {name} | {statistics.median(p50[name]) * 1e3:.3f} | "
+                  f"{statistics.median(p90[name]) * 1e3:.3f} |")
+        names = list(urls)
+        extra = statistics.median(p50[names[1]]) - statistics.median(p50[names[0]])
+        print(f"\nRay Serve's p50 overhead: {extra * 1e3:.3f} ms")
+    finally:
+        ray_serve.stop()
+        ray.shutdown()
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--devices", nargs="*", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--timing-ms", type=float, default=50.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serving", action="store_true",
+                        help="Ray Serve's per-request overhead over bitsmith serve instead")
+    parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.serving:
+        serving(args.requests, args.rounds)
+        return
     import ray
     from ray.cluster_utils import Cluster
 
