@@ -137,8 +137,9 @@ class RayRunner:
             NodeAffinitySchedulingStrategy,
         )
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        for node in set(self._devices) - alive:
-            del self._devices[node]
+        for node in set(self._devices) - alive:  # a busy one's error comes to `_finish`
+            if self._devices[node].busy is None:
+                del self._devices[node]
         fresh = {}
         for node in alive - set(self._devices) - self._other:
             actor = self._actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -147,8 +148,9 @@ class RayRunner:
         for node, (actor, ref) in fresh.items():
             try:
                 reported = ray.get(ref, timeout=self.options.run_timeout)
-            except Exception:  # a node that cannot host the actor: not a device now
+            except Exception:  # a node that cannot host the actor: not a device of this runner
                 ray.kill(actor)
+                self._other.add(node)
                 continue
             if reported == self.fingerprint:
                 self._devices[node] = _Device(node, actor)
@@ -241,10 +243,14 @@ class RayRunner:
                                                              f"{type(exc).__name__}")
 
     def _reap_hung(self, state: _Round) -> None:
+        ray = _ray()
         now = time.monotonic()
         for device in list(self._devices.values()):
             if device.busy is not None and now - device.busy[2] > self.options.run_timeout:
-                _, i, _ = device.busy
+                ref, i, _ = device.busy
+                if ray.wait([ref], timeout=0)[0]:  # it finished while the loop was away
+                    self._finish(device, ref, state)
+                    continue
                 device.busy = None
                 state.results[i] = MeasureResult(
                     math.inf, error=f"timing timed out after {self.options.run_timeout:g} s")
@@ -254,7 +260,7 @@ class RayRunner:
         """Kill a device's actor; a new one on the same node if the node still lives."""
         ray = _ray()
         ray.kill(device.actor)
-        del self._devices[device.node]
+        self._devices.pop(device.node, None)
         self._discover()
 
     def close(self) -> None:

@@ -173,22 +173,26 @@ def start(artifacts: Sequence[tuple[str, str | Path]], load: LoadOptions,
 
 def stop() -> None:
     """Delete the application (Serve lets each replica finish what it holds, up to its
-    graceful-shutdown timeout) and stop Serve's proxies."""
+    graceful-shutdown timeout); the cluster's Serve, and its other applications, stay."""
     _ray()
     from ray import serve  # noqa: PLC0415
 
     serve.delete(APP_NAME)
-    serve.shutdown()
 
 
 def serve_until_signalled(artifacts: Sequence[tuple[str, str | Path]], load: LoadOptions,
                           options: ServeOptions, **kwargs: Any) -> None:
-    """`bitsmith serve --ray`: deploy, then wait for SIGTERM or Ctrl-C, then `stop`."""
+    """`bitsmith serve --ray`: deploy, then wait for SIGTERM or Ctrl-C, then `stop` (also
+    when the deployment failed or was interrupted)."""
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    start(artifacts, load, options, **kwargs)
     try:
-        done.wait()
+        start(artifacts, load, options, **kwargs)  # Ctrl-C here interrupts the deployment
+        previous = {sig: signal.signal(sig, lambda *_: done.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            done.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         stop()

@@ -172,7 +172,7 @@ def test_an_int8_weight_must_be_finite() -> None:
                          and request_amx()),
                     reason="needs a CPU with AMX-BF16, AMX-INT8 and Linux's tile permission")
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-@pytest.mark.parametrize("which", ["linear", "conv"])
+@pytest.mark.parametrize("which", ["linear", "pointwise", "conv"])
 def test_amx_templates_every_config_against_the_interpreter(which: str, precision: str) -> None:
     """Both AMX templates of both precisions, both work orders with and without row groups,
     on sizes no block divides (75 rows, a 3x3 conv with stride 2 and 5 input channels), a
@@ -193,6 +193,17 @@ def test_amx_templates_every_config_against_the_interpreter(which: str, precisio
             %3 = "graph.gelu"(%2) {{approximate = "none"}} : ({o}) -> {o}
             "func.return"(%3) : ({o}) -> ()"""
         weights = {"w": RNG.standard_normal((70, 150)), "b": RNG.standard_normal(70)}
+        name = f"dense_{precision}_amx"
+    elif which == "pointwise":  # a 1x1 NHWC conv with a bias: the dense template's GEMM
+        x, w, o = "tensor<2x7x6x48xf32>", "tensor<1x1x48x40xf32>", "tensor<2x7x6x40xf32>"
+        body = f"""
+            %0 = "graph.constant"() {{weight = "w"}} : () -> {w}
+            %1 = "graph.constant"() {{weight = "b"}} : () -> tensor<40xf32>
+            %2 = "graph.conv2d"(%x, %0, %1) {{dilation = [1, 1], groups = 1, layout = "NHWC",
+                padding = [0, 0], stride = [1, 1]}} : ({x}, {w}, tensor<40xf32>) -> {o}
+            %3 = "graph.relu"(%2) : ({o}) -> {o}
+            "func.return"(%3) : ({o}) -> ()"""
+        weights = {"w": RNG.standard_normal((1, 1, 48, 40)), "b": 50 + RNG.standard_normal(40)}
         name = f"dense_{precision}_amx"
     else:
         x, w, o = "tensor<2x13x11x5xf32>", "tensor<3x3x5x40xf32>", "tensor<2x7x6x40xf32>"

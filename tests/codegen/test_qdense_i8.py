@@ -106,6 +106,13 @@ def test_vnni_template_fuses_an_elementwise_epilogue(qt: QuantType) -> None:
     assert check_module(module, pipeline="fuse", template="qdense_i8", inputs=[x]) == 1
 
 
+@needs_vnni
+def test_vnni_template_fused_epilogue_writes_a_reshaped_output() -> None:
+    # gelu, then the rows split in two: the epilogue's output is not shaped [m, n]
+    module = qlinear_module(Q4_0, 6, 32, 64, act="i8", out_shape=(3, 2, 32))
+    assert check_module(module, pipeline="fuse", template="qdense_i8") == 1
+
+
 @pytest.mark.parametrize("qt", [Q4_1, Q8_0, W3], ids=str)
 def test_generic_path_matches_interpreter(qt: QuantType) -> None:
     # 21 output rows are not whole 16-row tiles: no VNNI kernel; the generic lowering runs it

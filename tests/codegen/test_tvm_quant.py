@@ -19,7 +19,8 @@ from .tvm_checks import build_and_run, check_module, kernel_calls
 
 
 def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0,
-                   epilogue: bool = True, act: str = "f32") -> Module:
+                   epilogue: bool = True, act: str = "f32",
+                   out_shape: tuple[int, ...] | None = None) -> Module:
     """x [m, k] -> gelu(quant.linear(x, W) + b): a quantized layer with an epilogue (without
     it, quant.linear(x, W) alone). Random codes, f16 scales and, where the format has them,
     zero points."""
@@ -48,6 +49,8 @@ def qlinear_module(qt: QuantType, m: int, n: int, k: int, seed: int = 0,
     if epilogue:
         bias = b.value(graph.ConstantOp, weight="b", result_types=[TensorType((n,), f32)])
         y = b.value(graph.GeluOp, b.value(graph.BINARY_OPS["add"], y, bias))
+    if out_shape is not None:  # the result viewed in another shape
+        y = b.value(graph.ReshapeOp, y, result_types=[TensorType(out_shape, f32)])
     b.create(func.ReturnOp, y)
     ir.verify(module)
     return module

@@ -449,6 +449,8 @@ def pack_int8_panels(weight: np.ndarray, transposed: bool = True,
             raise CodegenError(f"SmoothQuant factors: expected {k} finite positive values, "
                                f"got shape {s.shape}")
         w = (w * s[None, :]).astype(np.float32)
+        if not np.isfinite(w).all():
+            raise CodegenError("the weight times its SmoothQuant factors overflows float32")
     codes, scale = quantize_int8(w)
     npad, kpad = _up(n, BLOCK), _up(k, KINDS["int8"].step)
     full = np.zeros((npad, kpad), np.int8)

@@ -19,7 +19,7 @@ import tvm.s_tir as s_tir
 from tvm import te, topi
 
 from ...ir import Operation
-from ...ir.dialects.graph import LinearOp
+from ...ir.dialects import quant
 from ...ir.dialects.kernel import FusedOp
 from .amx import flatten, unflatten
 from .lower import Lowering, compute, lower_kernel, shape_of
@@ -53,7 +53,9 @@ def gemm_epilogue(kernel: FusedOp, anchor: Operation, m: int, n: int, *,
 
     def rule(op: Operation, args: list, lo: Lowering) -> te.Tensor:
         seen["x"] = x = args[0]
-        bias = args[2] if isinstance(op, LinearOp) and len(args) > 2 else None
+        # a linear layer's or 1x1 convolution's bias; a quantized layer's third operand is
+        # its scales
+        bias = args[2] if not isinstance(op, quant.LinearOp) and len(args) > 2 else None
         return dense_rows(acc, x, n, bias)
     func, inputs, outputs = lower_kernel(kernel, rules={anchor: rule},
                                          placeholders=placeholders, extra=[acc])

@@ -101,13 +101,14 @@ def qdense_i8_func(**kwargs: Any) -> tvm.tirx.PrimFunc:
 def qdense_i8_body(  # noqa: C901 - TVMScript: its branches are TIR, not Python
         *, lead: tuple[int, ...], n: int, k: int, group: int, nibbles: bool, zero: str,
         offset: int, addends: tuple[str, ...], tile_m: int, put: Put | None = None,
-        ) -> tvm.tirx.PrimFunc:
+        out_shape: tuple[int, ...] | None = None) -> tvm.tirx.PrimFunc:
     """The PrimFunc `(x, codes, scales, [zero,] [addend...,] out)` in a fixed order, for an
     x [*lead, K] whose leading dims are its M rows; `zero` is "none", "int" (int32 zero
     points, offset included) or "min" (f32 minimums); each addend is "bias" ([N]) or "full"
     ([*lead, N]). With `put` (a fused elementwise epilogue, `put(out, value, row, column)`
     the statement storing the output of that GEMM element), the output is written through
-    it (its other inputs: the caller's parameters, not this function's)."""
+    it (its other inputs: the caller's parameters, not this function's), and the output is
+    the epilogue's `out_shape` (its rows and columns the GEMM's)."""
     m = int(np.prod(lead))
     tiles, blocks = n // ROWS, -(-k // BLOCK)
     kp = blocks * BLOCK
@@ -150,7 +151,7 @@ def qdense_i8_body(  # noqa: C901 - TVMScript: its branches are TIR, not Python
                s: T.Buffer((tiles, groups, ROWS), "float32"),
                z: T.Buffer((tiles, groups, ROWS), zdtype),
                a0t: T.Buffer(a0_shape, "float32"), a1t: T.Buffer(a1_shape, "float32"),
-               outt: T.Buffer((*lead, n), "float32")):
+               outt: T.Buffer(out_shape or (*lead, n), "float32")):
         T.func_attr({"tirx.noalias": True})
         # the leading dims as rows: 2-D views of the tensors
         x = T.decl_buffer((m, k), "float32", data=xt.data)
@@ -338,7 +339,8 @@ class QDenseI8(TvmTemplate):
                  "zero": zero, "offset": offset, "tile_m": int(config["TILE_M"])}
         slots = {"x": 0, "w": 1, "s": 2, "z": 3, "a0": 4, "a1": 5}
         if found is not None:  # the epilogue's own inputs are the lowered kernel's buffers
-            body: Any = qdense_i8_body(**shape, addends=(), put=found.put)
+            body: Any = qdense_i8_body(**shape, addends=(), put=found.put,
+                                       out_shape=tuple(int(d) for d in found.out.shape))
             mine = {i: body.params[slots[r]] for r, i in roles.items()}
             func = tvm.tirx.PrimFunc([mine.get(i, b) for i, b in enumerate(found.inputs)]
                                      + [body.params[6]], body.body, body.ret_type, body.attrs)

@@ -21,6 +21,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te, topi
 
+from ...errors import CodegenError
 from ...ir import Module, Operation
 from ...ir.dialects import quant
 from ...ir.dialects.graph import Conv2dOp, LinearOp, MatmulOp
@@ -105,7 +106,12 @@ class _Amx(TvmTemplate):
         factors = problem.kernel_op.attributes.get("smooth")
         if self.precision != "int8" or not factors:
             return None
-        return np.asarray(factors, np.float32)
+        s = np.asarray(factors, np.float64)
+        low, high = SMOOTH_RANGE
+        if not (np.isfinite(s).all() and ((s >= low) & (s <= high)).all()):
+            raise CodegenError(f"kernel '{problem.kernel_op.kernel_name}': SmoothQuant "
+                               f"factors must lie in [{low:g}, {high:g}]")
+        return s.astype(np.float32)
 
     def pack(self, problem: Problem, matrix: Any, transposed: bool) -> tuple[str, Any]:
         """The weight's packing: its layout name and function (of the stored weight)."""
