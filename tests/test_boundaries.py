@@ -36,4 +36,5 @@ def test_the_single_machine_path_never_imports_ray() -> None:
     """Ray (the `cluster` extra) loads only when a RayRunner or a Ray deployment is made."""
     assert_imports_without(["bitsmith", "bitsmith.compiler", "bitsmith.autotune",
                             "bitsmith.autotune.tuner", "bitsmith.autotune.ray_runner",
-                            "bitsmith.cli", "bitsmith.serving.server"], ["ray"])
+                            "bitsmith.cli", "bitsmith.serving.server", "bitsmith.serving.ray_serve",
+                            "bitsmith.runtime.ray_cluster"], ["ray"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TuningError
+from ..runtime.ray_cluster import join, ray_module
 from .candidates import MeasureInput, MeasureOptions, MeasureResult
 
 RETRIES = 1
@@ -31,11 +32,7 @@ RETRIES = 1
 
 
 def _ray() -> Any:
-    try:
-        import ray  # noqa: PLC0415 - the optional `cluster` extra, loaded on use only
-    except ImportError as exc:
-        raise TuningError("RayRunner needs Ray: pip install 'bitsmith[cluster]'") from exc
-    return ray
+    return ray_module(TuningError, "RayRunner")
 
 
 def node_fingerprint() -> str:
@@ -99,16 +96,7 @@ class RayRunner:
                  fingerprint: str | None = None, build_fn: Callable[..., Any] | None = None,
                  time_fn: Callable[..., Any] | None = None,
                  fingerprint_fn: Callable[[], str] | None = None) -> None:
-        ray = _ray()
-        if address is not None and not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as exc:
-                raise TuningError(f"no Ray cluster at {address!r}: start one with 'ray start "
-                                  f"--head' or give its address ({exc})") from exc
-        elif not ray.is_initialized():
-            raise TuningError("RayRunner(address=None) joins the Ray of this process, and "
-                              "ray.init() has not run: give an address ('auto')")
+        ray = join(address, TuningError, "RayRunner")
         if build_fn is None or time_fn is None:
             from .measure import _build_worker, _time_worker  # noqa: PLC0415 - needs TVM
             build_fn, time_fn = build_fn or _build_worker, time_fn or _time_worker

@@ -23,19 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ServingError
+from ..runtime.ray_cluster import join, ray_module
 from .server import ServeOptions
 
 APP_NAME = "bitsmith"
 
 
 def _ray() -> Any:
-    try:
-        import ray  # noqa: PLC0415 - the optional `cluster` extra, loaded on use only
-        from ray import serve  # noqa: F401, PLC0415
-    except ImportError as exc:
-        raise ServingError("serving on Ray needs Ray Serve: pip install 'bitsmith[cluster]'") \
-            from exc
-    return ray
+    return ray_module(ServingError, "serving on Ray")
 
 
 @dataclass(frozen=True)
@@ -157,15 +152,9 @@ def start(artifacts: Sequence[tuple[str, str | Path]], load: LoadOptions,
           port: int = 8000, **scaling: Any) -> None:
     """Deploy on the cluster at `address` (None: the Ray of this process) and return once the
     replicas are up."""
-    ray = _ray()
+    join(address, ServingError, "serving on Ray")
     from ray import serve  # noqa: PLC0415
 
-    if address is not None and not ray.is_initialized():
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        except ConnectionError as exc:
-            raise ServingError(f"no Ray cluster at {address!r}: start one with 'ray start "
-                               f"--head' or give its address ({exc})") from exc
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(ship(artifacts), load, options, **scaling), name=APP_NAME,
               route_prefix="/")
