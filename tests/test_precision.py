@@ -245,3 +245,24 @@ def test_int8_linear_layers_are_smoothquant_calibrated_on_calib_or_the_examples(
     unsmoothed = np.abs(np.asarray(plain.executor.run(x.numpy())[0]) - want).max()
     assert max(errors) < unsmoothed
     assert cm.artifact.weights.keys() != calibrated.artifact.weights.keys()  # other factors
+
+
+@needs_amx_int8
+def test_smoothed_twin_layers_share_one_function_with_their_own_factors(monkeypatch) -> None:
+    """Two layers of one shape smoothed on different activations: one compiled function, each
+    layer's weight packed with its own factors: the same outputs as built apart."""
+    from bitsmith.codegen.tvm import build
+
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 48)).eval()
+    x = torch.randn(2, 19, 48)
+    x[..., 7] *= 40
+    cm = bitsmith.compile(model, (x,), precision="int8")
+    steps = cm.artifact.manifest.plan["steps"]
+    assert len(steps) == 2 and steps[0]["function"] == steps[1]["function"]
+    assert len(cm.artifact.manifest.metadata["precision"]["smoothed"]) == 2
+    monkeypatch.setattr(build, "_function_signature", build.kernel_signature)
+    apart = bitsmith.compile(model, (x,), precision="int8")
+    assert len({s["function"] for s in apart.artifact.manifest.plan["steps"]}) == 2
+    got, want = (np.asarray(c.executor.run(x.numpy())[0]) for c in (cm, apart))
+    assert np.array_equal(got, want)

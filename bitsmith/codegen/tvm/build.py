@@ -2,6 +2,7 @@
 shared library (`kernels.so`), weights a template wants pre-packed packed once, here."""
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,20 @@ from .target import host_target, tvm_target
 from .templates import TvmKernel, build_kernel
 
 LIBRARY = "kernels.so"
+
+
+def _function_signature(op: FusedOp) -> str:
+    """`kernel_signature` with an int8 kernel's SmoothQuant factors left out: only whether it
+    has them shapes its function (they reach it in its packed weight), so the smoothed layers
+    of a model share one compiled function as their unsmoothed twins do."""
+    smooth = op.attributes.get("smooth")
+    if not smooth:
+        return kernel_signature(op)
+    op.attributes["smooth"] = (1.0,)
+    try:
+        return kernel_signature(op)
+    finally:
+        op.attributes["smooth"] = smooth
 
 
 class TvmBackend:
@@ -50,8 +65,14 @@ class TvmBackend:
             task = bar.add_task(f"scheduling {module.name}", total=len(kernels))
             for op in kernels:
                 config = configs.get(op.kernel_name)
-                key = (kernel_signature(op), str(config))
-                if key in first:
+                key = (_function_signature(op), str(config))
+                if key in first and op.attributes.get("smooth"):
+                    # the function is the first one's; the weight is packed with its own
+                    # SmoothQuant factors (the function reads them from the packing)
+                    own = build_kernel(op, target, config)
+                    built[op] = dataclasses.replace(built[first[key]], packs=own.packs)
+                    calls[op] = first[key].kernel_name
+                elif key in first:
                     built[op], calls[op] = built[first[key]], first[key].kernel_name
                 else:
                     bar.update(task, description=f"scheduling {op.kernel_name}")
