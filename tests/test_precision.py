@@ -266,3 +266,29 @@ def test_smoothed_twin_layers_share_one_function_with_their_own_factors(monkeypa
     assert len({s["function"] for s in apart.artifact.manifest.plan["steps"]}) == 2
     got, want = (np.asarray(c.executor.run(x.numpy())[0]) for c in (cm, apart))
     assert np.array_equal(got, want)
+
+
+@needs_amx_int8
+def test_smoothed_twin_layers_are_one_tuning_task() -> None:
+    """The factors stay out of the task's text (what workers build and time): one task for
+    both layers; the kernels keep their factors."""
+    from bitsmith import compiler
+    from bitsmith.autotune.candidates import kernel_text
+    from bitsmith.autotune.tuner import group_tasks
+    from bitsmith.frontend import from_torch
+    from bitsmith.passes import default_pipeline, run
+
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 48)).eval()
+    x = torch.randn(2, 19, 48)
+    x[..., 7] *= 40
+    module = from_torch(model, (x,), {}, name="twins")
+    run(module, default_pipeline("cpu"), verify=False)
+    compiler._lower_precision(module, "int8", "cpu", host_target())
+    assert len(compiler._calibrate_int8(module, (x,), {})) == 2
+    kernels = [op for op in module.ops if op.name == "kernel.fused"]
+    factors = [op.attributes["smooth"] for op in kernels]
+    assert factors[0] != factors[1]
+    (task,) = group_tasks(kernels, host_target())
+    assert len(task.kernels) == 2 and "smooth" not in kernel_text(kernels[0])
+    assert [op.attributes["smooth"] for op in kernels] == factors  # left as they were

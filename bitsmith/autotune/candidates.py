@@ -41,7 +41,10 @@ def kernel_text(op: FusedOp) -> str:
     """A module holding only `op`: weights it reads become constants named w0, w1, ... (given
     random values when measured), other operands become inputs; no value names, no
     locations, and the kernel's own name replaced by `kernel`. Identical kernels of different
-    models have identical text: it is what cache keys hash and what workers parse."""
+    models have identical text: it is what cache keys hash and what workers parse. An int8
+    kernel's SmoothQuant factors are left out: they fit its own layer's activations, not the
+    random ones a candidate is timed on, and the config that wins does not depend on them,
+    so the smoothed layers of one shape are one task, as their function is one."""
     namer = Namer(anonymous=True)
     args: list[str] = []
     constants: list[str] = []
@@ -55,7 +58,13 @@ def kernel_text(op: FusedOp) -> str:
             constants.append(line)
         else:
             args.append(f"%{namer.name_arg(value)}: {value.type}")
-    body = print_op(op, namer, "    ", locations=False)
+    saved = dict(op.attributes)
+    op.attributes.pop("smooth", None)
+    try:
+        body = print_op(op, namer, "    ", locations=False)
+    finally:  # the attributes back in their order
+        op.attributes.clear()
+        op.attributes.update(saved)
     body[-1] = body[-1].replace(f'name = "{op.kernel_name}"', 'name = "kernel"')
     results = ", ".join(namer[r] for r in op.results)
     types = ", ".join(str(r.type) for r in op.results)
