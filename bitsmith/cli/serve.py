@@ -140,11 +140,8 @@ def parse_duration(text: str) -> float:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the artifacts and serve them until SIGTERM/Ctrl-C (then drain)."""
-    from ..serving.ray_serve import (  # noqa: PLC0415 - TVM's runtime: serving only
-        LoadOptions,
-        load_served,
-        serve_until_signalled,
-    )
+    from ..serving.loading import LoadOptions, load_served  # noqa: PLC0415 - TVM's runtime
+    from ..serving.ray_serve import serve_until_signalled  # noqa: PLC0415
     from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
 
     if (args.replicas != 1 or args.autoscale) and not args.ray:

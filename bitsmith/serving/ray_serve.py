@@ -13,6 +13,7 @@ Nothing here imports Ray until a deployment is made.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..errors import ServingError
 from ..runtime.ray_cluster import join, ray_module
+from .loading import LoadOptions, load_served
 from .server import ServeOptions
 
 APP_NAME = "bitsmith"
@@ -31,43 +33,6 @@ APP_NAME = "bitsmith"
 
 def _ray() -> Any:
     return ray_module(ServingError, "serving on Ray")
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How each artifact is served (the `serve` command's per-model options)."""
-
-    max_batch: int = 32
-    batch_sizes: tuple[int, ...] | None = None
-    key: bytes | None = None
-    kv_memory: int | None = None
-    token_budget: int | None = None
-    queue_size: int = 256
-    prefix_cache: bool = False
-    policy: str = "chunked"
-    itl_slo: float | None = None
-
-
-def load_served(path: str | Path, name: str, opts: LoadOptions) -> tuple[str, Any]:
-    """An artifact as the server runs it: ("llm", LlmService) for an LLM artifact, else
-    ("model", ServedModel)."""
-    from ..llm.artifact import from_artifact  # noqa: PLC0415
-    from ..runtime.artifact import load_artifact  # noqa: PLC0415 - TVM's runtime
-    from ..runtime.host import host_description  # noqa: PLC0415
-    from ..runtime.model import CompiledModel  # noqa: PLC0415
-    from .openai_api import LlmService  # noqa: PLC0415
-    from .served import ServedModel  # noqa: PLC0415
-
-    artifact = load_artifact(path, host=host_description(), key=opts.key)
-    if "llm" in artifact.manifest.metadata:
-        llm = from_artifact(artifact, path, kv_memory=opts.kv_memory)
-        return "llm", LlmService(name, llm, token_budget=opts.token_budget,
-                                 max_batch=opts.max_batch, max_waiting=opts.queue_size,
-                                 prefix_cache=opts.prefix_cache, policy=opts.policy,
-                                 itl_slo=opts.itl_slo)
-    return "model", ServedModel.from_compiled(name, CompiledModel(artifact),
-                                              max_batch=opts.max_batch,
-                                              batch_sizes=opts.batch_sizes)
 
 
 @dataclass(frozen=True)
@@ -173,15 +138,20 @@ def serve_until_signalled(artifacts: Sequence[tuple[str, str | Path]], load: Loa
                           options: ServeOptions, **kwargs: Any) -> None:
     """`bitsmith serve --ray`: deploy, then wait for SIGTERM or Ctrl-C, then `stop` (also
     when the deployment failed or was interrupted)."""
-    done = threading.Event()
+    ray = _ray()
     try:
         start(artifacts, load, options, **kwargs)  # Ctrl-C here interrupts the deployment
-        previous = {sig: signal.signal(sig, lambda *_: done.set())
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            done.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    except BaseException:
+        if ray.is_initialized():  # a deployment may be half made: take it down, keep the error
+            with contextlib.suppress(Exception):
+                stop()
+        raise
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: done.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        done.wait()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop()
