@@ -26,6 +26,7 @@ class Completion:
 
     prompt_tokens: int
     text: str = ""
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length"
     logprobs: list[float] | None = None

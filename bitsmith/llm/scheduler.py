@@ -302,7 +302,7 @@ class Scheduler:
                     cache.count(len(r.prompt), len(prefix))
                 head.reserved, head.shared, head.keys = need, len(prefix), keys
                 blocks.add(head.id, prefix)
-                r.fed = len(prefix) * blocks.page_size
+                r.fed = r.out.cached_tokens = len(prefix) * blocks.page_size
                 self.running.append(head)
 
     def _plan(self) -> list[tuple[Handle, list[int]]]:

@@ -296,8 +296,7 @@ def load_artifact(path: str | os.PathLike, *, host: Mapping[str, Any] | None = N
                        for name, digest in manifest.files.items()}
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
-            zlib.error, OSError, RuntimeError, ValueError) as exc:  # what zipfile raises
+    except _ZIP_ERRORS as exc:
         raise ArtifactError(f"{path}: not a readable bitsmith artifact ({type(exc).__name__}: "
                             f"{_brief(str(exc), 200)})") from None
     if host is not None:
@@ -311,6 +310,23 @@ def load_artifact(path: str | os.PathLike, *, host: Mapping[str, Any] | None = N
     weights = _from_bits(weights, manifest.weight_dtypes)
     libraries = {k[len(LIB_DIR):]: v for k, v in members.items() if k.startswith(LIB_DIR)}
     return Artifact(manifest, weights, libraries, signed)
+
+
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
+               zlib.error, OSError, RuntimeError, ValueError)  # what zipfile raises
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """An artifact's manifest alone (what it is and needs), without reading or checking the
+    rest: `load_artifact` checks it all before anything runs."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _read_manifest(_read(zf, _members(zf), MANIFEST, MAX_MANIFEST_BYTES))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    except _ZIP_ERRORS as exc:
+        raise ArtifactError(f"{path}: not a readable bitsmith artifact ({type(exc).__name__}: "
+                            f"{_brief(str(exc), 200)})") from None
 
 
 def _members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:

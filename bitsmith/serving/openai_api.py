@@ -267,10 +267,11 @@ def _event(doc: Any) -> bytes:
     return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
-def _usage(out: Completion) -> dict[str, int]:
+def _usage(out: Completion) -> dict[str, Any]:
     done = len(out.token_ids)
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": done,
-            "total_tokens": out.prompt_tokens + done}
+            "total_tokens": out.prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 def _final(out: Completion, meta: dict[str, Any], chat: bool, llm: LLM) -> dict[str, Any]:

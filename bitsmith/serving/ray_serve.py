@@ -9,26 +9,39 @@ starts). Every replica serves every artifact, so the routes are the single-machi
 own. `replicas` fixes their number; `autoscale=(low, high)` lets Ray Serve keep between low and
 high of them, adding one when the requests in flight per replica pass `target_ongoing`.
 
+With LLMs among the artifacts (`route="auto"`, or a `route` named), a gateway deployment is
+the application's ingress: it reads each request's body, computes an LLM request's routing key
+(`prefix_route`: hashes of its prompt's leading text) and hands the request to a replica
+through a handle whose router (`ray_router`) sends requests sharing a prompt prefix to the
+replica holding it (`prefix`), or each to the next replica (`round-robin`). The replica runs the
+same app on the forwarded request and streams its response messages back. Without LLMs
+(`direct`) the replicas are the ingress themselves: one hop less.
+
 Nothing here imports Ray until a deployment is made.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import signal
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from ..errors import ServingError
 from ..runtime.ray_cluster import join, ray_module
 from .loading import LoadOptions, load_served
+from .prefix_route import ROUTED_PATHS, routing_key
 from .server import ServeOptions
 
 APP_NAME = "bitsmith"
+ROUTES = ("auto", "direct", "prefix", "round-robin")
 
 
 def _ray() -> Any:
@@ -84,10 +97,168 @@ def replica_app(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOpt
     return create_app(models, options, llms)
 
 
+@dataclass(frozen=True)
+class Forwarded:
+    """A request as the gateway hands it to a replica: its routing key (None: route by load
+    alone), and what the replica's app needs of it."""
+
+    key: tuple[bytes, ...] | None
+    method: str
+    path: str
+    query: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    client: tuple[str, int] | None = None
+
+
+async def run_forwarded(app: Any, request: Forwarded) -> AsyncIterator[Any]:
+    """Run the ASGI `app` on a forwarded request: yields ("start", status, headers) and then
+    the body's chunks as the app sends them. Closing the generator early (the client left)
+    tells the app its client disconnected."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": request.method, "scheme": "http", "path": request.path,
+             "raw_path": request.path.encode(), "root_path": "", "query_string": request.query,
+             "headers": [tuple(h) for h in request.headers], "client": request.client,
+             "server": None}
+    messages: asyncio.Queue[Any] = asyncio.Queue()
+    gone = asyncio.Event()
+    body_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await messages.put(message)
+
+    task = asyncio.ensure_future(app(scope, receive, send))
+    task.add_done_callback(lambda _: messages.put_nowait(None))
+    ended = False
+    try:
+        while (message := await messages.get()) is not None:
+            if message["type"] == "http.response.start":
+                yield ("start", message["status"], list(message.get("headers", [])))
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body", False):
+                    ended = True
+                    break
+        if not ended:
+            task.result()  # the app's own error, if it raised one
+            raise ServingError(f"the app ended {request.method} {request.path} without a "
+                               "complete response")
+    finally:
+        gone.set()  # the app sees the client leave (it cancels what the request holds)
+        if ended:
+            await task
+
+
+class _Forwarding:
+    """Mixed into a replica behind the gateway (Serve's ASGI wrapper gives `app`)."""
+
+    app: Any
+
+    async def forward(self, request: Forwarded) -> AsyncIterator[Any]:
+        async for item in run_forwarded(self.app, request):
+            yield item
+
+
+class Gateway:
+    """The ingress in front of routed replicas: reads the body within the server's limits,
+    keys it, and streams the chosen replica's response back."""
+
+    def __init__(self, replicas: Any, options: ServeOptions) -> None:
+        self.replicas, self.options = replicas, options
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import StreamingResponse  # noqa: PLC0415
+
+        path = request.url.path
+        try:
+            body = await _read_body(request, self.options)
+        except ServingError as exc:
+            return _error(path, str(exc), exc.status)  # type: ignore[attr-defined]
+        client = (request.client.host, request.client.port) if request.client else None
+        forwarded = Forwarded(routing_key(path, body), request.method, path,
+                              request.scope.get("query_string", b""),
+                              tuple(request.scope.get("headers", ())), body, client)
+        stream = self.replicas.options(stream=True).forward.remote(forwarded)
+        try:
+            _, status, headers = await stream.__anext__()
+        except Exception as exc:  # noqa: BLE001 - a replica that died or refused: say so
+            stream.cancel()
+            return _error(path, f"no replica answered: {type(exc).__name__}: {exc}", 503)
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                stream.cancel()
+
+        response = StreamingResponse(rest(), status_code=status)
+        response.raw_headers = [(bytes(k), bytes(v)) for k, v in headers]
+        return response
+
+
+async def _read_body(request: Any, options: ServeOptions) -> bytes:
+    """The body, refused past `max_body_bytes` (413) or its deadline (408), as the
+    single-machine server refuses it."""
+    chunks, size = [], 0
+    deadline = options.body_timeout_s + options.max_body_bytes / options.min_body_rate
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > options.max_body_bytes:
+                    raise _status(ServingError(f"request body over the limit of "
+                                               f"{options.max_body_bytes} bytes"), 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _status(ServingError(f"request body not received within {deadline:.0f} s"),
+                      408) from None
+    return b"".join(chunks)
+
+
+def _status(exc: ServingError, status: int) -> ServingError:
+    exc.status = status  # type: ignore[attr-defined]
+    return exc
+
+
+def _error(path: str, message: str, status: int) -> Any:
+    from starlette.responses import Response  # noqa: PLC0415
+
+    if path in ROUTED_PATHS:
+        from .openai_api import OpenAIError  # noqa: PLC0415
+
+        return OpenAIError(message, status, kind="server_error" if status >= 500 else
+                           "invalid_request_error").response()
+    return Response(orjson.dumps({"error": message}), status,
+                    media_type="application/json")
+
+
+def resolve_route(route: str, artifacts: Sequence[tuple[str, str | Path]]) -> str:
+    """`auto`: `prefix` when an artifact is an LLM, else `direct`."""
+    if route not in ROUTES:
+        raise ServingError(f"route: expected one of {', '.join(ROUTES)}, got {route!r}")
+    if route != "auto":
+        return route
+    from ..runtime.artifact import read_manifest  # noqa: PLC0415
+
+    llm = any("llm" in read_manifest(path).metadata for _, path in artifacts)
+    return "prefix" if llm else "direct"
+
+
 def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOptions, *,
                 replicas: int = 1, autoscale: tuple[int, int] | None = None,
-                target_ongoing: int = 8, cpus: float = 1.0) -> Any:
-    """The Ray Serve application: one deployment whose replicas each run `replica_app`."""
+                target_ongoing: int = 8, cpus: float = 1.0, route: str = "direct") -> Any:
+    """The Ray Serve application: a deployment whose replicas each run `replica_app`, the
+    ingress itself (`direct`) or behind a `Gateway` whose handle routes by `route`."""
     _ray()
     from ray import serve  # noqa: PLC0415
 
@@ -95,6 +266,8 @@ def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOpt
         raise ServingError(f"replicas must be >= 1, got {replicas}")
     if autoscale is not None and not 1 <= autoscale[0] <= autoscale[1]:
         raise ServingError(f"autoscale expected 1 <= low <= high, got {autoscale}")
+    if route not in ROUTES[1:]:
+        raise ServingError(f"route: expected one of {', '.join(ROUTES[1:])}, got {route!r}")
     items, load_opts, serve_opts = list(shipped), load, options
 
     def build() -> Any:  # runs on each replica
@@ -104,25 +277,38 @@ def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOpt
         {"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                 "target_ongoing_requests": target_ongoing}}
         if autoscale is not None else {"num_replicas": replicas})
-    deployment = serve.deployment(name="Replica", ray_actor_options={"num_cpus": cpus},
-                                  max_ongoing_requests=max(4 * target_ongoing,
-                                                           options.queue_size),
-                                  graceful_shutdown_timeout_s=options.drain_grace_ms / 1e3 + 5,
-                                  **scaling)
-    return deployment(serve.ingress(build)(type("Replica", (), {}))).bind()
+    most = max(4 * target_ongoing, options.queue_size)
+    common = {"max_ongoing_requests": most,
+              "graceful_shutdown_timeout_s": options.drain_grace_ms / 1e3 + 5}
+    if route == "direct":
+        deployment = serve.deployment(name="Replica", ray_actor_options={"num_cpus": cpus},
+                                      **common, **scaling)
+        return deployment(serve.ingress(build)(type("Replica", (), {}))).bind()
+    from ray.serve.config import RequestRouterConfig  # noqa: PLC0415
+
+    from .ray_router import ROUTERS  # noqa: PLC0415 - imports Ray Serve
+
+    router = RequestRouterConfig(request_router_class=ROUTERS[route])
+    replica = serve.deployment(name="Replica", ray_actor_options={"num_cpus": cpus},
+                               request_router_config=router, **common, **scaling)
+    gateway = serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0},
+                               **common)
+    return gateway(Gateway).bind(
+        replica(serve.ingress(build)(type("Replica", (_Forwarding,), {}))).bind(), options)
 
 
 def start(artifacts: Sequence[tuple[str, str | Path]], load: LoadOptions,
           options: ServeOptions, *, address: str | None = "auto", host: str = "127.0.0.1",
-          port: int = 8000, **scaling: Any) -> None:
+          port: int = 8000, route: str = "auto", **scaling: Any) -> None:
     """Deploy on the cluster at `address` (None: the Ray of this process) and return once the
     replicas are up."""
+    route = resolve_route(route, artifacts)
     join(address, ServingError, "serving on Ray")
     from ray import serve  # noqa: PLC0415
 
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(ship(artifacts), load, options, **scaling), name=APP_NAME,
-              route_prefix="/")
+    serve.run(application(ship(artifacts), load, options, route=route, **scaling),
+              name=APP_NAME, route_prefix="/")
 
 
 def stop() -> None:

@@ -225,10 +225,14 @@ def test_prefix_cache_on_and_off_answer_alike(llm: bllm.LLM) -> None:
     try:
         with LiveServer([], llms=[service]) as live:
             client = _client(live)
-            got = [client.chat.completions.create(
+            answers = [client.chat.completions.create(
                 model="cached", messages=c, max_tokens=8, temperature=0,  # type: ignore[arg-type]
-                extra_body={"ignore_eos": True}).choices[0].message.content for c in chats]
-            assert got == want
+                extra_body={"ignore_eos": True}) for c in chats]
+            assert [a.choices[0].message.content for a in answers] == want
+            cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]  # type: ignore[union-attr]
+            page = llm.engine.blocks.page_size  # the first chat found nothing; later ones
+            assert cached[0] == 0 and all(c > 0 and c % page == 0 for c in cached[1:])  # pages
+            assert all(c < a.usage.prompt_tokens for c, a in zip(cached, answers))  # type: ignore[union-attr]
             assert metric(live, "bitsmith_llm_prefix_cache_hit_rate", model="cached") > 0.5
             assert metric(live, "bitsmith_llm_kv_pages_used", model="cached") == 0
     finally:

@@ -1,0 +1,136 @@
+"""Cache-affinity routing of LLM requests over replicas (used by `serve --ray`; no Ray here).
+
+A request's routing key is a chain of hashes of its prompt's leading text, a link per
+`CHUNK` characters (key_i = blake2b(key_{i-1} || chunk i), the first seeded with the model's
+name), so two prompts share their first n links exactly when they share their first n chunks.
+The gateway computes it from the OpenAI request body; the replicas' own prefix caches work on
+token pages, which a shared text prefix fills alike.
+
+`AffinityTable` remembers which replica each link last went to and ranks the replicas for a new
+request:
+1. the replica that took the longest prefix of this one, unless its queue is longer than the
+   shortest queue by more than `slack` (load balancing wins over affinity);
+2. otherwise the two replicas that the request's first link hashes highest with (rendezvous
+   hashing), of which the router takes the one with the shorter queue: requests of a prefix
+   nobody holds yet spread by load, over the same two replicas whichever gateway routes them
+   (the dual mapping of the DualMap line of work);
+3. then the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+CHUNK = 128
+"""Characters per link of a routing key (about a KV page or two of tokens)."""
+MAX_LINKS = 64
+"""Links a key keeps (the first 8 KiB characters of a prompt decide where it goes)."""
+ROUTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def _link(previous: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(previous + data, digest_size=8).digest()
+
+
+def key_chain(model: str, text: str) -> tuple[bytes, ...]:
+    """The chain of links of `text` for `model` (empty text: one link, the model's)."""
+    data = text.encode("utf-8", "surrogatepass")
+    links = [_link(b"", model.encode("utf-8", "surrogatepass"))]
+    step = CHUNK
+    for start in range(0, min(len(data), step * (MAX_LINKS - 1)), step):
+        links.append(_link(links[-1], data[start:start + step]))
+    return tuple(links)
+
+
+def _text(value: Any) -> str:
+    """The text of a prompt or a message's content: a string, token ids, or a list of them
+    (OpenAI's content parts); anything else contributes nothing."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return " ".join(map(str, value))
+        return "".join(_text(v.get("text") if isinstance(v, dict) else v) for v in value)
+    return ""
+
+
+def routing_key(path: str, body: bytes) -> tuple[bytes, ...] | None:
+    """The key of an OpenAI completion or chat request, or None (any other route, or a body
+    that is not a JSON object: its replica answers it, with the same errors as ever)."""
+    if path not in ROUTED_PATHS:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    model = doc.get("model") if isinstance(doc.get("model"), str) else ""
+    if path.endswith("/chat/completions"):
+        messages = doc.get("messages")
+        if not isinstance(messages, list):
+            return None
+        text = "".join(f"<{m.get('role')}>{_text(m.get('content'))}\x00"
+                       for m in messages if isinstance(m, dict))
+    else:
+        prompt = doc.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of prompts: served one at a time, routed by the first
+        text = _text(prompt)
+    return key_chain(str(model), text)
+
+
+def _score(link: bytes, replica: Hashable) -> bytes:
+    return hashlib.blake2b(link + str(replica).encode(), digest_size=8).digest()
+
+
+class AffinityTable:
+    """Which replica each key link last went to (least recently used forgotten past
+    `capacity`), and the ranking of replicas that follows from it."""
+
+    def __init__(self, capacity: int = 1 << 18, slack: int = 2) -> None:
+        if capacity < 1 or slack < 0:
+            raise ValueError(f"expected capacity >= 1 and slack >= 0, got {capacity}, {slack}")
+        self.capacity, self.slack = capacity, slack
+        self.owner: OrderedDict[bytes, Hashable] = OrderedDict()
+
+    def rank(self, chain: Sequence[bytes], loads: Mapping[Hashable, int | None]
+             ) -> list[list[Hashable]]:
+        """The replicas of `loads` (replica -> requests queued, None if not known) in ranks,
+        most preferred first; the router takes the least loaded of the first rank that has
+        room."""
+        if not loads:
+            return []
+        known = [n for n in loads.values() if n is not None]
+        least = min(known, default=0)
+        for link in reversed(chain):
+            holder = self.owner.get(link)
+            if holder is None or holder not in loads:
+                continue
+            if (loads[holder] or 0) <= least + self.slack:
+                return [[holder]] + self._pairs(chain, loads, skip=holder)
+            break  # the holder is too busy: spread by load instead
+        return self._pairs(chain, loads)
+
+    def _pairs(self, chain: Sequence[bytes], loads: Mapping[Hashable, int | None],
+               skip: Hashable | None = None) -> list[list[Hashable]]:
+        order = sorted((r for r in loads if r != skip), reverse=True,
+                       key=lambda r: _score(chain[0] if chain else b"", r))
+        return [rank for rank in (order[:2], order[2:]) if rank]
+
+    def record(self, chain: Sequence[bytes], replica: Hashable) -> None:
+        """`replica` took a request of this key: it holds (or is about to) its prefix."""
+        for link in chain:
+            self.owner[link] = replica
+            self.owner.move_to_end(link)
+        while len(self.owner) > self.capacity:
+            self.owner.popitem(last=False)
+
+    def forget(self, replica: Hashable) -> None:
+        """A replica died: nothing routes to it by affinity any more."""
+        for link in [k for k, r in self.owner.items() if r == replica]:
+            del self.owner[link]
