@@ -35,6 +35,14 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument("--autoscale", metavar="LOW:HIGH",
                        help="with --ray: between LOW and HIGH replicas, scaled on the requests "
                             "in flight per replica")
+    serve.add_argument("--route", choices=("auto", "direct", "prefix", "round-robin"),
+                       default=None,
+                       help="with --ray: how requests reach replicas. 'prefix': through a "
+                            "gateway that sends LLM requests sharing a prompt prefix to the "
+                            "replica holding it (with --prefix-cache), unless it is busier than "
+                            "the others; 'round-robin': through the gateway, each to the next; "
+                            "'direct': Serve's proxy to the least loaded of two replicas, one "
+                            "hop less. Default 'auto': prefix when an artifact is an LLM")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32,
@@ -144,8 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.ray_serve import serve_until_signalled  # noqa: PLC0415
     from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
 
-    if (args.replicas != 1 or args.autoscale) and not args.ray:
-        raise CliError("--replicas and --autoscale are Ray Serve's: give --ray ADDRESS too")
+    if (args.replicas != 1 or args.autoscale or args.route) and not args.ray:
+        raise CliError("--replicas, --autoscale and --route are Ray Serve's: give --ray "
+                       "ADDRESS too")
     if args.replicas < 1:
         raise CliError(f"--replicas must be >= 1, got {args.replicas}")
     if len(args.name) > len(args.artifacts):
@@ -201,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      else f"{args.replicas} replica(s)")
                   + f", at http://{args.host}:{args.port}", highlight=False)
         serve_until_signalled(named, load, options, address=args.ray, host=args.host,
-                              port=args.port, **scaling)
+                              port=args.port, route=args.route or "auto", **scaling)
         return 0
     server = make_server(models, options, host=args.host, port=args.port,
                          log_level=args.log_level, access_log=args.access_log, llms=llms)

@@ -190,6 +190,8 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "at most one --name per artifact (1), got 2" in capsys.readouterr().err
     assert cli.main(["serve", "a.bsm", "--replicas", "2"]) == 2
     assert "give --ray ADDRESS too" in capsys.readouterr().err
+    assert cli.main(["serve", "a.bsm", "--route", "prefix"]) == 2
+    assert "give --ray ADDRESS too" in capsys.readouterr().err
     assert cli.main(["serve", "a.bsm", "--ray", "auto", "--autoscale", "3:1"]) == 2
     assert "expected LOW:HIGH replicas with 1 <= LOW <= HIGH, got '3:1'" in capsys.readouterr().err
     assert cli.main(["loadtest", "10.1.2.3:8000", "--model", "m", "--duration", "1s"]) == 2
