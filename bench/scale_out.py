@@ -3,6 +3,7 @@ Serve adds to a request.
 
     python bench/scale_out.py [--devices 1 2 4 8] [--timing-ms 50] [--rounds 3]
     python bench/scale_out.py --serving [--requests 300] [--rounds 3]
+    python bench/scale_out.py --routing [--artifact smol.bsm] [--prefixes 8] [--questions 6]
 
 One machine cannot show a real speed-up (its nodes share its cores), so this measures what it
 can: the RayRunner's scheduling efficiency. N nodes of a local `ray.cluster_utils.Cluster`
@@ -13,11 +14,24 @@ the ideal is N timings in flight at all times. Each round runs 8 x N candidates 
 has the median over rounds, the speed-up over one device and its efficiency (speed-up / N;
 goal >= 0.8).
 
-`--serving`: the zoo MLP (dynamic batch) served by `bitsmith serve` (a process of its own) and
-by a one-replica Ray Serve deployment of the same artifact (`serve --ray`), both on this
-machine; one client sends single-row KServe requests one at a time, alternating between the
-two in rounds of `--requests` each, every answer checked against the model's own output;
-p50/p90 latency per server (medians over rounds) and Ray Serve's p50 overhead (goal < 1 ms).
+`--serving`: the zoo MLP (dynamic batch) served by `bitsmith serve` and by one-replica Ray
+Serve deployments of the same artifact (`bitsmith serve --ray local`: a local Ray cluster per
+process), one behind Serve's own HTTP proxy, one behind Serve's HAProxy ingress
+(`RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy forwards to the replica's own HTTP port); each a
+process of its own on this machine. One client sends single-row KServe requests one at a time,
+rotating between the three in rounds of `--requests` each, every answer checked against the
+model's own output; p50/p90 latency per server (medians over rounds) and the p50 overhead over
+`bitsmith serve` (goal < 1 ms).
+
+`--routing`: an LLM (SmolLM2 W4A8 unless `--artifact`) as 2 replicas of 1 CPU on a local
+two-node cluster, behind `serve --ray`'s gateway with prefix-affinity routing, then with
+round-robin (redeployed each round: both start with empty caches). The workload: `--prefixes`
+system prompts of `--prefix-words` words, `--questions` completions after each, shuffled,
+`--gen` greedy tokens each, streamed by `--clients` clients in a closed loop; each replica's
+KV cache holds 60% of the system prompts' pages and 3 pages per client (`--kv-pages`),
+so a replica that sees every system prompt evicts them as it goes. Reported: TTFT p50/p90 and
+the prefix-cache hit rate (cached prompt tokens, from each response's usage, over prompt
+tokens), medians over rounds; both policies' answers must be identical.
 """
 from __future__ import annotations
 
@@ -56,7 +70,8 @@ def devices_below(n: int):
 
 def serving(requests: int, rounds: int) -> None:
     """Ray Serve's per-request overhead over `bitsmith serve` (see the module doc)."""
-    import socket
+    import os
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -64,18 +79,10 @@ def serving(requests: int, rounds: int) -> None:
 
     import httpx
     import numpy as np
-    import ray
     import torch
 
     import bitsmith
     from bitsmith import models
-    from bitsmith.serving import ray_serve
-    from bitsmith.serving.server import ServeOptions
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     tmp = Path(tempfile.mkdtemp(prefix="bitsmith-scale-"))
     spec = models.get("mlp")
@@ -84,35 +91,40 @@ def serving(requests: int, rounds: int) -> None:
     cm = bitsmith.compile(spec.build().eval(), spec.example_inputs(2), dynamic_batch=True,
                           name="mlp")
     cm.save(path)
-    local_port, ray_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bitsmith", "serve", str(path), "--port",
-                             str(local_port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    servers = {"bitsmith serve": ([], {}),
+               "Ray Serve, Serve's proxy": (["--ray", "local"], {}),
+               "Ray Serve, HAProxy ingress": (["--ray", "local"],
+                                              {"RAY_SERVE_ENABLE_HA_PROXY": "1"})}
+    urls, procs = {}, []
     try:
-        ray_serve.start([("mlp", path)], ray_serve.LoadOptions(max_batch=8), ServeOptions(),
-                        address=None, port=ray_port, replicas=1)
+        for name, (flags, env) in servers.items():
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bitsmith", "serve", str(path), "--port", str(port),
+                 *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, **env}))
+            urls[name] = f"http://127.0.0.1:{port}/v2/models/mlp"
         x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
         want = np.asarray(cm.executor.run(x)[0]).reshape(-1)
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64],
                             "data": x.reshape(-1).tolist()}]}
-        urls = {"bitsmith serve": f"http://127.0.0.1:{local_port}/v2/models/mlp",
-                "Ray Serve (1 replica)": f"http://127.0.0.1:{ray_port}/v2/models/mlp"}
         with httpx.Client(timeout=30) as client:
-            for url in urls.values():  # both up and warm
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
+            for name, url in urls.items():  # all up and warm
+                deadline = time.monotonic() + 180
+                while True:
                     try:
                         if client.get(url + "/ready").status_code == 200:
                             break
                     except httpx.HTTPError:
                         pass
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{name} never became ready")
                     time.sleep(0.5)
             p50: dict[str, list[float]] = {n: [] for n in urls}
             p90: dict[str, list[float]] = {n: [] for n in urls}
             for r in range(rounds):
-                for name, url in (list(urls.items()) if r % 2 == 0
-                                  else list(reversed(urls.items()))):
+                order = list(urls.items())
+                for name, url in order[r % len(order):] + order[:r % len(order)]:
                     times = []
                     for _ in range(requests):
                         t0 = time.perf_counter()
@@ -121,24 +133,175 @@ def serving(requests: int, rounds: int) -> None:
                         got = np.asarray(answer.json()["outputs"][0]["data"], np.float32)
                         if answer.status_code != 200 or np.abs(got - want).max() > 1e-5:
                             raise SystemExit(f"{name} answered wrongly: {answer.text[:200]}")
-                    q = statistics.quantiles(times, n=10)
                     p50[name].append(statistics.median(times))
-                    p90[name].append(q[8])
+                    p90[name].append(statistics.quantiles(times, n=10)[8])
         print(f"{requests} single-row KServe requests a round, one at a time, {rounds} "
-              f"alternating rounds\n")
-        print("| server | p50 ms | p90 ms |")
-        print("|---|---|---|")
+              f"rotating rounds; each Ray Serve deployment on a local cluster of its own "
+              f"(`bitsmith serve --ray local`), 1 replica\n")
+        print("| server | p50 ms | p90 ms | p50 overhead over bitsmith serve, ms |")
+        print("|---|---|---|---|")
+        base = statistics.median(p50["bitsmith serve"])
         for name in urls:
-            print(f"| {name} | {statistics.median(p50[name]) * 1e3:.3f} | "
-                  f"{statistics.median(p90[name]) * 1e3:.3f} |")
-        names = list(urls)
-        extra = statistics.median(p50[names[1]]) - statistics.median(p50[names[0]])
-        print(f"\nRay Serve's p50 overhead: {extra * 1e3:.3f} ms")
+            mid = statistics.median(p50[name])
+            print(f"| {name} | {mid * 1e3:.3f} | {statistics.median(p90[name]) * 1e3:.3f} | "
+                  f"{(mid - base) * 1e3:.3f} |")
     finally:
-        ray_serve.stop()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def routing(args: argparse.Namespace) -> None:
+    """Prefix-affinity routing against round-robin on 2 LLM replicas (see the module doc)."""
+    import asyncio
+    import math
+    import random
+    import tempfile
+    from pathlib import Path
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import bitsmith.llm as bllm
+    from bitsmith.serving import ray_serve
+    from bitsmith.serving.server import ServeOptions
+
+    artifact = Path(args.artifact) if args.artifact else None
+    if artifact is None:
+        artifact = Path(tempfile.mkdtemp(prefix="bitsmith-route-")) / "smol.bsm"
+        start = time.perf_counter()
+        bllm.compile("smollm2", act="int8", max_batch=8, max_seq=1024,
+                     prefill=(32, 64, 128, 256), score_chunk=0).save(artifact)
+        print(f"compiled SmolLM2 (W4A8) in {time.perf_counter() - start:.0f} s", flush=True)
+    llm = bllm.load(artifact)
+    words = ("the model serves requests that share long system prompts across replicas "
+             "while caches hold pages of keys and values").split()
+    rng = random.Random(0)
+    systems = [f"System prompt {p}: " + " ".join(rng.choice(words)
+                                                 for _ in range(args.prefix_words))
+               for p in range(args.prefixes)]
+    owner = {f"{systems[p]}\nUser: question {q} about {rng.choice(words)}?\nAssistant:": p
+             for p in range(args.prefixes) for q in range(args.questions)}
+    prompts = list(owner)
+    rng.shuffle(prompts)
+    blocks = llm.engine.blocks
+    page_bytes = llm.engine.kv_memory // blocks.num_pages
+    shared = min(len(llm.tokenizer.encode(s)) for s in systems)
+    per_prefix = math.ceil(shared / blocks.page_size)
+    pages = args.kv_pages or math.ceil(0.6 * args.prefixes) * per_prefix + 3 * args.clients
+    del llm
+    print(f"{len(prompts)} completions: {args.prefixes} system prompts of about {shared} "
+          f"tokens x {args.questions} questions, shuffled; {args.gen} tokens each (greedy); "
+          f"{args.clients} clients in a closed loop; 2 replicas of 1 CPU on a local 2-node "
+          f"cluster, each with a prefix cache in {pages} KV pages of {blocks.page_size} tokens "
+          f"(all {args.prefixes} system prompts need {args.prefixes * per_prefix}); "
+          f"prefix routing's slack {args.slack} requests; "
+          f"{args.rounds} alternating rounds, medians\n", flush=True)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    policies = ("prefix", "round-robin")
+    rows: dict[str, list[tuple[float, float, float, int]]] = {p: [] for p in policies}
+    texts: dict[str, list[str]] = {}
+    port = free_port()
+    try:
+        for r in range(args.rounds):
+            for policy in policies if r % 2 == 0 else policies[::-1]:
+                ray_serve.start([("smol", artifact)],
+                                ray_serve.LoadOptions(prefix_cache=True, max_batch=8,
+                                                      kv_memory=pages * page_bytes),
+                                ServeOptions(timeout_ms=600_000), address=None, port=port,
+                                replicas=2, cpus=1, route=policy, slack=args.slack)
+                try:
+                    got = asyncio.run(completions(port, prompts, args.gen, args.clients))
+                finally:
+                    ray_serve.stop()
+                    time.sleep(2)
+                answers = [t for *_, t, _ in got]
+                homes: dict[int, set[str]] = {}
+                for prompt, (*_, replica) in zip(prompts, got, strict=True):
+                    homes.setdefault(owner[prompt], set()).add(replica)
+                alone = sum(len(h) == 1 for h in homes.values())
+                if texts and answers != next(iter(texts.values())):
+                    raise SystemExit(f"{policy} answered differently from "
+                                     f"{next(iter(texts))}")
+                texts.setdefault(policy, answers)
+                ttft = sorted(f for f, *_ in got)
+                hit = sum(c for _, c, *_ in got) / sum(n for _, _, n, *_ in got)
+                rows[policy].append((statistics.median(ttft),
+                                     statistics.quantiles(ttft, n=10)[8], hit, alone))
+                print(f"round {r} {policy}: TTFT p50 {rows[policy][-1][0] * 1e3:.0f} ms, "
+                      f"hit rate {hit:.2f}, system prompts served by one replica: {alone} "
+                      f"of {args.prefixes}", flush=True)
+        print("\n| routing | TTFT p50 ms | TTFT p90 ms | prefix-cache hit rate "
+              "(cached / prompt tokens) | system prompts served by one replica |")
+        print("|---|---|---|---|---|")
+        for policy in policies:
+            p50, p90, hit, alone = (statistics.median(v)
+                                    for v in zip(*rows[policy], strict=True))
+            print(f"| {policy} | {p50 * 1e3:.0f} | {p90 * 1e3:.0f} | {hit:.2f} | "
+                  f"{alone:g} of {args.prefixes} |")
+        a, b = (statistics.median(v[0] for v in rows[p]) for p in policies)
+        print(f"\nTTFT p50, round-robin / prefix: {b / a:.2f}x")
+    finally:
         ray.shutdown()
-        proc.terminate()
-        proc.wait(30)
+        cluster.shutdown()
+
+
+async def completions(port: int, prompts: list[str], gen: int, clients: int
+                      ) -> list[tuple[float, int, int, str, str]]:
+    """Stream greedy completions of `prompts` from `clients` clients in a closed loop:
+    (TTFT s, cached tokens, prompt tokens, text, replica) per prompt."""
+    import asyncio
+
+    import httpx
+    import orjson
+
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    queue = list(prompts)
+    out: dict[str, tuple[float, int, int, str, str]] = {}
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def worker() -> None:
+            while queue:
+                prompt = queue.pop(0)
+                body = {"model": "smol", "prompt": prompt, "max_tokens": gen,
+                        "temperature": 0, "ignore_eos": True, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                t0, first, text, usage = time.perf_counter(), None, "", None
+                async with client.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        raise SystemExit(f"HTTP {r.status_code}: {await r.aread()}")
+                    replica = r.headers.get("x-bitsmith-replica", "?")
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        doc = orjson.loads(line[6:])
+                        if doc.get("usage"):
+                            usage = doc["usage"]
+                        for choice in doc.get("choices", []):
+                            if choice.get("text") and first is None:
+                                first = time.perf_counter() - t0
+                            text += choice.get("text", "")
+                if first is None or usage is None:
+                    raise SystemExit(f"no token or no usage for a request: {text!r}")
+                out[prompt] = (first, usage["prompt_tokens_details"]["cached_tokens"],
+                               usage["prompt_tokens"], text, replica)
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return [out[p] for p in prompts]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -149,8 +312,25 @@ def main() -> None:
     parser.add_argument("--serving", action="store_true",
                         help="Ray Serve's per-request overhead over bitsmith serve instead")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--routing", action="store_true",
+                        help="prefix-affinity routing vs round-robin on 2 LLM replicas instead")
+    parser.add_argument("--artifact", help="--routing: an LLM artifact (default: compile "
+                        "SmolLM2 W4A8)")
+    parser.add_argument("--prefixes", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--prefix-words", type=int, default=400)
+    parser.add_argument("--gen", type=int, default=8)
+    parser.add_argument("--slack", type=int, default=4,
+                        help="--routing: the prefix router's load slack (serve --route-slack)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--kv-pages", type=int, default=0,
+                        help="--routing: KV pages per replica (default: 60%% of the system "
+                             "prompts' pages and 3 pages per client)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.routing:
+        routing(args)
+        return
     if args.serving:
         serving(args.requests, args.rounds)
         return

@@ -28,13 +28,17 @@ def add_parsers(sub: Any) -> None:
                        help="the name of the matching artifact, in order (default: file stem)")
     serve.add_argument("--ray", metavar="ADDRESS",
                        help="serve as Ray Serve replicas on the Ray cluster at ADDRESS ('auto': "
-                            "the one 'ray start' made; needs bitsmith[cluster]); every replica "
-                            "serves every artifact, shipped by content digest")
+                            "the one 'ray start' made; 'local': a new one in this process; "
+                            "needs bitsmith[cluster]); every replica serves every artifact, "
+                            "shipped by content digest. For the least overhead per request, "
+                            "start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1")
     serve.add_argument("--replicas", type=int, default=1,
                        help="with --ray: how many replicas")
     serve.add_argument("--autoscale", metavar="LOW:HIGH",
                        help="with --ray: between LOW and HIGH replicas, scaled on the requests "
                             "in flight per replica")
+    serve.add_argument("--replica-cpus", type=int, default=1, metavar="N",
+                       help="with --ray: CPUs each replica reserves and computes on")
     serve.add_argument("--route", choices=("auto", "direct", "prefix", "round-robin"),
                        default=None,
                        help="with --ray: how requests reach replicas. 'prefix': through a "
@@ -43,6 +47,10 @@ def add_parsers(sub: Any) -> None:
                             "the others; 'round-robin': through the gateway, each to the next; "
                             "'direct': Serve's proxy to the least loaded of two replicas, one "
                             "hop less. Default 'auto': prefix when an artifact is an LLM")
+    serve.add_argument("--route-slack", type=int, default=4, metavar="N",
+                       help="with --route prefix: send a request to the replica holding its "
+                            "prefix while that replica has at most N more requests in flight "
+                            "than the least busy one")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32,
@@ -152,9 +160,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.ray_serve import serve_until_signalled  # noqa: PLC0415
     from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
 
-    if (args.replicas != 1 or args.autoscale or args.route) and not args.ray:
-        raise CliError("--replicas, --autoscale and --route are Ray Serve's: give --ray "
-                       "ADDRESS too")
+    if (args.replicas != 1 or args.autoscale or args.route or args.replica_cpus != 1) \
+            and not args.ray:
+        raise CliError("--replicas, --autoscale, --replica-cpus and --route are Ray Serve's: "
+                       "give --ray ADDRESS too")
+    if args.route_slack < 0:
+        raise CliError(f"--route-slack must be >= 0, got {args.route_slack}")
+    if args.replica_cpus < 1:
+        raise CliError(f"--replica-cpus must be >= 1, got {args.replica_cpus}")
     if args.replicas < 1:
         raise CliError(f"--replicas must be >= 1, got {args.replicas}")
     if len(args.name) > len(args.artifacts):
@@ -207,10 +220,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    else {"replicas": args.replicas})
         err.print(f"deploying {len(named)} artifact(s) on the Ray cluster at {args.ray}, "
                   + (f"{args.autoscale} replicas (autoscaled)" if args.autoscale
-                     else f"{args.replicas} replica(s)")
+                     else f"{args.replicas} replica(s)") + f" of {args.replica_cpus} CPU(s)"
                   + f", at http://{args.host}:{args.port}", highlight=False)
         serve_until_signalled(named, load, options, address=args.ray, host=args.host,
-                              port=args.port, route=args.route or "auto", **scaling)
+                              port=args.port, route=args.route or "auto", cpus=args.replica_cpus,
+                              slack=args.route_slack, **scaling)
         return 0
     server = make_server(models, options, host=args.host, port=args.port,
                          log_level=args.log_level, access_log=args.access_log, llms=llms)

@@ -10,16 +10,17 @@ token pages, which a shared text prefix fills alike.
 request:
 1. the replica that took the longest prefix of this one, unless its queue is longer than the
    shortest queue by more than `slack` (load balancing wins over affinity);
-2. otherwise the two replicas that the request's first link hashes highest with (rendezvous
-   hashing), of which the router takes the one with the shorter queue: requests of a prefix
-   nobody holds yet spread by load, over the same two replicas whichever gateway routes them
-   (the dual mapping of the DualMap line of work);
+2. otherwise (a prefix nobody holds yet) the two replicas that the request's first link hashes
+   highest with (rendezvous hashing: the same two whichever gateway routes it, the dual
+   mapping of the DualMap line of work): the one holding fewer links first, so that prefixes
+   spread evenly over the replicas' caches, unless their queues differ by more than `slack`
+   (then the router takes the shorter queue of the two);
 3. then the rest.
 """
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -92,11 +93,12 @@ class AffinityTable:
     """Which replica each key link last went to (least recently used forgotten past
     `capacity`), and the ranking of replicas that follows from it."""
 
-    def __init__(self, capacity: int = 1 << 18, slack: int = 2) -> None:
+    def __init__(self, capacity: int = 1 << 18, slack: int = 4) -> None:
         if capacity < 1 or slack < 0:
             raise ValueError(f"expected capacity >= 1 and slack >= 0, got {capacity}, {slack}")
         self.capacity, self.slack = capacity, slack
         self.owner: OrderedDict[bytes, Hashable] = OrderedDict()
+        self.held: Counter[Hashable] = Counter()  # links each replica holds
 
     def rank(self, chain: Sequence[bytes], loads: Mapping[Hashable, int | None]
              ) -> list[list[Hashable]]:
@@ -107,30 +109,42 @@ class AffinityTable:
             return []
         known = [n for n in loads.values() if n is not None]
         least = min(known, default=0)
-        for link in reversed(chain):
+        for link in reversed(chain[1:]):  # chain[0] is the model's: every request has it
             holder = self.owner.get(link)
             if holder is None or holder not in loads:
                 continue
             if (loads[holder] or 0) <= least + self.slack:
                 return [[holder]] + self._pairs(chain, loads, skip=holder)
-            break  # the holder is too busy: spread by load instead
-        return self._pairs(chain, loads)
+            return self._pairs(chain, loads)  # the holder is too busy: spread by load
+        pair, *rest = self._pairs(chain, loads) or [[]]
+        queued = [loads[r] or 0 for r in pair]
+        if len(pair) == 2 and abs(queued[0] - queued[1]) <= self.slack:
+            pair.sort(key=lambda r: self.held[r])  # stable: ties keep the hash order
+            return [[pair[0]], [pair[1]], *rest]
+        return [pair, *rest]
 
     def _pairs(self, chain: Sequence[bytes], loads: Mapping[Hashable, int | None],
                skip: Hashable | None = None) -> list[list[Hashable]]:
+        first = chain[1] if len(chain) > 1 else chain[0] if chain else b""  # the text's
         order = sorted((r for r in loads if r != skip), reverse=True,
-                       key=lambda r: _score(chain[0] if chain else b"", r))
+                       key=lambda r: _score(first, r))
         return [rank for rank in (order[:2], order[2:]) if rank]
 
     def record(self, chain: Sequence[bytes], replica: Hashable) -> None:
         """`replica` took a request of this key: it holds (or is about to) its prefix."""
-        for link in chain:
+        for link in chain[1:]:
+            before = self.owner.get(link)
+            if before != replica:
+                if before is not None:
+                    self.held[before] -= 1
+                self.held[replica] += 1
             self.owner[link] = replica
             self.owner.move_to_end(link)
         while len(self.owner) > self.capacity:
-            self.owner.popitem(last=False)
+            self.held[self.owner.popitem(last=False)[1]] -= 1
 
     def forget(self, replica: Hashable) -> None:
         """A replica died: nothing routes to it by affinity any more."""
         for link in [k for k, r in self.owner.items() if r == replica]:
             del self.owner[link]
+        self.held.pop(replica, None)

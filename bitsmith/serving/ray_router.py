@@ -29,7 +29,7 @@ def _key(pending: PendingRequest | None) -> tuple[bytes, ...] | None:
 class PrefixAffinityRouter(RequestRouter):
     """Cache-affinity routing with load balancing (see the module)."""
 
-    def initialize_state(self, slack: int = 2, capacity: int = 1 << 18, **_: Any) -> None:
+    def initialize_state(self, slack: int = 4, capacity: int = 1 << 18, **_: Any) -> None:
         self.table = AffinityTable(capacity=capacity, slack=slack)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

@@ -42,6 +42,7 @@ from .server import ServeOptions
 
 APP_NAME = "bitsmith"
 ROUTES = ("auto", "direct", "prefix", "round-robin")
+REPLICA_HEADER = b"x-bitsmith-replica"
 
 
 def _ray() -> Any:
@@ -164,7 +165,12 @@ class _Forwarding:
     app: Any
 
     async def forward(self, request: Forwarded) -> AsyncIterator[Any]:
+        from ray import serve  # noqa: PLC0415 - this runs in a replica
+
+        tag = serve.get_replica_context().replica_id.unique_id.encode()
         async for item in run_forwarded(self.app, request):
+            if isinstance(item, tuple):  # the response's start: say which replica answered
+                item = (*item[:2], [*item[2], (REPLICA_HEADER, tag)])
             yield item
 
 
@@ -256,9 +262,12 @@ def resolve_route(route: str, artifacts: Sequence[tuple[str, str | Path]]) -> st
 
 def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOptions, *,
                 replicas: int = 1, autoscale: tuple[int, int] | None = None,
-                target_ongoing: int = 8, cpus: float = 1.0, route: str = "direct") -> Any:
+                target_ongoing: int = 8, cpus: float = 1.0, route: str = "direct",
+                slack: int = 4) -> Any:
     """The Ray Serve application: a deployment whose replicas each run `replica_app`, the
-    ingress itself (`direct`) or behind a `Gateway` whose handle routes by `route`."""
+    ingress itself (`direct`) or behind a `Gateway` whose handle routes by `route` (`prefix`:
+    to the replica holding the prompt's prefix while its queue is within `slack` requests of
+    the shortest)."""
     _ray()
     from ray import serve  # noqa: PLC0415
 
@@ -277,19 +286,28 @@ def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOpt
         {"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                 "target_ongoing_requests": target_ongoing}}
         if autoscale is not None else {"num_replicas": replicas})
+    if not cpus > 0:
+        raise ServingError(f"cpus per replica must be > 0, got {cpus}")
+    # a replica computes on the CPUs it reserves (as Ray sets OMP_NUM_THREADS for its actors)
+    actor = {"num_cpus": cpus,
+             "runtime_env": {"env_vars": {"TVM_NUM_THREADS": str(max(1, int(cpus)))}}}
     most = max(4 * target_ongoing, options.queue_size)
     common = {"max_ongoing_requests": most,
               "graceful_shutdown_timeout_s": options.drain_grace_ms / 1e3 + 5}
     if route == "direct":
-        deployment = serve.deployment(name="Replica", ray_actor_options={"num_cpus": cpus},
+        deployment = serve.deployment(name="Replica", ray_actor_options=actor,
                                       **common, **scaling)
         return deployment(serve.ingress(build)(type("Replica", (), {}))).bind()
     from ray.serve.config import RequestRouterConfig  # noqa: PLC0415
 
     from .ray_router import ROUTERS  # noqa: PLC0415 - imports Ray Serve
 
-    router = RequestRouterConfig(request_router_class=ROUTERS[route])
-    replica = serve.deployment(name="Replica", ray_actor_options={"num_cpus": cpus},
+    if slack < 0:
+        raise ServingError(f"slack must be >= 0 requests, got {slack}")
+    router = RequestRouterConfig(request_router_class=ROUTERS[route],
+                                 request_router_kwargs={"slack": slack} if route == "prefix"
+                                 else {})
+    replica = serve.deployment(name="Replica", ray_actor_options=actor,
                                request_router_config=router, **common, **scaling)
     gateway = serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0},
                                **common)

@@ -232,7 +232,7 @@ def test_prefix_cache_on_and_off_answer_alike(llm: bllm.LLM) -> None:
             cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]  # type: ignore[union-attr]
             page = llm.engine.blocks.page_size  # the first chat found nothing; later ones
             assert cached[0] == 0 and all(c > 0 and c % page == 0 for c in cached[1:])  # pages
-            assert all(c < a.usage.prompt_tokens for c, a in zip(cached, answers))  # type: ignore[union-attr]
+            assert all(c < a.usage.prompt_tokens for c, a in zip(cached, answers, strict=True))  # type: ignore[union-attr]
             assert metric(live, "bitsmith_llm_prefix_cache_hit_rate", model="cached") > 0.5
             assert metric(live, "bitsmith_llm_kv_pages_used", model="cached") == 0
     finally:

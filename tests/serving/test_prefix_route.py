@@ -31,7 +31,7 @@ def test_keys_share_links_exactly_as_far_as_the_prompts_share_text() -> None:
     a = routing_key("/v1/chat/completions", _chat(system, "Why?"))
     b = routing_key("/v1/chat/completions", _chat(system, "How?"))
     assert a is not None and b is not None and a != b
-    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
     assert shared >= len(system) // CHUNK  # the system prompt's whole chunks, and the model
     other = routing_key("/v1/chat/completions", _chat(system, "Why?", model="n"))
     assert other is not None and not set(other) & set(a)  # another model shares nothing
@@ -67,8 +67,15 @@ def test_affinity_ranks_the_holder_first_unless_it_is_busier_than_the_slack() ->
     assert a and b
     loads = {"r0": 0, "r1": 0, "r2": 0}
     first = table.rank(a, loads)  # nobody holds it: its two hash-chosen replicas, then the rest
-    assert [len(rank) for rank in first] == [2, 1]
+    assert [len(rank) for rank in first] == [1, 1, 1]
     assert first == table.rank(a, loads)  # the same two whoever asks
+    pair = first[0] + first[1]
+    assert table.rank(a, {**loads, pair[0]: 5})[0] == pair  # apart by load: the router picks
+    c = routing_key("/v1/completions", orjson.dumps({"prompt": "other prefix " * 50}))
+    assert c
+    table.record(c, pair[0])  # pair[0] now holds more: a new prefix goes to pair[1] first
+    assert table.rank(a, loads)[0] == [pair[1]] and table.held[pair[0]] == len(c) - 1
+    table = AffinityTable(slack=2)
     table.record(a, "r2")
     assert table.rank(b, loads)[0] == ["r2"]  # b shares a's prefix: r2 holds it
     assert table.rank(b, {"r0": 0, "r1": 1, "r2": 2})[0] == ["r2"]  # within the slack
@@ -76,10 +83,14 @@ def test_affinity_ranks_the_holder_first_unless_it_is_busier_than_the_slack() ->
     assert busy[0] != ["r2"] and sorted(r for rank in busy for r in rank) == ["r0", "r1", "r2"]
     assert table.rank(b, {"r0": 0, "r1": 0})[0] != ["r2"]  # r2 is gone
     table.forget("r2")
-    assert not table.owner and table.rank(b, {}) == []
+    assert not table.owner and not table.held and table.rank(b, {}) == []
     small = AffinityTable(capacity=3)
     small.record(a, "r0")
-    assert len(small.owner) == 3 and list(small.owner) == list(a[-3:])
+    assert len(small.owner) == 3 and list(small.owner) == list(a[-3:]) and small.held["r0"] == 3
+    small.record(a[:3], "r1")  # links move between replicas, counted where they are
+    assert small.held == {"r0": 1, "r1": 2}
+    small.record(a[:1], "r1")  # the model's own link is nobody's prefix
+    assert small.held == {"r0": 1, "r1": 2}
     with pytest.raises(ValueError, match="capacity >= 1"):
         AffinityTable(capacity=0)
 
@@ -134,9 +145,9 @@ class _Handle:
         return _Stream(run_forwarded(BACKEND, request))
 
 
-def _gateway(options: ServeOptions = ServeOptions()) -> tuple[TestClient, _Handle]:
+def _gateway(options: ServeOptions | None = None) -> tuple[TestClient, _Handle]:
     handle = _Handle()
-    gateway = Gateway(handle, options)
+    gateway = Gateway(handle, options or ServeOptions())
     app = Starlette(routes=[Route("/{rest:path}", gateway.__call__, methods=["GET", "POST"])])
     return TestClient(app), handle
 

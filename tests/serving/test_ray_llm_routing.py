@@ -82,8 +82,10 @@ def _want(path: Path, chats: list) -> list[str]:
                          ignore_eos=True)[0].text for c in chats]
 
 
-async def _ask(chats: list, stream: bool, concurrency: int) -> list[tuple[int, str, int]]:
-    """(status, text, cached prompt tokens) per chat."""
+async def _ask(chats: list, stream: bool, concurrency: int,
+               replicas: list | None = None) -> list[tuple[int, str, int]]:
+    """(status, text, cached prompt tokens) per chat; the replica that answered each appended
+    to `replicas`."""
     import httpx
     import orjson
 
@@ -99,6 +101,8 @@ async def _ask(chats: list, stream: bool, concurrency: int) -> list[tuple[int, s
                 "ignore_eos": True}
             async with gate:
                 r = await client.post(f"{URL}/v1/chat/completions", json=body)
+            if replicas is not None:
+                replicas.append(r.headers.get(ray_serve.REPLICA_HEADER.decode()))
             if r.status_code != 200:
                 return r.status_code, "", -1
             if not stream:
@@ -127,8 +131,11 @@ def test_prefix_routing_answers_as_the_model_and_finds_the_prefix(cluster, artif
     want = _want(artifacts["zoo"], chats)
     _deploy(artifacts, "prefix")
     try:
-        got = asyncio.run(_ask(chats, stream=False, concurrency=1))  # one at a time
-        assert [(s, t) for s, t, _ in got] == [(200, w) for w in want]
+        served: list = []
+        got = asyncio.run(_ask(chats, stream=False, concurrency=1, replicas=served))
+        assert [(s, t) for s, t, _ in got] == [(200, w) for w in want]  # one at a time
+        for p in range(3):  # each system prompt's chats answered by one replica
+            assert len(set(served[3 * p:3 * p + 3])) == 1 and served[3 * p], served
         for p in range(3):  # a system prompt's later chats find it where the first left it
             first, *later = [cached for _, _, cached in got[3 * p:3 * p + 3]]
             assert all(c > first for c in later), (p, first, later)
@@ -157,8 +164,9 @@ def test_round_robin_sends_the_second_chat_elsewhere(cluster, artifacts) -> None
     chats = _chats()[:2]  # one system prompt, two questions
     _deploy({"zoo": artifacts["zoo"]}, "round-robin")
     try:
-        got = asyncio.run(_ask(chats, stream=False, concurrency=1))
-        assert [s for s, _, _ in got] == [200, 200]
+        served: list = []
+        got = asyncio.run(_ask(chats, stream=False, concurrency=1, replicas=served))
+        assert [s for s, _, _ in got] == [200, 200] and served[0] != served[1]
         assert got[1][2] == got[0][2]  # the other replica: the system prompt not cached there
     finally:
         ray_serve.stop()
