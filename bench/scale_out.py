@@ -17,9 +17,10 @@ goal >= 0.8).
 `--serving`: the zoo MLP (dynamic batch) served by `bitsmith serve` and by one-replica Ray
 Serve deployments of the same artifact (`bitsmith serve --ray local`: a local Ray cluster per
 process), one behind Serve's own HTTP proxy, one behind Serve's HAProxy ingress
-(`RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy forwards to the replica's own HTTP port); each a
-process of its own on this machine. One client sends single-row KServe requests one at a time,
-rotating between the three in rounds of `--requests` each, every answer checked against the
+(`RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy forwards to the replica's own HTTP port), one with
+HAProxy and the routing gateway in front of the replica; each a process of its own on this
+machine. One client sends single-row KServe requests one at a time,
+rotating between the four in rounds of `--requests` each, every answer checked against the
 model's own output; p50/p90 latency per server (medians over rounds) and the p50 overhead over
 `bitsmith serve` (goal < 1 ms).
 
@@ -94,7 +95,10 @@ def serving(requests: int, rounds: int) -> None:
     servers = {"bitsmith serve": ([], {}),
                "Ray Serve, Serve's proxy": (["--ray", "local"], {}),
                "Ray Serve, HAProxy ingress": (["--ray", "local"],
-                                              {"RAY_SERVE_ENABLE_HA_PROXY": "1"})}
+                                              {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+               "Ray Serve, HAProxy ingress, gateway (--route round-robin)": (
+                   ["--ray", "local", "--route", "round-robin"],
+                   {"RAY_SERVE_ENABLE_HA_PROXY": "1"})}
     urls, procs = {}, []
     try:
         for name, (flags, env) in servers.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -222,6 +223,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + (f"{args.autoscale} replicas (autoscaled)" if args.autoscale
                      else f"{args.replicas} replica(s)") + f" of {args.replica_cpus} CPU(s)"
                   + f", at http://{args.host}:{args.port}", highlight=False)
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+            err.print("note: Serve's own HTTP proxy adds milliseconds to each request; a "
+                      "cluster started with RAY_SERVE_ENABLE_HA_PROXY=1 puts HAProxy in front "
+                      "of the replicas instead (see bench/scale_out.py --serving)",
+                      highlight=False)
         serve_until_signalled(named, load, options, address=args.ray, host=args.host,
                               port=args.port, route=args.route or "auto", cpus=args.replica_cpus,
                               slack=args.route_slack, **scaling)

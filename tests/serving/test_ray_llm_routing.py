@@ -33,8 +33,8 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     from bitsmith import models
 
     folder = tmp_path_factory.mktemp("art")
-    llm = bllm.compile("llama", kv="f32", max_batch=4, max_seq=160, page_size=8,
-                       prefill=(16,), score_chunk=0)
+    llm = bllm.compile("llama", kv="f32", max_batch=4, max_seq=512, page_size=8,
+                       prefill=(32,), score_chunk=0)
     llm.save(folder / "zoo.bsm")
     spec = models.get("mlp")
     torch.manual_seed(0)
@@ -72,7 +72,8 @@ def _deploy(artifacts: dict[str, Path], route: str) -> None:
 
 
 def _chats() -> list[list[dict[str, str]]]:
-    return [[{"role": "system", "content": f"Rule {p}. " + "Be terse. " * 5},
+    # system prompts past one routing-key link (128 characters) of text they share
+    return [[{"role": "system", "content": f"Rule {p}. " + "Be terse. " * 20},
              {"role": "user", "content": f"Question {q}?"}] for p in range(3) for q in range(3)]
 
 
