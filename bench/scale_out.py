@@ -2,7 +2,7 @@
 Serve adds to a request.
 
     python bench/scale_out.py [--devices 1 2 4 8] [--timing-ms 50] [--rounds 3]
-    python bench/scale_out.py --serving [--requests 300] [--rounds 3]
+    python bench/scale_out.py --serving [--gateway] [--requests 300] [--rounds 3]
     python bench/scale_out.py --routing [--artifact smol.bsm] [--prefixes 8] [--questions 6]
 
 One machine cannot show a real speed-up (its nodes share its cores), so this measures what it
@@ -17,10 +17,11 @@ goal >= 0.8).
 `--serving`: the zoo MLP (dynamic batch) served by `bitsmith serve` and by one-replica Ray
 Serve deployments of the same artifact (`bitsmith serve --ray local`: a local Ray cluster per
 process), one behind Serve's own HTTP proxy, one behind Serve's HAProxy ingress
-(`RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy forwards to the replica's own HTTP port), one with
-HAProxy and the routing gateway in front of the replica; each a process of its own on this
-machine. One client sends single-row KServe requests one at a time,
-rotating between the four in rounds of `--requests` each, every answer checked against the
+(`RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy forwards to the replica's own HTTP port); each a
+process of its own on this machine. With `--gateway`: bitsmith serve against HAProxy and the
+routing gateway in front of the replica (`--route round-robin`; one HAProxy Serve per machine,
+its ports are fixed). One client sends single-row KServe requests one at a time,
+rotating between them in rounds of `--requests` each, every answer checked against the
 model's own output; p50/p90 latency per server (medians over rounds) and the p50 overhead over
 `bitsmith serve` (goal < 1 ms).
 
@@ -69,7 +70,7 @@ def devices_below(n: int):
     return fingerprint
 
 
-def serving(requests: int, rounds: int) -> None:
+def serving(requests: int, rounds: int, gateway: bool = False) -> None:
     """Ray Serve's per-request overhead over `bitsmith serve` (see the module doc)."""
     import os
     import signal
@@ -92,21 +93,23 @@ def serving(requests: int, rounds: int) -> None:
     cm = bitsmith.compile(spec.build().eval(), spec.example_inputs(2), dynamic_batch=True,
                           name="mlp")
     cm.save(path)
+    haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}  # one such Serve per machine: fixed ports
     servers = {"bitsmith serve": ([], {}),
                "Ray Serve, Serve's proxy": (["--ray", "local"], {}),
-               "Ray Serve, HAProxy ingress": (["--ray", "local"],
-                                              {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
-               "Ray Serve, HAProxy ingress, gateway (--route round-robin)": (
-                   ["--ray", "local", "--route", "round-robin"],
-                   {"RAY_SERVE_ENABLE_HA_PROXY": "1"})}
-    urls, procs = {}, []
+               "Ray Serve, HAProxy ingress": (["--ray", "local"], haproxy)}
+    if gateway:
+        servers = {"bitsmith serve": ([], {}),
+                   "Ray Serve, HAProxy ingress, gateway (--route round-robin)": (
+                       ["--ray", "local", "--route", "round-robin"], haproxy)}
+    urls, procs, logs = {}, [], {}
     try:
         for name, (flags, env) in servers.items():
             port = free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bitsmith", "serve", str(path), "--port", str(port),
-                 *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, **env}))
+            logs[name] = tmp / f"server{len(logs)}.log"
+            with logs[name].open("wb") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "bitsmith", "serve", str(path), "--port", str(port),
+                     *flags], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}))
             urls[name] = f"http://127.0.0.1:{port}/v2/models/mlp"
         x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
         want = np.asarray(cm.executor.run(x)[0]).reshape(-1)
@@ -114,16 +117,7 @@ def serving(requests: int, rounds: int) -> None:
                             "data": x.reshape(-1).tolist()}]}
         with httpx.Client(timeout=30) as client:
             for name, url in urls.items():  # all up and warm
-                deadline = time.monotonic() + 180
-                while True:
-                    try:
-                        if client.get(url + "/ready").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"{name} never became ready")
-                    time.sleep(0.5)
+                wait_ready(client, url + "/ready", name, logs[name])
             p50: dict[str, list[float]] = {n: [] for n in urls}
             p90: dict[str, list[float]] = {n: [] for n in urls}
             for r in range(rounds):
@@ -300,6 +294,23 @@ async def completions(port: int, prompts: list[str], gen: int, clients: int
     return [out[p] for p in prompts]
 
 
+def wait_ready(client, url: str, name: str, log) -> None:
+    """Until `url` answers 200 (else exit with the server's log's tail)."""
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if client.get(url).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} never became ready; its log ends:\n"
+                             + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     import socket
 
@@ -316,6 +327,9 @@ def main() -> None:
     parser.add_argument("--serving", action="store_true",
                         help="Ray Serve's per-request overhead over bitsmith serve instead")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--gateway", action="store_true",
+                        help="--serving: bitsmith serve against HAProxy and the routing "
+                             "gateway (serve --route round-robin) instead")
     parser.add_argument("--routing", action="store_true",
                         help="prefix-affinity routing vs round-robin on 2 LLM replicas instead")
     parser.add_argument("--artifact", help="--routing: an LLM artifact (default: compile "
@@ -336,7 +350,7 @@ def main() -> None:
         routing(args)
         return
     if args.serving:
-        serving(args.requests, args.rounds)
+        serving(args.requests, args.rounds, args.gateway)
         return
     import ray
     from ray.cluster_utils import Cluster

@@ -32,7 +32,8 @@ def add_parsers(sub: Any) -> None:
                             "the one 'ray start' made; 'local': a new one in this process; "
                             "needs bitsmith[cluster]); every replica serves every artifact, "
                             "shipped by content digest. For the least overhead per request, "
-                            "start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1")
+                            "start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1 "
+                            "RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     serve.add_argument("--replicas", type=int, default=1,
                        help="with --ray: how many replicas")
     serve.add_argument("--autoscale", metavar="LOW:HIGH",
@@ -225,9 +226,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   + f", at http://{args.host}:{args.port}", highlight=False)
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             err.print("note: Serve's own HTTP proxy adds milliseconds to each request; a "
-                      "cluster started with RAY_SERVE_ENABLE_HA_PROXY=1 puts HAProxy in front "
-                      "of the replicas instead (see bench/scale_out.py --serving)",
-                      highlight=False)
+                      "cluster started with RAY_SERVE_ENABLE_HA_PROXY=1 "
+                      "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 puts HAProxy in front of the replicas "
+                      "instead (see bench/scale_out.py --serving)", highlight=False)
         serve_until_signalled(named, load, options, address=args.ray, host=args.host,
                               port=args.port, route=args.route or "auto", cpus=args.replica_cpus,
                               slack=args.route_slack, **scaling)

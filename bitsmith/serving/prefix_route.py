@@ -62,14 +62,24 @@ def _text(value: Any) -> str:
 def routing_key(path: str, body: bytes) -> tuple[bytes, ...] | None:
     """The key of an OpenAI completion or chat request, or None (any other route, or a body
     that is not a JSON object: its replica answers it, with the same errors as ever)."""
+    return describe(path, body)[0]
+
+
+def describe(path: str, body: bytes) -> tuple[tuple[bytes, ...] | None, bool]:
+    """A request's routing key (`routing_key`) and whether its answer streams (an OpenAI
+    request with `"stream": true`)."""
     if path not in ROUTED_PATHS:
-        return None
+        return None, False
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
+        return None, False
     if not isinstance(doc, dict):
-        return None
+        return None, False
+    return _key(path, doc), doc.get("stream") is True
+
+
+def _key(path: str, doc: dict[str, Any]) -> tuple[bytes, ...] | None:
     model = doc.get("model") if isinstance(doc.get("model"), str) else ""
     if path.endswith("/chat/completions"):
         messages = doc.get("messages")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import signal
 import tempfile
 import threading
@@ -37,10 +38,11 @@ import orjson
 from ..errors import ServingError
 from ..runtime.ray_cluster import join, ray_module
 from .loading import LoadOptions, load_served
-from .prefix_route import ROUTED_PATHS, routing_key
+from .prefix_route import ROUTED_PATHS, describe
 from .server import ServeOptions
 
 APP_NAME = "bitsmith"
+log = logging.getLogger("ray.serve")
 ROUTES = ("auto", "direct", "prefix", "round-robin")
 REPLICA_HEADER = b"x-bitsmith-replica"
 
@@ -156,7 +158,10 @@ async def run_forwarded(app: Any, request: Forwarded) -> AsyncIterator[Any]:
     finally:
         gone.set()  # the app sees the client leave (it cancels what the request holds)
         if ended:
-            await task
+            try:
+                await task
+            except Exception:  # after a whole response (a 500 from Starlette): log it only
+                log.exception("%s %s raised after its response", request.method, request.path)
 
 
 class _Forwarding:
@@ -165,6 +170,7 @@ class _Forwarding:
     app: Any
 
     async def forward(self, request: Forwarded) -> AsyncIterator[Any]:
+        """The response as it comes: its start, then its body's chunks."""
         from ray import serve  # noqa: PLC0415 - this runs in a replica
 
         tag = serve.get_replica_context().replica_id.unique_id.encode()
@@ -172,6 +178,12 @@ class _Forwarding:
             if isinstance(item, tuple):  # the response's start: say which replica answered
                 item = (*item[:2], [*item[2], (REPLICA_HEADER, tag)])
             yield item
+
+    async def forward_whole(self, request: Forwarded) -> tuple[int, list[Any], bytes]:
+        """The whole response at once (status, headers, body): one reply, not a stream."""
+        items = [item async for item in self.forward(request)]
+        _, status, headers = items[0]
+        return status, headers, b"".join(items[1:])
 
 
 class Gateway:
@@ -182,7 +194,7 @@ class Gateway:
         self.replicas, self.options = replicas, options
 
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import StreamingResponse  # noqa: PLC0415
+        from starlette.responses import Response, StreamingResponse  # noqa: PLC0415
 
         path = request.url.path
         try:
@@ -190,9 +202,18 @@ class Gateway:
         except ServingError as exc:
             return _error(path, str(exc), exc.status)  # type: ignore[attr-defined]
         client = (request.client.host, request.client.port) if request.client else None
-        forwarded = Forwarded(routing_key(path, body), request.method, path,
+        key, streams = describe(path, body)
+        forwarded = Forwarded(key, request.method, path,
                               request.scope.get("query_string", b""),
                               tuple(request.scope.get("headers", ())), body, client)
+        if not streams:  # one reply
+            try:
+                status, headers, content = await self.replicas.forward_whole.remote(forwarded)
+            except Exception as exc:  # noqa: BLE001 - a replica that died or refused: say so
+                return _error(path, f"no replica answered: {type(exc).__name__}: {exc}", 503)
+            response = Response(content, status)
+            response.raw_headers = [(bytes(k), bytes(v)) for k, v in headers]
+            return response
         stream = self.replicas.options(stream=True).forward.remote(forwarded)
         try:
             _, status, headers = await stream.__anext__()

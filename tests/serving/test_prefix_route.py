@@ -97,7 +97,7 @@ def test_affinity_ranks_the_holder_first_unless_it_is_busier_than_the_slack() ->
 
 async def _echo(request: Request) -> Response:
     body = await request.body()
-    if request.url.path == "/stream":
+    if b'"stream": true' in body:
         async def chunks():
             for i in range(3):
                 yield f"data: {i}\n\n".encode()
@@ -126,11 +126,27 @@ class _Stream:
         self.cancelled = True
 
 
+class _Whole:
+    def __init__(self, handle: _Handle) -> None:
+        self.handle = handle
+
+    async def _collect(self, request: Forwarded):
+        items = [item async for item in run_forwarded(BACKEND, request)]
+        return items[0][1], items[0][2], b"".join(items[1:])
+
+    def remote(self, request: Forwarded):
+        self.handle.seen.append(request)
+        self.handle.whole += 1
+        return self._collect(request)
+
+
 class _Handle:
     """What the gateway uses of a Serve handle, over the backend app in this process."""
 
     def __init__(self) -> None:
         self.seen: list[Forwarded] = []
+        self.whole = 0  # requests answered in one reply, not streamed
+        self.forward_whole = _Whole(self)
 
     def options(self, stream: bool) -> _Handle:
         assert stream
@@ -160,11 +176,16 @@ def test_the_gateway_relays_the_replicas_answer_with_its_key() -> None:
     assert r.json() == {"method": "POST", "query": "x=1", "header": "t",
                         "body": '{"prompt": "hello"}'}
     assert handle.seen[-1].key == routing_key("/v1/completions", b'{"prompt": "hello"}')
-    r = client.get("/stream")
+    assert handle.whole == 1
+    body = b'{"prompt": "hi", "stream": true}'
+    r = client.post("/v1/completions", content=body)
     assert r.status_code == 200 and r.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert handle.whole == 1 and handle.seen[-1].key == routing_key("/v1/completions", body)
+    r = client.post("/v2/models/m/infer", content=body)  # streamed by the app: relayed whole
+    assert r.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n" and handle.whole == 2
     assert handle.seen[-1].key is None
-    with pytest.raises(RuntimeError, match="the app failed"):
-        client.get("/boom")  # the replica's error reaches Serve (a 500 there), not a hang
+    r = client.get("/boom")  # the app's own 500 (its error logged), not a hang
+    assert r.status_code == 500
 
 
 def test_the_gateway_refuses_a_body_over_the_limit() -> None:
