@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -99,7 +99,11 @@ def _score(link: bytes, replica: Hashable) -> bytes:
     return hashlib.blake2b(link + str(replica).encode(), digest_size=8).digest()
 
 
-class AffinityTable:
+R = TypeVar("R", bound=Hashable)
+"""A replica's identity."""
+
+
+class AffinityTable(Generic[R]):
     """Which replica each key link last went to (least recently used forgotten past
     `capacity`), and the ranking of replicas that follows from it."""
 
@@ -107,11 +111,10 @@ class AffinityTable:
         if capacity < 1 or slack < 0:
             raise ValueError(f"expected capacity >= 1 and slack >= 0, got {capacity}, {slack}")
         self.capacity, self.slack = capacity, slack
-        self.owner: OrderedDict[bytes, Hashable] = OrderedDict()
-        self.held: Counter[Hashable] = Counter()  # links each replica holds
+        self.owner: OrderedDict[bytes, R] = OrderedDict()
+        self.held: Counter[R] = Counter()  # links each replica holds
 
-    def rank(self, chain: Sequence[bytes], loads: Mapping[Hashable, int | None]
-             ) -> list[list[Hashable]]:
+    def rank(self, chain: Sequence[bytes], loads: Mapping[R, int | None]) -> list[list[R]]:
         """The replicas of `loads` (replica -> requests queued, None if not known) in ranks,
         most preferred first; the router takes the least loaded of the first rank that has
         room."""
@@ -133,14 +136,14 @@ class AffinityTable:
             return [[pair[0]], [pair[1]], *rest]
         return [pair, *rest]
 
-    def _pairs(self, chain: Sequence[bytes], loads: Mapping[Hashable, int | None],
-               skip: Hashable | None = None) -> list[list[Hashable]]:
+    def _pairs(self, chain: Sequence[bytes], loads: Mapping[R, int | None],
+               skip: R | None = None) -> list[list[R]]:
         first = chain[1] if len(chain) > 1 else chain[0] if chain else b""  # the text's
         order = sorted((r for r in loads if r != skip), reverse=True,
                        key=lambda r: _score(first, r))
         return [rank for rank in (order[:2], order[2:]) if rank]
 
-    def record(self, chain: Sequence[bytes], replica: Hashable) -> None:
+    def record(self, chain: Sequence[bytes], replica: R) -> None:
         """`replica` took a request of this key: it holds (or is about to) its prefix."""
         for link in chain[1:]:
             before = self.owner.get(link)
@@ -153,7 +156,7 @@ class AffinityTable:
         while len(self.owner) > self.capacity:
             self.held[self.owner.popitem(last=False)[1]] -= 1
 
-    def forget(self, replica: Hashable) -> None:
+    def forget(self, replica: R) -> None:
         """A replica died: nothing routes to it by affinity any more."""
         for link in [k for k, r in self.owner.items() if r == replica]:
             del self.owner[link]

@@ -30,7 +30,7 @@ class PrefixAffinityRouter(RequestRouter):
     """Cache-affinity routing with load balancing (see the module)."""
 
     def initialize_state(self, slack: int = 4, capacity: int = 1 << 18, **_: Any) -> None:
-        self.table = AffinityTable(capacity=capacity, slack=slack)
+        self.table: AffinityTable[ReplicaID] = AffinityTable(capacity=capacity, slack=slack)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None,
