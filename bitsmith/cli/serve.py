@@ -159,7 +159,7 @@ def parse_duration(text: str) -> float:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the artifacts and serve them until SIGTERM/Ctrl-C (then drain)."""
     from ..serving.loading import LoadOptions, load_served  # noqa: PLC0415 - TVM's runtime
-    from ..serving.ray_serve import serve_until_signalled  # noqa: PLC0415
+    from ..serving.ray_serve import resolve_route, serve_until_signalled  # noqa: PLC0415
     from ..serving.server import ServeOptions, make_server  # noqa: PLC0415
 
     if (args.replicas != 1 or args.autoscale or args.route or args.replica_cpus != 1) \
@@ -220,17 +220,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         scaling = ({"autoscale": _autoscale(args.autoscale)} if args.autoscale
                    else {"replicas": args.replicas})
+        route = resolve_route(args.route or "auto", named)
+        how = {"direct": "Serve's proxy to the less busy of two replicas",
+               "prefix": f"a gateway, LLM requests by prompt prefix (slack "
+                         f"{args.route_slack} requests)",
+               "round-robin": "a gateway, each request to the next replica"}[route]
         err.print(f"deploying {len(named)} artifact(s) on the Ray cluster at {args.ray}, "
                   + (f"{args.autoscale} replicas (autoscaled)" if args.autoscale
                      else f"{args.replicas} replica(s)") + f" of {args.replica_cpus} CPU(s)"
-                  + f", at http://{args.host}:{args.port}", highlight=False)
+                  + f", at http://{args.host}:{args.port}; routed by {how}", highlight=False)
+        if route == "prefix" and not args.prefix_cache:
+            err.print("note: without --prefix-cache no replica keeps a prompt's prefix, so "
+                      "prefix routing only balances load", highlight=False)
         if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
             err.print("note: Serve's own HTTP proxy adds milliseconds to each request; a "
                       "cluster started with RAY_SERVE_ENABLE_HA_PROXY=1 "
                       "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 puts HAProxy in front of the replicas "
                       "instead (see bench/scale_out.py --serving)", highlight=False)
         serve_until_signalled(named, load, options, address=args.ray, host=args.host,
-                              port=args.port, route=args.route or "auto", cpus=args.replica_cpus,
+                              port=args.port, route=route, cpus=args.replica_cpus,
                               slack=args.route_slack, **scaling)
         return 0
     server = make_server(models, options, host=args.host, port=args.port,

@@ -377,6 +377,8 @@ def serve_until_signalled(artifacts: Sequence[tuple[str, str | Path]], load: Loa
     try:
         done.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        stop()
+        try:
+            stop()  # a second signal meanwhile (a supervisor repeating it) changes nothing
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
