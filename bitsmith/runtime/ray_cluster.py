@@ -39,7 +39,7 @@ def _check_reachable(address: str, error: type[BitsmithError], needs: str,
                      timeout_s: float = 5.0) -> None:
     """A HOST:PORT address ("ray://" or a head's GCS) must accept a connection within
     `timeout_s`: Ray itself retries an absent cluster for minutes before it says so."""
-    if address == "auto" or address.startswith("local"):
+    if address in ("auto", "local"):
         return  # Ray finds (or not) the cluster this machine started, at once
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit() or not host:

@@ -47,16 +47,48 @@ def key_chain(model: str, text: str) -> tuple[bytes, ...]:
     return tuple(links)
 
 
-def _text(value: Any) -> str:
-    """The text of a prompt or a message's content: a string, token ids, or a list of them
-    (OpenAI's content parts); anything else contributes nothing."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        if value and all(isinstance(v, int) for v in value):
-            return " ".join(map(str, value))
-        return "".join(_text(v.get("text") if isinstance(v, dict) else v) for v in value)
-    return ""
+KEYED_CHARS = CHUNK * (MAX_LINKS - 1)
+"""Characters of a prompt's text that decide its key; the rest is never built."""
+
+
+class _Text:
+    """A prompt's leading text, built up to KEYED_CHARS and no further (a hostile body of
+    millions of token ids or messages costs no more than a short one)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        return self.size >= KEYED_CHARS
+
+    def add(self, text: str) -> None:
+        if not self.full:
+            piece = text[:KEYED_CHARS - self.size]
+            self.parts.append(piece)
+            self.size += len(piece)
+
+    def add_content(self, value: Any) -> None:
+        """A prompt or a message's content: a string, token ids, or a list of them (OpenAI's
+        content parts, nested at most a level); anything else adds nothing."""
+        if isinstance(value, str):
+            self.add(value)
+            return
+        if not isinstance(value, list):
+            return
+        for item in value:
+            if self.full:
+                return
+            if isinstance(item, int) and not isinstance(item, bool):
+                self.add(f"{item} ")
+            elif isinstance(item, str):
+                self.add(item)
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                self.add(item["text"])
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def routing_key(path: str, body: bytes) -> tuple[bytes, ...] | None:
@@ -71,7 +103,7 @@ def describe(path: str, body: bytes) -> tuple[tuple[bytes, ...] | None, bool]:
     if path not in ROUTED_PATHS:
         return None, False
     try:
-        doc = orjson.loads(body)
+        doc = orjson.loads(body)  # refuses nesting past 1024 levels (JSONDecodeError)
     except orjson.JSONDecodeError:
         return None, False
     if not isinstance(doc, dict):
@@ -80,19 +112,26 @@ def describe(path: str, body: bytes) -> tuple[tuple[bytes, ...] | None, bool]:
 
 
 def _key(path: str, doc: dict[str, Any]) -> tuple[bytes, ...] | None:
-    model = doc.get("model") if isinstance(doc.get("model"), str) else ""
+    model = doc.get("model")
+    text = _Text()
     if path.endswith("/chat/completions"):
         messages = doc.get("messages")
         if not isinstance(messages, list):
             return None
-        text = "".join(f"<{m.get('role')}>{_text(m.get('content'))}\x00"
-                       for m in messages if isinstance(m, dict))
+        for m in messages:
+            if text.full:
+                break
+            if isinstance(m, dict):
+                role = m.get("role")
+                text.add(f"<{role if isinstance(role, str) else ''}>")
+                text.add_content(m.get("content"))
+                text.add("\x00")
     else:
         prompt = doc.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # a batch of prompts: served one at a time, routed by the first
-        text = _text(prompt)
-    return key_chain(str(model), text)
+        text.add_content(prompt)
+    return key_chain(model if isinstance(model, str) else "", text.text())
 
 
 def _score(link: bytes, replica: Hashable) -> bytes:

@@ -55,6 +55,13 @@ class PrefixAffinityRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         self.table.forget(replica_id)
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Replicas scaled down or redeployed: nothing routes to them by affinity."""
+        before = set(self.curr_replicas)
+        super().update_replicas(replicas)
+        for gone in before - set(self.curr_replicas):
+            self.table.forget(gone)
+
 
 class RoundRobinRouter(RequestRouter):
     """Each request to the next replica in turn (the next after it if that one is full)."""

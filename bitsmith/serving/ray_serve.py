@@ -28,14 +28,14 @@ import logging
 import signal
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ..errors import ServingError
+from ..errors import InvalidRequest, ServingError
 from ..runtime.ray_cluster import join, ray_module
 from .loading import LoadOptions, load_served
 from .prefix_route import ROUTED_PATHS, describe
@@ -114,7 +114,7 @@ class Forwarded:
     client: tuple[str, int] | None = None
 
 
-async def run_forwarded(app: Any, request: Forwarded) -> AsyncIterator[Any]:
+async def run_forwarded(app: Any, request: Forwarded) -> AsyncGenerator[Any, None]:
     """Run the ASGI `app` on a forwarded request: yields ("start", status, headers) and then
     the body's chunks as the app sends them. Closing the generator early (the client left)
     tells the app its client disconnected."""
@@ -162,6 +162,20 @@ async def run_forwarded(app: Any, request: Forwarded) -> AsyncIterator[Any]:
                 await task
             except Exception:  # after a whole response (a 500 from Starlette): log it only
                 log.exception("%s %s raised after its response", request.method, request.path)
+        elif not task.done():  # the client left: what does not listen for it is cancelled
+            task.get_loop().call_later(ABANDON_GRACE_S, task.cancel)
+            task.add_done_callback(_retrieved)
+
+
+ABANDON_GRACE_S = 1.0
+"""How long an app keeps a request whose client left (to hear it and clean up) before it is
+cancelled."""
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Collect an abandoned app task's end (never "exception was never retrieved")."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a request whose client left ended with: %r", task.exception())
 
 
 class _Forwarding:
@@ -174,10 +188,11 @@ class _Forwarding:
         from ray import serve  # noqa: PLC0415 - this runs in a replica
 
         tag = serve.get_replica_context().replica_id.unique_id.encode()
-        async for item in run_forwarded(self.app, request):
-            if isinstance(item, tuple):  # the response's start: say which replica answered
-                item = (*item[:2], [*item[2], (REPLICA_HEADER, tag)])
-            yield item
+        async with contextlib.aclosing(run_forwarded(self.app, request)) as items:
+            async for item in items:
+                if isinstance(item, tuple):  # the response's start: say who answered
+                    item = (*item[:2], [*item[2], (REPLICA_HEADER, tag)])
+                yield item
 
     async def forward_whole(self, request: Forwarded) -> tuple[int, list[Any], bytes]:
         """The whole response at once (status, headers, body): one reply, not a stream."""
@@ -187,74 +202,84 @@ class _Forwarding:
 
 
 class Gateway:
-    """The ingress in front of routed replicas: reads the body within the server's limits,
-    keys it, and streams the chosen replica's response back."""
+    """The ingress in front of routed replicas: reads the body within the server's limits
+    (`BodyGate`, as `bitsmith serve` does), keys it, and relays the chosen replica's
+    response."""
 
     def __init__(self, replicas: Any, options: ServeOptions) -> None:
+        from .server import BodyGate  # noqa: PLC0415
+
         self.replicas, self.options = replicas, options
+        self.bodies = BodyGate(options)
+        self._sweep: asyncio.Task[None] | None = None
 
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import Response, StreamingResponse  # noqa: PLC0415
+        from starlette.requests import ClientDisconnect  # noqa: PLC0415
+        from starlette.responses import Response  # noqa: PLC0415
 
+        if self._sweep is None:  # the body deadlines' sweep, on the loop requests run on
+            self._sweep = asyncio.ensure_future(self.bodies.sweep())
         path = request.url.path
         try:
-            body = await _read_body(request, self.options)
-        except ServingError as exc:
-            return _error(path, str(exc), exc.status)  # type: ignore[attr-defined]
+            body = await self.bodies.read(request)
+        except InvalidRequest as exc:
+            return _error(path, str(exc), exc.status)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is there to answer
         client = (request.client.host, request.client.port) if request.client else None
-        key, streams = describe(path, body)
+        key, streams = describe(path, body) if len(body) <= _INLINE_BYTES else \
+            await asyncio.to_thread(describe, path, body)  # a large body: off the loop
         forwarded = Forwarded(key, request.method, path,
                               request.scope.get("query_string", b""),
                               tuple(request.scope.get("headers", ())), body, client)
         if not streams:  # one reply
             try:
                 status, headers, content = await self.replicas.forward_whole.remote(forwarded)
-            except Exception as exc:  # noqa: BLE001 - a replica that died or refused: say so
-                return _error(path, f"no replica answered: {type(exc).__name__}: {exc}", 503)
+            except Exception as exc:  # noqa: BLE001 - said in the answer's status
+                return _failed(path, exc)
             response = Response(content, status)
             response.raw_headers = [(bytes(k), bytes(v)) for k, v in headers]
             return response
+        return await self._stream(path, forwarded)
+
+    async def _stream(self, path: str, forwarded: Forwarded) -> Any:
+        from starlette.responses import StreamingResponse  # noqa: PLC0415
+
         stream = self.replicas.options(stream=True).forward.remote(forwarded)
         try:
             _, status, headers = await stream.__anext__()
-        except Exception as exc:  # noqa: BLE001 - a replica that died or refused: say so
+        except Exception as exc:  # noqa: BLE001 - said in the answer's status
             stream.cancel()
-            return _error(path, f"no replica answered: {type(exc).__name__}: {exc}", 503)
+            return _failed(path, exc)
 
         async def rest() -> AsyncIterator[bytes]:
             try:
                 async for chunk in stream:
                     yield chunk
             finally:
-                stream.cancel()
+                stream.cancel()  # the client left: the replica's app hears it
 
         response = StreamingResponse(rest(), status_code=status)
         response.raw_headers = [(bytes(k), bytes(v)) for k, v in headers]
         return response
 
 
-async def _read_body(request: Any, options: ServeOptions) -> bytes:
-    """The body, refused past `max_body_bytes` (413) or its deadline (408), as the
-    single-machine server refuses it."""
-    chunks, size = [], 0
-    deadline = options.body_timeout_s + options.max_body_bytes / options.min_body_rate
-    try:
-        async with asyncio.timeout(deadline):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > options.max_body_bytes:
-                    raise _status(ServingError(f"request body over the limit of "
-                                               f"{options.max_body_bytes} bytes"), 413)
-                chunks.append(chunk)
-    except TimeoutError:
-        raise _status(ServingError(f"request body not received within {deadline:.0f} s"),
-                      408) from None
-    return b"".join(chunks)
+_INLINE_BYTES = 1 << 20
+"""Bodies up to this size are keyed on the gateway's event loop; larger ones in a thread."""
 
 
-def _status(exc: ServingError, status: int) -> ServingError:
-    exc.status = status  # type: ignore[attr-defined]
-    return exc
+def _failed(path: str, exc: BaseException) -> Any:
+    """The answer when the replica did not give one: 503 (retry) when no replica could take
+    the request, else 500; the details go to the log, not to the client."""
+    from ray.exceptions import RayActorError  # noqa: PLC0415 - this runs in a replica
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError  # noqa: PLC0415
+
+    if isinstance(exc, RayActorError | BackPressureError | DeploymentUnavailableError):
+        log.warning("%s: no replica took the request: %s", path, exc)
+        return _error(path, f"no replica could take the request ({type(exc).__name__}); "
+                            "retry shortly", 503)
+    log.error("%s: the replica failed on the request: %s", path, exc)
+    return _error(path, "the replica failed on this request (see the replica's log)", 500)
 
 
 def _error(path: str, message: str, status: int) -> Any:
@@ -266,6 +291,7 @@ def _error(path: str, message: str, status: int) -> Any:
         return OpenAIError(message, status, kind="server_error" if status >= 500 else
                            "invalid_request_error").response()
     return Response(orjson.dumps({"error": message}), status,
+                    headers={"Retry-After": "1"} if status == 503 else None,
                     media_type="application/json")
 
 
@@ -330,8 +356,10 @@ def application(shipped: Sequence[Shipped], load: LoadOptions, options: ServeOpt
                                  else {})
     replica = serve.deployment(name="Replica", ray_actor_options=actor,
                                request_router_config=router, **common, **scaling)
+    most_replicas = autoscale[1] if autoscale is not None else replicas
     gateway = serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0},
-                               **common)
+                               max_ongoing_requests=most * most_replicas,
+                               graceful_shutdown_timeout_s=common["graceful_shutdown_timeout_s"])
     return gateway(Gateway).bind(
         replica(serve.ingress(build)(type("Replica", (_Forwarding,), {}))).bind(), options)
 

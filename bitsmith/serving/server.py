@@ -149,9 +149,13 @@ class ServerState:
             service.scheduler.observer = LlmObserver(self.metrics, service.name)
         self.batchers: dict[str, Batcher] = {}
         self.offload = Offload(OFFLOAD_WORKERS)
-        self.reading: dict[asyncio.Timeout, float] = {}  # bodies being read: their deadlines
-        self.pending_body = 0  # bytes of the bodies being read (declared or arrived)
+        self.bodies = BodyGate(options)
         self.draining = False
+
+    @property
+    def pending_body(self) -> int:
+        """Bytes of the bodies being read (declared or arrived)."""
+        return self.bodies.pending
 
     @property
     def ready(self) -> bool:
@@ -179,7 +183,7 @@ class ServerState:
             service.start()
         tasks = [asyncio.create_task(self._warm_up(name, b)) for name, b in self.batchers.items()]
         tasks += [asyncio.create_task(self._warm_up_llm(s)) for s in self.llms.values()]
-        tasks.append(asyncio.create_task(self._expire_bodies()))
+        tasks.append(asyncio.create_task(self.bodies.sweep()))
         try:
             yield
         finally:
@@ -190,17 +194,6 @@ class ServerState:
                                  *(s.close() for s in self.llms.values()))
             await self.offload.close()
             sys.setswitchinterval(switch)
-
-    async def _expire_bodies(self) -> None:
-        """Time out the body reads past their deadline, every BODY_SWEEP_SECONDS: one sweep
-        rather than a timer per request, which costs every request ~5 us in the loop's heap."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(BODY_SWEEP_SECONDS)
-            now = loop.time()
-            for timer in [t for t, deadline in self.reading.items() if deadline <= now]:
-                del self.reading[timer]
-                timer.reschedule(now)  # the read raises TimeoutError on the loop's next turn
 
     async def _warm_up(self, name: str, batcher: Batcher) -> None:
         start = time.perf_counter()
@@ -335,7 +328,7 @@ def create_app(models: Sequence[ServedModel], options: ServeOptions | None = Non
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def read_body(request: Request) -> bytes:
-        return await _read_body(request, state)
+        return await state.bodies.read(request)
 
     async def openai_models(_request: Request) -> Response:
         return openai_api.models_response(state.llms)
@@ -391,7 +384,7 @@ async def _infer(state: ServerState, name: str, request: Request) -> Response:
     if refused is not None:  # refuse before paying for the JSON
         return _refuse(state, name, refused)
     try:
-        body = await _read_body(request, state)
+        body = await state.bodies.read(request)
         if len(body) > OFFLOAD_BYTES:
             decoded = await state.offload.run(decode_request, body, model.signature)
         else:
@@ -461,63 +454,85 @@ def _refuse(state: ServerState, name: str, exc: QueueFull) -> Response:
     return _json({"error": str(exc)}, 503, {"Retry-After": str(exc.retry_after)})
 
 
-async def _read_body(request: Request, state: ServerState) -> bytes:
-    """The body, refusing (413) one over the size limit before reading it all, and (408) one
-    that does not arrive within `body_timeout_s` plus a second per `min_body_rate` bytes of it
-    received (a client sending that fast never times out; a stalled one, or a Content-Length
-    longer than the body, is answered at that deadline). The bodies being read together hold
-    at most `max_pending_body_bytes` (503 over it): each is counted from its Content-Length,
-    before any byte is read, or as its chunks arrive."""
-    options, reading = state.options, state.reading
-    limit, timeout, rate = options.max_body_bytes, options.body_timeout_s, options.min_body_rate
-    declared = request.headers.get("content-length")
-    whole = int(declared) if declared is not None and declared.isdigit() else -1
-    if whole > limit:
-        raise InvalidRequest(f"body of {whole} bytes is over the limit of {limit} bytes "
-                             "(--max-body-mb)", 413)
-    charged = whole if whole > 0 else 0  # before any byte is read: refused at once if over
-    if state.pending_body + charged > options.max_pending_body_bytes:
-        raise _over_budget(state, charged, charged)
-    state.pending_body += charged
-    chunks, size = [], 0
-    start = asyncio.get_running_loop().time()
-    try:
-        async with asyncio.timeout(None) as timer:  # expired by ServerState._expire_bodies
-            reading[timer] = start + timeout
-            try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise InvalidRequest(f"body is over the limit of {limit} bytes "
-                                             "(--max-body-mb)", 413)
-                    if size > charged:  # no Content-Length: counted as it arrives
-                        if state.pending_body + size - charged > options.max_pending_body_bytes:
-                            raise _over_budget(state, size - charged, size)
-                        state.pending_body += size - charged
-                        charged = size
-                    chunks.append(chunk)
-                    if size != whole and timer in reading:  # more to come, not yet expired
-                        reading[timer] = start + timeout + size / rate
-            finally:
-                reading.pop(timer, None)
-    except TimeoutError:
-        expected = f"{declared} bytes" if declared is not None else "the whole body"
-        raise InvalidRequest(f"timed out reading the body: expected {expected} within "
-                             f"{timeout:g} s plus 1 s per {rate / 1024:g} KiB, got {size} bytes "
-                             "(--body-timeout-s, --min-body-rate-kb); send the body as fast as "
-                             "the headers, and a Content-Length equal to its size", 408) from None
-    finally:
-        state.pending_body -= charged
-    return b"".join(chunks)
+class BodyGate:
+    """The request bodies being read: each read within its deadline (`read`), the bytes they
+    hold together within `max_pending_body_bytes`; `sweep` (a task) expires the deadlines.
+    The server and the Ray gateway read every body through one."""
 
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.reading: dict[asyncio.Timeout, float] = {}  # bodies being read: their deadlines
+        self.pending = 0  # bytes of the bodies being read (declared or arrived)
 
-def _over_budget(state: ServerState, more: int, body: int) -> InvalidRequest:
-    """The 503 for a body (`body` bytes, `more` not yet counted) that would take the bodies
-    being read over --max-pending-body-mb."""
-    return InvalidRequest(f"the request bodies being read would hold {state.pending_body + more}"
-                          f" bytes with this one ({body} bytes): expected at most "
-                          f"{state.options.max_pending_body_bytes} (--max-pending-body-mb); "
-                          "retry later or send to another replica", 503)
+    async def sweep(self) -> None:
+        """Time out the body reads past their deadline, every BODY_SWEEP_SECONDS: one sweep
+        rather than a timer per request, which costs every request ~5 us in the loop's heap."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(BODY_SWEEP_SECONDS)
+            now = loop.time()
+            for timer in [t for t, deadline in self.reading.items() if deadline <= now]:
+                del self.reading[timer]
+                timer.reschedule(now)  # the read raises TimeoutError on the loop's next turn
+
+    async def read(self, request: Request) -> bytes:
+        """The body, refusing (413) one over the size limit before reading it all, and (408)
+        one that does not arrive within `body_timeout_s` plus a second per `min_body_rate`
+        bytes of it received (a client sending that fast never times out; a stalled one, or
+        a Content-Length longer than the body, is answered at that deadline). The bodies being
+        read together hold at most `max_pending_body_bytes` (503 over it): each is counted
+        from its Content-Length, before any byte is read, or as its chunks arrive. A client
+        that leaves raises Starlette's `ClientDisconnect`."""
+        options, reading = self.options, self.reading
+        limit, timeout, rate = options.max_body_bytes, options.body_timeout_s, options.min_body_rate
+        declared = request.headers.get("content-length")
+        whole = int(declared) if declared is not None and declared.isdigit() else -1
+        if whole > limit:
+            raise InvalidRequest(f"body of {whole} bytes is over the limit of {limit} bytes "
+                                 "(--max-body-mb)", 413)
+        charged = whole if whole > 0 else 0  # before any byte is read: refused at once if over
+        if self.pending + charged > options.max_pending_body_bytes:
+            raise self._over_budget(charged, charged)
+        self.pending += charged
+        chunks, size = [], 0
+        start = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(None) as timer:  # expired by `sweep`
+                reading[timer] = start + timeout
+                try:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            raise InvalidRequest(f"body is over the limit of {limit} bytes "
+                                                 "(--max-body-mb)", 413)
+                        if size > charged:  # no Content-Length: counted as it arrives
+                            if self.pending + size - charged > options.max_pending_body_bytes:
+                                raise self._over_budget(size - charged, size)
+                            self.pending += size - charged
+                            charged = size
+                        chunks.append(chunk)
+                        if size != whole and timer in reading:  # more to come, not yet expired
+                            reading[timer] = start + timeout + size / rate
+                finally:
+                    reading.pop(timer, None)
+        except TimeoutError:
+            expected = f"{declared} bytes" if declared is not None else "the whole body"
+            raise InvalidRequest(f"timed out reading the body: expected {expected} within "
+                                 f"{timeout:g} s plus 1 s per {rate / 1024:g} KiB, got {size} "
+                                 "bytes (--body-timeout-s, --min-body-rate-kb); send the body "
+                                 "as fast as the headers, and a Content-Length equal to its "
+                                 "size", 408) from None
+        finally:
+            self.pending -= charged
+        return b"".join(chunks)
+
+    def _over_budget(self, more: int, body: int) -> InvalidRequest:
+        """The 503 for a body (`body` bytes, `more` not yet counted) that would take the bodies
+        being read over --max-pending-body-mb."""
+        return InvalidRequest(f"the request bodies being read would hold {self.pending + more}"
+                              f" bytes with this one ({body} bytes): expected at most "
+                              f"{self.options.max_pending_body_bytes} (--max-pending-body-mb); "
+                              "retry later or send to another replica", 503)
 
 
 def make_server(models: Sequence[ServedModel], options: ServeOptions | None = None, *,

@@ -60,6 +60,20 @@ def test_hostile_or_other_bodies_route_by_load_or_by_what_they_hold(path: str,
         assert key is None
 
 
+def test_a_huge_or_deep_prompt_costs_no_more_than_its_keyed_text() -> None:
+    ids = orjson.dumps({"prompt": [1] * 5_000_000})  # 10 MB of token ids
+    assert len(routing_key("/v1/completions", ids) or ()) == MAX_LINKS
+    chat = orjson.dumps({"messages": [{"role": "user", "content": "x"}] * 500_000})
+    assert len(routing_key("/v1/chat/completions", chat) or ()) == MAX_LINKS
+    deep = b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert routing_key("/v1/completions", deep) is not None  # nested lists add nothing
+    deeper = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert routing_key("/v1/completions", deeper) is None  # past orjson's nesting limit
+    odd = orjson.dumps({"model": ["m"], "messages": [{"role": {"r": 1}, "content": [
+        True, 3, None, {"text": 5}, {"text": "t"}]}]})
+    assert routing_key("/v1/chat/completions", odd) is not None
+
+
 def test_affinity_ranks_the_holder_first_unless_it_is_busier_than_the_slack() -> None:
     table = AffinityTable(slack=2)
     a = routing_key("/v1/completions", orjson.dumps({"prompt": "p" * 1000 + "a"}))
@@ -188,6 +202,68 @@ def test_the_gateway_relays_the_replicas_answer_with_its_key() -> None:
     assert r.status_code == 500
 
 
+def test_the_gateway_cancels_a_finished_stream_and_relays_a_deep_body() -> None:
+    client, handle = _gateway()
+    streams: list[_Stream] = []
+    remote = handle.remote
+    handle.remote = lambda request: streams.append(remote(request)) or streams[-1]  # type: ignore[method-assign]
+    r = client.post("/v1/completions", content=b'{"prompt": "x", "stream": true}')
+    assert r.status_code == 200 and streams and streams[0].cancelled
+    deep = b'{"prompt": ' + b"[" * 900 + b"]" * 900 + b"}"
+    r = client.post("/v1/completions", content=deep)  # the replica answers it, not the gateway
+    assert r.status_code == 201 and r.json()["body"] == deep.decode()
+
+
+def _call(gateway: Gateway, messages: list[dict], headers=()) -> object:
+    """The gateway's answer to a request whose body arrives as `messages` (then stalls)."""
+    async def main():
+        from starlette.requests import Request as StarletteRequest
+
+        pending = list(messages)
+
+        async def receive():
+            if pending:
+                return pending.pop(0)
+            await asyncio.sleep(3600)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                 "query_string": b"", "headers": list(headers), "client": ("1.2.3.4", 5)}
+        return await gateway(StarletteRequest(scope, receive))
+    return asyncio.run(main())
+
+
+def test_the_gateway_times_out_a_stalled_body_and_counts_a_client_that_left() -> None:
+    gateway = Gateway(_Handle(), ServeOptions(body_timeout_s=0.3))
+    stalled = _call(gateway, [{"type": "http.request", "body": b"{", "more_body": True}],
+                    [(b"content-length", b"100")])
+    assert stalled.status_code == 408 and b"timed out reading the body" in stalled.body
+    left = _call(gateway, [{"type": "http.disconnect"}])
+    assert left.status_code == 499 and gateway.bodies.pending == 0
+
+
+def test_a_replica_that_failed_or_is_gone_is_500_or_503_without_its_details() -> None:
+    pytest.importorskip("ray")
+    from ray.exceptions import ActorDiedError
+
+    class Failing(_Handle):
+        def __init__(self, exc: Exception) -> None:
+            super().__init__()
+            self.forward_whole = self  # type: ignore[assignment]
+            self.exc = exc
+
+        def remote(self, request: Forwarded):
+            async def fail():
+                raise self.exc
+            return fail()
+
+    for exc, status in ((RuntimeError("secret traceback"), 500), (ActorDiedError(), 503)):
+        client = TestClient(Starlette(routes=[Route(
+            "/{rest:path}", Gateway(Failing(exc), ServeOptions()).__call__, methods=["POST"])]))
+        r = client.post("/v2/models/m/infer", content=b"{}")
+        assert r.status_code == status and "secret" not in r.text
+        assert (r.headers.get("retry-after") == "1") == (status == 503)
+
+
 def test_the_gateway_refuses_a_body_over_the_limit() -> None:
     client, handle = _gateway(ServeOptions(max_body_bytes=100))
     r = client.post("/v1/completions", content=b"x" * 101)
@@ -213,6 +289,29 @@ def test_a_forwarded_request_whose_client_leaves_tells_the_app() -> None:
         assert await stream.__anext__() == b"first"
         await stream.aclose()  # the client left
         await asyncio.wait_for(left.wait(), 5)
+
+    asyncio.run(main())
+
+
+def test_an_app_that_ignores_its_client_leaving_is_cancelled(monkeypatch) -> None:
+    from bitsmith.serving import ray_serve
+
+    monkeypatch.setattr(ray_serve, "ABANDON_GRACE_S", 0.05)
+    cancelled = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await asyncio.sleep(3600)  # never listens for the disconnect
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main() -> None:
+        stream = run_forwarded(app, Forwarded(None, "GET", "/", b"", (), b""))
+        assert (await stream.__anext__())[0] == "start"
+        await stream.aclose()
+        await asyncio.wait_for(cancelled.wait(), 5)
 
     asyncio.run(main())
 
